@@ -1,0 +1,40 @@
+# Two commands set up a fresh machine:  `make demo`  and  `make test`.
+# Install recipe (see ../shared/NOTES.md): torch==2.13.0 first and alone (CPU
+# wheel on disk), then pinned requirements, then torchrec/recbole with --no-deps
+# (torchrec's declared fbgemm-gpu is a CUDA build; fbgemm-gpu-cpu provides it).
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+FAISS  ?= cpu
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+# Bytecode speeds up importing torchrec/mlflow twice over; this environment
+# disables it by default.
+unexport PYTHONDONTWRITEBYTECODE
+
+.PHONY: install demo test bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	@if [ "$(FAISS)" = "gpu" ]; then $(PY) -m pip uninstall -y -q faiss-cpu && $(PY) -m pip install -q faiss-gpu==1.15.1; fi
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/recsys demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) -m recsys.bench all
+
+clean-venv:
+	rm -rf $(VENV)

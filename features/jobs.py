@@ -1,0 +1,333 @@
+"""Feature jobs: the only module of `features` that reads and writes files.
+
+`build_features` turns a source (MovieLens-100K, user files, synthetic) into
+validated, time-split, leak-free parquet artifacts plus a manifest. A rerun
+with the same config and inputs finds the manifest up to date and skips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+from features import schemas as S
+from features import transforms as T
+from features.config import config_hash, to_dict
+from features.errors import DataError, UsageError
+from features.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
+from features.sources import RawSource, SyntheticConfig, generate_synthetic, load_files, load_movielens100k
+from features.validate import ROW, validate_interactions, validate_items, validate_users
+
+JOB = "features.build"
+JOB_VERSION = 1  # bump when the output of the same inputs and config changes
+
+SourceName = Literal["movielens100k", "files", "synthetic"]
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """How raw interactions become training data (every key documented in
+    experiments/configs/base.yaml, section `features`)."""
+
+    source: SourceName = "movielens100k"
+    interactions: str | None = None  # files source: interactions parquet/CSV
+    items: str | None = None  # files source: optional items parquet/CSV
+    text_column: str = S.TEXT  # files source: the items column holding text
+    label_threshold: float = 4.0  # label = rating >= threshold (if no label column)
+    split: Literal["global_time", "leave_last_out"] = "global_time"
+    valid_frac: float = 0.1  # global_time: share of events (by count) in valid
+    test_frac: float = 0.1  # global_time: share of events (by count) in test
+    max_history: int = 10_000  # cap on history length per impression
+    day_offset_s: int = 0  # calendar days start at UTC midnight + offset
+    on_duplicate: Literal["drop", "error"] = "drop"  # exact duplicate rows
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.valid_frac < 1 and 0 <= self.test_frac < 1 and self.valid_frac + self.test_frac < 1):
+            raise ValueError("valid_frac and test_frac must be in [0, 1) and sum to less than 1")
+        if self.max_history < 1:
+            raise ValueError("max_history must be >= 1")
+        if not -86_400 < self.day_offset_s < 86_400:
+            raise ValueError("day_offset_s must be within one day (-86400, 86400)")
+        if self.source == "files" and not self.interactions:
+            raise ValueError("source 'files' needs `interactions` (--interactions PATH)")
+
+    def relevant(self) -> dict[str, Any]:
+        """The keys that affect the output (source-specific keys of other sources dropped)."""
+        d = to_dict(self)
+        if self.source != "synthetic":
+            d.pop("synthetic")
+        if self.source != "files":
+            for k in ("interactions", "items", "text_column"):
+                d.pop(k)
+        return d
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    skipped: bool
+    manifest: dict[str, Any]
+    seconds: float = 0.0
+
+
+def load_source(cfg: FeaturesConfig) -> tuple[RawSource, pl.DataFrame | None]:
+    if cfg.source == "movielens100k":
+        return load_movielens100k(), None
+    if cfg.source == "files":
+        return load_files(cfg.interactions, cfg.items, cfg.text_column), None
+    if cfg.source == "synthetic":
+        return generate_synthetic(cfg.synthetic)
+    raise UsageError(f"unknown source {cfg.source!r}")
+
+
+def _dedup(events: pl.DataFrame, cfg: FeaturesConfig, file: str, log: Callable[[str], None]) -> pl.DataFrame:
+    conflicts = events.filter(pl.col("__conflict"))
+    if conflicts.height:
+        rows = (conflicts[ROW] + 1).head(5).to_list()
+        raise DataError(
+            f"{conflicts.height} duplicate (user_id, item_id, timestamp) rows disagree on rating/label; "
+            "fix the source (these cannot be dropped safely)",
+            file=file,
+            column="user_id,item_id,timestamp",
+            rows=rows,
+        )
+    dups = events.filter(pl.col("__dup"))
+    if dups.height:
+        rows = (dups[ROW] + 1).head(5).to_list()
+        if cfg.on_duplicate == "error":
+            raise DataError(
+                f"{dups.height} exact duplicate rows (set on_duplicate: drop to drop them)",
+                file=file,
+                column="user_id,item_id,timestamp",
+                rows=rows,
+            )
+        log(f"warning: {file}: dropped {dups.height} exact duplicate rows (first rows {rows})")
+        events = events.filter(~pl.col("__dup"))
+    return events.drop("__dup", "__conflict")
+
+
+def _split(events: pl.DataFrame, cfg: FeaturesConfig) -> pl.LazyFrame:
+    if cfg.split == "leave_last_out":
+        return events.lazy().pipe(T.add_split_leave_last_out)
+    n = events.height
+    n_train = round(n * (1 - cfg.valid_frac - cfg.test_frac))
+    n_valid = round(n * cfg.valid_frac)
+    positions = [p for p in (n_train, n_train + n_valid) if p < n]
+    cuts = T.global_time_cuts(
+        events[S.TIMESTAMP].to_numpy(), events[S.USER_ID].to_numpy(), events[S.ITEM_ID].to_numpy(), positions
+    )
+    train_cut = cuts[0] if n_train < n else None
+    valid_cut = cuts[-1] if n_train + n_valid < n else None
+    if n_train == 0:
+        train_cut = (-1, -1, -1)
+    return events.lazy().pipe(T.add_split_global_time, train_cut, valid_cut)
+
+
+def build_features(
+    cfg: FeaturesConfig,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> BuildResult:
+    """Run the feature build into `out_dir` (skipped when up to date)."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    source, truth = load_source(cfg)
+    tables = {"interactions": source.interactions, "items": source.items, "users": source.users}
+    key = {
+        "job": JOB,
+        "version": JOB_VERSION,
+        "config_hash": config_hash(cfg.relevant()),
+        "upstream": {k: t.fingerprint for k, t in tables.items() if t is not None},
+    }
+    if not force and is_up_to_date(out, key):
+        log(f"features: {out} is up to date (same config and inputs); skipping")
+        return BuildResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0)
+
+    inter, bounds = validate_interactions(source.interactions)
+    items = validate_items(source.items) if source.items is not None else None
+    users = validate_users(source.users) if source.users is not None else None
+
+    events = (
+        inter.pipe(T.add_label, cfg.label_threshold).pipe(T.sort_events, bounds).pipe(T.flag_duplicates).collect()
+    )
+    events = _dedup(events, cfg, source.interactions.file, log)
+    if items is not None:
+        unknown = events.select(pl.col(S.ITEM_ID).unique()).filter(~pl.col(S.ITEM_ID).is_in(items[S.ITEM_ID].implode()))
+        if unknown.height:
+            ids = sorted(unknown[S.ITEM_ID].to_list())
+            raise DataError(
+                f"{len(ids)} item ids of the interactions are missing from the items file "
+                f"{source.items.file}: {ids[:10]}{' ...' if len(ids) > 10 else ''}",
+                file=source.interactions.file,
+                column=S.ITEM_ID,
+            )
+
+    last_day = int((events[S.TIMESTAMP].max() + cfg.day_offset_s) // T.DAY_S)
+    frame = (
+        _split(events, cfg)
+        .pipe(T.add_history_offsets, cfg.max_history)
+        .pipe(T.add_item_popularity)
+        .pipe(T.add_day, cfg.day_offset_s)
+        .collect()
+    )
+    frame = (
+        T.add_lt_labels(frame, last_day)
+        .lazy()
+        .pipe(T.add_cold_item)
+        .select([pl.col(c).cast(t) for c, t in S.INTERACTIONS_SCHEMA.items() if c != S.EVENT_IDX])
+        .collect()
+    )
+    sequences = frame.lazy().pipe(T.to_sequences).collect()
+    items_out = T.build_items(items.lazy() if items is not None else None, T.item_stats(frame.lazy())).collect()
+
+    outputs = {
+        S.FILES["interactions"]: frame,
+        S.FILES["sequences"]: sequences,
+        S.FILES["items"]: items_out,
+    }
+    if users is not None:
+        outputs[S.FILES["users"]] = users
+    if truth is not None:
+        outputs["planted_truth.parquet"] = truth
+    stats = summarize(frame, sequences, items_out)
+    with atomic_outputs(out) as tmp:
+        # parquet encoding releases the GIL: write the files side by side
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(lambda kv: write_parquet(kv[1], tmp / kv[0]), outputs.items()))
+        manifest = write_manifest(
+            tmp,
+            job=JOB,
+            key=key,
+            outputs=list(outputs),
+            extra={
+                "source": source.name,
+                "config": cfg.relevant(),
+                "upstream_files": {k: t.file for k, t in tables.items() if t is not None},
+                "item_fields": S.item_field_kinds(items_out.schema),
+                "stats": stats,
+            },
+        )
+    secs = time.perf_counter() - t0
+    log(f"features: wrote {out} ({frame.height:,} events, {sequences.height:,} users, {items_out.height:,} items) in {secs:.1f}s")
+    return BuildResult(out, False, manifest, secs)
+
+
+def summarize(inter: pl.DataFrame, sequences: pl.DataFrame, items: pl.DataFrame) -> dict[str, Any]:
+    """Stats for `recsys data describe` and the manifest (one pass per table;
+    quantiles by O(n) selection, not a sort)."""
+    q = [0.5, 0.9, 0.99]
+    seq_len = sequences.select(pl.col(S.ITEM_IDS).list.len()).to_series().to_numpy()
+    hist_len = inter[S.HIST_LEN].to_numpy()
+    by_split = (
+        inter.group_by(S.SPLIT)
+        .agg(
+            pl.len().alias("events"),
+            pl.col(S.LABEL).mean().alias("label_rate"),
+            pl.col(S.COLD_ITEM).mean().alias("cold_item_share"),
+            (pl.col(S.HIST_END) == 0).mean().alias("empty_history_share"),
+        )
+        .join(
+            # users per split from distinct (user, split) pairs: cheaper than
+            # n_unique inside the grouped aggregation
+            inter.select(S.USER_ID, S.SPLIT).unique().group_by(S.SPLIT).agg(pl.len().alias("users")),
+            on=S.SPLIT,
+        )
+        .sort(pl.col(S.SPLIT).replace_strict({s: i for i, s in enumerate(S.SPLITS)}, default=9))
+        .select(S.SPLIT, "events", "users", "label_rate", "cold_item_share", "empty_history_share")
+    )
+    lt = inter.select(
+        pl.col(S.LABEL).mean().alias("label_rate"),
+        pl.col(S.RETURNED_1D).filter(pl.col(S.LT_OBSERVED)).mean().alias("returned"),
+        pl.col(S.ACTIVE_DAYS_7).filter(pl.col(S.LT_OBSERVED)).mean().alias("active"),
+        pl.col(S.LT_OBSERVED).mean().alias("observed"),
+        pl.col(S.TIMESTAMP).min().alias("t0"),
+        pl.col(S.TIMESTAMP).max().alias("t1"),
+    ).row(0, named=True)
+    return {
+        "users": sequences.height,
+        "items": items.height,
+        "items_seen": int(items[S.FIRST_TS].is_not_null().sum()),
+        "events": inter.height,
+        "label_rate": float(lt["label_rate"]),
+        "history_length_per_user": {f"p{int(x * 100)}": float(v) for x, v in zip(q, np.quantile(seq_len, q))}
+        | {"max": int(seq_len.max())},
+        "history_length_at_impression": {f"p{int(x * 100)}": float(v) for x, v in zip(q, np.quantile(hist_len, q))},
+        "cold_item_share": float(items[S.COLD_ITEM].mean()),
+        "returned_1d_rate": lt["returned"],
+        "active_days_7_mean": lt["active"],
+        "lt_observed_share": float(lt["observed"]),
+        "time_range": [int(lt["t0"]), int(lt["t1"])],
+        "splits": by_split.to_dicts(),
+    }
+
+
+def describe(folder: str | Path) -> dict[str, Any]:
+    """Stats of a built features folder (recomputed from its files)."""
+    folder = Path(folder)
+    m = read_manifest(folder)
+    if m is None or m.get("job") != JOB:
+        raise UsageError(f"{folder} is not a features folder (no features manifest): run `recsys features build` first")
+    inter = pl.read_parquet(folder / S.FILES["interactions"])
+    seqs = pl.read_parquet(folder / S.FILES["sequences"])
+    items = pl.read_parquet(folder / S.FILES["items"])
+    stats = summarize(inter, seqs, items)
+    stats["source"] = m.get("source")
+    stats["folder"] = str(folder)
+    return stats
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """Human table of `summarize` output."""
+    lines = [f"features: {stats.get('folder', '')}  (source: {stats.get('source', '?')})", ""]
+    rows = [
+        ("users", f"{stats['users']:,}"),
+        ("items (seen in events)", f"{stats['items']:,} ({stats['items_seen']:,})"),
+        ("events", f"{stats['events']:,}"),
+        ("label rate", f"{stats['label_rate']:.3f}"),
+        ("cold-item share (items)", f"{stats['cold_item_share']:.3f}"),
+        (
+            "history length per user p50/p90/p99/max",
+            "/".join(f"{v:,.0f}" for v in stats["history_length_per_user"].values()),
+        ),
+        (
+            "history length at impression p50/p90/p99",
+            "/".join(f"{v:,.0f}" for v in stats["history_length_at_impression"].values()),
+        ),
+        ("returned_1d rate (observed)", _fmt(stats["returned_1d_rate"])),
+        ("active_days_7 mean (observed)", _fmt(stats["active_days_7_mean"])),
+        ("LT window observed share", f"{stats['lt_observed_share']:.3f}"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    lines += [f"  {k:<{w}}  {v}" for k, v in rows]
+    lines += ["", f"  {'split':<6} {'events':>10} {'users':>7} {'label':>6} {'cold':>6} {'no-hist':>8}"]
+    for s in stats["splits"]:
+        lines.append(
+            f"  {s['split']:<6} {s['events']:>10,} {s['users']:>7,} {s['label_rate']:>6.3f} "
+            f"{s['cold_item_share']:>6.3f} {s['empty_history_share']:>8.3f}"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def features_config_from(base: FeaturesConfig | None = None, **overrides: Any) -> FeaturesConfig:
+    """Copy of `base` (default config) with the non-None overrides applied."""
+    base = base or FeaturesConfig()
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(base, **kw)
+
+
+__all__ = ["FeaturesConfig", "BuildResult", "build_features", "describe", "format_stats"]

@@ -1,0 +1,39 @@
+"""Dispatch `python -m recsys.bench NAME [args]` to `recsys.bench.NAME.main`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "features": "feature jobs on >=10M synthetic events: events/s, peak memory",
+    "attention": "SVD-attention vs exact target attention: ms/user, speedup, error",
+    "match": "match-feature job: pairs/s, speedup vs naive and pandas, fraction of matmul",
+    "distill": "student training samples/s and item encoding items/s",
+    "ranker": "TorchRec ranker training samples/s per history encoder",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print("usage: python -m recsys.bench {all|" + "|".join(BENCHMARKS) + "} [options]\n")
+        for name, what in BENCHMARKS.items():
+            print(f"  {name:<10} {what}")
+        print("\nEach writes bench/results/NAME.json; `NAME --help` lists its options.")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    names = list(BENCHMARKS) if name == "all" else [name]
+    for n in names:
+        if n not in BENCHMARKS:
+            print(f"error: unknown benchmark {n!r}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+            return 2
+        module = importlib.import_module(f"recsys.bench.{n}")
+        rc = module.main(rest)
+        if rc:
+            return rc
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

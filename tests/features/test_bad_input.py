@@ -1,0 +1,140 @@
+"""Bad input: a clear message naming file, column and row; exit 2 for usage or
+config errors, 1 for data errors; nothing written under the final names."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from recsys.cli import main
+
+GOOD = "user_id,item_id,timestamp,rating\n1,10,100,5\n1,11,200,3\n2,10,150,4\n2,12,300,1\n3,11,400,5\n"
+
+
+def _run(tmp_path, capsys, inter_text=None, *, inter_path=None, extra=()):
+    if inter_path is None:
+        inter_path = tmp_path / "events.csv"
+        inter_path.write_text(inter_text)
+    out = tmp_path / "out"
+    rc = main(["features", "build", "--source", "files", "--interactions", str(inter_path), "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    return rc, err, out
+
+
+def _nothing_written(out):
+    return not out.exists() or not any(p.suffix in {".parquet", ".json"} for p in out.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "row", "needle"),
+    [
+        ("user_id,item_id,rating\n1,10,5\n", "timestamp", None, "missing required column"),
+        ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,11,200,4\nabc,12,300,3\n", "user_id", 3, "not an integer"),
+        ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,,200,4\n", "item_id", 2, "null"),
+        ("user_id,item_id,timestamp,rating\n1,10,100,5\n-2,11,200,4\n", "user_id", 2, "negative"),
+        ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,11,200,NaN\n", "rating", 2, "NaN"),
+        ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,11,20x0,4\n", "timestamp", 2, "not an integer"),
+        ("user_id,item_id,timestamp,label\n1,10,100,1\n2,11,200,3\n", "label", 2, "0 or 1"),
+        ("user_id,item_id,timestamp,rating\n1,10,100,5\n1,10,100,2\n", "user_id,item_id,timestamp", 2, "disagree"),
+    ],
+    ids=["missing-column", "wrong-dtype", "null-id", "negative-id", "nan-rating", "bad-timestamp", "label-range", "conflicting-duplicates"],
+)
+def test_data_errors_name_file_column_row(tmp_path, capsys, text, column, row, needle):
+    rc, err, out = _run(tmp_path, capsys, text)
+    assert rc == 1, err
+    assert "events.csv" in err and repr(column) in err and needle in err
+    if row is not None:
+        assert f"row {row}" in err
+    assert _nothing_written(out)
+
+
+def test_exact_duplicates_dropped_with_warning_or_error_by_policy(tmp_path, capsys):
+    text = GOOD + "1,10,100,5\n"
+    rc, err, out = _run(tmp_path, capsys, text)
+    assert rc == 0
+    assert pl.read_parquet(out / "interactions.parquet").height == 5
+    cfg = tmp_path / "strict.yaml"
+    cfg.write_text("features:\n  on_duplicate: error\n")
+    rc, err, out2 = _run(tmp_path, capsys, text, extra=["--config", str(cfg), "--force"])
+    assert rc == 1 and "duplicate" in err and "row 6" in err
+
+
+def test_unsorted_input_is_accepted_and_sorted(tmp_path, capsys):
+    lines = GOOD.strip().split("\n")
+    shuffled = "\n".join([lines[0], *reversed(lines[1:])]) + "\n"
+    rc, _, out = _run(tmp_path, capsys, shuffled)
+    assert rc == 0
+    a = pl.read_parquet(out / "interactions.parquet")
+    sorted_dir = tmp_path / "sorted"
+    sorted_dir.mkdir()
+    rc, _, out2 = _run(sorted_dir, capsys, GOOD)
+    b = pl.read_parquet(out2 / "interactions.parquet")
+    assert a.equals(b)
+    assert a["user_id"].is_sorted()
+
+
+@pytest.mark.parametrize("content", ["", "user_id,item_id,timestamp,rating\n"], ids=["zero-bytes", "header-only"])
+def test_empty_file(tmp_path, capsys, content):
+    rc, err, out = _run(tmp_path, capsys, content)
+    assert rc == 1 and "events.csv" in err and ("empty" in err or "no rows" in err)
+    assert _nothing_written(out)
+
+
+def test_corrupt_parquet(tmp_path, capsys):
+    p = tmp_path / "events.parquet"
+    p.write_bytes(b"PAR1" + b"\x00garbage" * 50)
+    rc, err, out = _run(tmp_path, capsys, inter_path=p)
+    assert rc == 1 and "events.parquet" in err and "parquet" in err
+    assert _nothing_written(out)
+
+
+def test_wrong_dtype_in_parquet(tmp_path, capsys):
+    p = tmp_path / "events.parquet"
+    pl.DataFrame({"user_id": [[1], [2]], "item_id": [1, 2], "timestamp": [1, 2], "rating": [5.0, 4.0]}).write_parquet(p)
+    rc, err, _ = _run(tmp_path, capsys, inter_path=p)
+    assert rc == 1 and "'user_id'" in err and "wrong dtype" in err
+
+
+def test_unknown_config_key_is_usage_error(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("features:\n  label_treshold: 3\n")
+    rc, err, out = _run(tmp_path, capsys, GOOD, extra=["--config", str(cfg)])
+    assert rc == 2 and "label_treshold" in err and "label_threshold" in err  # did-you-mean
+    assert _nothing_written(out)
+
+
+def test_wrong_config_type_is_usage_error(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("features:\n  max_history: lots\n")
+    rc, err, _ = _run(tmp_path, capsys, GOOD, extra=["--config", str(cfg)])
+    assert rc == 2 and "max_history" in err and "expected int" in err
+
+
+def test_unreadable_path_is_usage_error(tmp_path, capsys):
+    rc, err, out = _run(tmp_path, capsys, inter_path=tmp_path / "nope.csv")
+    assert rc == 2 and "nope.csv" in err and "does not exist" in err
+    assert _nothing_written(out)
+
+
+def test_items_file_problems(tmp_path, capsys):
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,text\n10,a\n11,b\n")  # 12 missing
+    rc, err, out = _run(tmp_path, capsys, GOOD, extra=["--items", str(items)])
+    assert rc == 1 and "missing from the items file" in err and "[12]" in err
+    items.write_text("item_id,text\n10,a\n11,b\n12,c\n11,d\n")
+    rc, err, out = _run(tmp_path, capsys, GOOD, extra=["--items", str(items)])
+    assert rc == 1 and "duplicate item id" in err and "rows 2, 4" in err and "items.csv" in err
+    items.write_text("item_id,name\n10,a\n11,b\n12,c\n")
+    rc, err, out = _run(tmp_path, capsys, GOOD, extra=["--items", str(items)])
+    assert rc == 1 and "'text'" in err and "--text-column" in err
+    rc, err, out = _run(tmp_path, capsys, GOOD, extra=["--items", str(items), "--text-column", "name"])
+    assert rc == 0
+    assert pl.read_parquet(out / "items.parquet")["text"].to_list() == ["a", "b", "c"]
+
+
+def test_missing_required_flag_is_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["features", "build", "--source", "files"])
+    assert e.value.code == 2
+    rc = main(["features", "build", "--source", "files", "--out", "/tmp/never-written-x"])
+    assert rc == 2 and "--interactions" in capsys.readouterr().err
