@@ -1,0 +1,181 @@
+"""Offline ranking metrics: pure numpy functions with golden tests.
+
+Every metric accepts optional non-negative row `weights` (a bootstrap
+replicate is the same rows with user multiplicities as weights), and is
+registered in METRICS with whether higher is better: that drives early
+stopping and the sign convention of the compare command.
+
+    auc      P(score of a random positive > score of a random negative), ties 1/2
+    gauc     impression-weighted mean of per-user AUC over users with both labels
+    logloss  mean binary cross-entropy of probabilities
+    spearman rank correlation (average ranks for ties)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+_EPS = 1e-7
+
+
+def _check(y: np.ndarray, s: np.ndarray, w: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y = np.asarray(y, dtype=np.float64).ravel()
+    s = np.asarray(s, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores differ in length: {y.shape[0]} vs {s.shape[0]}")
+    w = np.ones_like(y) if w is None else np.asarray(w, dtype=np.float64).ravel()
+    if w.shape != y.shape:
+        raise ValueError("weights must have one value per row")
+    return y, s, w
+
+
+def auc(y_true: np.ndarray, score: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """ROC AUC with ties counted 1/2; NaN when a class is absent."""
+    y, s, w = _check(y_true, score, weights)
+    order = np.argsort(s, kind="mergesort")
+    s, y, w = s[order], y[order], w[order]
+    tie_id = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1  # (n,)
+    pos = np.bincount(tie_id, weights=w * (y > 0))  # (G,)
+    neg = np.bincount(tie_id, weights=w * (y <= 0))  # (G,)
+    w_pos, w_neg = pos.sum(), neg.sum()
+    if w_pos == 0 or w_neg == 0:
+        return float("nan")
+    neg_below = np.cumsum(neg) - neg  # negatives strictly below each tie group
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (w_pos * w_neg))
+
+
+def per_group_auc(groups: np.ndarray, y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AUC of each group (NaN where a group lacks a class), vectorised.
+
+    Returns (group values, auc per group, rows per group)."""
+    y, s, _ = _check(y_true, score, None)
+    g_vals, g = np.unique(np.asarray(groups).ravel(), return_inverse=True)
+    order = np.lexsort((s, g))
+    g, s, y = g[order], s[order], y[order]
+    n = len(s)
+    new_tie = np.r_[True, (g[1:] != g[:-1]) | (s[1:] != s[:-1])]
+    tie_id = np.cumsum(new_tie) - 1
+    starts = np.flatnonzero(new_tie)
+    ends = np.r_[starts[1:], n] - 1
+    new_g = np.r_[True, g[1:] != g[:-1]]
+    g_start = np.maximum.accumulate(np.where(new_g, np.arange(n), 0))
+    rank = (starts[tie_id] + ends[tie_id]) / 2.0 - g_start + 1.0  # 1-based average rank within group
+    k = len(g_vals)
+    n_pos = np.bincount(g, weights=(y > 0).astype(float), minlength=k)
+    n_all = np.bincount(g, minlength=k).astype(float)
+    n_neg = n_all - n_pos
+    rank_pos = np.bincount(g, weights=rank * (y > 0), minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = (rank_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    a[(n_pos == 0) | (n_neg == 0)] = np.nan
+    return g_vals, a, n_all
+
+
+def gauc(
+    groups: np.ndarray, y_true: np.ndarray, score: np.ndarray, weights: np.ndarray | None = None
+) -> float:
+    """Group (user) AUC: mean of per-user AUC weighted by the user's
+    impressions (times `weights`, constant within a user), over users with
+    both a positive and a negative. NaN when no user qualifies."""
+    g_vals, a, n = per_group_auc(groups, y_true, score)
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64).ravel()
+        _, g = np.unique(np.asarray(groups).ravel(), return_inverse=True)
+        n = np.bincount(g, weights=w, minlength=len(g_vals))
+    ok = ~np.isnan(a) & (n > 0)
+    if not ok.any():
+        return float("nan")
+    return float((a[ok] * n[ok]).sum() / n[ok].sum())
+
+
+def logloss(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Mean binary cross-entropy of probabilities (clipped to [1e-7, 1-1e-7])."""
+    y, p, w = _check(y_true, prob, weights)
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError("logloss needs probabilities in [0, 1]; pass sigmoid(logits)")
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return float(-(w * (y * np.log(p) + (1 - y) * np.log(1 - p))).sum() / w.sum())
+
+
+def _avg_rank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    new = np.r_[True, xs[1:] != xs[:-1]]
+    tie_id = np.cumsum(new) - 1
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], len(x)] - 1
+    r = np.empty(len(x))
+    r[order] = (starts[tie_id] + ends[tie_id]) / 2.0 + 1.0
+    return r
+
+
+def spearman(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Spearman rank correlation; integer `weights` repeat rows. NaN if constant."""
+    x, y, w = _check(x, y, weights)
+    if weights is not None:
+        reps = np.rint(w).astype(np.int64)
+        x, y = np.repeat(x, reps), np.repeat(y, reps)
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = _avg_rank(x), _avg_rank(y)
+    rx -= rx.mean()
+    ry -= ry.mean()
+    den = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def auc_by_bucket(buckets: np.ndarray, y_true: np.ndarray, score: np.ndarray) -> dict[str, float]:
+    """AUC inside each bucket (e.g. user-activity bucket), keyed by bucket label."""
+    buckets = np.asarray(buckets)
+    return {str(b): auc(np.asarray(y_true)[buckets == b], np.asarray(score)[buckets == b]) for b in np.unique(buckets)}
+
+
+def activity_bucket(history_length: np.ndarray, edges: tuple[int, ...] = (1, 10, 50, 200)) -> np.ndarray:
+    """Label each impression by the user's history length: '0', '1-9',
+    '10-49', '50-199', '200+' for the default edges."""
+    idx = np.searchsorted(np.asarray(edges), np.asarray(history_length), side="right")
+    names = ["0"] + [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:])] + [f"{edges[-1]}+"]
+    return np.asarray(names, dtype=object)[idx]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric: how to compute it from a predictions table."""
+
+    name: str
+    higher_is_better: bool
+    label: str  # predictions column holding the truth
+    score: str  # predictions column holding the score
+    kind: str  # "auc" | "gauc" | "logloss" | "spearman"
+
+
+# Predictions tables (every model writes one) have columns
+# user_id, item_id, timestamp, label, score (probability), lt_score, plus
+# returned_1d and active_days_7 for the LT-proxy metrics.
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("auc", True, "label", "score", "auc"),
+        Metric("gauc", True, "label", "score", "gauc"),
+        Metric("logloss", False, "label", "score", "logloss"),
+        Metric("lt_auc", True, "returned_1d", "lt_score", "auc"),
+        Metric("lt_spearman", True, "active_days_7", "lt_score", "spearman"),
+    )
+}
+
+MetricFn = Callable[..., float]
+
+
+def compute(metric: Metric, users: np.ndarray, y: np.ndarray, s: np.ndarray, weights: np.ndarray | None = None) -> float:
+    if metric.kind == "auc":
+        return auc(y, s, weights)
+    if metric.kind == "gauc":
+        return gauc(users, y, s, weights)
+    if metric.kind == "logloss":
+        return logloss(y, s, weights)
+    if metric.kind == "spearman":
+        return spearman(s, y, weights)
+    raise ValueError(f"unknown metric kind {metric.kind!r}")

@@ -1,0 +1,126 @@
+"""Golden values computed by hand, and cross-checks against scikit-learn."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+from sklearn.metrics import log_loss, roc_auc_score
+
+from recsys.eval.bootstrap import paired_bootstrap, user_multiplicities
+from recsys.eval.metrics import METRICS, activity_bucket, auc, auc_by_bucket, gauc, logloss, per_group_auc, spearman
+
+
+def test_auc_golden_with_ties():
+    # positives at 0.9 and 0.5; negatives at 0.5 and 0.1
+    # pairs: (0.9>0.5)=1, (0.9>0.1)=1, (0.5=0.5)=1/2, (0.5>0.1)=1 -> 3.5/4
+    assert auc([1, 1, 0, 0], [0.9, 0.5, 0.5, 0.1]) == pytest.approx(0.875)
+    assert auc([1, 0], [0.2, 0.8]) == 0.0
+    assert math.isnan(auc([1, 1], [0.2, 0.3]))
+
+
+def test_weighted_auc_equals_repeated_rows():
+    y, s, w = [1, 0, 1, 0], [0.3, 0.4, 0.9, 0.1], [2, 1, 0, 3]
+    rep = np.repeat(np.arange(4), w)
+    assert auc(y, s, w) == pytest.approx(auc(np.array(y)[rep], np.array(s)[rep]))
+
+
+def test_gauc_golden():
+    # user a: AUC 1.0 over 3 rows; user b: AUC 0.0 over 2 rows; user c: one class (skipped)
+    users = ["a", "a", "a", "b", "b", "c"]
+    y = [1, 0, 0, 1, 0, 1]
+    s = [0.9, 0.1, 0.2, 0.1, 0.9, 0.5]
+    assert gauc(users, y, s) == pytest.approx((1.0 * 3 + 0.0 * 2) / 5)
+    vals, a, n = per_group_auc(np.array(users), y, s)
+    assert list(vals) == ["a", "b", "c"] and a[0] == 1 and a[1] == 0 and math.isnan(a[2])
+
+
+def test_logloss_golden():
+    # -(ln 0.8 + ln 0.75)/2
+    assert logloss([1, 0], [0.8, 0.25]) == pytest.approx(-(math.log(0.8) + math.log(0.75)) / 2)
+    with pytest.raises(ValueError):
+        logloss([1], [1.5])
+
+
+def test_spearman_golden():
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # ties: x ranks (1.5, 1.5, 3), y ranks (1, 2, 3) -> r = 0.866...
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)
+
+
+def test_cross_check_with_sklearn_scipy():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    s = np.round(rng.random(2000) + 0.3 * y, 2)  # rounding creates ties
+    assert auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    p = np.clip(rng.random(2000), 0.01, 0.99)
+    assert logloss(y, p) == pytest.approx(log_loss(y, p), abs=1e-12)
+    x = rng.integers(0, 8, 2000)
+    assert spearman(s, x) == pytest.approx(spearmanr(s, x).statistic, abs=1e-12)
+    users = rng.integers(0, 50, 2000)
+    want = []
+    weights = []
+    for u in np.unique(users):
+        m = users == u
+        if 0 < y[m].sum() < m.sum():
+            want.append(roc_auc_score(y[m], s[m]))
+            weights.append(m.sum())
+    assert gauc(users, y, s) == pytest.approx(np.average(want, weights=weights), abs=1e-12)
+
+
+def test_buckets():
+    assert list(activity_bucket([0, 1, 9, 10, 199, 200, 5000])) == ["0", "1-9", "1-9", "10-49", "50-199", "200+", "200+"]
+    out = auc_by_bucket(np.array(["x", "x", "y", "y"]), [1, 0, 1, 0], [0.9, 0.1, 0.1, 0.9])
+    assert out == {"x": 1.0, "y": 0.0}
+
+
+def test_metric_registry_directions():
+    assert METRICS["logloss"].higher_is_better is False
+    assert all(METRICS[m].higher_is_better for m in ("auc", "gauc", "lt_auc", "lt_spearman"))
+
+
+def test_user_multiplicities_sum_to_users():
+    c = user_multiplicities(7, 50, np.random.default_rng(0))
+    assert c.shape == (50, 7) and (c.sum(axis=1) == 7).all()
+
+
+def _toy(n_users=200, per_user=10, lift=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(n_users), per_user)
+    y = rng.integers(0, 2, len(users))
+    base = rng.normal(size=len(users)) + 0.5 * y
+    better = base + lift * y + 0.3 * rng.normal(size=len(users))
+    return users, y, better, base
+
+
+def test_bootstrap_identical_arms_give_zero_interval():
+    users, y, _, base = _toy()
+    for name in ("auc", "gauc"):
+        ci = paired_bootstrap(METRICS[name], users, y, base, base, n_boot=200, rng=np.random.default_rng(1))
+        assert ci.delta == 0 and ci.ci_low == 0 and ci.ci_high == 0 and not ci.significant
+
+
+def test_bootstrap_detects_a_real_lift_and_not_a_null_one():
+    users, y, better, base = _toy(lift=1.0)
+    ci = paired_bootstrap(METRICS["gauc"], users, y, better, base, n_boot=300, rng=np.random.default_rng(2))
+    assert ci.delta > 0 and ci.ci_low > 0 and ci.significant and not ci.regression
+    ci = paired_bootstrap(METRICS["auc"], users, y, base, better, n_boot=300, rng=np.random.default_rng(2))
+    assert ci.ci_high < 0 and ci.regression
+    users, y, noisy, base = _toy(lift=0.0, seed=5)
+    ci = paired_bootstrap(METRICS["auc"], users, y, noisy, base, n_boot=300, rng=np.random.default_rng(3))
+    assert ci.ci_low < ci.delta < ci.ci_high
+
+
+def test_bootstrap_interval_matches_explicit_user_resampling():
+    """The weighted replicate equals metric on explicitly resampled users."""
+    users, y, better, base = _toy(n_users=30, per_user=6, lift=0.5, seed=4)
+    counts = user_multiplicities(30, 1, np.random.default_rng(9))[0]
+    rows = np.concatenate([np.flatnonzero(users == u).repeat(1) for u in range(30) for _ in range(counts[u])])
+    w = counts[users]
+    assert auc(y, better, w) == pytest.approx(auc(y[rows], better[rows]))
+    assert gauc(users, y, better, w) == pytest.approx(
+        gauc(np.concatenate([np.full(6, k) for k in range(len(rows) // 6)]), y[rows], better[rows])
+    )
