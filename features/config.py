@@ -144,8 +144,33 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _strict_yaml_loader():
+    """A SafeLoader that rejects duplicate keys (PyYAML keeps the last silently:
+    two arms with the same name would quietly become one)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                    f"(first at line {seen[key] + 1})"
+                )
+            seen[key] = key_node.start_mark.line
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return StrictLoader
+
+
 def load_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict, with clear errors."""
+    """Read a YAML or JSON config file into a dict, with clear errors
+    (duplicate keys are errors too)."""
     import yaml
 
     p = Path(path)
@@ -156,7 +181,9 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise UsageError(f"config file {p} cannot be read: {e}") from e
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if p.suffix == ".json" else yaml.load(text, Loader=_strict_yaml_loader())
+    except ConfigError as e:
+        raise ConfigError(f"config file {p}: {e}") from e
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from e
     if data is None:

@@ -58,33 +58,42 @@ def paired_bootstrap(
     alpha: float = 0.05,
     rng: np.random.Generator,
 ) -> PairedCI:
-    """Percentile interval of metric(treatment) - metric(control)."""
+    """Percentile interval of metric(treatment) - metric(control).
+
+    Scores are (n,) or (S, n) for S paired seeds: values are means over
+    seeds, and each replicate averages the per-seed deltas computed on the
+    SAME resampled users, so seed noise and user noise are both inside the
+    interval."""
     users = np.asarray(users)
     y = np.asarray(y, dtype=np.float64)
-    st = np.asarray(score_treatment, dtype=np.float64)
-    sc = np.asarray(score_control, dtype=np.float64)
-    if not (len(users) == len(y) == len(st) == len(sc)):
-        raise ValueError("paired bootstrap needs the same rows for both arms")
+    st = np.atleast_2d(np.asarray(score_treatment, dtype=np.float64))  # (S, n)
+    sc = np.atleast_2d(np.asarray(score_control, dtype=np.float64))  # (S, n)
+    if st.shape != sc.shape or st.shape[1] != len(y) or len(users) != len(y):
+        raise ValueError("paired bootstrap needs the same rows (and seeds) for both arms")
     u_vals, u_idx = np.unique(users, return_inverse=True)
     counts = user_multiplicities(len(u_vals), n_boot, rng)  # (B, U)
-    t_all = compute(metric, users, y, st)
-    c_all = compute(metric, users, y, sc)
-    deltas = np.empty(n_boot)
+    t_all = float(np.mean([compute(metric, users, y, s) for s in st]))
+    c_all = float(np.mean([compute(metric, users, y, s) for s in sc]))
     if metric.kind == "gauc":
         # per-user AUCs do not change under user resampling: reweight them
-        _, a_t, n = per_group_auc(u_idx, y, st)
-        _, a_c, _ = per_group_auc(u_idx, y, sc)
-        ok = ~np.isnan(a_t) & ~np.isnan(a_c)
-        w = counts[:, ok] * n[ok]  # (B, U_ok)
-        tot = w.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            deltas = (w @ a_t[ok] - w @ a_c[ok]) / tot
+        deltas = np.zeros(n_boot)
+        for s_t, s_c in zip(st, sc):
+            _, a_t, n = per_group_auc(u_idx, y, s_t)
+            _, a_c, _ = per_group_auc(u_idx, y, s_c)
+            ok = ~np.isnan(a_t) & ~np.isnan(a_c)
+            w = counts[:, ok] * n[ok]  # (B, U_ok)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                deltas += (w @ a_t[ok] - w @ a_c[ok]) / w.sum(axis=1)
+        deltas /= len(st)
     else:
+        deltas = np.empty(n_boot)
         for b in range(n_boot):
             rw = counts[b, u_idx]  # (n,) row weights
-            deltas[b] = compute(metric, users, y, st, rw) - compute(metric, users, y, sc, rw)
+            deltas[b] = np.mean(
+                [compute(metric, users, y, s_t, rw) - compute(metric, users, y, s_c, rw) for s_t, s_c in zip(st, sc)]
+            )
     deltas = deltas[~np.isnan(deltas)]
-    lo, hi = (np.quantile(deltas, [alpha / 2, 1 - alpha / 2]) if len(deltas) else (np.nan, np.nan))
+    lo, hi = np.quantile(deltas, [alpha / 2, 1 - alpha / 2]) if len(deltas) else (np.nan, np.nan)
     return PairedCI(
         metric=metric.name,
         treatment=t_all,

@@ -56,3 +56,16 @@ def test_hash_flatten_merge():
     assert config_hash(Outer()) != config_hash(Outer(rate=0.2))
     assert flatten({"a": {"b": 1, "c": {"d": 2}}}) == {"a.b": 1, "a.c.d": 2}
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+
+
+def test_yaml_duplicate_keys_rejected(tmp_path):
+    from features.config import load_mapping
+
+    p = tmp_path / "c.yaml"
+    p.write_text("arms:\n  a: 1\n  b: 2\n  a: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_mapping(p)
+    assert "duplicate key 'a' at line 4 (first at line 2)" in str(e.value) and "c.yaml" in str(e.value)
+    p.write_text("a: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_mapping(p)

@@ -124,3 +124,15 @@ def test_bootstrap_interval_matches_explicit_user_resampling():
     assert gauc(users, y, better, w) == pytest.approx(
         gauc(np.concatenate([np.full(6, k) for k in range(len(rows) // 6)]), y[rows], better[rows])
     )
+
+
+def test_bootstrap_with_seeds_averages_values_and_deltas():
+    users, y, better, base = _toy(lift=0.8, seed=6)
+    rng = np.random.default_rng(0)
+    noise = [better + 0.01 * rng.normal(size=len(y)) for _ in range(3)]
+    ci = paired_bootstrap(METRICS["auc"], users, y, np.stack(noise), np.stack([base] * 3), n_boot=200, rng=np.random.default_rng(1))
+    assert ci.treatment == pytest.approx(np.mean([auc(y, s) for s in noise]))
+    assert ci.control == pytest.approx(auc(y, base))
+    assert ci.ci_low > 0
+    with pytest.raises(ValueError):
+        paired_bootstrap(METRICS["auc"], users, y, np.stack(noise), np.stack([base] * 2), n_boot=200, rng=rng)

@@ -1,0 +1,64 @@
+"""Structural rules of HOUSE_STYLE.md, checked on the source tree.
+
+Imports follow the data flow recsys -> distill -> features; only
+recsys/tracking.py imports mlflow; KeyedJaggedTensors are built in one place
+per package.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _modules(package: str):
+    for path in sorted((ROOT / package).rglob("*.py")):
+        yield path, ast.parse(path.read_text(), filename=str(path))
+
+
+def _imported(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_import_direction():
+    forbidden = {"features": ("recsys", "distill"), "distill": ("recsys",)}
+    bad = []
+    for package, banned in forbidden.items():
+        for path, tree in _modules(package):
+            for name in _imported(tree):
+                if name.split(".")[0] in banned:
+                    bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, "imports must follow recsys -> distill -> features:\n" + "\n".join(bad)
+
+
+def test_only_tracking_module_imports_mlflow():
+    users = [
+        str(path.relative_to(ROOT))
+        for package in ("features", "distill", "recsys")
+        for path, tree in _modules(package)
+        if any(n.split(".")[0] == "mlflow" for n in _imported(tree))
+    ]
+    assert users in ([], ["recsys/tracking.py"]), users
+
+
+def test_keyed_jagged_tensors_built_in_one_place_per_package():
+    builders = {}
+    for package in ("recsys", "distill"):
+        for path, tree in _modules(package):
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call):
+                    f = node.func
+                    name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                    owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
+                    if name == "KeyedJaggedTensor" or (owner == "KeyedJaggedTensor" and name.startswith("from_")):
+                        builders.setdefault(package, set()).add(str(path.relative_to(ROOT)))
+    for package, files in builders.items():
+        assert len(files) == 1, f"{package}: KeyedJaggedTensors built in {sorted(files)}"
