@@ -87,5 +87,3 @@ def group(sub: argparse._SubParsersAction, name: str, help: str, description: st
     return p, p.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
