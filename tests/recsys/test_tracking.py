@@ -1,0 +1,392 @@
+"""recsys.tracking on a throwaway sqlite store (never the project's default store)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from features.errors import UsageError
+from features.tracker import NullTracker, Tracker
+from recsys.tracking import (
+    PARAM_VALUE_LIMIT,
+    GitInfo,
+    MLflowTracker,
+    RunStore,
+    TrackingConfig,
+    check_store,
+    connect,
+    fingerprint,
+    git_info,
+    open_pipeline_run,
+    resolve_artifact_root,
+    resolve_uri,
+    search_runs,
+    stage_key,
+)
+
+GIT = GitInfo("a" * 40, False, "")
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory) -> str:
+    """One sqlite store per module (creating one costs ~2 s of migrations);
+    each test uses its own experiment in it."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    assert not (tmp_path / "mlruns").exists(), "artifacts leaked into ./mlruns"
+
+
+def _cfg(store_uri: str, request) -> TrackingConfig:
+    return TrackingConfig(uri=store_uri, experiment=request.node.name.replace("[", "_").replace("]", ""))
+
+
+def _stage_once(cfg, params, upstream, git=GIT, outputs=None, log=None):
+    """Run a pipeline with one `distill` stage; return (stage run, computed?)."""
+    lines = log if log is not None else []
+    with open_pipeline_run(cfg, "pipe", tags={"experiment": "t"}, params={"a": 1}, git=git, log=lines.append) as run:
+        with run.stage("distill", params, upstream, outputs=outputs) as st:
+            computed = not st.reused
+            if computed:
+                st.log_metrics({"loss": 0.5}, step=0)
+    return st, computed
+
+
+# --------------------------------------------------------------------------- config, URIs
+
+
+def test_resolve_uri_precedence(tmp_path, monkeypatch):
+    default = resolve_uri(TrackingConfig())
+    assert default == f"sqlite:///{tmp_path.resolve()}/mlflow/mlflow.db"
+    assert resolve_artifact_root(TrackingConfig()) == (tmp_path / "mlflow" / "artifacts").resolve().as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_uri(TrackingConfig()) == "http://127.0.0.1:5999"
+    assert resolve_artifact_root(TrackingConfig()) is None  # the server decides
+    assert resolve_uri(TrackingConfig(uri="sqlite:///x/y.db")) == "sqlite:///x/y.db"  # config key wins
+    relative = TrackingConfig(uri="sqlite:///x/y.db")  # relative to the working directory
+    assert resolve_artifact_root(relative) == (tmp_path / "x/artifacts").resolve().as_uri()
+    assert resolve_artifact_root(TrackingConfig(artifact_root="arts")) == (tmp_path / "arts").resolve().as_uri()
+
+
+def test_config_is_frozen_with_defaults():
+    from features.config import from_dict
+
+    cfg = from_dict(TrackingConfig, {"experiment": "x", "enabled": False})
+    assert (cfg.uri, cfg.artifact_root, cfg.reuse) == ("", "", True)
+    with pytest.raises(Exception):
+        cfg.uri = "y"  # type: ignore[misc]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bad_uris(tmp_path: Path) -> list[str]:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    return [
+        "foo://x",
+        f"sqlite:///{blocker}/sub/mlflow.db",  # folder cannot be created (a file is in the way)
+        "sqlite:////proc/recsys-no-such/mlflow.db",  # read-only filesystem, even for root
+        f"http://127.0.0.1:{_closed_port()}",
+        "file:///tmp/mlruns",
+        "mlruns",
+    ]
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_invalid_uri_fails_fast_with_the_uri(tmp_path, i):
+    uri = _bad_uris(tmp_path)[i]
+    t0 = time.monotonic()
+    with pytest.raises(UsageError) as e:
+        check_store(uri)
+    assert uri in str(e.value)
+    with pytest.raises(UsageError) as e2:  # the same before any run is opened
+        with open_pipeline_run(TrackingConfig(uri=uri), "never", git=GIT):
+            pytest.fail("the body must not run")
+    assert uri in str(e2.value)
+    assert time.monotonic() - t0 < 5
+
+
+def test_invalid_uri_from_env_says_so(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bar")
+    with pytest.raises(UsageError, match=r"foo://bar.*MLFLOW_TRACKING_URI"):
+        connect(TrackingConfig())
+
+
+def test_read_only_store_folder(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        probe = ro / "probe"
+        try:
+            probe.write_text("")
+            probe.unlink()
+            pytest.skip("running as root: permissions are not enforced (see /proc case)")
+        except PermissionError:
+            pass
+        with pytest.raises(UsageError, match="ro/mlflow.db"):
+            check_store(f"sqlite:///{ro}/mlflow.db")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_disabled_logs_nothing(tmp_path):
+    with open_pipeline_run(TrackingConfig(uri="foo://never-checked", enabled=False), "x") as run:
+        assert isinstance(run, NullTracker)
+        with run.stage("distill", {"a": 1}, {"f": "x"}) as st:
+            assert not st.reused and isinstance(st, Tracker)
+            st.log_metrics({"loss": 1.0}, step=1)
+    assert not (tmp_path / "mlflow").exists()
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_parent_and_stage_runs_record_everything(store_uri, request, tmp_path):
+    cfg = _cfg(store_uri, request)
+    long_value = "x" * (PARAM_VALUE_LIMIT + 500)
+    params = {"name": "p", "seed": 3, "ranker": {"dim": 16, "layers": [64, 32]}, "notes": long_value}
+    folder = tmp_path / "outdir"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("A")
+    (folder / "sub" / "b.txt").write_text("B")
+    single = tmp_path / "single.json"
+    single.write_text('{"k": 1}')
+
+    with open_pipeline_run(cfg, "ml100k", tags={"experiment": "ab1", "arm": "svd", "seed": 3},
+                           params=params, upstream={"features": "fp1"}, git=GIT) as run:
+        assert isinstance(run, Tracker)
+        with run.stage("train", {"lr": 0.01, "epochs": 3}, {"features": "fp1", "embeddings": "fp2"}) as st:
+            assert isinstance(st, Tracker) and not st.reused
+            for epoch in range(3):
+                st.log_metrics({"train_loss": 1.0 / (epoch + 1), "val_auc": 0.6 + 0.01 * epoch}, step=epoch)
+            st.log_artifact(single)
+            st.log_artifact(folder, "outputs")
+            st.log_dict({"auc": 0.62}, "eval/summary.json")
+            st.set_outputs(folder)
+        run.log_metrics({"test_auc": 0.7})
+        parent_id = run.run_id
+
+    store = connect(cfg)
+    parent = store.get_run(parent_id)
+    child = store.get_run(st.run_id)
+    assert parent.status == child.status == "FINISHED"
+    assert child.parent_id == parent_id and parent.parent_id is None
+    for r in (parent, child):
+        assert r.tags["git_commit"] == GIT.commit and r.tags["git_dirty"] == "false"
+        assert r.tags["experiment"] == "ab1" and r.tags["arm"] == "svd" and r.tags["seed"] == "3"
+        assert len(r.tags["config_hash"]) == 16 and r.tags["data_fingerprint"]
+    assert parent.stage == "pipeline" and child.stage == "train"
+    assert child.tags["data_fingerprint"] == fingerprint({"features": "fp1", "embeddings": "fp2"})
+    assert child.tags["upstream.embeddings"] == "fp2"
+    assert parent.tags["stage.train.run_id"] == child.run_id
+    # flattened params, long values truncated to the limit and kept whole as an artifact
+    assert parent.params["ranker.dim"] == "16" and parent.params["ranker.layers"] == "[64, 32]"
+    assert len(parent.params["notes"]) <= PARAM_VALUE_LIMIT
+    full = json.loads((parent.artifact_dir / "params_full.json").read_text())
+    assert full["notes"] == long_value
+    assert child.params == {"lr": "0.01", "epochs": "3"}
+    # per-step metrics
+    history = store.metric_history(child.run_id, "val_auc")
+    assert [step for step, _ in history] == [0, 1, 2]
+    assert [v for _, v in history] == pytest.approx([0.6, 0.61, 0.62])
+    assert parent.metrics["test_auc"] == pytest.approx(0.7)
+    # artifacts: a file, a folder, a dict, all under the run's local artifact folder
+    art = child.artifact_dir
+    assert art is not None and str(art).startswith(str(Path(store_uri[len("sqlite:///"):]).parent / "artifacts"))
+    assert (art / "single.json").read_text() == '{"k": 1}'
+    assert (art / "outputs" / "sub" / "b.txt").read_text() == "B"
+    assert json.loads((art / "eval" / "summary.json").read_text()) == {"auc": 0.62}
+    assert store.artifact_path(child.run_id, "outputs/a.txt").read_text() == "A"
+    assert child.outputs == str(folder.resolve())
+
+
+def test_exception_marks_runs_failed_and_is_reraised(store_uri, request):
+    cfg = _cfg(store_uri, request)
+    with pytest.raises(RuntimeError, match="boom"):
+        with open_pipeline_run(cfg, "pipe", git=GIT) as run:
+            with run.stage("train", {"lr": 1}) as st:
+                raise RuntimeError("boom")
+    store = connect(cfg)
+    assert store.get_run(st.run_id).status == "FAILED"
+    assert store.get_run(run.run_id).status == "FAILED"
+    with pytest.raises(KeyboardInterrupt):
+        with open_pipeline_run(cfg, "pipe", git=GIT) as run2:
+            raise KeyboardInterrupt
+    assert store.get_run(run2.run_id).status == "KILLED"
+
+
+def test_relogging_a_param_with_another_value_is_an_error(store_uri, request):
+    with open_pipeline_run(_cfg(store_uri, request), "pipe", params={"a": 1}, git=GIT) as run:
+        run.log_params({"a": 1})  # same value: fine
+        with pytest.raises(ValueError, match="immutable"):
+            run.log_params({"a": 2})
+
+
+# --------------------------------------------------------------------------- reuse
+
+
+def test_same_key_is_reused_and_says_so(store_uri, request, tmp_path):
+    cfg = _cfg(store_uri, request)
+    out = tmp_path / "emb"
+    out.mkdir()
+    first, computed = _stage_once(cfg, {"dim": 8}, {"features": "fp1"}, outputs=out)
+    assert computed
+    lines: list[str] = []
+    second, computed = _stage_once(cfg, {"dim": 8}, {"features": "fp1"}, log=lines)
+    assert not computed and second.reused
+    assert second.run_id == first.run_id and second.outputs == str(out.resolve())
+    assert f"distill: reusing run {first.run_id} (same params, commit, inputs)" in lines
+    assert second.info.metrics["loss"] == pytest.approx(0.5)
+    # the parent records which run it reused
+    hits = connect(cfg).search_runs("t", stage="pipeline")
+    assert hits[0]["tags"]["stage.distill.run_id"] == first.run_id
+    assert hits[0]["tags"]["stage.distill.reused"] == "true"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"params": {"dim": 16}},
+        {"upstream": {"features": "fp2"}},
+        {"git": GitInfo("b" * 40, False, "")},
+        {"git": GitInfo("a" * 40, True, "d1")},  # dirty tree: never matches a clean run
+    ],
+    ids=["params", "upstream", "commit", "dirty"],
+)
+def test_changed_key_is_not_reused(store_uri, request, change):
+    cfg = _cfg(store_uri, request)
+    _stage_once(cfg, {"dim": 8}, {"features": "fp1"})
+    _, computed = _stage_once(
+        cfg, change.get("params", {"dim": 8}), change.get("upstream", {"features": "fp1"}), git=change.get("git", GIT)
+    )
+    assert computed
+
+
+def test_dirty_tree_reuses_only_identical_changes_and_says_so(store_uri, request):
+    cfg = _cfg(store_uri, request)
+    d1, d2 = GitInfo("a" * 40, True, "d1"), GitInfo("a" * 40, True, "d2")
+    _stage_once(cfg, {"dim": 8}, {}, git=d1)
+    assert _stage_once(cfg, {"dim": 8}, {}, git=d2)[1]  # other uncommitted changes: recompute
+    lines: list[str] = []
+    assert not _stage_once(cfg, {"dim": 8}, {}, git=d1, log=lines)[1]
+    assert any("same uncommitted changes d1" in line for line in lines)
+
+
+def test_failed_stage_is_never_reused(store_uri, request):
+    cfg = _cfg(store_uri, request)
+    with pytest.raises(RuntimeError):
+        with open_pipeline_run(cfg, "pipe", git=GIT) as run:
+            with run.stage("distill", {"dim": 8}, {"features": "fp1"}):
+                raise RuntimeError("crash mid-training")
+    assert run.find_reusable("distill", stage_key("distill", {"dim": 8}, {"features": "fp1"}, GIT)) is None
+    assert _stage_once(cfg, {"dim": 8}, {"features": "fp1"})[1]
+
+
+def test_stage_whose_outputs_are_gone_is_not_reused(store_uri, request, tmp_path):
+    cfg = _cfg(store_uri, request)
+    out = tmp_path / "emb"
+    out.mkdir()
+    _stage_once(cfg, {"dim": 8}, {}, outputs=out)
+    shutil.rmtree(out)
+    lines: list[str] = []
+    assert _stage_once(cfg, {"dim": 8}, {}, log=lines)[1]
+    assert any("are gone" in line for line in lines)
+
+
+def test_reuse_off_and_unknown_commit_recompute(store_uri, request):
+    cfg = _cfg(store_uri, request)
+    _stage_once(cfg, {"dim": 8}, {})
+    off = TrackingConfig(uri=cfg.uri, experiment=cfg.experiment, reuse=False)
+    assert _stage_once(off, {"dim": 8}, {})[1]
+    unknown = GitInfo()
+    _stage_once(cfg, {"dim": 8}, {}, git=unknown)
+    lines: list[str] = []
+    assert _stage_once(cfg, {"dim": 8}, {}, git=unknown, log=lines)[1]
+    assert any("code version unknown" in line for line in lines)
+
+
+# --------------------------------------------------------------------------- search for compare
+
+
+def test_search_runs_returns_arms_with_metrics_and_artifacts(store_uri, request, tmp_path):
+    cfg = _cfg(store_uri, request)
+    preds = tmp_path / "predictions.parquet"
+    for arm, auc in (("control", 0.70), ("svd", 0.72)):
+        preds.write_bytes(arm.encode())
+        with open_pipeline_run(cfg, f"ab-{arm}", tags={"experiment": "ab1", "arm": arm, "seed": 0},
+                               params={"arm": arm}, git=GIT) as run:
+            with run.stage("eval", {"arm": arm}) as st:
+                st.log_metrics({"test_auc": auc})
+                st.log_artifact(preds)
+    with open_pipeline_run(cfg, "other", tags={"experiment": "ab2", "arm": "x"}, git=GIT):
+        pass
+
+    rows = search_runs(cfg, "ab1", stage="eval")
+    assert sorted(r["arm"] for r in rows) == ["control", "svd"]
+    for r in rows:
+        assert r["experiment"] == "ab1" and r["seed"] == "0" and r["status"] == "FINISHED"
+        assert r["metrics"]["test_auc"] == pytest.approx({"control": 0.70, "svd": 0.72}[r["arm"]])
+        assert r["params"] == {"arm": r["arm"]}
+        assert r["artifact_uri"].startswith("file://")
+        assert (Path(r["artifact_dir"]) / "predictions.parquet").read_bytes() == r["arm"].encode()
+    assert len(connect(cfg).search_runs("ab1")) == 4  # parents and stages
+    assert connect(cfg).search_runs("nope") == []
+
+
+def test_store_reuses_existing_experiment(store_uri, request):
+    cfg = _cfg(store_uri, request)
+    a, b = RunStore.connect(cfg), RunStore.connect(cfg)
+    assert a.experiment_id == b.experiment_id
+    assert isinstance(a.create_run("r", {"stage": "x"}), MLflowTracker)
+
+
+# --------------------------------------------------------------------------- git
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                   check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_git_info_commit_dirty_and_diff_hash(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert git_info(repo) == GitInfo()  # not a repository yet
+    _git(repo, "init", "-q")
+    (repo / "m.py").write_text("x = 1\n")
+    _git(repo, "add", "m.py")
+    _git(repo, "commit", "-q", "-m", "one")
+    clean = git_info(repo)
+    assert len(clean.commit) == 40 and clean.dirty is False and clean.diff_hash == ""
+    assert clean.tags()["git_dirty"] == "false"
+    (repo / "m.py").write_text("x = 2\n")
+    d1 = git_info(repo)
+    assert d1.commit == clean.commit and d1.dirty is True and d1.diff_hash
+    assert git_info(repo) == d1  # same changes, same hash
+    (repo / "new.py").write_text("y = 1\n")  # an untracked code file counts
+    d2 = git_info(repo)
+    assert d2.diff_hash != d1.diff_hash
+    (repo / "out.bin").write_bytes(b"\0")  # an untracked output does not
+    assert git_info(repo) == d2
+    store = repo / "mlflow"
+    store.mkdir()
+    (store / "config.yaml").write_text("a: 1\n")  # nor anything in the tracking store
+    assert git_info(repo, ignore=(store,)) == d2
+    assert git_info(repo / "mlflow", ignore=(store,)) == d2  # from a subfolder: the whole repo
