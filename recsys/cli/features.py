@@ -107,6 +107,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(handler=_build)
 
+    from recsys.cli import match
+
+    match.register(fsub)
+
     _, dsub = group(sub, "data", "inspect data")
     d = dsub.add_parser(
         "describe",

@@ -1,0 +1,63 @@
+"""`recsys features match`: match features of every impression (registered
+into the `features` group by recsys.cli.features)."""
+
+from __future__ import annotations
+
+import argparse
+
+MATCH_EPILOG = """\
+examples:
+  recsys features match --features artifacts/ml100k/features \\
+      --embeddings artifacts/ml100k/distill/item_embeddings.parquet --out artifacts/ml100k/match
+  recsys features match --features F --embeddings E.parquet --out M --config experiments/configs/base.yaml
+  # one shard of users per machine; the run that finishes the last shard merges them
+  recsys features match --features F --embeddings E.parquet --out M --shard 0/4
+
+Writes OUT/match_features.parquet (one row per impression of
+FEATURES/interactions.parquet, same user_id/item_id/timestamp and order, mf_*
+columns) and OUT/manifest.json. The embeddings file has columns item_id (Int64)
+and embedding (List(Float32)); vectors are L2-normalised here. Finished shards
+live under OUT/shards/ with their own manifests: a killed run resumes where it
+stopped. A rerun with the same config, features and embeddings is skipped;
+--force recomputes. Bad embeddings (missing items, ragged or wrong dimension,
+NaN/inf, duplicate ids) exit 1 and write nothing, unless the config sets
+match.missing_items: null (missing items get null features).
+"""
+
+
+def _match(args: argparse.Namespace) -> int:
+    from features.jobs import build_match_features, parse_shard
+    from recsys.config import load_pipeline_config
+
+    cfg = load_pipeline_config(args.config).match
+    shard = parse_shard(args.shard) if args.shard else None
+    result = build_match_features(
+        args.features, args.embeddings, args.out, cfg, shard=shard, force=args.force, progress=not args.quiet
+    )
+    if not args.quiet:
+        print(f"output: {result.out_dir}" + ("" if result.complete else " (shards pending)"))
+    return 0
+
+
+def register(features_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `match` to the `features` command group; returns its parser."""
+    p = features_subparsers.add_parser(
+        "match",
+        help="impressions + item embeddings -> match features (cosine stats, faiss rank, semantic IDs)",
+        description=(
+            "For every impression, compare the candidate item with the user's strictly earlier positive "
+            "history: cosine max/mean/top-k/count/recency/last, faiss rank near the mean history "
+            "embedding, semantic-ID prefix matches, history length (nulls for an empty history)."
+        ),
+        epilog=MATCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--features", required=True, metavar="DIR", help="a folder written by `recsys features build`")
+    p.add_argument("--embeddings", required=True, metavar="FILE", help="item embeddings parquet (item_id, embedding)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--config", metavar="FILE", help="pipeline YAML/JSON; its `match:` section (defaults otherwise)")
+    p.add_argument("--shard", metavar="I/N", help="compute only shard I of N (users by a stable hash of user_id)")
+    p.add_argument("--force", action="store_true", help="recompute even when up to date")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(handler=_match)
+    return p

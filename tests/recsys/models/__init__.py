@@ -1,0 +1,1 @@
+"""Tests of recsys.models (baselines and rankers)."""
