@@ -338,7 +338,7 @@ def _as_mapping(params: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(params) and not isinstance(params, type):
         return to_dict(params)
     if isinstance(params, Mapping):
-        return dict(params)
+        return {k: _as_mapping(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v for k, v in params.items()}
     raise TypeError(f"params must be a mapping or a config dataclass, got {type(params).__name__}")
 
 
@@ -1047,3 +1047,23 @@ __all__ = [
     "server_for",
     "serve",
 ]
+
+
+@contextmanager
+def tracked_command(
+    cfg: TrackingConfig,
+    stage: str,
+    params: Any,
+    *,
+    tags: Mapping[str, Any] | None = None,
+    enabled: bool = True,
+    outputs: str | Path | None = None,
+) -> Iterator[StageRun]:
+    """One CLI command = a parent run with one stage run, never reused (the
+    command was asked to run). `enabled=False` (e.g. torchrun ranks > 0)
+    logs nothing."""
+    if not enabled:
+        cfg = dataclasses.replace(cfg, enabled=False)
+    with open_pipeline_run(cfg, stage, tags=tags, params=params) as run:
+        with run.stage(stage, params=params, outputs=outputs, reuse=False) as st:
+            yield st

@@ -1,0 +1,611 @@
+"""Train and evaluate the ranker: one process, or DistributedModelParallel under torchrun.
+
+    train_ranker(cfg, out_dir, tracker) -> metrics dict
+        cfg: a PipelineConfig (or anything with .paths, .ranker, .train, .seed)
+        writes out_dir/metrics.json and out_dir/predictions.parquet (rank 0)
+
+Loop: epochs over shuffled training requests (tqdm bar on rank 0), the valid
+split evaluated after every epoch, early stopping on valid GAUC (patience in
+epochs), the best epoch's weights evaluated on test. Sparse tables learn with
+row-wise Adagrad (`sparse_lr`), the dense part with `optimizer` (`lr`).
+
+Determinism: weights come from a torch.Generator seeded with the seed, the
+shuffle of epoch e from np.random.default_rng([seed, e]) and sampled
+negatives from default_rng([seed, e, 1, rank]); nothing reads a global RNG,
+so the same seed gives the same metrics, and a run resumed from the
+checkpoint of epoch e continues exactly like an uninterrupted one.
+
+Checkpoints (`checkpoint_dir`, default out_dir/checkpoints): `last.pt` after
+every finished epoch (model, optimisers, epoch, early-stopping state) and
+`best.pt` (model weights of the best epoch); state dicts only, read back with
+torch.load(weights_only=True). Under DMP every rank writes its own
+`*.rank{r}of{w}.pt` holding its local shards.
+
+Distributed: when WORLD_SIZE > 1 (torchrun) or a process group is already
+initialised, the train module is wrapped in torchrec's
+DistributedModelParallel: gloo on CPU (nccl with CUDA), tables sharded by
+EmbeddingShardingPlanner on a Topology of this device, restricted to the
+sharding types that work on CPU (item table: table/row/column-wise; pooled
+tables: table/column/table-column-wise; fused kernel). The initial weights are
+those of the single-process model with the same seed (copied into the local
+shards). Each rank reads `batch_size // world_size` requests of every step
+(interleaved shares of the same permutation); predictions are gathered and
+de-duplicated so metrics are over every impression once, on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor, nn
+
+from features import schemas as S
+from features.config import config_hash, flatten, to_dict
+from features.tracker import NullTracker, Tracker
+from recsys.data import DataConfig, RankingData
+from recsys.eval.metrics import METRICS, activity_bucket, auc, auc_by_bucket, gauc, logloss, spearman
+from recsys.models.ranker import Ranker, RankerConfig, RankerTrain, probabilities
+
+OPTIMIZERS = ("adam", "adagrad", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+EARLY_STOP_METRIC = "gauc"
+PREDICTION_COLUMNS = (
+    S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.LABEL, "score", "lt_score",
+    S.RETURNED_1D, S.ACTIVE_DAYS_7, S.LT_OBSERVED, S.HIST_LEN,
+)
+# keys that do not change what a run computes: a resume may differ in them
+_RESUME_FREE = ("epochs", "resume", "progress", "checkpoint_dir", "device", "eval_batch_size", "num_threads")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training loop (pipeline section `train`).
+
+    epochs: maximum epochs. batch_size: requests per optimiser step (all ranks
+    together). eval_batch_size: requests per evaluation batch.
+    lr / optimizer / weight_decay: the dense part ("adam" | "adagrad" | "sgd").
+    sparse_lr: row-wise Adagrad learning rate of the embedding tables.
+    patience: stop after this many epochs without a valid-GAUC gain larger
+    than min_delta (0 = never stop early).
+    negatives_per_request: uniformly sampled negatives per training request.
+    seed: null = the pipeline's top-level seed.
+    checkpoint_dir: "" = OUT/checkpoints. resume: continue from its last.pt.
+    device: "auto" (cuda when available) | "cpu" | "cuda".
+    max_batches_per_epoch: 0 = all (a positive value makes smoke runs).
+    num_threads: torch intra-op threads while training (0 = leave torch's
+        setting). The ranker's ops are small: on this 2-core CPU one thread
+        was >10x faster than two under load (thread hand-off dominates); the
+        previous setting is restored when training returns.
+    """
+
+    epochs: int = 6
+    batch_size: int = 256
+    eval_batch_size: int = 2048
+    lr: float = 0.003
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    sparse_lr: float = 0.05
+    patience: int = 2
+    min_delta: float = 0.0
+    negatives_per_request: int = 0
+    seed: int | None = None
+    checkpoint_dir: str = ""
+    resume: bool = True
+    device: str = "auto"
+    progress: bool = True
+    max_batches_per_epoch: int = 0
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("batch_size and eval_batch_size must be >= 1")
+        if not (self.lr > 0 and self.sparse_lr > 0):
+            raise ValueError("lr and sparse_lr must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.weight_decay < 0 or self.min_delta < 0:
+            raise ValueError("weight_decay and min_delta must be >= 0")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
+        if self.negatives_per_request < 0:
+            raise ValueError(f"negatives_per_request must be >= 0, got {self.negatives_per_request}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.max_batches_per_epoch < 0:
+            raise ValueError("max_batches_per_epoch must be >= 0")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+
+
+# --- metrics ---------------------------------------------------------------------------
+
+
+def evaluate_predictions(frame: pl.DataFrame) -> dict[str, Any]:
+    """Metrics of a predictions table (PREDICTION_COLUMNS): click AUC, GAUC
+    (user-grouped, impression-weighted), logloss, LT AUC on `returned_1d` and
+    LT Spearman with `active_days_7` (both over lt_observed rows), and AUC per
+    user-activity bucket of hist_len."""
+    y = frame[S.LABEL].to_numpy().astype(np.float64)
+    s = frame["score"].to_numpy()
+    users = frame[S.USER_ID].to_numpy()
+    obs = frame[S.LT_OBSERVED].to_numpy().astype(bool)
+    lt = frame["lt_score"].to_numpy()[obs]
+    out: dict[str, Any] = {
+        "auc": auc(y, s),
+        "gauc": gauc(users, y, s),
+        "logloss": logloss(y, s),
+        "lt_auc": auc(frame[S.RETURNED_1D].to_numpy()[obs], lt),
+        "lt_spearman": spearman(lt, frame[S.ACTIVE_DAYS_7].to_numpy()[obs]),
+        "n": int(frame.height),
+    }
+    out["auc_by_activity"] = auc_by_bucket(activity_bucket(frame[S.HIST_LEN].to_numpy()), y, s)
+    return out
+
+
+def _finite(d: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-safe: NaN -> None (recursively)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out[k] = _finite(v)
+        elif isinstance(v, float) and not np.isfinite(v):
+            out[k] = None
+        else:
+            out[k] = v
+    return out
+
+
+# --- process context -----------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _context(cfg: TrainConfig) -> _Context:
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        from features.errors import ConfigError
+
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    owns = False
+    if not dist.is_initialized() and world > 1:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        owns = True
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device(f"cuda:{local}" if world > 1 else "cuda") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return _Context(rank, world, device, owns)
+
+
+# --- model, sharding, optimisers -------------------------------------------------------
+
+
+def _dense_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class _Trainable:
+    module: nn.Module  # RankerTrain, or DMP around it
+    dense_opt: torch.optim.Optimizer
+    sparse_opt: Any  # RowWiseAdagrad (one process) or DMP's fused optimizer
+    sharding: dict[str, str] = dataclasses.field(default_factory=dict)  # table -> "type on ranks" (DMP)
+
+
+def _sharding_constraints(model: Ranker) -> dict[str, Any]:
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.distributed.types import ShardingType
+
+    fused = [EmbeddingComputeKernel.FUSED.value]
+    # CPU: row-wise works for EmbeddingCollection only; EmbeddingBagCollection row-wise fails
+    seq_types = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.COLUMN_WISE.value]
+    bag_types = [ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value]
+    out = {"item": ParameterConstraints(sharding_types=seq_types, compute_kernels=fused)}
+    for key in model.user_keys + model.item_keys:
+        out[key] = ParameterConstraints(sharding_types=bag_types, compute_kernels=fused)
+    return out
+
+
+def _copy_full_into_shards(module: nn.Module, full: Mapping[str, Tensor]) -> None:
+    """Copy full (unsharded) tensors into a DMP module's local shards and replicas."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    with torch.no_grad():
+        for name, live in module.state_dict().items():
+            src = full[name]
+            if isinstance(live, ShardedTensor):
+                for shard in live.local_shards():
+                    idx = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+                    shard.tensor.copy_(src[idx])
+            elif isinstance(live, Tensor):
+                live.copy_(src)
+
+
+def _build(model: Ranker, cfg: TrainConfig, ctx: _Context) -> _Trainable:
+    train_module = RankerTrain(model)
+    if not ctx.distributed:
+        train_module = train_module.to(ctx.device)
+        tables = {id(p) for p in model.embedding_tables()}
+        dense = [p for p in train_module.parameters() if id(p) not in tables and p.requires_grad]
+        from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+        return _Trainable(train_module, _dense_optimizer(cfg, dense), RowWiseAdagrad(model.embedding_tables(), lr=cfg.sparse_lr))
+
+    import torch.distributed as dist
+    from torch.distributed.optim import _apply_optimizer_in_backward
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    full = {k: v.detach().clone() for k, v in train_module.state_dict().items()}
+    _apply_optimizer_in_backward(RowWiseAdagrad, model.embedding_tables(), {"lr": cfg.sparse_lr})
+    sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type),
+        constraints=_sharding_constraints(model),
+    )
+    plan = planner.collective_plan(train_module, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(train_module, device=ctx.device, plan=plan, sharders=sharders)
+    _copy_full_into_shards(dmp, full)
+    dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters()) if p.requires_grad]
+    sharding = {
+        table: f"{ps.sharding_type} on ranks {ps.ranks}"
+        for module_plan in plan.plan.values()
+        for table, ps in module_plan.items()
+    }
+    return _Trainable(dmp, _dense_optimizer(cfg, dense), dmp.fused_optimizer, sharding)
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+
+def _local(obj: Any) -> Any:
+    """State (nested dicts/lists) with ShardedTensors replaced by their local shards."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(obj, ShardedTensor):
+        return {"__local_shards__": [s.tensor.detach().clone() for s in obj.local_shards()]}
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, Mapping):
+        return {k: _local(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_local(v) for v in obj)
+    return obj
+
+
+def _copy_local(live: Any, saved: Any) -> None:
+    """In-place copy of a `_local` state into live state tensors (same structure)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(live, ShardedTensor):
+        for shard, src in zip(live.local_shards(), saved["__local_shards__"], strict=True):
+            shard.tensor.copy_(src)
+    elif isinstance(live, Tensor):
+        live.copy_(saved)
+    elif isinstance(live, Mapping):
+        for k, v in live.items():
+            _copy_local(v, saved[k])
+    elif isinstance(live, (list, tuple)):
+        for a, b in zip(live, saved, strict=True):
+            _copy_local(a, b)
+
+
+def _model_state(tr: _Trainable) -> dict[str, Any]:
+    return _local(tr.module.state_dict())
+
+
+def _load_model_state(tr: _Trainable, state: Mapping[str, Any]) -> None:
+    with torch.no_grad():
+        _copy_local(tr.module.state_dict(), state)
+
+
+def _save(path: Path, payload: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(dict(payload), tmp)
+    tmp.replace(path)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _ckpt_name(stem: str, ctx: _Context) -> str:
+    return f"{stem}.pt" if not ctx.distributed else f"{stem}.rank{ctx.rank}of{ctx.world_size}.pt"
+
+
+# --- epochs ----------------------------------------------------------------------------
+
+
+def _progress(it: Iterator, total: int, desc: str, enabled: bool) -> Iterator:
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr, mininterval=1.0)
+
+
+def _train_epoch(tr: _Trainable, data: RankingData, cfg: TrainConfig, seed: int, epoch: int, ctx: _Context) -> dict[str, float]:
+    tr.module.train()
+    shuffle = np.random.default_rng([seed, epoch])
+    negatives = np.random.default_rng([seed, epoch, 1, ctx.rank]) if cfg.negatives_per_request else None
+    total = data.n_batches("train", cfg.batch_size, ctx.world_size)
+    if cfg.max_batches_per_epoch:
+        total = min(total, cfg.max_batches_per_epoch)
+    batches = data.iter_batches("train", cfg.batch_size, shuffle=shuffle, negatives=negatives, rank=ctx.rank,
+                                world_size=ctx.world_size, max_batches=cfg.max_batches_per_epoch)
+    sums = np.zeros(3)
+    n = 0
+    bar = _progress(batches, total, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and ctx.is_main)
+    for batch in bar:
+        batch = batch.to(ctx.device)
+        loss, parts = tr.module(batch)
+        tr.dense_opt.zero_grad(set_to_none=True)
+        if not ctx.distributed:
+            tr.sparse_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        tr.dense_opt.step()
+        if not ctx.distributed:  # under DMP the fused optimiser ran inside backward
+            tr.sparse_opt.step()
+        sums += [float(parts.loss), float(parts.click_loss), float(parts.lt_loss)]
+        n += 1
+        if n % 20 == 0:
+            bar.set_postfix(loss=f"{sums[0] / n:.4f}")
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        t = torch.tensor([*sums, n], dtype=torch.float64)
+        dist.all_reduce(t)
+        sums, n = t[:3].numpy(), int(t[3])
+    n = max(n, 1)
+    return {"train_loss": sums[0] / n, "train_click_loss": sums[1] / n, "train_lt_loss": sums[2] / n}
+
+
+@torch.no_grad()
+def predict(tr_module: nn.Module, data: RankingData, split: str, batch_size: int, ctx: _Context | None = None) -> pl.DataFrame:
+    """Predictions table (PREDICTION_COLUMNS) of every impression of a split,
+    in interactions.parquet order (sampled negatives never included)."""
+    ctx = ctx or _Context()
+    tr_module.eval()
+    rows, scores, lts = [], [], []
+    for batch in data.iter_batches(split, batch_size, rank=ctx.rank, world_size=ctx.world_size):
+        _, parts = tr_module(batch.to(ctx.device))
+        rows.append(batch.row_ids.numpy())
+        scores.append(probabilities(parts.logits.click))
+        lts.append(probabilities(parts.logits.lt))
+    cat = [np.concatenate(x) if x else np.zeros(0) for x in (rows, scores, lts)]
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, cat)
+        cat = [np.concatenate([g[i] for g in gathered]) for i in range(3)]
+    row, score, lt = cat
+    row = row.astype(np.int64)
+    keep = row >= 0
+    row, score, lt = row[keep], score[keep], lt[keep]
+    row, first = np.unique(row, return_index=True)  # sorted, de-duplicated (padding of shares)
+    frame = data.prediction_frame(row).with_columns(
+        pl.Series("score", score[first]), pl.Series("lt_score", lt[first])
+    )
+    return frame.select(PREDICTION_COLUMNS)
+
+
+# --- the training run ------------------------------------------------------------------
+
+
+def _better(new: float, best: float | None, min_delta: float) -> bool:
+    if best is None:
+        return bool(np.isfinite(new))
+    if not np.isfinite(new):
+        return False
+    sign = 1.0 if METRICS[EARLY_STOP_METRIC].higher_is_better else -1.0
+    return sign * (new - best) > min_delta
+
+
+def _resume_key(ranker: RankerConfig, train: TrainConfig, seed: int, data: RankingData, world: int) -> str:
+    t = {k: v for k, v in to_dict(train).items() if k not in _RESUME_FREE}
+    return config_hash({"ranker": to_dict(ranker), "train": t, "seed": seed, "spec": to_dict(data.spec), "world": world})
+
+
+def fit(
+    data: RankingData,
+    ranker: RankerConfig,
+    train: TrainConfig,
+    out_dir: str | Path,
+    tracker: Tracker | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train on `data`, evaluate valid every epoch and test at the end; write
+    metrics.json and predictions.parquet into out_dir (rank 0); return metrics."""
+    threads = torch.get_num_threads()
+    if train.num_threads:
+        torch.set_num_threads(train.num_threads)
+    try:
+        return _fit(data, ranker, train, out_dir, tracker, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(
+    data: RankingData,
+    ranker: RankerConfig,
+    train: TrainConfig,
+    out_dir: str | Path,
+    tracker: Tracker | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    tracker = tracker or NullTracker()
+    ctx = _context(train)
+    out = Path(out_dir)
+    ckpt_dir = Path(train.checkpoint_dir) if train.checkpoint_dir else out / "checkpoints"
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        tracker.log_params(flatten({"ranker": to_dict(ranker), "train": to_dict(train), "seed": seed}))
+    generator = torch.Generator().manual_seed(seed)
+    model = Ranker(ranker, data.spec, data.item_embeddings, generator)
+    tr = _build(model, train, ctx)
+    key = _resume_key(ranker, train, seed, data, ctx.world_size)
+
+    state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "stopped": False, "history": [],
+             "train_seconds": 0.0}
+    last_path, best_path = ckpt_dir / _ckpt_name("last", ctx), ckpt_dir / _ckpt_name("best", ctx)
+    ck = _load(last_path) if train.resume and last_path.exists() else None
+    if ck is not None and ck.get("key") != key:
+        print(f"checkpoint {last_path} is from another config; starting fresh", file=sys.stderr)
+        ck = None
+    if ck is None:
+        best_path.unlink(missing_ok=True)  # never evaluate a stale best from an earlier run
+    else:
+        _load_model_state(tr, ck["model"])
+        tr.dense_opt.load_state_dict(ck["dense_opt"])
+        if ctx.distributed:
+            _copy_local(tr.sparse_opt.state_dict(), ck["sparse_opt"])
+        else:
+            tr.sparse_opt.load_state_dict(ck["sparse_opt"])
+        state = json.loads(ck["state"])
+        if ctx.is_main:
+            print(f"resumed from {last_path} after epoch {state['epoch']}", file=sys.stderr)
+
+    while state["epoch"] < train.epochs and not state["stopped"]:
+        epoch = state["epoch"]
+        t0 = time.perf_counter()
+        losses = _train_epoch(tr, data, train, seed, epoch, ctx)
+        valid = evaluate_predictions(predict(tr.module, data, "valid", train.eval_batch_size, ctx))
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, **losses, **{f"valid_{k}": v for k, v in valid.items() if k != "auc_by_activity"},
+               "epoch_seconds": seconds}
+        state["history"].append(row)
+        state["train_seconds"] += seconds
+        score = valid[EARLY_STOP_METRIC]
+        if _better(score, state["best"], train.min_delta):
+            state.update(best=float(score), best_epoch=epoch + 1, bad_epochs=0)
+            _save(best_path, {"model": _model_state(tr), "epoch": epoch + 1})
+        else:
+            state["bad_epochs"] += 1
+            if train.patience and state["bad_epochs"] >= train.patience:
+                state["stopped"] = True
+        state["epoch"] = epoch + 1
+        if ctx.is_main:
+            tracker.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None
+                                 and np.isfinite(v)}, step=epoch + 1)
+            print(f"epoch {epoch + 1}: loss {losses['train_loss']:.4f} valid auc {valid['auc']:.4f} "
+                  f"gauc {valid['gauc']:.4f} ({seconds:.1f}s)", file=sys.stderr)
+        _save(last_path, {
+            "key": key,
+            "model": _model_state(tr),
+            "dense_opt": tr.dense_opt.state_dict(),
+            "sparse_opt": _local(tr.sparse_opt.state_dict()),
+            "state": json.dumps(state),
+        })
+
+    if best_path.exists():
+        _load_model_state(tr, _load(best_path)["model"])
+    valid_pred = predict(tr.module, data, "valid", train.eval_batch_size, ctx)
+    test_pred = predict(tr.module, data, "test", train.eval_batch_size, ctx)
+    valid = evaluate_predictions(valid_pred)
+    test = evaluate_predictions(test_pred)
+    metrics: dict[str, Any] = {k: test[k] for k in ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")}
+    metrics.update(
+        n_test=test["n"],
+        auc_by_activity=test["auc_by_activity"],
+        valid={k: v for k, v in valid.items() if k != "n"},
+        best_epoch=state["best_epoch"],
+        epochs_run=state["epoch"],
+        stopped_early=state["stopped"],
+        history=state["history"],
+        train_seconds=state["train_seconds"],
+        seconds=time.perf_counter() - t_start,
+        history_encoder=ranker.history_encoder,
+        world_size=ctx.world_size,
+        sharding=tr.sharding,
+        seed=seed,
+        match_features=list(data.match_columns),
+        config_hash=key,
+    )
+    if ctx.is_main:
+        pred_path = out / "predictions.parquet"
+        tmp = pred_path.with_suffix(".parquet.tmp")
+        test_pred.write_parquet(tmp)
+        tmp.replace(pred_path)
+        metrics_path = out / "metrics.json"
+        tmp = metrics_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(_finite(metrics), indent=2) + "\n")
+        tmp.replace(metrics_path)
+        tracker.log_metrics({f"test_{k}": float(metrics[k]) for k in ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")
+                             if metrics[k] is not None and np.isfinite(metrics[k])})
+        tracker.log_artifact(metrics_path)
+        tracker.log_artifact(pred_path)
+    if ctx.owns_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return metrics
+
+
+def data_config(ranker: RankerConfig, train: TrainConfig) -> DataConfig:
+    return DataConfig(max_history=ranker.max_history, negatives=train.negatives_per_request,
+                      use_match_features=ranker.use_match_features, match_columns=ranker.match_columns)
+
+
+def train_ranker(cfg: Any, out_dir: str | Path, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Load the data named by cfg.paths and `fit` (see module docstring).
+
+    cfg: PipelineConfig-like (.paths: PathsConfig, .ranker, .train, .seed).
+    paths.match_features "none" (or a folder without match_features.parquet)
+    means no match features; paths.embeddings is read only when
+    ranker.use_distilled_embeddings != "off".
+    """
+    ranker: RankerConfig = cfg.ranker
+    train: TrainConfig = cfg.train
+    paths = cfg.paths
+    seed = train.seed if train.seed is not None else int(getattr(cfg, "seed", 0))
+    embeddings = paths.resolve("embeddings") if ranker.use_distilled_embeddings != "off" else None
+    match = None if paths.match_features.strip().lower() == "none" else paths.resolve("match_features")
+    data = RankingData.load(paths.resolve("features"), data_config(ranker, train), match, embeddings)
+    return fit(data, ranker, train, out_dir, tracker, seed=seed)
+
+
+__all__ = ["TrainConfig", "data_config", "evaluate_predictions", "fit", "predict", "train_ranker"]

@@ -1,0 +1,260 @@
+"""recsys.models.ranker: shapes, every history encoder, padding masked, gradients
+reach the tables, multi-task loss masking, config validation."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+from features.config import from_dict
+from features.errors import ConfigError
+from recsys.data import CAND_KEY, HIST_KEY, FeatureSpec, build_batch, synthetic_batch
+from recsys.models.ranker import (
+    HISTORY_ENCODERS,
+    MeanHistory,
+    Ranker,
+    RankerConfig,
+    RankerTrain,
+    make_history_encoder,
+)
+
+SPEC = FeatureSpec(
+    n_items=60,
+    n_users=12,
+    user_fields=(("user", 12), ("user_gender", 2)),
+    item_fields=(("item_genres", 5),),
+    dense_names=("a", "b", "c"),
+)
+
+
+def small(**kw) -> RankerConfig:
+    base = dict(embedding_dim=8, svd_rank=4, dense_arch_layer_sizes=(8,), over_arch_layer_sizes=(16, 8))
+    return RankerConfig(**(base | kw))
+
+
+def model_for(cfg: RankerConfig, seed: int = 0, embeddings: torch.Tensor | None = None) -> Ranker:
+    return Ranker(cfg, SPEC, embeddings, torch.Generator().manual_seed(seed))
+
+
+def batch_of(requests: list[tuple], seed: int = 0):
+    """Batch of (history items, candidate items, user) requests, built by hand."""
+    rng = np.random.default_rng(seed)
+    hist = np.array([i for h, _, _ in requests for i in h], dtype=np.int64)
+    cands = np.array([i for _, c, _ in requests for i in c], dtype=np.int64)
+    users = np.array([u for _, _, u in requests], dtype=np.int64)
+    n, b = len(cands), len(requests)
+    genres_len = (cands % 3).astype(np.int64)
+    genres = (np.repeat(cands, genres_len) % 5).astype(np.int64)
+    dense = np.stack([np.sin(cands), np.cos(cands), cands / 60.0], axis=1)
+    return build_batch(
+        hist_items=hist,
+        hist_lengths=np.array([len(h) for h, _, _ in requests]),
+        cand_items=cands,
+        cand_lengths=np.array([len(c) for _, c, _ in requests]),
+        user_sparse={"user": (users, np.ones(b, np.int64)), "user_gender": (users % 2, np.ones(b, np.int64))},
+        item_sparse={"item_genres": (genres, genres_len)},
+        dense=dense,
+        labels=((rng.random(n) < 0.5).astype(np.float32), (rng.random(n) < 0.5).astype(np.float32), rng.random(n) < 0.7),
+    )
+
+
+@pytest.mark.parametrize("encoder", HISTORY_ENCODERS)
+@pytest.mark.parametrize("over_arch", ["mlp", "dcn"])
+def test_forward_shapes_every_encoder(encoder, over_arch):
+    model = model_for(small(history_encoder=encoder, over_arch=over_arch))
+    batch = synthetic_batch(SPEC, 3, 9, 4, np.random.default_rng(1))
+    out = model(batch)
+    assert out.click.shape == (12,) and out.lt.shape == (12,)
+    assert torch.isfinite(out.click).all() and torch.isfinite(out.lt).all()
+    loss, parts = RankerTrain(model)(batch)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert parts.logits.click.shape == (12,)
+
+
+@pytest.mark.parametrize("encoder", HISTORY_ENCODERS)
+def test_jagged_batch_with_empty_history_and_varying_candidates(encoder):
+    model = model_for(small(history_encoder=encoder))
+    batch = batch_of([([], [1, 2], 0), ([5, 6, 7, 8, 9], [3], 1), ([4], [10, 11, 12], 2)])
+    out = model(batch)
+    assert out.click.shape == (6,) and torch.isfinite(out.click).all()
+
+
+@pytest.mark.parametrize("encoder", HISTORY_ENCODERS)
+def test_padding_masked_in_ranker(encoder):
+    """A request's logits do not depend on the padding its batch needs: batched
+    alone vs. next to a request with a much longer history / more candidates."""
+    model = model_for(small(history_encoder=encoder)).eval()
+    a = ([3, 9, 14, 9], [1, 2, 5], 4)
+    other = (list(range(10, 50)), list(range(20, 31)), 7)
+    with torch.no_grad():
+        alone = model(batch_of([a]))
+        together = model(batch_of([a, other]))
+        together_rev = model(batch_of([other, a]))
+    torch.testing.assert_close(together.click[:3], alone.click, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together_rev.click[11:], alone.click, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together.lt[:3], alone.lt, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("encoder", HISTORY_ENCODERS)
+def test_encoders_ignore_padding_content(encoder):
+    """Encoder modules: garbage (even NaN) in padded positions changes nothing."""
+    torch.manual_seed(0)
+    enc = make_history_encoder(small(history_encoder=encoder)).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 8, generator=g, dtype=torch.float64)
+    q = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([4, 0])
+    padded = torch.cat([x, torch.randn(2, 5, 8, generator=g, dtype=torch.float64)], dim=1)
+    padded[0, 4:] = float("nan")
+    padded[1, :] = 1e6
+    out = enc(x, lengths, q)
+    out_padded = enc(padded, lengths, q)
+    torch.testing.assert_close(out_padded, out)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))  # empty history -> zeros
+
+
+@pytest.mark.parametrize("kw", [{"lt_tower": "shared"}, {"history_mean": True, "history_encoder": "svd_compact"},
+                                {"history_mean": True, "history_encoder": "mean"}])
+def test_optional_towers(kw):
+    model = model_for(small(**kw))
+    batch = synthetic_batch(SPEC, 2, 5, 3, np.random.default_rng(0))
+    loss, _ = RankerTrain(model)(batch)
+    loss.backward()
+    assert (model.lt_tower is None) == (kw.get("lt_tower") == "shared")
+
+
+def test_lt_tower_sees_no_ids():
+    """Default LT tower: the LT logit depends on dense features only."""
+    model = model_for(small()).eval()
+    a = synthetic_batch(SPEC, 2, 5, 3, np.random.default_rng(0))
+    b = synthetic_batch(SPEC, 2, 5, 3, np.random.default_rng(1))
+    b.dense = a.dense
+    with torch.no_grad():
+        torch.testing.assert_close(model(a).lt, model(b).lt)
+        assert not torch.allclose(model(a).click, model(b).click)
+
+
+def test_mean_history_is_masked_mean():
+    x = torch.randn(1, 5, 4)
+    out = MeanHistory()(x, torch.tensor([3]), torch.randn(1, 2, 4))
+    torch.testing.assert_close(out[0, 1], x[0, :3].mean(0))
+
+
+@pytest.mark.parametrize("encoder", HISTORY_ENCODERS)
+def test_gradients_reach_embedding_tables(encoder):
+    model = model_for(small(history_encoder=encoder, use_user_id=True))
+    hist_only, cand_only = [40, 41, 42], [50, 51]
+    batch = batch_of([(hist_only, cand_only, 2), ([43, 40], [52], 5)])
+    loss, _ = RankerTrain(model)(batch)
+    loss.backward()
+    item = model.item_embeddings.embeddings["item"].weight.grad
+    for row in hist_only + cand_only + [43, 52]:
+        assert item[row].abs().sum() > 0, f"item row {row} got no gradient"
+    assert item[0].abs().sum() == 0  # unused rows untouched
+    users = model.user_embeddings.embedding_bags["user"].weight.grad
+    assert users[2].abs().sum() > 0 and users[5].abs().sum() > 0
+    assert model.item_features.embedding_bags["item_genres"].weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.history_encoder.parameters())
+
+
+def test_candidate_and_history_share_one_table():
+    model = model_for(small())
+    tables = model.item_embeddings.embedding_configs()
+    assert len(tables) == 1 and tables[0].feature_names == [HIST_KEY, CAND_KEY]
+
+
+def test_svd_exact_full_rank_equals_reference():
+    """SVD "exact" with R = D is the reference target attention (same weights)."""
+    ref = model_for(small(history_encoder="reference")).eval()
+    svd = model_for(small(history_encoder="svd_exact", svd_rank=8)).eval()
+    renamed = {k.replace("history_encoder.", "history_encoder.attention."): v for k, v in ref.state_dict().items()}
+    svd.load_state_dict(renamed)
+    batch = batch_of([([1, 2, 3, 4], [5, 6], 0), ([7, 8], [9], 1)])
+    with torch.no_grad():
+        torch.testing.assert_close(svd(batch).click, ref(batch).click, rtol=1e-4, atol=1e-5)
+
+
+def test_lt_loss_only_on_masked_rows():
+    model = model_for(small(lt_weight=1.0, click_weight=0.0)).eval()
+    batch = batch_of([([1, 2], [3, 4, 5], 0), ([6], [7, 8], 1)])
+    loss1, _ = RankerTrain(model)(batch)
+    flipped = batch.lt_labels.clone()
+    flipped[~batch.lt_mask] = 1 - flipped[~batch.lt_mask]
+    batch.lt_labels = flipped
+    loss2, _ = RankerTrain(model)(batch)
+    torch.testing.assert_close(loss1, loss2)
+    batch.lt_mask = torch.zeros_like(batch.lt_mask)
+    loss3, parts = RankerTrain(model)(batch)
+    assert float(parts.lt_loss) == 0.0
+
+
+def test_same_generator_same_weights():
+    a, b = model_for(small(), seed=5), model_for(small(), seed=5)
+    c = model_for(small(), seed=6)
+    for (k, va), vb, vc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert any(not torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_distilled_embeddings_init_and_concat():
+    emb = torch.randn(SPEC.n_items, 20, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="needs item embeddings"):
+        model_for(small(use_distilled_embeddings="concat"))
+    init = model_for(small(use_distilled_embeddings="init"), embeddings=emb)
+    w = init.item_embeddings.embeddings["item"].weight.detach()
+    # PCA init: the table spans the top principal directions of the distilled vectors
+    centered = emb - emb.mean(0)
+    basis = torch.linalg.svd(centered, full_matrices=False)[0][:, :8]
+    resid = w - basis @ (basis.T @ w)
+    assert resid.norm() / w.norm() < 1e-4
+    concat = model_for(small(use_distilled_embeddings="concat"), embeddings=emb)
+    assert "distilled" not in concat.state_dict()
+    assert all(p.data_ptr() != concat.distilled.data_ptr() for p in concat.parameters())
+    batch = synthetic_batch(SPEC, 2, 4, 3, np.random.default_rng(0))
+    loss, _ = RankerTrain(concat)(batch)
+    loss.backward()
+    assert concat.learned_projection.weight.grad.abs().sum() > 0
+    assert concat.distilled_projection.weight.grad.abs().sum() > 0
+    assert concat.distilled.grad is None
+
+
+def test_use_user_id_off_drops_the_user_table():
+    model = model_for(small(use_user_id=False))
+    assert "user" not in model.user_keys and "user_gender" in model.user_keys
+    assert "user" in model_for(small(use_user_id=True)).user_keys
+    out = model(synthetic_batch(SPEC, 2, 3, 2, np.random.default_rng(0)))
+    assert out.click.shape == (4,)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"svd_rank": 9, "embedding_dim": 8}, "svd_rank"),
+        ({"embedding_dim": 0}, "embedding_dim"),
+        ({"embedding_dim": -4}, "embedding_dim"),
+        ({"history_encoder": "lstm"}, "history_encoder"),
+        ({"over_arch": "transformer"}, "over_arch"),
+        ({"use_distilled_embeddings": "yes"}, "use_distilled_embeddings"),
+        ({"over_arch_layer_sizes": ()}, "over_arch_layer_sizes"),
+        ({"dense_arch_layer_sizes": (8, 0)}, "dense_arch_layer_sizes"),
+        ({"click_weight": 0.0, "lt_weight": 0.0}, "weight"),
+        ({"max_history": 0}, "max_history"),
+        ({"lt_tower": "tower"}, "lt_tower"),
+        ({"match_columns": ("pop",)}, "match_columns"),
+    ],
+)
+def test_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        RankerConfig(**kw)
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+    with pytest.raises(ConfigError, match=match):
+        from_dict(RankerConfig, data, where="ranker")
+
+
+def test_constructors_take_at_most_five_arguments():
+    for cls in (Ranker, RankerTrain):
+        params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        assert len(params) <= 5, cls
