@@ -37,18 +37,18 @@ class FeaturesConfig:
     """How raw interactions become training data (every key documented in
     experiments/configs/base.yaml, section `features`)."""
 
-    source: SourceName = "movielens100k"
+    source: SourceName = "movielens100k"  # input: movielens100k (installed package) | files | synthetic
     interactions: str | None = None  # files source: interactions parquet/CSV
     items: str | None = None  # files source: optional items parquet/CSV
     text_column: str = S.TEXT  # files source: the items column holding text
     label_threshold: float = 4.0  # label = rating >= threshold (if no label column)
-    split: Literal["global_time", "leave_last_out"] = "global_time"
+    split: Literal["global_time", "leave_last_out"] = "global_time"  # global time cut by event count, or last events per user
     valid_frac: float = 0.1  # global_time: share of events (by count) in valid
     test_frac: float = 0.1  # global_time: share of events (by count) in test
     max_history: int = 10_000  # cap on history length per impression
     day_offset_s: int = 0  # calendar days start at UTC midnight + offset
     on_duplicate: Literal["drop", "error"] = "drop"  # exact duplicate rows
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # synthetic source: generator settings
 
     def __post_init__(self) -> None:
         if not (0 <= self.valid_frac < 1 and 0 <= self.test_frac < 1 and self.valid_frac + self.test_frac < 1):

@@ -97,7 +97,7 @@ class MatchConfig:
     # "error": items of the interactions without a vector fail the job (exit 1);
     # "null": their candidate rows get null features and they are dropped from
     # histories (counted in the manifest)
-    missing_items: Literal["error", "null"] = "error"
+    missing_items: Literal["error", "null"] = "error"  # items without a vector: fail, or null match features for them
     dim: int = 0  # expected embedding dimension; 0 accepts any (checked for consistency)
     shards: int = 8  # work units of an unsharded run: a killed run resumes after the last finished one
     workers: int = 0  # threads over users (0: one per CPU core); never changes the output

@@ -201,15 +201,15 @@ _WORDS = (
 class SyntheticConfig:
     """Planted low-rank preferences with popularity skew, deterministic by seed."""
 
-    users: int = 1000
-    items: int = 2000
+    users: int = 1000  # number of users
+    items: int = 2000  # number of items
     max_history: int = 200  # longest per-user event sequence
     min_history: int = 0  # shortest; 0 means max(5, max_history // 10)
     rank: int = 16  # planted factor dimension
     days: int = 120  # time span of the data
     popularity_exponent: float = 1.0  # Zipf exponent of item popularity
     preference_strength: float = 2.0  # weight of user . item in the choice logits
-    seed: int = 0
+    seed: int = 0  # generator seed (same seed, same data)
 
     def __post_init__(self) -> None:
         if self.users < 1 or self.items < 2:

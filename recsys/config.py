@@ -132,3 +132,84 @@ def load_pipeline_config(path: str | Path | None, overrides: Mapping[str, Any] |
     if overrides:
         data = deep_merge(data, overrides)
     return PipelineConfig(data, where=str(path) if path else "config")
+
+
+# --- annotated YAML (experiments/configs/base.yaml is generated from this) ------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Inline `# comment`s of a dataclass's fields, read from its source: the
+    one place each key is documented."""
+    import inspect
+    import re
+
+    docs: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"^\s{4}(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+def type_label(tp: Any) -> str:
+    """A short human name of a config annotation: int, float, list[int], one of [a, b], ..."""
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of [" + ", ".join(map(str, args)) + "]"
+    if origin in (typing.Union, types.UnionType):
+        names = [type_label(a) for a in args if a is not type(None)]
+        return " | ".join(names) + (" | null" if type(None) in args else "")
+    if origin in (tuple, list):
+        inner = [a for a in args if a is not Ellipsis]
+        return f"list[{type_label(inner[0]) if inner else 'any'}]"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _yaml_scalar(v: Any) -> str:
+    import yaml
+
+    text = yaml.safe_dump(v, default_flow_style=True, width=10_000).strip()
+    return text[:-4].strip() if text.endswith("\n...") or text.endswith("...") else text
+
+
+def annotated_yaml(obj: Any, indent: int = 0) -> list[str]:
+    """YAML lines of a config dataclass, every key followed by `# type: meaning`."""
+    import typing
+
+    pad = "  " * indent
+    hints = typing.get_type_hints(type(obj))
+    docs = field_docs(type(obj))
+    lines: list[str] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        doc = docs.get(f.name, "")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:  # section: {doc or (type(value).__doc__ or '').strip().splitlines()[0]}")
+            lines += annotated_yaml(value, indent + 1)
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        lines.append(f"{pad}{f.name}: {_yaml_scalar(value)}  # {type_label(hints[f.name])}: {doc}".rstrip())
+    return lines
+
+
+def annotated_pipeline_yaml(cfg: PipelineConfig) -> str:
+    """The whole resolved pipeline config as annotated YAML."""
+    lines = [
+        f"name: {cfg.name}  # str: run name shown in MLflow",
+        f"seed: {cfg.seed}  # int: the one global seed (the CLI seeds once and logs it)",
+    ]
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        doc = (type(section).__doc__ or "").strip().splitlines()[0]
+        lines += ["", f"{name}:  # {doc}"]
+        lines += annotated_yaml(section, 1)
+    return "\n".join(lines) + "\n"

@@ -72,40 +72,28 @@ _RESUME_FREE = ("epochs", "resume", "progress", "checkpoint_dir", "device", "eva
 class TrainConfig:
     """Training loop (pipeline section `train`).
 
-    epochs: maximum epochs. batch_size: requests per optimiser step (all ranks
-    together). eval_batch_size: requests per evaluation batch.
-    lr / optimizer / weight_decay: the dense part ("adam" | "adagrad" | "sgd").
-    sparse_lr: row-wise Adagrad learning rate of the embedding tables.
-    patience: stop after this many epochs without a valid-GAUC gain larger
-    than min_delta (0 = never stop early).
-    negatives_per_request: uniformly sampled negatives per training request.
-    seed: null = the pipeline's top-level seed.
-    checkpoint_dir: "" = OUT/checkpoints. resume: continue from its last.pt.
-    device: "auto" (cuda when available) | "cpu" | "cuda".
-    max_batches_per_epoch: 0 = all (a positive value makes smoke runs).
-    num_threads: torch intra-op threads while training (0 = leave torch's
-        setting). The ranker's ops are small: on this 2-core CPU one thread
-        was >10x faster than two under load (thread hand-off dominates); the
-        previous setting is restored when training returns.
+    num_threads: the ranker's ops are small: on this 2-core CPU one thread was
+    >10x faster than two under load (thread hand-off dominates); the previous
+    setting is restored when training returns.
     """
 
-    epochs: int = 6
-    batch_size: int = 256
-    eval_batch_size: int = 2048
-    lr: float = 0.003
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    sparse_lr: float = 0.05
-    patience: int = 2
-    min_delta: float = 0.0
-    negatives_per_request: int = 0
-    seed: int | None = None
-    checkpoint_dir: str = ""
-    resume: bool = True
-    device: str = "auto"
-    progress: bool = True
-    max_batches_per_epoch: int = 0
-    num_threads: int = 1
+    epochs: int = 6  # maximum epochs
+    batch_size: int = 256  # requests per optimiser step (all ranks together)
+    eval_batch_size: int = 2048  # requests per evaluation batch
+    lr: float = 0.003  # learning rate of the dense part
+    optimizer: str = "adam"  # adam | adagrad | sgd (dense part)
+    weight_decay: float = 0.0  # dense part
+    sparse_lr: float = 0.05  # row-wise Adagrad learning rate of the embedding tables
+    patience: int = 2  # stop after this many epochs without a valid-GAUC gain > min_delta (0: never)
+    min_delta: float = 0.0  # smallest valid-GAUC gain that counts as better
+    negatives_per_request: int = 0  # uniformly sampled negatives per training request
+    seed: int | None = None  # null: the pipeline's top-level seed
+    checkpoint_dir: str = ""  # "": OUT/checkpoints
+    resume: bool = True  # continue from checkpoint_dir/last.pt when its config matches
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    progress: bool = True  # tqdm bars
+    max_batches_per_epoch: int = 0  # 0: all (a positive value makes smoke runs)
+    num_threads: int = 1  # torch intra-op threads while training (0: leave torch's setting)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "recsys.cli.features",
     "recsys.cli.rank",
     "recsys.cli.baseline",
+    "recsys.cli.experiment",
     "recsys.cli.ui",
 )
 

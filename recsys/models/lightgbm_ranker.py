@@ -66,16 +66,16 @@ class LightGBMConfig:
 
     # "binary": click probability; "lambdarank": ranks each user's impressions
     # (score = sigmoid(raw), not calibrated: its logloss is not meaningful)
-    objective: Literal["binary", "lambdarank"] = "binary"
-    num_leaves: int = 15
-    learning_rate: float = 0.05
+    objective: Literal["binary", "lambdarank"] = "binary"  # binary log-loss, or lambdarank grouped by user
+    num_leaves: int = 15  # leaves per tree (chosen on valid AUC)
+    learning_rate: float = 0.05  # shrinkage per tree
     n_estimators: int = 1000  # upper bound; early stopping on valid picks the number
-    early_stopping_rounds: int = 50
+    early_stopping_rounds: int = 50  # stop when valid loss has not improved for this many trees
     min_child_samples: int = 100  # rows per leaf: ML-100K is small, keep leaves stable
-    feature_fraction: float = 0.9
-    bagging_fraction: float = 0.8
-    bagging_freq: int = 1
-    lambda_l2: float = 1.0
+    feature_fraction: float = 0.9  # share of features sampled per tree
+    bagging_fraction: float = 0.8  # share of rows sampled per bagging round
+    bagging_freq: int = 1  # re-sample rows every this many trees (0: no bagging)
+    lambda_l2: float = 1.0  # L2 penalty on leaf values
     use_match_features: bool = True  # mf_* columns of the match-features folder
     use_popularity: bool = True  # item_pop
     use_activity: bool = True  # hist_end
@@ -85,7 +85,7 @@ class LightGBMConfig:
     # one thread: the same trees on every machine, and on ML-100K-sized data
     # faster than an OpenMP pool (which stalls badly on a shared machine)
     num_threads: int = 1  # 0: LightGBM's default (all cores)
-    seed: int = 0
+    seed: int = 0  # LightGBM seed (the experiment runner sets it per seed)
 
     def __post_init__(self) -> None:
         if self.num_leaves < 2:

@@ -69,55 +69,36 @@ ITEM_TABLE = "item"
 class RankerConfig:
     """Ranker architecture (pipeline section `ranker`).
 
-    embedding_dim: D of every table and of the history encoder.
-    history_encoder: "mean" (masked mean of the history), "reference" (exact
-        target attention), "svd_exact" / "svd_compact" (SVD-attention modes).
-    svd_rank: R for the SVD encoders (1 <= R <= D).
-    svd_normalize_tokens: compact mode divides tokens by sqrt(L), so their
-        scale does not grow with history length.
-    history_mean: attention encoders also pass the plain history mean to the
-        over-arch (the attention output then only has to add what the mean
-        misses).
-    max_history: keep the last this many events of a history.
-    use_user_id: a user-id table. Off by default: on ML-100K (global time
-        split, 97 of 166 test users unseen in train) it cost 0.03 valid AUC
-        (0.702 vs 0.732, mean encoder) for +0.012 valid GAUC.
-    use_match_features: use `mf_*` match features when the file exists.
-    match_columns: the match columns the model expects (empty = every `mf_*`
-        column of the file); a file without one of them is a SchemaError.
-    use_distilled_embeddings: "off" | "init" | "concat" (see module doc).
-    over_arch: "mlp" or "dcn" (DCN-v2 full-rank cross layers before the MLP).
-    dcn_layers: cross layers for over_arch "dcn".
-    dense_arch_layer_sizes: MLP over the dense features (last size = its output).
-    over_arch_layer_sizes: MLP after the interaction (last size = H).
-    click_weight, lt_weight: multi-task loss weights (RankerTrain).
-    lt_tower: what the LT-proxy head sees. "dense": its own MLP (sizes of
-        over_arch_layer_sizes) over the dense features only: counts, recent
-        activity, match features, no id embeddings. "shared": the click
-        over-arch output. `returned_1d` is a property of the user-day, not the
-        candidate; on ML-100K the shared tower memorised train users and
-        scored below 0.5 LT AUC on valid.
-    init_std: std of the normal init of the embedding tables.
+    history_encoder "mean" is the masked mean of the history; "reference" is
+    exact target attention; "svd_exact" / "svd_compact" are the SVD-attention
+    modes (recsys.modules.svd_attention). lt_tower "dense": the LT head has its
+    own MLP over the dense features only (counts, recent activity, match
+    features; no id embeddings): `returned_1d` is a property of the user-day,
+    not the candidate, and on ML-100K the "shared" tower (the click over-arch
+    output) memorised train users and scored below 0.5 LT AUC on valid.
+    use_user_id is off by default: on ML-100K (global time split, 97 of 166
+    test users unseen in train) it cost 0.03 valid AUC (0.702 vs 0.732, mean
+    encoder) for +0.012 valid GAUC.
     """
 
-    embedding_dim: int = 16
-    history_encoder: str = "svd_compact"
-    svd_rank: int = 8
-    svd_normalize_tokens: bool = True
-    history_mean: bool = False
-    max_history: int = 200
-    use_user_id: bool = False
-    use_match_features: bool = True
-    match_columns: tuple[str, ...] = ()
-    use_distilled_embeddings: str = "off"
-    over_arch: str = "mlp"
-    dcn_layers: int = 2
-    dense_arch_layer_sizes: tuple[int, ...] = (16,)
-    over_arch_layer_sizes: tuple[int, ...] = (64, 32)
-    click_weight: float = 1.0
-    lt_weight: float = 0.5
-    lt_tower: str = "dense"
-    init_std: float = 0.1
+    embedding_dim: int = 16  # D of every table and of the history encoder
+    history_encoder: str = "svd_compact"  # mean | reference | svd_exact | svd_compact
+    svd_rank: int = 8  # R of the SVD encoders (1 <= R <= embedding_dim)
+    svd_normalize_tokens: bool = True  # compact: divide tokens by sqrt(L) so their scale does not grow with L
+    history_mean: bool = False  # attention encoders also pass the plain history mean to the over-arch
+    max_history: int = 200  # keep the last this many events of a history
+    use_user_id: bool = False  # a user-id table (see the class docstring for why it is off)
+    use_match_features: bool = True  # use the mf_* match features when the file exists
+    match_columns: tuple[str, ...] = ()  # expected mf_* columns (empty: every mf_* column of the file)
+    use_distilled_embeddings: str = "off"  # off | init (PCA of distilled vectors) | concat (frozen second item table)
+    over_arch: str = "mlp"  # mlp | dcn (DCN-v2 full-rank cross layers before the MLP)
+    dcn_layers: int = 2  # cross layers for over_arch dcn
+    dense_arch_layer_sizes: tuple[int, ...] = (16,)  # MLP over the dense features (last size = its output)
+    over_arch_layer_sizes: tuple[int, ...] = (64, 32)  # MLP after the interaction (last size = H)
+    click_weight: float = 1.0  # multi-task loss weight of the click head
+    lt_weight: float = 0.5  # multi-task loss weight of the LT-proxy head (returned_1d)
+    lt_tower: str = "dense"  # dense | shared: what the LT head sees (class docstring)
+    init_std: float = 0.1  # std of the normal init of the embedding tables
 
     def __post_init__(self) -> None:
         if self.embedding_dim < 1:

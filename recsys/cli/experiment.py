@@ -1,0 +1,122 @@
+"""`recsys experiment run|compare` and `recsys config show`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from recsys.cli import group
+
+RUN_EPILOG = """\
+examples:
+  recsys experiment run experiments/ab_match_features.yaml
+  recsys experiment run experiments/ab_match_features.yaml --seeds 0,1,2
+  recsys experiment run experiments/debug_ab.yaml        # the whole chain in well under a minute
+
+Runs features -> teachers -> distill -> match features (each once, reused
+when nothing changed) and then every arm for every seed, each a run tagged
+`experiment` and `arm` in MLflow; prints the comparison table at the end.
+"""
+
+COMPARE_EPILOG = """\
+examples:
+  recsys experiment compare ab_match_features
+  recsys experiment compare ab_match_features --format markdown
+  recsys experiment compare ab_match_features --format json > compare.json
+  recsys experiment compare ab_match_features --fail-on-regression gauc   # exit 1 on a significant drop
+
+Reads the newest finished run of the experiment from the tracking store, loads
+each arm's saved predictions, and reports every metric per arm with its delta
+vs control and a paired bootstrap 95% interval over users (seeds paired too).
+'*' marks an interval that excludes zero. Logs the table and a plot to MLflow.
+"""
+
+
+def _run(args: argparse.Namespace) -> int:
+    from recsys.cli import seed_everything
+    from recsys.compare import format_rows
+    from recsys.pipeline import run_experiment
+
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
+    seed_everything(seeds[0] if seeds else 0)
+    outcome = run_experiment(args.file, seeds=seeds, progress=not args.quiet)
+    print()
+    print(f"experiment {outcome.name}: {len(outcome.arm_outputs)} arm runs in {outcome.seconds:.0f}s")
+    print(format_rows(outcome.rows, "table", control=outcome.control))
+    print(f"\noutputs: {', '.join(sorted({str(p.parent) for p in outcome.arm_outputs.values()}))}")
+    print(f"compare again: recsys experiment compare {outcome.name}    open the UI: recsys ui")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from recsys.compare import format_rows, regressions
+    from recsys.config import load_pipeline_config
+    from recsys.eval.metrics import METRICS
+    from recsys.pipeline import compare_experiment
+
+    if args.fail_on_regression and args.fail_on_regression not in METRICS:
+        from features.errors import UsageError
+
+        raise UsageError(f"--fail-on-regression: unknown metric {args.fail_on_regression!r}; known: {', '.join(METRICS)}")
+    tracking = load_pipeline_config(args.config).tracking
+    rows, control = compare_experiment(tracking, args.name, control=args.control, n_boot=args.n_boot)
+    print(format_rows(rows, args.format, control=control))
+    if args.fail_on_regression:
+        bad = regressions(rows, args.fail_on_regression, control)
+        if bad:
+            arms = ", ".join(f"{r.arm} ({r.delta:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}])" for r in bad)
+            print(f"regression on {args.fail_on_regression}: {arms}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    import json
+
+    from recsys.config import annotated_pipeline_yaml, load_pipeline_config
+
+    cfg = load_pipeline_config(args.config)
+    print(json.dumps(cfg.to_dict(), indent=2) if args.json else annotated_pipeline_yaml(cfg), end="")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _, esub = group(sub, "experiment", "A/B experiments: run arms, compare them with intervals")
+    p = esub.add_parser(
+        "run",
+        help="run every arm (and seed) of an experiment file, then compare",
+        description="Run an A/B experiment: a frozen baseline config plus arms given as deltas.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", help="experiment YAML (experiments/*.yaml)")
+    p.add_argument("--seeds", help="comma-separated seeds, overriding the file's `seeds`")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_run)
+
+    c = esub.add_parser(
+        "compare",
+        help="metric table per arm: delta vs control, paired bootstrap 95%% interval",
+        description="Compare the arms of the newest run of an experiment from their saved predictions.",
+        epilog=COMPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("name", help="experiment name (the `experiment:` key of its file)")
+    c.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
+    c.add_argument("--fail-on-regression", metavar="METRIC", help="exit 1 when a treatment's interval lies entirely on the worse side of zero")
+    c.add_argument("--control", help="control arm (default: the experiment's)")
+    c.add_argument("--n-boot", type=int, help="bootstrap replicates (default: the experiment's)")
+    c.add_argument("--config", help="pipeline YAML whose `tracking:` section names the store (default: MLFLOW_TRACKING_URI or ./mlflow)")
+    c.set_defaults(handler=_compare)
+
+    _, csub = group(sub, "config", "pipeline configs: show the resolved config")
+    s = csub.add_parser(
+        "show",
+        help="print the resolved pipeline config, every key annotated with type and meaning",
+        description="Print a pipeline config with all defaults filled in (annotated YAML, or JSON).",
+        epilog="examples:\n  recsys config show\n  recsys config show --config experiments/configs/debug.yaml --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--config", help="pipeline YAML/JSON (default: built-in defaults)")
+    s.add_argument("--json", action="store_true", help="JSON instead of annotated YAML")
+    s.set_defaults(handler=_show)

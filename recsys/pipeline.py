@@ -1,0 +1,475 @@
+"""The whole chain for an A/B experiment, tracked in MLflow.
+
+    features -> teachers -> distill -> match -> rank/lightgbm per arm and seed -> eval
+
+One parent run per invocation; a nested run per stage. Shared stages run once
+per distinct config (arms that agree on `features`, `teachers`, `distill` and
+`match` share them) and are reused across invocations when (stage, params,
+commit, upstream fingerprints) match a finished run whose outputs are still
+intact on disk. Arm runs are tagged `experiment`, `arm` and `seed`; the parent
+records which run holds each arm's predictions (`arm_runs.json`), which is
+what `recsys experiment compare` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from features import schemas as S
+from features.config import config_hash
+from features.errors import DataError, UsageError
+from features.manifest import read_manifest
+from features.sources import file_fingerprint
+from recsys.compare import ArmPredictions, CompareRow, compare_arms, format_rows
+from recsys.config import PathsConfig, PipelineConfig
+from recsys.experiment import LoadedExperiment, load_experiment
+
+Log = Callable[[str], None]
+ARM_RUNS = "arm_runs.json"
+COMPARE_JSON = "compare.json"
+
+
+def _log_default(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def output_fingerprint(path: str | Path) -> str:
+    """Fingerprint of a stage's output: its manifest's output fingerprints, or
+    the content of its main files when it has no manifest."""
+    p = Path(path)
+    h = hashlib.blake2b(digest_size=16)
+    if p.is_file():
+        h.update(file_fingerprint(p).encode())
+        return h.hexdigest()
+    m = read_manifest(p)
+    if m is not None and m.get("outputs"):
+        for name, info in sorted(m["outputs"].items()):
+            h.update(f"{name}:{info.get('fingerprint')}".encode())
+        return h.hexdigest()
+    files = [f for f in sorted(p.glob("*")) if f.is_file() and f.suffix in {".parquet", ".json"}]
+    if not files:
+        return ""
+    for f in files:
+        h.update(f"{f.name}:{file_fingerprint(f)}".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Inputs:
+    """Where an arm's shared stages put their outputs, with fingerprints."""
+
+    features: Path
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    embeddings: Path | None = None
+    match: Path | None = None
+
+
+@dataclass
+class ExperimentOutcome:
+    name: str
+    control: str
+    rows: list[CompareRow]
+    arm_outputs: dict[str, Path]
+    seconds: float
+
+
+class Pipeline:
+    """Runs stages inside one parent run; caches shared stages by their key."""
+
+    def __init__(self, run: Any, root: Path, log: Log = _log_default, *, progress: bool = True) -> None:
+        self.run = run
+        self.root = root
+        self.log = log
+        self.progress = progress
+        self._done: dict[str, tuple[Path, str]] = {}  # stage key -> (output, fingerprint)
+        self._dirs: dict[str, str] = {}  # stage output dir -> key that owns it
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _dir(self, stage: str, key: str, default: Path) -> Path:
+        """`default` for the first config of a stage, `<default>-<hash>` for
+        others, so two arms that disagree on a shared stage never overwrite
+        each other's outputs."""
+        owner = self._dirs.setdefault(str(default), key)
+        return default if owner == key else default.with_name(f"{default.name}-{key[:8]}")
+
+    def stage(
+        self,
+        name: str,
+        params: dict[str, Any],
+        upstream: dict[str, str],
+        out: Path,
+        compute: Callable[[Any], None],
+        *,
+        tags: dict[str, Any] | None = None,
+        result: Callable[[Path], Path] = lambda p: p,
+    ) -> tuple[Path, str]:
+        """Run (or reuse) one stage whose outputs go to `out`; returns the
+        output path (via `result`) and its fingerprint."""
+        key = config_hash({"stage": name, "params": params, "upstream": upstream, "tags": tags or {}})
+        if key in self._done:
+            return self._done[key]
+        with self.run.stage(name, params, upstream, outputs=out, tags=tags) as st:
+            if st.reused:
+                recorded = (st.info.tags.get("output_fingerprint") if st.info else None) or ""
+                reused_out = Path(st.outputs or out)
+                if recorded and recorded == output_fingerprint(result(reused_out)):
+                    self._done[key] = (result(reused_out), recorded)
+                    return self._done[key]
+            else:
+                t0 = time.perf_counter()
+                compute(st)
+                fp = output_fingerprint(result(out))
+                st.set_outputs(out)
+                st.set_tags({"output_fingerprint": fp})
+                st.log_metrics({"stage_seconds": time.perf_counter() - t0})
+                self._done[key] = (result(out), fp)
+                return self._done[key]
+        self.log(f"{name}: the reused run's outputs changed on disk; recomputing")
+        with self.run.stage(name, params, upstream, outputs=out, tags=tags, reuse=False) as st:
+            compute(st)
+            fp = output_fingerprint(result(out))
+            st.set_outputs(out)
+            st.set_tags({"output_fingerprint": fp})
+        self._done[key] = (result(out), fp)
+        return self._done[key]
+
+    # -- shared stages ----------------------------------------------------------------
+
+    def features(self, cfg: PipelineConfig) -> tuple[Path, str]:
+        from features.jobs import build_features, load_source
+
+        source, _ = load_source(cfg.features)
+        upstream = {
+            k: t.fingerprint
+            for k, t in (("interactions", source.interactions), ("items", source.items), ("users", source.users))
+            if t is not None
+        }
+        params = dataclasses.asdict(cfg.features)
+        out = self._dir("features", config_hash(params), Path(cfg.paths.resolve("features")))
+
+        def compute(st: Any) -> None:
+            res = build_features(cfg.features, out, log=self.log)
+            st.log_metrics({k: v for k, v in res.manifest.get("stats", {}).items() if isinstance(v, (int, float))})
+            st.log_artifact(out / "manifest.json")
+
+        return self.stage("features", params, upstream, out, compute)
+
+    def distill(self, cfg: PipelineConfig, features: Path, features_fp: str) -> tuple[Path, str]:
+        """Teachers, then the student with its cold-start evaluation; returns
+        the item embeddings parquet (every item)."""
+        from distill import jobs as D
+
+        seed = cfg.seed
+        root = self._dir("distill", config_hash({"t": cfg.teachers, "d": cfg.distill, "s": seed}), cfg.paths.resolve("embeddings").parent)
+        t_params = {"teachers": dataclasses.asdict(cfg.teachers), "protocol": _protocol(cfg), "seed": seed}
+
+        def fit_teachers(st: Any) -> None:
+            D.fit_teachers(features, root / "teachers", cfg.teachers, st, distill=cfg.distill, seed=seed, log=self.log)
+
+        _, t_fp = self.stage("teachers", t_params, {"features": features_fp}, root / "teachers", fit_teachers)
+        d_params = {"distill": dataclasses.asdict(cfg.distill), "teachers": dataclasses.asdict(cfg.teachers), "seed": seed}
+
+        def evaluate(st: Any) -> None:
+            res = D.evaluate(features, root, cfg.distill, st, teachers=cfg.teachers, seed=seed, log=self.log)
+            if res.metrics:
+                self.log(D.format_metrics(res.metrics, cfg.distill.eval_ks))
+            st.log_artifact(root / "metrics.json")
+
+        return self.stage(
+            "distill",
+            d_params,
+            {"features": features_fp, "teachers": t_fp},
+            root,
+            evaluate,
+            result=lambda p: p / "item_embeddings.parquet",
+        )
+
+    def match(self, cfg: PipelineConfig, features: Path, features_fp: str, emb: Path, emb_fp: str) -> tuple[Path, str]:
+        from features.jobs import build_match_features
+
+        params = dataclasses.asdict(cfg.match)
+        out = self._dir("match", config_hash({"m": params, "e": emb_fp}), cfg.paths.resolve("match_features"))
+
+        def compute(st: Any) -> None:
+            res = build_match_features(features, emb, out, cfg.match, log=self.log, progress=self.progress)
+            st.log_artifact(out / "manifest.json")
+            st.log_metrics({"seconds": res.seconds})
+
+        return self.stage("match", params, {"features": features_fp, "embeddings": emb_fp}, out, compute)
+
+    def inputs(self, cfg: PipelineConfig, model: str) -> Inputs:
+        """Run the shared stages this arm needs."""
+        features, f_fp = self.features(cfg)
+        inputs = Inputs(features, {"features": f_fp})
+        wants_match = cfg.lightgbm.use_match_features if model == "lightgbm" else cfg.ranker.use_match_features
+        wants_match = wants_match and cfg.paths.match_features.strip().lower() != "none"
+        wants_emb = wants_match or (model == "ranker" and cfg.ranker.use_distilled_embeddings != "off")
+        if wants_emb:
+            if cfg.paths.embeddings:  # the user's own embeddings file: no distillation
+                emb = Path(cfg.paths.embeddings)
+                if not emb.is_file():
+                    raise UsageError(f"paths.embeddings: {emb} does not exist")
+                inputs.embeddings, e_fp = emb, file_fingerprint(emb)
+            else:
+                inputs.embeddings, e_fp = self.distill(cfg, features, f_fp)
+            inputs.fingerprints["embeddings"] = e_fp
+        if wants_match:
+            inputs.match, m_fp = self.match(cfg, features, f_fp, inputs.embeddings, inputs.fingerprints["embeddings"])
+            inputs.fingerprints["match"] = m_fp
+        return inputs
+
+    # -- arms ---------------------------------------------------------------------------
+
+    def arm(self, cfg: PipelineConfig, model: str, arm: str, seed: int, out: Path, tags: dict[str, Any]) -> tuple[Path, str]:
+        inputs = self.inputs(cfg, model)
+        if model == "lightgbm":
+            from recsys.models.lightgbm_ranker import run_lightgbm
+
+            lgb = dataclasses.replace(cfg.lightgbm, seed=seed)
+            params = {"model": "lightgbm", "lightgbm": dataclasses.asdict(lgb), "seed": seed}
+
+            def compute(st: Any) -> None:
+                run_lightgbm(inputs.features, inputs.match, out, lgb, st, log=self.log)
+
+        else:
+            from recsys.train import train_ranker
+
+            paths = PathsConfig(
+                root=str(out),
+                features=str(inputs.features),
+                match_features=str(inputs.match) if inputs.match else "none",
+                embeddings=str(inputs.embeddings) if inputs.embeddings else "",
+            )
+            train = dataclasses.replace(cfg.train, seed=seed, checkpoint_dir=cfg.train.checkpoint_dir, progress=self.progress)
+            ns = _RankInputs(paths=paths, ranker=cfg.ranker, train=train, seed=seed)
+            params = {"model": "ranker", "ranker": dataclasses.asdict(cfg.ranker), "train": dataclasses.asdict(train), "seed": seed}
+
+            def compute(st: Any) -> None:
+                metrics = train_ranker(ns, out, tracker=st)
+                _rank_plots(out, metrics, cfg, st, inputs.features)
+
+        return self.stage("rank", params, inputs.fingerprints, out, compute, tags=tags)
+
+
+@dataclass(frozen=True)
+class _RankInputs:
+    """What `recsys.train.train_ranker` reads from a pipeline config."""
+
+    paths: PathsConfig
+    ranker: Any
+    train: Any
+    seed: int
+
+
+def _protocol(cfg: PipelineConfig) -> dict[str, Any]:
+    """The distill keys that shape the teachers' training data."""
+    d = cfg.distill
+    return {"holdout_frac": d.holdout_frac, "query_len": d.query_len, "history_len": d.history_len, "select_k": d.select_k}
+
+
+def _rank_plots(out: Path, metrics: dict[str, Any], cfg: PipelineConfig, tracker: Any, features: Path) -> None:
+    """Training curves, and for SVD encoders the singular-value spectrum of
+    user histories in the trained item table (how much energy rank R keeps)."""
+    from recsys import plots
+
+    hist = metrics.get("history") or []
+    if hist:
+        curves = {k: [h.get(k) for h in hist] for k in ("train_loss", "valid_auc", "valid_gauc", "valid_lt_auc")}
+        png = plots.training_curves(curves, out / "training_curves.png", best_epoch=metrics.get("best_epoch"))
+        tracker.log_artifact(png, "figures")
+    if cfg.ranker.history_encoder.startswith("svd"):
+        spectrum = history_spectrum(features, out / "checkpoints" / "best.pt")
+        if spectrum is not None:
+            png = plots.singular_spectrum(
+                spectrum, out / "history_spectrum.png", rank=cfg.ranker.svd_rank, title="User-history spectrum (trained item table)"
+            )
+            tracker.log_artifact(png, "figures")
+
+
+def history_spectrum(features: Path, checkpoint: Path, max_users: int = 300) -> np.ndarray | None:
+    """Mean normalised singular values of users' history embedding matrices."""
+    import torch
+
+    if not checkpoint.is_file() or not (features / S.FILES["sequences"]).is_file():
+        return None
+    state = torch.load(checkpoint, weights_only=True)
+    state = state.get("model", state)
+    table = next((v for k, v in state.items() if k.endswith("item_embeddings.embeddings.item.weight")), None)
+    if table is None:
+        return None
+    table = table.double().numpy()  # (I, D)
+    item_ids = np.sort(pl.read_parquet(features / S.FILES["items"], columns=[S.ITEM_ID])[S.ITEM_ID].to_numpy())
+    seqs = pl.read_parquet(features / S.FILES["sequences"], columns=[S.ITEM_IDS])[S.ITEM_IDS].to_list()
+    spectra = []
+    for seq in seqs[:max_users]:
+        if len(seq) < 2:
+            continue
+        x = table[np.searchsorted(item_ids, np.asarray(seq))]  # (L, D)
+        s = np.linalg.svd(x, compute_uv=False)
+        spectra.append(s / max(s.sum(), 1e-12))
+    if not spectra:
+        return None
+    width = max(len(s) for s in spectra)
+    return np.mean([np.pad(s, (0, width - len(s))) for s in spectra], axis=0)
+
+
+# -- experiments ------------------------------------------------------------------------
+
+
+def experiment_root(exp: LoadedExperiment) -> Path:
+    return Path(exp.arm_configs[exp.spec.control].paths.root)
+
+
+def run_experiment(
+    path: str | Path,
+    *,
+    seeds: tuple[int, ...] | None = None,
+    log: Log = _log_default,
+    progress: bool = True,
+) -> ExperimentOutcome:
+    """Validate everything, run every arm and seed, compare, log it all."""
+    from recsys.tracking import open_pipeline_run
+
+    t0 = time.perf_counter()
+    exp = load_experiment(path, seeds)
+    base = PipelineConfig(exp.baseline, where=str(exp.baseline_path))
+    tracking = base.tracking
+    for arm, cfg in exp.arm_configs.items():
+        if cfg.tracking != tracking:
+            raise UsageError(f"arm {arm!r} changes `tracking`: all arms of an experiment log to one store")
+    name = exp.name
+    root = experiment_root(exp)
+    tags = {"experiment": name, "control": exp.spec.control, "kind": "experiment"}
+    params = {"experiment": name, "baseline": str(exp.baseline_path), "seeds": list(exp.spec.seeds), "arms": [a.name for a in exp.spec.arms]}
+    arm_runs: dict[str, str] = {}
+    arm_outputs: dict[str, Path] = {}
+    with open_pipeline_run(tracking, f"experiment {name}", tags=tags, params=params, log=log) as run:
+        run.log_dict({"spec": dataclasses.asdict(exp.spec), "baseline": exp.baseline}, "experiment.json")
+        pipe = Pipeline(run, root, log, progress=progress)
+        for arm in exp.spec.arms:
+            cfg = exp.arm_configs[arm.name]
+            for seed in exp.spec.seeds:
+                log(f"== arm {arm.name} ({arm.model}), seed {seed}")
+                out = root / "experiments" / name / arm.name / f"seed{seed}"
+                arm_tags = {"arm": arm.name, "seed": seed, "model": arm.model}
+                result, _ = pipe.arm(cfg, arm.model, arm.name, seed, out, arm_tags)
+                arm_outputs[f"{arm.name}/seed{seed}"] = result
+        for key, out in arm_outputs.items():
+            arm_runs[key] = str(out)
+        run.log_dict(arm_runs, ARM_RUNS)
+        predictions = [
+            ArmPredictions(arm, int(seed_dir[4:]), pl.read_parquet(Path(out) / "predictions.parquet"))
+            for key, out in arm_outputs.items()
+            for arm, seed_dir in [key.split("/")]
+        ]
+        with run.stage("eval", {"n_boot": exp.spec.n_boot, "metrics": list(exp.spec.metrics), "control": exp.spec.control},
+                       {k: output_fingerprint(v) for k, v in arm_outputs.items()}, reuse=False) as st:
+            rows = compare_arms(predictions, control=exp.spec.control, metrics=exp.spec.metrics, n_boot=exp.spec.n_boot)
+            log_compare(rows, st, root / "experiments" / name, control=exp.spec.control, predictions=predictions)
+            st.log_metrics({f"{r.metric}.{r.arm}": r.value for r in rows} | {f"{r.metric}.{r.arm}.delta": r.delta for r in rows})
+    return ExperimentOutcome(name, exp.spec.control, rows, arm_outputs, time.perf_counter() - t0)
+
+
+def log_compare(rows: list[CompareRow], tracker: Any, out: Path, *, control: str, predictions: list[ArmPredictions]) -> None:
+    """compare.json, the table, an arm-delta plot and ROC curves as artifacts."""
+    from recsys import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / COMPARE_JSON).write_text(format_rows(rows, "json", control=control) + "\n")
+    (out / "compare.md").write_text(format_rows(rows, "markdown", control=control) + "\n")
+    deltas: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for r in rows:
+        if r.arm != control:
+            deltas.setdefault(r.metric, {})[r.arm] = (r.delta, r.ci_low, r.ci_high)
+    files = [out / COMPARE_JSON, out / "compare.md"]
+    if deltas:
+        files.append(plots.arm_deltas(deltas, out / "arm_deltas.png", control=control))
+    first_seed = {}
+    for p in predictions:
+        first_seed.setdefault(p.arm, p)
+    files.append(
+        plots.roc_curves(
+            {a: (p.frame["label"].to_numpy(), p.frame["score"].to_numpy()) for a, p in first_seed.items()},
+            out / "roc_curves.png",
+            title="Test ROC by arm (click)",
+        )
+    )
+    for f in files:
+        tracker.log_artifact(f, "compare")
+
+
+def load_experiment_predictions(tracking_cfg: Any, name: str) -> tuple[list[ArmPredictions], dict[str, Any]]:
+    """Predictions of the newest finished invocation of experiment `name`."""
+    from recsys.tracking import connect
+
+    store = connect(tracking_cfg)
+    parents = [r for r in store.search_runs(name, stage="pipeline") if r["tags"].get("kind") == "experiment"]
+    if not parents:
+        raise UsageError(
+            f"no finished run of experiment {name!r} in the tracking store {store.uri}: "
+            f"run `recsys experiment run experiments/{name}.yaml` first"
+        )
+    parent = parents[0]
+    path = store.artifact_path(parent["run_id"], ARM_RUNS)
+    arm_runs = json.loads(Path(path).read_text())
+    preds = []
+    for key, out in arm_runs.items():
+        arm, seed_dir = key.split("/")
+        f = Path(out) / "predictions.parquet"
+        if not f.is_file():
+            raise DataError(f"predictions of arm {arm!r} ({seed_dir}) are missing: {f}", file=str(f))
+        preds.append(ArmPredictions(arm, int(seed_dir[4:]), pl.read_parquet(f)))
+    return preds, parent
+
+
+def compare_experiment(
+    tracking_cfg: Any,
+    name: str,
+    *,
+    control: str | None = None,
+    metrics: tuple[str, ...] | None = None,
+    n_boot: int | None = None,
+    log_to_store: bool = True,
+) -> tuple[list[CompareRow], str]:
+    """Recompute the comparison of the newest run of `name` from its saved
+    predictions; log it (plot included) to a new run. Returns rows and control."""
+    from recsys.tracking import open_pipeline_run
+
+    preds, parent = load_experiment_predictions(tracking_cfg, name)
+    control = control or parent["tags"].get("control", "control")
+    spec = _parent_spec(tracking_cfg, parent)
+    metrics = metrics or tuple(spec.get("metrics", ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")))
+    n_boot = n_boot or int(spec.get("n_boot", 1000))
+    rows = compare_arms(preds, control=control, metrics=metrics, n_boot=n_boot)
+    if log_to_store:
+        with open_pipeline_run(tracking_cfg, f"compare {name}", tags={"experiment": name, "control": control, "kind": "compare"},
+                               params={"experiment": name, "of_run": parent["run_id"], "n_boot": n_boot, "metrics": list(metrics)},
+                               log=lambda _m: None) as run:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                log_compare(rows, run, Path(tmp), control=control, predictions=preds)
+    return rows, control
+
+
+def _parent_spec(tracking_cfg: Any, parent: dict[str, Any]) -> dict[str, Any]:
+    from recsys.tracking import connect
+
+    try:
+        p = connect(tracking_cfg).artifact_path(parent["run_id"], "experiment.json")
+    except UsageError:
+        return {}
+    return json.loads(Path(p).read_text()).get("spec", {})
+
+
