@@ -1059,11 +1059,12 @@ def tracked_command(
     enabled: bool = True,
     outputs: str | Path | None = None,
 ) -> Iterator[StageRun]:
-    """One CLI command = a parent run with one stage run, never reused (the
-    command was asked to run). `enabled=False` (e.g. torchrun ranks > 0)
-    logs nothing."""
+    """One CLI command = a parent run (holding the command's params) with one
+    stage run, never reused (the command was asked to run). The stage run's
+    params are left to the library code it is passed to. `enabled=False`
+    (e.g. torchrun ranks > 0) logs nothing."""
     if not enabled:
         cfg = dataclasses.replace(cfg, enabled=False)
     with open_pipeline_run(cfg, stage, tags=tags, params=params) as run:
-        with run.stage(stage, params=params, outputs=outputs, reuse=False) as st:
+        with run.stage(stage, outputs=outputs, reuse=False) as st:
             yield st

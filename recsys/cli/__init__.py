@@ -19,6 +19,7 @@ from features.errors import RecsysError, UsageError
 # Each module exposes `register(subparsers)`; order = order in `recsys --help`.
 COMMAND_MODULES = (
     "recsys.cli.features",
+    "recsys.cli.distill",
     "recsys.cli.rank",
     "recsys.cli.baseline",
     "recsys.cli.experiment",

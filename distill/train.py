@@ -1,0 +1,347 @@
+"""DistillConfig and the student training loop.
+
+Each step draws a batch of B sequence-to-item examples (a user's recent
+positives -> the next positive, train split, held-out items removed) and B/2
+co-interacted item pairs (oriented at random); the student embeds the union
+of the items involved once (`make_batch`), and `DistillObjective`, the
+training wrapper around the student, sums the switched-on losses:
+
+    L = w_s2i L_s2i + w_id2i L_id2i + w_i2i L_i2i        (distill/losses.py)
+
+L_id2i covers every item of the batch that the teachers know. After each
+epoch the student is scored on the VALID split (`evaluate.selection_score`:
+Recall@select_k averaged over warm and cold targets) and the best epoch is
+kept; training stops after `patience` epochs without improvement. The test
+split is never looked at here.
+
+Shape legend:
+    B  examples (or pairs) per batch
+    L  query length (query_len)
+    U  distinct items in a batch
+    I  items, D student dim, K a teacher's dim
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill.evaluate import ColdStartData
+from distill.index import IndexConfig
+from distill.losses import Temperature, i2i_loss, id2i_loss, s2i_loss
+from distill.student import ContentSpec, ContentTensors, Student, StudentConfig
+from features.tracker import NullTracker, Tracker
+
+LOSSES = ("s2i", "id2i", "i2i")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Pipeline section `distill`: the student, its losses, training, protocol."""
+
+    student: StudentConfig = field(default_factory=StudentConfig)  # the student's architecture (distill/student.py)
+    # losses (each can be switched off for ablations; at least one must stay on)
+    use_s2i: bool = True  # L_s2i: recent positives (mean of their z) -> next positive, InfoNCE
+    use_id2i: bool = True  # L_id2i: 1 - cos(P_k z, teacher k's item vector) per ID teacher
+    use_i2i: bool = True  # L_i2i: InfoNCE on item pairs liked by the same user (auxiliary)
+    w_s2i: float = 1.0  # weight of L_s2i
+    w_id2i: float = 3.0  # weight of L_id2i (3 beat 1 on ML-100K valid cold recall)
+    w_i2i: float = 0.5  # weight of L_i2i
+    id2i_teachers: tuple[str, ...] = ("id2item", "seq2item")  # teacher tables L_id2i distills
+    matryoshka_dims: tuple[int, ...] = (16, 32)  # prefixes of z that also get the losses below
+    matryoshka_losses: tuple[str, ...] = ("s2i", "i2i", "id2i")  # which losses also run on the prefixes
+    temperature: float = 0.07  # initial InfoNCE temperature (learned)
+    logq_correction: bool = True  # subtract log item frequency from in-batch logits (popularity-bias correction)
+    query_len: int = 10  # recent positives averaged into a query (train and eval)
+    i2i_window: int = 5  # L_i2i pairs: positives at most this far apart in a user's sequence
+    # optimisation
+    epochs: int = 10  # at most; early stopping on valid picks the epoch kept
+    patience: int = 2  # epochs without a better valid score before stopping (0: never)
+    lr: float = 2e-3  # AdamW learning rate
+    weight_decay: float = 1e-5  # AdamW weight decay
+    batch_size: int = 512  # s2i examples per step (in-batch negatives); i2i pairs: half as many
+    # protocol and evaluation
+    holdout_frac: float = 0.2  # share of items with train events held out as cold
+    history_len: int = 50  # most recent positives kept per impression (>= query_len)
+    select_k: int = 50  # valid Recall@select_k drives early stopping
+    eval_ks: tuple[int, ...] = (10, 50, 100)  # Recall@k reported on test
+    index: IndexConfig = field(default_factory=IndexConfig)  # faiss index for retrieval (distill/index.py)
+    diag_k: int = 10  # top-k of the neighbour-overlap diagnostic
+    diag_clusters: int = 20  # k-means clusters of the NMI diagnostic
+    # content encoding
+    n_buckets: int = 10  # quantile buckets per numeric item field
+    cache_dir: str = ""  # encoder cache; "" = $RECSYS_CACHE_DIR/encoders or ~/.cache/recsys-plugin/encoders
+    progress: bool = True  # tqdm bars
+    threads: int = 1  # torch threads while training/evaluating (tiny models: 1 avoids OpenMP sync cost; 0 = torch default)
+    seed: int | None = None  # None: the pipeline's `seed` (0 when called as a library)
+
+    def __post_init__(self) -> None:
+        if not (self.use_s2i or self.use_id2i or self.use_i2i):
+            raise ValueError("distill: switch on at least one loss (use_s2i, use_id2i, use_i2i)")
+        if min(self.w_s2i, self.w_id2i, self.w_i2i) < 0:
+            raise ValueError("distill: loss weights must be >= 0")
+        if any(d < 1 or d >= self.student.dim for d in self.matryoshka_dims):
+            raise ValueError(f"distill: matryoshka_dims must be in [1, student.dim={self.student.dim})")
+        if set(self.matryoshka_losses) - set(LOSSES):
+            raise ValueError(f"distill: matryoshka_losses must be a subset of {list(LOSSES)}")
+        unknown = set(self.id2i_teachers) - {"id2item", "seq2item"}
+        if unknown or (self.use_id2i and not self.id2i_teachers):
+            raise ValueError("distill: id2i_teachers must be a non-empty subset of ['id2item', 'seq2item']")
+        if self.query_len < 1 or self.history_len < self.query_len:
+            raise ValueError("distill: need 1 <= query_len <= history_len")
+        if not 0 <= self.holdout_frac < 1:
+            raise ValueError("distill: holdout_frac must be in [0, 1)")
+        if not self.eval_ks or min(self.eval_ks) < 1 or self.select_k < 1:
+            raise ValueError("distill: eval_ks and select_k must be >= 1")
+        if self.threads < 0:
+            raise ValueError("distill: threads must be >= 0 (0: torch default)")
+        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.patience < 0 or self.i2i_window < 1:
+            raise ValueError("distill: need epochs >= 1, batch_size >= 2, lr > 0, patience >= 0, i2i_window >= 1")
+        if not 0.01 <= self.temperature <= 1.0:
+            raise ValueError("distill: temperature must be in [0.01, 1]")
+
+    def ablation(self, loss: str) -> "DistillConfig":
+        """This config with one loss switched off."""
+        import dataclasses
+
+        return dataclasses.replace(self, **{f"use_{loss}": False})
+
+    def training_key(self) -> dict:
+        """The keys that change the trained student (eval-only keys dropped)."""
+        from features.config import to_dict
+
+        d = to_dict(self)
+        for k in ("eval_ks", "index", "diag_k", "diag_clusters", "cache_dir", "progress", "threads"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class TeacherTarget:
+    """A frozen teacher item table for L_id2i."""
+
+    table: np.ndarray  # (I, K)
+    known: np.ndarray  # (I,) bool
+
+
+@dataclass
+class StudentFit:
+    student: Student
+    loss_curve: list[float]
+    valid_curve: list[float]
+    best_epoch: int
+    samples_per_s: float  # s2i examples (or pairs) per second of optimisation steps, valid scoring excluded
+    seconds: float  # wall time including valid scoring
+    components: list[dict[str, float]] = field(default_factory=list)  # per-epoch mean of each loss
+
+
+def i2i_pairs(sequences: list[np.ndarray], window: int) -> np.ndarray:
+    """(P, 2) item pairs liked by the same user at most `window` positions apart
+    (both orders come from the symmetric loss); pairs of an item with itself dropped."""
+    out = []
+    for seq in sequences:
+        for d in range(1, min(window, len(seq) - 1) + 1):
+            p = np.stack([seq[:-d], seq[d:]], 1)
+            out.append(p[p[:, 0] != p[:, 1]])
+    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
+
+
+@dataclass
+class Batch:
+    """One training step's examples, as positions into `items` (the distinct
+    items the student embeds once for the whole step)."""
+
+    items: torch.Tensor  # (U,) item indices
+    hist: torch.Tensor | None = None  # (B, L) positions into items, -1 = padding
+    targets: torch.Tensor | None = None  # (B,) positions into items
+    target_ids: torch.Tensor | None = None  # (B,) item indices (duplicates are not negatives)
+    pair_a: torch.Tensor | None = None  # (P,) positions into items
+    pair_b: torch.Tensor | None = None  # (P,)
+    pair_b_ids: torch.Tensor | None = None  # (P,) item indices
+
+
+def make_batch(hist: np.ndarray | None, targets: np.ndarray | None, pairs: np.ndarray | None, fallback: np.ndarray | None = None) -> Batch:
+    """Batch from s2i examples (hist (B, L) item indices with -1 padding,
+    targets (B,)) and/or i2i pairs (P, 2); `fallback` items when both are absent."""
+    parts = []
+    if hist is not None:
+        parts += [hist[hist >= 0], targets]
+    if pairs is not None:
+        parts += [pairs[:, 0], pairs[:, 1]]
+    if not parts:
+        parts = [fallback]
+    uniq, inv = np.unique(np.concatenate(parts), return_inverse=True)
+    b = Batch(items=torch.from_numpy(uniq))
+    offset = 0
+    if hist is not None:
+        n_h = int((hist >= 0).sum())
+        pos = np.full(hist.shape, -1, dtype=np.int64)
+        pos[hist >= 0] = inv[:n_h]
+        b.hist = torch.from_numpy(pos)
+        b.targets = torch.from_numpy(inv[n_h : n_h + len(targets)])
+        b.target_ids = torch.from_numpy(targets)
+        offset = n_h + len(targets)
+    if pairs is not None:
+        b.pair_a = torch.from_numpy(inv[offset : offset + len(pairs)])
+        b.pair_b = torch.from_numpy(inv[offset + len(pairs) : offset + 2 * len(pairs)])
+        b.pair_b_ids = torch.from_numpy(np.ascontiguousarray(pairs[:, 1]))
+    return b
+
+
+class DistillObjective(nn.Module):
+    """Training wrapper: the student plus what only training needs (learnable
+    temperatures, frozen teacher tables, in-batch sampling log-probabilities).
+    `forward` returns the weighted total and each switched-on loss; the
+    student itself only maps content to z and is used unchanged at eval."""
+
+    def __init__(self, student: Student, cfg: DistillConfig, teachers: Mapping[str, TeacherTarget], log_q: Mapping[str, np.ndarray]) -> None:
+        super().__init__()
+        self.student, self.cfg = student, cfg
+        self.temp_s2i, self.temp_i2i = Temperature(cfg.temperature), Temperature(cfg.temperature)
+        self.names = list(teachers)
+        for n, t in teachers.items():  # buffers: frozen, never in the optimiser
+            self.register_buffer(f"table_{n}", torch.from_numpy(np.asarray(t.table, dtype=np.float32)), persistent=False)
+            self.register_buffer(f"known_{n}", torch.from_numpy(np.asarray(t.known, dtype=bool)), persistent=False)
+        for k, v in log_q.items():
+            self.register_buffer(f"log_q_{k}", torch.from_numpy(v.astype(np.float32)), persistent=False)
+        self.mdims = {loss: cfg.matryoshka_dims if loss in cfg.matryoshka_losses else () for loss in LOSSES}
+
+    def forward(self, content: ContentTensors, b: Batch) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        z = self.student(content.take(b.items))  # (U, D)
+        out: dict[str, torch.Tensor] = {}
+        if b.hist is not None:
+            mask = b.hist >= 0  # (B, L)
+            hz = z[b.hist.clamp_min(0)] * mask[..., None]  # (B, L, D)
+            lq = self.log_q_s2i[b.target_ids] if cfg.logq_correction else None
+            out["s2i"] = s2i_loss(hz, mask, z[b.targets], self.temp_s2i(), b.target_ids, self.mdims["s2i"], lq)
+        if b.pair_a is not None:
+            lq = self.log_q_i2i[b.pair_b_ids] if cfg.logq_correction else None
+            out["i2i"] = i2i_loss(z[b.pair_a], z[b.pair_b], self.temp_i2i(), b.pair_b_ids, self.mdims["i2i"], lq)
+        if self.names:
+            prefixes = self.student.prefixes if self.mdims["id2i"] else self.student.prefixes[-1:]
+            proj, tgt, known = [], [], []
+            for n in self.names:
+                for d in prefixes:
+                    proj.append(self.student.project(z, n, d))  # (U, K)
+                    tgt.append(getattr(self, f"table_{n}")[b.items])  # (U, K)
+                    known.append(getattr(self, f"known_{n}")[b.items])  # (U,)
+            # the prefixes are extra entries of the same teacher: average them
+            out["id2i"] = id2i_loss(proj, tgt, known) / len(prefixes)
+        weights = {"s2i": cfg.w_s2i, "i2i": cfg.w_i2i, "id2i": cfg.w_id2i}
+        out["loss"] = sum(weights[k] * v for k, v in out.items())
+        return out
+
+
+def fit_student(
+    content: ContentTensors,
+    spec: ContentSpec,
+    data: ColdStartData,
+    teachers: Mapping[str, TeacherTarget],
+    cfg: DistillConfig,
+    *,
+    valid_fn: Callable[[Student], float] | None = None,
+    tracker: Tracker | None = None,
+    seed: int = 0,
+) -> StudentFit:
+    """Train a student on `data.train` (and its pairs) against frozen `teachers`.
+
+    `valid_fn(student)` scores an epoch on the valid split (higher is
+    better); the best epoch is kept. Seeded: same inputs and seed, same student.
+    """
+    from tqdm.auto import tqdm
+
+    tracker = tracker or NullTracker()
+    rng = np.random.default_rng(seed)
+    ex = data.train
+    hist_all = ex.hist[:, -cfg.query_len :]  # (N, L)
+    pairs = i2i_pairs(data.train_sequences, cfg.i2i_window) if cfg.use_i2i else np.zeros((0, 2), np.int64)
+    use_i2i, use_s2i = cfg.use_i2i and len(pairs) > 0, cfg.use_s2i and len(ex) > 1
+    names = [t for t in cfg.id2i_teachers if t in teachers] if cfg.use_id2i else []
+    if cfg.use_id2i and not names:
+        raise ValueError("distill: use_id2i is on but no teacher table was given")
+    if not (use_s2i or use_i2i or names):
+        raise ValueError("distill: no training signal (no examples, no pairs, no teachers)")
+    # log-probability of each item to be an in-batch negative (add-one smoothed)
+    freq_t = np.bincount(ex.targets, minlength=data.n_items) + 1.0
+    freq_p = np.bincount(pairs.ravel(), minlength=data.n_items) + 1.0
+    log_q = {"s2i": np.log(freq_t / freq_t.sum()), "i2i": np.log(freq_p / freq_p.sum())}
+    known_idx = np.flatnonzero(data.known)
+    # an epoch is as many steps as one pass over the s2i examples takes, with or
+    # without L_s2i, so that ablations get the same number of updates
+    n_steps = max(1, -(-(len(ex) or len(pairs) or len(known_idx)) // cfg.batch_size))
+    with torch.random.fork_rng(devices=[]):  # init + dropout seeded; the caller's RNG untouched
+        torch.manual_seed(seed)
+        student = Student(cfg.student, spec, {n: np.asarray(teachers[n].table).shape[1] for n in names}, cfg.matryoshka_dims)
+        objective = DistillObjective(student, cfg, {n: teachers[n] for n in names}, log_q)
+        opt = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        loss_curve, valid_curve, components = [], [], []
+        best, best_state, best_epoch, bad = -np.inf, None, 0, 0
+        t0 = time.perf_counter()
+        seen, step_seconds = 0, 0.0
+        bar = tqdm(range(cfg.epochs), desc="student", unit="epoch", disable=not cfg.progress)
+        for epoch in bar:
+            objective.train()
+            order = rng.permutation(len(ex))
+            sums: dict[str, float] = {}
+            t_epoch = time.perf_counter()
+            for step in range(n_steps):
+                b_idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                pr = None
+                if use_i2i:
+                    pr = pairs[rng.integers(0, len(pairs), max(2, cfg.batch_size // 2))]  # (B/2, 2)
+                    pr = np.where((rng.random(len(pr)) < 0.5)[:, None], pr[:, ::-1], pr)  # random orientation
+                s2i_ok = use_s2i and len(b_idx) > 1
+                batch = make_batch(
+                    hist_all[b_idx] if s2i_ok else None,
+                    ex.targets[b_idx] if s2i_ok else None,
+                    pr,
+                    fallback=known_idx[rng.integers(0, len(known_idx), cfg.batch_size)],
+                )
+                losses = objective(content, batch)
+                opt.zero_grad()
+                losses["loss"].backward()
+                opt.step()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                seen += len(b_idx) if s2i_ok else cfg.batch_size
+            step_seconds += time.perf_counter() - t_epoch
+            comp = {k: v / n_steps for k, v in sums.items()}
+            loss_curve.append(comp["loss"])
+            components.append(comp)
+            metrics = {f"student/{k}": v for k, v in comp.items()}
+            metrics["student/temperature_s2i"] = float(objective.temp_s2i().detach())
+            if valid_fn is not None:
+                score = float(valid_fn(student))
+                valid_curve.append(score)
+                metrics["student/valid"] = score
+                if score > best:
+                    best, best_state, best_epoch, bad = score, copy.deepcopy(student.state_dict()), epoch, 0
+                else:
+                    bad += 1
+            tracker.log_metrics(metrics, step=epoch)
+            bar.set_postfix(loss=f"{comp['loss']:.4f}", valid=f"{valid_curve[-1]:.4f}" if valid_curve else "-")
+            if valid_fn is not None and cfg.patience and bad >= cfg.patience:
+                break
+        seconds = time.perf_counter() - t0
+        if best_state is not None:
+            student.load_state_dict(best_state)
+        student.eval()
+    return StudentFit(
+        student=student,
+        loss_curve=loss_curve,
+        valid_curve=valid_curve,
+        best_epoch=best_epoch if valid_fn is not None else len(loss_curve) - 1,
+        samples_per_s=seen / max(step_seconds, 1e-9),
+        seconds=seconds,
+        components=components,
+    )
+
+
+__all__ = ["DistillConfig", "TeacherTarget", "StudentFit", "Batch", "DistillObjective", "LOSSES", "fit_student", "make_batch", "i2i_pairs"]
