@@ -72,6 +72,7 @@ class DistillConfig:
     select_k: int = 50  # valid Recall@select_k drives early stopping
     eval_ks: tuple[int, ...] = (10, 50, 100)  # Recall@k reported on test
     index: IndexConfig = field(default_factory=IndexConfig)  # faiss index for retrieval (distill/index.py)
+    ablations: bool = True  # evaluation also trains one student per loss switched off (the pipeline's distill stage)
     diag_k: int = 10  # top-k of the neighbour-overlap diagnostic
     diag_clusters: int = 20  # k-means clusters of the NMI diagnostic
     # content encoding

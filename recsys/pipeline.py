@@ -181,7 +181,7 @@ class Pipeline:
         d_params = {"distill": dataclasses.asdict(cfg.distill), "teachers": dataclasses.asdict(cfg.teachers), "seed": seed}
 
         def evaluate(st: Any) -> None:
-            res = D.evaluate(features, root, cfg.distill, st, teachers=cfg.teachers, seed=seed, log=self.log)
+            res = D.evaluate(features, root, cfg.distill, st, teachers=cfg.teachers, ablations=cfg.distill.ablations, seed=seed, log=self.log)
             if res.metrics:
                 self.log(D.format_metrics(res.metrics, cfg.distill.eval_ks))
             st.log_artifact(root / "metrics.json")

@@ -475,7 +475,9 @@ class MLflowTracker:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Flattened; values over MLflow's 6000-char limit are truncated and
-        kept whole in the `params_full.json` artifact."""
+        kept whole in the `params_full.json` artifact. MLflow params are
+        immutable: a key logged again with another value (a library resolving
+        a default, e.g. seed null -> 0) is kept as `<key>.resolved`."""
         from mlflow.entities import Param
 
         batch: list[Any] = []
@@ -487,11 +489,13 @@ class MLflowTracker:
                 long_changed = True
                 value = value[: PARAM_VALUE_LIMIT - 40] + f"...[truncated, see {PARAMS_FULL_ARTIFACT}]"
             if key in self._params:
-                if self._params[key] != value:
-                    raise ValueError(
-                        f"param {key!r} already logged as {self._params[key]!r}; MLflow params are immutable"
-                    )
-                continue
+                if self._params[key] == value:
+                    continue
+                key = _key(f"{raw_key}.resolved")
+                if self._params.get(key, value) != value:
+                    raise ValueError(f"param {raw_key!r} resolved twice to different values; MLflow params are immutable")
+                if key in self._params:
+                    continue
             self._params[key] = value
             batch.append(Param(key, value))
         for i in range(0, len(batch), PARAMS_PER_BATCH):

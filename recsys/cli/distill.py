@@ -92,10 +92,10 @@ def _eval(args: argparse.Namespace) -> int:
     from recsys.tracking import tracked_command
 
     pipe = _configs(args)
-    with tracked_command(pipe.tracking, "distill", _params(pipe, args) | {"ablations": not args.no_ablations}, outputs=args.out) as st:
+    with tracked_command(pipe.tracking, "distill", _params(pipe, args) | {"ablations": pipe.distill.ablations and not args.no_ablations}, outputs=args.out) as st:
         res = evaluate(
             args.features, args.out, pipe.distill, st,
-            teachers=pipe.teachers, seed=pipe.seed, ablations=not args.no_ablations, force=args.force,
+            teachers=pipe.teachers, seed=pipe.seed, ablations=pipe.distill.ablations and not args.no_ablations, force=args.force,
         )  # fmt: skip
         st.log_artifact(res.out_dir / "metrics.json")
     if not args.quiet:

@@ -231,11 +231,16 @@ def test_exception_marks_runs_failed_and_is_reraised(store_uri, request):
     assert store.get_run(run2.run_id).status == "KILLED"
 
 
-def test_relogging_a_param_with_another_value_is_an_error(store_uri, request):
-    with open_pipeline_run(_cfg(store_uri, request), "pipe", params={"a": 1}, git=GIT) as run:
+def test_relogging_a_param_keeps_the_resolved_value_beside_it(store_uri, request):
+    cfg = _cfg(store_uri, request)
+    with open_pipeline_run(cfg, "pipe", params={"a": 1, "seed": None}, git=GIT) as run:
         run.log_params({"a": 1})  # same value: fine
+        run.log_params({"seed": 0})  # a library resolving a default
+        run.log_params({"seed": 0})
         with pytest.raises(ValueError, match="immutable"):
-            run.log_params({"a": 2})
+            run.log_params({"seed": 3})
+    params = connect(cfg).get_run(run.run_id).params
+    assert params["seed"] == "null" and params["seed.resolved"] == "0" and params["a"] == "1"
 
 
 # --------------------------------------------------------------------------- reuse
