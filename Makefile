@@ -27,8 +27,13 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
+# The whole chain on MovieLens-100K (features -> teachers -> distill -> match
+# features -> the A/B experiment -> compare table), tracked in ./mlflow.
 demo: $(STAMP)
-	$(VENV)/bin/recsys demo
+	$(VENV)/bin/recsys data describe --source movielens100k
+	$(VENV)/bin/recsys experiment run experiments/ab_match_features.yaml
+	@echo
+	@echo "Every run is in MLflow (./mlflow): start the UI with  .venv/bin/recsys ui  and open http://127.0.0.1:5000"
 
 test: $(STAMP)
 	$(PY) -m pytest tests

@@ -149,7 +149,7 @@ def _cached_encode(
     first = np.fromiter(uniq.values(), dtype=np.int64, count=len(uniq))
     if len(first):
         chunks = []
-        for s in tqdm(range(0, len(first), batch_size), desc=desc, unit="batch", disable=not progress):
+        for s in tqdm(range(0, len(first), batch_size), desc=desc, unit="batch", disable=None if progress else True):
             idx = first[s : s + batch_size]
             chunks.append(np.asarray(encode([inputs[i] for i in idx]), dtype=np.float32))
         fresh = np.concatenate(chunks)  # (len(first), dim)

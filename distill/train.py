@@ -286,7 +286,7 @@ def fit_student(
         best, best_state, best_epoch, bad = -np.inf, None, 0, 0
         t0 = time.perf_counter()
         seen, step_seconds = 0, 0.0
-        bar = tqdm(range(cfg.epochs), desc="student", unit="epoch", disable=not cfg.progress)
+        bar = tqdm(range(cfg.epochs), desc="student", unit="epoch", disable=None if cfg.progress else True)
         for epoch in bar:
             objective.train()
             order = rng.permutation(len(ex))

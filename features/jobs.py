@@ -519,7 +519,7 @@ def build_match_features(
         space = M.ItemSpace.build(ids, vec, cfg)
         users = pl.scan_parquet(feats_dir / S.FILES["sequences"]).select(S.USER_ID).collect()[S.USER_ID].to_numpy()
         of = M.stable_shard(users, n)
-        bar = tqdm(total=int(np.isin(of, pending).sum()), unit="user", desc="match", disable=not progress)
+        bar = tqdm(total=int(np.isin(of, pending).sum()), unit="user", desc="match", disable=None if progress else True)
         for i in pending:
             frame, stats = _match_part(feats_dir, users[of == i], space, cfg, bar.update)
             with atomic_outputs(match_shard_dir(out, i, n)) as tmp:

@@ -351,7 +351,7 @@ def _ckpt_name(stem: str, ctx: _Context) -> str:
 def _progress(it: Iterator, total: int, desc: str, enabled: bool) -> Iterator:
     from tqdm import tqdm
 
-    return tqdm(it, total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr, mininterval=1.0)
+    return tqdm(it, total=total, desc=desc, disable=None if enabled else True, leave=False, file=sys.stderr, mininterval=1.0)
 
 
 def _train_epoch(tr: _Trainable, data: RankingData, cfg: TrainConfig, seed: int, epoch: int, ctx: _Context) -> dict[str, float]:

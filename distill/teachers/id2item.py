@@ -134,7 +134,7 @@ class IDToItemTeacher:
             opt = torch.optim.Adam(tables.parameters(), lr=cfg.lr)
             self.loss_curve_, self.valid_curve_ = [], []
             best, best_state, best_epoch, bad = -np.inf, None, 0, 0
-            bar = tqdm(range(cfg.epochs), desc="id2item teacher", unit="epoch", disable=not progress)
+            bar = tqdm(range(cfg.epochs), desc="id2item teacher", unit="epoch", disable=None if progress else True)
             for epoch in bar:
                 order = rng.permutation(len(users))
                 total = 0.0

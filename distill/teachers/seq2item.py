@@ -160,7 +160,7 @@ class SeqToItemTeacher:
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
             self.loss_curve_, self.valid_curve_ = [], []
             best, best_state, best_epoch, bad = -np.inf, None, 0, 0
-            bar = tqdm(range(cfg.epochs), desc=f"seq2item teacher ({cfg.encoder})", unit="epoch", disable=not progress)
+            bar = tqdm(range(cfg.epochs), desc=f"seq2item teacher ({cfg.encoder})", unit="epoch", disable=None if progress else True)
             for epoch in bar:
                 model.train()
                 order = rng.permutation(len(windows))

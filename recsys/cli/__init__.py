@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -66,6 +67,9 @@ def seed_everything(seed: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # torchrec 1.8 calls a torch 2.13 helper that warns once about its own
+    # deprecation: nothing a user can act on.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
