@@ -23,7 +23,6 @@ Shape legend:
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill.early_stopping import BestOnValid
 from distill.evaluate import ColdStartData
 from distill.index import IndexConfig
 from distill.losses import Temperature, i2i_loss, id2i_loss, s2i_loss
@@ -283,7 +283,7 @@ def fit_student(
         objective = DistillObjective(student, cfg, {n: teachers[n] for n in names}, log_q)
         opt = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         loss_curve, valid_curve, components = [], [], []
-        best, best_state, best_epoch, bad = -np.inf, None, 0, 0
+        stopper = BestOnValid(cfg.patience)
         t0 = time.perf_counter()
         seen, step_seconds = 0, 0.0
         bar = tqdm(range(cfg.epochs), desc="student", unit="epoch", disable=None if cfg.progress else True)
@@ -322,23 +322,19 @@ def fit_student(
                 score = float(valid_fn(student))
                 valid_curve.append(score)
                 metrics["student/valid"] = score
-                if score > best:
-                    best, best_state, best_epoch, bad = score, copy.deepcopy(student.state_dict()), epoch, 0
-                else:
-                    bad += 1
+                stopper.update(score, epoch, student)
             tracker.log_metrics(metrics, step=epoch)
             bar.set_postfix(loss=f"{comp['loss']:.4f}", valid=f"{valid_curve[-1]:.4f}" if valid_curve else "-")
-            if valid_fn is not None and cfg.patience and bad >= cfg.patience:
+            if stopper.should_stop:
                 break
         seconds = time.perf_counter() - t0
-        if best_state is not None:
-            student.load_state_dict(best_state)
+        best_epoch = stopper.restore(student, len(loss_curve))
         student.eval()
     return StudentFit(
         student=student,
         loss_curve=loss_curve,
         valid_curve=valid_curve,
-        best_epoch=best_epoch if valid_fn is not None else len(loss_curve) - 1,
+        best_epoch=best_epoch,
         samples_per_s=seen / max(step_seconds, 1e-9),
         seconds=seconds,
         components=components,

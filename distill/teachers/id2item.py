@@ -13,7 +13,6 @@ Shape legend:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distill.early_stopping import BestOnValid
 from features.tracker import NullTracker, Tracker
 
 
@@ -133,7 +133,7 @@ class IDToItemTeacher:
                 torch.nn.init.normal_(p, std=cfg.init_std)
             opt = torch.optim.Adam(tables.parameters(), lr=cfg.lr)
             self.loss_curve_, self.valid_curve_ = [], []
-            best, best_state, best_epoch, bad = -np.inf, None, 0, 0
+            stopper = BestOnValid(cfg.patience)
             bar = tqdm(range(cfg.epochs), desc="id2item teacher", unit="epoch", disable=None if progress else True)
             for epoch in bar:
                 order = rng.permutation(len(users))
@@ -153,17 +153,12 @@ class IDToItemTeacher:
                     score = float(valid_fn(self))
                     self.valid_curve_.append(score)
                     metrics["teachers/id2item/valid"] = score
-                    if score > best:
-                        best, best_state, best_epoch, bad = score, copy.deepcopy(tables.state_dict()), epoch, 0
-                    else:
-                        bad += 1
+                    stopper.update(score, epoch, tables)
                 tracker.log_metrics(metrics, step=epoch)
                 bar.set_postfix(loss=f"{self.loss_curve_[-1]:.4f}", valid=f"{self.valid_curve_[-1]:.4f}" if self.valid_curve_ else "-")
-                if valid_fn is not None and cfg.patience and bad >= cfg.patience:
+                if stopper.should_stop:
                     break
-            if best_state is not None:
-                tables.load_state_dict(best_state)
-            self.best_epoch_ = best_epoch if valid_fn is not None else len(self.loss_curve_) - 1
+            self.best_epoch_ = stopper.restore(tables, len(self.loss_curve_))
             self._set_state(tables, known)
         return self
 

@@ -18,7 +18,6 @@ Shape legend:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.early_stopping import BestOnValid
 from features.tracker import NullTracker, Tracker
 
 
@@ -159,7 +159,7 @@ class SeqToItemTeacher:
             model = SeqEncoder(cfg, n_items)
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
             self.loss_curve_, self.valid_curve_ = [], []
-            best, best_state, best_epoch, bad = -np.inf, None, 0, 0
+            stopper = BestOnValid(cfg.patience)
             bar = tqdm(range(cfg.epochs), desc=f"seq2item teacher ({cfg.encoder})", unit="epoch", disable=None if progress else True)
             for epoch in bar:
                 model.train()
@@ -194,17 +194,12 @@ class SeqToItemTeacher:
                     score = float(valid_fn(self))
                     self.valid_curve_.append(score)
                     metrics["teachers/seq2item/valid"] = score
-                    if score > best:
-                        best, best_state, best_epoch, bad = score, copy.deepcopy(model.state_dict()), epoch, 0
-                    else:
-                        bad += 1
+                    stopper.update(score, epoch, model)
                 tracker.log_metrics(metrics, step=epoch)
                 bar.set_postfix(loss=f"{self.loss_curve_[-1]:.4f}", valid=f"{self.valid_curve_[-1]:.4f}" if self.valid_curve_ else "-")
-                if valid_fn is not None and cfg.patience and bad >= cfg.patience:
+                if stopper.should_stop:
                     break
-            if best_state is not None:
-                model.load_state_dict(best_state)
-            self.best_epoch_ = best_epoch if valid_fn is not None else len(self.loss_curve_) - 1
+            self.best_epoch_ = stopper.restore(model, len(self.loss_curve_))
             self._set_state(model, known)
         return self
 

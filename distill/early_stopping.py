@@ -1,0 +1,40 @@
+"""Model choice on the valid split, shared by the teachers and the student."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from torch import nn
+
+
+class BestOnValid:
+    """Keeps the state of the best epoch by a higher-is-better valid score and
+    says when `patience` epochs passed without a better one (0: never stop).
+    Without scores (no valid function) it keeps nothing and never stops."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best = -np.inf
+        self.best_epoch = -1
+        self.state: dict | None = None
+        self.bad = 0
+
+    def update(self, score: float, epoch: int, module: nn.Module) -> None:
+        if score > self.best:
+            self.best, self.best_epoch, self.bad = score, epoch, 0
+            self.state = copy.deepcopy(module.state_dict())
+        else:
+            self.bad += 1
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.bad >= self.patience
+
+    def restore(self, module: nn.Module, epochs_run: int) -> int:
+        """Load the best state into `module`; return the chosen epoch (the
+        last one when no score was ever given)."""
+        if self.state is None:
+            return epochs_run - 1
+        module.load_state_dict(self.state)
+        return self.best_epoch
