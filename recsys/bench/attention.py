@@ -1,0 +1,461 @@
+"""Benchmark: SVD-attention (exact / compact / compact_incremental) vs exact target attention.
+
+usage: python -m recsys.bench attention [--quick] [--out DIR] [--seed S]
+
+Per user: every timed call serves B = 1 user (a request), float32, under
+torch.no_grad(), median of several repeats (fewer at L = 50k). D = 64 and the
+grid is L in {1k, 10k, 50k}, C in {100, 1000}, R in {16, 32, 64}.
+
+Rows (one per L, C, R, mode; "reference" does not depend on R, so it is run
+once per (L, C) and emitted once with R = null):
+  reference            `reference_target_attention`; ms_no_factor == ms.
+  exact                SVDAttention(mode="exact"). ms: factors from X inside
+                       the timed call; ms_no_factor: factors precomputed (as a
+                       FactorCache would hold them), attention only. At R = D
+                       the truncation is the identity and the module skips the
+                       factorisation, so ms is the plain attention path.
+  compact              ms: Gram + eigh + tokens + attention from X;
+                       ms_no_factor: S, V given (signs re-checked, O(L D)).
+                       Emitted twice: gram_dtype "float64" (the default) and
+                       "input" (opt-in float32 Gram product, eigh still float64).
+  compact_incremental  ms: `forward_from_state` on an already built state
+                       (eigh + tokens + attention, independent of L);
+                       ms_no_factor: tokens given, `attend_tokens` only.
+Timing: each candidate is timed interleaved with the reference (rotating
+order, median of repeats; `interleaved_ms`), because this 2-core machine is
+shared and background load swings within seconds. A group during which other
+processes used > 10% of the CPU is re-timed (up to 4 tries, 2-6 s apart,
+while the run is under 300 s old), keeping the least contended attempt
+(`timed_quietly`); each row records that fraction as other_load, and goal
+lines flag contended timings. speedup = the interleaved reference median /
+the row's ms (also stored as ref_ms); the reference row's ms is the median of
+those reference medians. rel_err = ||out - ref|| / ||ref|| on the benchmark
+data; compact rows also carry rel_err_normalized (normalize_tokens=True). peak_mb: RSS growth during one
+extra call (PeakRSS); memory recycled by the allocator counts as 0, so small
+values are floors.
+
+Allocator: with glibc's defaults each big temporary of the reference (the
+(C, L) logits and weights) is a fresh mmap, and its page faults are about
+half of the reference's time here (measured: 75 ms -> 34 ms at L = 10k,
+C = 1000 once memory is kept). `--malloc-keep` measures against that faster
+reference (speedups roughly halve); the JSON records which allocator ran.
+
+FLOP model (a multiply-add is 2 FLOP; softmax/exp, masking and casts are not
+counted; a symmetric D x D eigh with vectors is counted as 9 D^3):
+  reference  2CD^2 (Q W_Q) + 4LD^2 (X W_K, X W_V) + 4CLD (logits, P V)
+  exact      2LD^2 (Gram) + 9D^3 + 2LDR (X V) + 4CD^2 (Q W_Q W_K^T) + 2CDR
+             + 4CLR (logits, P XV) + 2RD^2 (V^T W_V) + 2CRD
+             (R = D: the reference count; no_factor: minus Gram, eigh, X V)
+  compact    2LD^2 + 9D^3 + 4RD^2 (Z W_K, Z W_V) + 2CD^2 + 4CRD
+             (no_factor: minus Gram and eigh)
+  compact_incremental  9D^3 + 4RD^2 + 2CD^2 + 4CRD (no_factor: minus 9D^3)
+gflops is achieved GFLOP/s of the "ms" timing; matmul_gflops is a plain
+float32 (1000 x 64) @ (64 x 10000) matmul measured in the same run, for scale.
+
+Data: an item table (20k x D) with a decaying spectrum (scale k^-1/2 on a random
+rotation, rows ~ unit norm); a history draws L items with Zipf-like popularity
+(repeats included), candidates draw C items uniformly; projections are the
+module's xavier init after seeding. A separate fidelity table evaluates
+compact on X with singular values sqrt(L) 2^-k, R in {1, 2, 4, 8, 16, D}.
+
+Goals (reported with PASS/MISS, never adjusted): compact at L=10k, C=1000,
+R=32, factors included >= 50x; compact_incremental at L=50k, C=1000, R=32
+>= 200x; exact no slower than reference on every (L, C, R).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recsys.bench.common import (
+    RESULTS_DIR,
+    PeakRSS,
+    machine_info,
+    matmul_gflops,
+    print_table,
+    write_json,
+)
+from recsys.modules.reference_attention import reference_target_attention
+from recsys.modules.svd_attention import (
+    IncrementalSVDState,
+    SVDAttention,
+    SVDAttentionConfig,
+    SVDFactors,
+    svd_factors,
+)
+
+FULL = {"lengths": [1_000, 10_000, 50_000], "candidates": [100, 1_000], "ranks": [16, 32, 64], "dim": 64}
+QUICK = {"lengths": [300], "candidates": [20], "ranks": [4, 16], "dim": 16}
+MODES = ("reference", "exact", "compact", "compact_incremental")
+COLUMNS = ["L", "C", "D", "R", "mode", "gram_dtype", "ms", "ms_no_factor", "speedup", "rel_err", "rel_err_normalized", "peak_mb", "gflops"]
+
+
+def flops(mode: str, length: int, cands: int, dim: int, rank: int | None, factor: bool = True) -> float:
+    """FLOP count of one user's call, per the model in the module docstring."""
+    el, c, d = float(length), float(cands), float(dim)
+    r = float(rank or dim)
+    eig = 9.0 * d**3
+    ref = 2 * c * d * d + 4 * el * d * d + 4 * c * el * d
+    if mode == "reference" or (mode == "exact" and r >= d and factor):
+        return ref
+    if mode == "exact":
+        core = 4 * c * d * d + 2 * c * d * r + 4 * c * el * r + 2 * r * d * d + 2 * c * r * d
+        return core + (2 * el * d * d + eig + 2 * el * d * r if factor else 0.0)
+    attn = 4 * r * d * d + 2 * c * d * d + 4 * c * r * d
+    if mode == "compact":
+        return attn + (2 * el * d * d + eig if factor else 0.0)
+    if mode == "compact_incremental":
+        return attn + (eig if factor else 0.0)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def item_table(n_items: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    """(n_items, D) embeddings with a decaying spectrum and rows of ~unit norm."""
+    scale = torch.arange(1, dim + 1, dtype=torch.float32).rsqrt()  # (D,)
+    rot, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen))  # (D, D)
+    items = (torch.randn(n_items, dim, generator=gen) * scale) @ rot  # (N, D)
+    return items / scale.square().sum().sqrt()
+
+
+def sample_request(items: torch.Tensor, length: int, cands: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """History (1, L, D) with Zipf-like popularity (repeats happen) and candidates (1, C, D)."""
+    n = items.shape[0]
+    popularity = 1.0 / (torch.arange(n, dtype=torch.float64) + 10.0)  # (N,)
+    hist_ids = torch.multinomial(popularity, length, replacement=True, generator=gen)  # (L,)
+    cand_ids = torch.randint(0, n, (cands,), generator=gen)  # (C,)
+    return items[hist_ids][None], items[cand_ids][None]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300))
+
+
+def compact_fidelity(
+    dim: int, length: int, cands: int, ranks: list[int], gen: torch.Generator
+) -> list[dict[str, Any]]:
+    """Relative error vs the reference, per R, on X with singular values sqrt(L) 2^-k (float64).
+
+    Rows: R, rel_err (compact), rel_err_normalized (compact, normalize_tokens),
+    rel_err_exact (exact mode, lossless at R = D).
+    """
+    u, _ = torch.linalg.qr(torch.randn(length, dim, generator=gen, dtype=torch.float64))  # (L, D)
+    v, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))  # (D, D)
+    sv = math.sqrt(length) * 2.0 ** -torch.arange(dim, dtype=torch.float64)  # (D,)
+    x = ((u * sv) @ v.mT)[None]  # (1, L, D)
+    q = torch.randn(1, cands, dim, generator=gen, dtype=torch.float64)  # (1, C, D)
+    lengths = torch.tensor([length])
+    w = [torch.randn(dim, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim) for _ in range(3)]
+    ref = reference_target_attention(x, lengths, q, *w)
+    rows = []
+    for r in ranks:
+        errs = {}
+        for key, mode, norm in (("rel_err", "compact", False), ("rel_err_normalized", "compact", True), ("rel_err_exact", "exact", False)):
+            m = SVDAttention(SVDAttentionConfig(dim=dim, rank=r, mode=mode, normalize_tokens=norm)).double()
+            m.load_state_dict({"w_q": w[0], "w_k": w[1], "w_v": w[2]})
+            with torch.no_grad():
+                errs[key] = rel_err(m(x, lengths, q), ref)
+        rows.append({"R": r, **errs})
+    return rows
+
+
+def _modules(dim: int, rank: int, ref_module: torch.nn.Module) -> dict[str, SVDAttention]:
+    out = {}
+    for name, mode, norm, gram in (
+        ("exact", "exact", False, "float64"),
+        ("compact", "compact", False, "float64"),
+        ("compact_norm", "compact", True, "float64"),
+        ("compact_input", "compact", False, "input"),
+        ("compact_input_norm", "compact", True, "input"),
+    ):
+        m = SVDAttention(SVDAttentionConfig(dim=dim, rank=rank, mode=mode, normalize_tokens=norm, gram_dtype=gram))
+        m.load_state_dict(ref_module.state_dict())
+        out[name] = m
+    return out
+
+
+def _peak_mb(fn) -> float:
+    with PeakRSS() as peak:
+        fn()
+    return peak.peak_mb
+
+
+class OtherLoad:
+    """Fraction of the machine's CPU used by OTHER processes while the block runs.
+
+    Busy jiffies from /proc/stat minus this process's own CPU time (os.times),
+    over wall time x cores. Resolution is one jiffy (10 ms), so it is a screen
+    for contended timings, not an accounting figure. None where /proc is absent.
+    """
+
+    def _read(self) -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except OSError:
+            return None
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
+        own = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.perf_counter()
+
+    def __enter__(self) -> "OtherLoad":
+        self._start = self._read()
+        self.fraction: float | None = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._read()
+        if self._start is None or end is None:
+            return
+        wall = max(end[2] - self._start[2], 1e-9)
+        other = (end[0] - self._start[0]) - (end[1] - self._start[1])
+        self.fraction = max(0.0, other / (wall * (os.cpu_count() or 1)))
+
+
+def timed_quietly(
+    fns: list[Callable[[], Any]], repeats: int, tries: int, max_other: float = 0.1
+) -> tuple[list[float], float | None]:
+    """`interleaved_ms`, retried up to `tries` times while other processes load the CPU.
+
+    Returns the medians of the least-contended attempt and its other-load
+    fraction. With 2 OpenMP threads on 2 shared cores, one busy neighbour can
+    stall every parallel region, inflating small ops far more than big ones.
+    """
+    best: tuple[list[float], float | None] | None = None
+    for attempt in range(max(1, tries)):
+        if attempt:
+            time.sleep(2.0 * attempt)  # let a neighbour's burst pass
+        with OtherLoad() as load:
+            medians = interleaved_ms(fns, repeats)
+        if best is None or (load.fraction is not None and (best[1] is None or load.fraction < best[1])):
+            best = (medians, load.fraction)
+        if load.fraction is None or load.fraction <= max_other:
+            break
+    assert best is not None
+    return best
+
+
+def interleaved_ms(fns: list[Callable[[], Any]], repeats: int, warmup: int = 1) -> list[float]:
+    """Median wall time (ms) of each fn, timed in turns with a rotating order.
+
+    This machine is shared: background load comes and goes within seconds, so
+    timing a candidate and its reference back to back in the same loop keeps
+    their ratio honest where separate timing blocks would not.
+    """
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(repeats):
+        for j in range(len(fns)):
+            k = (i + j) % len(fns)
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(ts) for ts in times]
+
+
+def run(quick: bool, seed: int) -> dict[str, Any]:
+    grid = QUICK if quick else FULL
+    dim = grid["dim"]
+    gen = torch.Generator().manual_seed(seed)
+    items = item_table(2_000 if quick else 20_000, dim, gen)
+    ref_module = SVDAttention(SVDAttentionConfig(dim=dim, rank=1))  # holds the shared xavier-initialised weights
+    w_q, w_k, w_v = ref_module.w_q.detach(), ref_module.w_k.detach(), ref_module.w_v.detach()
+    rows: list[dict[str, Any]] = []
+    # retries for contended timings stop after this, to keep the run bounded
+    deadline = time.perf_counter() + 300.0
+    with torch.no_grad():
+        for length in grid["lengths"]:
+            repeats = 1 if quick else (9 if length <= 1_000 else 7 if length <= 10_000 else 3)
+            for cands in grid["candidates"]:
+                x, q = sample_request(items, length, cands, gen)  # (1, L, D), (1, C, D)
+                lengths = torch.tensor([length])
+
+                def call_ref():
+                    return reference_target_attention(x, lengths, q, w_q, w_k, w_v)
+
+                ref = call_ref()
+                base = {"L": length, "C": cands, "D": dim}
+                ref_row = {**base, "R": None, "mode": "reference", "gram_dtype": None, "speedup": 1.0,
+                           "rel_err": 0.0, "peak_mb": _peak_mb(call_ref)}
+                rows.append(ref_row)
+                ref_times = []
+                state = IncrementalSVDState.from_history(x[0])
+                for rank in grid["ranks"]:
+                    mods = _modules(dim, rank, ref_module)
+                    full = svd_factors(x, lengths, rank)  # (1, L, R), (1, R), (1, D, R)
+                    sv_only = SVDFactors(None, full.S, full.V)
+                    tokens = mods["compact"].state_tokens([state])  # (1, R, D), (1, R)
+                    # (mode, gram_dtype, timed call with factorisation, timed call without, normalised twin)
+                    calls = [
+                        ("exact", "float64",
+                         lambda m=mods["exact"]: m(x, lengths, q),
+                         lambda m=mods["exact"]: m(x, lengths, q, full), None),
+                        ("compact", "float64",
+                         lambda m=mods["compact"]: m(x, lengths, q),
+                         lambda m=mods["compact"]: m(x, lengths, q, sv_only),
+                         lambda m=mods["compact_norm"]: m(x, lengths, q)),
+                        ("compact", "input",
+                         lambda m=mods["compact_input"]: m(x, lengths, q),
+                         lambda m=mods["compact_input"]: m(x, lengths, q, sv_only),
+                         lambda m=mods["compact_input_norm"]: m(x, lengths, q)),
+                        ("compact_incremental", "float64",
+                         lambda m=mods["compact"]: m.forward_from_state([state], q),
+                         lambda m=mods["compact"]: m.attend_tokens(q, *tokens),
+                         lambda m=mods["compact_norm"]: m.forward_from_state([state], q)),
+                    ]
+                    for mode, gram, with_factor, no_factor, normalized in calls:
+                        tries = 1 if quick or time.perf_counter() > deadline else 4
+                        (ref_ms, ms, ms_nf), other = timed_quietly([call_ref, with_factor, no_factor], repeats, tries)
+                        ref_times.append(ref_ms)
+                        row = {**base, "R": rank, "mode": mode, "gram_dtype": gram, "ms": ms, "ms_no_factor": ms_nf,
+                               "speedup": ref_ms / ms, "ref_ms": ref_ms, "other_load": other,
+                               "rel_err": rel_err(with_factor(), ref),
+                               "peak_mb": _peak_mb(with_factor),
+                               "gflops": flops(mode, length, cands, dim, rank) / (ms * 1e-3) / 1e9}
+                        if normalized is not None:
+                            row["rel_err_normalized"] = rel_err(normalized(), ref)
+                        rows.append(row)
+                ref_ms = statistics.median(ref_times)
+                ref_row.update(ms=ref_ms, ms_no_factor=ref_ms,
+                               gflops=flops("reference", length, cands, dim, None) / (ref_ms * 1e-3) / 1e9)
+    fid_dim = dim if quick else 32
+    fidelity = compact_fidelity(fid_dim, 256 if quick else 1_000, 64, [r for r in (1, 2, 4, 8, 16) if r < fid_dim] + [fid_dim], gen)
+    return {"rows": rows, "fidelity": fidelity, "grid": grid}
+
+
+def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The three stated goals, evaluated on the rows (None where the grid lacks the row)."""
+
+    def find(length: int, cands: int, rank: int, mode: str, gram: str) -> dict[str, Any] | None:
+        key = (length, cands, rank, mode, gram)
+        return next((r for r in rows if (r["L"], r["C"], r["R"], r["mode"], r["gram_dtype"]) == key), None)
+
+    out = []
+    for name, length, mode, gram, target in (
+        ("compact L=10k C=1000 R=32 speedup (factors included)", 10_000, "compact", "float64", 50.0),
+        ("compact_incremental L=50k C=1000 R=32 speedup", 50_000, "compact_incremental", "float64", 200.0),
+        # not a stated goal: the opt-in float32 Gram, shown beside the miss it addresses
+        ("info: compact gram_dtype=input, L=10k C=1000 R=32 speedup", 10_000, "compact", "input", 50.0),
+    ):
+        row = find(length, 1_000, 32, mode, gram)
+        value = None if row is None else row["speedup"]
+        other = None if row is None else row.get("other_load")
+        out.append({"goal": name, "target": target, "value": value, "other_load": other,
+                    "status": "n/a" if value is None else ("PASS" if value >= target else "MISS")})
+    exact = [r for r in rows if r["mode"] == "exact"]
+    worst = min(exact, key=lambda r: r["speedup"]) if exact else None
+    out.append({
+        "goal": "exact no slower than reference (worst speedup over all L, C, R)",
+        "target": 1.0,
+        "value": None if worst is None else worst["speedup"],
+        "where": None if worst is None else {"L": worst["L"], "C": worst["C"], "R": worst["R"]},
+        "other_load": None if worst is None else worst.get("other_load"),
+        "status": "n/a" if worst is None else ("PASS" if worst["speedup"] >= 1.0 else "MISS"),
+    })
+    return out
+
+
+def _malloc_keep() -> bool:
+    """Make glibc keep freed memory: no mmap for large blocks, no heap trimming.
+
+    With the default allocator every (C, L) logits buffer of the reference is a
+    fresh mmap whose page faults (~39k per call at L = 10k, C = 1000) take about
+    half of its time here; a serving process with a caching allocator would
+    not pay them, so this mode shows the speedups against that faster reference.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
+def _loadavg() -> float | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m recsys.bench attention",
+        description="SVD-attention vs exact target attention: ms per user, speedup, relative error, peak memory.",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds), for tests")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for attention.json (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data and weights (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    parser.add_argument(
+        "--malloc-keep",
+        action="store_true",
+        help="glibc only: serve large blocks from the heap and never trim it, so freed memory is reused "
+        "without page faults (like a caching allocator); peak_mb is then meaningless",
+    )
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2): return the code, as main(argv) promises
+        return int(exc.code or 0)
+    allocator = "glibc default"
+    if args.malloc_keep:
+        if not _malloc_keep():
+            print("error: --malloc-keep needs glibc's mallopt", file=sys.stderr)
+            return 2
+        allocator = "glibc keep (M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB)"
+    if args.threads is not None:
+        if args.threads < 1:
+            print("error: --threads must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    # the CLI is the one place that seeds globally: the modules' xavier init draws from it
+    torch.manual_seed(args.seed)
+    load_start = _loadavg()
+    gflops = matmul_gflops(200, 16, 500, repeats=1) if args.quick else matmul_gflops(1000, 64, 10_000)
+    result = run(args.quick, args.seed)
+    load_end = _loadavg()
+    rows = result["rows"]
+    print_table(rows, COLUMNS)
+    print("\ncompact fidelity (X with singular values sqrt(L) 2^-k; rel. error vs reference):")
+    print_table(result["fidelity"], ["R", "rel_err", "rel_err_normalized", "rel_err_exact"])
+    goal_rows = goals(rows)
+    print()
+    for g in goal_rows:
+        value = "n/a" if g["value"] is None else f"{g['value']:.1f}x"
+        note = ""
+        if g.get("other_load") is not None and g["other_load"] > 0.1:
+            note = f"  [timing contended: other processes used {g['other_load']:.0%} of the CPU]"
+        print(f"{g['status']:<4} {g['goal']}: {value} (target >= {g['target']:g}x){note}")
+    payload = {
+        "machine": machine_info(),
+        "matmul_gflops": gflops,
+        "seed": args.seed,
+        "allocator": allocator,
+        # the machine is shared: 1-minute load averages around the run, for reading the timings
+        "loadavg": {"start": load_start, "end": load_end},
+        "quick": args.quick,
+        "grid": result["grid"],
+        "rows": rows,
+        "fidelity": result["fidelity"],
+        "goals": goal_rows,
+    }
+    path = write_json("attention", payload, results_dir=args.out)
+    print(f"\nload average (1 min) at start {load_start}, at end {load_end}; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Reference twins for `svd_attention`: plain, obvious, float64-capable code.
+
+These are the slow ground truth the fast op is tested against; keep them boring.
+
+Shape legend:
+    B  users (requests) in the batch
+    L  history length, padded; per-user valid length in `lengths` (B,)
+    C  candidates per user
+    D  embedding dim
+    R  rank (interest tokens)
+
+- `reference_target_attention`: exact masked softmax target attention,
+  out = softmax(Q W_Q (X W_K)^T / sqrt(D)) X W_V, softmax over the L events.
+  Cost O(L D^2 + C L D); it materialises the (B, C, L) logits.
+- `reference_truncated_attention`: the same on X_R, the rank-R truncated SVD of
+  the valid rows (via `torch.linalg.svd`): the twin of mode "exact".
+- `reference_compact_attention`: per-user loop, `torch.linalg.svd`, R interest
+  tokens Z = S V^T with canonical signs, softmax over tokens: the twin of mode
+  "compact".
+
+Padding (positions >= length) is replaced by zeros before any arithmetic, so
+garbage there (even NaN) reaches neither outputs nor gradients. An empty
+history (length 0) gives a zero output, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def _valid_mask(lengths: Tensor, length: int) -> Tensor:
+    return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]  # (B, L)
+
+
+def _masked_history(history: Tensor, lengths: Tensor) -> Tensor:
+    valid = _valid_mask(lengths, history.shape[1])  # (B, L)
+    # where, not multiply: 0 * NaN is NaN, and where's backward sends zero to padding
+    return torch.where(valid[..., None], history, torch.zeros((), dtype=history.dtype))  # (B, L, D)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v over the valid keys.
+
+    Invalid keys get the most negative finite logit, not -inf (which would give
+    NaN for a row with no valid key). Where no key is valid, the callers' value
+    vectors are all zero (zeroed padding; zero-energy tokens), so such a row
+    averages zeros: its output is exactly 0.
+    """
+    d = q.shape[-1]
+    logits = q @ k.mT / math.sqrt(d)  # (B, C, N)
+    logits = logits.masked_fill(~valid[:, None, :], torch.finfo(logits.dtype).min)  # (B, C, N)
+    return torch.softmax(logits, dim=-1) @ v  # (B, C, D)
+
+
+def reference_target_attention(
+    history: Tensor, lengths: Tensor, queries: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor
+) -> Tensor:
+    """Exact masked target attention: (B, L, D), (B,), (B, C, D) -> (B, C, D)."""
+    x = _masked_history(history, lengths)  # (B, L, D)
+    valid = _valid_mask(lengths, history.shape[1])  # (B, L)
+    return _attend(queries @ w_q, x @ w_k, x @ w_v, valid)
+
+
+def rank_tolerance(dtype: torch.dtype, dim: int) -> float:
+    """Singular values below this fraction of the largest count as zero.
+
+    Mirrors `svd_attention.rank_tolerance` (a test checks they agree): the Gram
+    route resolves singular values only down to ~sqrt(eps64) of the largest,
+    and float32 inputs carry their own rounding noise at ~D * eps32.
+    """
+    return min(max(1e-6, 4.0 * dim * torch.finfo(dtype).eps), 1e-3)
+
+
+def _plain_svd(x: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-`rank` SVD of one user's valid rows (n, D) with canonical signs, zero-padded to `rank`."""
+    n, d = x.shape
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)  # (n, k), (k,), (k, D)
+    v = vh.mT  # (D, k)
+    k = min(rank, s.shape[0])
+    u, s, v = u[:, :k], s[:k], v[:, :k]
+    mass = x.sum(dim=0)  # (D,)
+    proj = (v * mass[:, None]).sum(dim=0)  # (k,) = s * column sums of u
+    fallback = v.gather(0, v.abs().argmax(dim=0, keepdim=True))[0]  # (k,)
+    key = torch.where(proj.abs() > 1e-9 * mass.norm(), proj, fallback).detach()
+    sign = torch.where(key >= 0, 1.0, -1.0).to(x.dtype)  # (k,)
+    u, v = u * sign, v * sign
+    if k < rank:  # fewer rows than the rank: the missing tokens have zero energy
+        u = torch.cat([u, u.new_zeros(n, rank - k)], dim=1)
+        s = torch.cat([s, s.new_zeros(rank - k)])
+        v = torch.cat([v, v.new_zeros(d, rank - k)], dim=1)
+    return u, s, v  # (n, R), (R,), (D, R)
+
+
+def reference_truncated_attention(
+    history: Tensor, lengths: Tensor, queries: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor, rank: int
+) -> Tensor:
+    """Target attention on the rank-R truncated SVD of each history (twin of mode "exact")."""
+    x = _masked_history(history, lengths)  # (B, L, D)
+    rows = []
+    for b in range(x.shape[0]):
+        n = int(lengths[b])
+        xr = x[b].clone()  # (L, D)
+        if n > 0:
+            u, s, v = _plain_svd(x[b, :n], rank)
+            xr = torch.cat([(u * s) @ v.mT, x[b, n:]], dim=0)  # (L, D)
+        rows.append(xr)
+    return reference_target_attention(torch.stack(rows), lengths, queries, w_q, w_k, w_v)
+
+
+def reference_compact_attention(
+    history: Tensor,
+    lengths: Tensor,
+    queries: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    w_v: Tensor,
+    rank: int,
+    normalize_tokens: bool = False,
+) -> Tensor:
+    """Attention over R interest tokens Z = S V^T per user (twin of mode "compact").
+
+    Tokens with (numerically) zero energy do not exist and are masked out of the
+    softmax; `normalize_tokens` divides Z by sqrt(length).
+    """
+    x = _masked_history(history, lengths)  # (B, L, D)
+    d = x.shape[-1]
+    tol = rank_tolerance(history.dtype, d)
+    zs, valids = [], []
+    for b in range(x.shape[0]):
+        n = int(lengths[b])
+        if n == 0:
+            zs.append(x.new_zeros(rank, d))
+            valids.append(torch.zeros(rank, dtype=torch.bool))
+            continue
+        _, s, v = _plain_svd(x[b, :n], rank)  # (R,), (D, R)
+        z = s[:, None] * v.mT  # (R, D)
+        if normalize_tokens:
+            z = z / math.sqrt(n)
+        zs.append(z)
+        valids.append(s > tol * s.max())
+    z = torch.stack(zs)  # (B, R, D)
+    valid = torch.stack(valids).to(x.device)  # (B, R)
+    return _attend(queries @ w_q, z @ w_k, z @ w_v, valid)
+
+
+class TargetAttention(nn.Module):
+    """Exact target attention of C candidate queries over a padded history.
+
+    Owns `w_q`, `w_k`, `w_v` (D, D), the same names and shapes as
+    `SVDAttention`, so a state_dict copies between the two.
+
+    Example:
+        >>> att = TargetAttention(8)
+        >>> out = att(torch.randn(2, 5, 8), torch.tensor([5, 3]), torch.randn(2, 4, 8))
+        >>> out.shape
+        torch.Size([2, 4, 8])
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.dim = dim
+        self.w_q = nn.Parameter(torch.empty(dim, dim))
+        self.w_k = nn.Parameter(torch.empty(dim, dim))
+        self.w_v = nn.Parameter(torch.empty(dim, dim))
+        for w in (self.w_q, self.w_k, self.w_v):
+            nn.init.xavier_uniform_(w)
+
+    def forward(self, history: Tensor, lengths: Tensor, queries: Tensor) -> Tensor:
+        return reference_target_attention(history, lengths, queries, self.w_q, self.w_k, self.w_v)
