@@ -240,6 +240,7 @@ class Pipeline:
             params = {"model": "lightgbm", "lightgbm": dataclasses.asdict(lgb), "seed": seed}
 
             def compute(st: Any) -> None:
+                st.log_dict(cfg.to_dict(), "config.json")
                 run_lightgbm(inputs.features, inputs.match, out, lgb, st, log=self.log)
 
         else:
@@ -256,6 +257,7 @@ class Pipeline:
             params = {"model": "ranker", "ranker": dataclasses.asdict(cfg.ranker), "train": dataclasses.asdict(train), "seed": seed}
 
             def compute(st: Any) -> None:
+                st.log_dict(cfg.to_dict(), "config.json")
                 metrics = train_ranker(ns, out, tracker=st)
                 _rank_plots(out, metrics, cfg, st, inputs.features)
 

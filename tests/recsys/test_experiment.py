@@ -1,0 +1,187 @@
+"""Experiment specs: validation (exit 2 with a clear message), and the whole
+chain on the debug config with a throwaway tracking store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recsys.cli import main
+from recsys.config import SECTIONS, PipelineConfig, field_docs, section_class
+from recsys.experiment import load_experiment
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS = ROOT / "experiments"
+
+
+def _write(tmp_path: Path, spec: dict, baseline: dict | None = None) -> Path:
+    (tmp_path / "configs").mkdir(exist_ok=True)
+    if baseline is not None:
+        (tmp_path / "configs" / "base.yaml").write_text(yaml.safe_dump(baseline))
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+GOOD = {
+    "experiment": "t",
+    "baseline": "configs/base.yaml",
+    "arms": [{"name": "control", "delta": {}}, {"name": "b", "delta": {"ranker": {"history_encoder": "svd_compact"}}}],
+}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda s: s.update(arms=s["arms"] + [{"name": "b"}]), "duplicate arm name(s) ['b']"),
+        (lambda s: s.pop("baseline"), "missing required key 'baseline'"),
+        (lambda s: s.update(baseline="configs/nope.yaml"), "baseline 'configs/nope.yaml' not found"),
+        (lambda s: s.update(armz=[]), "unknown key 'armz' (did you mean 'arms'?)"),
+        (lambda s: s.update(seeds="zero"), "seeds: expected a list"),
+        (lambda s: s.update(control="ctrl"), "arm 'ctrl' is not among the arms"),
+        (lambda s: s["arms"][1]["delta"].update(ranker={"history_encoder": "lstm"}), "history_encoder must be one of"),
+        (lambda s: s["arms"][1]["delta"].update(ranker={"svd_rank": 64, "embedding_dim": 16}), "svd_rank must satisfy"),
+        (lambda s: s["arms"][1]["delta"].update(rankr={}), "unknown section 'rankr' (did you mean 'ranker'?)"),
+        (lambda s: s["arms"][1].update(model="xgboost"), "expected one of ['ranker', 'lightgbm']"),
+        (lambda s: s.update(metrics=["auc", "ndcg"]), "unknown metric(s) ['ndcg']"),
+    ],
+)
+def test_bad_experiment_files_exit_2(tmp_path, capsys, mutate, needle):
+    spec = json.loads(json.dumps(GOOD))
+    mutate(spec)
+    path = _write(tmp_path, spec, baseline={"seed": 0})
+    assert main(["experiment", "run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert str(path) in err or "exp.yaml" in err
+
+
+def test_duplicate_yaml_keys_in_an_experiment_exit_2(tmp_path, capsys):
+    _write(tmp_path, GOOD, baseline={"seed": 0})
+    (tmp_path / "exp.yaml").write_text("experiment: t\nbaseline: configs/base.yaml\nexperiment: u\narms: []\n")
+    assert main(["experiment", "run", str(tmp_path / "exp.yaml")]) == 2
+    assert "duplicate key 'experiment'" in capsys.readouterr().err
+
+
+def test_shipped_experiments_validate():
+    for name in ("ab_match_features.yaml", "debug_ab.yaml"):
+        exp = load_experiment(EXPERIMENTS / name)
+        assert [a.name for a in exp.spec.arms][:1] == ["control"]
+    arms = {a.name: a for a in load_experiment(EXPERIMENTS / "ab_match_features.yaml").spec.arms}
+    assert set(arms) == {"control", "match", "match_svd", "lightgbm"}
+    exp = load_experiment(EXPERIMENTS / "ab_match_features.yaml")
+    assert exp.arm_configs["control"].ranker.use_match_features is False
+    assert exp.arm_configs["control"].ranker.history_encoder == "mean"
+    assert exp.arm_configs["match_svd"].ranker.history_encoder == "svd_compact"
+    assert exp.arm_configs["match_svd"].ranker.use_match_features is True
+    assert arms["lightgbm"].model == "lightgbm"
+
+
+def test_base_yaml_has_every_key_annotated():
+    """base.yaml lists every key of every section, each with `# type: meaning`."""
+    text = (EXPERIMENTS / "configs" / "base.yaml").read_text()
+    data = yaml.safe_load(text)
+    PipelineConfig(data)  # valid
+
+    def keys(cls, prefix=""):
+        import dataclasses
+
+        for f in dataclasses.fields(cls):
+            t = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(t):
+                yield from keys(type(t), prefix + f.name + ".")
+            else:
+                yield prefix + f.name
+
+    def has(d, dotted):
+        for part in dotted.split("."):
+            if not isinstance(d, dict) or part not in d:
+                return False
+            d = d[part]
+        return True
+
+    for section in SECTIONS:
+        cls = section_class(section)
+        missing = [k for k in keys(cls) if not has(data.get(section, {}), k)]
+        assert not missing, f"base.yaml lacks {section}: {missing}"
+        undocumented = [f for f in __import__("dataclasses").fields(cls) if f.name not in field_docs(cls)]
+        assert not undocumented, f"{section}: fields without an inline comment: {[f.name for f in undocumented]}"
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and ":" in line and not line.rstrip().endswith(":"):
+            assert "  # " in line, f"key without annotation: {line!r}"
+
+
+@pytest.mark.slow
+def test_debug_chain_end_to_end_with_throwaway_store(tmp_path, monkeypatch, capsys):
+    """The whole chain on debug.yaml: run, rerun (reused), compare in every format."""
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(EXPERIMENTS, tmp_path / "experiments")
+    # stage reuse keys on the working directory's commit: make it a repository
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], check=True)
+    (tmp_path / ".gitignore").write_text("artifacts/\nstore/\n")
+    subprocess.run(["git", "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "experiments"], check=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    assert main(["experiment", "run", "experiments/debug_ab.yaml", "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert "match_svd" in out.out and "95% CI" in out.out
+    for arm in ("control", "match", "match_svd", "lightgbm"):
+        folder = tmp_path / "artifacts" / "debug" / "experiments" / "debug_ab" / arm / "seed0"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert {"auc", "gauc", "logloss", "lt_auc", "lt_spearman"} <= set(metrics)
+    # distilled embeddings and match features were produced for the match arms
+    assert (tmp_path / "artifacts" / "debug" / "distill" / "item_embeddings.parquet").is_file()
+    assert (tmp_path / "artifacts" / "debug" / "match" / "match_features.parquet").is_file()
+
+    assert main(["experiment", "run", "experiments/debug_ab.yaml", "--quiet"]) == 0
+    rerun = capsys.readouterr()
+    assert "rank: reusing run" in rerun.out + rerun.err
+
+    assert main(["experiment", "compare", "debug_ab", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["arm"], r["metric"]) for r in rows} >= {(a, "gauc") for a in ("control", "match", "match_svd", "lightgbm")}
+    for r in rows:
+        assert {"arm", "metric", "value", "delta", "ci_low", "ci_high"} <= set(r)
+        assert r["ci_low"] <= r["delta"] <= r["ci_high"] or r["arm"] == "control"
+    assert main(["experiment", "compare", "debug_ab", "--format", "markdown"]) == 0
+    assert capsys.readouterr().out.startswith("| metric |")
+    assert main(["experiment", "compare", "nope"]) == 2
+    assert "no finished run of experiment 'nope'" in capsys.readouterr().err
+    assert main(["experiment", "compare", "debug_ab", "--fail-on-regression", "bogus"]) == 2
+
+
+def test_fail_on_regression_exit_status(monkeypatch, capsys):
+    import numpy as np
+    import polars as pl
+
+    import recsys.pipeline as P
+    from recsys.compare import ArmPredictions
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(80), 5)
+    y = rng.integers(0, 2, len(users))
+
+    def frame(score):
+        return pl.DataFrame({"user_id": users, "item_id": np.arange(len(users)), "timestamp": np.zeros(len(users), int),
+                             "label": y, "score": score, "lt_score": score, "returned_1d": y, "active_days_7": y,
+                             "lt_observed": np.ones(len(users), bool)})
+
+    good = 1 / (1 + np.exp(-(y + 0.3 * rng.normal(size=len(y)))))
+    bad = rng.random(len(y))
+    preds = [ArmPredictions("control", 0, frame(good)), ArmPredictions("worse", 0, frame(bad))]
+    parent = {"run_id": "x", "tags": {"control": "control"}, "params": {}}
+    monkeypatch.setattr(P, "load_experiment_predictions", lambda _cfg, _name: (preds, parent))
+    monkeypatch.setattr(P, "_parent_spec", lambda _cfg, _parent: {"n_boot": 200, "metrics": ["auc", "gauc"]})
+    assert main(["experiment", "compare", "x"]) == 0
+    assert main(["experiment", "compare", "x", "--fail-on-regression", "auc"]) == 1
+    assert "regression on auc: worse" in capsys.readouterr().err
+    preds.reverse()
+    preds[:] = [ArmPredictions("control", 0, frame(good)), ArmPredictions("same", 0, frame(good))]
+    assert main(["experiment", "compare", "x", "--fail-on-regression", "auc"]) == 0
