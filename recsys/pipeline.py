@@ -453,6 +453,8 @@ def compare_experiment(
     spec = _parent_spec(tracking_cfg, parent)
     metrics = metrics or tuple(spec.get("metrics", ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")))
     n_boot = n_boot or int(spec.get("n_boot", 1000))
+    order = [a["name"] for a in spec.get("arms", [])]
+    preds.sort(key=lambda p: (order.index(p.arm) if p.arm in order else len(order), p.arm, p.seed))
     rows = compare_arms(preds, control=control, metrics=metrics, n_boot=n_boot)
     if log_to_store:
         with open_pipeline_run(tracking_cfg, f"compare {name}", tags={"experiment": name, "control": control, "kind": "compare"},
