@@ -49,6 +49,7 @@ from features.config import config_hash, flatten, to_dict
 from features.errors import ConfigError, DataError, UsageError
 from features.manifest import atomic_outputs, read_manifest, write_manifest, write_parquet
 from features.tracker import NullTracker, Tracker
+from recsys import plots
 
 MATCH_FILE = "match_features.parquet"
 MATCH_PREFIX = "mf_"
@@ -303,22 +304,6 @@ def _metrics(frame: pl.DataFrame, score: np.ndarray, lt_score: np.ndarray | None
     return out
 
 
-def plot_importance(importance: Mapping[str, float], path: Path, title: str, top: int = 30) -> None:
-    """Horizontal bars of gain importance (largest on top), written as PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    items = sorted(importance.items(), key=lambda kv: kv[1])[-top:]
-    fig = Figure(figsize=(7, 0.32 * len(items) + 1.2))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.barh([k for k, _ in items], [v for _, v in items], color="#4c72b0")
-    ax.set_xlabel("total gain")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def run_lightgbm(
     features_dir: str | Path,
     match_dir: str | Path | None,
@@ -383,7 +368,7 @@ def run_lightgbm(
         write_parquet(preds, tmp / PREDICTIONS)
         (tmp / METRICS_FILE).write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")
         imp = click.feature_importance("gain")
-        plot_importance(imp, tmp / IMPORTANCE_PNG, f"LightGBM gain ({'with' if mcols else 'without'} match features)")
+        plots.feature_importance(imp, tmp / IMPORTANCE_PNG, title=f"LightGBM gain ({'with' if mcols else 'without'} match features)")
         write_manifest(
             tmp,
             job="recsys.baseline.lightgbm",
@@ -481,5 +466,4 @@ __all__ = [
     "match_lift",
     "compare_gauc",
     "load_table",
-    "plot_importance",
 ]
