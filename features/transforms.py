@@ -139,7 +139,7 @@ def add_day(lf: pl.LazyFrame, day_offset_s: int) -> pl.LazyFrame:
     return lf.with_columns(((pl.col(S.TIMESTAMP) + day_offset_s) // DAY_S).cast(pl.Int32).alias(S.DAY))
 
 
-def lt_labels_per_user_day(user: pl.Series, day: pl.Series) -> tuple[pl.Series, pl.Series]:
+def lt_labels_per_user_day(user: np.ndarray, day: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For distinct (user, day) rows sorted by user then day: returned_1d (an
     event on day + 1) and active_days_7 (distinct days with an event in
     day+1 .. day+7). Same-day events never count: users rate in bursts.
@@ -147,11 +147,13 @@ def lt_labels_per_user_day(user: pl.Series, day: pl.Series) -> tuple[pl.Series, 
     Days are distinct and increasing within a user, so the days that can fall
     in (day, day + 7] are among the next 7 rows: 7 shifts, no join, no loop.
     """
-    active = pl.Series(np.zeros(len(user), dtype=np.int8))
-    for k in range(1, LT_HORIZON_DAYS + 1):
-        hit = (user.shift(-k) == user) & (day.shift(-k) <= day + LT_HORIZON_DAYS)
-        active = active + hit.fill_null(False).cast(pl.Int8)
-    returned = ((user.shift(-1) == user) & (day.shift(-1) == day + 1)).fill_null(False).cast(pl.Int8)
+    n = len(user)
+    active = np.zeros(n, dtype=np.int8)
+    for k in range(1, min(LT_HORIZON_DAYS, n - 1) + 1):
+        active[:-k] += (user[k:] == user[:-k]) & (day[k:] <= day[:-k] + LT_HORIZON_DAYS)
+    returned = np.zeros(n, dtype=np.int8)
+    if n > 1:
+        returned[:-1] = (user[1:] == user[:-1]) & (day[1:] == day[:-1] + 1)
     return returned, active
 
 
@@ -159,20 +161,21 @@ def add_lt_labels(df: pl.DataFrame, last_day: int) -> pl.DataFrame:
     """Attach LT-proxy labels; lt_observed is False where the 7-day window runs
     past the end of the data (the label would be censored, not negative).
 
-    Eager on purpose: labels are computed once per distinct (user, day) run and
-    gathered back by run index (the frame is sorted by user and time), which
-    avoids a hash join of every event but needs the runs materialised."""
-    new_ud = ((pl.col(S.USER_ID) != pl.col(S.USER_ID).shift(1)) | (pl.col(S.DAY) != pl.col(S.DAY).shift(1))).fill_null(
-        True
-    )
-    df = df.with_columns((new_ud.cum_sum() - 1).alias("__ud"))
-    ud = df.filter(new_ud).select(S.USER_ID, S.DAY)
-    returned, active = lt_labels_per_user_day(ud[S.USER_ID], ud[S.DAY])
+    Eager and in numpy on purpose: labels are computed once per distinct
+    (user, day) run and gathered back by run index (the frame is sorted by
+    user and time), which avoids a hash join of every event; the run arrays
+    are small and numpy's shifted views copy nothing."""
+    user = df[S.USER_ID].to_numpy()  # (n,)
+    day = df[S.DAY].to_numpy()  # (n,)
+    new_run = np.ones(len(user), dtype=bool)
+    new_run[1:] = (user[1:] != user[:-1]) | (day[1:] != day[:-1])
+    run = np.cumsum(new_run) - 1  # (n,) run index of each event
+    returned, active = lt_labels_per_user_day(user[new_run], day[new_run])  # (runs,)
     return df.with_columns(
-        pl.lit(returned).gather(pl.col("__ud")).alias(S.RETURNED_1D),
-        pl.lit(active).gather(pl.col("__ud")).alias(S.ACTIVE_DAYS_7),
+        pl.Series(S.RETURNED_1D, returned[run]),
+        pl.Series(S.ACTIVE_DAYS_7, active[run]),
         (pl.col(S.DAY) + LT_HORIZON_DAYS <= last_day).alias(S.LT_OBSERVED),
-    ).drop("__ud")
+    )
 
 
 def add_cold_item(lf: pl.LazyFrame) -> pl.LazyFrame:

@@ -160,6 +160,9 @@ def test_synthetic_has_popularity_skew_and_balanced_labels(synthetic_features):
 
 def test_describe_reports_splits(ml100k_features):
     stats = describe(ml100k_features)
+    inter = pl.read_parquet(ml100k_features / "interactions.parquet")
+    brute = dict(inter.group_by(S.SPLIT).agg(pl.col(S.USER_ID).n_unique()).iter_rows())
+    assert {s["split"]: s["users"] for s in stats["splits"]} == brute
     assert stats["events"] == 100_000 and stats["users"] == 943
     assert [s["split"] for s in stats["splits"]] == ["train", "valid", "test"]
     assert abs(stats["cold_item_share"] - 65 / 1682) < 0.05
@@ -171,3 +174,5 @@ def test_leave_last_out_split(tmp_path):
     per_user = inter.group_by(S.USER_ID, S.SPLIT).len()
     assert (per_user.filter(pl.col(S.SPLIT) != "train")["len"] == 1).all()
     assert inter.filter(pl.col(S.SPLIT) == "test").height == 943
+    users = {s["split"]: s["users"] for s in describe(tmp_path / "f")["splits"]}
+    assert users == dict(inter.group_by(S.SPLIT).agg(pl.col(S.USER_ID).n_unique()).iter_rows())
