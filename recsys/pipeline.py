@@ -185,6 +185,7 @@ class Pipeline:
             if res.metrics:
                 self.log(D.format_metrics(res.metrics, cfg.distill.eval_ks))
             st.log_artifact(root / "metrics.json")
+            st.log_artifact(root / "item_embeddings.parquet")
 
         return self.stage(
             "distill",

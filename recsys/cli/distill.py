@@ -83,6 +83,7 @@ def _train(args: argparse.Namespace) -> int:
     pipe = _configs(args)
     with tracked_command(pipe.tracking, "distill", _params(pipe, args), outputs=args.out) as st:
         res = train_student(args.features, args.out, pipe.distill, st, teachers=pipe.teachers, seed=pipe.seed, force=args.force)
+        st.log_artifact(res.out_dir / "item_embeddings.parquet")
     print(f"output: {res.out_dir / 'item_embeddings.parquet'}")
     return 0
 
@@ -98,6 +99,7 @@ def _eval(args: argparse.Namespace) -> int:
             teachers=pipe.teachers, seed=pipe.seed, ablations=pipe.distill.ablations and not args.no_ablations, force=args.force,
         )  # fmt: skip
         st.log_artifact(res.out_dir / "metrics.json")
+        st.log_artifact(res.out_dir / "item_embeddings.parquet")
     if not args.quiet:
         print(format_metrics(res.metrics or {}, tuple(pipe.distill.eval_ks)))
     print(f"output: {res.out_dir / 'metrics.json'}")
