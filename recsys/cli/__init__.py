@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from features.errors import RecsysError, UsageError
+from features.errors import RecsysError
 
 # Each module exposes `register(subparsers)`; order = order in `recsys --help`.
 COMMAND_MODULES = (
@@ -71,17 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # deprecation: nothing a user can act on.
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return dispatch(parser, parser.parse_args(argv))
+
+
+def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the parsed command's handler; typed errors become exit statuses."""
     handler = getattr(args, "handler", None)
     if handler is None:
         (getattr(args, "parser", None) or parser).print_help(sys.stderr)
         return 2
     try:
         return int(handler(args) or 0)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except RecsysError as e:
+    except RecsysError as e:  # UsageError/ConfigError carry 2, data errors 1
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from recsys.cli import group
+from recsys.cli import dispatch, group
 
 TRAIN_EPILOG = """\
 examples:
@@ -64,20 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m recsys.cli.rank train ...` (what torchrun launches): the
     `rank` group alone, with the exit statuses of `recsys` (0 ok, 1 data, 2 usage)."""
-    from features.errors import RecsysError
-
     parser = argparse.ArgumentParser(prog="python -m recsys.cli.rank")
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["rank", *(sys.argv[1:] if argv is None else argv)])
-    handler = getattr(args, "handler", None)
-    if handler is None:
-        args.parser.print_help(sys.stderr)
-        return 2
-    try:
-        return int(handler(args) or 0)
-    except RecsysError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return dispatch(parser, parser.parse_args(["rank", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":
