@@ -67,15 +67,15 @@ def seed_everything(seed: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    # torchrec 1.8 calls a torch 2.13 helper that warns once about its own
-    # deprecation: nothing a user can act on.
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     parser = build_parser()
     return dispatch(parser, parser.parse_args(argv))
 
 
 def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Run the parsed command's handler; typed errors become exit statuses."""
+    # torchrec 1.8 calls a torch 2.13 helper that warns once about its own
+    # deprecation: nothing a user can act on.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     handler = getattr(args, "handler", None)
     if handler is None:
         (getattr(args, "parser", None) or parser).print_help(sys.stderr)
