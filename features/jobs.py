@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
@@ -28,6 +28,9 @@ from features.validate import ROW, validate_interactions, validate_items, valida
 
 JOB = "features.build"
 JOB_VERSION = 1  # bump when the output of the same inputs and config changes
+
+if TYPE_CHECKING:
+    from features.match import ItemSpace, MatchConfig
 
 SourceName = Literal["movielens100k", "files", "synthetic"]
 
@@ -138,11 +141,15 @@ def build_features(
     *,
     force: bool = False,
     log: Callable[[str], None] = print,
+    loaded: tuple[RawSource, pl.DataFrame | None] | None = None,
 ) -> BuildResult:
-    """Run the feature build into `out_dir` (skipped when up to date)."""
+    """Run the feature build into `out_dir` (skipped when up to date).
+
+    `loaded`: the result of `load_source(cfg)` when the caller already has
+    it (it fingerprints the inputs, and generates synthetic data)."""
     t0 = time.perf_counter()
     out = Path(out_dir)
-    source, truth = load_source(cfg)
+    source, truth = loaded if loaded is not None else load_source(cfg)
     tables = {"interactions": source.interactions, "items": source.items, "users": source.users}
     key = {
         "job": JOB,
@@ -340,10 +347,6 @@ __all__ = ["FeaturesConfig", "BuildResult", "build_features", "describe", "forma
 # --- match features (issue 5) ---------------------------------------------------
 # features.match pulls in torch and faiss: imported inside the functions below
 # so that `features build` and `--help` stay fast.
-from typing import TYPE_CHECKING  # noqa: E402
-
-if TYPE_CHECKING:
-    from features.match import ItemSpace, MatchConfig
 
 MATCH_JOB = "features.match"
 MATCH_JOB_VERSION = 1  # bump when the output of the same inputs and config changes

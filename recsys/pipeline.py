@@ -93,6 +93,7 @@ class Pipeline:
         self.progress = progress
         self._done: dict[str, tuple[Path, str]] = {}  # stage key -> (output, fingerprint)
         self._dirs: dict[str, str] = {}  # stage output dir -> key that owns it
+        self._features: dict[str, tuple[Path, str]] = {}  # features config hash -> (output, fingerprint)
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -149,21 +150,26 @@ class Pipeline:
     def features(self, cfg: PipelineConfig) -> tuple[Path, str]:
         from features.jobs import build_features, load_source
 
-        source, _ = load_source(cfg.features)
+        params = dataclasses.asdict(cfg.features)
+        cache_key = config_hash(params)
+        if cache_key in self._features:  # arms sharing a features config: load the source once
+            return self._features[cache_key]
+        loaded = load_source(cfg.features)
+        source = loaded[0]
         upstream = {
             k: t.fingerprint
             for k, t in (("interactions", source.interactions), ("items", source.items), ("users", source.users))
             if t is not None
         }
-        params = dataclasses.asdict(cfg.features)
-        out = self._dir("features", config_hash(params), Path(cfg.paths.resolve("features")))
+        out = self._dir("features", cache_key, Path(cfg.paths.resolve("features")))
 
         def compute(st: Any) -> None:
-            res = build_features(cfg.features, out, log=self.log)
+            res = build_features(cfg.features, out, log=self.log, loaded=loaded)
             st.log_metrics({k: v for k, v in res.manifest.get("stats", {}).items() if isinstance(v, (int, float))})
             st.log_artifact(out / "manifest.json")
 
-        return self.stage("features", params, upstream, out, compute)
+        self._features[cache_key] = self.stage("features", params, upstream, out, compute)
+        return self._features[cache_key]
 
     def distill(self, cfg: PipelineConfig, features: Path, features_fp: str) -> tuple[Path, str]:
         """Teachers, then the student with its cold-start evaluation; returns
