@@ -238,7 +238,7 @@ class Pipeline:
 
     # -- arms ---------------------------------------------------------------------------
 
-    def arm(self, cfg: PipelineConfig, model: str, arm: str, seed: int, out: Path, tags: dict[str, Any]) -> tuple[Path, str]:
+    def arm(self, cfg: PipelineConfig, model: str, seed: int, out: Path, tags: dict[str, Any]) -> tuple[Path, str]:
         inputs = self.inputs(cfg, model)
         if model == "lightgbm":
             from recsys.models.lightgbm_ranker import run_lightgbm
@@ -361,8 +361,9 @@ def run_experiment(
     root = experiment_root(exp)
     tags = {"experiment": name, "control": exp.spec.control, "kind": "experiment"}
     params = {"experiment": name, "baseline": str(exp.baseline_path), "seeds": list(exp.spec.seeds), "arms": [a.name for a in exp.spec.arms]}
-    arm_runs: dict[str, str] = {}
-    arm_outputs: dict[str, Path] = {}
+    arm_outputs: dict[str, Path] = {}  # "arm/seedN" -> output folder
+    predictions: list[ArmPredictions] = []
+    fingerprints: dict[str, str] = {}
     with open_pipeline_run(tracking, f"experiment {name}", tags=tags, params=params, log=log) as run:
         run.log_dict({"spec": dataclasses.asdict(exp.spec), "baseline": exp.baseline}, "experiment.json")
         pipe = Pipeline(run, root, log, progress=progress)
@@ -372,18 +373,12 @@ def run_experiment(
                 log(f"== arm {arm.name} ({arm.model}), seed {seed}")
                 out = root / "experiments" / name / arm.name / f"seed{seed}"
                 arm_tags = {"arm": arm.name, "seed": seed, "model": arm.model}
-                result, _ = pipe.arm(cfg, arm.model, arm.name, seed, out, arm_tags)
-                arm_outputs[f"{arm.name}/seed{seed}"] = result
-        for key, out in arm_outputs.items():
-            arm_runs[key] = str(out)
-        run.log_dict(arm_runs, ARM_RUNS)
-        predictions = [
-            ArmPredictions(arm, int(seed_dir[4:]), pl.read_parquet(Path(out) / "predictions.parquet"))
-            for key, out in arm_outputs.items()
-            for arm, seed_dir in [key.split("/")]
-        ]
+                key = f"{arm.name}/seed{seed}"
+                arm_outputs[key], fingerprints[key] = pipe.arm(cfg, arm.model, seed, out, arm_tags)
+                predictions.append(ArmPredictions(arm.name, seed, pl.read_parquet(arm_outputs[key] / "predictions.parquet")))
+        run.log_dict({k: str(v) for k, v in arm_outputs.items()}, ARM_RUNS)
         with run.stage("eval", {"n_boot": exp.spec.n_boot, "metrics": list(exp.spec.metrics), "control": exp.spec.control},
-                       {k: output_fingerprint(v) for k, v in arm_outputs.items()}, reuse=False) as st:
+                       fingerprints, reuse=False) as st:
             rows = compare_arms(predictions, control=exp.spec.control, metrics=exp.spec.metrics, n_boot=exp.spec.n_boot)
             log_compare(rows, st, root / "experiments" / name, control=exp.spec.control, predictions=predictions)
             st.log_metrics({f"{r.metric}.{r.arm}": r.value for r in rows} | {f"{r.metric}.{r.arm}.delta": r.delta for r in rows})
