@@ -362,6 +362,7 @@ def run_experiment(
     tags = {"experiment": name, "control": exp.spec.control, "kind": "experiment"}
     params = {"experiment": name, "baseline": str(exp.baseline_path), "seeds": list(exp.spec.seeds), "arms": [a.name for a in exp.spec.arms]}
     arm_outputs: dict[str, Path] = {}  # "arm/seedN" -> output folder
+    arm_runs: list[dict[str, Any]] = []  # what `compare` reads back: arm, seed, outputs
     predictions: list[ArmPredictions] = []
     fingerprints: dict[str, str] = {}
     with open_pipeline_run(tracking, f"experiment {name}", tags=tags, params=params, log=log) as run:
@@ -376,7 +377,8 @@ def run_experiment(
                 key = f"{arm.name}/seed{seed}"
                 arm_outputs[key], fingerprints[key] = pipe.arm(cfg, arm.model, seed, out, arm_tags)
                 predictions.append(ArmPredictions(arm.name, seed, pl.read_parquet(arm_outputs[key] / "predictions.parquet")))
-        run.log_dict({k: str(v) for k, v in arm_outputs.items()}, ARM_RUNS)
+                arm_runs.append({"arm": arm.name, "seed": seed, "outputs": str(arm_outputs[key])})
+        run.log_dict(arm_runs, ARM_RUNS)
         with run.stage("eval", {"n_boot": exp.spec.n_boot, "metrics": list(exp.spec.metrics), "control": exp.spec.control},
                        fingerprints, reuse=False) as st:
             rows = compare_arms(predictions, control=exp.spec.control, metrics=exp.spec.metrics, n_boot=exp.spec.n_boot)
@@ -426,14 +428,12 @@ def load_experiment_predictions(tracking_cfg: Any, name: str) -> tuple[list[ArmP
         )
     parent = parents[0]
     path = store.artifact_path(parent["run_id"], ARM_RUNS)
-    arm_runs = json.loads(Path(path).read_text())
     preds = []
-    for key, out in arm_runs.items():
-        arm, seed_dir = key.split("/")
-        f = Path(out) / "predictions.parquet"
+    for entry in json.loads(Path(path).read_text()):
+        f = Path(entry["outputs"]) / "predictions.parquet"
         if not f.is_file():
-            raise DataError(f"predictions of arm {arm!r} ({seed_dir}) are missing: {f}", file=str(f))
-        preds.append(ArmPredictions(arm, int(seed_dir[4:]), pl.read_parquet(f)))
+            raise DataError(f"predictions of arm {entry['arm']!r} (seed {entry['seed']}) are missing: {f}", file=str(f))
+        preds.append(ArmPredictions(entry["arm"], int(entry["seed"]), pl.read_parquet(f)))
     return preds, parent
 
 
