@@ -112,11 +112,7 @@ class PipelineConfig:
         """Resolved config: every section with defaults filled in."""
         out: dict[str, Any] = {"name": self.name, "seed": self.seed}
         for name in SECTIONS:
-            try:
-                section = getattr(self, name)
-            except (ImportError, AttributeError):  # a stage not installed in this build
-                continue
-            out[name] = dataclasses.asdict(section)
+            out[name] = dataclasses.asdict(getattr(self, name))
         return out
 
     @cached_property
