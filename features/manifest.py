@@ -69,30 +69,86 @@ def is_up_to_date(folder: str | Path, key: Mapping[str, Any], *, verify_outputs:
     return True
 
 
+TMP_MARK = ".tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temp folders that killed runs left next to `folder`
+    (`.NAME.tmp-PID-XXXX` whose PID is gone, or of the older pid-less form).
+    Temp folders of live processes are left alone. Returns what was removed."""
+    final = Path(folder)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for p in final.parent.glob(f".{final.name}{TMP_MARK}*"):
+        tail = p.name[len(f".{final.name}{TMP_MARK}"):]
+        pid_s, _, rest = tail.partition("-")
+        if rest and pid_s.isdigit() and _pid_alive(int(pid_s)):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+@contextmanager
+def _folder_lock(final: Path) -> Iterator[None]:
+    """Serialise the move-into-place of concurrent writers of one folder, so
+    a folder never mixes the files of two runs."""
+    import fcntl
+
+    lock = final.parent / f".{final.name}.lock"
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 @contextmanager
 def atomic_outputs(folder: str | Path) -> Iterator[Path]:
     """Yield a temp folder; on success move its files into `folder` (manifest
     last, old manifest removed first); on error delete it and leave `folder`
-    exactly as it was."""
+    exactly as it was. Temp folders of earlier killed runs are removed first."""
     final = Path(folder)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    if final.exists() and not final.is_dir():
+        from features.errors import UsageError
+
+        raise UsageError(f"output {final} is an existing file; expected a folder")
+    clean_stale_temps(final)
+    tmp = final.parent / f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    final.mkdir(exist_ok=True)
-    names = sorted(p.name for p in tmp.iterdir())
-    if (final / MANIFEST).exists():
-        (final / MANIFEST).unlink()
-    for name in names:
-        if name != MANIFEST:
-            os.replace(tmp / name, final / name)
-    if MANIFEST in names:
-        os.replace(tmp / MANIFEST, final / MANIFEST)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with _folder_lock(final):
+            final.mkdir(exist_ok=True)
+            names = sorted(p.name for p in tmp.iterdir())
+            if (final / MANIFEST).exists():
+                (final / MANIFEST).unlink()
+            for name in names:
+                if name != MANIFEST:
+                    if (final / name).is_dir() and (tmp / name).is_dir():
+                        shutil.rmtree(final / name)
+                    os.replace(tmp / name, final / name)
+            if MANIFEST in names:
+                os.replace(tmp / MANIFEST, final / MANIFEST)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_manifest(tmp: Path, *, job: str, key: Mapping[str, Any], outputs: list[str], extra: Mapping[str, Any]) -> dict:

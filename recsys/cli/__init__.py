@@ -9,10 +9,12 @@ Heavy libraries (torch, mlflow) are imported inside handlers so `--help` is fast
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from features.errors import RecsysError
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recsys", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -67,12 +70,33 @@ def seed_everything(seed: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    argv, debug = pop_debug(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    return dispatch(parser, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args.debug = args.debug or debug
+    return dispatch(parser, args)
+
+
+def pop_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """`--debug` is accepted anywhere on the line, not only before the command."""
+    rest = [a for a in argv if a != "--debug"]
+    return rest, len(rest) != len(argv)
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", help="print the full Python traceback of an unexpected error (also RECSYS_DEBUG=1)"
+    )
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("RECSYS_DEBUG", "") not in ("", "0")
 
 
 def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Run the parsed command's handler; typed errors become exit statuses."""
+    """Run the parsed command's handler; every error becomes one `error:` line
+    and an exit status (2 usage/config, 1 data/runtime, 130 interrupted).
+    Only `--debug` shows a traceback."""
     # torchrec 1.8 calls a torch 2.13 helper that warns once about its own
     # deprecation: nothing a user can act on.
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
@@ -83,11 +107,35 @@ def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return int(handler(args) or 0)
     except RecsysError as e:  # UsageError/ConfigError carry 2, data errors 1
+        if _debug(args):
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into an exit status
+        if _debug(args):
+            traceback.print_exc()
+        print(f"error: {describe_exception(e)}", file=sys.stderr)
+        if not _debug(args):
+            print("rerun with --debug for the traceback", file=sys.stderr)
+        return 1
+
+
+def describe_exception(e: BaseException) -> str:
+    """One line for an error nobody raised on purpose: the OS's words for
+    I/O failures (they name the file), the type and message otherwise."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" writing {e.filename}" if e.filename else ""
+        return f"no space left on device{where}: free some space or choose another --out"
+    if isinstance(e, OSError) and e.strerror:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}"
+    if isinstance(e, MemoryError):
+        return "out of memory: try a smaller batch size, history cap or shard"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"unexpected {type(e).__name__}" + (f": {msg}" if msg else "")
 
 
 def group(sub: argparse._SubParsersAction, name: str, help: str, description: str | None = None):

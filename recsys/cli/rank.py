@@ -64,9 +64,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m recsys.cli.rank train ...` (what torchrun launches): the
     `rank` group alone, with the exit statuses of `recsys` (0 ok, 1 data, 2 usage)."""
+    from recsys.cli import add_debug_flag, pop_debug
+
     parser = argparse.ArgumentParser(prog="python -m recsys.cli.rank")
+    add_debug_flag(parser)
     register(parser.add_subparsers(dest="command"))
-    return dispatch(parser, parser.parse_args(["rank", *(sys.argv[1:] if argv is None else argv)]))
+    rest, debug = pop_debug(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(["rank", *rest])
+    args.debug = args.debug or debug
+    return dispatch(parser, args)
 
 
 if __name__ == "__main__":
