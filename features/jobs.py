@@ -8,9 +8,10 @@ with the same config and inputs finds the manifest up to date and skips.
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
+import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,16 +24,25 @@ from features import transforms as T
 from features.config import config_hash, to_dict
 from features.errors import DataError, UsageError
 from features.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
+from features.paths import check_output
 from features.sources import RawSource, SyntheticConfig, generate_synthetic, load_files, load_movielens100k
 from features.validate import ROW, validate_interactions, validate_items, validate_users
 
 JOB = "features.build"
-JOB_VERSION = 1  # bump when the output of the same inputs and config changes
+JOB_VERSION = 2  # bump when the output of the same inputs and config changes
 
 if TYPE_CHECKING:
     from features.match import ItemSpace, MatchConfig
 
 SourceName = Literal["movielens100k", "files", "synthetic"]
+TimestampUnit = Literal["s", "ms", "us", "ns"]
+
+# Where a calendar day starts, per source, when `day_offset_s` is not set.
+# MovieLens-100K is US data: a UTC day splits the evening sessions of US users
+# at UTC midnight (12% of its next-day returns are one session crossing it).
+# Its days start at 04:00 US Central (10:00 UTC), next to the activity trough
+# of the data (11:00 UTC): a session rarely crosses that boundary.
+DEFAULT_DAY_OFFSET_S: dict[str, int] = {"movielens100k": -10 * 3600, "files": 0, "synthetic": 0}
 
 
 @dataclass(frozen=True)
@@ -44,32 +54,45 @@ class FeaturesConfig:
     interactions: str | None = None  # files source: interactions parquet/CSV
     items: str | None = None  # files source: optional items parquet/CSV
     text_column: str = S.TEXT  # files source: the items column holding text
+    timestamp_unit: TimestampUnit = "s"  # files source: unit of the timestamp column (converted to seconds on read)
     label_threshold: float = 4.0  # label = rating >= threshold (if no label column)
     split: Literal["global_time", "leave_last_out"] = "global_time"  # global time cut by event count, or last events per user
     valid_frac: float = 0.1  # global_time: share of events (by count) in valid
-    test_frac: float = 0.1  # global_time: share of events (by count) in test
+    test_frac: float = 0.1  # global_time: share of events (by count) in test (> 0)
     max_history: int = 10_000  # cap on history length per impression
-    day_offset_s: int = 0  # calendar days start at UTC midnight + offset
+    day_offset_s: int | None = None  # calendar days start at UTC midnight + offset; null: the source's default (movielens100k -36000, else 0)
     on_duplicate: Literal["drop", "error"] = "drop"  # exact duplicate rows
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # synthetic source: generator settings
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.label_threshold):
+            raise ValueError(f"label_threshold must be a finite number, got {self.label_threshold}")
         if not (0 <= self.valid_frac < 1 and 0 <= self.test_frac < 1 and self.valid_frac + self.test_frac < 1):
             raise ValueError("valid_frac and test_frac must be in [0, 1) and sum to less than 1")
+        if self.split == "global_time" and self.test_frac == 0:
+            # with no test share the later rows would still be called "test"
+            raise ValueError("test_frac must be > 0 for split global_time (there is no split without a test part)")
         if self.max_history < 1:
             raise ValueError("max_history must be >= 1")
-        if not -86_400 < self.day_offset_s < 86_400:
+        if self.day_offset_s is not None and not -86_400 < self.day_offset_s < 86_400:
             raise ValueError("day_offset_s must be within one day (-86400, 86400)")
         if self.source == "files" and not self.interactions:
             raise ValueError("source 'files' needs `interactions` (--interactions PATH)")
+        if self.source != "files" and self.timestamp_unit != "s":
+            raise ValueError(f"timestamp_unit applies to the files source only (source {self.source!r} is in seconds)")
+
+    @property
+    def day_offset(self) -> int:
+        """The day offset in use: `day_offset_s`, else the source's default."""
+        return DEFAULT_DAY_OFFSET_S[self.source] if self.day_offset_s is None else self.day_offset_s
 
     def relevant(self) -> dict[str, Any]:
         """The keys that affect the output (source-specific keys of other sources dropped)."""
-        d = to_dict(self)
+        d = to_dict(self) | {"day_offset_s": self.day_offset}
         if self.source != "synthetic":
             d.pop("synthetic")
         if self.source != "files":
-            for k in ("interactions", "items", "text_column"):
+            for k in ("interactions", "items", "text_column", "timestamp_unit"):
                 d.pop(k)
         return d
 
@@ -118,9 +141,13 @@ def _dedup(events: pl.DataFrame, cfg: FeaturesConfig, file: str, log: Callable[[
     return events.drop("__dup", "__conflict")
 
 
-def _split(events: pl.DataFrame, cfg: FeaturesConfig) -> pl.LazyFrame:
+def _split(events: pl.DataFrame, cfg: FeaturesConfig) -> tuple[pl.LazyFrame, pl.Expr]:
+    """The split column, and the last day each row's LT label may use (labels
+    never look past their split's cutoff, nor past the last full day)."""
+    offset = cfg.day_offset
+    last_full_day = int((events[S.TIMESTAMP].max() + offset) // T.DAY_S) - 1
     if cfg.split == "leave_last_out":
-        return events.lazy().pipe(T.add_split_leave_last_out)
+        return events.lazy().pipe(T.add_split_leave_last_out), T.lt_limit_leave_last_out()
     n = events.height
     n_train = round(n * (1 - cfg.valid_frac - cfg.test_frac))
     n_valid = round(n * cfg.valid_frac)
@@ -132,7 +159,14 @@ def _split(events: pl.DataFrame, cfg: FeaturesConfig) -> pl.LazyFrame:
     valid_cut = cuts[-1] if n_train + n_valid < n else None
     if n_train == 0:
         train_cut = (-1, -1, -1)
-    return events.lazy().pipe(T.add_split_global_time, train_cut, valid_cut)
+
+    def day_before(cut: tuple | None) -> int:
+        # the cutoff instant lies inside its day: the day before is the last full one
+        return last_full_day if cut is None else min(last_full_day, int((cut[0] + offset) // T.DAY_S) - 1)
+
+    valid_limit = day_before(valid_cut)
+    limits = {"train": min(day_before(train_cut), valid_limit), "valid": valid_limit, "test": last_full_day}
+    return events.lazy().pipe(T.add_split_global_time, train_cut, valid_cut), T.lt_limit_global_time(limits)
 
 
 def build_features(
@@ -149,6 +183,7 @@ def build_features(
     it (it fingerprints the inputs, and generates synthetic data)."""
     t0 = time.perf_counter()
     out = Path(out_dir)
+    check_output(out, {"interactions": cfg.interactions, "items": cfg.items})
     source, truth = loaded if loaded is not None else load_source(cfg)
     tables = {"interactions": source.interactions, "items": source.items, "users": source.users}
     key = {
@@ -161,7 +196,7 @@ def build_features(
         log(f"features: {out} is up to date (same config and inputs); skipping")
         return BuildResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0)
 
-    inter, bounds = validate_interactions(source.interactions)
+    inter, bounds = validate_interactions(source.interactions, cfg.timestamp_unit)
     items = validate_items(source.items) if source.items is not None else None
     users = validate_users(source.users) if source.users is not None else None
 
@@ -180,16 +215,16 @@ def build_features(
                 column=S.ITEM_ID,
             )
 
-    last_day = int((events[S.TIMESTAMP].max() + cfg.day_offset_s) // T.DAY_S)
+    split, lt_limit = _split(events, cfg)
     frame = (
-        _split(events, cfg)
-        .pipe(T.add_history_offsets, cfg.max_history)
+        split.pipe(T.add_history_offsets, cfg.max_history)
         .pipe(T.add_item_popularity)
-        .pipe(T.add_day, cfg.day_offset_s)
+        .pipe(T.add_day, cfg.day_offset)
+        .with_columns(lt_limit.alias("__lt_limit"))
         .collect()
     )
     frame = (
-        T.add_lt_labels(frame, last_day)
+        T.add_lt_labels(frame, frame["__lt_limit"].to_numpy())
         .lazy()
         .pipe(T.add_cold_item)
         .select([pl.col(c).cast(t) for c, t in S.INTERACTIONS_SCHEMA.items() if c != S.EVENT_IDX])
@@ -207,7 +242,7 @@ def build_features(
         outputs[S.FILES["users"]] = users
     if truth is not None:
         outputs["planted_truth.parquet"] = truth
-    stats = summarize(frame, sequences, items_out)
+    stats = summarize(frame, sequences, items_out, day_offset_s=cfg.day_offset)
     with atomic_outputs(out) as tmp:
         # parquet encoding releases the GIL: write the files side by side
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -230,9 +265,12 @@ def build_features(
     return BuildResult(out, False, manifest, secs)
 
 
-def summarize(inter: pl.DataFrame, sequences: pl.DataFrame, items: pl.DataFrame) -> dict[str, Any]:
+def summarize(
+    inter: pl.DataFrame, sequences: pl.DataFrame, items: pl.DataFrame, *, day_offset_s: int | None = None
+) -> dict[str, Any]:
     """Stats for `recsys data describe` and the manifest (one pass per table;
-    quantiles by O(n) selection, not a sort)."""
+    quantiles by O(n) selection, not a sort). With `day_offset_s` (the offset
+    the build used), the next-day return rate under UTC days and under it."""
     q = [0.5, 0.9, 0.99]
     seq_len = sequences.select(pl.col(S.ITEM_IDS).list.len()).to_series().to_numpy()
     hist_len = inter[S.HIST_LEN].to_numpy()
@@ -256,7 +294,13 @@ def summarize(inter: pl.DataFrame, sequences: pl.DataFrame, items: pl.DataFrame)
         pl.col(S.TIMESTAMP).min().alias("t0"),
         pl.col(S.TIMESTAMP).max().alias("t1"),
     ).row(0, named=True)
+    by_offset = {}
+    if day_offset_s is not None:
+        user, ts = inter[S.USER_ID].to_numpy(), inter[S.TIMESTAMP].to_numpy()
+        by_offset = {str(o): T.next_day_return_rate(user, ts, o) for o in dict.fromkeys([0, day_offset_s])}
     return {
+        "day_offset_s": day_offset_s,
+        "next_day_return_rate_by_day_offset_s": by_offset,
         "users": sequences.height,
         "items": items.height,
         "items_seen": int(items[S.FIRST_TS].is_not_null().sum()),
@@ -289,10 +333,16 @@ def describe(folder: str | Path) -> dict[str, Any]:
     m = read_manifest(folder)
     if m is None or m.get("job") != JOB:
         raise UsageError(f"{folder} is not a features folder (no features manifest): run `recsys features build` first")
-    inter = pl.read_parquet(folder / S.FILES["interactions"])
-    seqs = pl.read_parquet(folder / S.FILES["sequences"])
-    items = pl.read_parquet(folder / S.FILES["items"])
-    stats = summarize(inter, seqs, items)
+    tables = {}
+    for name in ("interactions", "sequences", "items"):
+        path = folder / S.FILES[name]
+        try:
+            tables[name] = pl.read_parquet(path)
+        except (OSError, pl.exceptions.PolarsError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"cannot be read ({msg}): rebuild with `recsys features build --force`", file=str(path)) from e
+    inter, seqs, items = tables["interactions"], tables["sequences"], tables["items"]
+    stats = summarize(inter, seqs, items, day_offset_s=(m.get("config") or {}).get("day_offset_s"))
     stats["source"] = m.get("source")
     stats["folder"] = str(folder)
     return stats
@@ -319,6 +369,14 @@ def format_stats(stats: dict[str, Any]) -> str:
         ("active_days_7 mean (observed)", _fmt(stats["active_days_7_mean"])),
         ("LT window observed share", f"{stats['lt_observed_share']:.3f}"),
     ]
+    offset = stats.get("day_offset_s")
+    if offset is not None:
+        rates = stats.get("next_day_return_rate_by_day_offset_s") or {}
+        rows.append(("day boundary (day_offset_s)", f"UTC midnight {offset / 3600:+g} h ({offset} s)"))
+        rows += [
+            (f"next-day return rate, days at UTC {int(o) / 3600:+g} h", _fmt(r))
+            for o, r in rates.items()
+        ]
     w = max(len(k) for k, _ in rows)
     lines += [f"  {k:<{w}}  {v}" for k, v in rows]
     lines += ["", f"  {'split':<6} {'events':>10} {'users':>7} {'label':>6} {'cold':>6} {'no-hist':>8}"]
@@ -349,7 +407,7 @@ __all__ = ["FeaturesConfig", "BuildResult", "build_features", "describe", "forma
 # so that `features build` and `--help` stay fast.
 
 MATCH_JOB = "features.match"
-MATCH_JOB_VERSION = 1  # bump when the output of the same inputs and config changes
+MATCH_JOB_VERSION = 2  # bump when the output of the same inputs and config changes
 MATCH_FILE = "match_features.parquet"
 SHARDS_DIR = "shards"
 
@@ -477,6 +535,43 @@ def _match_part(
     return M.to_frame(inter, feats, cfg), stats
 
 
+def _shard_count(features_dir: Path, shard: tuple[int, int] | None, configured: int, log: Callable[[str], None]) -> int:
+    """Number of shards of this run, bounded by the number of users: a shard
+    holds whole users, so more shards than users would be empty (and a huge
+    `n` must never cost memory or time)."""
+    fm = read_manifest(features_dir) or {}
+    users = int(fm.get("outputs", {}).get(S.FILES["sequences"], {}).get("rows", 0)) or 1
+    if shard is not None:
+        i, n = shard
+        if n > users:
+            raise UsageError(
+                f"--shard {i}/{n}: {n:,} shards for {users:,} users of {features_dir}; "
+                f"use at most {users:,} shards (each shard holds whole users)"
+            )
+        return n
+    if configured > users:
+        log(f"match: {configured} shards configured for {users} users: using {users}")
+    return max(1, min(configured, users))
+
+
+def _remove_shards(out: Path, keep: set[str]) -> None:
+    """Remove shard folders (and their lock files) under out/shards except
+    `keep`; the folder itself once empty. Temp folders of live writers stay
+    (their owners clean up)."""
+    import shutil
+
+    root = out / SHARDS_DIR
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith(".") or p.name in keep or not p.is_dir():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        (root / f".{p.name}.lock").unlink(missing_ok=True)
+    if not keep and not any(root.iterdir()):
+        root.rmdir()
+
+
 def build_match_features(
     features_dir: str | Path,
     embeddings_path: str | Path,
@@ -504,14 +599,18 @@ def build_match_features(
     t0 = time.perf_counter()
     cfg = cfg or M.MatchConfig()
     feats_dir, emb_path, out = Path(features_dir), Path(embeddings_path), Path(out_dir)
+    check_output(out, {"features": feats_dir, "embeddings": emb_path})
     key = _match_key(feats_dir, emb_path, cfg)
+    n = _shard_count(feats_dir, shard, cfg.shards, log)
     if not force and is_up_to_date(out, key):
         log(f"match: {out} is up to date (same config, features and embeddings); skipping")
         return MatchResult(out, True, True, read_manifest(out) or {}, [], time.perf_counter() - t0)
-    n = shard[1] if shard else cfg.shards
     todo = [shard[0]] if shard else list(range(n))
-    shard_keys = {i: {**key, "shard": [i, n]} for i in range(n)}
-    pending = [i for i in todo if force or not is_up_to_date(match_shard_dir(out, i, n), shard_keys[i])]
+
+    def shard_key(i: int) -> dict[str, Any]:
+        return {**key, "shard": [i, n]}
+
+    pending = [i for i in todo if force or not is_up_to_date(match_shard_dir(out, i, n), shard_key(i))]
     if len(pending) < len(todo):
         log(f"match: resuming: {len(todo) - len(pending)} of {len(todo)} shards already done")
 
@@ -534,7 +633,7 @@ def build_match_features(
                 write_manifest(
                     tmp,
                     job=MATCH_JOB,
-                    key=shard_keys[i],
+                    key=shard_key(i),
                     outputs=[MATCH_FILE],
                     extra={"stats": {**stats, "items_missing": len(missing), "dim": space.dim}},
                 )
@@ -542,7 +641,7 @@ def build_match_features(
         bar.close()
 
     dirs = [match_shard_dir(out, i, n) for i in range(n)]
-    if not all(is_up_to_date(d, shard_keys[i], verify_outputs=False) for i, d in enumerate(dirs)):
+    if not all(is_up_to_date(d, shard_key(i), verify_outputs=False) for i, d in enumerate(dirs)):
         secs = time.perf_counter() - t0
         log(f"match: wrote shard(s) {computed} of {n} under {out / SHARDS_DIR} in {secs:.1f}s")
         return MatchResult(out, False, False, {}, computed, secs)
@@ -572,13 +671,10 @@ def build_match_features(
                 "stats": total,
             },
         )
-    if shard is None:  # merged: the parts are redundant now
-        import shutil
-
-        for d in dirs:
-            shutil.rmtree(d, ignore_errors=True)
-        if (out / SHARDS_DIR).is_dir() and not any((out / SHARDS_DIR).iterdir()):
-            (out / SHARDS_DIR).rmdir()
+    # merged: the parts of other layouts (an older --shard i/m, another
+    # config's shard count) are stale, and after an unsharded run its own
+    # parts are redundant too
+    _remove_shards(out, keep=set() if shard is None else {d.name for d in dirs})
     secs = time.perf_counter() - t0
     log(f"match: wrote {out / MATCH_FILE} ({frame.height:,} rows, {total['users']:,} users) in {secs:.1f}s")
     return MatchResult(out, False, True, manifest, computed, secs)

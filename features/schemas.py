@@ -21,14 +21,14 @@ import polars as pl
 # --- raw input (sources) -----------------------------------------------------
 USER_ID = "user_id"
 ITEM_ID = "item_id"
-TIMESTAMP = "timestamp"  # unix seconds
+TIMESTAMP = "timestamp"  # unix seconds (inputs in ms/us/ns are converted: features.timestamp_unit)
 RATING = "rating"
 LABEL = "label"
 
 # --- interactions.parquet ----------------------------------------------------
 SPLIT = "split"
 EVENT_IDX = "event_idx"  # position in global (timestamp, user_id, item_id) order
-DAY = "day"  # floor((timestamp + day_offset_s) / 86400)
+DAY = "day"  # floor((timestamp + day offset) / 86400); the offset defaults per source
 HIST_END = "hist_end"  # user's events strictly earlier than this one
 HIST_LEN = "hist_len"  # min(hist_end, max_history)
 POS_HIST_END = "pos_hist_end"  # user's positive events strictly earlier
@@ -36,7 +36,7 @@ POS_HIST_LEN = "pos_hist_len"  # min(pos_hist_end, max_history)
 ITEM_POP = "item_pop"  # events on this item (any user) strictly earlier
 RETURNED_1D = "returned_1d"  # user has an event on day + 1
 ACTIVE_DAYS_7 = "active_days_7"  # distinct days with an event in day+1 .. day+7
-LT_OBSERVED = "lt_observed"  # day + 7 <= last day of the data (label not censored)
+LT_OBSERVED = "lt_observed"  # day + 7 <= the last full day the row's split may see (its cutoff, or the data's end)
 COLD_ITEM = "cold_item"  # the item's first event is after the train cutoff
 
 SPLITS = ("train", "valid", "test")

@@ -162,9 +162,14 @@ def scan_table(path: str | Path) -> pl.LazyFrame:
             raise DataError("the file is empty (no header, no rows)", file=str(p))
         try:
             lf = pl.scan_csv(p, separator=sep, infer_schema=False)
-            lf.collect_schema()
+            names = lf.collect_schema().names()
         except Exception as e:
             raise DataError(f"not a readable CSV file ({type(e).__name__}: {e})", file=str(p)) from e
+        # polars renames a repeated header name to NAME_duplicated_K: which
+        # of the two columns is meant cannot be guessed
+        repeated = sorted({n.split("_duplicated_")[0] for n in names if "_duplicated_" in n} & set(names))
+        if repeated:
+            raise DataError(f"the header names a column more than once: {', '.join(repeated)}", file=str(p), column=repeated[0])
         return lf
     raise UsageError(f"input file {p}: unsupported extension {suffix!r} (use .parquet or .csv)")
 

@@ -139,43 +139,77 @@ def add_day(lf: pl.LazyFrame, day_offset_s: int) -> pl.LazyFrame:
     return lf.with_columns(((pl.col(S.TIMESTAMP) + day_offset_s) // DAY_S).cast(pl.Int32).alias(S.DAY))
 
 
-def lt_labels_per_user_day(user: np.ndarray, day: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For distinct (user, day) rows sorted by user then day: returned_1d (an
-    event on day + 1) and active_days_7 (distinct days with an event in
-    day+1 .. day+7). Same-day events never count: users rate in bursts.
+def add_lt_labels(df: pl.DataFrame, last_day: int | np.ndarray) -> pl.DataFrame:
+    """Attach LT-proxy labels censored at `last_day`: the last fully observed
+    day the label may use (one value, or one per row: a train row may not look
+    past the train cutoff, a valid row past the valid cutoff). lt_observed is
+    False where the 7-day window runs past it (the label would be censored,
+    not negative); such rows count only the days up to `last_day`.
 
-    Days are distinct and increasing within a user, so the days that can fall
-    in (day, day + 7] are among the next 7 rows: 7 shifts, no join, no loop.
-    """
-    n = len(user)
-    active = np.zeros(n, dtype=np.int8)
-    for k in range(1, min(LT_HORIZON_DAYS, n - 1) + 1):
-        active[:-k] += (user[k:] == user[:-k]) & (day[k:] <= day[:-k] + LT_HORIZON_DAYS)
-    returned = np.zeros(n, dtype=np.int8)
-    if n > 1:
-        returned[:-1] = (user[1:] == user[:-1]) & (day[1:] == day[:-1] + 1)
-    return returned, active
-
-
-def add_lt_labels(df: pl.DataFrame, last_day: int) -> pl.DataFrame:
-    """Attach LT-proxy labels; lt_observed is False where the 7-day window runs
-    past the end of the data (the label would be censored, not negative).
-
-    Eager and in numpy on purpose: labels are computed once per distinct
-    (user, day) run and gathered back by run index (the frame is sorted by
-    user and time), which avoids a hash join of every event; the run arrays
-    are small and numpy's shifted views copy nothing."""
+    Eager and in numpy on purpose: the activity days are the distinct (user,
+    day) runs (the frame is sorted by user and time), and each row looks at
+    the next 7 runs of its own run, which avoids a hash join of every event;
+    the run arrays are small and numpy's shifted views copy nothing."""
     user = df[S.USER_ID].to_numpy()  # (n,)
-    day = df[S.DAY].to_numpy()  # (n,)
-    new_run = np.ones(len(user), dtype=bool)
+    day = df[S.DAY].to_numpy().astype(np.int64)  # (n,)
+    limit = np.broadcast_to(np.asarray(last_day, dtype=np.int64), day.shape)  # (n,)
+    n = len(user)
+    new_run = np.ones(n, dtype=bool)
     new_run[1:] = (user[1:] != user[:-1]) | (day[1:] != day[:-1])
-    run = np.cumsum(new_run) - 1  # (n,) run index of each event
-    returned, active = lt_labels_per_user_day(user[new_run], day[new_run])  # (runs,)
+    run = np.cumsum(new_run) - 1  # (n,) activity run (user, day) of each event
+    run_user, run_day = user[new_run], day[new_run]  # (runs,)
+    # a query is a run of rows sharing (user, day, limit): labels are computed once per query
+    new_q = new_run.copy()
+    new_q[1:] |= limit[1:] != limit[:-1]
+    q = np.cumsum(new_q) - 1  # (n,)
+    q_run, q_day, q_limit = run[new_q], day[new_q], limit[new_q]  # (queries,)
+    horizon = np.minimum(q_day + LT_HORIZON_DAYS, q_limit)  # (queries,)
+    n_runs = len(run_user)
+    active = np.zeros(len(q_run), dtype=np.int8)
+    returned = np.zeros(len(q_run), dtype=np.int8)
+    for k in range(1, LT_HORIZON_DAYS + 1):
+        nxt = q_run + k
+        ok = nxt < n_runs
+        j = np.minimum(nxt, n_runs - 1)
+        hit = ok & (run_user[j] == run_user[q_run]) & (run_day[j] <= horizon)
+        active += hit
+        if k == 1:
+            returned = (hit & (run_day[j] == q_day + 1)).astype(np.int8)
     return df.with_columns(
-        pl.Series(S.RETURNED_1D, returned[run]),
-        pl.Series(S.ACTIVE_DAYS_7, active[run]),
-        (pl.col(S.DAY) + LT_HORIZON_DAYS <= last_day).alias(S.LT_OBSERVED),
+        pl.Series(S.RETURNED_1D, returned[q]),
+        pl.Series(S.ACTIVE_DAYS_7, active[q]),
+        pl.Series(S.LT_OBSERVED, (day + LT_HORIZON_DAYS <= limit)),
     )
+
+
+def lt_limit_global_time(limits: dict[str, int]) -> pl.Expr:
+    """Last day each row's LT label may use under a global time split: `limits`
+    maps split -> the last day fully before that split's cutoff (test: the
+    last full day of the data)."""
+    return pl.col(S.SPLIT).replace_strict(limits, return_dtype=pl.Int64)
+
+
+def lt_limit_leave_last_out() -> pl.Expr:
+    """Last day each row's LT label may use under leave-last-out: a train row
+    stops the day before its user's held-out events. Valid and test rows are
+    chosen because they are the user's last events, so what follows them is
+    decided by the split, not observed: their labels are never observed."""
+    first_held_out = pl.col(S.DAY).filter(pl.col(S.SPLIT) != "train").min().over(S.USER_ID)
+    return pl.when(pl.col(S.SPLIT) == "train").then(first_held_out - 1).otherwise(pl.col(S.DAY)).cast(pl.Int64)
+
+
+def next_day_return_rate(user: np.ndarray, timestamp: np.ndarray, day_offset_s: int) -> float | None:
+    """Share of events whose user has an event on the next calendar day (days
+    start at UTC midnight + `day_offset_s`), over events whose next day is
+    fully in the data; None when there are none. Input sorted by user, time."""
+    day = (timestamp + day_offset_s) // DAY_S
+    if len(day) == 0:
+        return None
+    full = int(day.max()) - 1  # the last day is cut by the end of the data
+    df = pl.DataFrame({S.USER_ID: user, S.DAY: day})
+    out = add_lt_labels(df, full)
+    returned = out[S.RETURNED_1D].to_numpy()[day + 1 <= full]
+    return float(returned.mean()) if len(returned) else None
 
 
 def add_cold_item(lf: pl.LazyFrame) -> pl.LazyFrame:

@@ -17,6 +17,16 @@ from features.sources import RawTable
 ROW = "__row"  # 0-based position in the input file; reported 1-based
 _SHOW = 5  # rows shown per problem
 
+# Timestamp units: multiples of one second, and the range a timestamp (in
+# seconds) may take. A value past 2200 is almost always a finer unit read as
+# seconds (milliseconds give year ~50000); the lower check below catches the
+# reverse, seconds read as a finer unit (everything within 1970-01).
+UNIT_PER_S = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
+MAX_TS_S = 7_258_118_400  # 2200-01-01 UTC
+YEAR_2000_S = 946_684_800
+_INT64_MAX = 2**63 - 1
+
 
 def _parse_int(col: str, dtype: pl.DataType) -> pl.Expr:
     c = pl.col(col)
@@ -27,7 +37,7 @@ def _parse_int(col: str, dtype: pl.DataType) -> pl.Expr:
         integral = pl.when(as_float.is_finite() & (as_float == as_float.floor())).then(as_float.cast(pl.Int64))
         return pl.coalesce(as_int, integral)
     if dtype.is_integer():
-        return c.cast(pl.Int64)
+        return c.cast(pl.Int64, strict=False)  # UInt64 beyond Int64: null, reported with its row
     if dtype.is_float():
         return pl.when(c.is_finite() & (c == c.floor())).then(c.cast(pl.Int64))
     raise TypeError
@@ -40,8 +50,15 @@ def _parse_float(col: str, dtype: pl.DataType) -> pl.Expr:
     return c.cast(pl.Float64)
 
 
+def _not_int_message(dtype: pl.DataType) -> str:
+    if dtype.is_unsigned_integer():
+        return f"value is larger than the largest id this project stores ({_INT64_MAX}, Int64)"
+    return "value is not an integer"
+
+
 def _check_dtype(table: RawTable, col: str, dtype: pl.DataType, kind: str) -> None:
     ok = dtype == pl.String or dtype.is_numeric() or (kind == "float" and dtype == pl.Null)
+    ok = ok or (col == S.TIMESTAMP and isinstance(dtype, pl.Datetime)) or (col == S.LABEL and dtype == pl.Boolean)
     if not ok:
         raise SchemaError(f"wrong dtype {dtype}, expected {kind} (or text holding numbers)", file=table.file, column=col)
 
@@ -62,13 +79,17 @@ def _raise_first(table: RawTable, stats: dict, checks: list[tuple[str, str, str]
             raise DataError(message + more, file=table.file, column=column, rows=rows)
 
 
-def validate_interactions(table: RawTable) -> tuple[pl.LazyFrame, dict[str, tuple[int, int]]]:
+def validate_interactions(
+    table: RawTable, timestamp_unit: str = "s"
+) -> tuple[pl.LazyFrame, dict[str, tuple[int, int]]]:
     """Check raw interactions; return them typed, with (min, max) of the id and
     timestamp columns.
 
-    Output columns: user_id, item_id, timestamp (Int64), rating (Float64, null
-    when the input has only labels), label (Int8, null when the input has only
-    ratings) and `__row`.
+    Output columns: user_id, item_id, timestamp (Int64 seconds: input in
+    `timestamp_unit`, floored to whole seconds), rating (Float64, null when the
+    input has only labels), label (Int8, null when the input has only ratings)
+    and `__row`. Timestamps implausible for the unit are refused, naming the
+    unit they look like.
     """
     lf = table.frame
     schema = lf.collect_schema()
@@ -91,10 +112,15 @@ def validate_interactions(table: RawTable) -> tuple[pl.LazyFrame, dict[str, tupl
         if col in schema:
             _check_dtype(table, col, schema[col], "float")
 
+    ts_dtype = schema[S.TIMESTAMP]
     parsed = {
         S.USER_ID: _parse_int(S.USER_ID, schema[S.USER_ID]),
         S.ITEM_ID: _parse_int(S.ITEM_ID, schema[S.ITEM_ID]),
-        S.TIMESTAMP: _parse_int(S.TIMESTAMP, schema[S.TIMESTAMP]),
+        S.TIMESTAMP: (
+            pl.col(S.TIMESTAMP).dt.epoch(timestamp_unit)  # a datetime says its own unit
+            if isinstance(ts_dtype, pl.Datetime)
+            else _parse_int(S.TIMESTAMP, ts_dtype)
+        ),
         S.RATING: _parse_float(S.RATING, schema[S.RATING]) if S.RATING in schema else pl.lit(None, pl.Float64),
         S.LABEL: _parse_float(S.LABEL, schema[S.LABEL]) if S.LABEL in schema else pl.lit(None, pl.Float64),
     }
@@ -113,9 +139,9 @@ def validate_interactions(table: RawTable) -> tuple[pl.LazyFrame, dict[str, tupl
         unparsed = raw.is_not_null() & pl.col(col).is_null()
         if schema[col].is_float() and col == S.RATING:
             unparsed = pl.lit(False)  # NaN ratings get their own message
-        kind = "an integer" if col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP) else "a number"
+        message = _not_int_message(schema[col]) if col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP) else "value is not a number"
         aggs += _first_rows(unparsed, f"{col}_parse")
-        checks.append((f"{col}_parse", col, f"value is not {kind}"))
+        checks.append((f"{col}_parse", col, message))
         nulls = raw.is_null()
         if col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP) or (col == S.RATING and S.LABEL not in schema) or (
             col == S.LABEL and S.RATING not in schema
@@ -133,19 +159,111 @@ def validate_interactions(table: RawTable) -> tuple[pl.LazyFrame, dict[str, tupl
         aggs += _first_rows(bad, "label_range")
         checks.append(("label_range", S.LABEL, "label must be 0 or 1"))
 
-    stats = typed.select(aggs).collect().row(0, named=True)
+    stats = collect_or_raise(typed.select(aggs), table).row(0, named=True)
     if stats["n_rows"] == 0:
         raise DataError("the file has no rows", file=table.file)
     _raise_first(table, stats, checks)
     bounds = {c: (stats[f"{c}__min"], stats[f"{c}__max"]) for c in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP)}
+    _check_timestamp_unit(typed, table, bounds[S.TIMESTAMP], timestamp_unit)
+    per_s = UNIT_PER_S[timestamp_unit]
+    lo, hi = bounds[S.TIMESTAMP]
+    bounds[S.TIMESTAMP] = (lo // per_s, hi // per_s)
     return typed.select(
         ROW,
         S.USER_ID,
         S.ITEM_ID,
-        S.TIMESTAMP,
+        (pl.col(S.TIMESTAMP) // per_s) if per_s > 1 else pl.col(S.TIMESTAMP),
         pl.col(S.RATING),
         pl.col(S.LABEL).cast(pl.Int8),
     ), bounds
+
+
+def collect_or_raise(lf: pl.LazyFrame, table: RawTable) -> pl.DataFrame:
+    """Collect a scan of `table`; a reader failure (bad UTF-8 in a CSV, a
+    truncated parquet page) becomes a DataError naming the file."""
+    try:
+        return lf.collect()
+    except (pl.exceptions.ComputeError, pl.exceptions.InvalidOperationError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "utf-8" in msg.lower() or "utf8" in msg.lower():
+            line = first_non_utf8_line(table.file)
+            where = f" (line {line} of the file, the header being line 1)" if line else ""
+            raise DataError(f"the file is not UTF-8 text{where}: save it as UTF-8", file=table.file) from e
+        line = first_ragged_line(table.file) if "more fields" in msg.lower() else None
+        where = f" (line {line} of the file has more fields than the header)" if line else ""
+        raise DataError(f"cannot be read ({msg}){where}", file=table.file) from e
+
+
+def first_ragged_line(path: str) -> int | None:
+    """1-based number of the first CSV line with more fields than the header
+    (None if none, or not a readable CSV). Error path only."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.reader(f, delimiter="\t" if path.endswith(".tsv") else ",")
+            width = len(next(reader, []))
+            for row in reader:
+                if len(row) > width:
+                    return reader.line_num
+    except (OSError, csv.Error):
+        return None
+    return None
+
+
+def first_non_utf8_line(path: str) -> int | None:
+    """1-based number of the first line that is not valid UTF-8 (None when
+    the file reads fine or cannot be opened). Only called on the error path."""
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return number
+    except OSError:
+        return None
+    return None
+
+
+def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int, int], unit: str) -> None:
+    """Refuse timestamps that are implausible in `unit`: after 2200, or all of
+    them within January 1970 while a coarser unit puts them in 2000..2200.
+    The message names the unit they look like."""
+    lo, hi = bounds
+    per_s = UNIT_PER_S[unit]
+    guess: str | None = None
+    if hi > MAX_TS_S * per_s:
+        finer = [u for u, f in UNIT_PER_S.items() if f > per_s and hi <= MAX_TS_S * f]
+        guess = finer[0] if finer else None
+        bad = pl.col(S.TIMESTAMP) > MAX_TS_S * per_s
+        what = f"timestamps after the year 2200 when read as {UNIT_NAMES[unit]}"
+    elif per_s > 1 and hi < 31 * 86_400 * per_s:
+        coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and lo >= YEAR_2000_S * f and hi <= MAX_TS_S * f]
+        if not coarser:
+            return
+        guess = coarser[-1]
+        bad = pl.lit(True)
+        what = f"every timestamp falls in January 1970 when read as {UNIT_NAMES[unit]}"
+    else:
+        return
+    found = (
+        typed.filter(bad)
+        .select(pl.len().alias("n"), pl.col(ROW).head(_SHOW).implode(), pl.col(S.TIMESTAMP).first())
+        .collect()
+        .row(0, named=True)
+    )
+    rows = [r + table.row_offset for r in found[ROW]]
+    first = found[S.TIMESTAMP]
+    more = f" ({found['n']} rows in all)" if found["n"] > len(rows) else ""
+    if guess is not None:
+        hint = (
+            f"they look like {UNIT_NAMES[guess]}: use --timestamp-unit {guess} "
+            f"(config features.timestamp_unit: {guess})"
+        )
+    else:
+        hint = "no unit (s, ms, us, ns) makes them dates before 2200: check the column"
+    raise DataError(f"{what} (e.g. {first}, unit {unit}){more}; {hint}", file=table.file, column=S.TIMESTAMP, rows=rows)
 
 
 def validate_items(table: RawTable) -> pl.DataFrame:
@@ -165,12 +283,12 @@ def validate_items(table: RawTable) -> pl.DataFrame:
             column=S.TEXT,
         )
     _check_dtype(table, S.ITEM_ID, schema[S.ITEM_ID], "integer")
-    df = lf.with_row_index(ROW).with_columns(_parse_int(S.ITEM_ID, schema[S.ITEM_ID]).alias("__id")).collect()
+    df = collect_or_raise(lf.with_row_index(ROW).with_columns(_parse_int(S.ITEM_ID, schema[S.ITEM_ID]).alias("__id")), table)
     if df.height == 0:
         raise DataError("the file has no rows", file=table.file)
     raw = df[S.ITEM_ID]
     for name, mask, msg in (
-        ("parse", raw.is_not_null() & df["__id"].is_null(), "value is not an integer"),
+        ("parse", raw.is_not_null() & df["__id"].is_null(), _not_int_message(schema[S.ITEM_ID])),
         ("null", raw.is_null(), "null item id"),
         ("neg", df["__id"] < 0, "negative item id"),
         ("dup", df["__id"].is_duplicated() & df["__id"].is_not_null(), "duplicate item id"),

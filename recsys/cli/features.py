@@ -33,9 +33,17 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-items", type=int, help="synthetic: number of items")
     p.add_argument("--max-history", type=int, help="synthetic: longest per-user event sequence")
     p.add_argument("--seed", type=int, help="synthetic: generator seed")
+    p.add_argument(
+        "--timestamp-unit", choices=["s", "ms", "us", "ns"], help="files: unit of the timestamp column (default s)"
+    )
     p.add_argument("--label-threshold", type=float, help="label = rating >= this (default 4)")
     p.add_argument("--split", choices=["global_time", "leave_last_out"], help="time split (default global_time 80/10/10)")
     p.add_argument("--history-cap", type=int, help="cap on history length per impression (default 10000)")
+    p.add_argument(
+        "--day-offset-s",
+        type=int,
+        help="calendar days start at UTC midnight + this many seconds (default: per source, see `data describe`)",
+    )
 
 
 def resolve_features_config(args: argparse.Namespace):
@@ -54,7 +62,9 @@ def resolve_features_config(args: argparse.Namespace):
         "interactions": args.interactions,
         "items": args.items,
         "text_column": args.text_column,
+        "timestamp_unit": args.timestamp_unit,
         "label_threshold": args.label_threshold,
+        "day_offset_s": args.day_offset_s,
         "split": args.split,
         "max_history": args.history_cap,
     }
@@ -69,9 +79,11 @@ def resolve_features_config(args: argparse.Namespace):
 
 def _build(args: argparse.Namespace) -> int:
     from features.jobs import build_features
+    from features.paths import check_output
 
     cfg = resolve_features_config(args)
-    result = build_features(cfg, args.out, force=args.force)
+    check_output(args.out, {"--interactions": cfg.interactions, "--items": cfg.items, "--config": args.config})
+    result = build_features(cfg, args.out, force=args.force, log=(lambda _m: None) if args.quiet else print)
     if not args.quiet:
         print(f"output: {result.out_dir}")
     return 0

@@ -27,10 +27,12 @@ match.missing_items: null (missing items get null features).
 
 def _match(args: argparse.Namespace) -> int:
     from features.jobs import build_match_features, parse_shard
+    from features.paths import check_output
     from recsys.config import load_pipeline_config
 
-    cfg = load_pipeline_config(args.config).match
     shard = parse_shard(args.shard) if args.shard else None
+    check_output(args.out, {"--features": args.features, "--embeddings": args.embeddings, "--config": args.config})
+    cfg = load_pipeline_config(args.config).match
     result = build_match_features(
         args.features, args.embeddings, args.out, cfg, shard=shard, force=args.force, progress=not args.quiet
     )

@@ -87,6 +87,21 @@ def test_lt_labels_golden():
     ]
 
 
+def test_lt_labels_censored_at_a_per_row_limit():
+    # user 1 active on days 0, 1, 3, 8; the first two rows may use days <= 2
+    # (a split cutoff on day 3), the others the whole data (days <= 20)
+    rows = [(1, i, d * DAY + 100 + i, 1) for i, d in enumerate([0, 1, 3, 8])]
+    ev = _events(rows).lazy().pipe(T.sort_events).pipe(T.add_day, 0).collect()
+    out = T.add_lt_labels(ev, np.array([2, 2, 20, 20]))
+    got = out.select(S.DAY, S.RETURNED_1D, S.ACTIVE_DAYS_7, S.LT_OBSERVED).rows()
+    assert got == [
+        (0, 1, 1, False),  # day 1 counts, day 3 lies past the cutoff: censored
+        (1, 0, 0, False),  # days 2..8 hold day 3 and 8, both past the cutoff
+        (3, 0, 1, True),
+        (8, 0, 0, True),
+    ]
+
+
 def test_day_offset_moves_day_boundary():
     ev = _events([(1, 1, DAY - 10, 1)])
     assert ev.lazy().pipe(T.add_day, 0).collect()[S.DAY].item() == 0
