@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,14 +93,27 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected int, got {type(value).__name__} {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: expected float, got {type(value).__name__} {value!r}")
+        return _coerce_float(value, where)
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}: expected str, got {type(value).__name__} {value!r}")
     raise TypeError(f"config type {tp!r} at {where} is not supported")
+
+
+def _coerce_float(value: Any, where: str) -> float:
+    """A finite float. PyYAML reads `1e-3` (no dot) as a string: a string that
+    parses as a float is accepted here, for float keys only. NaN and +-inf
+    are refused: no training, threshold or fraction means anything with them."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where}: expected float, got {type(value).__name__} {value!r}")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{where}: expected float, got {type(value).__name__} {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    return number
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "config") -> T:
@@ -177,9 +191,14 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     if not p.exists():
         raise UsageError(f"config file {p} does not exist")
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"config file {p} cannot be read: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+            "save it as UTF-8"
+        ) from e
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.load(text, Loader=_strict_yaml_loader())
     except ConfigError as e:

@@ -56,7 +56,7 @@ from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features import schemas as S
-from features.errors import DataError, SchemaError
+from features.errors import DataError, SchemaError, UsageError
 
 HIST_KEY = "hist_item"
 CAND_KEY = "cand_item"
@@ -218,15 +218,25 @@ def _check_columns(schema: pl.Schema, needed: dict[str, str], file: str) -> None
             raise SchemaError(f"dtype {schema[col]} is not {kind}", file=file, column=col)
 
 
-def _read(path: Path, needed: dict[str, str]) -> pl.DataFrame:
-    if not path.exists():
+def _schema(path: Path) -> pl.Schema:
+    if not path.is_file():
         raise DataError("file does not exist", file=str(path))
     try:
-        schema = pl.read_parquet_schema(path)
+        return pl.Schema(pl.read_parquet_schema(path))
     except Exception as e:  # noqa: BLE001 - polars raises several types for a broken file
         raise DataError(f"not a readable parquet file: {e}", file=str(path)) from e
-    _check_columns(pl.Schema(schema), needed, str(path))
-    return pl.read_parquet(path)
+
+
+def _read_parquet(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
+    try:
+        return pl.read_parquet(path, columns=columns)
+    except Exception as e:  # noqa: BLE001 - a damaged data page after a readable footer
+        raise DataError(f"not a readable parquet file: {e}", file=str(path)) from e
+
+
+def _read(path: Path, needed: dict[str, str]) -> pl.DataFrame:
+    _check_columns(_schema(path), needed, str(path))
+    return _read_parquet(path)
 
 
 def _vocab_csr(frame: pl.DataFrame, column: str, multi: bool, n_rows: int) -> tuple[_Csr, int]:
@@ -269,21 +279,29 @@ def _standardize_stats(values: np.ndarray, fit_rows: np.ndarray) -> tuple[np.nda
     return mean, std
 
 
-def resolve_match_path(path: str | Path | None) -> Path | None:
-    """A match-features location -> the parquet file, or None for "no match features".
+def resolve_match_path(path: str | Path | None, *, key: str = "match features") -> Path | None:
+    """A match-features location -> the parquet file; None only for "not
+    asked for" (None, "" or "none").
 
-    None, "", "none", a folder that does not exist or holds no
-    `match_features.parquet` all mean no match features; a .parquet path is used as is.
+    A folder must hold `match_features.parquet`; a .parquet path must exist.
+    Anything else is a UsageError (exit 2) naming the path: a requested input
+    that is absent is never a quiet run without it. `key` names the setting
+    in the message (e.g. "paths.match_features").
     """
     if path is None or str(path).strip().lower() in ("", "none"):
         return None
     p = Path(path)
+    fix = "run `recsys features match` to build it, or turn match features off (ranker.use_match_features: false)"
     if p.suffix == ".parquet":
-        if not p.exists():
-            raise DataError("match features file does not exist", file=str(p))
+        if not p.is_file():
+            raise UsageError(f"{key}: {p} does not exist; {fix}")
         return p
+    if not p.exists():
+        raise UsageError(f"{key}: {p} does not exist; {fix}")
     f = p / MATCH_FILE
-    return f if f.exists() else None
+    if not f.is_file():
+        raise UsageError(f"{key}: {p} holds no {MATCH_FILE}; {fix}")
+    return f
 
 
 # --- the dataset --------------------------------------------------------------------
@@ -305,6 +323,7 @@ class RankingData:
         self.item_embeddings: Tensor | None = None  # (n_items, De) distilled, frozen
         self.embedding_coverage = 0.0
         self.match_columns: tuple[str, ...] = ()
+        self.interactions_file = ""  # for error messages
 
     # ---- loading --------------------------------------------------------------------
     @classmethod
@@ -319,6 +338,7 @@ class RankingData:
         self = cls()
         self.config = config
         root = Path(features_dir)
+        self.interactions_file = str(root / S.FILES["interactions"])
         inter = _read(root / S.FILES["interactions"], _INTERACTION_COLUMNS)
         seqs = _read(root / S.FILES["sequences"], _SEQUENCE_COLUMNS)
         items = _read(root / S.FILES["items"], _ITEM_COLUMNS)
@@ -461,7 +481,7 @@ class RankingData:
 
     def _match_features(self, inter: pl.DataFrame, path: Path) -> tuple[np.ndarray, list[str]]:
         file = str(path)
-        schema = pl.Schema(pl.read_parquet_schema(path))
+        schema = _schema(path)
         available = [c for c in schema.names() if c.startswith(MATCH_PREFIX)]
         wanted = list(self.config.match_columns) or available
         if not wanted:
@@ -471,7 +491,7 @@ class RankingData:
         has_keys = all(k in schema for k in _MATCH_KEYS)
         if has_keys:
             _check_columns(schema, {k: "int" for k in _MATCH_KEYS}, file)
-        frame = pl.read_parquet(path, columns=[*(_MATCH_KEYS if has_keys else ()), *wanted])
+        frame = _read_parquet(path, [*(_MATCH_KEYS if has_keys else ()), *wanted])
         if frame.height != inter.height:
             raise DataError(f"{frame.height} rows, but interactions.parquet has {inter.height} "
                             "(one row per impression expected)", file=file)
@@ -531,14 +551,14 @@ class RankingData:
         file = str(path)
         if not path.exists():
             raise DataError("item embeddings file does not exist", file=file)
-        schema = pl.Schema(pl.read_parquet_schema(path))
+        schema = _schema(path)
         _check_columns(schema, {S.ITEM_ID: "int"}, file)
         if "embedding" not in schema:
             raise SchemaError("missing column", file=file, column="embedding")
         dtype = schema["embedding"]
         if not (isinstance(dtype, (pl.List, pl.Array)) and dtype.inner.is_float()):
             raise SchemaError(f"dtype {dtype} is not a list of floats", file=file, column="embedding")
-        frame = pl.read_parquet(path, columns=[S.ITEM_ID, "embedding"])
+        frame = _read_parquet(path, [S.ITEM_ID, "embedding"])
         dims = frame["embedding"].list.len().unique().to_list() if isinstance(dtype, pl.List) else [dtype.size]
         if len(dims) != 1 or dims[0] in (None, 0):
             raise DataError(f"embeddings must all have one positive length, found {sorted(map(str, dims))}",

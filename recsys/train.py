@@ -15,10 +15,18 @@ negatives from default_rng([seed, e, 1, rank]); nothing reads a global RNG,
 so the same seed gives the same metrics, and a run resumed from the
 checkpoint of epoch e continues exactly like an uninterrupted one.
 
+Honest failure: a NaN or inf loss or dense gradient (checked after each
+backward, before the optimiser step) or score (every evaluation) stops the run
+with `TrainingDiverged` (exit 1) naming the epoch and step. A metric that
+cannot be computed (no rows, one class, no observed LT rows) is NaN, written
+as null in metrics.json with its reason under "reasons", printed as n/a.
+Train, valid and test must all have rows, and train both click labels.
+
 Checkpoints (`checkpoint_dir`, default out_dir/checkpoints): `last.pt` after
 every finished epoch (model, optimisers, epoch, early-stopping state) and
 `best.pt` (model weights of the best epoch); state dicts only, read back with
-torch.load(weights_only=True). Under DMP every rank writes its own
+torch.load(weights_only=True); a file that cannot be read is a DataError
+suggesting --no-resume. Under DMP every rank writes its own
 `*.rank{r}of{w}.pt` holding its local shards.
 
 Distributed: when WORLD_SIZE > 1 (torchrun) or a process group is already
@@ -52,10 +60,22 @@ from torch import Tensor, nn
 
 from features import schemas as S
 from features.config import config_hash, flatten, to_dict
+from features.errors import DataError, RecsysError, UsageError
 from features.tracker import NullTracker, Tracker
-from recsys.data import DataConfig, RankingData
-from recsys.eval.metrics import METRICS, activity_bucket, auc, auc_by_bucket, gauc, logloss, spearman
+from recsys.data import DataConfig, RankingData, resolve_match_path
+from recsys.eval.metrics import (
+    METRICS,
+    activity_bucket,
+    auc,
+    auc_by_bucket,
+    format_metric,
+    gauc,
+    logloss,
+    nan_reason,
+    spearman,
+)
 from recsys.models.ranker import Ranker, RankerConfig, RankerTrain, probabilities
+from recsys.modules.svd_attention import SVDFactorizationError
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
@@ -66,6 +86,12 @@ PREDICTION_COLUMNS = (
 )
 # keys that do not change what a run computes: a resume may differ in them
 _RESUME_FREE = ("epochs", "resume", "progress", "checkpoint_dir", "device", "eval_batch_size", "num_threads")
+CONTRACT_METRICS = ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")
+
+
+class TrainingDiverged(RecsysError):
+    """A NaN or inf loss, gradient or score: the run stops (exit 1) and says
+    where (epoch, step or evaluation), instead of reporting AUC 0.5."""
 
 
 @dataclass(frozen=True)
@@ -104,8 +130,10 @@ class TrainConfig:
             raise ValueError("lr and sparse_lr must be > 0")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.weight_decay < 0 or self.min_delta < 0:
-            raise ValueError("weight_decay and min_delta must be >= 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.min_delta <= 1:
+            raise ValueError(f"min_delta is a valid-GAUC gain: it must be in [0, 1], got {self.min_delta}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
         if self.negatives_per_request < 0:
@@ -125,35 +153,60 @@ def evaluate_predictions(frame: pl.DataFrame) -> dict[str, Any]:
     """Metrics of a predictions table (PREDICTION_COLUMNS): click AUC, GAUC
     (user-grouped, impression-weighted), logloss, LT AUC on `returned_1d` and
     LT Spearman with `active_days_7` (both over lt_observed rows), and AUC per
-    user-activity bucket of hist_len."""
+    user-activity bucket of hist_len.
+
+    A metric that cannot be computed is NaN, and `reasons[name]` says why
+    (e.g. "no observed LT rows")."""
     y = frame[S.LABEL].to_numpy().astype(np.float64)
     s = frame["score"].to_numpy()
     users = frame[S.USER_ID].to_numpy()
     obs = frame[S.LT_OBSERVED].to_numpy().astype(bool)
     lt = frame["lt_score"].to_numpy()[obs]
+    returned, active = frame[S.RETURNED_1D].to_numpy()[obs], frame[S.ACTIVE_DAYS_7].to_numpy()[obs]
     out: dict[str, Any] = {
         "auc": auc(y, s),
         "gauc": gauc(users, y, s),
         "logloss": logloss(y, s),
-        "lt_auc": auc(frame[S.RETURNED_1D].to_numpy()[obs], lt),
-        "lt_spearman": spearman(lt, frame[S.ACTIVE_DAYS_7].to_numpy()[obs]),
+        "lt_auc": auc(returned, lt),
+        "lt_spearman": spearman(lt, active),
         "n": int(frame.height),
     }
+    truth = {"auc": (y, s, S.LABEL), "gauc": (y, s, S.LABEL), "logloss": (y, s, S.LABEL),
+             "lt_auc": (returned, lt, S.RETURNED_1D), "lt_spearman": (active, lt, S.ACTIVE_DAYS_7)}
+    reasons = {}
+    for name, (t, score, label) in truth.items():
+        if np.isfinite(out[name]):
+            continue
+        if name.startswith("lt_") and frame.height and not obs.any():
+            reasons[name] = f"no observed LT rows ({S.LT_OBSERVED} is false on all {frame.height} rows)"
+        else:
+            reasons[name] = nan_reason(METRICS[name].kind, t, score, label)
+    out["reasons"] = reasons
     out["auc_by_activity"] = auc_by_bucket(activity_bucket(frame[S.HIST_LEN].to_numpy()), y, s)
     return out
 
 
-def _finite(d: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON-safe: NaN -> None (recursively)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out[k] = _finite(v)
-        elif isinstance(v, float) and not np.isfinite(v):
-            out[k] = None
-        else:
-            out[k] = v
-    return out
+def metrics_line(metrics: Mapping[str, Any], names: tuple[str, ...] = ("auc", "gauc", "logloss")) -> str:
+    """`auc 0.7012 gauc n/a (no user has both ...) logloss 0.6611`."""
+    reasons = metrics.get("reasons") or {}
+    parts = []
+    for name in names:
+        text = f"{name} {format_metric(metrics.get(name))}"
+        if name in reasons and format_metric(metrics.get(name)) == "n/a":
+            text += f" ({reasons[name]})"
+        parts.append(text)
+    return " ".join(parts)
+
+
+def _finite(d: Any) -> Any:
+    """JSON-safe: NaN and inf -> None (recursively, through mappings and lists)."""
+    if isinstance(d, Mapping):
+        return {k: _finite(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_finite(v) for v in d]
+    if isinstance(d, (float, np.floating)) and not np.isfinite(d):
+        return None
+    return d
 
 
 # --- process context -----------------------------------------------------------------
@@ -175,6 +228,37 @@ class _Context:
         return self.rank == 0
 
 
+def check_launch_env(environ: Mapping[str, str] | None = None) -> int:
+    """The world size torchrun asked for (1 without torchrun). WORLD_SIZE or
+    RANK set by hand, without the rest of the rendezvous (MASTER_ADDR,
+    MASTER_PORT), is a UsageError at once, not a hang or a traceback in
+    init_process_group."""
+    env = os.environ if environ is None else environ
+    given = {k: env[k] for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK") if env.get(k, "").strip()}
+    if not given:
+        return 1
+    fix = ("launch with `torchrun --nproc_per_node=N -m recsys.cli.rank train ...`, "
+           "or unset WORLD_SIZE, RANK and LOCAL_RANK for one process")
+    values = {}
+    for k, v in given.items():
+        try:
+            values[k] = int(v)
+        except ValueError:
+            raise UsageError(f"environment variable {k}={v!r} is not an integer: {fix}") from None
+    world, rank = values.get("WORLD_SIZE", 1), values.get("RANK", 0)
+    if world < 1:
+        raise UsageError(f"environment variable WORLD_SIZE={world} must be >= 1: {fix}")
+    if not 0 <= rank < world:
+        raise UsageError(f"environment variable RANK={rank} is outside [0, WORLD_SIZE={world}): {fix}")
+    if world > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if not env.get(k, "").strip()]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            raise UsageError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {verb} not "
+                             f"(no torchrun rendezvous): {fix}")
+    return world
+
+
 def _context(cfg: TrainConfig) -> _Context:
     import torch.distributed as dist
 
@@ -183,7 +267,7 @@ def _context(cfg: TrainConfig) -> _Context:
         from features.errors import ConfigError
 
         raise ConfigError("train.device is 'cuda' but no CUDA device is available")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = check_launch_env()
     owns = False
     if not dist.is_initialized() and world > 1:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
@@ -338,7 +422,20 @@ def _save(path: Path, payload: Mapping[str, Any]) -> None:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by `_save`; a file that is not one is a DataError
+    (exit 1) suggesting --no-resume, not a pickle traceback."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a broken file
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+        raise _bad_checkpoint(path, f"cannot be read ({type(e).__name__}: {detail})") from e
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise _bad_checkpoint(path, "is not a checkpoint of this trainer")
+    return ck
+
+
+def _bad_checkpoint(path: Path, what: str) -> DataError:
+    return DataError(f"checkpoint {what}: rerun with --no-resume (or delete it) to train from scratch", file=str(path))
 
 
 def _ckpt_name(stem: str, ctx: _Context) -> str:
@@ -366,13 +463,18 @@ def _train_epoch(tr: _Trainable, data: RankingData, cfg: TrainConfig, seed: int,
     sums = np.zeros(3)
     n = 0
     bar = _progress(batches, total, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and ctx.is_main)
-    for batch in bar:
+    for step, batch in enumerate(bar, start=1):
         batch = batch.to(ctx.device)
-        loss, parts = tr.module(batch)
+        where = f"epoch {epoch + 1}, step {step}"
+        try:
+            loss, parts = tr.module(batch)
+        except SVDFactorizationError as e:
+            raise TrainingDiverged(f"{where}: {e}") from e
         tr.dense_opt.zero_grad(set_to_none=True)
         if not ctx.distributed:
             tr.sparse_opt.zero_grad(set_to_none=True)
         loss.backward()
+        _check_step(tr, loss, where, ctx, cfg)
         tr.dense_opt.step()
         if not ctx.distributed:  # under DMP the fused optimiser ran inside backward
             tr.sparse_opt.step()
@@ -390,6 +492,25 @@ def _train_epoch(tr: _Trainable, data: RankingData, cfg: TrainConfig, seed: int,
     return {"train_loss": sums[0] / n, "train_click_loss": sums[1] / n, "train_lt_loss": sums[2] / n}
 
 
+def _check_step(tr: _Trainable, loss: Tensor, where: str, ctx: _Context, cfg: TrainConfig) -> None:
+    """Stop on a non-finite loss or dense gradient, before the optimiser step
+    spreads it into the weights. Under DMP the flag is all-reduced, so every
+    rank stops at the same step (one rank raising alone would hang the rest)."""
+    grads = [p.grad for group in tr.dense_opt.param_groups for p in group["params"] if p.grad is not None]
+    grad_ok = torch.stack([g.detach().abs().max() for g in grads]).isfinite().all() if grads else torch.tensor(True)
+    flags = torch.stack([(~loss.detach().isfinite()).float().cpu(), (~grad_ok).float().cpu()])  # (2,)
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0] > 0 or flags[1] > 0:
+        what = "loss" if flags[0] > 0 else "gradient"
+        raise TrainingDiverged(
+            f"{where}: the training {what} is NaN or inf (lr {cfg.lr:g}, sparse_lr {cfg.sparse_lr:g}): "
+            "training diverged; lower train.lr / train.sparse_lr, or check the input features"
+        )
+
+
 @torch.no_grad()
 def predict(tr_module: nn.Module, data: RankingData, split: str, batch_size: int, ctx: _Context | None = None) -> pl.DataFrame:
     """Predictions table (PREDICTION_COLUMNS) of every impression of a split,
@@ -398,7 +519,10 @@ def predict(tr_module: nn.Module, data: RankingData, split: str, batch_size: int
     tr_module.eval()
     rows, scores, lts = [], [], []
     for batch in data.iter_batches(split, batch_size, rank=ctx.rank, world_size=ctx.world_size):
-        _, parts = tr_module(batch.to(ctx.device))
+        try:
+            _, parts = tr_module(batch.to(ctx.device))
+        except SVDFactorizationError as e:
+            raise TrainingDiverged(f"evaluation on {split}: {e}") from e
         rows.append(batch.row_ids.numpy())
         scores.append(probabilities(parts.logits.click))
         lts.append(probabilities(parts.logits.lt))
@@ -413,6 +537,12 @@ def predict(tr_module: nn.Module, data: RankingData, split: str, batch_size: int
     row = row.astype(np.int64)
     keep = row >= 0
     row, score, lt = row[keep], score[keep], lt[keep]
+    bad = ~(np.isfinite(score) & np.isfinite(lt))
+    if bad.any():
+        raise TrainingDiverged(
+            f"evaluation on {split}: {int(bad.sum())} of {len(score)} scores are NaN or inf: the model diverged; "
+            "lower train.lr / train.sparse_lr"
+        )
     row, first = np.unique(row, return_index=True)  # sorted, de-duplicated (padding of shares)
     frame = data.prediction_frame(row).with_columns(
         pl.Series("score", score[first]), pl.Series("lt_score", lt[first])
@@ -421,6 +551,20 @@ def predict(tr_module: nn.Module, data: RankingData, split: str, batch_size: int
 
 
 # --- the training run ------------------------------------------------------------------
+
+
+def _check_splits(data: RankingData) -> None:
+    """Rows in every split, and both click labels in train: otherwise there is
+    nothing to learn or to report (a DataError naming the file and column)."""
+    file = data.interactions_file
+    for split in S.SPLITS:
+        if not len(data.requests(split)):
+            raise DataError(f"the {split} split has no rows: the ranker needs rows in train, valid and test "
+                            "(more data, or other valid_frac/test_frac)", file=file, column=S.SPLIT)
+    labels = data.imp_label[data.impressions(data.requests("train"))]
+    if labels.min() == labels.max():
+        raise DataError(f"every train row has {S.LABEL} = {int(labels[0])} ({len(labels)} rows): nothing to learn "
+                        "(check the label threshold of `recsys features build`)", file=file, column=S.LABEL)
 
 
 def _better(new: float, best: float | None, min_delta: float) -> bool:
@@ -466,6 +610,7 @@ def _fit(
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
     tracker = tracker or NullTracker()
+    _check_splits(data)
     ctx = _context(train)
     out = Path(out_dir)
     ckpt_dir = Path(train.checkpoint_dir) if train.checkpoint_dir else out / "checkpoints"
@@ -487,13 +632,16 @@ def _fit(
     if ck is None:
         best_path.unlink(missing_ok=True)  # never evaluate a stale best from an earlier run
     else:
-        _load_model_state(tr, ck["model"])
-        tr.dense_opt.load_state_dict(ck["dense_opt"])
-        if ctx.distributed:
-            _copy_local(tr.sparse_opt.state_dict(), ck["sparse_opt"])
-        else:
-            tr.sparse_opt.load_state_dict(ck["sparse_opt"])
-        state = json.loads(ck["state"])
+        try:
+            _load_model_state(tr, ck["model"])
+            tr.dense_opt.load_state_dict(ck["dense_opt"])
+            if ctx.distributed:
+                _copy_local(tr.sparse_opt.state_dict(), ck["sparse_opt"])
+            else:
+                tr.sparse_opt.load_state_dict(ck["sparse_opt"])
+            state = json.loads(ck["state"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise _bad_checkpoint(last_path, f"does not match this model ({type(e).__name__})") from e
         if ctx.is_main:
             print(f"resumed from {last_path} after epoch {state['epoch']}", file=sys.stderr)
 
@@ -501,9 +649,13 @@ def _fit(
         epoch = state["epoch"]
         t0 = time.perf_counter()
         losses = _train_epoch(tr, data, train, seed, epoch, ctx)
-        valid = evaluate_predictions(predict(tr.module, data, "valid", train.eval_batch_size, ctx))
+        try:
+            valid = evaluate_predictions(predict(tr.module, data, "valid", train.eval_batch_size, ctx))
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"epoch {epoch + 1}, {e}") from e
         seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, **losses, **{f"valid_{k}": v for k, v in valid.items() if k != "auc_by_activity"},
+        row = {"epoch": epoch + 1, **losses,
+               **{f"valid_{k}": v for k, v in valid.items() if k not in ("auc_by_activity", "reasons")},
                "epoch_seconds": seconds}
         state["history"].append(row)
         state["train_seconds"] += seconds
@@ -511,7 +663,7 @@ def _fit(
         if _better(score, state["best"], train.min_delta):
             state.update(best=float(score), best_epoch=epoch + 1, bad_epochs=0)
             _save(best_path, {"model": _model_state(tr), "epoch": epoch + 1})
-        else:
+        elif np.isfinite(score):  # an n/a valid GAUC is no evidence either way: no early stop on it
             state["bad_epochs"] += 1
             if train.patience and state["bad_epochs"] >= train.patience:
                 state["stopped"] = True
@@ -519,8 +671,8 @@ def _fit(
         if ctx.is_main:
             tracker.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None
                                  and np.isfinite(v)}, step=epoch + 1)
-            print(f"epoch {epoch + 1}: loss {losses['train_loss']:.4f} valid auc {valid['auc']:.4f} "
-                  f"gauc {valid['gauc']:.4f} ({seconds:.1f}s)", file=sys.stderr)
+            print(f"epoch {epoch + 1}: loss {losses['train_loss']:.4f} valid {metrics_line(valid, ('auc', 'gauc'))} "
+                  f"({seconds:.1f}s)", file=sys.stderr)
         _save(last_path, {
             "key": key,
             "model": _model_state(tr),
@@ -530,13 +682,17 @@ def _fit(
         })
 
     if best_path.exists():
-        _load_model_state(tr, _load(best_path)["model"])
+        try:
+            _load_model_state(tr, _load(best_path)["model"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise _bad_checkpoint(best_path, f"does not match this model ({type(e).__name__})") from e
     valid_pred = predict(tr.module, data, "valid", train.eval_batch_size, ctx)
     test_pred = predict(tr.module, data, "test", train.eval_batch_size, ctx)
     valid = evaluate_predictions(valid_pred)
     test = evaluate_predictions(test_pred)
-    metrics: dict[str, Any] = {k: test[k] for k in ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")}
+    metrics: dict[str, Any] = {k: test[k] for k in CONTRACT_METRICS}
     metrics.update(
+        reasons=test["reasons"],
         n_test=test["n"],
         auc_by_activity=test["auc_by_activity"],
         valid={k: v for k, v in valid.items() if k != "n"},
@@ -554,15 +710,15 @@ def _fit(
         config_hash=key,
     )
     if ctx.is_main:
-        pred_path = out / "predictions.parquet"
-        tmp = pred_path.with_suffix(".parquet.tmp")
-        test_pred.write_parquet(tmp)
-        tmp.replace(pred_path)
-        metrics_path = out / "metrics.json"
-        tmp = metrics_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_finite(metrics), indent=2) + "\n")
-        tmp.replace(metrics_path)
-        tracker.log_metrics({f"test_{k}": float(metrics[k]) for k in ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")
+        # both files written beside their final names first: a failure leaves
+        # the previous pair (or none), never a new predictions file with old metrics
+        pred_path, metrics_path = out / "predictions.parquet", out / "metrics.json"
+        tmp_pred, tmp_metrics = pred_path.with_suffix(".parquet.tmp"), metrics_path.with_suffix(".json.tmp")
+        test_pred.write_parquet(tmp_pred)
+        tmp_metrics.write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False) + "\n")
+        tmp_pred.replace(pred_path)
+        tmp_metrics.replace(metrics_path)
+        tracker.log_metrics({f"test_{k}": float(metrics[k]) for k in CONTRACT_METRICS
                              if metrics[k] is not None and np.isfinite(metrics[k])})
         tracker.log_artifact(metrics_path)
         tracker.log_artifact(pred_path)
@@ -578,22 +734,52 @@ def data_config(ranker: RankerConfig, train: TrainConfig) -> DataConfig:
                       use_match_features=ranker.use_match_features, match_columns=ranker.match_columns)
 
 
+def ranker_inputs(cfg: Any) -> dict[str, Path | None]:
+    """The files a ranker run reads, keyed by their config key (None: not
+    used): paths.features, paths.match_features (the parquet file, when
+    ranker.use_match_features and the path is not "none") and paths.embeddings
+    (when ranker.use_distilled_embeddings != "off"). A requested match or
+    embeddings file that is absent is a UsageError (exit 2), never a quiet run
+    without it. The CLI checks --out against these before any work."""
+    ranker: RankerConfig = cfg.ranker
+    paths = cfg.paths
+    match = None
+    if ranker.use_match_features and paths.match_features.strip().lower() != "none":
+        match = resolve_match_path(paths.resolve("match_features"), key="paths.match_features")
+    embeddings = None
+    if ranker.use_distilled_embeddings != "off":
+        embeddings = paths.resolve("embeddings")
+        if not embeddings.is_file():
+            raise UsageError(f"paths.embeddings: {embeddings} does not exist (ranker.use_distilled_embeddings is "
+                             f"{ranker.use_distilled_embeddings!r}); run `recsys distill train` or set it to off")
+    return {"paths.features": paths.resolve("features"), "paths.match_features": match, "paths.embeddings": embeddings}
+
+
 def train_ranker(cfg: Any, out_dir: str | Path, tracker: Tracker | None = None) -> dict[str, Any]:
     """Load the data named by cfg.paths and `fit` (see module docstring).
 
     cfg: PipelineConfig-like (.paths: PathsConfig, .ranker, .train, .seed).
-    paths.match_features "none" (or a folder without match_features.parquet)
-    means no match features; paths.embeddings is read only when
-    ranker.use_distilled_embeddings != "off".
+    Inputs as in `ranker_inputs`: paths.match_features "none" is the one way
+    to run without match features while ranker.use_match_features is true.
     """
     ranker: RankerConfig = cfg.ranker
     train: TrainConfig = cfg.train
-    paths = cfg.paths
     seed = train.seed if train.seed is not None else int(getattr(cfg, "seed", 0))
-    embeddings = paths.resolve("embeddings") if ranker.use_distilled_embeddings != "off" else None
-    match = None if paths.match_features.strip().lower() == "none" else paths.resolve("match_features")
-    data = RankingData.load(paths.resolve("features"), data_config(ranker, train), match, embeddings)
+    inputs = ranker_inputs(cfg)
+    data = RankingData.load(inputs["paths.features"], data_config(ranker, train), inputs["paths.match_features"],
+                            inputs["paths.embeddings"])
     return fit(data, ranker, train, out_dir, tracker, seed=seed)
 
 
-__all__ = ["TrainConfig", "data_config", "evaluate_predictions", "fit", "predict", "train_ranker"]
+__all__ = [
+    "TrainConfig",
+    "TrainingDiverged",
+    "check_launch_env",
+    "data_config",
+    "evaluate_predictions",
+    "fit",
+    "metrics_line",
+    "predict",
+    "ranker_inputs",
+    "train_ranker",
+]

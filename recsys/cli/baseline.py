@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 from recsys.cli import group
 
@@ -25,13 +24,20 @@ returned_1d, active_days_7, lt_observed), OUT/feature_importance.png and
 OUT/manifest.json; with --lift, OUT/with_match/, OUT/no_match/ and
 OUT/lift.json. Settings: the `lightgbm:` section of --config; runs are tracked
 per its `tracking:` section (tracking.enabled: false logs nothing).
+
+lightgbm.use_match_features (default true) needs --match-features DIR holding
+match_features.parquet; --no-match trains without them. A metric that cannot
+be computed (single-class test labels, no observed LT rows) is null in
+metrics.json with its reason under "reasons"; train labels of one class only
+are an error (exit 1): there is nothing to learn.
 """
 
 
 def _lightgbm(args: argparse.Namespace) -> int:
     from features.errors import UsageError
+    from features.paths import check_output
     from recsys.config import load_pipeline_config
-    from recsys.models.lightgbm_ranker import match_lift, run_lightgbm
+    from recsys.models.lightgbm_ranker import check_inputs, match_lift, run_lightgbm
     from recsys.tracking import open_pipeline_run
 
     pcfg = load_pipeline_config(args.config)
@@ -39,10 +45,18 @@ def _lightgbm(args: argparse.Namespace) -> int:
     match_dir = None if args.no_match else args.match_features
     if args.no_match:
         cfg = dataclasses.replace(cfg, use_match_features=False)
+    if args.n_boot < 2:
+        raise UsageError(f"--n-boot must be >= 2 (a bootstrap interval needs replicates), got {args.n_boot}")
     if args.lift and match_dir is None:
         raise UsageError("--lift compares with and without match features: give --match-features (and no --no-match)")
-    if cfg.use_match_features and match_dir is None:
-        print("warning: no --match-features given: training without match features", file=sys.stderr)
+    if cfg.use_match_features and match_dir is None and not args.lift:
+        raise UsageError("lightgbm.use_match_features is true but no --match-features was given: "
+                         "pass --match-features DIR, or --no-match to train without them")
+    if not cfg.use_match_features and match_dir is not None and not args.lift:
+        raise UsageError(f"--match-features {match_dir} was given but lightgbm.use_match_features is false in "
+                         f"{args.config}: drop one of them")
+    check_inputs(args.features, match_dir)
+    check_output(args.out, {"--features": args.features, "--match-features": match_dir, "--config": args.config})
     params = {"lightgbm": dataclasses.asdict(cfg), "features": args.features, "match_features": match_dir or "none"}
     with open_pipeline_run(pcfg.tracking, "baseline-lightgbm", tags={"model": "lightgbm"}, params=params) as run:
         with run.stage("lightgbm", params=params, reuse=False) as stage:

@@ -22,26 +22,40 @@ embeddings), ranker, train, seed. Writes DIR/metrics.json (test auc, gauc,
 logloss, lt_auc, lt_spearman, valid metrics, per-activity AUC) and
 DIR/predictions.parquet (one row per test impression). A rerun into the same
 DIR resumes from DIR/checkpoints/last.pt (train.resume: false to start over).
+A metric that cannot be computed (e.g. no observed LT rows) is null in
+metrics.json with its reason under "reasons", and printed as n/a.
+
+Exit status: 0 ok; 1 bad data, a corrupt checkpoint (use --no-resume) or a
+diverged run (NaN/inf loss, gradient or score: the epoch and step are named);
+2 a config or usage error: an unknown key, a non-finite number, a requested
+match-features or embeddings path that does not exist, an --out that overlaps
+an input, WORLD_SIZE set without torchrun.
 """
 
 
 def _train(args: argparse.Namespace) -> int:
     import os
 
+    from features.paths import check_output
     from recsys.cli import seed_everything
     from recsys.config import load_pipeline_config
     from recsys.tracking import tracked_command
-    from recsys.train import train_ranker
+    from recsys.train import check_launch_env, metrics_line, ranker_inputs, train_ranker
 
     overrides = {"train": {"resume": False}} if args.no_resume else None
     cfg = load_pipeline_config(args.config, overrides)
+    check_launch_env()
+    inputs = {**ranker_inputs(cfg), "--config": args.config}
+    check_output(args.out, inputs)
+    if cfg.train.checkpoint_dir:
+        check_output(cfg.train.checkpoint_dir, inputs, flag="train.checkpoint_dir")
     seed_everything(cfg.seed)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     params = {"paths": cfg.paths, "ranker": cfg.ranker, "train": cfg.train, "seed": cfg.seed}
     with tracked_command(cfg.tracking, "rank", params, tags={"model": "ranker"}, enabled=rank0, outputs=args.out) as st:
         metrics = train_ranker(cfg, args.out, tracker=st)
     if rank0:
-        print(f"test auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} logloss {metrics['logloss']:.4f}", file=sys.stderr)
+        print(f"test {metrics_line(metrics, ('auc', 'gauc', 'logloss', 'lt_auc'))}", file=sys.stderr)
         print(f"output: {args.out}")
     return 0
 

@@ -9,6 +9,11 @@ stopping and the sign convention of the compare command.
     gauc     impression-weighted mean of per-user AUC over users with both labels
     logloss  mean binary cross-entropy of probabilities
     spearman rank correlation (average ranks for ties)
+
+A metric that cannot be computed on its rows (none, one class only, no user
+with both classes, constant values, non-finite scores) is NaN, never an
+exception; `nan_reason` says why, metrics.json writes it as null next to a
+`reasons` entry, and `format_metric` prints it as `n/a`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ def _check(y: np.ndarray, s: np.ndarray, w: np.ndarray | None) -> tuple[np.ndarr
 def auc(y_true: np.ndarray, score: np.ndarray, weights: np.ndarray | None = None) -> float:
     """ROC AUC with ties counted 1/2; NaN when a class is absent."""
     y, s, w = _check(y_true, score, weights)
+    if y.size == 0 or not np.isfinite(s).all():
+        return float("nan")
     order = np.argsort(s, kind="mergesort")
     s, y, w = s[order], y[order], w[order]
     tie_id = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1  # (n,)
@@ -53,6 +60,10 @@ def per_group_auc(groups: np.ndarray, y_true: np.ndarray, score: np.ndarray) -> 
     Returns (group values, auc per group, rows per group)."""
     y, s, _ = _check(y_true, score, None)
     g_vals, g = np.unique(np.asarray(groups).ravel(), return_inverse=True)
+    if len(g) != len(y):
+        raise ValueError(f"groups and labels differ in length: {len(g)} vs {len(y)}")
+    if len(y) == 0:
+        return g_vals, np.zeros(0), np.zeros(0)
     order = np.lexsort((s, g))
     g, s, y = g[order], s[order], y[order]
     n = len(s)
@@ -80,6 +91,8 @@ def gauc(
     """Group (user) AUC: mean of per-user AUC weighted by the user's
     impressions (times `weights`, constant within a user), over users with
     both a positive and a negative. NaN when no user qualifies."""
+    if not np.isfinite(np.asarray(score, dtype=np.float64)).all():
+        return float("nan")
     g_vals, a, n = per_group_auc(groups, y_true, score)
     if weights is not None:
         w = np.asarray(weights, dtype=np.float64).ravel()
@@ -94,6 +107,8 @@ def gauc(
 def logloss(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray | None = None) -> float:
     """Mean binary cross-entropy of probabilities (clipped to [1e-7, 1-1e-7])."""
     y, p, w = _check(y_true, prob, weights)
+    if y.size == 0 or not np.isfinite(p).all() or w.sum() <= 0:
+        return float("nan")
     if ((p < 0) | (p > 1)).any():
         raise ValueError("logloss needs probabilities in [0, 1]; pass sigmoid(logits)")
     p = np.clip(p, _EPS, 1 - _EPS)
@@ -118,13 +133,43 @@ def spearman(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) ->
     if weights is not None:
         reps = np.rint(w).astype(np.int64)
         x, y = np.repeat(x, reps), np.repeat(y, reps)
-    if len(x) < 2:
+    if len(x) < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
         return float("nan")
     rx, ry = _avg_rank(x), _avg_rank(y)
     rx -= rx.mean()
     ry -= ry.mean()
     den = np.sqrt((rx * rx).sum() * (ry * ry).sum())
     return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def nan_reason(kind: str, y_true: np.ndarray, score: np.ndarray, label: str = "label") -> str:
+    """Why a metric of `kind` ("auc", "gauc", "logloss", "spearman") is NaN
+    on these rows; `label` names the truth column in the message."""
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    s = np.asarray(score, dtype=np.float64).ravel()
+    if y.size == 0:
+        return "no rows"
+    if not np.isfinite(s).all():
+        return f"{int((~np.isfinite(s)).sum())} non-finite scores"
+    if kind == "auc":
+        if (y > 0).all() or (y <= 0).all():
+            return f"{label} has one class only (all {'positive' if (y > 0).all() else 'negative'})"
+    if kind == "gauc":
+        if (y > 0).all() or (y <= 0).all():
+            return f"{label} has one class only (all {'positive' if (y > 0).all() else 'negative'})"
+        return f"no user has both a positive and a negative {label}"
+    if kind == "spearman":
+        if y.size < 2:
+            return "fewer than 2 rows"
+        return f"{label} or the score is constant"
+    return "undefined on these rows"
+
+
+def format_metric(value: float | None, digits: int = 4) -> str:
+    """`0.7312`, or `n/a` for a metric that could not be computed (None/NaN)."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
 
 
 def auc_by_bucket(buckets: np.ndarray, y_true: np.ndarray, score: np.ndarray) -> dict[str, float]:

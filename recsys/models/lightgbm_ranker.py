@@ -260,21 +260,59 @@ def _matrix(X: np.ndarray | pl.DataFrame) -> np.ndarray:
 # --- the report ------------------------------------------------------------------
 
 
-def load_table(features_dir: str | Path, match_dir: str | Path | None) -> tuple[pl.DataFrame, list[str]]:
-    """interactions.parquet with the rate features and the mf_* columns of
-    `match_dir` attached (checked row by row: same user_id, item_id,
-    timestamp, same order)."""
+# interactions.parquet columns the baseline reads (features.schemas names)
+_NEEDED = (S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.LABEL, S.SPLIT, S.ITEM_POP, S.HIST_END, S.HIST_LEN, S.POS_HIST_LEN,
+           S.POS_HIST_END, S.RETURNED_1D, S.ACTIVE_DAYS_7, S.LT_OBSERVED)
+
+
+def check_inputs(features_dir: str | Path, match_dir: str | Path | None) -> tuple[Path, Path | None]:
+    """(interactions file, match file or None); a UsageError (exit 2) before
+    any work when a requested one is absent."""
     feats = Path(features_dir)
     inter_file = feats / S.FILES["interactions"]
     if not inter_file.is_file():
         raise UsageError(f"{feats} is not a features folder (no {S.FILES['interactions']}); run `recsys features build`")
-    inter = pl.scan_parquet(inter_file).pipe(add_rate_features).collect()
     if match_dir is None:
-        return inter, []
+        return inter_file, None
     mfile = Path(match_dir) / MATCH_FILE
     if not mfile.is_file():
-        raise UsageError(f"{mfile} does not exist; run `recsys features match` (or pass --no-match)")
-    mf = pl.read_parquet(mfile)
+        raise UsageError(f"--match-features: {mfile} does not exist; run `recsys features match` (or pass --no-match)")
+    return inter_file, mfile
+
+
+def _parquet_schema(path: Path) -> pl.Schema:
+    try:
+        return pl.Schema(pl.read_parquet_schema(path))
+    except Exception as e:  # noqa: BLE001 - polars raises several types for a broken file
+        raise DataError(f"not a readable parquet file: {e}", file=str(path)) from e
+
+
+def load_table(features_dir: str | Path, match_dir: str | Path | None) -> tuple[pl.DataFrame, list[str]]:
+    """interactions.parquet with the rate features and the mf_* columns of
+    `match_dir` attached (checked row by row: same user_id, item_id,
+    timestamp, same order)."""
+    from features.errors import SchemaError
+
+    inter_file, mfile = check_inputs(features_dir, match_dir)
+    schema = _parquet_schema(inter_file)
+    for col in _NEEDED:
+        if col not in schema:
+            raise SchemaError(f"missing column (found: {', '.join(schema.names())})", file=str(inter_file), column=col)
+    try:
+        inter = pl.scan_parquet(inter_file).pipe(add_rate_features).collect()
+    except pl.exceptions.PolarsError as e:
+        raise DataError(f"cannot be read as a features table: {str(e).strip().splitlines()[0]}",
+                        file=str(inter_file)) from e
+    if mfile is None:
+        return inter, []
+    _parquet_schema(mfile)
+    try:
+        mf = pl.read_parquet(mfile)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"not a readable parquet file: {e}", file=str(mfile)) from e
+    missing = [k for k in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP) if k not in mf.columns]
+    if missing:
+        raise SchemaError(f"missing column (found: {', '.join(mf.columns)})", file=str(mfile), column=missing[0])
     keys = [S.USER_ID, S.ITEM_ID, S.TIMESTAMP]
     if mf.height != inter.height or not mf.select(keys).equals(inter.select(keys)):
         raise DataError(
@@ -284,23 +322,39 @@ def load_table(features_dir: str | Path, match_dir: str | Path | None) -> tuple[
             column=",".join(keys),
         )
     mcols = [c for c in mf.columns if c.startswith(MATCH_PREFIX)]
+    if not mcols:
+        raise SchemaError(f"no {MATCH_PREFIX}* columns (found: {', '.join(mf.columns)})", file=str(mfile),
+                          column=f"{MATCH_PREFIX}*")
     return inter.hstack(mf.select(mcols)), mcols
 
 
-def _metrics(frame: pl.DataFrame, score: np.ndarray, lt_score: np.ndarray | None, prefix: str = "") -> dict[str, float]:
-    from recsys.eval.metrics import METRICS, compute
+def _metrics(
+    frame: pl.DataFrame, score: np.ndarray, lt_score: np.ndarray | None, reasons: dict[str, str], prefix: str = "",
+    lt_missing: str = "",
+) -> dict[str, float]:
+    """Test (or `prefix`ed valid) metrics; each NaN one gets its reason in
+    `reasons` (e.g. "no observed LT rows"). `lt_missing`: why there is no LT model."""
+    from recsys.eval.metrics import METRICS, compute, nan_reason
 
     users = frame[S.USER_ID].to_numpy()
     y = frame[S.LABEL].to_numpy()
-    out = {f"{prefix}{m}": compute(METRICS[m], users, y, score) for m in ("auc", "gauc", "logloss")}
+    out = {}
+    for m in ("auc", "gauc", "logloss"):
+        out[f"{prefix}{m}"] = compute(METRICS[m], users, y, score)
+        if not math.isfinite(out[f"{prefix}{m}"]):
+            reasons[f"{prefix}{m}"] = nan_reason(METRICS[m].kind, y, score, S.LABEL)
     obs = frame[S.LT_OBSERVED].to_numpy()
     for m in ("lt_auc", "lt_spearman"):
-        metric = METRICS[m]
+        metric, key = METRICS[m], f"{prefix}{m}"
         if lt_score is None or not obs.any():
-            out[f"{prefix}{m}"] = float("nan")
+            out[key] = float("nan")
+            reasons[key] = lt_missing if lt_score is None else \
+                f"no observed LT rows ({S.LT_OBSERVED} is false on all {frame.height} rows)"
             continue
         truth = frame[metric.label].to_numpy()[obs]
-        out[f"{prefix}{m}"] = compute(metric, users[obs], truth, lt_score[obs])
+        out[key] = compute(metric, users[obs], truth, lt_score[obs])
+        if not math.isfinite(out[key]):
+            reasons[key] = nan_reason(metric.kind, truth, lt_score[obs], metric.label)
     return out
 
 
@@ -326,11 +380,14 @@ def run_lightgbm(
         raise ConfigError("lightgbm: every feature switch is off and no match features are given")
     split = frame[S.SPLIT]
     tr, va, te = (frame.filter(split == s) for s in S.SPLITS)
+    inter_file = str(Path(features_dir) / S.FILES["interactions"])
     if min(tr.height, va.height, te.height) == 0:
+        raise DataError("lightgbm needs rows in train, valid and test", file=inter_file, column=S.SPLIT)
+    if tr[S.LABEL].n_unique() < 2:
         raise DataError(
-            "lightgbm needs rows in train, valid and test",
-            file=str(Path(features_dir) / S.FILES["interactions"]),
-            column=S.SPLIT,
+            f"every train row has {S.LABEL} = {tr[S.LABEL][0]} ({tr.height} rows): nothing to learn "
+            "(check the label threshold of `recsys features build`)",
+            file=inter_file, column=S.LABEL,
         )
 
     def fit(train: pl.DataFrame, valid: pl.DataFrame, label: str) -> LightGBMRanker:
@@ -341,14 +398,20 @@ def run_lightgbm(
 
     click = fit(tr, va, S.LABEL)
     prob = lambda m, f: m.predict_proba(f.select(features))[:, 1]  # noqa: E731
-    lt = None
+    lt, lt_missing = None, "lightgbm.lt_model is false"
     if cfg.lt_model:
         tr_lt, va_lt = tr.filter(pl.col(S.LT_OBSERVED)), va.filter(pl.col(S.LT_OBSERVED))
-        if tr_lt.height and va_lt.height and tr_lt[S.RETURNED_1D].n_unique() > 1:
+        if not tr_lt.height or not va_lt.height:
+            lt_missing = f"no LT model: no observed LT rows in {'train' if not tr_lt.height else 'valid'}"
+        elif tr_lt[S.RETURNED_1D].n_unique() < 2:
+            lt_missing = f"no LT model: {S.RETURNED_1D} has one class only on the observed train rows"
+        else:
             lt = fit(tr_lt, va_lt, S.RETURNED_1D)
     score, lt_score = prob(click, te), (prob(lt, te) if lt is not None else None)
-    metrics = _metrics(te, score, lt_score)
-    metrics |= _metrics(va, prob(click, va), prob(lt, va) if lt is not None else None, prefix="valid_")
+    reasons: dict[str, str] = {}
+    metrics = _metrics(te, score, lt_score, reasons, lt_missing=lt_missing)
+    metrics |= _metrics(va, prob(click, va), prob(lt, va) if lt is not None else None, reasons, prefix="valid_",
+                        lt_missing=lt_missing)
     metrics |= {"best_iteration": click.best_iteration_, "lt_best_iteration": lt.best_iteration_ if lt is not None else 0}
 
     preds = te.select(S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.LABEL).with_columns(
@@ -366,7 +429,7 @@ def run_lightgbm(
     out = Path(out_dir)
     with atomic_outputs(out) as tmp:
         write_parquet(preds, tmp / PREDICTIONS)
-        (tmp / METRICS_FILE).write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")
+        (tmp / METRICS_FILE).write_text(json.dumps(_jsonable(metrics) | {"reasons": reasons}, indent=2) + "\n")
         imp = click.feature_importance("gain")
         plots.feature_importance(imp, tmp / IMPORTANCE_PNG, title=f"LightGBM gain ({'with' if mcols else 'without'} match features)")
         write_manifest(
@@ -378,15 +441,19 @@ def run_lightgbm(
         )
     tracker.set_tags({"model": "lightgbm", "config_hash": config_hash(cfg), "match_features": str(bool(mcols)).lower()})
     tracker.log_params(flatten({"lightgbm": to_dict(cfg)}) | {"n_features": len(features), "features": ",".join(features)})
-    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+    tracker.log_metrics({k: v for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
     for name in (METRICS_FILE, PREDICTIONS, IMPORTANCE_PNG):
         tracker.log_artifact(out / name)
-    log(
-        f"lightgbm: test auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} logloss {metrics['logloss']:.4f} "
-        f"lt_auc {metrics['lt_auc']:.4f} ({len(features)} features, {click.best_iteration_} trees) -> {out} "
-        f"in {time.perf_counter() - t0:.1f}s"
+    from recsys.eval.metrics import format_metric
+
+    shown = " ".join(
+        f"{m} {format_metric(metrics[m])}" + (f" ({reasons[m]})" if m in reasons else "")
+        for m in ("auc", "gauc", "logloss", "lt_auc")
     )
-    return metrics
+    log(f"lightgbm: test {shown} ({len(features)} features, {click.best_iteration_} trees) -> {out} "
+        f"in {time.perf_counter() - t0:.1f}s")
+    return metrics | {"reasons": reasons}
 
 
 def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -444,7 +511,7 @@ def match_lift(
         "no_match": run_lightgbm(features_dir, None, out / "no_match", without_cfg, NullTracker(), log=log),
     }
     lift = compare_gauc(out / "with_match", out / "no_match", n_boot=n_boot, seed=cfg.seed)
-    report = {"arms": {k: _jsonable(v) for k, v in arms.items()}, "gauc_lift": lift}
+    report = {"arms": {k: _jsonable(v) for k, v in arms.items()}, "gauc_lift": _jsonable(lift)}
     tmp = out / "lift.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out / "lift.json")

@@ -105,6 +105,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from features.errors import RecsysError
+
 MODES = ("exact", "compact")
 GRAM_DTYPES = ("float64", "input")
 
@@ -214,9 +216,22 @@ def _masked_history(history: Tensor, lengths: Tensor) -> Tensor:
     return torch.where(valid[..., None], history, torch.zeros((), dtype=history.dtype))  # (B, L, D)
 
 
+class SVDFactorizationError(RecsysError):
+    """eigh could not factor a history's Gram matrix: almost always because
+    the history embeddings hold NaN/inf (a diverged model, e.g. a huge lr)."""
+
+
 def _top_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     """All eigenpairs of symmetric (B, D, D) float64 matrices, descending."""
-    lam, e = torch.linalg.eigh(gram)  # (B, D), (B, D, D) ascending
+    try:
+        lam, e = torch.linalg.eigh(gram)  # (B, D), (B, D, D) ascending
+    except torch.linalg.LinAlgError as err:
+        if not bool(torch.isfinite(gram).all()):
+            raise SVDFactorizationError(
+                "SVD-attention got history embeddings with NaN or inf values (eigh cannot factor them): "
+                "the model diverged; lower train.lr / train.sparse_lr"
+            ) from err
+        raise SVDFactorizationError(f"SVD-attention: eigh did not converge on a history Gram matrix ({err})") from err
     return lam.flip(-1), e.flip(-1)
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from features import schemas as S
-from features.errors import DataError, SchemaError
+from features.errors import DataError, SchemaError, UsageError
 from recsys.data import (
     CAND_KEY,
     HIST_KEY,
@@ -251,13 +251,18 @@ def test_match_features_joined_by_keys_in_any_order(ml100k_features, tmp_path):
     np.testing.assert_array_equal(a.imp_dense, b.imp_dense)
 
 
-def test_no_match_features_when_none_or_empty_dir(ml100k_features, tmp_path):
+def test_no_match_features_only_when_none(ml100k_features, tmp_path):
     (tmp_path / "empty").mkdir()
     assert resolve_match_path("none") is None
     assert resolve_match_path("") is None
-    assert resolve_match_path(tmp_path / "empty") is None
-    data = RankingData.load(ml100k_features, DataConfig(), match_path=tmp_path / "empty")
+    data = RankingData.load(ml100k_features, DataConfig(), match_path="none")
     assert not any(n.startswith("mf_") for n in data.spec.dense_names)
+    # a requested location without the file is an error (exit 2), never a run without match features
+    for missing in (tmp_path / "empty", tmp_path / "nowhere", tmp_path / "nowhere.parquet"):
+        with pytest.raises(UsageError, match=str(missing.name)):
+            resolve_match_path(missing)
+        with pytest.raises(UsageError):
+            RankingData.load(ml100k_features, DataConfig(), match_path=missing)
     # config off: the file is ignored even when present
     make_match_standin(ml100k_features, tmp_path / "m")
     off = RankingData.load(ml100k_features, DataConfig(use_match_features=False), match_path=tmp_path / "m")
