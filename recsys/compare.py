@@ -4,6 +4,11 @@ Each arm (and seed) saved a predictions table of the same test impressions.
 For every metric and treatment arm: the value (mean over seeds), the delta vs
 control and a paired bootstrap 95% interval over users, plus a significance
 mark. Pure functions: loading runs from MLflow is `recsys.pipeline`'s job.
+
+A metric that cannot be computed (no test row has an observed long-term
+label, one class only, a constant target) is NaN with a `reason`: `null` in
+JSON, empty in CSV, `n/a (reason)` in tables, never significant. A NaN score
+in a predictions table is a data error, never a number.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -46,11 +53,29 @@ class CompareRow:
     higher_is_better: bool
     n_users: int
     seeds: int
+    reason: str = ""  # why value/delta are NaN ("" when they are numbers)
+
+    @property
+    def computable(self) -> bool:
+        return not self.reason
+
+
+def _check_scores(p: ArmPredictions, column: str) -> None:
+    """DataError naming the arm, seed, column and rows when scores are NaN."""
+    col = p.frame[column]
+    if col.dtype.is_float():
+        bad = np.flatnonzero(np.isnan(col.to_numpy().astype(np.float64)))
+        if bad.size:
+            raise DataError(
+                f"predictions of arm {p.arm!r} (seed {p.seed}): {bad.size} NaN score(s); the model diverged or the file is corrupt",
+                column=column, rows=bad.tolist(),
+            )
 
 
 def _aligned(treat: list[ArmPredictions], ctrl: list[ArmPredictions], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """users, truth, treatment scores (S, n), control scores (S, n) on the
-    impressions both arms scored (seeds paired in sorted order)."""
+    impressions both arms scored (seeds paired in sorted order); n may be 0
+    when no common impression has an observed long-term label."""
     m = METRICS[metric]
     seeds = sorted({p.seed for p in treat} & {p.seed for p in ctrl})
     if not seeds:
@@ -63,15 +88,19 @@ def _aligned(treat: list[ArmPredictions], ctrl: list[ArmPredictions], metric: st
         missing = [c for c in KEY + need if c not in frame.columns]
         if missing:
             raise DataError(f"predictions of arm {name!r} lack column(s) {missing}", column=missing[0])
-    rows = base.select(KEY + [m.label] + (["lt_observed"] if "lt_observed" in base.columns and m.label != "label" else []))
-    if "lt_observed" in rows.columns:
-        rows = rows.filter(pl.col("lt_observed")).drop("lt_observed")
+    for p in treat + ctrl:
+        if p.seed in seeds:
+            _check_scores(p, m.score)
+    lt = "lt_observed" in base.columns and m.label != "label"
+    rows = base.select(KEY + [m.label] + (["lt_observed"] if lt else []))
     for s in seeds:
         rows = rows.join(by_c[s].select(KEY + [pl.col(m.score).alias(f"c{s}")]), on=KEY, how="inner")
         rows = rows.join(by_t[s].select(KEY + [pl.col(m.score).alias(f"t{s}")]), on=KEY, how="inner")
-    rows = rows.drop_nulls()
     if rows.height == 0:
         raise DataError(f"arms {treat[0].arm!r} and {ctrl[0].arm!r} scored no common impressions")
+    if lt:
+        rows = rows.filter(pl.col("lt_observed").fill_null(False)).drop("lt_observed")
+    rows = rows.drop_nulls()
     st = np.stack([rows[f"t{s}"].to_numpy() for s in seeds])
     sc = np.stack([rows[f"c{s}"].to_numpy() for s in seeds])
     return rows[S.USER_ID].to_numpy(), rows[m.label].to_numpy(), st, sc
@@ -100,6 +129,7 @@ def compare_arms(
             # one generator per (metric, arm) from the same seed: every arm
             # is resampled on the same users, and the order of arms is moot
             ci = paired_bootstrap(m, users, y, st, sc, n_boot=n_boot, rng=np.random.default_rng(seed))
+            reason = why_not_computable(m, users, y) if math.isnan(ci.treatment) or math.isnan(ci.control) else ""
             out.append(
                 CompareRow(
                     arm=arm,
@@ -114,12 +144,40 @@ def compare_arms(
                     higher_is_better=m.higher_is_better,
                     n_users=ci.n_users,
                     seeds=st.shape[0],
+                    reason=reason,
                 )
             )
     return out
 
 
+def why_not_computable(m: Any, users: np.ndarray, y: np.ndarray) -> str:
+    """Why metric `m` is NaN on these rows, in words."""
+    if len(y) == 0:
+        if m.label != "label":
+            return "no test impression has an observed long-term label"
+        return "no test impressions"
+    classes = np.unique(y)
+    if m.kind == "auc" and len(classes) < 2:
+        return f"every {m.label} is {classes[0]:g}: AUC needs both classes"
+    if m.kind == "gauc":
+        return "no user has both a positive and a negative impression"
+    if m.kind == "spearman" and (len(y) < 2 or len(classes) < 2):
+        return f"{m.label} is constant: no rank correlation"
+    return "the scores give no defined value (constant or non-finite)"
+
+
+def _num(x: float, fmt: str) -> str:
+    return "n/a" if x is None or math.isnan(x) else format(x, fmt)
+
+
+def _record(r: CompareRow) -> dict[str, Any]:
+    """The row for JSON/CSV: NaN becomes None (`null`; empty in CSV)."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()}
+
+
 def _mark(r: CompareRow, control: str) -> str:
+    if r.reason:
+        return f"n/a ({r.reason})"
     if r.arm == control:
         return "(control)"
     if not r.significant:
@@ -132,22 +190,24 @@ def format_rows(rows: Sequence[CompareRow], fmt: str, *, control: str) -> str:
     """table | markdown | csv | json (the json rows carry the contract keys
     arm, metric, value, delta, ci_low, ci_high, plus the rest)."""
     if fmt == "json":
-        return json.dumps([asdict(r) for r in rows], indent=2)
+        return json.dumps([_record(r) for r in rows], indent=2, allow_nan=False)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(asdict(rows[0])) if rows else ["arm"])
         w.writeheader()
         for r in rows:
-            w.writerow(asdict(r))
+            w.writerow(_record(r))
         return buf.getvalue()
     header = ["metric", "arm", "value", "delta vs control", "95% CI", "sig."]
     body = [
         [
             r.metric + ("" if r.higher_is_better else " (lower=better)"),
             r.arm,
-            f"{r.value:.4f}",
-            "—" if r.arm == control else f"{r.delta:+.4f}",
-            "—" if r.arm == control else f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]",
+            _num(r.value, ".4f"),
+            "—" if r.arm == control else _num(r.delta, "+.4f"),
+            "—" if r.arm == control else (
+                "n/a" if math.isnan(r.ci_low) or math.isnan(r.ci_high) else f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]"
+            ),
             _mark(r, control),
         ]
         for r in rows

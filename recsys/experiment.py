@@ -17,6 +17,7 @@ arm's merged pipeline config (so a typo inside a delta fails at once).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,21 @@ from features.config import deep_merge, from_dict, load_mapping
 from features.errors import ConfigError
 from recsys.config import PipelineConfig
 from recsys.eval.metrics import METRICS
+
+# An experiment name becomes a folder under paths.root and a filter value in
+# the tracking store: no separators, no `..`.
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+MIN_BOOT = 100  # fewer bootstrap replicates give no usable 95% interval
+
+
+def check_experiment_name(name: str, what: str = "experiment") -> str:
+    """ConfigError unless `name` is letters, digits, '_', '.', '-' (not dots only)."""
+    if not isinstance(name, str) or not _NAME.match(name) or set(name) == {"."}:
+        raise ConfigError(
+            f"{what}: name {name!r} may only hold letters, digits, '_', '.' and '-' (and not dots only): "
+            "it names a folder under paths.root"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,11 @@ class ExperimentSpec:
     description: str = ""
 
     def __post_init__(self) -> None:
+        try:  # ValueError: from_dict adds the file to the message
+            check_experiment_name(self.experiment)
+            check_seeds(self.seeds, "seeds")
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         names = [a.name for a in self.arms]
         if not names:
             raise ValueError("arms: at least one arm is needed")
@@ -64,8 +85,33 @@ class ExperimentSpec:
             raise ValueError(f"metrics: unknown metric(s) {unknown}; known: {list(METRICS)}")
         if not self.seeds:
             raise ValueError("seeds: at least one seed is needed")
-        if self.n_boot < 100:
-            raise ValueError("n_boot must be >= 100")
+        if self.n_boot < MIN_BOOT:
+            raise ValueError(f"n_boot must be >= {MIN_BOOT}")
+
+
+def check_seeds(seeds: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """ConfigError on a negative or repeated seed (a repeated seed would be
+    counted twice in the interval)."""
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise ConfigError(f"{what}: seeds must be integers >= 0, got {bad}")
+    dups = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dups:
+        raise ConfigError(f"{what}: seed(s) {dups} repeated; each seed runs once")
+    return tuple(seeds)
+
+
+def parse_seeds(text: str, what: str = "--seeds") -> tuple[int, ...]:
+    """`"0,1,2"` -> (0, 1, 2); ConfigError (exit 2) on anything else."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise ConfigError(f"{what} {text!r}: expected comma-separated integers, e.g. 0,1,2")
+    try:
+        seeds = tuple(int(p) for p in parts)
+    except ValueError:
+        bad = next(p for p in parts if not p.lstrip("-").isdigit())
+        raise ConfigError(f"{what} {text!r}: {bad!r} is not an integer; expected e.g. 0,1,2") from None
+    return check_seeds(seeds, what)
 
 
 @dataclass
@@ -92,7 +138,7 @@ def load_experiment(path: str | Path, seeds: tuple[int, ...] | None = None) -> L
         raise ConfigError(f"{path}: missing required key 'baseline' (the frozen pipeline config the arms modify)")
     spec = from_dict(ExperimentSpec, data, where=str(path))
     if seeds:
-        spec = dataclasses.replace(spec, seeds=tuple(seeds))
+        spec = dataclasses.replace(spec, seeds=check_seeds(tuple(seeds), "--seeds"))
     baseline_path = (path.parent / spec.baseline).resolve()
     if not baseline_path.is_file():
         raise ConfigError(f"{path}: baseline {spec.baseline!r} not found (looked for {baseline_path})")

@@ -8,7 +8,9 @@ per distinct config (arms that agree on `features`, `teachers`, `distill` and
 commit, upstream fingerprints) match a finished run whose outputs are still
 intact on disk. Arm runs are tagged `experiment`, `arm` and `seed`; the parent
 records which run holds each arm's predictions (`arm_runs.json`), which is
-what `recsys experiment compare` reads.
+what `recsys experiment compare` reads. Each entry records the predictions'
+row count and content fingerprint as the run finished; compare refuses a file
+that no longer matches (truncated, replaced, rewritten).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,13 +34,60 @@ from features.config import config_hash
 from features.errors import DataError, UsageError
 from features.manifest import read_manifest
 from features.sources import file_fingerprint
-from recsys.compare import ArmPredictions, CompareRow, compare_arms, format_rows
+from recsys.compare import KEY, ArmPredictions, CompareRow, compare_arms, format_rows
 from recsys.config import PathsConfig, PipelineConfig
-from recsys.experiment import LoadedExperiment, load_experiment
+from recsys.eval.metrics import METRICS
+from recsys.experiment import MIN_BOOT, LoadedExperiment, load_experiment
 
 Log = Callable[[str], None]
 ARM_RUNS = "arm_runs.json"
 COMPARE_JSON = "compare.json"
+PREDICTIONS = "predictions.parquet"
+DEFAULT_METRICS = ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")
+
+
+def read_predictions(path: Path, arm: str, seed: int, metrics: tuple[str, ...] = DEFAULT_METRICS) -> pl.DataFrame:
+    """An arm's predictions table, checked: readable parquet, the columns
+    `metrics` need, no NaN score. DataError naming the file otherwise."""
+    where = f"predictions of arm {arm!r} (seed {seed})"
+    try:
+        frame = pl.read_parquet(path)
+    except FileNotFoundError:
+        raise DataError(f"{where} are missing", file=str(path)) from None
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise DataError(f"{where} cannot be read as parquet ({type(e).__name__}: {e}); rerun the arm", file=str(path)) from None
+    need = list(KEY)
+    for m in metrics:
+        need += [c for c in (METRICS[m].label, METRICS[m].score) if c not in need]
+    missing = [c for c in need if c not in frame.columns]
+    if missing:
+        raise DataError(f"{where} lack column(s) {missing}", file=str(path), column=missing[0])
+    for c in {METRICS[m].score for m in metrics}:
+        if frame[c].dtype.is_float():
+            bad = np.flatnonzero(np.isnan(frame[c].to_numpy().astype(np.float64)))
+            if bad.size:
+                raise DataError(f"{where}: {bad.size} NaN score(s)", file=str(path), column=c, rows=bad.tolist())
+    return frame
+
+
+def check_recorded(entry: dict[str, Any], frame: pl.DataFrame, path: Path) -> None:
+    """DataError when an arm's predictions differ from what its run recorded
+    as it finished (row count, then content fingerprint)."""
+    where = f"predictions of arm {entry['arm']!r} (seed {entry['seed']})"
+    if "rows" not in entry or "fingerprint" not in entry:
+        print(f"warning: {where} cannot be verified: the run recorded no row count or fingerprint "
+              "(made by an older version); rerun the experiment to record them", file=sys.stderr)
+        return
+    if frame.height != int(entry["rows"]):
+        raise DataError(
+            f"{where} have {frame.height} rows, but the run recorded {entry['rows']} on the test split when it "
+            "finished: the file was truncated or replaced; rerun the experiment", file=str(path),
+        )
+    if file_fingerprint(path) != entry["fingerprint"]:
+        raise DataError(
+            f"{where} changed since the run finished (fingerprint {file_fingerprint(path)} != recorded "
+            f"{entry['fingerprint']}); rerun the experiment", file=str(path),
+        )
 
 
 def _log_default(msg: str) -> None:
@@ -376,14 +427,18 @@ def run_experiment(
                 arm_tags = {"arm": arm.name, "seed": seed, "model": arm.model}
                 key = f"{arm.name}/seed{seed}"
                 arm_outputs[key], fingerprints[key] = pipe.arm(cfg, arm.model, seed, out, arm_tags)
-                predictions.append(ArmPredictions(arm.name, seed, pl.read_parquet(arm_outputs[key] / "predictions.parquet")))
-                arm_runs.append({"arm": arm.name, "seed": seed, "outputs": str(arm_outputs[key])})
+                f = arm_outputs[key] / PREDICTIONS
+                frame = read_predictions(f, arm.name, seed, exp.spec.metrics)
+                predictions.append(ArmPredictions(arm.name, seed, frame))
+                arm_runs.append({"arm": arm.name, "seed": seed, "outputs": str(arm_outputs[key]),
+                                 "rows": frame.height, "fingerprint": file_fingerprint(f)})
         run.log_dict(arm_runs, ARM_RUNS)
         with run.stage("eval", {"n_boot": exp.spec.n_boot, "metrics": list(exp.spec.metrics), "control": exp.spec.control},
                        fingerprints, reuse=False) as st:
             rows = compare_arms(predictions, control=exp.spec.control, metrics=exp.spec.metrics, n_boot=exp.spec.n_boot)
             log_compare(rows, st, root / "experiments" / name, control=exp.spec.control, predictions=predictions)
-            st.log_metrics({f"{r.metric}.{r.arm}": r.value for r in rows} | {f"{r.metric}.{r.arm}.delta": r.delta for r in rows})
+            values = {f"{r.metric}.{r.arm}": r.value for r in rows} | {f"{r.metric}.{r.arm}.delta": r.delta for r in rows}
+            st.log_metrics({k: v for k, v in values.items() if not math.isnan(v)})  # n/a is not a number
     return ExperimentOutcome(name, exp.spec.control, rows, arm_outputs, time.perf_counter() - t0)
 
 
@@ -396,7 +451,7 @@ def log_compare(rows: list[CompareRow], tracker: Any, out: Path, *, control: str
     (out / "compare.md").write_text(format_rows(rows, "markdown", control=control) + "\n")
     deltas: dict[str, dict[str, tuple[float, float, float]]] = {}
     for r in rows:
-        if r.arm != control:
+        if r.arm != control and not any(math.isnan(v) for v in (r.delta, r.ci_low, r.ci_high)):
             deltas.setdefault(r.metric, {})[r.arm] = (r.delta, r.ci_low, r.ci_high)
     files = [out / COMPARE_JSON, out / "compare.md"]
     if deltas:
@@ -404,19 +459,20 @@ def log_compare(rows: list[CompareRow], tracker: Any, out: Path, *, control: str
     first_seed = {}
     for p in predictions:
         first_seed.setdefault(p.arm, p)
-    files.append(
-        plots.roc_curves(
-            {a: (p.frame["label"].to_numpy(), p.frame["score"].to_numpy()) for a, p in first_seed.items()},
-            out / "roc_curves.png",
-            title="Test ROC by arm (click)",
-        )
-    )
+    # a ROC curve needs both classes; an all-negative test split has none to draw
+    roc = {a: (p.frame["label"].to_numpy(), p.frame["score"].to_numpy()) for a, p in first_seed.items()
+           if p.frame["label"].n_unique() > 1}
+    if roc:
+        files.append(plots.roc_curves(roc, out / "roc_curves.png", title="Test ROC by arm (click)"))
     for f in files:
         tracker.log_artifact(f, "compare")
 
 
 def load_experiment_predictions(tracking_cfg: Any, name: str) -> tuple[list[ArmPredictions], dict[str, Any]]:
-    """Predictions of the newest finished invocation of experiment `name`."""
+    """Predictions of the newest finished invocation of experiment `name`,
+    each checked for the columns of the experiment's metrics
+    (`read_predictions`) and matched against what its run recorded
+    (`check_recorded`)."""
     from recsys.tracking import connect
 
     store = connect(tracking_cfg)
@@ -427,13 +483,16 @@ def load_experiment_predictions(tracking_cfg: Any, name: str) -> tuple[list[ArmP
             f"run `recsys experiment run experiments/{name}.yaml` first"
         )
     parent = parents[0]
+    metrics = tuple(_parent_spec(tracking_cfg, parent).get("metrics", DEFAULT_METRICS))
     path = store.artifact_path(parent["run_id"], ARM_RUNS)
     preds = []
     for entry in json.loads(Path(path).read_text()):
-        f = Path(entry["outputs"]) / "predictions.parquet"
+        f = Path(entry["outputs"]) / PREDICTIONS
         if not f.is_file():
             raise DataError(f"predictions of arm {entry['arm']!r} (seed {entry['seed']}) are missing: {f}", file=str(f))
-        preds.append(ArmPredictions(entry["arm"], int(entry["seed"]), pl.read_parquet(f)))
+        frame = read_predictions(f, entry["arm"], int(entry["seed"]), metrics)
+        check_recorded(entry, frame, f)
+        preds.append(ArmPredictions(entry["arm"], int(entry["seed"]), frame))
     return preds, parent
 
 
@@ -450,10 +509,15 @@ def compare_experiment(
     predictions; log it (plot included) to a new run. Returns rows and control."""
     from recsys.tracking import open_pipeline_run
 
+    if n_boot is not None and n_boot < MIN_BOOT:
+        raise UsageError(f"n_boot {n_boot}: need at least {MIN_BOOT} bootstrap replicates for a 95% interval")
     preds, parent = load_experiment_predictions(tracking_cfg, name)
-    control = control or parent["tags"].get("control", "control")
     spec = _parent_spec(tracking_cfg, parent)
-    metrics = metrics or tuple(spec.get("metrics", ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")))
+    metrics = metrics or tuple(spec.get("metrics", DEFAULT_METRICS))
+    arms = sorted({p.arm for p in preds})
+    if control is not None and control not in arms:
+        raise UsageError(f"--control {control!r}: not an arm of experiment {name!r}; its arms: {', '.join(arms)}")
+    control = control or parent["tags"].get("control", "control")
     n_boot = n_boot or int(spec.get("n_boot", 1000))
     order = [a["name"] for a in spec.get("arms", [])]
     preds.sort(key=lambda p: (order.index(p.arm) if p.arm in order else len(order), p.arm, p.seed))

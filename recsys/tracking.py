@@ -31,24 +31,33 @@ One parent run per pipeline invocation, one nested child run per stage:
                 st.set_outputs(out_dir)
         emb_dir = st.outputs                     # this run's outputs or the reused run's
 
-Every run is tagged `git_commit`, `git_dirty`, `config_hash` (hash of its
+Every run is tagged `code_version` and `code_hash` (the plugin's version and
+a hash of its own source files), `git_commit` and `git_dirty` when the plugin
+itself lives in a git checkout, `process.pid`/`process.host`, `config_hash` (hash of its
 params), `data_fingerprint` (hash of its upstream fingerprints), `stage`
 ("pipeline" for the parent) plus the caller's tags (children inherit the
 parent's caller tags: experiment, arm, seed). Params are the flattened config;
 a value longer than MLflow's 6000-char limit is logged truncated and in full in
 the run's `params_full.json` artifact. A run whose body raises is marked FAILED
-(KILLED on Ctrl-C); no run is ever left RUNNING by this module.
+(KILLED on Ctrl-C). A process killed outright (SIGKILL, OOM, power) cannot
+mark its runs: the next `open_pipeline_run` on the same host marks RUNNING runs
+whose process is gone as KILLED.
+
+A sqlite store is created under a file lock beside the database (two first
+runs would otherwise race on MLflow's migrations), and a sqlite file that is
+not an MLflow store is refused, never migrated.
 
 Stage reuse
 -----------
 A stage is not recomputed when an earlier run of the same stage FINISHED with
-the same key: (stage name, params hash, git commit, dirty flag + hash of the
-uncommitted changes, upstream fingerprints). The key's hash is the run's
-`reuse_key` tag. A dirty working tree is never reused silently: its
-uncommitted changes (`git diff HEAD` plus untracked code/config files) are
-hashed into the key, so only a run made from exactly the same uncommitted code
-matches, and the log line says so. Outside a git repository the code version
-is unknown and nothing is reused. A FAILED or KILLED run is never reused, nor
+the same key: (stage name, params hash, plugin version + hash of the plugin's
+installed source files, upstream fingerprints). The key's hash is the run's
+`reuse_key` tag. The code is the plugin's own (the `.py` files of `recsys`,
+`features` and `distill`, wherever they are installed), never the repository
+of the working directory: running from inside another repository, or outside
+any, changes nothing; editing one source file changes every key. When the
+source files cannot be found the code version is unknown and nothing is
+reused. A FAILED or KILLED run is never reused, nor
 one whose recorded `outputs` folder no longer exists. Put everything that
 changes a stage's output (seed included) in its params or upstream.
 """
@@ -56,6 +65,8 @@ changes a stage's output (seed included) in its params or upstream.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -89,7 +100,9 @@ PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
 PARAMS_FULL_ARTIFACT = "params_full.json"
 PIPELINE_STAGE = "pipeline"
-REUSE_KEY_VERSION = 1
+REUSE_KEY_VERSION = 2  # 2: keyed on the plugin's own code, not the working directory's git
+DIST_NAME = "recsys-plugin"
+PACKAGES = ("recsys", "features", "distill")  # the plugin's code: what a reuse key covers
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 HTTP_SCHEMES = ("http", "https")
 # Untracked files of these kinds make the tree dirty (new code or config);
@@ -238,6 +251,66 @@ def _check_sqlite(uri: str, todo: str) -> None:
         ) from e
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+# Tables every MLflow sqlite store has; a database with other tables only is
+# someone else's and is never touched (MLflow would add its tables to it).
+MLFLOW_TABLES = {"experiments", "runs"}
+
+
+@contextmanager
+def _store_lock(db: Path) -> Iterator[None]:
+    """Exclusive lock beside the database: two processes that first touch a
+    fresh store would otherwise both run MLflow's migrations and one fails."""
+    import fcntl
+
+    with open(db.with_name(db.name + ".lock"), "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _refuse_foreign_sqlite(uri: str, db: Path, todo: str) -> None:
+    """UsageError unless `db` is absent, empty, or an MLflow store. Read only."""
+    import sqlite3
+
+    if not db.exists() or db.stat().st_size == 0:
+        return
+    with open(db, "rb") as fh:
+        magic = fh.read(len(SQLITE_MAGIC))
+    if magic != SQLITE_MAGIC:
+        raise UsageError(f"tracking URI {uri!r}: {db} is not a sqlite database; refusing to use it as a store; {todo}")
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise UsageError(f"tracking URI {uri!r}: cannot read the sqlite database {db}: {e}; {todo}") from e
+    if tables and not MLFLOW_TABLES <= tables:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise UsageError(
+            f"tracking URI {uri!r}: {db} is a sqlite database but not an MLflow store (tables: {shown}); "
+            f"refusing to add MLflow's tables to it; {todo}"
+        )
+
+
+@contextmanager
+def _opening_store(uri: str, source: str) -> Iterator[None]:
+    """Around the first use of a store: for sqlite, hold the store lock and
+    refuse a foreign database (under the lock: a store being created by
+    another process has only some of its tables)."""
+    db = sqlite_path(uri) if uri.startswith("sqlite:") else None
+    if db is None:
+        yield
+        return
+    with _store_lock(db):
+        _refuse_foreign_sqlite(uri, db, _what_to_do(uri, source))
+        yield
+
+
 def _http_get(url: str, timeout: float) -> int:
     # No proxies: the store is a local/intranet server, never reached through a proxy here.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -325,6 +398,88 @@ def git_info(path: str | Path | None = None, *, ignore: tuple[str | Path, ...] =
     return GitInfo(commit, True, h.hexdigest()[:16])
 
 
+def source_files() -> list[tuple[str, Path]]:
+    """(name, path) of every `.py` file of the plugin's packages, wherever
+    they are installed (found without importing them)."""
+    import importlib.util
+
+    out: list[tuple[str, Path]] = []
+    for pkg in PACKAGES:
+        spec = importlib.util.find_spec(pkg)
+        for loc in (spec.submodule_search_locations or []) if spec else []:
+            base = Path(loc)
+            out += [(f"{pkg}/{f.relative_to(base).as_posix()}", f) for f in base.rglob("*.py") if "__pycache__" not in f.parts]
+    return sorted(out)
+
+
+def hash_sources(files: list[tuple[str, Path]]) -> str:
+    """Hash of (name, content) of `files`; "" when there are none."""
+    if not files:
+        return ""
+    h = hashlib.sha256()
+    for name, path in sorted(files):
+        h.update(name.encode() + b"\0")
+        try:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        except OSError:
+            h.update(b"<unreadable>")
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _plugin_code() -> tuple[str, str]:
+    """(version, source hash) of the plugin, once per process."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version(DIST_NAME)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return version, hash_sources(source_files())
+
+
+def _package_git(ignore: tuple[str | Path, ...] = ()) -> GitInfo:
+    """Git state of the checkout the plugin's own files live in (tags only);
+    unknown when the package is not a tracked file of a repository (e.g. a
+    site-packages folder inside some project's ignored .venv)."""
+    pkg = Path(__file__).resolve().parent
+    try:
+        subprocess.run(["git", "-C", str(pkg), "ls-files", "--error-unmatch", "__init__.py"],
+                       capture_output=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return GitInfo()
+    return git_info(pkg, ignore=ignore)
+
+
+@dataclass(frozen=True)
+class CodeVersion:
+    """The code that made a run. Reuse keys on `version` + `source_hash` (the
+    plugin's own source files); `git` is informational (tags), known only when
+    the plugin lives in a git checkout."""
+
+    version: str = "unknown"
+    source_hash: str = ""  # "" -> unknown: nothing is reused
+    git: GitInfo = field(default_factory=GitInfo)
+
+    @property
+    def known(self) -> bool:
+        return bool(self.source_hash)
+
+    def tags(self) -> dict[str, str]:
+        out = {"code_version": self.version, "code_hash": self.source_hash or "unknown"}
+        if self.git.commit != "unknown":
+            out |= self.git.tags()
+        return out
+
+
+def code_version(*, ignore: tuple[str | Path, ...] = ()) -> CodeVersion:
+    """The plugin's version, source hash (cached per process) and the git
+    state of its own checkout; `ignore`: folders (the store) that must not make
+    that checkout dirty. Never looks at the working directory."""
+    version, source_hash = _plugin_code()
+    return CodeVersion(version, source_hash, _package_git(ignore))
+
+
 def fingerprint(upstream: Mapping[str, str] | None) -> str:
     """One fingerprint for a stage's inputs: hash of its upstream fingerprints."""
     if not upstream:
@@ -342,15 +497,14 @@ def _as_mapping(params: Any) -> dict[str, Any]:
     raise TypeError(f"params must be a mapping or a config dataclass, got {type(params).__name__}")
 
 
-def stage_key(stage: str, params: Any, upstream: Mapping[str, str] | None, git: GitInfo) -> dict[str, Any]:
+def stage_key(stage: str, params: Any, upstream: Mapping[str, str] | None, code: CodeVersion) -> dict[str, Any]:
     """What must match for a stage to be reused (see the module docstring)."""
     return {
         "v": REUSE_KEY_VERSION,
         "stage": stage,
         "params_hash": config_hash(_as_mapping(params)),
-        "git_commit": git.commit,
-        "git_dirty": git.dirty,
-        "git_diff_hash": git.diff_hash,
+        "code_version": code.version,
+        "code_hash": code.source_hash,
         "upstream": {str(k): str(v) for k, v in sorted((upstream or {}).items())},
     }
 
@@ -591,6 +745,40 @@ class StageRun:
         return getattr(self.tracker, "artifact_dir", None)
 
 
+# --------------------------------------------------------------------------- processes
+
+PROCESS_TAGS = ("process.pid", "process.host", "process.start")
+
+
+def _start_ticks(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot; Linux), "" if unknown:
+    with the pid it names one process, even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming the process that creates a run (see `mark_dead_runs`)."""
+    pid = os.getpid()
+    return {"process.pid": str(pid), "process.host": socket.gethostname(), "process.start": _start_ticks(pid)}
+
+
+def process_alive(pid: int, start: str = "") -> bool:
+    """Is process `pid` (started at `start`, when known) still running here?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: alive
+    if start and Path("/proc").is_dir():
+        now = _start_ticks(pid)
+        return now in ("", start)
+    return True
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -628,8 +816,9 @@ class RunStore:
         root = resolve_artifact_root(cfg, uri, cwd)
         mlflow = _mlflow()
         try:
-            client = mlflow.MlflowClient(tracking_uri=uri)
-            exp = client.get_experiment_by_name(cfg.experiment)
+            with _opening_store(uri, source):
+                client = mlflow.MlflowClient(tracking_uri=uri)
+                exp = client.get_experiment_by_name(cfg.experiment)  # creates a fresh store
             if exp is None:
                 location = f"{root.rstrip('/')}/{_safe_dirname(cfg.experiment)}" if root else None
                 try:
@@ -643,6 +832,8 @@ class RunStore:
                 exp_id = exp.experiment_id
                 if exp.lifecycle_stage == "deleted":
                     client.restore_experiment(exp_id)
+        except RecsysError:
+            raise
         except Exception as e:
             raise UsageError(
                 f"tracking store {uri!r} (from {source}) cannot be opened: {e}; {_what_to_do(uri, source)}"
@@ -650,12 +841,36 @@ class RunStore:
         return cls(client, uri, exp_id, cfg.experiment)
 
     def create_run(self, name: str, tags: Mapping[str, Any]) -> MLflowTracker:
+        tags = {**tags, **process_tags()}
         run = self.client.create_run(
             self.experiment_id,
             run_name=name,
             tags={(k if k.startswith("mlflow.") else _key(k)): _tag_str(v) for k, v in tags.items()},
         )
         return MLflowTracker(self.client, run.info.run_id, run.info.artifact_uri)
+
+    def mark_dead_runs(self, *, log: Log | None = None) -> list[str]:
+        """Mark KILLED the RUNNING runs of this experiment started on this host
+        by a process that is gone (killed outright, it could not mark them).
+        Runs of other hosts are left alone: their processes cannot be seen."""
+        host = socket.gethostname().replace("'", "")
+        f = f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'"
+        killed = []
+        for r in self._search(f):
+            pid, start = r.tags.get("process.pid", ""), r.tags.get("process.start", "")
+            if not pid.isdigit() or process_alive(int(pid), start):
+                continue
+            try:
+                self.client.set_tag(r.run_id, "killed_reason", f"process {pid} on {host} ended without closing the run")
+                self.client.set_terminated(r.run_id, "KILLED")
+            except Exception as e:  # noqa: BLE001 - housekeeping must never stop a run
+                if log:
+                    log(f"warning: could not mark run {r.run_id} KILLED: {e}")
+                continue
+            killed.append(r.run_id)
+        if killed and log:
+            log(f"marked {len(killed)} run(s) KILLED whose process is gone: {', '.join(killed)}")
+        return killed
 
     def get_run(self, run_id: str) -> RunInfo:
         return _run_info(self.client.get_run(run_id))
@@ -746,7 +961,7 @@ class PipelineRun(MLflowTracker):
         self,
         store: RunStore,
         tracker: MLflowTracker,
-        git: GitInfo,
+        code: CodeVersion,
         inherited: Mapping[str, str],
         *,
         log: Log,
@@ -754,7 +969,7 @@ class PipelineRun(MLflowTracker):
     ) -> None:
         super().__init__(store.client, tracker.run_id, tracker.artifact_uri)
         self.store = store
-        self.git = git
+        self.code = code
         self.inherited = dict(inherited)
         self.log = log
         self.reuse = reuse
@@ -785,16 +1000,14 @@ class PipelineRun(MLflowTracker):
         _check_name(name, "stage name")
         params = _as_mapping(params)
         upstream = {str(k): str(v) for k, v in (upstream or {}).items()}
-        key = stage_key(name, params, upstream, self.git)
+        key = stage_key(name, params, upstream, self.code)
         if reuse and self.reuse:
-            if self.git.commit == "unknown":
-                self.log(f"{name}: not looking for a reusable run: code version unknown (not a git repository)")
+            if not self.code.known:
+                self.log(f"{name}: not looking for a reusable run: code version unknown (plugin source files not found)")
             else:
                 found = self.find_reusable(name, key)
                 if found is not None:
-                    why = "same params, commit, inputs"
-                    if self.git.dirty:
-                        why += f"; same uncommitted changes {self.git.diff_hash}"
+                    why = f"same params, code {self.code.version}+{self.code.source_hash}, inputs"
                     self.log(f"{name}: reusing run {found.run_id} ({why})")
                     self.set_tags({f"stage.{name}.run_id": found.run_id, f"stage.{name}.reused": "true"})
                     yield StageRun(name, found.run_id, True, NullTracker(), found, found.outputs)
@@ -802,7 +1015,7 @@ class PipelineRun(MLflowTracker):
         run_tags: dict[str, Any] = {
             **self.inherited,
             **(tags or {}),
-            **self.git.tags(),
+            **self.code.tags(),
             "stage": name,
             "config_hash": config_hash(params),
             "data_fingerprint": fingerprint(upstream),
@@ -853,7 +1066,7 @@ def open_pipeline_run(
     params: Any = None,
     *,
     upstream: Mapping[str, str] | None = None,
-    git: GitInfo | None = None,
+    code: CodeVersion | None = None,
     log: Log | None = None,
 ) -> Iterator[PipelineRun | NullPipelineRun]:
     """The parent run of one pipeline invocation (see the module docstring).
@@ -861,31 +1074,33 @@ def open_pipeline_run(
     Checks the store first (UsageError before any work). `tags`: the caller's
     tags (experiment, arm, seed, ...), inherited by every stage run; `params`:
     the resolved config (flattened into params; its hash is `config_hash`);
-    `upstream`: input fingerprints of the whole pipeline; `git`: defaults to
-    `git_info()` of the working directory; `log`: where reuse lines go (stderr).
+    `upstream`: input fingerprints of the whole pipeline; `code`: defaults to
+    `code_version()` (the plugin's own code, never the working directory's
+    repository); `log`: where reuse lines go (stderr).
     """
     log = log or _stderr
     if not cfg.enabled:
         yield NullPipelineRun()
         return
     store = RunStore.connect(cfg)
-    if git is None:
-        # The store's own files (a store inside the repo) must not make the tree dirty.
+    store.mark_dead_runs(log=log)
+    if code is None:
+        # The store's own files (a store inside the checkout) must not make it dirty.
         db = sqlite_path(store.uri) if store.uri.startswith("sqlite:") else None
         art = local_path(resolve_artifact_root(cfg, store.uri))
-        git = git_info(ignore=tuple(p for p in (db.parent if db else None, art) if p is not None))
+        code = code_version(ignore=tuple(p for p in (db.parent if db else None, art) if p is not None))
     params = _as_mapping(params)
     caller = {str(k): _tag_str(v) for k, v in (tags or {}).items()}
     run_tags = {
         "config_hash": config_hash(params),
         "data_fingerprint": fingerprint(upstream),
         **caller,
-        **git.tags(),
+        **code.tags(),
         "stage": PIPELINE_STAGE,
         **{f"upstream.{k}": v for k, v in (upstream or {}).items()},
     }
     tracker = store.create_run(name, run_tags)
-    run = PipelineRun(store, tracker, git, caller, log=log, reuse=cfg.reuse)
+    run = PipelineRun(store, tracker, code, caller, log=log, reuse=cfg.reuse)
     with _terminate_on_exit(store.client, run.run_id):
         run.log_params(params)
         yield run
@@ -894,19 +1109,86 @@ def open_pipeline_run(
 # --------------------------------------------------------------------------- `recsys ui`
 
 
+LOOPBACK_NAMES = ("localhost", "ip6-localhost", "ip6-loopback")
+
+
+def check_port(port: int) -> int:
+    """UsageError unless `port` is a TCP port a server can listen on."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UsageError(f"--port {port}: a TCP port is 1..65535")
+    return port
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """True when `port` on `host` can be bound; UsageError when `host` itself
+    is not an address of this machine."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host!r}: cannot resolve it ({e.strerror})") from e
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
         try:
-            s.bind((host, port))
-        except OSError:
-            return False
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return False
+            if e.errno == errno.EACCES:
+                raise UsageError(f"--port {port}: permission denied (ports below 1024 need privileges)") from e
+            raise UsageError(f"--host {host!r}: cannot listen on it ({e.strerror})") from e
     return True
+
+
+def _die_with_parent() -> None:
+    """preexec_fn of the server: SIGTERM it when `recsys ui` dies, even by
+    SIGKILL (Linux). mlflow forwards SIGTERM to its uvicorn child."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+# Runs beside the server: when `recsys ui` dies (its pipe closes, whatever
+# killed it), SIGTERM then SIGKILL the server's whole process group, so no
+# worker is left listening. Own session: a terminal's Ctrl-C does not reach it.
+WATCHDOG = """\
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+pgid = int(sys.argv[1])
+sys.stdin.buffer.read()
+for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        break
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            sys.exit(0)
+        time.sleep(0.1)
+"""
 
 
 class MlflowServer:
     """`mlflow server` as a child process in its own process group, so that
-    stopping it (SIGTERM, then SIGKILL after `timeout`) takes its workers too."""
+    stopping it (SIGTERM, then SIGKILL after `timeout`) takes its workers too.
+    Its life is tied to ours: it gets SIGTERM when we die (PR_SET_PDEATHSIG),
+    and a watchdog kills its group when our end of a pipe closes."""
 
     def __init__(self, store_uri: str, artifact_root: str | None, host: str = "127.0.0.1", port: int = 5000) -> None:
         self.store_uri = store_uri
@@ -914,6 +1196,7 @@ class MlflowServer:
         self.host = host
         self.port = port
         self.proc: subprocess.Popen | None = None
+        self.watchdog: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
@@ -926,6 +1209,7 @@ class MlflowServer:
         return cmd + ["--host", self.host, "--port", str(self.port), "--workers", "1"]
 
     def start(self, **popen: Any) -> MlflowServer:
+        check_port(self.port)
         if not _port_free(self.host, self.port):
             raise UsageError(f"port {self.port} on {self.host} is in use; pick another with --port")
         env = {
@@ -933,7 +1217,14 @@ class MlflowServer:
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job runner: ~5 s start, 1 process
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
-        self.proc = subprocess.Popen(self.command(), env=env, start_new_session=True, **popen)
+        self.proc = subprocess.Popen(
+            self.command(), env=env, start_new_session=True, preexec_fn=_die_with_parent, **popen
+        )
+        if os.name == "posix":
+            self.watchdog = subprocess.Popen(
+                [sys.executable, "-c", WATCHDOG, str(self.proc.pid)], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -964,6 +1255,12 @@ class MlflowServer:
                 self._signal_group(signal.SIGKILL)
                 self.proc.wait(5)
         self._signal_group(signal.SIGKILL)  # stragglers of the group, if any
+        if self.watchdog is not None:
+            self.watchdog.stdin.close()  # the group is gone: it finds nothing to kill
+            try:
+                self.watchdog.wait(10)
+            except subprocess.TimeoutExpired:
+                self.watchdog.kill()
         return self.proc.returncode
 
     def _signal_group(self, sig: int) -> None:
@@ -984,16 +1281,41 @@ class _Stop(Exception):
     pass
 
 
-def server_for(cfg: TrackingConfig, host: str = "127.0.0.1", port: int = 5000) -> MlflowServer:
-    """An (unstarted) UI server over the configured embedded store."""
+def server_for(cfg: TrackingConfig, host: str = "127.0.0.1", port: int = 5000, *, warn: Log = _stderr) -> MlflowServer:
+    """An (unstarted) UI server over the configured embedded store; checks
+    the port and host first, and creates the store (under its lock) so the
+    server never races a pipeline on a fresh one."""
+    check_port(port)
+    if not is_loopback(host):
+        warn(
+            f"WARNING: --host {host} exposes the MLflow UI and its REST API beyond this machine WITHOUT "
+            f"authentication: anyone who can reach port {port} can read, change and delete every run and "
+            "artifact. Use --host 127.0.0.1 (and an SSH tunnel) unless this network is trusted."
+        )
     uri, source = _resolve(cfg)
     if not uri.startswith("sqlite:") and urllib.parse.urlparse(uri).scheme not in SQL_SCHEMES:
         raise UsageError(
             f"`recsys ui` serves a database store; {uri!r} (from {source}) is not one "
             "(a server URI is already a UI: open it in a browser); pass --store sqlite:///path/mlflow.db"
         )
+    if not _port_free(host, port):
+        raise UsageError(f"port {port} on {host} is in use; pick another with --port")
     check_store(uri, source=source)
+    prepare_store(uri, source)
     return MlflowServer(uri, resolve_artifact_root(cfg, uri), host, port)
+
+
+def prepare_store(uri: str, source: str = "the tracking URI") -> None:
+    """Create (or check) a database store under its lock; UsageError when it
+    cannot be used (a foreign sqlite file, a newer schema, ...)."""
+    mlflow = _mlflow()
+    try:
+        with _opening_store(uri, source):
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except RecsysError:
+        raise
+    except Exception as e:
+        raise UsageError(f"tracking store {uri!r} (from {source}) cannot be opened: {e}; {_what_to_do(uri, source)}") from e
 
 
 def serve(cfg: TrackingConfig, host: str = "127.0.0.1", port: int = 5000, *, out: Log = _stdout,
@@ -1035,6 +1357,8 @@ __all__ = [
     "check_store",
     "GitInfo",
     "git_info",
+    "CodeVersion",
+    "code_version",
     "fingerprint",
     "stage_key",
     "key_hash",

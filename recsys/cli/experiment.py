@@ -35,9 +35,10 @@ vs control and a paired bootstrap 95% interval over users (seeds paired too).
 def _run(args: argparse.Namespace) -> int:
     from recsys.cli import seed_everything
     from recsys.compare import format_rows
+    from recsys.experiment import parse_seeds
     from recsys.pipeline import run_experiment
 
-    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     seed_everything(seeds[0] if seeds else 0)
     outcome = run_experiment(args.file, seeds=seeds, progress=not args.quiet)
     print()
@@ -51,13 +52,16 @@ def _run(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from recsys.compare import format_rows, regressions
     from recsys.config import load_pipeline_config
+    from features.errors import UsageError
     from recsys.eval.metrics import METRICS
+    from recsys.experiment import MIN_BOOT, check_experiment_name
     from recsys.pipeline import compare_experiment
 
+    check_experiment_name(args.name, "experiment compare")
     if args.fail_on_regression and args.fail_on_regression not in METRICS:
-        from features.errors import UsageError
-
         raise UsageError(f"--fail-on-regression: unknown metric {args.fail_on_regression!r}; known: {', '.join(METRICS)}")
+    if args.n_boot is not None and args.n_boot < MIN_BOOT:
+        raise UsageError(f"--n-boot {args.n_boot}: need at least {MIN_BOOT} bootstrap replicates for a 95% interval")
     tracking = load_pipeline_config(args.config).tracking
     rows, control = compare_experiment(tracking, args.name, control=args.control, n_boot=args.n_boot)
     print(format_rows(rows, args.format, control=control))

@@ -13,7 +13,9 @@ examples:
 
 Store precedence: --store > the config's tracking.uri > MLFLOW_TRACKING_URI >
 sqlite:///<cwd>/mlflow/mlflow.db. Runs `mlflow server` with one worker bound to
---host (default 127.0.0.1: this machine only); Ctrl-C or SIGTERM stops it.
+--host (default 127.0.0.1: this machine only); Ctrl-C or SIGTERM stops it, and
+so does the death of this command by any signal (the server never outlives it).
+The server has NO authentication: any other --host is warned about loudly.
 Pipelines can log through it: MLFLOW_TRACKING_URI=http://127.0.0.1:PORT.
 """
 
@@ -33,8 +35,11 @@ def _tracking_config(args: argparse.Namespace):
 
 
 def _ui(args: argparse.Namespace) -> int:
+    from features.errors import UsageError
     from recsys.tracking import serve
 
+    if not args.ready_timeout > 0:
+        raise UsageError(f"--ready-timeout {args.ready_timeout}: must be a positive number of seconds")
     return serve(_tracking_config(args), host=args.host, port=args.port, ready_timeout=args.ready_timeout)
 
 
@@ -46,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=UI_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
+    p.add_argument("--port", type=int, default=5000, help="port to listen on, 1..65535 (default 5000)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: local only)")
     p.add_argument("--store", help="tracking store URI, e.g. sqlite:///path/mlflow.db (default: see below)")
     p.add_argument("--artifact-root", help="artifact folder for new experiments (default: <store folder>/artifacts)")

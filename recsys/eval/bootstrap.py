@@ -64,6 +64,8 @@ def paired_bootstrap(
     seeds, and each replicate averages the per-seed deltas computed on the
     SAME resampled users, so seed noise and user noise are both inside the
     interval."""
+    if n_boot < 2:
+        raise ValueError(f"n_boot must be >= 2, got {n_boot}")
     users = np.asarray(users)
     y = np.asarray(y, dtype=np.float64)
     st = np.atleast_2d(np.asarray(score_treatment, dtype=np.float64))  # (S, n)
@@ -71,9 +73,14 @@ def paired_bootstrap(
     if st.shape != sc.shape or st.shape[1] != len(y) or len(users) != len(y):
         raise ValueError("paired bootstrap needs the same rows (and seeds) for both arms")
     u_vals, u_idx = np.unique(users, return_inverse=True)
-    counts = user_multiplicities(len(u_vals), n_boot, rng)  # (B, U)
+    nan = float("nan")
+    if len(y) == 0:  # nothing to score (e.g. no observed long-term label): undefined, not an error
+        return PairedCI(metric.name, nan, nan, nan, nan, nan, n_boot, 0, metric.higher_is_better)
     t_all = float(np.mean([compute(metric, users, y, s) for s in st]))
     c_all = float(np.mean([compute(metric, users, y, s) for s in sc]))
+    if np.isnan(t_all) or np.isnan(c_all):  # undefined on all rows: no delta, no interval
+        return PairedCI(metric.name, t_all, c_all, nan, nan, nan, n_boot, len(u_vals), metric.higher_is_better)
+    counts = user_multiplicities(len(u_vals), n_boot, rng)  # (B, U)
     if metric.kind == "gauc":
         # per-user AUCs do not change under user resampling: reweight them
         deltas = np.zeros(n_boot)

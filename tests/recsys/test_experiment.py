@@ -122,7 +122,7 @@ def test_debug_chain_end_to_end_with_throwaway_store(tmp_path, monkeypatch, caps
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(EXPERIMENTS, tmp_path / "experiments")
-    # stage reuse keys on the working directory's commit: make it a repository
+    # a repository as working directory: reuse must not depend on it (it keys on the plugin's code)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run(["git", "init", "-q"], check=True)
     (tmp_path / ".gitignore").write_text("artifacts/\nstore/\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from features.errors import UsageError
 from features.tracker import NullTracker, Tracker
 from recsys.tracking import (
     PARAM_VALUE_LIMIT,
+    CodeVersion,
     GitInfo,
     MLflowTracker,
     RunStore,
@@ -31,6 +33,7 @@ from recsys.tracking import (
 )
 
 GIT = GitInfo("a" * 40, False, "")
+CODE = CodeVersion("0.1.0", "c" * 16, GIT)  # reuse keys on version + source hash; git is tags only
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +55,10 @@ def _cfg(store_uri: str, request) -> TrackingConfig:
     return TrackingConfig(uri=store_uri, experiment=request.node.name.replace("[", "_").replace("]", ""))
 
 
-def _stage_once(cfg, params, upstream, git=GIT, outputs=None, log=None):
+def _stage_once(cfg, params, upstream, code=CODE, outputs=None, log=None):
     """Run a pipeline with one `distill` stage; return (stage run, computed?)."""
     lines = log if log is not None else []
-    with open_pipeline_run(cfg, "pipe", tags={"experiment": "t"}, params={"a": 1}, git=git, log=lines.append) as run:
+    with open_pipeline_run(cfg, "pipe", tags={"experiment": "t"}, params={"a": 1}, code=code, log=lines.append) as run:
         with run.stage("distill", params, upstream, outputs=outputs) as st:
             computed = not st.reused
             if computed:
@@ -115,7 +118,7 @@ def test_invalid_uri_fails_fast_with_the_uri(tmp_path, i):
         check_store(uri)
     assert uri in str(e.value)
     with pytest.raises(UsageError) as e2:  # the same before any run is opened
-        with open_pipeline_run(TrackingConfig(uri=uri), "never", git=GIT):
+        with open_pipeline_run(TrackingConfig(uri=uri), "never", code=CODE):
             pytest.fail("the body must not run")
     assert uri in str(e2.value)
     assert time.monotonic() - t0 < 5
@@ -169,7 +172,7 @@ def test_parent_and_stage_runs_record_everything(store_uri, request, tmp_path):
     single.write_text('{"k": 1}')
 
     with open_pipeline_run(cfg, "ml100k", tags={"experiment": "ab1", "arm": "svd", "seed": 3},
-                           params=params, upstream={"features": "fp1"}, git=GIT) as run:
+                           params=params, upstream={"features": "fp1"}, code=CODE) as run:
         assert isinstance(run, Tracker)
         with run.stage("train", {"lr": 0.01, "epochs": 3}, {"features": "fp1", "embeddings": "fp2"}) as st:
             assert isinstance(st, Tracker) and not st.reused
@@ -189,6 +192,8 @@ def test_parent_and_stage_runs_record_everything(store_uri, request, tmp_path):
     assert child.parent_id == parent_id and parent.parent_id is None
     for r in (parent, child):
         assert r.tags["git_commit"] == GIT.commit and r.tags["git_dirty"] == "false"
+        assert r.tags["code_version"] == "0.1.0" and r.tags["code_hash"] == CODE.source_hash
+        assert r.tags["process.pid"] == str(os.getpid())
         assert r.tags["experiment"] == "ab1" and r.tags["arm"] == "svd" and r.tags["seed"] == "3"
         assert len(r.tags["config_hash"]) == 16 and r.tags["data_fingerprint"]
     assert parent.stage == "pipeline" and child.stage == "train"
@@ -219,21 +224,21 @@ def test_parent_and_stage_runs_record_everything(store_uri, request, tmp_path):
 def test_exception_marks_runs_failed_and_is_reraised(store_uri, request):
     cfg = _cfg(store_uri, request)
     with pytest.raises(RuntimeError, match="boom"):
-        with open_pipeline_run(cfg, "pipe", git=GIT) as run:
+        with open_pipeline_run(cfg, "pipe", code=CODE) as run:
             with run.stage("train", {"lr": 1}) as st:
                 raise RuntimeError("boom")
     store = connect(cfg)
     assert store.get_run(st.run_id).status == "FAILED"
     assert store.get_run(run.run_id).status == "FAILED"
     with pytest.raises(KeyboardInterrupt):
-        with open_pipeline_run(cfg, "pipe", git=GIT) as run2:
+        with open_pipeline_run(cfg, "pipe", code=CODE) as run2:
             raise KeyboardInterrupt
     assert store.get_run(run2.run_id).status == "KILLED"
 
 
 def test_relogging_a_param_keeps_the_resolved_value_beside_it(store_uri, request):
     cfg = _cfg(store_uri, request)
-    with open_pipeline_run(cfg, "pipe", params={"a": 1, "seed": None}, git=GIT) as run:
+    with open_pipeline_run(cfg, "pipe", params={"a": 1, "seed": None}, code=CODE) as run:
         run.log_params({"a": 1})  # same value: fine
         run.log_params({"seed": 0})  # a library resolving a default
         run.log_params({"seed": 0})
@@ -256,7 +261,7 @@ def test_same_key_is_reused_and_says_so(store_uri, request, tmp_path):
     second, computed = _stage_once(cfg, {"dim": 8}, {"features": "fp1"}, log=lines)
     assert not computed and second.reused
     assert second.run_id == first.run_id and second.outputs == str(out.resolve())
-    assert f"distill: reusing run {first.run_id} (same params, commit, inputs)" in lines
+    assert f"distill: reusing run {first.run_id} (same params, code 0.1.0+{'c' * 16}, inputs)" in lines
     assert second.info.metrics["loss"] == pytest.approx(0.5)
     # the parent records which run it reused
     hits = connect(cfg).search_runs("t", stage="pipeline")
@@ -269,37 +274,34 @@ def test_same_key_is_reused_and_says_so(store_uri, request, tmp_path):
     [
         {"params": {"dim": 16}},
         {"upstream": {"features": "fp2"}},
-        {"git": GitInfo("b" * 40, False, "")},
-        {"git": GitInfo("a" * 40, True, "d1")},  # dirty tree: never matches a clean run
+        {"code": CodeVersion("0.1.0", "d" * 16, GIT)},  # one source file changed
+        {"code": CodeVersion("0.2.0", "c" * 16, GIT)},
     ],
-    ids=["params", "upstream", "commit", "dirty"],
+    ids=["params", "upstream", "source", "version"],
 )
 def test_changed_key_is_not_reused(store_uri, request, change):
     cfg = _cfg(store_uri, request)
     _stage_once(cfg, {"dim": 8}, {"features": "fp1"})
     _, computed = _stage_once(
-        cfg, change.get("params", {"dim": 8}), change.get("upstream", {"features": "fp1"}), git=change.get("git", GIT)
+        cfg, change.get("params", {"dim": 8}), change.get("upstream", {"features": "fp1"}), code=change.get("code", CODE)
     )
     assert computed
 
 
-def test_dirty_tree_reuses_only_identical_changes_and_says_so(store_uri, request):
+def test_git_state_alone_does_not_change_the_key(store_uri, request):
+    """Reuse keys on the plugin's code; the git tags are informational."""
     cfg = _cfg(store_uri, request)
-    d1, d2 = GitInfo("a" * 40, True, "d1"), GitInfo("a" * 40, True, "d2")
-    _stage_once(cfg, {"dim": 8}, {}, git=d1)
-    assert _stage_once(cfg, {"dim": 8}, {}, git=d2)[1]  # other uncommitted changes: recompute
-    lines: list[str] = []
-    assert not _stage_once(cfg, {"dim": 8}, {}, git=d1, log=lines)[1]
-    assert any("same uncommitted changes d1" in line for line in lines)
+    _stage_once(cfg, {"dim": 8}, {}, code=CodeVersion("0.1.0", "c" * 16, GitInfo("a" * 40, True, "d1")))
+    assert not _stage_once(cfg, {"dim": 8}, {}, code=CodeVersion("0.1.0", "c" * 16, GitInfo()))[1]
 
 
 def test_failed_stage_is_never_reused(store_uri, request):
     cfg = _cfg(store_uri, request)
     with pytest.raises(RuntimeError):
-        with open_pipeline_run(cfg, "pipe", git=GIT) as run:
+        with open_pipeline_run(cfg, "pipe", code=CODE) as run:
             with run.stage("distill", {"dim": 8}, {"features": "fp1"}):
                 raise RuntimeError("crash mid-training")
-    assert run.find_reusable("distill", stage_key("distill", {"dim": 8}, {"features": "fp1"}, GIT)) is None
+    assert run.find_reusable("distill", stage_key("distill", {"dim": 8}, {"features": "fp1"}, CODE)) is None
     assert _stage_once(cfg, {"dim": 8}, {"features": "fp1"})[1]
 
 
@@ -319,10 +321,10 @@ def test_reuse_off_and_unknown_commit_recompute(store_uri, request):
     _stage_once(cfg, {"dim": 8}, {})
     off = TrackingConfig(uri=cfg.uri, experiment=cfg.experiment, reuse=False)
     assert _stage_once(off, {"dim": 8}, {})[1]
-    unknown = GitInfo()
-    _stage_once(cfg, {"dim": 8}, {}, git=unknown)
+    unknown = CodeVersion()
+    _stage_once(cfg, {"dim": 8}, {}, code=unknown)
     lines: list[str] = []
-    assert _stage_once(cfg, {"dim": 8}, {}, git=unknown, log=lines)[1]
+    assert _stage_once(cfg, {"dim": 8}, {}, code=unknown, log=lines)[1]
     assert any("code version unknown" in line for line in lines)
 
 
@@ -335,11 +337,11 @@ def test_search_runs_returns_arms_with_metrics_and_artifacts(store_uri, request,
     for arm, auc in (("control", 0.70), ("svd", 0.72)):
         preds.write_bytes(arm.encode())
         with open_pipeline_run(cfg, f"ab-{arm}", tags={"experiment": "ab1", "arm": arm, "seed": 0},
-                               params={"arm": arm}, git=GIT) as run:
+                               params={"arm": arm}, code=CODE) as run:
             with run.stage("eval", {"arm": arm}) as st:
                 st.log_metrics({"test_auc": auc})
                 st.log_artifact(preds)
-    with open_pipeline_run(cfg, "other", tags={"experiment": "ab2", "arm": "x"}, git=GIT):
+    with open_pipeline_run(cfg, "other", tags={"experiment": "ab2", "arm": "x"}, code=CODE):
         pass
 
     rows = search_runs(cfg, "ab1", stage="eval")
