@@ -1,11 +1,29 @@
-"""Model choice on the valid split, shared by the teachers and the student."""
+"""Model choice on the valid split, and the divergence check, shared by the
+teachers and the student."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 from torch import nn
+
+from features.errors import TrainingDiverged
+
+
+def check_finite(value: float, what: str, epoch: int, step: int, hint: str) -> float:
+    """`value` (a loss) unchanged when finite; else stop the run, naming the
+    epoch and step (0-based, as in the logs) and the setting to look at."""
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"{what}: the loss became {value} at epoch {epoch}, step {step}: training diverged; {hint}")
+    return value
+
+
+def check_finite_table(table: np.ndarray, what: str, epoch: int, hint: str) -> None:
+    """Stop the run when a learned table holds a NaN or infinite entry."""
+    if not np.isfinite(table).all():
+        raise TrainingDiverged(f"{what}: the learned table holds NaN or infinite values after epoch {epoch}: training diverged; {hint}")
 
 
 class BestOnValid:

@@ -226,6 +226,15 @@ def encode_texts(
     return _cached_encode(texts, keys, encode, cache, batch_size, progress, "encode texts")
 
 
+def empty_texts(texts: Sequence[str | None]) -> tuple[int, int]:
+    """(null, blank) counts of item texts: None, or only whitespace. Both give
+    the text encoder nothing about the item (MiniLM encodes "" to one vector
+    shared by every such item)."""
+    null = sum(t is None for t in texts)
+    blank = sum(t is not None and not str(t).strip() for t in texts)
+    return null, blank
+
+
 # --- images --------------------------------------------------------------------
 
 
@@ -475,6 +484,7 @@ __all__ = [
     "default_cache_dir",
     "encode_fields",
     "encode_images",
+    "empty_texts",
     "encode_texts",
     "load_image",
 ]

@@ -58,7 +58,9 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig = IndexConfig(), seed: int
 
     x = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D)
     n, d = x.shape
-    if cfg.kind == "flat":
+    if cfg.kind == "flat" or (cfg.kind == "ivf" and n // 39 <= 1):
+        # an IVF of one cluster is an exact search: skip its k-means (and
+        # faiss's warning about too few training points)
         index = faiss.IndexFlatIP(d)
     elif cfg.kind == "ivf":
         nlist = max(1, min(cfg.nlist, n // 39))

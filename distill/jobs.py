@@ -13,7 +13,7 @@ Output folder of `train_student` / `evaluate`:
     OUT/ablations/no_{loss}/      the same for each ablation (evaluate only)
     OUT/item_embeddings.parquet   the student's embedding of EVERY item (item_id Int64,
                                   embedding List(Float32), L2-normalised)
-    OUT/metrics.json              evaluate only: flat {name: number}
+    OUT/metrics.json              evaluate only: {name: number or null}, plus "reasons": {name: why it is null}
     OUT/manifest.json             job distill.train or distill.eval
 
 Every folder's manifest key holds the job, its version, the config hash, the
@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -41,7 +42,8 @@ import numpy as np
 import polars as pl
 
 from distill import evaluate as E
-from distill.encoders import IMAGE_MODEL, TEXT_MODEL, ContentFeatures, build_content
+from distill.early_stopping import check_finite_table
+from distill.encoders import IMAGE_MODEL, TEXT_MODEL, ContentFeatures, build_content, default_cache_dir, empty_texts
 from distill.teachers import IDToItemTeacher, SeqToItemTeacher, TeachersConfig
 from distill.train import LOSSES, DistillConfig, TeacherTarget, fit_student
 from features import schemas as S
@@ -56,6 +58,7 @@ JOB_TEACHERS, JOB_STUDENT, JOB_TRAIN, JOB_EVAL = "distill.teachers", "distill.st
 FEATURES_JOB = "features.build"
 EMBEDDINGS = "item_embeddings.parquet"
 METRICS = "metrics.json"
+REASONS = "reasons"  # metrics.json: {metric: why it is null}
 REQUIRED = {
     "interactions": [S.USER_ID, S.ITEM_ID, S.LABEL, S.SPLIT, S.HIST_END, S.POS_HIST_END, S.POS_HIST_LEN],
     "sequences": [S.USER_ID, S.ITEM_IDS, S.POS_ITEM_IDS],
@@ -69,7 +72,7 @@ class JobResult:
     skipped: bool  # True when an up-to-date output was reused
     manifest: dict[str, Any]
     seconds: float = 0.0
-    metrics: dict[str, float] | None = None
+    metrics: dict[str, Any] | None = None  # evaluate only: {name: number, or None when it cannot be computed}, "reasons"
 
 
 # --- inputs ------------------------------------------------------------------------
@@ -131,7 +134,41 @@ def _read(folder: Path, name: str) -> pl.DataFrame:
     return df
 
 
-def _context(features_dir: str | Path, cfg: DistillConfig, seed: int) -> _Context:
+def _check_text(items: pl.DataFrame, file: Path, max_share: float, log: Callable[[str], None]) -> None:
+    """Refuse items whose text is missing or mostly empty (the "content"
+    student would learn from nothing); warn, with counts, when some are."""
+    hint = (
+        "build the features from an items file with a text column (`--items FILE --text-column NAME`), "
+        "or set distill.student.use_text: false"
+    )
+    if S.TEXT not in items.columns:
+        raise DataError(f"items have no text column, which the text encoder needs: {hint}", file=str(file), column=S.TEXT)
+    null, blank = empty_texts(items[S.TEXT].to_list())
+    n, empty = items.height, null + blank
+    counts = f"{empty} of {n} items ({empty / max(n, 1):.0%}) have no text ({null} null, {blank} blank)"
+    if empty == n or empty / max(n, 1) > max_share:
+        raise DataError(
+            f"{counts}, more than distill.max_empty_text_share {max_share:g} allows: a text student would learn from "
+            f"nothing; {hint}, or raise distill.max_empty_text_share",
+            file=str(file),
+            column=S.TEXT,
+        )
+    if empty:
+        log(
+            f"warning: {file}: column {S.TEXT!r}: {counts}; they all get the same text vector "
+            f"(refused above distill.max_empty_text_share {max_share:g})"
+        )
+
+
+def _check_cache_dir(cache_dir: str) -> None:
+    """The encoder cache folder must be creatable: checked before any work."""
+    from features.paths import check_output
+
+    where = "distill.cache_dir" if cache_dir else "the encoder cache ($RECSYS_CACHE_DIR/encoders)"
+    check_output(cache_dir or default_cache_dir(), {}, flag=where)
+
+
+def _context(features_dir: str | Path, cfg: DistillConfig, seed: int, log: Callable[[str], None] = print) -> _Context:
     folder = Path(features_dir)
     if not folder.is_dir():
         raise UsageError(f"features folder {folder} does not exist: run `recsys features build --out {folder}` first")
@@ -141,17 +178,22 @@ def _context(features_dir: str | Path, cfg: DistillConfig, seed: int) -> _Contex
     if manifest.get("job") != FEATURES_JOB:
         raise UsageError(f"{folder} holds the output of {manifest.get('job')!r}, not of `recsys features build`")
     inter, seqs, items = (_read(folder, n) for n in ("interactions", "sequences", "items"))
-    if cfg.student.use_text and (S.TEXT not in items.columns or items[S.TEXT].null_count() == items.height):
-        raise DataError(
-            "items have no text, which the text encoder needs: build the features from an items file with a text column "
-            "(`--items FILE --text-column NAME`), or set distill.student.use_text: false",
-            file=str(folder / S.FILES["items"]),
-            column=S.TEXT,
-        )
+    if cfg.student.use_text:
+        _check_text(items, folder / S.FILES["items"], cfg.max_empty_text_share, log)
+        _check_cache_dir(cfg.cache_dir)
+    inter_file = str(folder / S.FILES["interactions"])
     if inter.filter((pl.col(S.SPLIT) == "train") & (pl.col(S.LABEL) == 1)).height == 0:
-        raise DataError("no positive train events: nothing to learn from", file=str(folder / S.FILES["interactions"]), column=S.LABEL)
+        raise DataError("no positive train events: nothing to learn from", file=inter_file, column=S.LABEL)
     cfg = _resolve(cfg, seed)
     data = E.prepare_cold_start(inter, seqs, items, holdout_frac=cfg.holdout_frac, seed=cfg.seed, history_len=cfg.history_len)
+    if not any(len(s) >= 2 for s in data.train_sequences):
+        raise DataError(
+            f"no user has 2 or more train positives once {data.counts['n_items_heldout']} of {data.n_items} items are held out "
+            f"(distill.holdout_frac {cfg.holdout_frac}): the sequence teacher has nothing to learn from; "
+            "use more data, or a smaller distill.holdout_frac",
+            file=inter_file,
+            column=S.LABEL,
+        )
     upstream = {k: v.get("fingerprint") for k, v in manifest.get("outputs", {}).items()}
     kinds = manifest.get("item_fields") or S.item_field_kinds(items.schema)
     return _Context(folder, upstream, items.sort(S.ITEM_ID), kinds, cfg, data)
@@ -231,12 +273,26 @@ def _load_pt(path: Path) -> dict[str, Any]:
     import torch
 
     if not path.is_file():
-        raise DataError("missing (delete the folder or pass force=True to rebuild it)", file=str(path))
-    return torch.load(path, weights_only=True)
+        raise DataError("missing (rerun with --force to rebuild it)", file=str(path))
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # truncated or foreign file: torch raises several types
+        raise DataError(f"not a readable checkpoint ({type(e).__name__}); rerun with --force to rebuild it", file=str(path)) from e
+
+
+@contextmanager
+def _foreign_checkpoint(path: Path) -> Iterator[None]:
+    """A readable checkpoint whose content is not what this version wrote."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        msg = f"checkpoint does not match this version ({type(e).__name__}: {e}); rerun with --force to rebuild it"
+        raise DataError(msg, file=str(path)) from e
 
 
 def _log_default(msg: str) -> None:
-    print(msg, flush=True)
+    """Progress to stdout; warnings to stderr, where they are not lost in the output."""
+    print(msg, flush=True, file=sys.stderr if msg.startswith("warning:") else sys.stdout)
 
 
 # --- teachers ----------------------------------------------------------------------
@@ -257,7 +313,8 @@ def _ensure_teachers(
     key = {"job": JOB_TEACHERS, "version": VERSION, "config_hash": config_hash(cfg), "protocol": ctx.protocol, "upstream": ctx.upstream}
     if not force and is_up_to_date(folder, key) and (folder / "teachers.pt").is_file():
         state = _load_pt(folder / "teachers.pt")
-        teachers = {"id2item": IDToItemTeacher.from_state(state["id2item"]), "seq2item": SeqToItemTeacher.from_state(state["seq2item"])}
+        with _foreign_checkpoint(folder / "teachers.pt"):
+            teachers = {"id2item": IDToItemTeacher.from_state(state["id2item"]), "seq2item": SeqToItemTeacher.from_state(state["seq2item"])}
         log(f"teachers: {folder} is up to date; reusing")
         return JobResult(folder, True, read_manifest(folder) or {}, time.perf_counter() - t0), teachers
     data, d = ctx.data, ctx.distill
@@ -322,7 +379,7 @@ def fit_teachers(
     from `distill`, so the teachers match the student trained with it. Seeds
     left at None take `seed`.
     """
-    ctx = _context(features_dir, distill, seed)
+    ctx = _context(features_dir, distill, seed, log)
     res, _ = _ensure_teachers(ctx, Path(out_dir), _resolve(cfg, seed), tracker or NullTracker(), force, log)
     return res
 
@@ -370,7 +427,8 @@ def _ensure_student(
         "upstream": ctx.upstream,
     }
     if not force and is_up_to_date(folder, key) and (folder / "student.pt").is_file():
-        student = _build_student(_load_pt(folder / "student.pt"))
+        with _foreign_checkpoint(folder / "student.pt"):
+            student = _build_student(_load_pt(folder / "student.pt"))
         emb = np.asarray(pl.read_parquet(folder / EMBEDDINGS)["embedding"].to_list(), dtype=np.float32)
         log(f"{folder.name}: {folder} is up to date; reusing")
         return JobResult(folder, True, read_manifest(folder) or {}, time.perf_counter() - t0), student, emb
@@ -391,6 +449,7 @@ def _ensure_student(
             seed=cfg.seed,
         )
         emb = fit.student.embed(x)
+    check_finite_table(emb, f"distill {folder.name}", fit.best_epoch, "lower distill.lr (or the loss weights w_*)")
     state = {
         "config": dataclasses.asdict(cfg.student),
         "spec": dataclasses.asdict(spec),
@@ -451,7 +510,7 @@ def train_student(
     t0 = time.perf_counter()
     out = Path(out_dir)
     tracker = tracker or NullTracker()
-    ctx = _context(features_dir, cfg, seed)
+    ctx = _context(features_dir, cfg, seed, log)
     tcfg = _resolve(teachers, seed)
     key = {
         "job": JOB_TRAIN,
@@ -477,11 +536,42 @@ def train_student(
 
 
 def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON-safe: NaN (an empty group) -> None; numpy scalars -> Python."""
+    """JSON-safe: NaN or inf (an empty group) -> None; numpy scalars -> Python."""
     out = {}
     for k, v in metrics.items():
         v = float(v) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, (int, np.integer)) else v
-        out[k] = None if isinstance(v, float) and math.isnan(v) else v
+        out[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+    return out
+
+
+def _why_null(metrics: Mapping[str, Any], data: E.ColdStartData, known: Mapping[str, int]) -> dict[str, str]:
+    """{metric: reason} for every metric that could not be computed (None):
+    an empty target group, a split without impressions, a teacher that knows
+    too few items for neighbourhoods. `known`: teacher name -> items it knows."""
+    splits = {"test": data.test, "valid": data.valid}
+    out = {}
+    for key, v in metrics.items():
+        if v is not None:
+            continue
+        split, name = ("valid", key[len("valid_"):]) if key.startswith("valid_") else ("test", key)
+        if name.startswith("recall@"):
+            imps, group = splits[split], name.split("_", 2)[1]
+            skipped = ", ".join(f"{data.counts.get(f'n_{split}_skipped_{w}', 0)} {w.replace('_', ' ')}" for w in ("no_history", "repeat"))
+            n_group = {"warm": int((~imps.cold).sum()), "cold": int(imps.cold.sum()), "all": len(imps)}[group]
+            if len(imps) == 0:
+                out[key] = f"no {split} impressions (positives with an earlier positive; skipped: {skipped})"
+            elif n_group == 0:
+                out[key] = f"no {group} target among the {len(imps)} {split} impression{'s' if len(imps) != 1 else ''}"
+            else:
+                out[key] = "could not be computed"
+            continue
+        teacher = next((t for t in known if key.endswith(f"_vs_{t}")), None)
+        if teacher is not None and known[teacher] < 3:
+            out[key] = f"{teacher} knows {known[teacher]} item(s): neighbourhoods need at least 3"
+        elif key.startswith("kendall_tau"):
+            out[key] = "every neighbour score is tied (tau-b undefined)"
+        else:
+            out[key] = "could not be computed"
     return out
 
 
@@ -542,6 +632,11 @@ def _compare(
     models = {"content": (None, content.raw_embedding(True))} | dict(students)
     for ref_name, (teacher, head) in refs.items():
         known = np.flatnonzero(teacher.known_items_)
+        n_known = len(known)
+        metrics[f"topk_overlap_chance_vs_{ref_name}"] = min(cfg.diag_k, n_known - 1) / (n_known - 1) if n_known >= 2 else math.nan
+        if n_known < 2:  # no item has a neighbour: every diagnostic is undefined (null, with the reason)
+            metrics.update({f"{d}_{name}_vs_{ref_name}": math.nan for name in models for d in ("nmi", "topk_overlap", "kendall_tau")})
+            continue
         ref_labels = E.kmeans_labels(teacher.item_embeddings_[known], cfg.diag_clusters, cfg.seed)
         for name, (student, emb) in models.items():
             projected = None
@@ -554,7 +649,6 @@ def _compare(
                     k=cfg.diag_k, n_clusters=cfg.diag_clusters, seed=cfg.seed, projected=projected, ref_labels=ref_labels,
                 )
             )  # fmt: skip
-        metrics[f"topk_overlap_chance_vs_{ref_name}"] = cfg.diag_k / max(len(known) - 1, 1)
     metrics.update({k: float(v) for k, v in data.counts.items()})
     return metrics
 
@@ -578,7 +672,7 @@ def evaluate(
     t0 = time.perf_counter()
     out = Path(out_dir)
     tracker = tracker or NullTracker()
-    ctx = _context(features_dir, cfg, seed)
+    ctx = _context(features_dir, cfg, seed, log)
     cfg, tcfg = ctx.distill, _resolve(teachers, seed)
     key = {
         "job": JOB_EVAL,
@@ -614,6 +708,8 @@ def evaluate(
     t_cmp = time.perf_counter()
     with _threads(cfg.threads):
         metrics = _clean(_compare(ctx, tobjs, students, cfg))
+    known = {"id_teacher": int(tobjs["id2item"].known_items_.sum()), "seq_teacher": int(tobjs["seq2item"].known_items_.sum())}
+    metrics[REASONS] = _why_null(metrics, ctx.data, known)
     timings["compare_s"] = time.perf_counter() - t_cmp
     timings.update(ctx.timings)
     timings["total_s"] = time.perf_counter() - t0
@@ -621,14 +717,19 @@ def evaluate(
         out, key, JOB_EVAL, out / "student" / EMBEDDINGS, metrics,
         {"config": to_dict(cfg), "teachers": to_dict(tcfg), "features": str(ctx.folder), "timings": timings},
     )  # fmt: skip
-    tracker.log_metrics({k: v for k, v in metrics.items() if v is not None})
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     tracker.log_artifact(out / METRICS)
+    if metrics[REASONS]:
+        log(f"distill eval: {len(metrics[REASONS])} metrics are null (n/a); {METRICS} `{REASONS}` says why")
     log(f"distill eval: wrote {out / METRICS} in {timings['total_s']:.1f}s")
     return JobResult(out, False, manifest, timings["total_s"], metrics)
 
 
 def format_metrics(metrics: Mapping[str, Any], ks: tuple[int, ...] = (10, 50, 100)) -> str:
-    """Recall table (models x warm/cold Recall@k) plus the diagnostics, as text."""
+    """Recall table (models x warm/cold Recall@k) plus the diagnostics, as text.
+    A metric that could not be computed (None) shows as n/a, with one line per
+    reason (metrics["reasons"]) below. A `-` cell is a group the model does not
+    serve (a teacher cannot rank cold items)."""
     models = []
     for key in metrics:
         if key.startswith("recall@"):
@@ -643,12 +744,21 @@ def format_metrics(metrics: Mapping[str, Any], ks: tuple[int, ...] = (10, 50, 10
         for g in ("warm", "cold"):
             for k in ks:
                 v = metrics.get(f"recall@{k}_{g}_{m}")
-                cells.append(f"{v:8.4f}" if isinstance(v, (int, float)) else f"{'-':>8}")
+                cell = "n/a" if v is None and f"recall@{k}_{g}_{m}" in metrics else "-"
+                cells.append(f"{v:8.4f}" if isinstance(v, (int, float)) else f"{cell:>8}")
         lines.append(f"{m:<{w}}  " + "  ".join(cells))
     diag = {k: v for k, v in metrics.items() if k.split("_")[0] in {"nmi", "kendall", "topk", "bijective"}}
     if diag:
         lines.append("")
-        lines += [f"{k:<{max(map(len, diag))}}  {v:.4f}" if isinstance(v, (int, float)) else f"{k}  -" for k, v in diag.items()]
+        w = max(map(len, diag))
+        lines += [f"{k:<{w}}  {v:.4f}" if isinstance(v, (int, float)) else f"{k:<{w}}  n/a" for k, v in diag.items()]
+    reasons: dict[str, int] = {}
+    for k, why in (metrics.get(REASONS) or {}).items():
+        if metrics.get(k, 0) is None:
+            reasons[why] = reasons.get(why, 0) + 1
+    if reasons:
+        lines.append("")
+        lines += [f"n/a ({n} metric{'s' if n > 1 else ''}): {why}" for why, n in reasons.items()]
     return "\n".join(lines)
 
 

@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.early_stopping import BestOnValid
+from distill.early_stopping import BestOnValid, check_finite
 from distill.evaluate import ColdStartData
 from distill.index import IndexConfig
 from distill.losses import Temperature, i2i_loss, id2i_loss, s2i_loss
 from distill.student import ContentSpec, ContentTensors, Student, StudentConfig
+from features.errors import DataError
 from features.tracker import NullTracker, Tracker
 
 LOSSES = ("s2i", "id2i", "i2i")
@@ -77,6 +78,7 @@ class DistillConfig:
     diag_clusters: int = 20  # k-means clusters of the NMI diagnostic
     # content encoding
     n_buckets: int = 10  # quantile buckets per numeric item field
+    max_empty_text_share: float = 0.5  # refuse items whose text is null or blank for more than this share (a warning below it)
     cache_dir: str = ""  # encoder cache; "" = $RECSYS_CACHE_DIR/encoders or ~/.cache/recsys-plugin/encoders
     progress: bool = True  # tqdm bars
     threads: int = 1  # torch threads while training/evaluating (tiny models: 1 avoids OpenMP sync cost; 0 = torch default)
@@ -106,6 +108,12 @@ class DistillConfig:
             raise ValueError("distill: need epochs >= 1, batch_size >= 2, lr > 0, patience >= 0, i2i_window >= 1")
         if not 0.01 <= self.temperature <= 1.0:
             raise ValueError("distill: temperature must be in [0.01, 1]")
+        if self.weight_decay < 0:
+            raise ValueError("distill: weight_decay must be >= 0")
+        if min(self.diag_k, self.diag_clusters, self.n_buckets) < 1:
+            raise ValueError("distill: diag_k, diag_clusters and n_buckets must be >= 1")
+        if not 0 <= self.max_empty_text_share <= 1:
+            raise ValueError("distill: max_empty_text_share must be in [0, 1]")
 
     def ablation(self, loss: str) -> "DistillConfig":
         """This config with one loss switched off."""
@@ -118,7 +126,7 @@ class DistillConfig:
         from features.config import to_dict
 
         d = to_dict(self)
-        for k in ("eval_ks", "index", "diag_k", "diag_clusters", "cache_dir", "progress", "threads"):
+        for k in ("eval_ks", "index", "diag_k", "diag_clusters", "cache_dir", "progress", "threads", "max_empty_text_share"):
             d.pop(k)
         return d
 
@@ -268,7 +276,7 @@ def fit_student(
     if cfg.use_id2i and not names:
         raise ValueError("distill: use_id2i is on but no teacher table was given")
     if not (use_s2i or use_i2i or names):
-        raise ValueError("distill: no training signal (no examples, no pairs, no teachers)")
+        raise DataError("distill: no training signal (no train examples, no item pairs, no teacher tables)")
     # log-probability of each item to be an in-batch negative (add-one smoothed)
     freq_t = np.bincount(ex.targets, minlength=data.n_items) + 1.0
     freq_p = np.bincount(pairs.ravel(), minlength=data.n_items) + 1.0
@@ -277,6 +285,11 @@ def fit_student(
     # an epoch is as many steps as one pass over the s2i examples takes, with or
     # without L_s2i, so that ablations get the same number of updates
     n_steps = max(1, -(-(len(ex) or len(pairs) or len(known_idx)) // cfg.batch_size))
+    # pairs (and fallback items) are drawn with replacement: never more per
+    # step than there are, or a batch size far above the data's would only
+    # repeat them in a (P, P) logit matrix that can exhaust memory
+    n_pairs = max(2, min(cfg.batch_size // 2, len(pairs)))
+    n_fallback = max(2, min(cfg.batch_size, len(known_idx)))
     with torch.random.fork_rng(devices=[]):  # init + dropout seeded; the caller's RNG untouched
         torch.manual_seed(seed)
         student = Student(cfg.student, spec, {n: np.asarray(teachers[n].table).shape[1] for n in names}, cfg.matryoshka_dims)
@@ -296,16 +309,17 @@ def fit_student(
                 b_idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 pr = None
                 if use_i2i:
-                    pr = pairs[rng.integers(0, len(pairs), max(2, cfg.batch_size // 2))]  # (B/2, 2)
+                    pr = pairs[rng.integers(0, len(pairs), n_pairs)]  # (B/2, 2)
                     pr = np.where((rng.random(len(pr)) < 0.5)[:, None], pr[:, ::-1], pr)  # random orientation
                 s2i_ok = use_s2i and len(b_idx) > 1
                 batch = make_batch(
                     hist_all[b_idx] if s2i_ok else None,
                     ex.targets[b_idx] if s2i_ok else None,
                     pr,
-                    fallback=known_idx[rng.integers(0, len(known_idx), cfg.batch_size)],
+                    fallback=known_idx[rng.integers(0, len(known_idx), n_fallback)] if len(known_idx) else None,
                 )
                 losses = objective(content, batch)
+                check_finite(float(losses["loss"].detach()), "distill student", epoch, step, "lower distill.lr (or the loss weights w_*)")
                 opt.zero_grad()
                 losses["loss"].backward()
                 opt.step()

@@ -52,5 +52,11 @@ class DataError(RecsysError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
+class TrainingDiverged(RecsysError):
+    """A NaN or infinite loss, gradient, score or learned table: the run stops
+    (exit 1) and says where (epoch and step, or the evaluation), instead of
+    reporting a meaningless metric."""
+
+
 class SchemaError(DataError):
     """A file whose columns or dtypes do not match the expected schema."""

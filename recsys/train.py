@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from features import schemas as S
 from features.config import config_hash, flatten, to_dict
-from features.errors import DataError, RecsysError, UsageError
+from features.errors import DataError, TrainingDiverged, UsageError
 from features.tracker import NullTracker, Tracker
 from recsys.data import DataConfig, RankingData, resolve_match_path
 from recsys.eval.metrics import (
@@ -87,11 +87,6 @@ PREDICTION_COLUMNS = (
 # keys that do not change what a run computes: a resume may differ in them
 _RESUME_FREE = ("epochs", "resume", "progress", "checkpoint_dir", "device", "eval_batch_size", "num_threads")
 CONTRACT_METRICS = ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")
-
-
-class TrainingDiverged(RecsysError):
-    """A NaN or inf loss, gradient or score: the run stops (exit 1) and says
-    where (epoch, step or evaluation), instead of reporting AUC 0.5."""
 
 
 @dataclass(frozen=True)

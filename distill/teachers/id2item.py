@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.early_stopping import BestOnValid
+from distill.early_stopping import BestOnValid, check_finite, check_finite_table
+from features.errors import DataError
 from features.tracker import NullTracker, Tracker
 
 
@@ -44,6 +45,9 @@ class ID2ItemConfig:
             raise ValueError("id2item: dim, epochs, batch_size, num_negatives must be >= 1")
         if self.lr <= 0 or self.l2 < 0 or self.init_std <= 0 or self.patience < 0:
             raise ValueError("id2item: need lr > 0, l2 >= 0, init_std > 0, patience >= 0")
+
+
+_HINT = "lower teachers.id2item.lr (or init_std)"
 
 
 def build_tables(n_users: int, n_items: int, dim: int):
@@ -119,7 +123,7 @@ class IDToItemTeacher:
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
         if len(users) != len(items) or len(users) == 0:
-            raise ValueError("id2item: need as many users as items, and at least one pair")
+            raise DataError("id2item: need as many users as items, and at least one (user, item) train positive")
         rng = np.random.default_rng(self.seed)
         known = np.zeros(n_items, dtype=bool)
         known[items] = True
@@ -138,16 +142,18 @@ class IDToItemTeacher:
             for epoch in bar:
                 order = rng.permutation(len(users))
                 total = 0.0
-                for s in range(0, len(order), cfg.batch_size):
+                for step, s in enumerate(range(0, len(order), cfg.batch_size)):
                     b = order[s : s + cfg.batch_size]
                     u, i = torch.from_numpy(users[b]), torch.from_numpy(items[b])
                     loss = self._loss(tables, u, i, candidates, rng)
+                    value = check_finite(float(loss.detach()), "id2item teacher", epoch, step, _HINT)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-                    total += float(loss.detach()) * len(b)
+                    total += value * len(b)
                 self.loss_curve_.append(total / len(users))
                 self._set_state(tables, known)
+                check_finite_table(self.item_embeddings_, "id2item teacher", epoch, _HINT)
                 metrics = {"teachers/id2item/loss": self.loss_curve_[-1]}
                 if valid_fn is not None:
                     score = float(valid_fn(self))

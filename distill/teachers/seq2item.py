@@ -27,8 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.early_stopping import BestOnValid
+from distill.early_stopping import BestOnValid, check_finite, check_finite_table
+from features.errors import DataError
 from features.tracker import NullTracker, Tracker
+
+_HINT = "lower teachers.seq2item.lr (or init_std)"
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ class SeqToItemTeacher:
         tracker = tracker or NullTracker()
         windows = make_windows(sequences, cfg.max_len)  # (W, L + 1)
         if len(windows) == 0:
-            raise ValueError("seq2item: no sequence has 2 or more positives to learn from")
+            raise DataError("seq2item: no user has 2 or more train positives: nothing to learn from")
         rng = np.random.default_rng(self.seed)
         known = np.zeros(n_items, dtype=bool)
         known[np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])] = True
@@ -165,7 +168,7 @@ class SeqToItemTeacher:
                 model.train()
                 order = rng.permutation(len(windows))
                 total, count = 0.0, 0
-                for s in range(0, len(order), cfg.batch_size):
+                for step, s in enumerate(range(0, len(order), cfg.batch_size)):
                     w = torch.from_numpy(windows[order[s : s + cfg.batch_size]])  # (B, L + 1)
                     inp, tgt = w[:, :-1], w[:, 1:]  # (B, L) each
                     states = model(inp)  # (B, L, D)
@@ -182,13 +185,15 @@ class SeqToItemTeacher:
                         logits = torch.cat([pos_logit, neg_logit], 1)
                         labels = torch.zeros(len(t), dtype=torch.long)
                     loss = F.cross_entropy(logits, labels)
+                    value = check_finite(float(loss.detach()), "seq2item teacher", epoch, step, _HINT)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-                    total += float(loss.detach()) * len(t)
+                    total += value * len(t)
                     count += len(t)
                 self.loss_curve_.append(total / max(count, 1))
                 self._set_state(model, known)
+                check_finite_table(self.item_embeddings_, "seq2item teacher", epoch, _HINT)
                 metrics = {"teachers/seq2item/loss": self.loss_curve_[-1]}
                 if valid_fn is not None:
                     score = float(valid_fn(self))

@@ -8,7 +8,8 @@ from recsys.cli import group
 
 COMMON_EPILOG = """\
 --config FILE is a pipeline YAML: its `teachers:` and `distill:` sections and
-its top-level `seed:` are used (missing sections take their defaults). The
+its top-level `seed:` are used (missing sections take their defaults). --out
+may not be, contain or lie inside --features or --config (exit 2). The
 text encoder caches its vectors under $RECSYS_CACHE_DIR/encoders (default
 ~/.cache/recsys-plugin/encoders), so only the first run encodes (~30 s on
 ML-100K). A rerun with the same config and features reuses what is up to
@@ -46,16 +47,21 @@ training, then compares on test positives, warm vs cold targets:
 raw content, popularity, ID teacher, sequence teacher, the student and one
 ablation per loss (s2i, id2i, i2i). Writes DIR2/metrics.json (Recall@10/50/100
 per model and group, NMI / Kendall tau / top-k overlap / bijective accuracy vs
-the teachers) and DIR2/item_embeddings.parquet.
+the teachers) and DIR2/item_embeddings.parquet. A metric that cannot be
+computed (no cold target in test, a teacher that knows too few items) is null
+in metrics.json, with why under its "reasons", and n/a in the table.
 
 """ + COMMON_EPILOG
 
 
 def _configs(args: argparse.Namespace):
-    """(pipeline config, seed) from --config (defaults without it), seeding once."""
+    """The pipeline config from --config (defaults without it), seeding once.
+    --out is checked first: it may not overlap --features or --config."""
+    from features.paths import check_output
     from recsys.cli import seed_everything
     from recsys.config import load_pipeline_config
 
+    check_output(args.out, {"--features": args.features, "--config": args.config})
     pipe = load_pipeline_config(args.config)
     seed_everything(pipe.seed)
     return pipe

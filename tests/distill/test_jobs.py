@@ -34,7 +34,9 @@ def test_eval_writes_metrics_and_embeddings(syn_eval, synthetic_features):
             assert f"kendall_tau_{m}_vs_{teacher}" in metrics
             assert f"topk_overlap_{m}_vs_{teacher}" in metrics
         assert f"bijective_acc_student_vs_{teacher}" in metrics
+    reasons = metrics.pop("reasons")  # why each null metric is null
     assert all(v is None or np.isfinite(v) for v in metrics.values())
+    assert set(reasons) == {k for k, v in metrics.items() if v is None}
     assert 0 <= metrics["recall@10_cold_student"] <= metrics["recall@50_cold_student"] <= metrics["recall@100_cold_student"] <= 1
     # the student learned something: well above a random ranking's 50/400
     assert metrics["recall@50_all_student"] > 1.6 * 50 / 400

@@ -1,0 +1,432 @@
+"""Faults of `teachers fit`, `distill train` and `distill eval`, and the full
+chain (features -> distill -> match -> rank -> experiment run/compare) on a
+20-user files dataset.
+
+Each case asserts the exit code, the message (file / column where they
+apply) and what is left under the final output name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from tests.faults.conftest import snapshot, write_tiny_dataset
+
+# tiny models, few epochs; batch sizes stay at their defaults (512 / 1024),
+# far above the ~240 events of the dataset
+TINY = {
+    "seed": 0,
+    "tracking": {"enabled": False},
+    "teachers": {"id2item": {"epochs": 2, "dim": 8}, "seq2item": {"epochs": 2, "dim": 8}},
+    "distill": {
+        "student": {"dim": 16, "hidden_dim": 16, "field_dim": 8},
+        "matryoshka_dims": [8],
+        "epochs": 2,
+        "ablations": False,
+        "progress": False,
+    },
+}
+
+
+def _merge(base: dict, delta: dict) -> dict:
+    out = dict(base)
+    for k, v in delta.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _config(folder: Path, **sections) -> Path:
+    path = Path(folder) / "tiny.yaml"
+    path.write_text(yaml.safe_dump(_merge(TINY, sections)))
+    return path
+
+
+def _quiet_main(*argv) -> int:
+    from recsys.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        rc = main([str(a) for a in argv])
+    assert rc == 0, err.getvalue()
+    return rc
+
+
+def _build(folder: Path, ds) -> Path:
+    out = Path(folder) / "features"
+    _quiet_main("features", "build", "--source", "files", "--interactions", ds.interactions, "--items", ds.items, "--out", out, "--quiet")
+    return out
+
+
+def _no_nan(obj) -> bool:
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, dict):
+        return all(_no_nan(v) for v in obj.values())
+    if isinstance(obj, list):
+        return all(_no_nan(v) for v in obj)
+    return True
+
+
+@pytest.fixture(scope="module")
+def encoder_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("encoders")
+
+
+@pytest.fixture(autouse=True)
+def _env(encoder_cache, monkeypatch):
+    """One text-encoder cache for the module (MiniLM encodes the 30 titles
+    once), one torch thread (2 shared cores)."""
+    import torch
+
+    monkeypatch.setenv("RECSYS_CACHE_DIR", str(encoder_cache))
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    """Features of the ordinary 20-user dataset, shared read-only."""
+    root = tmp_path_factory.mktemp("tiny")
+    return _build(root, write_tiny_dataset(root / "data"))
+
+
+def _features_with(tmp_path: Path, edit_items=None, edit_interactions=None, **kw) -> Path:
+    """Features of a tiny dataset (write_tiny_dataset `kw`) whose raw files were edited first."""
+    ds = write_tiny_dataset(tmp_path / "data", **kw)
+    if edit_items is not None:
+        edit_items(pl.read_parquet(ds.items)).write_parquet(ds.items)
+    if edit_interactions is not None:
+        edit_interactions(pl.read_parquet(ds.interactions)).write_parquet(ds.interactions)
+    return _build(tmp_path, ds)
+
+
+# --- item text -------------------------------------------------------------------
+
+
+def _blank_text(share: float, value):
+    def edit(df: pl.DataFrame) -> pl.DataFrame:
+        n = int(round(share * df.height))
+        return df.with_columns(pl.when(pl.int_range(pl.len()) < n).then(pl.lit(value, pl.String)).otherwise(pl.col("text")).alias("text"))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "share, value, counts",
+    [
+        (1.0, "", "30 of 30 items (100%) have no text (0 null, 30 blank)"),
+        (0.6, None, "18 of 30 items (60%) have no text (18 null, 0 blank)"),
+    ],
+    ids=["all-blank", "60%-null"],
+)
+def test_mostly_empty_text_is_refused(cli, tmp_path, share, value, counts):
+    feats = _features_with(tmp_path, edit_items=_blank_text(share, value))
+    out = tmp_path / "distill"
+    rc, _, err = cli("distill", "train", "--features", feats, "--out", out, "--config", _config(tmp_path))
+    assert rc == 1
+    assert f"file {feats / 'items.parquet'}, column 'text'" in err and counts in err
+    assert "max_empty_text_share 0.5" in err
+    assert not (out / "item_embeddings.parquet").exists() and not (out / "teachers").exists()
+
+
+def test_some_empty_text_warns_with_counts(cli, tmp_path):
+    feats = _features_with(tmp_path, edit_items=_blank_text(0.3, None))
+    out = tmp_path / "distill"
+    rc, _, err = cli("distill", "train", "--features", feats, "--out", out, "--config", _config(tmp_path))
+    assert rc == 0, err
+    assert "warning:" in err and "9 of 30 items (30%) have no text (9 null, 0 blank)" in err
+    assert pl.read_parquet(out / "item_embeddings.parquet").height == 30
+
+
+def test_max_empty_text_share_is_configurable(cli, tmp_path):
+    feats = _features_with(tmp_path, edit_items=_blank_text(0.6, ""))
+    cfg = _config(tmp_path, distill={"max_empty_text_share": 0.7})
+    rc, _, err = cli("distill", "train", "--features", feats, "--out", tmp_path / "distill", "--config", cfg)
+    assert rc == 0, err
+    assert "18 of 30 items (60%) have no text" in err
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1])
+def test_max_empty_text_share_out_of_range(cli, tmp_path, features, value):
+    cfg = _config(tmp_path, distill={"max_empty_text_share": value})
+    rc, _, err = cli("distill", "train", "--features", features, "--out", tmp_path / "distill", "--config", cfg)
+    assert rc == 2
+    assert "max_empty_text_share" in err and "[0, 1]" in err
+    assert not (tmp_path / "distill").exists()
+
+
+# --- output guards -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command, where, words",
+    [
+        (("teachers", "fit"), lambda f: f, "same path as input --features"),
+        (("distill", "train"), lambda f: f / "distill", "lies inside input --features"),
+        (("distill", "eval"), lambda f: f.parent, "contains input --features"),
+    ],
+    ids=["teachers-fit-equal", "distill-train-inside", "distill-eval-contains"],
+)
+def test_out_overlapping_features_is_refused(cli, tmp_path, command, where, words):
+    feats = _features_with(tmp_path)
+    cfg = _config(tmp_path / "data")
+    before = snapshot(tmp_path)
+    rc, _, err = cli(*command, "--features", feats, "--out", where(feats), "--config", cfg)
+    assert rc == 2
+    assert words in err
+    assert snapshot(tmp_path) == before  # nothing written, nothing removed
+
+
+def test_out_symlink_to_features_is_refused(cli, tmp_path, features):
+    link = tmp_path / "link"
+    link.symlink_to(features, target_is_directory=True)
+    before = snapshot(features)
+    rc, _, err = cli("distill", "eval", "--features", features, "--out", link, "--config", _config(tmp_path))
+    assert rc == 2 and "same path as input --features" in err
+    assert snapshot(features) == before
+
+
+def test_out_equal_to_config_is_refused(cli, tmp_path, features):
+    cfg = _config(tmp_path)
+    text = cfg.read_text()
+    rc, _, err = cli("teachers", "fit", "--features", features, "--out", cfg, "--config", cfg)
+    assert rc == 2 and "same path as input --config" in err
+    assert cfg.read_text() == text
+
+
+def test_out_existing_file_is_refused_before_any_work(cli, tmp_path, features):
+    out = tmp_path / "out.txt"
+    out.write_text("keep me")
+    rc, _, err = cli("distill", "train", "--features", features, "--out", out, "--config", _config(tmp_path))
+    assert rc == 2 and "is an existing file" in err
+    assert out.read_text() == "keep me"
+    assert {p.name for p in tmp_path.iterdir()} == {"out.txt", "tiny.yaml"}
+
+
+def test_unusable_encoder_cache_is_a_usage_error(cli, tmp_path, features, monkeypatch):
+    blocker = tmp_path / "cache_is_a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("RECSYS_CACHE_DIR", str(blocker))
+    rc, _, err = cli("distill", "train", "--features", features, "--out", tmp_path / "distill", "--config", _config(tmp_path))
+    assert rc == 2 and "encoder cache" in err and str(blocker) in err
+    assert not (tmp_path / "distill").exists()
+
+
+# --- tiny data ---------------------------------------------------------------------
+
+
+def test_teachers_fit_on_tiny_data(cli, tmp_path, features):
+    out = tmp_path / "teachers"
+    rc, _, err = cli("teachers", "fit", "--features", features, "--out", out, "--config", _config(tmp_path))
+    assert rc == 0, err
+    for name in ("id2item.parquet", "seq2item.parquet"):
+        emb = np.asarray(pl.read_parquet(out / name)["embedding"].to_list())
+        assert emb.shape == (30, 8) and np.isfinite(emb).all()
+
+
+def test_distill_train_on_tiny_data_with_batches_larger_than_the_data(cli, tmp_path, features):
+    out = tmp_path / "distill"
+    rc, outp, err = cli("distill", "train", "--features", features, "--out", out, "--config", _config(tmp_path))
+    assert rc == 0, err
+    assert outp.strip().endswith(str(out / "item_embeddings.parquet"))
+    emb = pl.read_parquet(out / "item_embeddings.parquet")
+    assert emb["item_id"].to_list() == list(range(1, 31))
+    vec = np.asarray(emb["embedding"].to_list())
+    np.testing.assert_allclose(np.linalg.norm(vec, axis=1), 1, atol=1e-5)
+
+
+def test_i2i_pairs_per_step_never_exceed_the_pairs_there_are(monkeypatch, features):
+    """batch_size far above the data: L_i2i draws at most as many pairs per
+    step as exist (a (P, P) logit matrix of batch_size/2 repeats would only
+    cost memory: batch_size 100,000 drew 50,000 pairs, an OOM kill)."""
+    import distill.train as T
+    from distill.evaluate import prepare_cold_start
+    from distill.student import ContentSpec, ContentTensors, StudentConfig
+    from distill.encoders import build_content
+
+    items = pl.read_parquet(features / "items.parquet")
+    data = prepare_cold_start(pl.read_parquet(features / "interactions.parquet"), pl.read_parquet(features / "sequences.parquet"), items)
+    content = build_content(items, use_text=False, progress=False)
+    cfg = T.DistillConfig(
+        student=StudentConfig(dim=8, hidden_dim=8, use_text=False),
+        matryoshka_dims=(4,), use_id2i=False, epochs=1, batch_size=2_000, progress=False,
+    )  # fmt: skip
+    x = ContentTensors.from_features(content, cfg.student)
+    n_pairs = len(T.i2i_pairs(data.train_sequences, cfg.i2i_window))
+    seen = []
+    real = T.make_batch
+    monkeypatch.setattr(T, "make_batch", lambda h, t, p, fallback=None: seen.append(len(p)) or real(h, t, p, fallback))
+    T.fit_student(x, ContentSpec.of(x, content.fields.vocab_size), data, {}, cfg)
+    assert seen and 0 < max(seen) <= n_pairs < 1_000
+
+
+def test_eval_without_cold_items_gives_null_with_reasons(cli, tmp_path, features):
+    out = tmp_path / "eval"
+    big = {"eval_ks": [5, 1000], "select_k": 1000, "diag_k": 100, "diag_clusters": 100}  # all above the 30 items
+    cfg = _config(tmp_path, distill={"holdout_frac": 0.0, **big})
+    rc, outp, err = cli("distill", "eval", "--features", features, "--out", out, "--config", cfg)
+    assert rc == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert _no_nan(metrics)
+    reasons = metrics["reasons"]
+    assert metrics["recall@5_cold_student"] is None and reasons["recall@5_cold_student"].startswith("no cold target among the")
+    assert set(reasons) == {k for k, v in metrics.items() if v is None}
+    # k above the 30 items: every target is retrieved, never more than all of them
+    assert metrics["recall@1000_warm_student"] == 1.0 and 0 <= metrics["recall@5_warm_student"] <= 1
+    assert metrics["topk_overlap_chance_vs_id_teacher"] == 1.0  # top-100 of 30 items: every other item
+    assert "n/a" in outp and "no cold target among the" in outp
+
+
+def test_eval_without_test_positives_gives_null_with_reasons(cli, tmp_path):
+    def last_week_negative(df: pl.DataFrame) -> pl.DataFrame:
+        cut = df["timestamp"].quantile(0.75)
+        return df.with_columns(pl.when(pl.col("timestamp") > cut).then(1.0).otherwise(pl.col("rating")).alias("rating"))
+
+    feats = _features_with(tmp_path, edit_interactions=last_week_negative)
+    out = tmp_path / "eval"
+    rc, outp, err = cli("distill", "eval", "--features", feats, "--out", out, "--config", _config(tmp_path))
+    assert rc == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert _no_nan(metrics)
+    test_recalls = [k for k in metrics if k.startswith("recall@")]
+    assert test_recalls and all(metrics[k] is None for k in test_recalls)
+    assert metrics["reasons"]["recall@10_warm_student"].startswith("no test impressions")
+
+
+def test_holdout_that_leaves_no_items_is_a_data_error(cli, tmp_path, features):
+    out = tmp_path / "eval"
+    rc, _, err = cli("distill", "eval", "--features", features, "--out", out, "--config", _config(tmp_path, distill={"holdout_frac": 0.99}))
+    assert rc == 1
+    assert "column 'label'" in err and "no train positives left after holding out items" in err
+    assert not out.exists()
+
+
+def test_too_few_positives_for_the_sequence_teacher_is_a_data_error(cli, tmp_path):
+    feats = _features_with(tmp_path, users=5, items=4, events_per_user=4)
+    out = tmp_path / "teachers"
+    rc, _, err = cli("teachers", "fit", "--features", feats, "--out", out, "--config", _config(tmp_path))
+    assert rc == 1
+    assert f"file {feats / 'interactions.parquet'}, column 'label'" in err and "no user has 2 or more train positives" in err
+    assert not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the 1e30 steps before the NaN
+@pytest.mark.parametrize(
+    "section, hint",
+    [({"distill": {"lr": 1e30}}, "distill student"), ({"teachers": {"id2item": {"lr": 1e30}}}, "id2item teacher")],
+    ids=["student", "id2item"],
+)
+def test_diverged_training_stops_naming_epoch_and_step(cli, tmp_path, features, section, hint):
+    out = tmp_path / "distill"
+    rc, _, err = cli("distill", "train", "--features", features, "--out", out, "--config", _config(tmp_path, **section))
+    assert rc == 1
+    assert f"{hint}: the loss became nan at epoch" in err and ", step " in err and "lower " in err
+    assert not (out / "item_embeddings.parquet").exists() and not (out / "manifest.json").exists()
+
+
+def test_corrupt_teachers_checkpoint_names_the_file_and_force_rebuilds(cli, tmp_path, features):
+    out = tmp_path / "distill"
+    cfg = _config(tmp_path)
+    assert cli("teachers", "fit", "--features", features, "--out", out / "teachers", "--config", cfg).rc == 0
+    (out / "teachers" / "teachers.pt").write_bytes(b"not a checkpoint")
+    rc, _, err = cli("distill", "train", "--features", features, "--out", out, "--config", cfg)
+    assert rc == 1 and f"file {out / 'teachers' / 'teachers.pt'}" in err and "--force" in err
+    assert not (out / "item_embeddings.parquet").exists()
+    rc, _, err = cli("distill", "train", "--features", features, "--out", out, "--config", cfg, "--force")
+    assert rc == 0, err
+
+
+def test_killed_run_is_cleaned_and_rerun_gives_identical_output(cli, tmp_path, features):
+    cfg = _config(tmp_path)
+    clean = tmp_path / "clean"
+    assert cli("distill", "train", "--features", features, "--out", clean, "--config", cfg).rc == 0
+    # what a SIGKILL mid-way leaves: the teachers finished, the student's temp
+    # folder (of a process that is gone) half written, no final output
+    out = tmp_path / "killed"
+    assert cli("teachers", "fit", "--features", features, "--out", out / "teachers", "--config", cfg).rc == 0
+    stale = out / ".student.tmp-999999999-deadbeef"
+    stale.mkdir()
+    (stale / "item_embeddings.parquet").write_bytes(b"half")
+    rc, _, err = cli("distill", "train", "--features", features, "--out", out, "--config", cfg)
+    assert rc == 0, err
+    assert not stale.exists()
+    assert snapshot(out / "student")["item_embeddings.parquet"] == snapshot(clean / "student")["item_embeddings.parquet"]
+    assert snapshot(out)["item_embeddings.parquet"] == snapshot(clean)["item_embeddings.parquet"]
+
+
+# --- the full chain ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_full_chain_on_a_20_user_files_dataset(cli, tmp_path):
+    """features build -> distill train -> features match -> rank train ->
+    experiment run (control vs match features) -> experiment compare."""
+    ds = write_tiny_dataset(tmp_path / "data")
+    store = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    feats, dist, match, rank = (tmp_path / n for n in ("features", "distill", "match", "rank"))
+    base = _merge(
+        TINY,
+        {
+            "name": "tiny-chain",
+            "tracking": {"enabled": True, "uri": store},
+            "features": {"source": "files", "interactions": str(ds.interactions), "items": str(ds.items)},
+            "match": {"faiss_k": 10, "sid_codebook_size": 4, "shards": 1},
+            "ranker": {"embedding_dim": 8, "svd_rank": 4, "use_match_features": True, "max_history": 50},
+            "train": {"epochs": 1, "progress": False},
+            "lightgbm": {"n_estimators": 10},
+            "paths": {"root": str(tmp_path / "pipeline"), "features": str(feats), "match_features": str(match)},
+        },
+    )
+    cfg = tmp_path / "chain.yaml"
+    cfg.write_text(yaml.safe_dump(base))
+
+    def ok(*argv):
+        rc, out, err = cli(*argv)
+        assert rc == 0, f"{' '.join(map(str, argv[:2]))}: exit {rc}\n{err[-3000:]}"
+        return out
+
+    ok("features", "build", "--config", cfg, "--out", feats, "--quiet")
+    ok("distill", "train", "--features", feats, "--out", dist, "--config", cfg)
+    emb = dist / "item_embeddings.parquet"
+    ok("features", "match", "--features", feats, "--embeddings", emb, "--out", match, "--config", cfg, "--quiet")
+    ok("rank", "train", "--config", cfg, "--out", rank)
+    metrics = json.loads((rank / "metrics.json").read_text())
+    assert _no_nan(metrics) and isinstance(metrics["auc"], float)
+
+    # the experiment's stages write under paths.root, not into the folders above
+    baseline = _merge(base, {"paths": {"features": "", "match_features": ""}})
+    (tmp_path / "baseline.yaml").write_text(yaml.safe_dump(baseline))
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": "tiny_chain",
+                "baseline": "baseline.yaml",
+                "control": "control",
+                "seeds": [0],
+                "n_boot": 100,
+                "arms": [
+                    {"name": "control", "delta": {"ranker": {"use_match_features": False}}},
+                    {"name": "match", "delta": {"ranker": {"use_match_features": True}}},
+                ],
+            }
+        )
+    )
+    ok("experiment", "run", exp, "--quiet")
+    out = ok("experiment", "compare", "tiny_chain", "--format", "json", "--config", cfg)
+    assert "NaN" not in out and "Infinity" not in out
+    rows = json.loads(out)
+    assert _no_nan(rows) and {r["arm"] for r in rows} == {"control", "match"}
+    assert {r["metric"] for r in rows} >= {"auc", "gauc", "logloss", "lt_auc", "lt_spearman"}
+    # a metric that cannot be computed on 20 users is null, and says why
+    assert all(r["reason"] for r in rows if r["value"] is None)
