@@ -9,7 +9,7 @@ import math
 import numpy as np
 from torch import nn
 
-from features.errors import TrainingDiverged
+from features.core.errors import TrainingDiverged
 
 
 def check_finite(value: float, what: str, epoch: int, step: int, hint: str) -> float:

@@ -32,7 +32,7 @@ import numpy as np
 import polars as pl
 
 from features import schemas as S
-from features.errors import DataError
+from features.core.errors import DataError
 
 TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 IMAGE_MODEL = "efficientnet-lite0"

@@ -51,7 +51,7 @@ import polars as pl
 
 from distill.index import IndexConfig, build_index, search_excluding
 from features import schemas as S
-from features.errors import DataError
+from features.core.errors import DataError
 
 GROUPS = ("warm", "cold", "all")
 

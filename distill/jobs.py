@@ -20,7 +20,7 @@ Every folder's manifest key holds the job, its version, the config hash, the
 protocol (holdout share and seed, query length...), the fingerprints of the
 features manifest's outputs and of the stage's own inputs (the teachers'
 tables for a student). A rerun whose key matches reuses the folder; `force`
-recomputes. Outputs are written with `features.manifest.atomic_outputs`, so a
+recomputes. Outputs are written with `features.core.manifest.atomic_outputs`, so a
 killed job never leaves a half-written file under its final name.
 """
 
@@ -47,11 +47,11 @@ from distill.encoders import IMAGE_MODEL, TEXT_MODEL, ContentFeatures, build_con
 from distill.teachers import IDToItemTeacher, SeqToItemTeacher, TeachersConfig
 from distill.train import LOSSES, DistillConfig, TeacherTarget, fit_student
 from features import schemas as S
-from features.config import config_hash, flatten, to_dict
-from features.errors import DataError, SchemaError, UsageError
-from features.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
-from features.sources import file_fingerprint
-from features.tracker import NullTracker, Tracker
+from features.core.config import config_hash, flatten, to_dict
+from features.core.errors import DataError, SchemaError, UsageError
+from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
+from features.core.fingerprint import file_fingerprint
+from features.core.tracker import NullTracker, Tracker
 
 VERSION = 1  # bump when the same inputs and config give different outputs
 JOB_TEACHERS, JOB_STUDENT, JOB_TRAIN, JOB_EVAL = "distill.teachers", "distill.student", "distill.train", "distill.eval"
@@ -162,7 +162,7 @@ def _check_text(items: pl.DataFrame, file: Path, max_share: float, log: Callable
 
 def _check_cache_dir(cache_dir: str) -> None:
     """The encoder cache folder must be creatable: checked before any work."""
-    from features.paths import check_output
+    from features.core.paths import check_output
 
     where = "distill.cache_dir" if cache_dir else "the encoder cache ($RECSYS_CACHE_DIR/encoders)"
     check_output(cache_dir or default_cache_dir(), {}, flag=where)

@@ -36,8 +36,8 @@ from distill.evaluate import ColdStartData
 from distill.index import IndexConfig
 from distill.losses import Temperature, i2i_loss, id2i_loss, s2i_loss
 from distill.student import ContentSpec, ContentTensors, Student, StudentConfig
-from features.errors import DataError
-from features.tracker import NullTracker, Tracker
+from features.core.errors import DataError
+from features.core.tracker import NullTracker, Tracker
 
 LOSSES = ("s2i", "id2i", "i2i")
 
@@ -123,7 +123,7 @@ class DistillConfig:
 
     def training_key(self) -> dict:
         """The keys that change the trained student (eval-only keys dropped)."""
-        from features.config import to_dict
+        from features.core.config import to_dict
 
         d = to_dict(self)
         for k in ("eval_ks", "index", "diag_k", "diag_clusters", "cache_dir", "progress", "threads", "max_empty_text_share"):

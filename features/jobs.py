@@ -21,10 +21,10 @@ import polars as pl
 
 from features import schemas as S
 from features import transforms as T
-from features.config import config_hash, to_dict
-from features.errors import DataError, UsageError
-from features.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
-from features.paths import check_output
+from features.core.config import config_hash, to_dict
+from features.core.errors import DataError, UsageError
+from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
+from features.core.paths import check_output
 from features.sources import (
     RawSource,
     SyntheticConfig,
@@ -469,7 +469,7 @@ def _match_key(features_dir: Path, embeddings: Path, cfg: MatchConfig) -> dict[s
         raise UsageError(f"{features_dir} is not a features folder (no manifest); run `recsys features build` first")
     if not embeddings.is_file():
         raise UsageError(f"embeddings file {embeddings} does not exist")
-    from features.sources import file_fingerprint
+    from features.core.fingerprint import file_fingerprint
 
     return {
         "job": MATCH_JOB,

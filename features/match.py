@@ -64,7 +64,7 @@ import numpy as np
 import polars as pl
 
 from features import schemas as S
-from features.config import to_dict
+from features.core.config import to_dict
 
 PREFIX = "mf_"
 BLOCK = 32  # tile columns per block-max: exact top-k reads only the best blocks
@@ -643,7 +643,7 @@ def validate_embeddings(df: pl.DataFrame, file: str, dim: int = 0) -> tuple[np.n
     columns, null ids or vectors, duplicate ids, ragged lengths, a dimension
     other than `dim` (when > 0), NaN/inf/null values, all-zero vectors (no
     direction to normalise)."""
-    from features.errors import DataError, SchemaError
+    from features.core.errors import DataError, SchemaError
 
     for col in (EMB_ITEM_ID, EMBEDDING):
         if col not in df.columns:
@@ -705,7 +705,7 @@ def validate_embeddings(df: pl.DataFrame, file: str, dim: int = 0) -> tuple[np.n
 
 def check_missing_items(emb_ids: np.ndarray, needed: np.ndarray, file: str, policy: str) -> np.ndarray:
     """Item ids of the interactions without a vector; under policy "error" a DataError."""
-    from features.errors import DataError
+    from features.core.errors import DataError
 
     missing = np.setdiff1d(np.asarray(needed, np.int64), np.asarray(emb_ids, np.int64))
     if len(missing) and policy == "error":

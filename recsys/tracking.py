@@ -1,6 +1,6 @@
 """Experiment tracking on MLflow. The ONLY module in the project that imports mlflow.
 
-Everything else logs through the small `features.tracker.Tracker` protocol
+Everything else logs through the small `features.core.tracker.Tracker` protocol
 (`log_params`, `log_metrics(step=)`, `log_artifact`, `set_tags`). mlflow is
 imported lazily, inside functions, so `recsys --help` stays fast.
 
@@ -86,9 +86,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from features.config import config_hash, flatten, to_dict
-from features.errors import RecsysError, UsageError
-from features.tracker import NullTracker
+from features.core.config import config_hash, flatten, to_dict
+from features.core.errors import RecsysError, UsageError
+from features.core.tracker import NullTracker
 
 DEFAULT_DIR = "mlflow"  # the embedded store lives in <cwd>/mlflow/
 CHECK_TIMEOUT_S = 3.0

@@ -59,9 +59,9 @@ import torch
 from torch import Tensor, nn
 
 from features import schemas as S
-from features.config import config_hash, flatten, to_dict
-from features.errors import DataError, TrainingDiverged, UsageError
-from features.tracker import NullTracker, Tracker
+from features.core.config import config_hash, flatten, to_dict
+from features.core.errors import DataError, TrainingDiverged, UsageError
+from features.core.tracker import NullTracker, Tracker
 from recsys.data import DataConfig, RankingData, resolve_match_path
 from recsys.eval.metrics import (
     METRICS,
@@ -259,7 +259,7 @@ def _context(cfg: TrainConfig) -> _Context:
 
     cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        from features.errors import ConfigError
+        from features.core.errors import ConfigError
 
         raise ConfigError("train.device is 'cuda' but no CUDA device is available")
     world = check_launch_env()

@@ -62,3 +62,15 @@ def test_keyed_jagged_tensors_built_in_one_place_per_package():
                         builders.setdefault(package, set()).add(str(path.relative_to(ROOT)))
     for package, files in builders.items():
         assert len(files) == 1, f"{package}: KeyedJaggedTensors built in {sorted(files)}"
+
+
+def test_kernel_is_the_bottom_of_the_import_graph():
+    """features/core (errors, config loading, manifests, fingerprints, paths,
+    the tracker protocol) imports no other part of the project."""
+    bad = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path, tree in _modules("features/core")
+        for name in _imported(tree)
+        if name.split(".")[0] in ("recsys", "distill", "features") and not name.startswith("features.core")
+    ]
+    assert not bad, "features/core must not import the rest of the project:\n" + "\n".join(bad)

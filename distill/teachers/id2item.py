@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from distill.early_stopping import BestOnValid, check_finite, check_finite_table
-from features.errors import DataError
-from features.tracker import NullTracker, Tracker
+from features.core.errors import DataError
+from features.core.tracker import NullTracker, Tracker
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.early_stopping import BestOnValid, check_finite, check_finite_table
-from features.errors import DataError
-from features.tracker import NullTracker, Tracker
+from features.core.errors import DataError
+from features.core.tracker import NullTracker, Tracker
 
 _HINT = "lower teachers.seq2item.lr (or init_std)"
 

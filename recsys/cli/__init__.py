@@ -17,7 +17,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from features.errors import RecsysError
+from features.core.errors import RecsysError
 
 # Each module exposes `register(subparsers)`; order = order in `recsys --help`.
 COMMAND_MODULES = (

@@ -34,8 +34,8 @@ are an error (exit 1): there is nothing to learn.
 
 
 def _lightgbm(args: argparse.Namespace) -> int:
-    from features.errors import UsageError
-    from features.paths import check_output
+    from features.core.errors import UsageError
+    from features.core.paths import check_output
     from recsys.config import load_pipeline_config
     from recsys.models.lightgbm_ranker import check_inputs, match_lift, run_lightgbm
     from recsys.tracking import open_pipeline_run

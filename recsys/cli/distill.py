@@ -57,7 +57,7 @@ in metrics.json, with why under its "reasons", and n/a in the table.
 def _configs(args: argparse.Namespace):
     """The pipeline config from --config (defaults without it), seeding once.
     --out is checked first: it may not overlap --features or --config."""
-    from features.paths import check_output
+    from features.core.paths import check_output
     from recsys.cli import seed_everything
     from recsys.config import load_pipeline_config
 

@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from recsys.compare import format_rows, regressions
     from recsys.config import load_pipeline_config
-    from features.errors import UsageError
+    from features.core.errors import UsageError
     from recsys.eval.metrics import METRICS
     from recsys.experiment import MIN_BOOT, check_experiment_name
     from recsys.pipeline import compare_experiment

@@ -53,7 +53,7 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_features_config(args: argparse.Namespace):
     """Config file (if any) overlaid with the flags that were given."""
-    from features.config import from_dict, load_mapping
+    from features.core.config import from_dict, load_mapping
     from features.jobs import FeaturesConfig
 
     data: dict = {}
@@ -84,7 +84,7 @@ def resolve_features_config(args: argparse.Namespace):
 
 def _build(args: argparse.Namespace) -> int:
     from features.jobs import build_features
-    from features.paths import check_output
+    from features.core.paths import check_output
 
     cfg = resolve_features_config(args)
     check_output(args.out, {"--interactions": cfg.interactions, "--items": cfg.items, "--config": args.config})

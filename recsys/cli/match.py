@@ -27,7 +27,7 @@ match.missing_items: null (missing items get null features).
 
 def _match(args: argparse.Namespace) -> int:
     from features.jobs import build_match_features, parse_shard
-    from features.paths import check_output
+    from features.core.paths import check_output
     from recsys.config import load_pipeline_config
 
     shard = parse_shard(args.shard) if args.shard else None

@@ -36,7 +36,7 @@ an input, WORLD_SIZE set without torchrun.
 def _train(args: argparse.Namespace) -> int:
     import os
 
-    from features.paths import check_output
+    from features.core.paths import check_output
     from recsys.cli import seed_everything
     from recsys.config import load_pipeline_config
     from recsys.tracking import tracked_command

@@ -23,7 +23,7 @@ Pipelines can log through it: MLFLOW_TRACKING_URI=http://127.0.0.1:PORT.
 def _tracking_config(args: argparse.Namespace):
     import dataclasses
 
-    from features.config import from_dict, load_mapping
+    from features.core.config import from_dict, load_mapping
     from recsys.tracking import TrackingConfig
 
     cfg = TrackingConfig()
@@ -35,7 +35,7 @@ def _tracking_config(args: argparse.Namespace):
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from features.errors import UsageError
+    from features.core.errors import UsageError
     from recsys.tracking import serve
 
     if not args.ready_timeout > 0:

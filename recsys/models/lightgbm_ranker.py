@@ -19,7 +19,7 @@ valid and scored on test (hyper-parameters are never chosen on test):
 
 `run_lightgbm` writes metrics.json, predictions.parquet (the columns every
 model writes, see recsys.eval.metrics) and a gain feature-importance PNG, and
-logs through a `features.tracker.Tracker`. `match_lift` runs it with and
+logs through a `features.core.tracker.Tracker`. `match_lift` runs it with and
 without the match features and reports the test-GAUC delta with a paired
 bootstrap interval over users.
 
@@ -45,10 +45,10 @@ import numpy as np
 import polars as pl
 
 from features import schemas as S
-from features.config import config_hash, flatten, to_dict
-from features.errors import ConfigError, DataError, UsageError
-from features.manifest import atomic_outputs, read_manifest, write_manifest, write_parquet
-from features.tracker import NullTracker, Tracker
+from features.core.config import config_hash, flatten, to_dict
+from features.core.errors import ConfigError, DataError, UsageError
+from features.core.manifest import atomic_outputs, read_manifest, write_manifest, write_parquet
+from features.core.tracker import NullTracker, Tracker
 from recsys import plots
 
 MATCH_FILE = "match_features.parquet"
@@ -291,7 +291,7 @@ def load_table(features_dir: str | Path, match_dir: str | Path | None) -> tuple[
     """interactions.parquet with the rate features and the mf_* columns of
     `match_dir` attached (checked row by row: same user_id, item_id,
     timestamp, same order)."""
-    from features.errors import SchemaError
+    from features.core.errors import SchemaError
 
     inter_file, mfile = check_inputs(features_dir, match_dir)
     schema = _parquet_schema(inter_file)

@@ -68,7 +68,7 @@ def syn_data(synthetic_features):
 def run_cli(argv: list[str]) -> int:
     """Our `register` on a fresh parser, dispatched like `recsys.cli.main`
     (the lead adds the module to COMMAND_MODULES)."""
-    from features.errors import RecsysError
+    from features.core.errors import RecsysError
     from recsys.cli import distill as cli_distill
 
     parser = argparse.ArgumentParser(prog="recsys")

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from distill.encoders import EmbeddingCache, build_content, encode_fields, encode_images, encode_texts
-from features.errors import DataError
+from features.core.errors import DataError
 
 
 class CountingEncoder:

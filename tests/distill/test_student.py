@@ -11,9 +11,9 @@ import torch
 
 from distill.student import ContentSpec, ContentTensors, Student, StudentConfig
 from distill.train import DistillConfig, TeacherTarget, fit_student, i2i_pairs
-from features.config import from_dict
-from features.errors import ConfigError
-from features.tracker import RecordingTracker
+from features.core.config import from_dict
+from features.core.errors import ConfigError
+from features.core.tracker import RecordingTracker
 
 
 def _tiny():

@@ -11,8 +11,8 @@ from sklearn.exceptions import NotFittedError
 from distill.teachers import ID2ItemConfig, IDToItemTeacher, Seq2ItemConfig, SeqToItemTeacher, TeachersConfig
 from distill.teachers.id2item import build_tables, make_kjt
 from distill.teachers.seq2item import SeqEncoder, make_windows
-from features.config import from_dict
-from features.errors import ConfigError
+from features.core.config import from_dict
+from features.core.errors import ConfigError
 
 # 20 users, 10 items: users 0-9 like items 0-4, users 10-19 like items 5-9
 RNG = np.random.default_rng(0)

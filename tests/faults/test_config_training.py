@@ -19,8 +19,8 @@ import torch
 import yaml
 
 from features import schemas as S
-from features.config import deep_merge, from_dict
-from features.errors import ConfigError
+from features.core.config import deep_merge, from_dict
+from features.core.errors import ConfigError
 from tests.faults.conftest import snapshot, write_tiny_dataset
 
 DEBUG_YAML = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "debug.yaml"
@@ -144,7 +144,7 @@ def test_huge_lr_stops_with_exit_1_naming_epoch_and_step(cli, features_dir, tmp_
 
 
 def test_svd_attention_on_non_finite_history_is_a_clear_error():
-    from features.errors import RecsysError
+    from features.core.errors import RecsysError
     from recsys.modules.svd_attention import SVDFactorizationError, svd_factors
 
     history = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0))  # (B, L, D)

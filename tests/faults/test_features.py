@@ -20,8 +20,8 @@ import polars as pl
 import pytest
 
 from features import schemas as S
-from features.manifest import read_manifest
-from features.sources import file_fingerprint
+from features.core.manifest import read_manifest
+from features.core.fingerprint import file_fingerprint
 from tests.faults.conftest import snapshot, write_tiny_dataset
 
 LABEL_COLUMNS = [S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.LABEL, S.SPLIT, S.DAY, S.RETURNED_1D, S.ACTIVE_DAYS_7, S.LT_OBSERVED]
@@ -116,7 +116,7 @@ def test_build_out_existing_file_fails_before_any_work(cli, tiny_dataset, tmp_pa
 
 
 def test_library_build_refuses_an_out_containing_its_inputs(tiny_dataset):
-    from features.errors import UsageError
+    from features.core.errors import UsageError
     from features.jobs import FeaturesConfig, build_features
 
     before = snapshot(tiny_dataset.dir)

@@ -23,8 +23,8 @@ import polars as pl
 import pytest
 import yaml
 
-from features.errors import UsageError
-from features.sources import file_fingerprint
+from features.core.errors import UsageError
+from features.core.fingerprint import file_fingerprint
 from recsys import tracking as T
 from recsys.compare import ArmPredictions, compare_arms, format_rows
 from recsys.eval.bootstrap import paired_bootstrap

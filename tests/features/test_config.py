@@ -5,8 +5,8 @@ from typing import Literal
 
 import pytest
 
-from features.config import config_hash, deep_merge, flatten, from_dict
-from features.errors import ConfigError
+from features.core.config import config_hash, deep_merge, flatten, from_dict
+from features.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def test_hash_flatten_merge():
 
 
 def test_yaml_duplicate_keys_rejected(tmp_path):
-    from features.config import load_mapping
+    from features.core.config import load_mapping
 
     p = tmp_path / "c.yaml"
     p.write_text("arms:\n  a: 1\n  b: 2\n  a: 3\n")

@@ -14,7 +14,7 @@ from polars.testing import assert_frame_equal
 
 from features import match as M
 from features import schemas as S
-from features.errors import DataError, SchemaError
+from features.core.errors import DataError, SchemaError
 from features.jobs import (
     MATCH_FILE,
     build_match_features,
@@ -22,7 +22,7 @@ from features.jobs import (
     match_shard_dir,
     parse_shard,
 )
-from features.errors import UsageError
+from features.core.errors import UsageError
 from features.match import Histories, ItemSpace, MatchConfig, compute_match_features, reference_match_features
 
 DAY = 86_400
@@ -213,7 +213,7 @@ def test_config_validation_and_columns():
     for bad in ({"history_cap": 0}, {"top_k": ()}, {"top_k": (5, 5)}, {"threshold": 2.0}, {"half_life_days": 0.0}):
         with pytest.raises(ValueError):
             MatchConfig(**bad)
-    from features.config import from_dict
+    from features.core.config import from_dict
 
     assert from_dict(MatchConfig, {"top_k": [3, 10]}).top_k == (3, 10)
     assert "shards" not in MatchConfig().relevant()

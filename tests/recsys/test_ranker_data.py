@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from features import schemas as S
-from features.errors import DataError, SchemaError, UsageError
+from features.core.errors import DataError, SchemaError, UsageError
 from recsys.data import (
     CAND_KEY,
     HIST_KEY,

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from features import schemas as S
-from features.config import from_dict
-from features.errors import ConfigError
-from features.tracker import RecordingTracker
+from features.core.config import from_dict
+from features.core.errors import ConfigError
+from features.core.tracker import RecordingTracker
 from recsys.config import PipelineConfig
 from recsys.train import PREDICTION_COLUMNS, TrainConfig, train_ranker
 from tests.recsys.test_ranker_data import make_match_standin

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from features.errors import UsageError
-from features.tracker import NullTracker, Tracker
+from features.core.errors import UsageError
+from features.core.tracker import NullTracker, Tracker
 from recsys.tracking import (
     PARAM_VALUE_LIMIT,
     CodeVersion,
@@ -83,7 +83,7 @@ def test_resolve_uri_precedence(tmp_path, monkeypatch):
 
 
 def test_config_is_frozen_with_defaults():
-    from features.config import from_dict
+    from features.core.config import from_dict
 
     cfg = from_dict(TrackingConfig, {"experiment": "x", "enabled": False})
     assert (cfg.uri, cfg.artifact_root, cfg.reuse) == ("", "", True)

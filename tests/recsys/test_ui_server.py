@@ -45,7 +45,7 @@ def test_register_defaults_and_flags():
 
 
 def test_ui_refuses_a_server_uri(capsys):
-    from features.errors import UsageError
+    from features.core.errors import UsageError
 
     args = _parser().parse_args(["ui", "--store", "http://127.0.0.1:1"])
     with pytest.raises(UsageError, match="http://127.0.0.1:1"):

@@ -14,8 +14,8 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from features import schemas as S
-from features.errors import DataError
-from features.tracker import RecordingTracker
+from features.core.errors import DataError
+from features.core.tracker import RecordingTracker
 from recsys.models.lightgbm_ranker import (
     PREDICTION_COLUMNS,
     LightGBMConfig,

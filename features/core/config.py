@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from features.errors import ConfigError, UsageError
+from features.core.errors import ConfigError, UsageError
 
 T = TypeVar("T")
 

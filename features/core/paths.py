@@ -16,7 +16,7 @@ Every command that writes calls `check_output(out, inputs)` first:
 >>> check_output(d, {"--interactions": d / "events.csv"})  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-features.errors.UsageError: --out ... contains input --interactions ...
+features.core.errors.UsageError: --out ... contains input --interactions ...
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from features.errors import UsageError
+from features.core.errors import UsageError
 
 PathLike = str | os.PathLike
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import polars as pl
 
-from features.sources import file_fingerprint
+from features.core.fingerprint import file_fingerprint
 
 MANIFEST = "manifest.json"
 
@@ -123,7 +123,7 @@ def atomic_outputs(folder: str | Path) -> Iterator[Path]:
     final = Path(folder)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not final.is_dir():
-        from features.errors import UsageError
+        from features.core.errors import UsageError
 
         raise UsageError(f"output {final} is an existing file; expected a folder")
     clean_stale_temps(final)
