@@ -60,7 +60,7 @@ SECTIONS: dict[str, str] = {
     "ranker": "recsys.models.ranker:RankerConfig",
     "train": "recsys.train:TrainConfig",
     "lightgbm": "recsys.models.lightgbm_ranker:LightGBMConfig",
-    "tracking": "recsys.tracking:TrackingConfig",
+    "tracking": "recsys.tracking.config:TrackingConfig",
     "paths": "recsys.config:PathsConfig",
 }
 SCALARS: dict[str, type] = {"seed": int, "name": str}

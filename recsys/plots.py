@@ -6,7 +6,7 @@ path, writes the PNG atomically (a temp name in the same folder, then a
 rename: no half-written figure ever has the final name) and returns the path.
 Figures are built on `matplotlib.figure.Figure` with the Agg canvas, never
 through pyplot, so there is no global figure state and no display needed.
-Log them with `tracker.log_figure(path)` (`recsys.tracking`).
+Log them with `tracker.log_artifact(path, "figures")`.
 
 >>> from recsys.plots import training_curves
 >>> training_curves({"train_loss": [0.7, 0.5, 0.4], "val_loss": [0.72, 0.6, 0.58],

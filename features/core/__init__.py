@@ -7,5 +7,5 @@ distill, recsys) builds on it, and it imports none of them.
 - `manifest`: artifact manifests, atomic multi-file output, stale-temp cleanup;
 - `fingerprint`: content hashes of files and frames;
 - `paths`: output-path guards (`check_output`);
-- `tracker`: the tracking protocol stages log through (`Tracker`, `NullTracker`).
+- `tracker`: the tracking protocol stages log through (`Tracker`, `NullTracker`, `RecordingTracker`, `ForwardingTracker`).
 """

@@ -24,7 +24,7 @@ def _tracking_config(args: argparse.Namespace):
     import dataclasses
 
     from features.core.config import from_dict, load_mapping
-    from recsys.tracking import TrackingConfig
+    from recsys.tracking.config import TrackingConfig
 
     cfg = TrackingConfig()
     if args.config:

@@ -25,7 +25,7 @@ import yaml
 
 from features.core.errors import UsageError
 from features.core.fingerprint import file_fingerprint
-from recsys import tracking as T
+from recsys.tracking import provenance
 from recsys.compare import ArmPredictions, compare_arms, format_rows
 from recsys.eval.bootstrap import paired_bootstrap
 from recsys.eval.metrics import METRICS
@@ -143,16 +143,16 @@ def test_another_repository_as_working_directory_changes_neither_key_nor_tags(tm
 def test_editing_a_plugin_source_file_changes_the_key(tmp_path, monkeypatch):
     src = tmp_path / "model.py"
     src.write_text("A = 1\n")
-    monkeypatch.setattr(T, "source_files", lambda: [("recsys/model.py", src)])
-    T._plugin_code.cache_clear()
+    monkeypatch.setattr(provenance, "source_files", lambda: [("recsys/model.py", src)])
+    provenance._plugin_code.cache_clear()
     try:
         first = code_version()
         assert code_version().source_hash == first.source_hash  # cached, stable
         src.write_text("A = 2\n")
-        T._plugin_code.cache_clear()
+        provenance._plugin_code.cache_clear()
         second = code_version()
     finally:
-        T._plugin_code.cache_clear()
+        provenance._plugin_code.cache_clear()
     assert first.source_hash and second.source_hash != first.source_hash
     assert stage_key("s", {}, {}, first) != stage_key("s", {}, {}, second)
 

@@ -13,13 +13,16 @@ from pathlib import Path
 import pytest
 
 from features.core.errors import UsageError
-from features.core.tracker import NullTracker, Tracker
+from features.core.tracker import ForwardingTracker, NullTracker, RecordingTracker, Tracker
 from recsys.tracking import (
     PARAM_VALUE_LIMIT,
     CodeVersion,
     GitInfo,
     MLflowTracker,
+    NullPipelineRun,
+    PipelineRun,
     RunStore,
+    StageRun,
     TrackingConfig,
     check_store,
     connect,
@@ -28,7 +31,6 @@ from recsys.tracking import (
     open_pipeline_run,
     resolve_artifact_root,
     resolve_uri,
-    search_runs,
     stage_key,
 )
 
@@ -155,6 +157,33 @@ def test_disabled_logs_nothing(tmp_path):
             assert not st.reused and isinstance(st, Tracker)
             st.log_metrics({"loss": 1.0}, step=1)
     assert not (tmp_path / "mlflow").exists()
+
+
+# Everything a stage calls on its tracker; every tracker implements all of it.
+PROTOCOL = ("log_params", "log_metrics", "log_artifact", "set_tags", "log_dict", "set_outputs", "artifact_dir")
+
+
+@pytest.mark.parametrize("cls", [NullTracker, RecordingTracker, ForwardingTracker, MLflowTracker, StageRun,
+                                 PipelineRun, NullPipelineRun])
+def test_every_tracker_implements_the_whole_protocol(cls):
+    assert set(PROTOCOL) <= {n for n in dir(Tracker) if not n.startswith("_")}
+    missing = [m for m in PROTOCOL if not hasattr(cls, m)]
+    assert not missing, f"{cls.__name__} lacks {missing}"
+
+
+def test_forwarding_tracker_passes_every_call_on(tmp_path):
+    inner = RecordingTracker()
+    fwd = ForwardingTracker(inner)
+    assert isinstance(fwd, Tracker) and fwd.artifact_dir is None
+    fwd.log_params({"a": 1})
+    fwd.log_metrics({"m": 2.0}, step=3)
+    fwd.log_artifact(tmp_path / "f.png", "figures")
+    fwd.set_tags({"t": "v"})
+    fwd.log_dict({"k": 1}, "eval/summary.json")
+    fwd.set_outputs(tmp_path)
+    assert inner.params == {"a": 1} and inner.metrics == [("m", 2.0, 3)] and inner.tags == {"t": "v"}
+    assert inner.artifacts == [(str(tmp_path / "f.png"), "figures")]
+    assert inner.dicts == {"eval/summary.json": {"k": 1}} and inner.outputs == str(tmp_path.resolve())
 
 
 # --------------------------------------------------------------------------- runs
@@ -344,7 +373,7 @@ def test_search_runs_returns_arms_with_metrics_and_artifacts(store_uri, request,
     with open_pipeline_run(cfg, "other", tags={"experiment": "ab2", "arm": "x"}, code=CODE):
         pass
 
-    rows = search_runs(cfg, "ab1", stage="eval")
+    rows = connect(cfg).search_runs("ab1", stage="eval")
     assert sorted(r["arm"] for r in rows) == ["control", "svd"]
     for r in rows:
         assert r["experiment"] == "ab1" and r["seed"] == "0" and r["status"] == "FINISHED"
