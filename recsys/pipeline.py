@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -32,12 +32,17 @@ import polars as pl
 from features import schemas as S
 from features.core.config import config_hash
 from features.core.errors import DataError, UsageError
-from features.core.manifest import read_manifest
 from features.core.fingerprint import file_fingerprint
+from features.core.manifest import read_manifest
+from features.core.tracker import Tracker
 from recsys.compare import KEY, ArmPredictions, CompareRow, compare_arms, format_rows
 from recsys.config import PathsConfig, PipelineConfig
 from recsys.eval.metrics import METRICS
 from recsys.experiment import MIN_BOOT, LoadedExperiment, load_experiment
+from recsys.tracking.config import TrackingConfig
+
+if TYPE_CHECKING:
+    from recsys.tracking import NullPipelineRun, PipelineRun
 
 Log = Callable[[str], None]
 ARM_RUNS = "arm_runs.json"
@@ -137,7 +142,7 @@ class ExperimentOutcome:
 class Pipeline:
     """Runs stages inside one parent run; caches shared stages by their key."""
 
-    def __init__(self, run: Any, root: Path, log: Log = _log_default, *, progress: bool = True) -> None:
+    def __init__(self, run: PipelineRun | NullPipelineRun, root: Path, log: Log = _log_default, *, progress: bool = True) -> None:
         self.run = run
         self.root = root
         self.log = log
@@ -161,7 +166,7 @@ class Pipeline:
         params: dict[str, Any],
         upstream: dict[str, str],
         out: Path,
-        compute: Callable[[Any], None],
+        compute: Callable[[Tracker], None],
         *,
         tags: dict[str, Any] | None = None,
         result: Callable[[Path], Path] = lambda p: p,
@@ -214,7 +219,7 @@ class Pipeline:
         }
         out = self._dir("features", cache_key, Path(cfg.paths.resolve("features")))
 
-        def compute(st: Any) -> None:
+        def compute(st: Tracker) -> None:
             res = build_features(cfg.features, out, log=self.log, loaded=loaded)
             st.log_metrics({k: v for k, v in res.manifest.get("stats", {}).items() if isinstance(v, (int, float))})
             st.log_artifact(out / "manifest.json")
@@ -231,13 +236,13 @@ class Pipeline:
         root = self._dir("distill", config_hash({"t": cfg.teachers, "d": cfg.distill, "s": seed}), cfg.paths.resolve("embeddings").parent)
         t_params = {"teachers": dataclasses.asdict(cfg.teachers), "protocol": _protocol(cfg), "seed": seed}
 
-        def fit_teachers(st: Any) -> None:
+        def fit_teachers(st: Tracker) -> None:
             D.fit_teachers(features, root / "teachers", cfg.teachers, st, distill=cfg.distill, seed=seed, log=self.log)
 
         _, t_fp = self.stage("teachers", t_params, {"features": features_fp}, root / "teachers", fit_teachers)
         d_params = {"distill": dataclasses.asdict(cfg.distill), "teachers": dataclasses.asdict(cfg.teachers), "seed": seed}
 
-        def evaluate(st: Any) -> None:
+        def evaluate(st: Tracker) -> None:
             res = D.evaluate(features, root, cfg.distill, st, teachers=cfg.teachers, ablations=cfg.distill.ablations, seed=seed, log=self.log)
             if res.metrics:
                 self.log(D.format_metrics(res.metrics, cfg.distill.eval_ks))
@@ -259,7 +264,7 @@ class Pipeline:
         params = dataclasses.asdict(cfg.match)
         out = self._dir("match", config_hash({"m": params, "e": emb_fp}), cfg.paths.resolve("match_features"))
 
-        def compute(st: Any) -> None:
+        def compute(st: Tracker) -> None:
             res = build_match_features(features, emb, out, cfg.match, log=self.log, progress=self.progress)
             st.log_artifact(out / "manifest.json")
             st.log_metrics({"seconds": res.seconds})
@@ -297,7 +302,7 @@ class Pipeline:
             lgb = dataclasses.replace(cfg.lightgbm, seed=seed)
             params = {"model": "lightgbm", "lightgbm": dataclasses.asdict(lgb), "seed": seed}
 
-            def compute(st: Any) -> None:
+            def compute(st: Tracker) -> None:
                 st.log_dict(cfg.to_dict(), "config.json")
                 run_lightgbm(inputs.features, inputs.match, out, lgb, st, log=self.log)
 
@@ -314,7 +319,7 @@ class Pipeline:
             ns = _RankInputs(paths=paths, ranker=cfg.ranker, train=train, seed=seed)
             params = {"model": "ranker", "ranker": dataclasses.asdict(cfg.ranker), "train": dataclasses.asdict(train), "seed": seed}
 
-            def compute(st: Any) -> None:
+            def compute(st: Tracker) -> None:
                 st.log_dict(cfg.to_dict(), "config.json")
                 metrics = train_ranker(ns, out, tracker=st)
                 _rank_plots(out, metrics, cfg, st, inputs.features)
@@ -338,7 +343,7 @@ def _protocol(cfg: PipelineConfig) -> dict[str, Any]:
     return {"holdout_frac": d.holdout_frac, "query_len": d.query_len, "history_len": d.history_len, "select_k": d.select_k}
 
 
-def _rank_plots(out: Path, metrics: dict[str, Any], cfg: PipelineConfig, tracker: Any, features: Path) -> None:
+def _rank_plots(out: Path, metrics: dict[str, Any], cfg: PipelineConfig, tracker: Tracker, features: Path) -> None:
     """Training curves, and for SVD encoders the singular-value spectrum of
     user histories in the trained item table (how much energy rank R keeps)."""
     from recsys import plots
@@ -442,7 +447,7 @@ def run_experiment(
     return ExperimentOutcome(name, exp.spec.control, rows, arm_outputs, time.perf_counter() - t0)
 
 
-def log_compare(rows: list[CompareRow], tracker: Any, out: Path, *, control: str, predictions: list[ArmPredictions]) -> None:
+def log_compare(rows: list[CompareRow], tracker: Tracker, out: Path, *, control: str, predictions: list[ArmPredictions]) -> None:
     """compare.json, the table, an arm-delta plot and ROC curves as artifacts."""
     from recsys import plots
 
@@ -468,7 +473,7 @@ def log_compare(rows: list[CompareRow], tracker: Any, out: Path, *, control: str
         tracker.log_artifact(f, "compare")
 
 
-def load_experiment_predictions(tracking_cfg: Any, name: str) -> tuple[list[ArmPredictions], dict[str, Any]]:
+def load_experiment_predictions(tracking_cfg: TrackingConfig, name: str) -> tuple[list[ArmPredictions], dict[str, Any]]:
     """Predictions of the newest finished invocation of experiment `name`,
     each checked for the columns of the experiment's metrics
     (`read_predictions`) and matched against what its run recorded
@@ -497,7 +502,7 @@ def load_experiment_predictions(tracking_cfg: Any, name: str) -> tuple[list[ArmP
 
 
 def compare_experiment(
-    tracking_cfg: Any,
+    tracking_cfg: TrackingConfig,
     name: str,
     *,
     control: str | None = None,
@@ -533,7 +538,7 @@ def compare_experiment(
     return rows, control
 
 
-def _parent_spec(tracking_cfg: Any, parent: dict[str, Any]) -> dict[str, Any]:
+def _parent_spec(tracking_cfg: TrackingConfig, parent: dict[str, Any]) -> dict[str, Any]:
     from recsys.tracking import connect
 
     try:
