@@ -138,6 +138,29 @@ def describe_exception(e: BaseException) -> str:
     return f"unexpected {type(e).__name__}" + (f": {msg}" if msg else "")
 
 
+def command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    *,
+    help: str,
+    description: str | None = None,
+    epilog: str | None = None,
+    handler=None,
+) -> argparse.ArgumentParser:
+    """One (sub)command: help line, description, an examples epilog kept as
+    written, and the handler `dispatch` calls."""
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=description or help,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if handler is not None:
+        p.set_defaults(handler=handler)
+    return p
+
+
 def group(sub: argparse._SubParsersAction, name: str, help: str, description: str | None = None):
     """A command group (`recsys features ...`) whose bare call prints its help."""
     p = sub.add_parser(name, help=help, description=description or help)

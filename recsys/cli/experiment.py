@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recsys.cli import group
+from recsys.cli import command, group
 
 RUN_EPILOG = """\
 examples:
@@ -86,24 +86,24 @@ def _show(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     _, esub = group(sub, "experiment", "A/B experiments: run arms, compare them with intervals")
-    p = esub.add_parser(
+    p = command(
+        esub,
         "run",
         help="run every arm (and seed) of an experiment file, then compare",
         description="Run an A/B experiment: a frozen baseline config plus arms given as deltas.",
         epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", help="experiment YAML (experiments/*.yaml)")
     p.add_argument("--seeds", help="comma-separated seeds, overriding the file's `seeds`")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_run)
 
-    c = esub.add_parser(
+    c = command(
+        esub,
         "compare",
         help="metric table per arm: delta vs control, paired bootstrap 95%% interval",
         description="Compare the arms of the newest run of an experiment from their saved predictions.",
         epilog=COMPARE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("name", help="experiment name (the `experiment:` key of its file)")
     c.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
@@ -114,12 +114,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(handler=_compare)
 
     _, csub = group(sub, "config", "pipeline configs: show the resolved config")
-    s = csub.add_parser(
+    s = command(
+        csub,
         "show",
         help="print the resolved pipeline config, every key annotated with type and meaning",
         description="Print a pipeline config with all defaults filled in (annotated YAML, or JSON).",
         epilog="examples:\n  recsys config show\n  recsys config show --config experiments/configs/debug.yaml --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("--config", help="pipeline YAML/JSON (default: built-in defaults)")
     s.add_argument("--json", action="store_true", help="JSON instead of annotated YAML")

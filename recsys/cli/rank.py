@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from recsys.cli import dispatch, group
+from recsys.cli import command, dispatch, group
 
 TRAIN_EPILOG = """\
 examples:
@@ -62,12 +62,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     _, rsub = group(sub, "rank", "ranker: train and evaluate the TorchRec ranker")
-    p = rsub.add_parser(
+    p = command(
+        rsub,
         "train",
         help="train the ranker (history encoder, match features, click + LT heads)",
         description="Train the TorchRec ranker on a features folder; evaluate on the test split.",
         epilog=TRAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="pipeline YAML/JSON (sections paths, ranker, train, seed)")
     p.add_argument("--out", required=True, help="output folder")

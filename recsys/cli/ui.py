@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from recsys.cli import command
+
 UI_EPILOG = """\
 examples:
   recsys ui                                   # the default store: ./mlflow/mlflow.db, on http://127.0.0.1:5000
@@ -44,12 +46,12 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "ui",
         help="serve the MLflow UI over the tracking store (runs, metrics, figures, artifacts)",
         description="Serve the MLflow UI (and tracking REST API) over the project's tracking store.",
         epilog=UI_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--port", type=int, default=5000, help="port to listen on, 1..65535 (default 5000)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: local only)")
