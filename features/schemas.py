@@ -8,6 +8,12 @@ Artifacts written by `recsys features build` into an output directory:
     users.parquet          one row per user (only when the source has user fields)
     manifest.json          schema, rows, fingerprints, config hash
 
+and by `recsys features match` into its own output directory:
+
+    match_features.parquet one row per impression (interactions order): the
+                           key columns (user_id, item_id, timestamp) and the
+                           match features, each named with the `mf_` prefix
+
 Histories are jagged and stored once per user: the history of an impression is
 `sequences.item_ids[hist_end - hist_len : hist_end]` of its user (all events
 strictly earlier in time, capped at `max_history`), and its positive history is
@@ -102,6 +108,11 @@ ITEMS_BASE_SCHEMA = pl.Schema(
 
 # --- users.parquet (optional) ------------------------------------------------
 USERS_BASE_SCHEMA = pl.Schema({USER_ID: pl.Int64})
+
+# --- match_features.parquet (features.match) -----------------------------------
+MATCH_FILE = "match_features.parquet"
+MATCH_PREFIX = "mf_"  # every match-feature column starts with it
+MATCH_KEYS = (USER_ID, ITEM_ID, TIMESTAMP)  # row keys, in interactions order
 
 FILES = {
     "interactions": "interactions.parquet",

@@ -5,14 +5,14 @@ module only knows where each one lives (SECTIONS) and fills them strictly:
 an unknown section or key, or a wrong type, is a ConfigError (exit 2) that
 names the dotted key. Sections missing from the file take their defaults.
 
-    features:  features.jobs.FeaturesConfig
-    match:     features.match.MatchConfig
+    features:  features.jobs.config.FeaturesConfig
+    match:     features.match.config.MatchConfig
     teachers:  distill.teachers.TeachersConfig
     distill:   distill.train.DistillConfig
     ranker:    recsys.models.ranker.RankerConfig
     train:     recsys.train.TrainConfig
     lightgbm:  recsys.models.lightgbm_ranker.LightGBMConfig
-    tracking:  recsys.tracking.TrackingConfig
+    tracking:  recsys.tracking.config.TrackingConfig
     paths:     recsys.config.PathsConfig
 """
 
@@ -53,8 +53,8 @@ class PathsConfig:
 
 
 SECTIONS: dict[str, str] = {
-    "features": "features.jobs:FeaturesConfig",
-    "match": "features.match:MatchConfig",
+    "features": "features.jobs.config:FeaturesConfig",
+    "match": "features.match.config:MatchConfig",
     "teachers": "distill.teachers:TeachersConfig",
     "distill": "distill.train:DistillConfig",
     "ranker": "recsys.models.ranker:RankerConfig",

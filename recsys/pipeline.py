@@ -297,7 +297,7 @@ class Pipeline:
     def arm(self, cfg: PipelineConfig, model: str, seed: int, out: Path, tags: dict[str, Any]) -> tuple[Path, str]:
         inputs = self.inputs(cfg, model)
         if model == "lightgbm":
-            from recsys.models.lightgbm_ranker import run_lightgbm
+            from recsys.baseline import run_lightgbm
 
             lgb = dataclasses.replace(cfg.lightgbm, seed=seed)
             params = {"model": "lightgbm", "lightgbm": dataclasses.asdict(lgb), "seed": seed}

@@ -37,7 +37,7 @@ def _lightgbm(args: argparse.Namespace) -> int:
     from features.core.errors import UsageError
     from features.core.paths import check_output
     from recsys.config import load_pipeline_config
-    from recsys.models.lightgbm_ranker import check_inputs, match_lift, run_lightgbm
+    from recsys.baseline import check_inputs, match_lift, run_lightgbm
     from recsys.tracking import open_pipeline_run
 
     pcfg = load_pipeline_config(args.config)

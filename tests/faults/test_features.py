@@ -101,7 +101,7 @@ def test_build_out_equal_to_the_config_file_is_refused(cli, tiny_dataset, tmp_pa
 
 
 def test_build_out_existing_file_fails_before_any_work(cli, tiny_dataset, tmp_path, monkeypatch):
-    import features.jobs as jobs
+    import features.jobs.build as jobs
 
     def never(*_a, **_k):
         raise AssertionError("the source was loaded before the output was checked")
@@ -328,15 +328,15 @@ def test_merge_removes_shards_of_an_older_layout(cli, features_dir, embeddings, 
     args = ["features", "match", "--features", features_dir, "--embeddings", embeddings, "--out", out,
             "--config", match_config, "--quiet"]
     assert cli(*args, "--shard", "0/3").rc == 0  # a layout given up on
-    assert (out / "shards" / "0000-of-0003").is_dir() and not (out / "match_features.parquet").exists()
+    assert (out / "shards" / "0000-of-0003").is_dir() and not (out / S.MATCH_FILE).exists()
     assert cli(*args, "--shard", "0/2").rc == 0
     assert cli(*args, "--shard", "1/2").rc == 0  # completes 2 shards: merged
-    assert (out / "match_features.parquet").is_file()
+    assert (out / S.MATCH_FILE).is_file()
     assert sorted(p.name for p in (out / "shards").iterdir() if not p.name.startswith(".")) == ["0000-of-0002", "0001-of-0002"]
     rc, _, err = cli(*args, "--force")  # unsharded: its parts and the old ones go
     assert rc == 0, err
     assert not (out / "shards").exists()
-    rows = pl.read_parquet(out / "match_features.parquet").height
+    rows = pl.read_parquet(out / S.MATCH_FILE).height
     assert rows == pl.read_parquet(features_dir / "interactions.parquet").height
 
 

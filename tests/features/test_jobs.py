@@ -122,7 +122,7 @@ def test_failed_build_leaves_previous_output_untouched(tmp_path, monkeypatch):
     build_features(FeaturesConfig(), out, log=lambda _m: None)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
-    import features.jobs as jobs
+    import features.jobs.build as jobs
 
     def boom(*_a, **_k):
         raise RuntimeError("disk full")

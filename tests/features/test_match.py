@@ -16,7 +16,6 @@ from features import match as M
 from features import schemas as S
 from features.core.errors import DataError, SchemaError
 from features.jobs import (
-    MATCH_FILE,
     build_match_features,
     concat_match_shards,
     match_shard_dir,
@@ -24,6 +23,8 @@ from features.jobs import (
 )
 from features.core.errors import UsageError
 from features.match import Histories, ItemSpace, MatchConfig, compute_match_features, reference_match_features
+from features.match import kernels as K
+from features.schemas import MATCH_FILE
 
 DAY = 86_400
 T0 = 1_000_000_000
@@ -453,7 +454,7 @@ def test_cli_contract_on_ml100k(ml100k_features, cli_main, tmp_path, capsys):
     argv = ["features", "match", "--features", str(ml100k_features), "--embeddings", str(emb), "--out", str(out)]
     assert cli_main([*argv, "--config", str(cfg), "--quiet"]) == 0
     inter = pl.read_parquet(ml100k_features / "interactions.parquet", columns=[S.USER_ID, S.ITEM_ID, S.TIMESTAMP])
-    got = pl.read_parquet(out / "match_features.parquet")
+    got = pl.read_parquet(out / MATCH_FILE)
     assert got.height == inter.height == 100_000
     assert_frame_equal(got.select(inter.columns), inter)
     assert all(c.startswith("mf_") for c in got.columns[3:]) and "mf_faiss_rank" in got.columns
@@ -478,12 +479,12 @@ def test_cli_help_has_examples(cli_main, capsys):
 
 def test_thread_count_never_changes_the_output(monkeypatch):
     cfg, space, hist, user, cand, end, _ = random_case(6, users=16)
-    monkeypatch.setattr(M, "BATCH_SIMS", 5000)  # many small batches: the threads really share the users
+    monkeypatch.setattr(K, "BATCH_SIMS", 5000)  # many small batches: the threads really share the users
     seen = []
     import threading
 
-    real = M._user_features
-    monkeypatch.setattr(M, "_user_features", lambda *a: seen.append(threading.get_ident()) or real(*a))
+    real = K._user_features
+    monkeypatch.setattr(K, "_user_features", lambda *a: seen.append(threading.get_ident()) or real(*a))
     one = compute_match_features(space, hist, user, cand, end, dataclasses.replace(cfg, workers=1))
     many = compute_match_features(space, hist, user, cand, end, dataclasses.replace(cfg, workers=3))
     for col in [*cfg.columns(), "valid"]:
@@ -500,7 +501,7 @@ def test_tile_top_k_and_count_are_exact(width, threshold):
     sim[:, -7:] = -np.inf  # padding
     sim[3, 10:] = -np.inf  # a row with fewer values than k
     sim[5, ::2] = sim[5, 1::2] = 0.7  # many ties
-    top, count = M._top_and_count(sim.copy(), 20, threshold)
+    top, count = K._top_and_count(sim.copy(), 20, threshold)
     expect = -np.sort(-sim, axis=1)[:, :20]
     np.testing.assert_array_equal(top, expect)
     np.testing.assert_array_equal(count, (sim > threshold).sum(axis=1))

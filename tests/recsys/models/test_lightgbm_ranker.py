@@ -16,14 +16,9 @@ from polars.testing import assert_frame_equal
 from features import schemas as S
 from features.core.errors import DataError
 from features.core.tracker import RecordingTracker
-from recsys.models.lightgbm_ranker import (
-    PREDICTION_COLUMNS,
-    LightGBMConfig,
-    LightGBMRanker,
-    add_rate_features,
-    match_lift,
-    run_lightgbm,
-)
+from features.schemas import MATCH_FILE
+from recsys.baseline import PREDICTION_COLUMNS, match_lift, run_lightgbm
+from recsys.models.lightgbm_ranker import LightGBMConfig, LightGBMRanker, add_rate_features
 
 FEW_TREES = LightGBMConfig(n_estimators=25, early_stopping_rounds=5, learning_rate=0.2, num_threads=1)
 METRIC_KEYS = {"auc", "gauc", "logloss", "lt_auc", "lt_spearman"}
@@ -157,7 +152,7 @@ def test_report_is_deterministic(ml100k_features, lift_run, tmp_path):
 def test_misaligned_match_features_are_rejected(ml100k_features, ml100k_match, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
-    pl.read_parquet(ml100k_match / "match_features.parquet").reverse().write_parquet(bad / "match_features.parquet")
+    pl.read_parquet(ml100k_match / MATCH_FILE).reverse().write_parquet(bad / MATCH_FILE)
     with pytest.raises(DataError, match="do not line up"):
         run_lightgbm(ml100k_features, bad, tmp_path / "out", FEW_TREES, log=lambda _m: None)
     assert not (tmp_path / "out").exists()

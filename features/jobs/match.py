@@ -1,0 +1,292 @@
+"""`build_match_features`: the match-feature job. Reads a features folder and
+an item-embeddings parquet, writes `match_features.parquet` (one row per
+impression, interactions order) plus a manifest, in resumable shards of
+users. The computation itself is `features.match`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from features import match as M
+from features import schemas as S
+from features.core.config import config_hash
+from features.core.errors import DataError, UsageError
+from features.core.fingerprint import file_fingerprint
+from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
+from features.core.paths import check_output
+from features.match import ItemSpace, MatchConfig
+from features.schemas import MATCH_FILE
+
+MATCH_JOB = "features.match"
+MATCH_JOB_VERSION = 2  # bump when the output of the same inputs and config changes
+SHARDS_DIR = "shards"
+
+
+@dataclass
+class MatchResult:
+    out_dir: Path
+    skipped: bool  # the final output was already up to date
+    complete: bool  # out_dir/match_features.parquet exists and is up to date
+    manifest: dict[str, Any]  # final manifest (empty while shards are missing)
+    shards_computed: list[int] = field(default_factory=list)  # shard indexes computed by this call
+    seconds: float = 0.0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard expects i/n (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def match_shard_dir(out_dir: str | Path, i: int, n: int) -> Path:
+    """Folder of shard i of n: its parquet and its own small manifest."""
+    return Path(out_dir) / SHARDS_DIR / f"{i:04d}-of-{n:04d}"
+
+
+def concat_match_shards(folders: list[str | Path]) -> pl.DataFrame:
+    """Shard outputs -> the unsharded table. Shards hold whole users; the
+    interactions order is (user_id, timestamp, item_id), so one stable sort
+    restores it exactly."""
+    frames = [pl.read_parquet(Path(f) / MATCH_FILE) for f in folders]
+    return pl.concat(frames).sort([S.USER_ID, S.TIMESTAMP, S.ITEM_ID], maintain_order=True)
+
+
+def _match_key(features_dir: Path, embeddings: Path, cfg: MatchConfig) -> dict[str, Any]:
+    fm = read_manifest(features_dir)
+    names = (S.FILES["interactions"], S.FILES["sequences"])
+    if fm is None or any(n not in fm.get("outputs", {}) for n in names):
+        raise UsageError(f"{features_dir} is not a features folder (no manifest); run `recsys features build` first")
+    if not embeddings.is_file():
+        raise UsageError(f"embeddings file {embeddings} does not exist")
+    return {
+        "job": MATCH_JOB,
+        "version": MATCH_JOB_VERSION,
+        "config_hash": config_hash(cfg.relevant()),
+        "upstream": {
+            "interactions": fm["outputs"][names[0]]["fingerprint"],
+            "sequences": fm["outputs"][names[1]]["fingerprint"],
+            "embeddings": file_fingerprint(embeddings),
+        },
+    }
+
+
+def _match_part(
+    features_dir: Path, users: np.ndarray, space: ItemSpace, cfg: MatchConfig, on_user: Callable[[int], None]
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Match features of the impressions of `users` (interactions order)."""
+    inter_file = features_dir / S.FILES["interactions"]
+    users_s = pl.Series(S.USER_ID, users, dtype=pl.Int64)
+    inter = (
+        pl.scan_parquet(inter_file)
+        .filter(pl.col(S.USER_ID).is_in(users_s.implode()))
+        .select(S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.POS_HIST_END)
+        .collect()
+    )
+    seqs = (
+        pl.scan_parquet(features_dir / S.FILES["sequences"])
+        .filter(pl.col(S.USER_ID).is_in(users_s.implode()))
+        .select(S.USER_ID, S.POS_ITEM_IDS, S.POS_TIMESTAMPS)
+        .sort(S.USER_ID)
+        .collect()
+    )
+    seq_users = seqs[S.USER_ID].to_numpy()
+    lens = seqs[S.POS_ITEM_IDS].list.len().to_numpy().astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    flat_ids = seqs[S.POS_ITEM_IDS].explode().drop_nulls().to_numpy().astype(np.int64)
+    flat_ts = seqs[S.POS_TIMESTAMPS].explode().drop_nulls().to_numpy().astype(np.int64)
+    hist_rows, hist_found = space.rows(flat_ids)
+
+    u = inter[S.USER_ID].to_numpy()
+    end = inter[S.POS_HIST_END].to_numpy().astype(np.int64)
+    ts = inter[S.TIMESTAMP].to_numpy()
+    if len(seq_users):
+        row_user = np.minimum(np.searchsorted(seq_users, u), len(seq_users) - 1)
+        bad = (seq_users[row_user] != u) | (end > lens[row_user])
+    else:
+        row_user, bad = np.zeros(len(u), np.int64), np.ones(len(u), bool)
+    if bad.any():
+        raise DataError(
+            f"{int(bad.sum())} impressions whose user or positive history is missing from {S.FILES['sequences']} "
+            f"(users {sorted(set(u[bad].tolist()))[:10]}); rebuild the features",
+            file=str(inter_file),
+            column=S.POS_HIST_END,
+        )
+    # guard against stale or foreign inputs: a history must end strictly before its impression
+    has = end > 0
+    newest = flat_ts[offsets[row_user[has]] + end[has] - 1]
+    if (newest >= ts[has]).any():
+        rows = (np.flatnonzero(has)[newest >= ts[has]] + 1).tolist()
+        raise DataError(
+            "positive history not strictly earlier than the impression", file=str(inter_file), column=S.POS_HIST_END, rows=rows
+        )
+
+    hist = M.Histories(offsets, hist_rows, flat_ts)
+    dropped = int((~hist_found).sum())
+    if dropped:  # missing_items == "null": unknown history items are left out
+        hist, end = hist.drop(hist_found, end, row_user)
+    cand_rows, cand_found = space.rows(inter[S.ITEM_ID].to_numpy())
+    feats = M.compute_match_features(space, hist, row_user, cand_rows, end, cfg, on_user=on_user)
+    stats = {
+        "rows": inter.height,
+        "users": len(seq_users),
+        "rows_empty_history": int((np.minimum(end, cfg.history_cap) == 0).sum()),
+        "rows_missing_candidate": int((~cand_found).sum()),
+        "history_events_dropped": dropped,
+    }
+    return M.to_frame(inter, feats, cfg), stats
+
+
+def _shard_count(features_dir: Path, shard: tuple[int, int] | None, configured: int, log: Callable[[str], None]) -> int:
+    """Number of shards of this run, bounded by the number of users: a shard
+    holds whole users, so more shards than users would be empty (and a huge
+    `n` must never cost memory or time)."""
+    fm = read_manifest(features_dir) or {}
+    users = int(fm.get("outputs", {}).get(S.FILES["sequences"], {}).get("rows", 0)) or 1
+    if shard is not None:
+        i, n = shard
+        if n > users:
+            raise UsageError(
+                f"--shard {i}/{n}: {n:,} shards for {users:,} users of {features_dir}; "
+                f"use at most {users:,} shards (each shard holds whole users)"
+            )
+        return n
+    if configured > users:
+        log(f"match: {configured} shards configured for {users} users: using {users}")
+    return max(1, min(configured, users))
+
+
+def _remove_shards(out: Path, keep: set[str]) -> None:
+    """Remove shard folders (and their lock files) under out/shards except
+    `keep`; the folder itself once empty. Temp folders of live writers stay
+    (their owners clean up)."""
+    root = out / SHARDS_DIR
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith(".") or p.name in keep or not p.is_dir():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        (root / f".{p.name}.lock").unlink(missing_ok=True)
+    if not keep and not any(root.iterdir()):
+        root.rmdir()
+
+
+def build_match_features(
+    features_dir: str | Path,
+    embeddings_path: str | Path,
+    out_dir: str | Path,
+    cfg: MatchConfig | None = None,
+    *,
+    shard: tuple[int, int] | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> MatchResult:
+    """Match features of every impression of `features_dir` -> `out_dir/match_features.parquet`.
+
+    The users are split into shards by a stable hash of user_id (`cfg.shards`
+    of them, or only shard i of n with `shard=(i, n)`). Each finished shard is
+    written atomically with its own manifest under `out_dir/shards/`, so a
+    killed run resumes after the last finished shard; once every shard of n
+    is there, they are merged (interactions order) into the final file and
+    manifest. Skipped when up to date (same config, features and embeddings).
+    """
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    cfg = cfg or MatchConfig()
+    feats_dir, emb_path, out = Path(features_dir), Path(embeddings_path), Path(out_dir)
+    check_output(out, {"features": feats_dir, "embeddings": emb_path})
+    key = _match_key(feats_dir, emb_path, cfg)
+    n = _shard_count(feats_dir, shard, cfg.shards, log)
+    if not force and is_up_to_date(out, key):
+        log(f"match: {out} is up to date (same config, features and embeddings); skipping")
+        return MatchResult(out, True, True, read_manifest(out) or {}, [], time.perf_counter() - t0)
+    todo = [shard[0]] if shard else list(range(n))
+
+    def shard_key(i: int) -> dict[str, Any]:
+        return {**key, "shard": [i, n]}
+
+    pending = [i for i in todo if force or not is_up_to_date(match_shard_dir(out, i, n), shard_key(i))]
+    if len(pending) < len(todo):
+        log(f"match: resuming: {len(todo) - len(pending)} of {len(todo)} shards already done")
+
+    computed: list[int] = []
+    if pending:
+        emb_df = pl.read_parquet(emb_path)
+        ids, vec = M.validate_embeddings(emb_df, str(emb_path), cfg.dim)
+        needed = pl.scan_parquet(feats_dir / S.FILES["interactions"]).select(pl.col(S.ITEM_ID).unique()).collect()
+        missing = M.check_missing_items(ids, needed[S.ITEM_ID].to_numpy(), str(emb_path), cfg.missing_items)
+        if len(missing):
+            log(f"warning: {emb_path}: {len(missing)} items without a vector get null match features")
+        space = ItemSpace.build(ids, vec, cfg)
+        users = pl.scan_parquet(feats_dir / S.FILES["sequences"]).select(S.USER_ID).collect()[S.USER_ID].to_numpy()
+        of = M.stable_shard(users, n)
+        bar = tqdm(total=int(np.isin(of, pending).sum()), unit="user", desc="match", disable=None if progress else True)
+        for i in pending:
+            frame, stats = _match_part(feats_dir, users[of == i], space, cfg, bar.update)
+            with atomic_outputs(match_shard_dir(out, i, n)) as tmp:
+                write_parquet(frame, tmp / MATCH_FILE)
+                write_manifest(
+                    tmp,
+                    job=MATCH_JOB,
+                    key=shard_key(i),
+                    outputs=[MATCH_FILE],
+                    extra={"stats": {**stats, "items_missing": len(missing), "dim": space.dim}},
+                )
+            computed.append(i)
+        bar.close()
+
+    dirs = [match_shard_dir(out, i, n) for i in range(n)]
+    if not all(is_up_to_date(d, shard_key(i), verify_outputs=False) for i, d in enumerate(dirs)):
+        secs = time.perf_counter() - t0
+        log(f"match: wrote shard(s) {computed} of {n} under {out / SHARDS_DIR} in {secs:.1f}s")
+        return MatchResult(out, False, False, {}, computed, secs)
+    frame = concat_match_shards(dirs)
+    expected = (read_manifest(feats_dir) or {})["outputs"][S.FILES["interactions"]]["rows"]
+    if frame.height != expected:  # e.g. users of the interactions missing from sequences.parquet
+        raise DataError(
+            f"the shards hold {frame.height:,} rows, the interactions {expected:,}: rebuild the features",
+            file=str(feats_dir / S.FILES["sequences"]),
+            column=S.USER_ID,
+        )
+    parts = [read_manifest(d) or {} for d in dirs]
+    total = {k: sum(p["stats"][k] for p in parts) for k in parts[0]["stats"] if k not in ("items_missing", "dim")}
+    total |= {k: parts[0]["stats"][k] for k in ("items_missing", "dim")}
+    with atomic_outputs(out) as tmp:
+        write_parquet(frame, tmp / MATCH_FILE)
+        manifest = write_manifest(
+            tmp,
+            job=MATCH_JOB,
+            key=key,
+            outputs=[MATCH_FILE],
+            extra={
+                "config": cfg.relevant(),
+                "columns": cfg.columns(),
+                "shards": n,
+                "upstream_files": {"features": str(feats_dir), "embeddings": str(emb_path)},
+                "stats": total,
+            },
+        )
+    # merged: the parts of other layouts (an older --shard i/m, another
+    # config's shard count) are stale, and after an unsharded run its own
+    # parts are redundant too
+    _remove_shards(out, keep=set() if shard is None else {d.name for d in dirs})
+    secs = time.perf_counter() - t0
+    log(f"match: wrote {out / MATCH_FILE} ({frame.height:,} rows, {total['users']:,} users) in {secs:.1f}s")
+    return MatchResult(out, False, True, manifest, computed, secs)
+
