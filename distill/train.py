@@ -162,7 +162,7 @@ def i2i_pairs(sequences: list[np.ndarray], window: int) -> np.ndarray:
 
 
 @dataclass
-class Batch:
+class StudentBatch:
     """One training step's examples, as positions into `items` (the distinct
     items the student embeds once for the whole step)."""
 
@@ -175,8 +175,10 @@ class Batch:
     pair_b_ids: torch.Tensor | None = None  # (P,) item indices
 
 
-def make_batch(hist: np.ndarray | None, targets: np.ndarray | None, pairs: np.ndarray | None, fallback: np.ndarray | None = None) -> Batch:
-    """Batch from s2i examples (hist (B, L) item indices with -1 padding,
+def make_batch(
+    hist: np.ndarray | None, targets: np.ndarray | None, pairs: np.ndarray | None, fallback: np.ndarray | None = None
+) -> StudentBatch:
+    """A StudentBatch from s2i examples (hist (B, L) item indices with -1 padding,
     targets (B,)) and/or i2i pairs (P, 2); `fallback` items when both are absent."""
     parts = []
     if hist is not None:
@@ -186,7 +188,7 @@ def make_batch(hist: np.ndarray | None, targets: np.ndarray | None, pairs: np.nd
     if not parts:
         parts = [fallback]
     uniq, inv = np.unique(np.concatenate(parts), return_inverse=True)
-    b = Batch(items=torch.from_numpy(uniq))
+    b = StudentBatch(items=torch.from_numpy(uniq))
     offset = 0
     if hist is not None:
         n_h = int((hist >= 0).sum())
@@ -221,7 +223,7 @@ class DistillObjective(nn.Module):
             self.register_buffer(f"log_q_{k}", torch.from_numpy(v.astype(np.float32)), persistent=False)
         self.mdims = {loss: cfg.matryoshka_dims if loss in cfg.matryoshka_losses else () for loss in LOSSES}
 
-    def forward(self, content: ContentTensors, b: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, content: ContentTensors, b: StudentBatch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         z = self.student(content.take(b.items))  # (U, D)
         out: dict[str, torch.Tensor] = {}
@@ -355,4 +357,4 @@ def fit_student(
     )
 
 
-__all__ = ["DistillConfig", "TeacherTarget", "StudentFit", "Batch", "DistillObjective", "LOSSES", "fit_student", "make_batch", "i2i_pairs"]
+__all__ = ["DistillConfig", "TeacherTarget", "StudentFit", "StudentBatch", "DistillObjective", "LOSSES", "fit_student", "make_batch", "i2i_pairs"]

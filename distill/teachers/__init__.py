@@ -1,19 +1,20 @@
 """Collaborative teachers whose item tables the student distills.
 
-- `IDToItemTeacher` (id2item.py): user/item ID embeddings in TorchRec tables.
-- `SeqToItemTeacher` (seq2item.py): recent positives -> next positive item.
+- `ID2ItemTeacher` (id2item.py): user/item ID embeddings in TorchRec tables.
+- `Seq2ItemTeacher` (seq2item.py): recent positives -> next positive item.
+- `fit_teacher` (fit.py): the epoch loop both train with.
 
 Both follow the scikit-learn contract (`__init__` stores parameters, `fit`
 returns self, learned state ends in `_`) and train only on train-split
-positives of items that are not held out (distill/evaluate.py).
+positives of items that are not held out (distill/evaluate/cold_start.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from distill.teachers.id2item import ID2ItemConfig, IDToItemTeacher
-from distill.teachers.seq2item import Seq2ItemConfig, SeqToItemTeacher
+from distill.teachers.id2item import ID2ItemConfig, ID2ItemTeacher
+from distill.teachers.seq2item import Seq2ItemConfig, Seq2ItemTeacher
 
 TEACHER_NAMES = ("id2item", "seq2item")
 
@@ -35,7 +36,7 @@ __all__ = [
     "TEACHER_NAMES",
     "TeachersConfig",
     "ID2ItemConfig",
-    "IDToItemTeacher",
+    "ID2ItemTeacher",
     "Seq2ItemConfig",
-    "SeqToItemTeacher",
+    "Seq2ItemTeacher",
 ]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.early_stopping import BestOnValid, check_finite, check_finite_table
+from distill.teachers.fit import EpochPlan, fit_teacher
 from features.core.errors import DataError
 from features.core.tracker import NullTracker, Tracker
 
@@ -82,14 +82,14 @@ def make_kjt(users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = 
     )
 
 
-class IDToItemTeacher:
+class ID2ItemTeacher:
     """Matrix factorisation teacher (scikit-learn contract).
 
     Learned: `item_embeddings_` (I, D), `user_embeddings_` (U, D), `known_items_`
     (I,) bool, `loss_curve_`, `valid_curve_`, `best_epoch_`.
 
     Example:
-        >>> t = IDToItemTeacher(ID2ItemConfig(dim=4, epochs=2), seed=0)
+        >>> t = ID2ItemTeacher(ID2ItemConfig(dim=4, epochs=2), seed=0)
         >>> t = t.fit(np.array([0, 0, 1]), np.array([0, 1, 2]), n_users=2, n_items=4, progress=False)
         >>> t.item_embeddings_.shape, t.known_items_.tolist()
         ((4, 4), [True, True, True, False])
@@ -106,18 +106,16 @@ class IDToItemTeacher:
         *,
         n_users: int,
         n_items: int,
-        valid_fn: Callable[["IDToItemTeacher"], float] | None = None,
+        valid_fn: Callable[["ID2ItemTeacher"], float] | None = None,
         tracker: Tracker | None = None,
         progress: bool = True,
-    ) -> "IDToItemTeacher":
+    ) -> "ID2ItemTeacher":
         """Train on positive pairs (users[i], items[i]) given as dense indices.
 
         `valid_fn(self)` scores the current epoch on the valid split (higher is
         better); the best epoch's tables are kept and training stops after
         `patience` epochs without improvement.
         """
-        from tqdm.auto import tqdm
-
         cfg = self.config
         tracker = tracker or NullTracker()
         users = np.asarray(users, dtype=np.int64)
@@ -128,6 +126,7 @@ class IDToItemTeacher:
         known = np.zeros(n_items, dtype=bool)
         known[items] = True
         candidates = torch.from_numpy(np.flatnonzero(known))  # negatives come from known items
+        plan = EpochPlan("id2item", cfg.epochs, cfg.batch_size, cfg.patience, _HINT)
         # Parameter init and dropout-free training use the global torch RNG:
         # fork it so a seed here neither depends on nor disturbs the caller's.
         with torch.random.fork_rng(devices=[]):
@@ -135,36 +134,17 @@ class IDToItemTeacher:
             tables = build_tables(n_users, n_items, cfg.dim)
             for p in tables.parameters():
                 torch.nn.init.normal_(p, std=cfg.init_std)
-            opt = torch.optim.Adam(tables.parameters(), lr=cfg.lr)
-            self.loss_curve_, self.valid_curve_ = [], []
-            stopper = BestOnValid(cfg.patience)
-            bar = tqdm(range(cfg.epochs), desc="id2item teacher", unit="epoch", disable=None if progress else True)
-            for epoch in bar:
-                order = rng.permutation(len(users))
-                total = 0.0
-                for step, s in enumerate(range(0, len(order), cfg.batch_size)):
-                    b = order[s : s + cfg.batch_size]
-                    u, i = torch.from_numpy(users[b]), torch.from_numpy(items[b])
-                    loss = self._loss(tables, u, i, candidates, rng)
-                    value = check_finite(float(loss.detach()), "id2item teacher", epoch, step, _HINT)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    total += value * len(b)
-                self.loss_curve_.append(total / len(users))
-                self._set_state(tables, known)
-                check_finite_table(self.item_embeddings_, "id2item teacher", epoch, _HINT)
-                metrics = {"teachers/id2item/loss": self.loss_curve_[-1]}
-                if valid_fn is not None:
-                    score = float(valid_fn(self))
-                    self.valid_curve_.append(score)
-                    metrics["teachers/id2item/valid"] = score
-                    stopper.update(score, epoch, tables)
-                tracker.log_metrics(metrics, step=epoch)
-                bar.set_postfix(loss=f"{self.loss_curve_[-1]:.4f}", valid=f"{self.valid_curve_[-1]:.4f}" if self.valid_curve_ else "-")
-                if stopper.should_stop:
-                    break
-            self.best_epoch_ = stopper.restore(tables, len(self.loss_curve_))
+
+            def step(rows: np.ndarray) -> tuple[torch.Tensor, int]:
+                u, i = torch.from_numpy(users[rows]), torch.from_numpy(items[rows])  # (B,) each
+                return self._loss(tables, u, i, candidates, rng), len(rows)
+
+            fit = fit_teacher(
+                tables, torch.optim.Adam(tables.parameters(), lr=cfg.lr), plan, len(users), step,
+                rng=rng, publish=lambda: self._set_state(tables, known),
+                valid=None if valid_fn is None else (lambda: valid_fn(self)), tracker=tracker, progress=progress,
+            )  # fmt: skip
+            self.loss_curve_, self.valid_curve_, self.best_epoch_ = fit.loss_curve, fit.valid_curve, fit.best_epoch
             self._set_state(tables, known)
         return self
 
@@ -189,16 +169,18 @@ class IDToItemTeacher:
             reg = eu.pow(2).sum(-1) + ei.pow(2).sum(-1)
         return loss + cfg.l2 * reg.mean()
 
-    def _set_state(self, tables, known: np.ndarray) -> None:
+    def _set_state(self, tables, known: np.ndarray) -> np.ndarray:
+        """Learned state from `tables`; returns the item table (I, D)."""
         self.user_embeddings_ = tables.embedding_bags["user"].weight.detach().numpy().copy()
         self.item_embeddings_ = tables.embedding_bags["item"].weight.detach().numpy().copy()
         self.known_items_ = known.copy()
+        return self.item_embeddings_
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "item_embeddings_"):
             from sklearn.exceptions import NotFittedError
 
-            raise NotFittedError("this IDToItemTeacher is not fitted yet: call fit(...) first")
+            raise NotFittedError("this ID2ItemTeacher is not fitted yet: call fit(...) first")
 
     def score(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Dot-product scores of (user, item) pairs, (n,)."""
@@ -220,7 +202,7 @@ class IDToItemTeacher:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "IDToItemTeacher":
+    def from_state(cls, state: dict[str, Any]) -> "ID2ItemTeacher":
         t = cls(ID2ItemConfig(**state["config"]), seed=state["seed"])
         t.item_embeddings_ = np.asarray(state["item_embeddings"], dtype=np.float32)
         t.user_embeddings_ = np.asarray(state["user_embeddings"], dtype=np.float32)
@@ -230,4 +212,4 @@ class IDToItemTeacher:
         return t
 
 
-__all__ = ["ID2ItemConfig", "IDToItemTeacher", "build_tables", "make_kjt"]
+__all__ = ["ID2ItemConfig", "ID2ItemTeacher", "build_tables", "make_kjt"]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.early_stopping import BestOnValid, check_finite, check_finite_table
+from distill.teachers.fit import EpochPlan, fit_teacher
 from features.core.errors import DataError
 from features.core.tracker import NullTracker, Tracker
 
@@ -123,7 +123,7 @@ def make_windows(sequences: Sequence[np.ndarray], max_len: int) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, max_len + 1), dtype=np.int64)
 
 
-class SeqToItemTeacher:
+class Seq2ItemTeacher:
     """Next-positive-item teacher (scikit-learn contract).
 
     Learned: `item_embeddings_` (I, D) (the output table), `known_items_` (I,),
@@ -140,13 +140,11 @@ class SeqToItemTeacher:
         sequences: Sequence[np.ndarray],
         *,
         n_items: int,
-        valid_fn: Callable[["SeqToItemTeacher"], float] | None = None,
+        valid_fn: Callable[["Seq2ItemTeacher"], float] | None = None,
         tracker: Tracker | None = None,
         progress: bool = True,
-    ) -> "SeqToItemTeacher":
+    ) -> "Seq2ItemTeacher":
         """Train on per-user sequences of positive item indices in time order."""
-        from tqdm.auto import tqdm
-
         cfg = self.config
         tracker = tracker or NullTracker()
         windows = make_windows(sequences, cfg.max_len)  # (W, L + 1)
@@ -157,68 +155,51 @@ class SeqToItemTeacher:
         known[np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])] = True
         candidates = torch.from_numpy(np.flatnonzero(known))
         full = cfg.num_negatives >= len(candidates)
+        plan = EpochPlan("seq2item", cfg.epochs, cfg.batch_size, cfg.patience, _HINT, label=f"seq2item teacher ({cfg.encoder})")
         with torch.random.fork_rng(devices=[]):  # init + dropout: seeded, caller's RNG untouched
             torch.manual_seed(self.seed)
             model = SeqEncoder(cfg, n_items)
-            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-            self.loss_curve_, self.valid_curve_ = [], []
-            stopper = BestOnValid(cfg.patience)
-            bar = tqdm(range(cfg.epochs), desc=f"seq2item teacher ({cfg.encoder})", unit="epoch", disable=None if progress else True)
-            for epoch in bar:
-                model.train()
-                order = rng.permutation(len(windows))
-                total, count = 0.0, 0
-                for step, s in enumerate(range(0, len(order), cfg.batch_size)):
-                    w = torch.from_numpy(windows[order[s : s + cfg.batch_size]])  # (B, L + 1)
-                    inp, tgt = w[:, :-1], w[:, 1:]  # (B, L) each
-                    states = model(inp)  # (B, L, D)
-                    real = (tgt >= 0) & (inp >= 0)  # (B, L): a target with an input before it
-                    h, t = states[real], tgt[real]  # (n, D), (n,)
-                    out = model.output_table()  # (I, D)
-                    if full:
-                        logits = h @ out[candidates].T  # (n, I_known)
-                        labels = torch.searchsorted(candidates, t)
-                    else:
-                        neg = candidates[torch.from_numpy(rng.integers(0, len(candidates), cfg.num_negatives))]  # (M,)
-                        pos_logit = (h * out[t]).sum(-1, keepdim=True)  # (n, 1)
-                        neg_logit = (h @ out[neg].T).masked_fill(neg[None, :] == t[:, None], float("-inf"))  # (n, M)
-                        logits = torch.cat([pos_logit, neg_logit], 1)
-                        labels = torch.zeros(len(t), dtype=torch.long)
-                    loss = F.cross_entropy(logits, labels)
-                    value = check_finite(float(loss.detach()), "seq2item teacher", epoch, step, _HINT)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    total += value * len(t)
-                    count += len(t)
-                self.loss_curve_.append(total / max(count, 1))
-                self._set_state(model, known)
-                check_finite_table(self.item_embeddings_, "seq2item teacher", epoch, _HINT)
-                metrics = {"teachers/seq2item/loss": self.loss_curve_[-1]}
-                if valid_fn is not None:
-                    score = float(valid_fn(self))
-                    self.valid_curve_.append(score)
-                    metrics["teachers/seq2item/valid"] = score
-                    stopper.update(score, epoch, model)
-                tracker.log_metrics(metrics, step=epoch)
-                bar.set_postfix(loss=f"{self.loss_curve_[-1]:.4f}", valid=f"{self.valid_curve_[-1]:.4f}" if self.valid_curve_ else "-")
-                if stopper.should_stop:
-                    break
-            self.best_epoch_ = stopper.restore(model, len(self.loss_curve_))
+
+            def step(rows: np.ndarray) -> tuple[torch.Tensor, int]:
+                w = torch.from_numpy(windows[rows])  # (B, L + 1)
+                inp, tgt = w[:, :-1], w[:, 1:]  # (B, L) each
+                states = model(inp)  # (B, L, D)
+                real = (tgt >= 0) & (inp >= 0)  # (B, L): a target with an input before it
+                h, t = states[real], tgt[real]  # (n, D), (n,)
+                out = model.output_table()  # (I, D)
+                if full:
+                    logits = h @ out[candidates].T  # (n, I_known)
+                    labels = torch.searchsorted(candidates, t)
+                else:
+                    neg = candidates[torch.from_numpy(rng.integers(0, len(candidates), cfg.num_negatives))]  # (M,)
+                    pos_logit = (h * out[t]).sum(-1, keepdim=True)  # (n, 1)
+                    neg_logit = (h @ out[neg].T).masked_fill(neg[None, :] == t[:, None], float("-inf"))  # (n, M)
+                    logits = torch.cat([pos_logit, neg_logit], 1)
+                    labels = torch.zeros(len(t), dtype=torch.long)
+                return F.cross_entropy(logits, labels), len(t)
+
+            fit = fit_teacher(
+                model, torch.optim.Adam(model.parameters(), lr=cfg.lr), plan, len(windows), step,
+                rng=rng, publish=lambda: self._set_state(model, known),
+                valid=None if valid_fn is None else (lambda: valid_fn(self)), tracker=tracker, progress=progress,
+            )  # fmt: skip
+            self.loss_curve_, self.valid_curve_, self.best_epoch_ = fit.loss_curve, fit.valid_curve, fit.best_epoch
             self._set_state(model, known)
         return self
 
-    def _set_state(self, model: SeqEncoder, known: np.ndarray) -> None:
+    def _set_state(self, model: SeqEncoder, known: np.ndarray) -> np.ndarray:
+        """Learned state from `model` (left in eval mode); returns the item table (I, D)."""
         model.eval()
         self.model_ = model
         self.item_embeddings_ = model.output_table().detach().numpy().copy()
         self.known_items_ = known.copy()
+        return self.item_embeddings_
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "model_"):
             from sklearn.exceptions import NotFittedError
 
-            raise NotFittedError("this SeqToItemTeacher is not fitted yet: call fit(...) first")
+            raise NotFittedError("this Seq2ItemTeacher is not fitted yet: call fit(...) first")
 
     @torch.no_grad()
     def encode(self, histories: np.ndarray, batch_size: int = 1024) -> np.ndarray:
@@ -257,7 +238,7 @@ class SeqToItemTeacher:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "SeqToItemTeacher":
+    def from_state(cls, state: dict[str, Any]) -> "Seq2ItemTeacher":
         t = cls(Seq2ItemConfig(**state["config"]), seed=state["seed"])
         model = SeqEncoder(t.config, int(state["n_items"]))
         model.load_state_dict({k: torch.as_tensor(v) for k, v in state["model"].items()})
@@ -266,4 +247,4 @@ class SeqToItemTeacher:
         return t
 
 
-__all__ = ["Seq2ItemConfig", "SeqToItemTeacher", "SeqEncoder", "make_windows"]
+__all__ = ["Seq2ItemConfig", "Seq2ItemTeacher", "SeqEncoder", "make_windows"]

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from distill import encoders as enc
     from distill.evaluate import prepare_cold_start
     from distill.student import ContentSpec, ContentTensors
-    from distill.teachers import ID2ItemConfig, IDToItemTeacher, Seq2ItemConfig, SeqToItemTeacher
+    from distill.teachers import ID2ItemConfig, ID2ItemTeacher, Seq2ItemConfig, Seq2ItemTeacher
     from distill.train import DistillConfig, TeacherTarget, fit_student
     from features import schemas as S
     from features.jobs import FeaturesConfig, build_features
@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         old_threads = torch.get_num_threads()
         torch.set_num_threads(max(cfg.threads, 1))
         try:
-            idt = IDToItemTeacher(ID2ItemConfig(epochs=2), seed=0).fit(
+            idt = ID2ItemTeacher(ID2ItemConfig(epochs=2), seed=0).fit(
                 data.train_users, data.train_items, n_users=data.n_users, n_items=data.n_items, progress=False
             )
-            sqt = SeqToItemTeacher(Seq2ItemConfig(epochs=2), seed=0).fit(data.train_sequences, n_items=data.n_items, progress=False)
+            sqt = Seq2ItemTeacher(Seq2ItemConfig(epochs=2), seed=0).fit(data.train_sequences, n_items=data.n_items, progress=False)
             targets = {"id2item": TeacherTarget(idt.item_embeddings_, idt.known_items_), "seq2item": TeacherTarget(sqt.item_embeddings_, sqt.known_items_)}
             x = ContentTensors.from_features(content, cfg.student)
             spec = ContentSpec.of(x, content.fields.vocab_size)

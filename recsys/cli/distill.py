@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from recsys.cli import group
+from recsys.cli import command, group
 
 COMMON_EPILOG = """\
 --config FILE is a pipeline YAML: its `teachers:` and `distill:` sections and
@@ -121,34 +121,28 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     _, tsub = group(sub, "teachers", "collaborative teachers: ID-to-item and sequence-to-item")
-    t = tsub.add_parser(
-        "fit",
+    t = command(
+        tsub, "fit",
         help="fit the ID and sequence teachers (train split minus held-out items)",
         description="Fit the ID-to-item (TorchRec MF) and sequence-to-item teachers whose item tables the student distills.",
-        epilog=TEACHERS_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        epilog=TEACHERS_EPILOG, handler=_fit_teachers,
+    )  # fmt: skip
     _common(t)
-    t.set_defaults(handler=_fit_teachers)
 
     _, dsub = group(sub, "distill", "content-only student distilled from the teachers: train, evaluate")
-    tr = dsub.add_parser(
-        "train",
+    tr = command(
+        dsub, "train",
         help="train the student and write item_embeddings.parquet for every item",
         description="Fit (or reuse) the teachers, then train the content-only student with L_s2i + L_id2i + L_i2i.",
-        epilog=TRAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        epilog=TRAIN_EPILOG, handler=_train,
+    )  # fmt: skip
     _common(tr)
-    tr.set_defaults(handler=_train)
-    ev = dsub.add_parser(
-        "eval",
+    ev = command(
+        dsub, "eval",
         help="cold-start evaluation: student vs content, teachers, ablations",
         description="Teachers, student, ablations, baselines and diagnostics on held-out (cold) and warm items.",
-        epilog=EVAL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        epilog=EVAL_EPILOG, handler=_eval,
+    )  # fmt: skip
     _common(ev)
     ev.add_argument("--no-ablations", action="store_true", help="skip the three one-loss-off students")
     ev.add_argument("--quiet", action="store_true", help="print only the output path")
-    ev.set_defaults(handler=_eval)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.exceptions import NotFittedError
 
-from distill.teachers import ID2ItemConfig, IDToItemTeacher, Seq2ItemConfig, SeqToItemTeacher, TeachersConfig
+from distill.teachers import ID2ItemConfig, ID2ItemTeacher, Seq2ItemConfig, Seq2ItemTeacher, TeachersConfig
 from distill.teachers.id2item import build_tables, make_kjt
 from distill.teachers.seq2item import SeqEncoder, make_windows
 from features.core.config import from_dict
@@ -35,7 +35,7 @@ def _learned_attrs(est) -> set[str]:
 
 @pytest.mark.parametrize("loss", ["bpr", "sampled_softmax"])
 def test_id2item_contract_and_learning(loss):
-    t = IDToItemTeacher(ID2ItemConfig(dim=8, loss=loss, epochs=30, batch_size=32, num_negatives=4, lr=0.05), seed=0)
+    t = ID2ItemTeacher(ID2ItemConfig(dim=8, loss=loss, epochs=30, batch_size=32, num_negatives=4, lr=0.05), seed=0)
     assert set(vars(t)) == {"config", "seed"}  # __init__ stores parameters only
     with pytest.raises(NotFittedError):
         t.score(np.array([0]), np.array([0]))
@@ -47,13 +47,13 @@ def test_id2item_contract_and_learning(loss):
     assert _cluster_gap(np.vstack([t.item_embeddings_[:9], t.item_embeddings_[8:9]])) > 0.3
     # a user scores its own cluster above the other one
     assert t.score(np.array([0, 0]), np.array([1, 6])).argmax() == 0
-    clone = IDToItemTeacher.from_state(t.to_state())
+    clone = ID2ItemTeacher.from_state(t.to_state())
     np.testing.assert_array_equal(clone.item_embeddings_, t.item_embeddings_)
 
 
 def test_id2item_early_stopping_keeps_best_epoch():
     scores = iter([0.1, 0.5, 0.2, 0.1, 0.0, 0.0])
-    t = IDToItemTeacher(ID2ItemConfig(dim=4, epochs=6, patience=2), seed=0)
+    t = ID2ItemTeacher(ID2ItemConfig(dim=4, epochs=6, patience=2), seed=0)
     t.fit(USERS, ITEMS, n_users=20, n_items=10, valid_fn=lambda _: next(scores), progress=False)
     assert t.best_epoch_ == 1 and len(t.loss_curve_) == 4  # stopped 2 epochs after the best
 
@@ -78,7 +78,7 @@ def test_make_windows_covers_each_target_once():
 @pytest.mark.parametrize("encoder", ["mean", "transformer"])
 def test_seq2item_contract_and_learning(encoder):
     cfg = Seq2ItemConfig(encoder=encoder, dim=16, n_heads=2, n_layers=1, max_len=6, epochs=25, num_negatives=4, lr=0.02, dropout=0.0, batch_size=8)
-    t = SeqToItemTeacher(cfg, seed=0)
+    t = Seq2ItemTeacher(cfg, seed=0)
     assert set(vars(t)) == {"config", "seed"}
     with pytest.raises(NotFittedError):
         t.encode(np.array([[0, 1]]))
@@ -90,7 +90,7 @@ def test_seq2item_contract_and_learning(encoder):
     scores = q @ t.item_embeddings_.T
     assert scores[0, :5].mean() > scores[0, 5:].mean() and scores[1, 5:].mean() > scores[1, :5].mean()
     assert np.all(q[2] == 0)  # empty history: no query
-    clone = SeqToItemTeacher.from_state(t.to_state())
+    clone = Seq2ItemTeacher.from_state(t.to_state())
     np.testing.assert_allclose(clone.encode(np.array([[0, 1, 2]])), t.encode(np.array([[0, 1, 2]])), rtol=1e-5, atol=1e-6)
 
 
@@ -113,3 +113,40 @@ def test_teachers_config_loads_strictly():
         from_dict(TeachersConfig, {"id2item": {"loss": "mse"}})
     with pytest.raises(ConfigError, match="divisible"):
         from_dict(TeachersConfig, {"seq2item": {"dim": 10, "n_heads": 3}})
+
+
+def test_fit_teacher_loop_weights_losses_keeps_best_and_stops_on_divergence():
+    from distill.teachers.fit import EpochPlan, fit_teacher
+    from features.core.errors import TrainingDiverged
+    from features.core.tracker import RecordingTracker
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(2, 1, bias=False)
+    opt = torch.optim.SGD(module.parameters(), lr=0.0)  # weights stay put: losses are exact
+    seen: list[list[int]] = []
+
+    def step(rows: np.ndarray) -> tuple[torch.Tensor, int]:
+        seen.append(sorted(rows.tolist()))
+        loss = module.weight.sum() * 0 + float(len(rows))  # a step's loss = its size
+        return loss, len(rows)
+
+    snapshots = iter([0.1, 0.5, 0.2, 0.1, 0.0])
+    plan = EpochPlan("toy", epochs=5, batch_size=2, patience=2, hint="lower toy.lr")
+    tracker = RecordingTracker()
+    fit = fit_teacher(
+        module, opt, plan, 5, step, rng=np.random.default_rng(0),
+        publish=lambda: module.weight.detach().numpy(), valid=lambda: next(snapshots), tracker=tracker, progress=False,
+    )  # fmt: skip
+    assert sorted(x for rows in seen[:3] for x in rows) == [0, 1, 2, 3, 4]  # every example once per epoch
+    assert fit.loss_curve == [pytest.approx((2 * 2 + 2 * 2 + 1 * 1) / 5)] * 4  # weighted by the step sizes
+    assert fit.best_epoch == 1 and fit.valid_curve == [0.1, 0.5, 0.2, 0.1]  # stopped 2 epochs after the best
+    assert ("teachers/toy/valid", 0.5, 1) in tracker.metrics
+
+    def bad_step(rows: np.ndarray) -> tuple[torch.Tensor, int]:
+        return module.weight.sum() * float("nan"), len(rows)
+
+    with pytest.raises(TrainingDiverged, match=r"toy teacher: .* epoch 0, step 0: .*lower toy.lr"):
+        fit_teacher(
+            module, opt, plan, 5, bad_step, rng=np.random.default_rng(0),
+            publish=lambda: np.zeros(1), valid=None, tracker=tracker, progress=False,
+        )  # fmt: skip

