@@ -14,14 +14,23 @@ A metric that cannot be computed on its rows (none, one class only, no user
 with both classes, constant values, non-finite scores) is NaN, never an
 exception; `nan_reason` says why, metrics.json writes it as null next to a
 `reasons` entry, and `format_metric` prints it as `n/a`.
+
+`evaluate_predictions` computes every registered metric of a predictions
+table (the one table every model writes) from the registry alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from features import schemas as S
+
+if TYPE_CHECKING:
+    import polars as pl
 
 _EPS = 1e-7
 
@@ -195,19 +204,20 @@ class Metric:
     label: str  # predictions column holding the truth
     score: str  # predictions column holding the score
     kind: str  # "auc" | "gauc" | "logloss" | "spearman"
+    rows: str | None = None  # boolean predictions column selecting the rows it is defined on (None: all)
 
 
 # Predictions tables (every model writes one) have columns
 # user_id, item_id, timestamp, label, score (probability), lt_score, plus
-# returned_1d and active_days_7 for the LT-proxy metrics.
+# returned_1d, active_days_7 and lt_observed for the LT-proxy metrics.
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("auc", True, "label", "score", "auc"),
-        Metric("gauc", True, "label", "score", "gauc"),
-        Metric("logloss", False, "label", "score", "logloss"),
-        Metric("lt_auc", True, "returned_1d", "lt_score", "auc"),
-        Metric("lt_spearman", True, "active_days_7", "lt_score", "spearman"),
+        Metric("auc", True, S.LABEL, "score", "auc"),
+        Metric("gauc", True, S.LABEL, "score", "gauc"),
+        Metric("logloss", False, S.LABEL, "score", "logloss"),
+        Metric("lt_auc", True, S.RETURNED_1D, "lt_score", "auc", rows=S.LT_OBSERVED),
+        Metric("lt_spearman", True, S.ACTIVE_DAYS_7, "lt_score", "spearman", rows=S.LT_OBSERVED),
     )
 }
 
@@ -224,3 +234,35 @@ def compute(metric: Metric, users: np.ndarray, y: np.ndarray, s: np.ndarray, wei
     if metric.kind == "spearman":
         return spearman(s, y, weights)
     raise ValueError(f"unknown metric kind {metric.kind!r}")
+
+
+def evaluate_predictions(frame: pl.DataFrame) -> dict[str, Any]:
+    """Every metric of METRICS on a predictions table, each over its `rows`
+    (click AUC, user-grouped impression-weighted GAUC and logloss over all
+    rows; LT AUC on returned_1d and LT Spearman with active_days_7 over
+    lt_observed rows), then `n` (rows), `reasons` and `auc_by_activity`
+    (click AUC per user-activity bucket of hist_len).
+
+    A metric that cannot be computed is NaN, and `reasons[name]` says why
+    (e.g. "no observed LT rows")."""
+    users = frame[S.USER_ID].to_numpy()
+    out: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    for name, metric in METRICS.items():
+        keep = np.ones(frame.height, bool) if metric.rows is None \
+            else frame[metric.rows].fill_null(False).to_numpy().astype(bool)  # (n,)
+        y = frame[metric.label].to_numpy().astype(np.float64)[keep]
+        s = frame[metric.score].to_numpy()[keep]
+        out[name] = compute(metric, users[keep], y, s)
+        if np.isfinite(out[name]):
+            continue
+        if metric.rows is not None and frame.height and not keep.any():
+            reasons[name] = f"no observed LT rows ({metric.rows} is false on all {frame.height} rows)"
+        else:
+            reasons[name] = nan_reason(metric.kind, y, s, metric.label)
+    out["n"] = int(frame.height)
+    out["reasons"] = reasons
+    click = METRICS["auc"]
+    y, s = frame[click.label].to_numpy().astype(np.float64), frame[click.score].to_numpy()
+    out["auc_by_activity"] = auc_by_bucket(activity_bucket(frame[S.HIST_LEN].to_numpy()), y, s)
+    return out

@@ -158,3 +158,23 @@ def test_bench_quick(tmp_path):
     for r in rows:
         assert {"L", "C", "encoder", "samples_per_s", "peak_mb"} <= set(r)
         assert r["samples_per_s"] > 0
+
+
+def test_results_pair_is_replaced_together_or_not_at_all(tmp_path, monkeypatch):
+    """A failure while writing the new pair leaves the previous predictions and
+    metrics exactly as they were, and no temp file behind."""
+    from recsys.train.evaluate import write_results
+
+    old = pl.DataFrame({"a": [1]})
+    write_results(tmp_path, old, {k: 0.5 for k in CONTRACT_KEYS}, RecordingTracker())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"predictions.parquet", "metrics.json"}
+
+    def broken(self, path, *a, **k):
+        Path(path).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", broken)
+    with pytest.raises(OSError):
+        write_results(tmp_path, pl.DataFrame({"a": [2]}), {k: 0.9 for k in CONTRACT_KEYS}, RecordingTracker())
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

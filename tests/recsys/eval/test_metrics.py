@@ -136,3 +136,43 @@ def test_bootstrap_with_seeds_averages_values_and_deltas():
     assert ci.ci_low > 0
     with pytest.raises(ValueError):
         paired_bootstrap(METRICS["auc"], users, y, np.stack(noise), np.stack([base] * 2), n_boot=200, rng=rng)
+
+
+def _predictions(**over):
+    import polars as pl
+
+    cols = {
+        "user_id": [1, 1, 2, 2], "item_id": [10, 11, 10, 12], "timestamp": [0, 0, 5, 5],
+        "label": [1, 0, 0, 1], "score": [0.9, 0.2, 0.6, 0.4], "lt_score": [0.8, 0.1, 0.7, 0.3],
+        "returned_1d": [1, 0, 1, 0], "active_days_7": [5, 0, 3, 9], "lt_observed": [True, True, True, False],
+        "hist_len": [0, 0, 12, 12],
+    }
+    return pl.DataFrame({**cols, **over})
+
+
+def test_evaluate_predictions_golden_from_the_registry():
+    from recsys.eval.metrics import evaluate_predictions
+
+    out = evaluate_predictions(_predictions())
+    # user 1: AUC 1 (2 rows); user 2: AUC 0 (2 rows)
+    assert out["gauc"] == pytest.approx(0.5)
+    # click AUC pairs: 0.9 > 0.2, 0.9 > 0.6, 0.4 > 0.2, 0.4 < 0.6 -> 3/4
+    assert out["auc"] == pytest.approx(0.75)
+    # LT metrics only over lt_observed rows: (lt 0.8 y 1), (0.1, 0), (0.7, 1) -> AUC 1
+    assert out["lt_auc"] == 1.0
+    # ranks of lt (0.8, 0.1, 0.7) = (3, 1, 2) vs active (5, 0, 3) = (3, 1, 2)
+    assert out["lt_spearman"] == pytest.approx(1.0)
+    assert out["n"] == 4 and out["reasons"] == {}
+    assert list(out) == [*METRICS, "n", "reasons", "auc_by_activity"]
+    assert set(out["auc_by_activity"]) == {"0", "10-49"}
+
+
+def test_evaluate_predictions_says_why_a_metric_is_nan():
+    from recsys.eval.metrics import evaluate_predictions
+
+    out = evaluate_predictions(_predictions(lt_observed=[False] * 4, label=[1, 1, 1, 1]))
+    for name in ("lt_auc", "lt_spearman"):
+        assert math.isnan(out[name])
+        assert out["reasons"][name] == "no observed LT rows (lt_observed is false on all 4 rows)"
+    assert math.isnan(out["auc"]) and "one class only" in out["reasons"]["auc"]
+    assert "logloss" not in out["reasons"]

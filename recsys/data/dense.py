@@ -1,0 +1,146 @@
+"""Dense features per impression: history counts, recent activity, match
+features, and their standardisation.
+
+Shape legend: n impressions (rows of interactions.parquet), M match columns.
+
+Dense input of a batch (N, F), in this column order:
+    log1p(hist_len), log1p(item_pop), log1p(pos_hist_len) (COUNT_FEATURES);
+    the user's events in the last 1 and 7 days and log seconds since the last
+    event (ACTIVITY_FEATURES, from the same strictly-earlier events as the
+    history; they feed the LT-proxy head); the match features `mf_*` and
+    their missing-value indicators; numeric item and user fields
+    (`recsys.data.content`). Counts, activity and match features are
+    standardised with statistics of the TRAIN split only (missing values -> 0
+    after standardising, indicator 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from features import schemas as S
+from features.core.errors import DataError, SchemaError
+from features.reader import check_columns, parquet_schema, read_parquet
+
+COUNT_FEATURES = ("log1p_hist_len", "log1p_item_pop", "log1p_pos_hist_len")
+# the user's activity just before the request, from the same strictly-earlier events
+ACTIVITY_FEATURES = ("log1p_events_1d", "log1p_events_7d", "log1p_since_last_s")
+ITEM_POP_COLUMN = COUNT_FEATURES.index("log1p_item_pop")
+_DAY_S = 86_400
+
+
+def standardize(values: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
+    """(x - mean) / std with statistics over `fit_rows` and non-NaN values; NaN -> 0."""
+    fit = values[fit_rows]
+    out = np.zeros_like(values, dtype=np.float32)
+    for j in range(values.shape[1]):  # loop over columns, not rows
+        ok = ~np.isnan(fit[:, j])
+        mean = float(fit[ok, j].mean()) if ok.any() else 0.0
+        std = float(fit[ok, j].std()) if ok.sum() > 1 else 1.0
+        std = std if std > 1e-12 else 1.0
+        col = (values[:, j] - mean) / std
+        out[:, j] = np.where(np.isnan(col), 0.0, col)
+    return out
+
+
+def standardize_stats(values: np.ndarray, fit_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column NaN-ignoring mean and std over `fit_rows` (std 1 where it is
+    0 or undefined)."""
+    fit = values[fit_rows]
+    mean = np.nanmean(fit, axis=0) if fit.size else np.zeros(values.shape[1])
+    std = np.nanstd(fit, axis=0) if fit.size else np.ones(values.shape[1])
+    mean = np.where(np.isnan(mean), 0.0, mean)
+    std = np.where(np.isnan(std) | (std < 1e-12), 1.0, std)
+    return mean, std
+
+
+@dataclass(frozen=True)
+class CountFeatures:
+    """COUNT_FEATURES of every impression, with the train statistics that
+    standardised them (sampled negatives reuse them for their item_pop)."""
+
+    values: np.ndarray  # (n, 3) float32, standardised
+    mean: np.ndarray  # (3,)
+    std: np.ndarray  # (3,)
+
+
+def count_features(inter: pl.DataFrame, train_rows: np.ndarray) -> CountFeatures:
+    raw = inter.select(
+        pl.col(S.HIST_LEN).cast(pl.Float64).log1p(),
+        pl.col(S.ITEM_POP).cast(pl.Float64).log1p(),
+        pl.col(S.POS_HIST_LEN).cast(pl.Float64).log1p(),
+    ).to_numpy()  # (n, 3)
+    mean, std = standardize_stats(raw, train_rows)
+    return CountFeatures(((raw - mean) / std).astype(np.float32), mean, std)
+
+
+def activity_features(
+    inter: pl.DataFrame, user: np.ndarray, seq_off: np.ndarray, seq_ts: np.ndarray, train_rows: np.ndarray,
+    sequences_file: str,
+) -> np.ndarray:
+    """Events in the last day / 7 days and seconds since the last event, all
+    strictly before the impression (log1p, train-standardised; no history -> 0).
+
+    user (n,) user table row of each impression; seq_off (n_users + 1,) and
+    seq_ts (events,): the flattened sequences (user u's events are
+    seq_ts[seq_off[u]:seq_off[u+1]]). Returns (n, 3) float32."""
+    ts = inter[S.TIMESTAMP].to_numpy().astype(np.int64)
+    end = seq_off[user] + inter[S.HIST_END].to_numpy().astype(np.int64)  # (n,) absolute
+    t0 = min(int(ts.min()), int(seq_ts.min()) if len(seq_ts) else 0) - 8 * _DAY_S
+    seq_user = np.repeat(np.arange(len(seq_off) - 1), np.diff(seq_off))
+    keys = seq_user * (1 << 33) + (seq_ts - t0)  # sorted: users in order, each by time
+    if len(keys) > 1 and (np.diff(keys) < 0).any():
+        raise DataError("a user's events are not in time order", file=sequences_file, column=S.TIMESTAMPS)
+    cols = []
+    for window in (_DAY_S, 7 * _DAY_S):
+        start = np.searchsorted(keys, user * (1 << 33) + (ts - window - t0), side="left")
+        cols.append(np.log1p(np.maximum(end - start, 0).astype(np.float64)))
+    has = end > seq_off[user]
+    last = np.where(has, seq_ts[np.maximum(end - 1, 0)], ts)
+    cols.append(np.where(has, np.log1p(np.maximum(ts - last, 0).astype(np.float64)), np.nan))
+    raw = np.stack(cols, axis=1)  # (n, 3)
+    mean, std = standardize_stats(raw, train_rows)
+    return np.where(np.isnan(raw), 0.0, (raw - mean) / std).astype(np.float32)
+
+
+def match_features(
+    inter: pl.DataFrame, path: Path, columns: tuple[str, ...], train_rows: np.ndarray
+) -> tuple[np.ndarray, list[str]]:
+    """The match file's `columns` (empty: every `mf_*` column) aligned with
+    interactions.parquet rows, train-standardised, followed by one missing
+    indicator per column -> ((n, 2M) float32, the M column names).
+
+    A file with user_id, item_id, timestamp is joined on them; one without
+    must have one row per impression in interactions.parquet order."""
+    file = str(path)
+    schema = parquet_schema(path)
+    available = [c for c in schema.names() if c.startswith(S.MATCH_PREFIX)]
+    wanted = list(columns) or available
+    if not wanted:
+        raise SchemaError(f"no {S.MATCH_PREFIX}* columns (found: {', '.join(schema.names())})", file=file,
+                          column=f"{S.MATCH_PREFIX}*")
+    check_columns(schema, {c: "float" for c in wanted}, file)
+    has_keys = all(k in schema for k in S.MATCH_KEYS)
+    if has_keys:
+        check_columns(schema, {k: "int" for k in S.MATCH_KEYS}, file)
+    frame = read_parquet(path, [*(S.MATCH_KEYS if has_keys else ()), *wanted])
+    if frame.height != inter.height:
+        raise DataError(f"{frame.height} rows, but interactions.parquet has {inter.height} "
+                        "(one row per impression expected)", file=file)
+    if has_keys:
+        keys = inter.select(S.MATCH_KEYS)
+        same_order = frame.select(S.MATCH_KEYS).equals(keys)
+        if not same_order:
+            frame = keys.join(frame, on=list(S.MATCH_KEYS), how="left", maintain_order="left")
+            if frame.height != inter.height:
+                raise DataError("duplicate (user_id, item_id, timestamp) keys", file=file, column=S.USER_ID)
+    values = frame.select(pl.col(c).cast(pl.Float64) for c in wanted).to_numpy()  # (n, M)
+    values = np.where(np.isfinite(values), values, np.nan)
+    missing = np.isnan(values).astype(np.float32)  # (n, M)
+    mean, std = standardize_stats(values, train_rows)
+    scaled = np.where(np.isnan(values), 0.0, (values - mean) / std)  # (n, M)
+    return np.concatenate([scaled, missing], axis=1).astype(np.float32), wanted
