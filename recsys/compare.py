@@ -91,15 +91,15 @@ def _aligned(treat: list[ArmPredictions], ctrl: list[ArmPredictions], metric: st
     for p in treat + ctrl:
         if p.seed in seeds:
             _check_scores(p, m.score)
-    lt = "lt_observed" in base.columns and m.label != "label"
-    rows = base.select(KEY + [m.label] + (["lt_observed"] if lt else []))
+    lt = m.rows is not None and m.rows in base.columns
+    rows = base.select(KEY + [m.label] + ([m.rows] if lt else []))
     for s in seeds:
         rows = rows.join(by_c[s].select(KEY + [pl.col(m.score).alias(f"c{s}")]), on=KEY, how="inner")
         rows = rows.join(by_t[s].select(KEY + [pl.col(m.score).alias(f"t{s}")]), on=KEY, how="inner")
     if rows.height == 0:
         raise DataError(f"arms {treat[0].arm!r} and {ctrl[0].arm!r} scored no common impressions")
     if lt:
-        rows = rows.filter(pl.col("lt_observed").fill_null(False)).drop("lt_observed")
+        rows = rows.filter(pl.col(m.rows).fill_null(False)).drop(m.rows)
     rows = rows.drop_nulls()
     st = np.stack([rows[f"t{s}"].to_numpy() for s in seeds])
     sc = np.stack([rows[f"c{s}"].to_numpy() for s in seeds])

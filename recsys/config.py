@@ -10,7 +10,7 @@ names the dotted key. Sections missing from the file take their defaults.
     teachers:  distill.teachers.TeachersConfig
     distill:   distill.train.DistillConfig
     ranker:    recsys.models.ranker.RankerConfig
-    train:     recsys.train.TrainConfig
+    train:     recsys.train.config.TrainConfig
     lightgbm:  recsys.models.lightgbm_ranker.LightGBMConfig
     tracking:  recsys.tracking.config.TrackingConfig
     paths:     recsys.config.PathsConfig
@@ -58,7 +58,7 @@ SECTIONS: dict[str, str] = {
     "teachers": "distill.teachers:TeachersConfig",
     "distill": "distill.train:DistillConfig",
     "ranker": "recsys.models.ranker:RankerConfig",
-    "train": "recsys.train:TrainConfig",
+    "train": "recsys.train.config:TrainConfig",
     "lightgbm": "recsys.models.lightgbm_ranker:LightGBMConfig",
     "tracking": "recsys.tracking.config:TrackingConfig",
     "paths": "recsys.config:PathsConfig",
