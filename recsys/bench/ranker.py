@@ -10,11 +10,11 @@ events and C candidates. A sample is one candidate: samples/s = 32 C / the
 median step time (of 3 after a warm-up step; 1 when the warm-up step took
 longer than --slow-s seconds, to keep the default run under ~8 minutes).
 Grid: L in {1k, 10k, 50k}, C in {1, 100, 1000}, encoders mean (masked
-mean), reference (exact target attention), exact and compact (SVD-attention
+mean), reference (exact target attention), truncated and compact (SVD-attention
 modes, R = 32), D = 64. peak_mb is the RSS growth while the
 timed steps run (recsys.bench.common.PeakRSS).
 
-Skips: exact target attention and SVD "exact" materialise (B, C, L) logits
+Skips: exact target attention and SVD "truncated" materialise (B, C, L) logits
 (softmax output and their gradients too); a row whose estimate
 (4 tensors of B C L float32 + the history activations) exceeds
 --mem-budget-gb is not run and is written with "skipped" and the estimate.
@@ -37,14 +37,14 @@ import torch
 
 from recsys.bench.common import RESULTS_DIR, PeakRSS, machine_info, print_table, write_json
 
-ENCODERS = {"mean": "mean", "reference": "reference", "exact": "svd_exact", "compact": "svd_compact"}
+ENCODERS = {"mean": "mean", "reference": "reference", "truncated": "svd_truncated", "compact": "svd_compact"}
 COLUMNS = ["L", "C", "encoder", "samples_per_s", "ms_per_step", "peak_mb", "speedup_vs_reference", "skipped"]
 GOAL_SPEEDUP = 5.0
 
 
 def _estimate_gb(encoder: str, b: int, length: int, c: int, d: int) -> float:
     hist = 8 * b * length * d * 4  # lookups, padded copy, float64 Gram input, gradients
-    if encoder in ("reference", "exact"):
+    if encoder in ("reference", "truncated"):
         return (4 * b * c * length * 4 + hist) / 2**30
     return hist / 2**30
 

@@ -58,7 +58,9 @@ from recsys.data import CAND_KEY, HIST_KEY, Batch, FeatureSpec
 from recsys.modules.reference_attention import TargetAttention
 from recsys.modules.svd_attention import SVDAttention, SVDAttentionConfig
 
-HISTORY_ENCODERS = ("mean", "reference", "svd_exact", "svd_compact")
+HISTORY_ENCODERS = ("mean", "reference", "svd_truncated", "svd_compact")
+# old names refused with a pointer to the new one
+RENAMED_HISTORY_ENCODERS = {"svd_exact": "svd_truncated"}
 DISTILLED_MODES = ("off", "init", "concat")
 OVER_ARCHS = ("mlp", "dcn")
 LT_TOWERS = ("dense", "shared")
@@ -70,8 +72,12 @@ class RankerConfig:
     """Ranker architecture (pipeline section `ranker`).
 
     history_encoder "mean" is the masked mean of the history; "reference" is
-    exact target attention; "svd_exact" / "svd_compact" are the SVD-attention
-    modes (recsys.modules.svd_attention). lt_tower "dense": the LT head has its
+    exact target attention; "svd_truncated" / "svd_compact" are the SVD-attention
+    modes (recsys.modules.svd_attention; "svd_truncated", formerly "svd_exact",
+    is target attention on the rank-R truncated history, exact only when a
+    history's rank is <= svd_rank). The SVD encoders form the Gram in float64
+    while autograd is on (training) and in float32 under torch.no_grad
+    (evaluation, serving): SVDAttentionConfig.gram_dtype "auto". lt_tower "dense": the LT head has its
     own MLP over the dense features only (counts, recent activity, match
     features; no id embeddings): `returned_1d` is a property of the user-day,
     not the candidate, and on ML-100K the "shared" tower (the click over-arch
@@ -82,7 +88,7 @@ class RankerConfig:
     """
 
     embedding_dim: int = 16  # D of every table and of the history encoder
-    history_encoder: str = "svd_compact"  # mean | reference | svd_exact | svd_compact
+    history_encoder: str = "svd_compact"  # mean | reference | svd_truncated | svd_compact
     svd_rank: int = 8  # R of the SVD encoders (1 <= R <= embedding_dim)
     svd_normalize_tokens: bool = True  # compact: divide tokens by sqrt(L) so their scale does not grow with L
     history_mean: bool = False  # attention encoders also pass the plain history mean to the over-arch
@@ -103,6 +109,12 @@ class RankerConfig:
     def __post_init__(self) -> None:
         if self.embedding_dim < 1:
             raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
+        if self.history_encoder in RENAMED_HISTORY_ENCODERS:
+            raise ValueError(
+                f"history_encoder {self.history_encoder!r} was renamed "
+                f"{RENAMED_HISTORY_ENCODERS[self.history_encoder]!r} (target attention on the rank-svd_rank "
+                f"truncation of the history: exact only when the history's rank is <= svd_rank)"
+            )
         if self.history_encoder not in HISTORY_ENCODERS:
             raise ValueError(f"history_encoder must be one of {HISTORY_ENCODERS}, got {self.history_encoder!r}")
         if not 1 <= self.svd_rank <= self.embedding_dim:
@@ -186,7 +198,7 @@ def make_history_encoder(config: RankerConfig) -> nn.Module:
         return MeanHistory()
     if config.history_encoder == "reference":
         return TargetAttention(d)
-    mode = "exact" if config.history_encoder == "svd_exact" else "compact"
+    mode = "truncated" if config.history_encoder == "svd_truncated" else "compact"
     return _SVDEncoder(SVDAttentionConfig(dim=d, rank=config.svd_rank, mode=mode,
                                           normalize_tokens=config.svd_normalize_tokens))
 

@@ -13,10 +13,12 @@ Shape legend:
   out = softmax(Q W_Q (X W_K)^T / sqrt(D)) X W_V, softmax over the L events.
   Cost O(L D^2 + C L D); it materialises the (B, C, L) logits.
 - `reference_truncated_attention`: the same on X_R, the rank-R truncated SVD of
-  the valid rows (via `torch.linalg.svd`): the twin of mode "exact".
-- `reference_compact_attention`: per-user loop, `torch.linalg.svd`, R interest
-  tokens Z = S V^T with canonical signs, softmax over tokens: the twin of mode
-  "compact".
+  the valid rows (via `torch.linalg.svd`): the twin of mode "truncated".
+- `reference_compact_attention`: per-user loop, `torch.linalg.svd`, tokens =
+  rows of M = V diag(h(s)) V^T with the taper h(s_i) = s_i clip(1/2 + (s_i -
+  m) / (2 taper s_1), 0, 1), m = (s_R + s_{R+1}) / 2, softmax over the D tokens: the twin of mode
+  "compact". Its gradient is plain autograd through `torch.linalg.svd`, so it
+  is only trustworthy on inputs with distinct singular values.
 
 Padding (positions >= length) is replaced by zeros before any arithmetic, so
 garbage there (even NaN) reaches neither outputs nor gradients. An empty
@@ -119,31 +121,34 @@ def reference_compact_attention(
     w_v: Tensor,
     rank: int,
     normalize_tokens: bool = False,
+    taper: float = 0.05,
 ) -> Tensor:
-    """Attention over R interest tokens Z = S V^T per user (twin of mode "compact").
+    """Attention over the D rows of the tapered square root M of each Gram (twin of mode "compact").
 
-    Tokens with (numerically) zero energy do not exist and are masked out of the
-    softmax; `normalize_tokens` divides Z by sqrt(length).
+    M = sum_i h_i v_i v_i^T, h_i = s_i clip(1/2 + (s_i - m) / (2 taper s_1), 0, 1),
+    m = (s_R + s_{R+1}) / 2; h_i = s_i when R = D; `normalize_tokens` divides M by sqrt(length).
     """
     x = _masked_history(history, lengths)  # (B, L, D)
     d = x.shape[-1]
-    tol = rank_tolerance(history.dtype, d)
-    zs, valids = [], []
+    ms = []
     for b in range(x.shape[0]):
         n = int(lengths[b])
         if n == 0:
-            zs.append(x.new_zeros(rank, d))
-            valids.append(torch.zeros(rank, dtype=torch.bool))
+            ms.append(x.new_zeros(d, d))
             continue
-        _, s, v = _plain_svd(x[b, :n], rank)  # (R,), (D, R)
-        z = s[:, None] * v.mT  # (R, D)
-        if normalize_tokens:
-            z = z / math.sqrt(n)
-        zs.append(z)
-        valids.append(s > tol * s.max())
-    z = torch.stack(zs)  # (B, R, D)
-    valid = torch.stack(valids).to(x.device)  # (B, R)
-    return _attend(queries @ w_q, z @ w_k, z @ w_v, valid)
+        _, s, vh = torch.linalg.svd(x[b, :n], full_matrices=True)  # (min(n, D),), (D, D)
+        s = torch.cat([s, s.new_zeros(d - s.shape[0])])  # (D,) zero-padded
+        if rank >= d:
+            w = torch.ones_like(s)
+        elif float(s[0].detach()) > 0:
+            mid = (s[rank - 1] + s[rank]) / 2
+            w = (0.5 + (s - mid) / (2 * taper * s[0])).clamp(0.0, 1.0)  # (D,)
+        else:
+            w = torch.zeros_like(s)
+        m = (vh.mT * (s * w)) @ vh  # (D, D)
+        ms.append(m / math.sqrt(n) if normalize_tokens else m)
+    m = torch.stack(ms)  # (B, D, D)
+    return _attend(queries @ w_q, m @ w_k, m @ w_v, torch.ones(m.shape[:2], dtype=torch.bool, device=m.device))
 
 
 class TargetAttention(nn.Module):

@@ -2,89 +2,90 @@
 
 Target attention lets each of C candidates attend over a user's L history
 events: O(C L D) time and a (C, L) logits tensor per user, which dominates
-serving for long histories. Here each history is summarised by a rank-R
-truncated SVD, X ~ U S V^T, computed from the D x D Gram matrix X^T X.
+serving for long histories. Here each history is summarised through the
+eigendecomposition of its D x D Gram matrix G = X^T X = V S^2 V^T.
 
 Shape legend:
     B  users (requests) in the batch
     L  history length, padded; per-user valid length in `lengths` (B,)
     C  candidates per user
     D  embedding dim
-    R  rank (number of interest tokens)
+    R  rank
 
-Factorisation (`svd_factors`): G = X^T X over the valid rows in float64,
-O(L D^2) (float32 histories are converted chunk by chunk through one reused
-buffer; `gram_dtype="input"` opts into a float32 GEMM instead, ~3x faster,
-see `SVDAttentionConfig`); `torch.linalg.eigh(G)` in float64, batched over
-users, O(D^3) (a float32 eigh of a 64x64 matrix is ~400x slower on this CPU,
-see NOTES.md);
-S = sqrt(top-R eigenvalues), V = their eigenvectors, U = X V S^-1 (O(L D R),
-only when asked for). Signs are canonical: each (u_r, v_r) is flipped so that
-v_r . (X^T 1) >= 0, i.e. each column of U sums to >= 0 and each interest token
-points along the history's own mass (ties, e.g. a zero-mass history, fall back
-to the sign of v_r's largest entry). Singular values below
-`rank_tolerance(dtype, D) * S_max` count as zero: their U columns are zero, and
-their tokens are masked out of the compact softmax.
+Inputs are checked: history (B, L, D), queries (B, C, D), lengths int64 of
+shape (B,) with 0 <= length <= L (anything else raises ValueError). Padding
+(positions >= length) is replaced by zeros before any arithmetic, so garbage
+there, even NaN, reaches neither outputs nor gradients.
+
+Gram (`_gram`): O(L D^2), float64 by default (float32 histories are converted
+chunk by chunk through one reused buffer); gram_dtype="input" forms it with
+one GEMM in the history's dtype (~3x faster at D = 64); "auto" (the default)
+uses "input" when autograd is off (torch.no_grad / inference_mode: serving,
+evaluation) and "float64" when it is on (training). eigh always runs in
+float64, batched over users (a float32 eigh of a 64x64 matrix is ~400x slower
+on this CPU, see NOTES.md).
 
 Modes, with Qp = Q W_Q:
-- "exact": logits = (Qp W_K^T V S) U^T / sqrt(D), masked softmax over all L
-  events, out = ((P U) S)(V^T W_V). U S is formed as X V (equal when no singular
-  value is clamped, and it needs no S^-1). This is target attention on the
-  truncated history X_R = X V V^T, so it is LOSSLESS (equal to
-  `reference_target_attention`) whenever rank(X) <= R; with R >= D it skips
-  the factorisation (X_R = X). Cost O(L D^2 + D^3 + L D R + C L R) instead of
-  O(L D^2 + C L D): it still builds the (C, L) logits, the saving is D/R in the
-  two big products, not in the softmax.
-  X-gradient: truncation drops the first-order part of dX orthogonal to both
-  the column space and the top-R row space of X, (I - P_U) dX (I - P_V), so the
-  X-gradient equals the reference's only when R >= D (V V^T = I); for R < D it
-  equals the reference's gradient projected onto the tangent space of rank-R
-  matrices at X, P_U G + G P_V - P_U G P_V. Gradients wrt Q and the projections
-  match the reference whenever the output does.
-- "compact": R interest tokens Z = S V^T (R x D); out = softmax(Qp (Z W_K)^T /
-  sqrt(D)) Z W_V, softmax over the R tokens. Cost O(L D^2) for the Gram +
-  O(D^3) for eigh + O(R D^2 + C D^2 + C R D) for the attention; U is never
-  formed and no (C, L) or (L, L) tensor exists. From an `IncrementalSVDState`
-  the Gram is already summed, so a request costs O(D^3 + C R D) whatever L is.
-  What compact preserves: the history's second moment X^T X restricted to the
-  top-R subspace, Z^T Z = V S^2 V^T, i.e. the principal interest directions
-  with their energy (plus, through the sign rule, which way each points
-  relative to the history's mass X^T 1). What it does not preserve: per-event
-  identity (softmax is over R tokens, not L events, so a candidate cannot pick
-  out one past event); it is NOT equal to target attention in general, not
-  even at full rank R = D (different softmax, different value vectors); it is
-  a bag of events, order-free; duplicate events weigh by energy (norm squared
-  adds up), not by count; and the scale of Z grows like sqrt(L) (energy sums
-  over events) unless `normalize_tokens` divides Z by sqrt(length), which
-  makes the tokens root-mean-square energies comparable across history
-  lengths. It is an approximation with its own semantics, not a fast exact op.
+- "truncated" (formerly "exact", renamed because it is exact only when
+  rank(X) <= R): target attention over the L events of X_R = X V_R V_R^T, the
+  rank-R truncated SVD. logits = (Qp W_K^T V) (X V)^T / sqrt(D), masked softmax
+  over L, out = (P X V)(V^T W_V). Equal to `reference_target_attention`
+  whenever rank(X) <= R; with R >= D it skips the factorisation (X_R = X).
+  Otherwise it is a truncation: on histories whose top-R singular values hold
+  86% of the energy, its relative error was 0.2-0.5 (issue 14); the benchmark
+  reports it on a low-rank-plus-noise item table. Cost O(L D^2 + D^3 + L D R +
+  C L R): it still builds the (C, L) logits. Its X-gradient is the reference's
+  projected onto the tangent space of rank-R matrices at X, P_U G + G P_V -
+  P_U G P_V (only the span of V matters, so rotations within it are dropped).
+  It is NOT continuous where the R-th and (R+1)-th singular values cross (the
+  kept subspace swaps); only compact is.
+- "compact": attention of the C candidates over D tokens, the rows of
+      M = V diag(h(s)) V^T,  h(s_i) = s_i * clip(1/2 + (s_i - m) / (2 taper s_1), 0, 1),
+  m = (s_R + s_{R+1}) / 2 the midpoint of the cutoff gap (w = 1 when R = D),
+  i.e. the PSD square root of the Gram with the spectrum tapered to the top R
+  directions: weight 1 above the gap by taper s_1, 0 below it by as much, 1/2
+  each for two directions tied at the cutoff. out = softmax(Qp (M
+  W_K)^T / sqrt(D)) M W_V, softmax over the D tokens. Cost O(L D^2) for the
+  Gram + O(D^3) for eigh + O(C D^2) for the attention; no (C, L) tensor exists.
 
-Gradients: eigh's backward has 1/(lambda_i - lambda_j) terms. `_GramEigh` is a
-custom autograd function on X (not on G) that zeroes the term where
-|lambda_i - lambda_j| <= 1e-10 lambda_max (Gram rounding) or |S_i - S_j| <=
-4 D eps(input dtype) S_max (input rounding: float32 inputs cannot resolve
-closer singular values) -- the "robust differentiable SVD" guard -- treats
-eigenvalues below the rank tolerance as exact zeros, and maps
-dS to dX as U dS V^T with S^-1 clamped to 0 for zero singular values; so
-gradients stay finite on rank-deficient and repeated-singular-value inputs.
-Exact mode depends on V only through span(V), so its backward also drops the
-within-subspace rotation terms (they cancel exactly in theory and only
-amplify rounding when two kept singular values are close).
+  Why this form: an earlier version used R tokens s_r v_r, each signed by
+  sign(v_r . X^T 1) and hard-cut at rank R. It jumped when that dot product
+  crossed 0 (a 2e-16 input change moved the output by 92%), when the R-th and
+  (R+1)-th eigenvalues crossed (the kept set swapped), and when two kept
+  eigenvalues crossed (eigh's basis of a near-degenerate pair rotates freely).
+  M has none of these: each v_i appears as v_i v_i^T (no sign), equal
+  eigenvalues get equal weights (M does not depend on the basis chosen inside
+  an eigenspace), and the weights of the two directions around the cutoff
+  move continuously through 1/2 as their singular values cross. M is a spectral function of G with Lipschitz
+  weights, so X -> M is Lipschitz: a relative input change eps moves M by
+  O(eps / taper) relative to s_1 (tests: < 1e-4 for eps = 1e-6 on inputs built
+  to sit on sign ties and on eigenvalue crossings at and inside the cutoff).
 
-Float32 inputs work: the Gram (by default) and eigh run in float64, results
-are cast back. Padding (positions >= length) is replaced by zeros before any
-arithmetic, so garbage there, even NaN, reaches neither outputs nor gradients.
-An empty history gives a zero output (never NaN) in every mode: masked logits
-take the most negative finite value, so its softmax averages zero vectors.
+  What compact preserves: M^2 = V diag(h^2) V^T, the history's second moment
+  X^T X restricted to its top-R principal directions, exactly for directions
+  more than taper * s_1 above the cutoff gap, partially for those within it
+  (which may include a few just below the cutoff); at R = D, all of X^T X.
+  What it does not preserve: per-event identity (the softmax is over D
+  tokens, not L events); the sign of the history (X and -X give the same
+  output: for the history's mean, pass it separately, e.g. the ranker's
+  `history_mean`); event order; it is NOT equal
+  to target attention in general, not even at R = D. Duplicate events weigh by
+  energy, not count, and M grows like sqrt(L) unless `normalize_tokens`
+  divides it by sqrt(length). The price of continuity: near the cutoff the
+  rank is soft (a flat spectrum gives every direction weight ~1/2).
 
-Measured here (2 shared cores, D = 64, R = 32, C = 1000, one user per call;
-`python -m recsys.bench attention`): at L = 10k the reference takes ~75-80 ms
-and compact ~3.3-4.5 ms (~18-23x): the float64 Gram alone is ~1.6 ms, so 50x
-is out of reach with it; gram_dtype="input" gets ~1.7-3.4 ms (~23-45x). From
-an `IncrementalSVDState` a request is ~1.4 ms whatever L (~250-280x at
-L = 50k). About half of the reference's time is page faults on its fresh
-(C, L) buffers; with an allocator that keeps memory it runs ~2x faster and
-these ratios roughly halve (see the benchmark's --malloc-keep).
+Gradients. Truncated: `_GramEigh`, a custom autograd function on X whose
+eigh backward zeroes the 1/(lambda_i - lambda_j) terms of pairs closer than
+the Gram's or the inputs' rounding (the "robust differentiable SVD" guard).
+Compact: `_TaperedRoot`, whose backward is the Daleckii-Krein formula for the
+spectral function M(G) (divided differences (h_i - h_j)/(lambda_i - lambda_j),
+bounded by the Lipschitz constant of h, with the derivative at near-equal
+pairs) plus the terms through s_1 and s_{R+1}; both finite on rank-deficient
+and repeated-singular-value inputs. An empty history gives a zero output
+(never NaN) in every mode.
+
+Serving (per-user factor cache, windowed incremental state, requests served
+from it) lives in `recsys.modules.svd_serving`.
 
 Example:
     >>> att = SVDAttention(SVDAttentionConfig(dim=8, rank=4, mode="compact"))
@@ -95,24 +96,23 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections import OrderedDict
-from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from features.errors import RecsysError
+from features.core.errors import RecsysError
 
-MODES = ("exact", "compact")
-GRAM_DTYPES = ("float64", "input")
+MODES = ("truncated", "compact")
+RENAMED_MODES = {"exact": "truncated"}
+GRAM_DTYPES = ("auto", "float64", "input")
 
 # Eigenvalue pairs closer than this fraction of lambda_max are treated as
-# degenerate in the backward: their coupling term is dropped instead of
-# divided by ~0. A float64 Gram resolves eigenvalues to ~D eps64 lambda_max.
+# degenerate in the backward: their coupling term is dropped (truncated) or
+# replaced by the derivative (compact). A float64 Gram resolves eigenvalues to
+# ~D eps64 lambda_max.
 _GAP_TOL = 1e-10
 # A float32 Gram product carries ~1e-7 relative error (measured ~1e-8
 # lambda_max on eigenvalues at L = 10k..50k), so its thresholds sit higher.
@@ -126,49 +126,76 @@ class SVDAttentionConfig:
 
     dim: D, the embedding dim of history events and candidate queries.
     rank: R, the number of singular directions kept, 1 <= rank <= dim.
-    mode: "exact" (lossless when rank(X) <= R) or "compact" (R interest tokens).
-    normalize_tokens: compact only; divide Z = S V^T by sqrt(history length), so
-        token scale does not grow with L.
-    gram_dtype: "float64" (default) forms X^T X in float64. "input" forms it in
-        the history's own dtype (float32 GEMM, ~3x faster at D = 64 on this CPU)
-        and still runs eigh in float64; G then carries ~1e-7 relative error, so
-        singular values below 1e-3 S_max count as zero and eigen-gaps below
-        1e-6 lambda_max as degenerate. For serving float32 histories; keep
-        "float64" for training and for rank-deficiency-sensitive uses.
+    mode: "truncated" (target attention on the rank-R truncation; lossless
+        only when rank(X) <= R) or "compact" (tokens = rows of the tapered
+        square root M of the Gram; see the module docstring). "exact" is the
+        old name of "truncated" and is refused with a pointer to it.
+    normalize_tokens: compact only; divide M by sqrt(history length), so token
+        scale does not grow with L.
+    gram_dtype: "auto" (default): "input" when autograd is off (serving,
+        evaluation), "float64" when it is on (training). "float64" always forms
+        X^T X in float64; "input" forms it in the history's dtype (float32
+        GEMM, ~3x faster at D = 64), eigh still in float64; G then carries ~1e-7
+        relative error, so the backward's thresholds sit higher.
+    taper: compact only; width of the fade-out at the rank cutoff, relative
+        to s_1 (0 < taper <= 1). The continuity constant grows like 1 / taper.
     """
 
     dim: int
     rank: int = 32
     mode: str = "compact"
     normalize_tokens: bool = False
-    gram_dtype: str = "float64"
+    gram_dtype: str = "auto"
+    taper: float = 0.05
 
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int) or self.dim < 1:
             raise ValueError(f"dim must be a positive int, got {self.dim!r}")
         if not isinstance(self.rank, int) or not 1 <= self.rank <= self.dim:
             raise ValueError(f"rank must be an int with 1 <= rank <= dim={self.dim}, got {self.rank!r}")
+        if self.mode in RENAMED_MODES:
+            raise ValueError(
+                f"mode {self.mode!r} was renamed {RENAMED_MODES[self.mode]!r}: it is target attention on the "
+                f"rank-R truncation, exact only when rank(history) <= R"
+            )
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.gram_dtype not in GRAM_DTYPES:
             raise ValueError(f"gram_dtype must be one of {GRAM_DTYPES}, got {self.gram_dtype!r}")
+        if not 0.0 < self.taper <= 1.0:
+            raise ValueError(f"taper must satisfy 0 < taper <= 1, got {self.taper!r}")
+
+
+def resolve_gram_dtype(gram_dtype: str) -> str:
+    """"auto" -> "input" when autograd is off (no_grad / inference_mode), else "float64"."""
+    if gram_dtype != "auto":
+        return gram_dtype
+    return "float64" if torch.is_grad_enabled() else "input"
 
 
 @dataclass(frozen=True)
 class SVDFactors:
     """Per-user rank-R factors of the valid history rows, X ~ U S V^T.
 
-    U: (B, L, R), zero on padding; None when only compact attention is needed.
+    U: (B, L, R), zero on padding; None when only S and V are needed.
     S: (B, R), descending, >= 0.
     V: (B, D, R), orthonormal columns.
+    S_all: (B, D), V_all: (B, D, D): the full spectrum. Compact needs it (its
+        taper can give directions just past the cutoff a partial weight) and
+        refuses factors without it; truncated uses S and V only.
     """
 
     U: Tensor | None
     S: Tensor
     V: Tensor
+    S_all: Tensor | None = None
+    V_all: Tensor | None = None
 
     def detach(self) -> SVDFactors:
-        return SVDFactors(None if self.U is None else self.U.detach(), self.S.detach(), self.V.detach())
+        def det(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach()
+
+        return SVDFactors(det(self.U), self.S.detach(), self.V.detach(), det(self.S_all), det(self.V_all))
 
 
 def rank_tolerance(dtype: torch.dtype, dim: int) -> float:
@@ -178,7 +205,7 @@ def rank_tolerance(dtype: torch.dtype, dim: int) -> float:
     the largest (eigenvalue error ~ D eps64 lambda_max), so 1e-6 is the floor;
     float32 inputs carry their own rounding noise at ~D eps32.
     """
-    # capped so that half-precision inputs (eps ~ 1e-3) do not mask every token
+    # capped so that half-precision inputs (eps ~ 1e-3) do not zero every direction
     return min(max(1e-6, 4.0 * dim * torch.finfo(dtype).eps), 1e-3)
 
 
@@ -189,18 +216,36 @@ class _Tolerances(NamedTuple):
 
 
 def _tolerances(dtype: torch.dtype, dim: int, gram_dtype: str = "float64") -> _Tolerances:
-    """Thresholds of a Gram route for inputs of `dtype`.
+    """Thresholds of a Gram route for inputs of `dtype` (gram_dtype already resolved).
 
     Two kinds of near-degeneracy are numerical rather than real: eigenvalue
     rounding in the Gram/eigh (absolute in lambda), and the inputs' own
     rounding, which moves singular values by ~eps ||X|| (Weyl; absolute in S).
-    A lambda-only threshold would either miss float32 input noise between equal
-    singular values or swallow real small singular values next to zero ones.
     """
     sigma_gap = 4.0 * dim * torch.finfo(dtype).eps
     if gram_dtype == "input" and dtype != torch.float64:
         return _Tolerances(max(rank_tolerance(dtype, dim), _INPUT_GRAM_RANK_TOL), _INPUT_GRAM_GAP_TOL, sigma_gap)
     return _Tolerances(rank_tolerance(dtype, dim), _GAP_TOL, sigma_gap)
+
+
+def check_inputs(history: Tensor, lengths: Tensor, queries: Tensor | None, dim: int) -> None:
+    """ValueError unless history is (B, L, dim), queries (B, C, dim) and lengths int64 (B,) in [0, L]."""
+    if history.dim() != 3 or history.shape[-1] != dim:
+        raise ValueError(f"history must be (B, L, {dim}), got {tuple(history.shape)}")
+    b, length = history.shape[0], history.shape[1]
+    if queries is not None and (queries.dim() != 3 or queries.shape[0] != b or queries.shape[-1] != dim):
+        raise ValueError(f"queries must be (B={b}, C, {dim}), got {tuple(queries.shape)}")
+    if not isinstance(lengths, Tensor) or lengths.dtype != torch.int64:
+        got = lengths.dtype if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise ValueError(f"lengths must be an int64 tensor, got {got}")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must have shape (B,) = ({b},), got {tuple(lengths.shape)}")
+    if b and bool(((lengths < 0) | (lengths > length)).any()):
+        bad = lengths[(lengths < 0) | (lengths > length)]
+        raise ValueError(
+            f"lengths must satisfy 0 <= length <= L={length} (the padded history length); "
+            f"got {bad[:5].tolist()} ({bad.numel()} of {b} out of range)"
+        )
 
 
 def _valid_mask(lengths: Tensor, length: int) -> Tensor:
@@ -221,7 +266,7 @@ class SVDFactorizationError(RecsysError):
     the history embeddings hold NaN/inf (a diverged model, e.g. a huge lr)."""
 
 
-def _top_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+def top_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     """All eigenpairs of symmetric (B, D, D) float64 matrices, descending."""
     try:
         lam, e = torch.linalg.eigh(gram)  # (B, D), (B, D, D) ascending
@@ -238,8 +283,7 @@ def _top_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
 def _canonical_signs(v: Tensor, mass: Tensor) -> Tensor:
     """+-1 per column of V (B, D, R) so that v_r . mass >= 0; mass = X^T 1 (B, D).
 
-    Both the rule and its fallback flip with v_r, so any sign-flipped input maps
-    to the same output.
+    Used only to make `svd_factors` reproducible; no output depends on it.
     """
     proj = (v * mass[:, :, None]).sum(dim=1)  # (B, R)
     # a zero-mass history leaves proj ~ 0: use the sign of v_r's largest entry
@@ -256,80 +300,56 @@ def _canonical_signs(v: Tensor, mass: Tensor) -> Tensor:
 _CHUNK_ELEMS = 1 << 18
 
 
-def _mass64(x: Tensor) -> Tensor:
-    """X^T 1 (B, D) in float64 without a full float64 copy of X (B, L, D).
+def gram_matrix(x: Tensor, gram_dtype: str) -> Tensor:
+    """G = X^T X (B, D, D) float64 for X (B, L, D); gram_dtype "float64" or "input" (resolved).
 
-    Chunks go through one reused float64 buffer: `sum(dtype=float64)` on the
-    float32 tensor measured ~10x slower (1.2 ms vs ~0.1 ms at L = 10k, 1 thread).
-    """
-    if x.dtype == torch.float64:
-        return x.sum(dim=1)
-    b, length, d = x.shape
-    step = max(256, _CHUNK_ELEMS // max(1, b * d))
-    mass = torch.zeros(b, d, dtype=torch.float64, device=x.device)  # (B, D)
-    buf = torch.empty(b, min(step, length), d, dtype=torch.float64, device=x.device)  # (B, chunk, D)
-    for lo in range(0, length, step):
-        c = buf[:, : min(step, length - lo)]  # (B, n, D)
-        c.copy_(x[:, lo : lo + step])
-        mass += c.sum(dim=1)
-    return mass
-
-
-def _gram_mass(x: Tensor, gram_dtype: str) -> tuple[Tensor, Tensor]:
-    """G = X^T X (B, D, D) and mass = X^T 1 (B, D), both float64, for X (B, L, D).
-
-    gram_dtype "float64": products and sums in float64, chunk by chunk through
-    one reused buffer. "input": one GEMM in X's dtype, then cast.
+    "float64": products in float64, chunk by chunk through one reused buffer.
+    "input": one GEMM in X's dtype, then cast.
     """
     if x.dtype == torch.float64 or gram_dtype == "input":
-        return (x.mT @ x).to(torch.float64), _mass64(x)
+        return (x.mT @ x).to(torch.float64)
     b, length, d = x.shape
     step = max(256, _CHUNK_ELEMS // max(1, b * d))
     gram = torch.zeros(b, d, d, dtype=torch.float64, device=x.device)  # (B, D, D)
-    mass = torch.zeros(b, d, dtype=torch.float64, device=x.device)  # (B, D)
     buf = torch.empty(b, min(step, length), d, dtype=torch.float64, device=x.device)  # (B, chunk, D)
     for lo in range(0, length, step):
         c = buf[:, : min(step, length - lo)]  # (B, n, D)
         c.copy_(x[:, lo : lo + step])
         gram.baddbmm_(c.mT, c)
-        mass += c.sum(dim=1)
-    return gram, mass
+    return gram
+
+
+def _mass64(x: Tensor) -> Tensor:
+    """X^T 1 (B, D) in float64 (for the cosmetic sign rule of `svd_factors`)."""
+    return x.to(torch.float64).sum(dim=1)
 
 
 class _GramEigh(torch.autograd.Function):
-    """X (B, L, D) -> S (B, R), V (B, D, R), mass X^T 1 (B, D), float64: top-R singular pairs via eigh(X^T X).
+    """X (B, L, D) -> S (B, K), V (B, D, K), float64: top-K singular pairs via eigh(X^T X).
 
-    The Gram is float64 unless the caller opted into gram_dtype="input"; eigh
-    always runs in float64. Backward goes straight to X with the robust guards
-    described in the module docstring. `subspace_only` drops the within-top-R
-    rotation terms, for callers whose output depends on V only through span(V).
-    mass (for the sign rule) is not differentiable.
+    Backward goes straight to X with the robust guards of the module docstring.
+    `subspace_only` drops the within-top-K rotation terms, for callers whose
+    output depends on V only through span(V).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, rank: int, tols: _Tolerances, subspace_only: bool, gram_dtype: str):  # type: ignore[override]
-        gram, mass = _gram_mass(x, gram_dtype)  # (B, D, D), (B, D)
-        lam, e = _top_eigh(gram)  # (B, D), (B, D, D)
+        lam, e = top_eigh(gram_matrix(x, gram_dtype))  # (B, D), (B, D, D)
         ctx.save_for_backward(x, lam, e)
         ctx.rank, ctx.tols, ctx.subspace_only = rank, tols, subspace_only
-        ctx.mark_non_differentiable(mass)
-        s = lam[:, :rank].clamp_min(0).sqrt()  # (B, R)
-        return s, e[:, :, :rank].contiguous(), mass
+        s = lam[:, :rank].clamp_min(0).sqrt()  # (B, K)
+        return s, e[:, :, :rank].contiguous()
 
     @staticmethod
-    def backward(ctx, g_s: Tensor, g_v: Tensor, _g_mass: Tensor):  # type: ignore[override]
+    def backward(ctx, g_s: Tensor, g_v: Tensor):  # type: ignore[override]
         x, lam, e = ctx.saved_tensors
         r, tols = ctx.rank, ctx.tols
-        tol = tols.rank
-        b, d = lam.shape
         lam_max = lam[:, :1].clamp_min(0)  # (B, 1)
-        # eigenvalues under the rank tolerance are noise: make them exact zeros so
-        # that pairs of them count as degenerate below
-        lam = torch.where(lam > (tol * tol) * lam_max, lam, torch.zeros((), dtype=lam.dtype))  # (B, D)
-        s = lam[:, :r].sqrt()  # (B, R)
-        ok = s > 0  # (B, R)
-        # dS -> dlambda = dS / (2 S); with dG -> dX this becomes U dS V^T, finite;
-        # zero singular values get a zero (sub)gradient
+        # eigenvalues under the rank tolerance are noise: exact zeros, so pairs of them count as degenerate
+        lam = torch.where(lam > (tols.rank * tols.rank) * lam_max, lam, torch.zeros((), dtype=lam.dtype))  # (B, D)
+        s = lam[:, :r].sqrt()  # (B, K)
+        ok = s > 0  # (B, K)
+        # dS -> dlambda = dS / (2 S); with dG -> dX this becomes U dS V^T, finite
         g_lam = torch.zeros_like(lam)  # (B, D)
         g_lam[:, :r] = torch.where(ok, g_s / (2 * torch.where(ok, s, torch.ones((), dtype=s.dtype))), 0.0)
         g_e = torch.zeros_like(e)  # (B, D, D)
@@ -349,15 +369,89 @@ class _GramEigh(torch.autograd.Function):
         return g_x.to(x.dtype), None, None, None, None
 
 
-def _factorize(
-    x: Tensor, rank: int, subspace_only: bool = False, gram_dtype: str = "float64"
-) -> tuple[Tensor, Tensor]:
-    """Masked history (B, L, D) -> S (B, R), V (B, D, R) float64, canonical signs."""
+def taper_weights(s_all: Tensor, rank: int, taper: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Compact's spectrum h_i = s_i w_i over ALL D singular values s_all (B, D), descending.
+
+    R < D: w_i = clip(1/2 + (s_i - m) / (2 taper s_1), 0, 1) with m = (s_R +
+    s_{R+1}) / 2, the midpoint of the cutoff gap: directions above the gap by
+    taper s_1 keep weight 1, below it by as much get 0, and at a crossing
+    (s_R = s_{R+1}) both get 1/2, so the swap is continuous. R = D: w = 1
+    (M = (X^T X)^(1/2)). Returns h, w, the ramp mask (0 < w < 1) and m (B, 1).
+    """
+    d = s_all.shape[-1]
+    if rank >= d:
+        ones = torch.ones_like(s_all)
+        return s_all, ones, torch.zeros_like(s_all, dtype=torch.bool), s_all.new_zeros(s_all.shape[0], 1)
+    mid = (s_all[:, rank - 1 : rank] + s_all[:, rank : rank + 1]) / 2  # (B, 1)
+    scale = 2 * taper * s_all[:, :1]  # (B, 1)
+    ramp = 0.5 + (s_all - mid) / torch.where(scale > 0, scale, torch.ones((), dtype=s_all.dtype))  # (B, D)
+    ramp = torch.where(scale > 0, ramp, torch.zeros((), dtype=s_all.dtype))
+    w = ramp.clamp(0.0, 1.0)  # (B, D)
+    return s_all * w, w, (ramp > 0) & (ramp < 1), mid
+
+
+class _TaperedRoot(torch.autograd.Function):
+    """X (B, L, D) -> M = E diag(h(s)) E^T (B, D, D) float64, compact's tokens.
+
+    Backward: Daleckii-Krein for the spectral function phi(lambda) = h(sqrt
+    lambda) at fixed (s_1, m), plus the terms through s_1 and the cutoff
+    midpoint m = (s_R + s_{R+1}) / 2 (d s_k / dX = u_k v_k^T). Divided
+    differences of near-equal eigenvalues use the mean derivative, so nothing
+    divides by ~0.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rank: int, taper: float, tols: _Tolerances, gram_dtype: str):  # type: ignore[override]
+        lam, e = top_eigh(gram_matrix(x, gram_dtype))  # (B, D), (B, D, D)
+        lam = lam.clamp_min(0)
+        s_all = lam.sqrt()  # (B, D)
+        h, w, in_ramp, mid = taper_weights(s_all, rank, taper)  # (B, D) x 3, (B, 1)
+        ctx.save_for_backward(x, lam, e, s_all, h, w, in_ramp, mid)
+        ctx.rank, ctx.taper, ctx.tols = rank, taper, tols
+        return (e * h[:, None, :]) @ e.mT  # (B, D, D)
+
+    @staticmethod
+    def backward(ctx, g_m: Tensor):  # type: ignore[override]
+        x, lam, e, s_all, h, w, in_ramp, mid = ctx.saved_tensors
+        r, taper = ctx.rank, ctx.taper
+        d = lam.shape[1]
+        x64 = x.to(torch.float64)
+        s1 = s_all[:, :1]  # (B, 1)
+        scale = 2 * taper * s1  # (B, 1): the ramp's width in s
+        inv_scale = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones((), dtype=s1.dtype)), 0.0)
+        ramp = in_ramp.to(torch.float64)  # (B, D)
+        # phi'(lambda) = h'(s) / (2 s), h' = w + s [ramp] / scale at fixed (s_1, m). Singular values
+        # under the rank tolerance are Gram rounding (~1e-8 s_1 for a zero one): w / (2 s) would turn
+        # that noise into ~1e8, so they count as exact zeros with a zero derivative, as in _GramEigh
+        real = s_all > ctx.tols.rank * s1  # (B, D)
+        safe_s = torch.where(real, s_all, torch.ones((), dtype=s_all.dtype))
+        dphi = torch.where(real, w / (2 * safe_s), 0.0) + ramp * inv_scale / 2  # (B, D)
+        gap = lam[:, :, None] - lam[:, None, :]  # (B, D, D)
+        far = gap.abs() > ctx.tols.lam_gap * lam[:, :1, None]  # (B, D, D)
+        divided = (h[:, :, None] - h[:, None, :]) / torch.where(far, gap, torch.ones((), dtype=gap.dtype))
+        k = torch.where(far, divided, (dphi[:, :, None] + dphi[:, None, :]) / 2)  # (B, D, D)
+        a = e.mT @ ((g_m + g_m.mT) / 2).to(torch.float64) @ e  # (B, D, D)
+        g_x = 2 * x64 @ (e @ (k * a) @ e.mT)  # (B, L, D)
+        if r >= d:
+            return g_x.to(x.dtype), None, None, None, None
+        # through m and s_1: dh_i/dm = -s_i [ramp] / scale; dh_i/ds_1 = -s_i [ramp] (s_i - m) 2 taper / scale^2
+        a_diag = a.diagonal(dim1=1, dim2=2)  # (B, D)
+        c_mid = -(a_diag * ramp * s_all).sum(-1) * inv_scale[:, 0]  # (B,)
+        c_s1 = -(a_diag * ramp * s_all * (s_all - mid)).sum(-1) * 2 * taper * inv_scale[:, 0] ** 2  # (B,)
+        tol = ctx.tols.rank
+        for idx, c in ((0, c_s1), (r - 1, c_mid / 2), (r, c_mid / 2)):
+            vk = e[:, :, idx]  # (B, D)
+            sk = s_all[:, idx]  # (B,)
+            ok = sk > tol * s1[:, 0]  # a zero singular value's subgradient: 0
+            coef = torch.where(ok, c / torch.where(ok, sk, torch.ones((), dtype=sk.dtype)), 0.0)  # (B,)
+            g_x = g_x + coef[:, None, None] * (x64 @ vk[:, :, None]) * vk[:, None, :]  # s_k u_k v_k^T / s_k
+        return g_x.to(x.dtype), None, None, None, None
+
+
+def _factorize(x: Tensor, rank: int, subspace_only: bool = False, gram_dtype: str = "float64") -> tuple[Tensor, Tensor]:
+    """Masked history (B, L, D) -> S (B, K), V (B, D, K) float64 (any signs); gram_dtype resolved."""
     tols = _tolerances(x.dtype, x.shape[-1], gram_dtype)
-    s, v, mass = _GramEigh.apply(x, rank, tols, subspace_only, gram_dtype)  # (B, R), (B, D, R), (B, D)
-    with torch.no_grad():
-        sign = _canonical_signs(v, mass)  # (B, R)
-    return s, v * sign[:, None, :]
+    return _GramEigh.apply(x, rank, tols, subspace_only, gram_dtype)
 
 
 def _inverse_or_zero(s: Tensor, rel_tol: float) -> Tensor:
@@ -366,156 +460,55 @@ def _inverse_or_zero(s: Tensor, rel_tol: float) -> Tensor:
 
 
 def svd_factors(history: Tensor, lengths: Tensor, rank: int) -> SVDFactors:
-    """Rank-R truncated SVD of each user's valid rows, canonical signs, differentiable.
+    """Rank-R truncated SVD of each user's valid rows, differentiable, float64 Gram.
 
-    history (B, L, D), lengths (B,) -> U (B, L, R), S (B, R), V (B, D, R) in
-    history's dtype (computed in float64). Cost O(L D^2 + D^3 + L D R).
+    history (B, L, D), lengths (B,) -> U (B, L, R), S (B, R), V (B, D, R) and
+    the full spectrum S_all (B, D), V_all (B, D, D) in history's dtype
+    (computed in float64). Signs: each column of V_all is flipped so that the
+    matching column of U sums to >= 0 (reproducible; no output depends on
+    them). O(L D^2 + D^3 + L D R).
     """
-    if not 1 <= rank <= history.shape[-1]:
-        raise ValueError(f"rank must satisfy 1 <= rank <= D={history.shape[-1]}, got {rank}")
+    d = history.shape[-1]
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank must satisfy 1 <= rank <= D={d}, got {rank}")
+    check_inputs(history, lengths, None, d)
     x = _masked_history(history, lengths)  # (B, L, D)
-    s, v = _factorize(x, rank)  # (B, R), (B, D, R)
-    inv = _inverse_or_zero(s, rank_tolerance(history.dtype, history.shape[-1]))  # (B, R)
+    s_all, v_all = _factorize(x, d)  # (B, D), (B, D, D)
+    with torch.no_grad():
+        sign = _canonical_signs(v_all, _mass64(x))  # (B, D)
+    v_all = v_all * sign[:, None, :]
+    s, v = s_all[:, :rank], v_all[:, :, :rank]
+    inv = _inverse_or_zero(s, rank_tolerance(history.dtype, d))  # (B, R)
     u = (x.to(torch.float64) @ v) * inv[:, None, :]  # (B, L, R)
     dt = history.dtype
-    return SVDFactors(u.to(dt), s.to(dt), v.to(dt))
+    return SVDFactors(u.to(dt), s.to(dt), v.to(dt), s_all.to(dt), v_all.to(dt))
 
 
-def history_fingerprint(history: Tensor, length: int) -> tuple[int, str]:
-    """(length, short hash of the valid rows) of one user's history (L, D): a cheap cache key.
-
-    O(L D) bytes hashed, versus O(L D^2) for the factorisation it guards; a
-    caller with a version counter can use (length, version) instead.
-    """
-    rows = history[:length].detach().to("cpu").contiguous()
-    digest = hashlib.blake2b(rows.view(torch.uint8).numpy().tobytes(), digest_size=12).hexdigest()
-    return length, digest
+def compact_tokens(x: Tensor, rank: int, taper: float, gram_dtype: str) -> Tensor:
+    """M (B, D, D) float64 of a masked history (B, L, D); gram_dtype resolved. Differentiable in X."""
+    tols = _tolerances(x.dtype, x.shape[-1], gram_dtype)
+    return _TaperedRoot.apply(x, rank, taper, tols, gram_dtype)
 
 
-class FactorCache:
-    """Per-user SVD factors, reused while the history is unchanged.
-
-    One entry per user key: (fingerprint, rank) -> detached factors (float64-
-    derived, stored in the history's dtype). A request with the same fingerprint
-    and rank is a hit; a new fingerprint recomputes and replaces the entry.
-    Least recently used users are evicted beyond `max_entries`. `keep_u=False`
-    stores only S and V (all that compact needs; exact recomputes U S = X V).
-
-    Counters `hits` and `misses` count lookups.
-    """
-
-    def __init__(self, max_entries: int = 10_000, keep_u: bool = True) -> None:
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
-        self.max_entries = max_entries
-        self.keep_u = keep_u
-        self.hits = 0
-        self.misses = 0
-        self._entries: OrderedDict[Hashable, tuple[Hashable, int, SVDFactors]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def get(self, user_key: Hashable, fingerprint: Hashable, history: Tensor, length: int, rank: int) -> SVDFactors:
-        """Factors of one user's history (L, D): U (1, length, R) or None, S (1, R), V (1, D, R)."""
-        entry = self._entries.get(user_key)
-        if entry is not None and entry[0] == fingerprint and entry[1] == rank:
-            self.hits += 1
-            self._entries.move_to_end(user_key)
-            return entry[2]
-        self.misses += 1
-        with torch.no_grad():
-            f = svd_factors(history[None, :length], torch.tensor([length]), rank)
-        factors = SVDFactors(f.U if self.keep_u else None, f.S, f.V)
-        self._entries[user_key] = (fingerprint, rank, factors)
-        self._entries.move_to_end(user_key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-        return factors
-
-    def get_batch(
-        self,
-        user_keys: Sequence[Hashable],
-        fingerprints: Sequence[Hashable],
-        history: Tensor,
-        lengths: Tensor,
-        rank: int,
-    ) -> SVDFactors:
-        """Factors for a padded batch (B, L, D): U zero-padded to (B, L, R) (or None)."""
-        got = [
-            self.get(k, fp, history[i], int(lengths[i]), rank)
-            for i, (k, fp) in enumerate(zip(user_keys, fingerprints, strict=True))
-        ]
-        s = torch.cat([f.S for f in got])  # (B, R)
-        v = torch.cat([f.V for f in got])  # (B, D, R)
-        if not self.keep_u:
-            return SVDFactors(None, s, v)
-        u = history.new_zeros(history.shape[0], history.shape[1], rank)  # (B, L, R)
-        for i, f in enumerate(got):
-            assert f.U is not None
-            u[i, : f.U.shape[1]] = f.U[0]
-        return SVDFactors(u, s, v)
+def tokens_from_spectrum(s_all: Tensor, v_all: Tensor, rank: int, taper: float) -> Tensor:
+    """M = V diag(h(S)) V^T (B, D, D) from all singular values S (B, D) and vectors V (B, D, D)."""
+    h, _, _, _ = taper_weights(s_all, rank, taper)  # (B, D)
+    return (v_all * h[:, None, :]) @ v_all.mT  # (B, D, D)
 
 
-class IncrementalSVDState:
-    """Running sums G = X^T X (D, D) and mass = X^T 1 (D,) of one user's events, float64.
-
-    Compact attention needs nothing else, and both are sums over events: an
-    append costs O(D^2) per event, and a request costs O(D^3 + C R D) whatever
-    the history length. `count` doubles as a version number for caches.
-    Holds no gradient (serving state).
-    """
-
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
-        self.gram = torch.zeros(dim, dim, dtype=torch.float64)  # (D, D)
-        self.mass = torch.zeros(dim, dtype=torch.float64)  # (D,)
-        self.count = 0
-        self.dtype = torch.float32  # dtype of the events seen, for the rank tolerance
-
-    @classmethod
-    def from_history(cls, history: Tensor, length: int | None = None) -> IncrementalSVDState:
-        """State of one user's history (L, D), valid rows [:length]."""
-        state = cls(history.shape[-1])
-        return state.append(history if length is None else history[:length])
-
-    def append(self, events: Tensor) -> IncrementalSVDState:
-        """Add events (n, D) or (D,); returns self."""
-        if events.dim() == 1:
-            events = events[None]
-        if events.shape[-1] != self.dim:
-            raise ValueError(f"events have dim {events.shape[-1]}, state has {self.dim}")
-        with torch.no_grad():
-            e = events.detach().to(torch.float64)  # (n, D)
-            self.gram += e.mT @ e
-            self.mass += e.sum(dim=0)
-        self.count += events.shape[0]
-        self.dtype = events.dtype
-        return self
-
-
-def _compact_attention(
-    queries: Tensor, z: Tensor, token_valid: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor
-) -> Tensor:
-    """softmax(Q W_Q (Z W_K)^T / sqrt(D)) Z W_V over the valid tokens; no valid token -> 0."""
+def _compact_attention(queries: Tensor, tokens: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor) -> Tensor:
+    """softmax(Q W_Q (T W_K)^T / sqrt(D)) T W_V over the tokens T (B, N, D); queries (B, C, D)."""
     d = queries.shape[-1]
-    # Q (W_Q (Z W_K)^T): O(R D^2 + C D R), where (Q W_Q)(Z W_K)^T would cost O(C D^2)
-    logits = queries @ (w_q @ (z @ w_k).mT) / math.sqrt(d)  # (B, C, D) @ (B, D, R) -> (B, C, R)
-    # the most negative finite value, not -inf: with no valid token (only when
-    # S_max = 0, so every token is the zero vector) the softmax is uniform over
-    # zero values and the output is exactly 0 instead of NaN
-    logits = logits.masked_fill(~token_valid[:, None, :], torch.finfo(logits.dtype).min)  # (B, C, R)
-    return torch.softmax(logits, dim=-1) @ (z @ w_v)  # (B, C, D)
+    # Q (W_Q (T W_K)^T): O(N D^2 + C D N), where (Q W_Q)(T W_K)^T would cost O(C D^2) more
+    logits = queries @ (w_q @ (tokens @ w_k).mT) / math.sqrt(d)  # (B, C, D) @ (B, D, N) -> (B, C, N)
+    return torch.softmax(logits, dim=-1) @ (tokens @ w_v)  # (B, C, D)
 
 
 class SVDAttention(nn.Module):
-    """Target attention of C candidates over a long history through its rank-R SVD.
+    """Target attention of C candidates over a long history through its SVD.
 
-    See the module docstring for the modes, their cost and when each is
-    lossless. Owns `w_q`, `w_k`, `w_v` (D, D), the same names and shapes as
+    See the module docstring for the modes, their cost and what each computes.
+    Owns `w_q`, `w_k`, `w_v` (D, D), the same names and shapes as
     `TargetAttention`, so a state_dict copies between the two. Returns (B, C, D).
     """
 
@@ -529,31 +522,22 @@ class SVDAttention(nn.Module):
         for w in (self.w_q, self.w_k, self.w_v):
             nn.init.xavier_uniform_(w)
 
-    def _check(self, history: Tensor, lengths: Tensor, queries: Tensor) -> None:
-        d = self.config.dim
-        if history.dim() != 3 or history.shape[-1] != d:
-            raise ValueError(f"history must be (B, L, {d}), got {tuple(history.shape)}")
-        if queries.dim() != 3 or queries.shape[0] != history.shape[0] or queries.shape[-1] != d:
-            raise ValueError(f"queries must be (B={history.shape[0]}, C, {d}), got {tuple(queries.shape)}")
-        if lengths.shape != (history.shape[0],):
-            raise ValueError(f"lengths must be (B={history.shape[0]},), got {tuple(lengths.shape)}")
-
     def forward(
         self, history: Tensor, lengths: Tensor, queries: Tensor, factors: SVDFactors | None = None
     ) -> Tensor:
-        """history (B, L, D), lengths (B,), queries (B, C, D) -> (B, C, D).
+        """history (B, L, D), lengths int64 (B,) in [0, L], queries (B, C, D) -> (B, C, D).
 
         `factors` (e.g. from a `FactorCache`) skip the factorisation; gradients
         then reach X only through whatever graph the factors carry.
         """
-        self._check(history, lengths, queries)
+        check_inputs(history, lengths, queries, self.config.dim)
         lengths = lengths.to(history.device)
         x = _masked_history(history, lengths)  # (B, L, D)
-        if self.config.mode == "exact":
-            return self._exact(x, lengths, queries, factors)
-        return self._compact(x, lengths, queries, factors)
+        if self.config.mode == "truncated":
+            return self._truncated(x, lengths, queries, factors)
+        return self.attend_tokens(queries, self._compact_tokens(x, lengths, factors))
 
-    def _exact(self, x: Tensor, lengths: Tensor, queries: Tensor, factors: SVDFactors | None) -> Tensor:
+    def _truncated(self, x: Tensor, lengths: Tensor, queries: Tensor, factors: SVDFactors | None) -> Tensor:
         b, length, d = x.shape
         r = self.config.rank
         if factors is None and r >= d:
@@ -562,7 +546,8 @@ class SVDAttention(nn.Module):
             a = (queries @ self.w_q) @ self.w_k.mT  # (B, C, D)
         else:
             if factors is None:
-                _, v64 = _factorize(x, r, subspace_only=True, gram_dtype=self.config.gram_dtype)
+                gram = resolve_gram_dtype(self.config.gram_dtype)
+                _, v64 = _factorize(x, r, subspace_only=True, gram_dtype=gram)
                 v = v64.to(x.dtype)  # (B, D, R)
                 xv = x @ v  # (B, L, R) == U S
             else:
@@ -574,80 +559,26 @@ class SVDAttention(nn.Module):
         p = _masked_softmax_events(logits, lengths)  # (B, C, L)
         return (p @ xv) @ v_wv  # (B, C, R) @ (B, R, D) -> (B, C, D)
 
-    def _compact(self, x: Tensor, lengths: Tensor, queries: Tensor, factors: SVDFactors | None) -> Tensor:
-        rel_tol = _tolerances(x.dtype, self.config.dim, self.config.gram_dtype).rank
+    def _compact_tokens(self, x: Tensor, lengths: Tensor, factors: SVDFactors | None) -> Tensor:
+        """Tokens M (B, D, D) in x's dtype (normalised when configured)."""
+        cfg = self.config
         if factors is None:
-            s, v = _factorize(x, self.config.rank, gram_dtype=self.config.gram_dtype)  # (B, R), (B, D, R) float64
+            m = compact_tokens(x, cfg.rank, cfg.taper, resolve_gram_dtype(cfg.gram_dtype))  # (B, D, D)
         else:
-            # re-canonicalise: cached or user-supplied factors may carry any signs
-            s, v = factors.S, factors.V  # (B, R), (B, D, R)
-            with torch.no_grad():
-                sign = _canonical_signs(v.to(torch.float64), _mass64(x))  # (B, R)
-            v = v * sign.to(v.dtype)[:, None, :]
-        z, valid = self._tokens(s, v, lengths, rel_tol, queries.dtype)  # (B, R, D), (B, R)
-        return _compact_attention(queries, z, valid, self.w_q, self.w_k, self.w_v)
+            if factors.S_all is None or factors.V_all is None:
+                raise ValueError("compact needs the full spectrum in SVDFactors (S_all, V_all); use svd_factors")
+            m = tokens_from_spectrum(factors.S_all, factors.V_all, cfg.rank, cfg.taper)  # (B, D, D)
+        return self.scale_tokens(m, lengths).to(x.dtype)
 
-    def _tokens(
-        self, s: Tensor, v: Tensor, counts: Tensor, rel_tol: float, out_dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor]:
-        """Interest tokens Z = S V^T (B, R, D) in `out_dtype`, and which of them exist (B, R).
+    def scale_tokens(self, m: Tensor, counts: Tensor) -> Tensor:
+        """M (B, D, D) divided by sqrt(count) (B,) when normalize_tokens, else unchanged."""
+        if not self.config.normalize_tokens:
+            return m
+        return m / counts.to(m.dtype).clamp_min(1).sqrt()[:, None, None]
 
-        A token exists when S_r > rel_tol S_max: zero-energy tokens (rank
-        deficiency, L < R) would otherwise take softmax mass and dilute the output.
-        """
-        z = s[:, :, None] * v.mT  # (B, R, D)
-        if self.config.normalize_tokens:
-            z = z / counts.to(z.dtype).clamp_min(1).sqrt()[:, None, None]
-        valid = s > rel_tol * s.amax(dim=-1, keepdim=True)  # (B, R); all False for an empty history
-        return z.to(out_dtype), valid
-
-    def forward_from_state(
-        self, states: IncrementalSVDState | Sequence[IncrementalSVDState], queries: Tensor
-    ) -> Tensor:
-        """Compact attention served from running sums: states (B of them), queries (B, C, D) -> (B, C, D).
-
-        Costs O(D^3 + C R D) per user whatever the history length; equals
-        `forward` in compact mode on the same events. Gradients reach queries
-        and the projections, not the (already summed) history.
-        """
-        if self.config.mode != "compact":
-            raise ValueError(f"forward_from_state serves mode 'compact' only, config has {self.config.mode!r}")
-        if isinstance(states, IncrementalSVDState):
-            states = [states]
-        if queries.dim() == 2:
-            queries = queries[None]
-        if len(states) != queries.shape[0]:
-            raise ValueError(f"{len(states)} states but queries batch is {queries.shape[0]}")
-        z, valid = self.state_tokens(states, queries.dtype)  # (B, R, D), (B, R)
-        return self.attend_tokens(queries, z, valid)
-
-    def state_tokens(
-        self, states: Sequence[IncrementalSVDState], dtype: torch.dtype = torch.float32
-    ) -> tuple[Tensor, Tensor]:
-        """Interest tokens Z (B, R, D) in `dtype` and their existence mask (B, R) from running sums.
-
-        O(D^3) per user (one batched float64 eigh). Tokens stay valid until the
-        next append, so a server may keep them per user and call `attend_tokens`.
-        """
-        r = self.config.rank
-        device = self.w_q.device
-        with torch.no_grad():
-            gram = torch.stack([st.gram for st in states]).to(device)  # (B, D, D)
-            mass = torch.stack([st.mass for st in states]).to(device)  # (B, D)
-            counts = torch.tensor([st.count for st in states], device=device)  # (B,)
-            lam, e = _top_eigh(gram)  # (B, D), (B, D, D)
-            s = lam[:, :r].clamp_min(0).sqrt()  # (B, R)
-            v = e[:, :, :r]  # (B, D, R)
-            v = v * _canonical_signs(v, mass)[:, None, :]
-        # float64 events anywhere in the batch -> the float64 tolerance; the same
-        # thresholds as the batch path, so both mask the same tokens
-        event_dtype = torch.float64 if any(st.dtype == torch.float64 for st in states) else torch.float32
-        rel_tol = _tolerances(event_dtype, self.config.dim, self.config.gram_dtype).rank
-        return self._tokens(s, v, counts, rel_tol, dtype)
-
-    def attend_tokens(self, queries: Tensor, tokens: Tensor, token_valid: Tensor) -> Tensor:
-        """Compact attention of queries (B, C, D) over given tokens (B, R, D), mask (B, R) -> (B, C, D). O(C R D)."""
-        return _compact_attention(queries, tokens, token_valid, self.w_q, self.w_k, self.w_v)
+    def attend_tokens(self, queries: Tensor, tokens: Tensor) -> Tensor:
+        """Compact attention of queries (B, C, D) over given tokens (B, N, D) -> (B, C, D). O(C N D)."""
+        return _compact_attention(queries, tokens.to(queries.dtype), self.w_q, self.w_k, self.w_v)
 
 
 def _masked_softmax_events(logits: Tensor, lengths: Tensor) -> Tensor:

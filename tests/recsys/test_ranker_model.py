@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from features.config import from_dict
-from features.errors import ConfigError
+from features.core.config import from_dict
+from features.core.errors import ConfigError
 from recsys.data import CAND_KEY, HIST_KEY, FeatureSpec, build_batch, synthetic_batch
 from recsys.models.ranker import (
     HISTORY_ENCODERS,
@@ -166,10 +166,10 @@ def test_candidate_and_history_share_one_table():
     assert len(tables) == 1 and tables[0].feature_names == [HIST_KEY, CAND_KEY]
 
 
-def test_svd_exact_full_rank_equals_reference():
-    """SVD "exact" with R = D is the reference target attention (same weights)."""
+def test_svd_truncated_full_rank_equals_reference():
+    """SVD "truncated" (formerly "exact") with R = D is the reference target attention (same weights)."""
     ref = model_for(small(history_encoder="reference")).eval()
-    svd = model_for(small(history_encoder="svd_exact", svd_rank=8)).eval()
+    svd = model_for(small(history_encoder="svd_truncated", svd_rank=8)).eval()
     renamed = {k.replace("history_encoder.", "history_encoder.attention."): v for k, v in ref.state_dict().items()}
     svd.load_state_dict(renamed)
     batch = batch_of([([1, 2, 3, 4], [5, 6], 0), ([7, 8], [9], 1)])
