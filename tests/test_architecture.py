@@ -75,3 +75,18 @@ def test_kernel_is_the_bottom_of_the_import_graph():
         if name.split(".")[0] in ("recsys", "distill", "features") and not name.startswith("features.core")
     ]
     assert not bad, "features/core must not import the rest of the project:\n" + "\n".join(bad)
+
+
+def test_match_file_and_prefix_declared_only_in_schemas():
+    """`match_features.parquet` and the `mf_` prefix are spelled once, in
+    features/schemas.py; every other module uses the constants."""
+    literals = {"mf_", "match_features.parquet"}
+    bad = [
+        f"{path.relative_to(ROOT)}:{node.lineno} spells {node.value!r}"
+        for package in ("features", "distill", "recsys")
+        for path, tree in _modules(package)
+        if path.relative_to(ROOT).as_posix() != "features/schemas.py"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and node.value in literals
+    ]
+    assert not bad, "use features.schemas.MATCH_FILE / MATCH_PREFIX:\n" + "\n".join(bad)

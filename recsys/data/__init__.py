@@ -22,7 +22,6 @@ from recsys.data.dataset import SPLIT_CODE, DataConfig, RankingData
 from recsys.data.dense import ACTIVITY_FEATURES, COUNT_FEATURES
 from recsys.data.read import resolve_match_path
 
-Batch = RankBatch  # the name recsys.models.ranker still imports
 
 __all__ = [
     "ACTIVITY_FEATURES",
@@ -33,7 +32,6 @@ __all__ = [
     "MATCH_PREFIX",
     "SPLIT_CODE",
     "USER_KEY",
-    "Batch",
     "DataConfig",
     "FeatureSpec",
     "RankBatch",

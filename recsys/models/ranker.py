@@ -52,9 +52,11 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.crossnet import CrossNet
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.mlp import MLP
+
+from features import schemas as S
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from recsys.data import CAND_KEY, HIST_KEY, Batch, FeatureSpec
+from recsys.data import CAND_KEY, HIST_KEY, FeatureSpec, RankBatch
 from recsys.modules.reference_attention import TargetAttention
 from recsys.modules.svd_attention import SVDAttention, SVDAttentionConfig
 
@@ -125,9 +127,9 @@ class RankerConfig:
         if self.use_distilled_embeddings not in DISTILLED_MODES:
             raise ValueError(f"use_distilled_embeddings must be one of {DISTILLED_MODES}, "
                              f"got {self.use_distilled_embeddings!r}")
-        bad = [c for c in self.match_columns if not c.startswith("mf_")]
+        bad = [c for c in self.match_columns if not c.startswith(S.MATCH_PREFIX)]
         if bad:
-            raise ValueError(f"match_columns must start with 'mf_', got {bad[0]!r}")
+            raise ValueError(f"match_columns must start with {S.MATCH_PREFIX!r}, got {bad[0]!r}")
         if self.over_arch not in OVER_ARCHS:
             raise ValueError(f"over_arch must be one of {OVER_ARCHS}, got {self.over_arch!r}")
         if self.lt_tower not in LT_TOWERS:
@@ -217,7 +219,7 @@ def _pca_init(pretrained: Tensor, dim: int, std: float) -> Tensor:
 
 
 class Ranker(nn.Module):
-    """Two-head ranker over a `Batch`; returns logits (see module docstring).
+    """Two-head ranker over a `RankBatch`; returns logits (see module docstring).
 
     Args:
         config: RankerConfig.
@@ -314,7 +316,7 @@ class Ranker(nn.Module):
         frozen = self.distilled_projection(self.distilled[uniq])  # (U, D)
         return self.learned_projection(learned) + frozen[inverse]  # (n, D)
 
-    def forward(self, batch: Batch) -> RankerOutput:
+    def forward(self, batch: RankBatch) -> RankerOutput:
         seq = batch.sequence_features
         emb = self.item_embeddings(seq)  # {"hist_item", "cand_item"} JaggedTensors
         hist_jt, cand_jt = emb[HIST_KEY], emb[CAND_KEY]
@@ -386,7 +388,7 @@ class RankerTrain(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch) -> tuple[Tensor, RankerLosses]:
+    def forward(self, batch: RankBatch) -> tuple[Tensor, RankerLosses]:
         out = self.model(batch)
         cfg = self.model.config
         click = nn.functional.binary_cross_entropy_with_logits(out.click, batch.labels)
