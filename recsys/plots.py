@@ -16,13 +16,13 @@ PosixPath('/tmp/curves.png')
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from features.core.manifest import atomic_file
 
 SPLIT_PREFIXES = ("train", "val", "valid", "test", "eval")
 DPI = 110
@@ -41,13 +41,8 @@ def _figure(width: float, height: float) -> Any:
 def _save(fig: Any, path: str | Path) -> Path:
     """Write `fig` as PNG under a temp name in the target folder, then rename."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_file(out) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

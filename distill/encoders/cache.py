@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+from features.core.manifest import atomic_file, write_parquet
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "recsys-plugin" / "encoders"
 
@@ -87,10 +88,8 @@ class EmbeddingCache:
         if old.height and old["embedding"].list.len().max() != vectors.shape[1]:
             old = old.clear()  # another model version wrote a different dim
         df = pl.concat([old, new]).unique("key", keep="last", maintain_order=True)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        df.write_parquet(tmp, compression="zstd", compression_level=1)
-        os.replace(tmp, self.path)
+        with atomic_file(self.path) as tmp:
+            write_parquet(df, tmp)
 
 
 @dataclass

@@ -14,7 +14,7 @@ def _check_png(path, expected):
     assert path == expected
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 1000
-    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []  # no temp left behind
+    assert [p.name for p in path.parent.iterdir() if ".tmp" in p.name] == []  # no temp left behind
 
 
 def test_training_curves(tmp_path):
