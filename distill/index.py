@@ -17,30 +17,13 @@ Shape legend:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
+from distill.config import IndexConfig
+
 GPU_MAX_K = 2048  # faiss GPU search cannot return more per query
 _GPU_RESOURCES: list = []
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """Which faiss index serves retrieval (section `distill.index`)."""
-
-    kind: Literal["flat", "ivf", "hnsw"] = "flat"  # flat: exact; ivf/hnsw: approximate, for large catalogs
-    nlist: int = 1024  # ivf: coarse clusters (capped at N/39 so training has enough points)
-    nprobe: int = 32  # ivf: clusters visited per query
-    hnsw_m: int = 32  # hnsw: graph degree
-    ef_construction: int = 80  # hnsw: build-time beam
-    ef_search: int = 128  # hnsw: query-time beam
-    use_gpu: bool = True  # only honoured when faiss.get_num_gpus() > 0
-
-    def __post_init__(self) -> None:
-        if min(self.nlist, self.nprobe, self.hnsw_m, self.ef_construction, self.ef_search) < 1:
-            raise ValueError("index: nlist, nprobe, hnsw_m, ef_construction, ef_search must be >= 1")
 
 
 def gpu_available() -> bool:

@@ -31,104 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill.config import LOSSES, DistillConfig
 from distill.early_stopping import BestOnValid, check_finite
 from distill.evaluate import ColdStartData
-from distill.index import IndexConfig
 from distill.losses import Temperature, i2i_loss, id2i_loss, s2i_loss
-from distill.student import ContentSpec, ContentTensors, Student, StudentConfig
+from distill.student import ContentSpec, ContentTensors, Student
 from features.core.errors import DataError
 from features.core.tracker import NullTracker, Tracker
-
-LOSSES = ("s2i", "id2i", "i2i")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Pipeline section `distill`: the student, its losses, training, protocol."""
-
-    student: StudentConfig = field(default_factory=StudentConfig)  # the student's architecture (distill/student.py)
-    # losses (each can be switched off for ablations; at least one must stay on)
-    use_s2i: bool = True  # L_s2i: recent positives (mean of their z) -> next positive, InfoNCE
-    use_id2i: bool = True  # L_id2i: 1 - cos(P_k z, teacher k's item vector) per ID teacher
-    use_i2i: bool = True  # L_i2i: InfoNCE on item pairs liked by the same user (auxiliary)
-    w_s2i: float = 1.0  # weight of L_s2i
-    w_id2i: float = 3.0  # weight of L_id2i (3 beat 1 on ML-100K valid cold recall)
-    w_i2i: float = 0.5  # weight of L_i2i
-    id2i_teachers: tuple[str, ...] = ("id2item", "seq2item")  # teacher tables L_id2i distills
-    matryoshka_dims: tuple[int, ...] = (16, 32)  # prefixes of z that also get the losses below
-    matryoshka_losses: tuple[str, ...] = ("s2i", "i2i", "id2i")  # which losses also run on the prefixes
-    temperature: float = 0.07  # initial InfoNCE temperature (learned)
-    logq_correction: bool = True  # subtract log item frequency from in-batch logits (popularity-bias correction)
-    query_len: int = 10  # recent positives averaged into a query (train and eval)
-    i2i_window: int = 5  # L_i2i pairs: positives at most this far apart in a user's sequence
-    # optimisation
-    epochs: int = 10  # at most; early stopping on valid picks the epoch kept
-    patience: int = 2  # epochs without a better valid score before stopping (0: never)
-    lr: float = 2e-3  # AdamW learning rate
-    weight_decay: float = 1e-5  # AdamW weight decay
-    batch_size: int = 512  # s2i examples per step (in-batch negatives); i2i pairs: half as many
-    # protocol and evaluation
-    holdout_frac: float = 0.2  # share of items with train events held out as cold
-    history_len: int = 50  # most recent positives kept per impression (>= query_len)
-    select_k: int = 50  # valid Recall@select_k drives early stopping
-    eval_ks: tuple[int, ...] = (10, 50, 100)  # Recall@k reported on test
-    index: IndexConfig = field(default_factory=IndexConfig)  # faiss index for retrieval (distill/index.py)
-    ablations: bool = True  # evaluation also trains one student per loss switched off (the pipeline's distill stage)
-    diag_k: int = 10  # top-k of the neighbour-overlap diagnostic
-    diag_clusters: int = 20  # k-means clusters of the NMI diagnostic
-    # content encoding
-    n_buckets: int = 10  # quantile buckets per numeric item field
-    max_empty_text_share: float = 0.5  # refuse items whose text is null or blank for more than this share (a warning below it)
-    cache_dir: str = ""  # encoder cache; "" = $RECSYS_CACHE_DIR/encoders or ~/.cache/recsys-plugin/encoders
-    progress: bool = True  # tqdm bars
-    threads: int = 1  # torch threads while training/evaluating (tiny models: 1 avoids OpenMP sync cost; 0 = torch default)
-    seed: int | None = None  # None: the pipeline's `seed` (0 when called as a library)
-
-    def __post_init__(self) -> None:
-        if not (self.use_s2i or self.use_id2i or self.use_i2i):
-            raise ValueError("distill: switch on at least one loss (use_s2i, use_id2i, use_i2i)")
-        if min(self.w_s2i, self.w_id2i, self.w_i2i) < 0:
-            raise ValueError("distill: loss weights must be >= 0")
-        if any(d < 1 or d >= self.student.dim for d in self.matryoshka_dims):
-            raise ValueError(f"distill: matryoshka_dims must be in [1, student.dim={self.student.dim})")
-        if set(self.matryoshka_losses) - set(LOSSES):
-            raise ValueError(f"distill: matryoshka_losses must be a subset of {list(LOSSES)}")
-        unknown = set(self.id2i_teachers) - {"id2item", "seq2item"}
-        if unknown or (self.use_id2i and not self.id2i_teachers):
-            raise ValueError("distill: id2i_teachers must be a non-empty subset of ['id2item', 'seq2item']")
-        if self.query_len < 1 or self.history_len < self.query_len:
-            raise ValueError("distill: need 1 <= query_len <= history_len")
-        if not 0 <= self.holdout_frac < 1:
-            raise ValueError("distill: holdout_frac must be in [0, 1)")
-        if not self.eval_ks or min(self.eval_ks) < 1 or self.select_k < 1:
-            raise ValueError("distill: eval_ks and select_k must be >= 1")
-        if self.threads < 0:
-            raise ValueError("distill: threads must be >= 0 (0: torch default)")
-        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.patience < 0 or self.i2i_window < 1:
-            raise ValueError("distill: need epochs >= 1, batch_size >= 2, lr > 0, patience >= 0, i2i_window >= 1")
-        if not 0.01 <= self.temperature <= 1.0:
-            raise ValueError("distill: temperature must be in [0.01, 1]")
-        if self.weight_decay < 0:
-            raise ValueError("distill: weight_decay must be >= 0")
-        if min(self.diag_k, self.diag_clusters, self.n_buckets) < 1:
-            raise ValueError("distill: diag_k, diag_clusters and n_buckets must be >= 1")
-        if not 0 <= self.max_empty_text_share <= 1:
-            raise ValueError("distill: max_empty_text_share must be in [0, 1]")
-
-    def ablation(self, loss: str) -> "DistillConfig":
-        """This config with one loss switched off."""
-        import dataclasses
-
-        return dataclasses.replace(self, **{f"use_{loss}": False})
-
-    def training_key(self) -> dict:
-        """The keys that change the trained student (eval-only keys dropped)."""
-        from features.core.config import to_dict
-
-        d = to_dict(self)
-        for k in ("eval_ks", "index", "diag_k", "diag_clusters", "cache_dir", "progress", "threads", "max_empty_text_share"):
-            d.pop(k)
-        return d
 
 
 @dataclass

@@ -55,8 +55,8 @@ class PathsConfig:
 SECTIONS: dict[str, str] = {
     "features": "features.jobs.config:FeaturesConfig",
     "match": "features.match.config:MatchConfig",
-    "teachers": "distill.teachers:TeachersConfig",
-    "distill": "distill.train:DistillConfig",
+    "teachers": "distill.config:TeachersConfig",
+    "distill": "distill.config:DistillConfig",
     "ranker": "recsys.models.ranker:RankerConfig",
     "train": "recsys.train.config:TrainConfig",
     "lightgbm": "recsys.models.lightgbm_ranker:LightGBMConfig",

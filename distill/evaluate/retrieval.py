@@ -34,7 +34,8 @@ import numpy as np
 
 from distill.evaluate.cold_start import Impressions
 from distill.evaluate.metrics import recall_at_k
-from distill.index import IndexConfig, build_index, search_excluding
+from distill.config import IndexConfig
+from distill.index import build_index, search_excluding
 from features.core.numeric import l2_normalise
 
 GROUPS = ("warm", "cold", "all")

@@ -20,7 +20,7 @@ from distill.jobs.inputs import DistillInputs, load_inputs, with_seed
 from distill.jobs.student import ensure_student, teacher_fingerprints
 from distill.jobs.teachers import ensure_teachers
 from distill.teachers import TeachersConfig
-from distill.train import LOSSES, DistillConfig
+from distill.config import LOSSES, DistillConfig
 from features.core.config import config_hash, flatten, to_dict
 from features.core.manifest import is_up_to_date, read_manifest
 from features.core.numeric import json_safe, torch_threads

@@ -15,7 +15,7 @@ import polars as pl
 from distill import evaluate as E
 from distill.encoders import ContentFeatures, build_content, default_cache_dir, empty_texts
 from distill.jobs.artifacts import FEATURES_JOB
-from distill.train import DistillConfig
+from distill.config import DistillConfig
 from features import schemas as S
 from features.core.errors import DataError, SchemaError, UsageError
 from features.core.manifest import read_manifest

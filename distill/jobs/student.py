@@ -43,7 +43,8 @@ def teacher_fingerprints(res: JobResult) -> dict[str, str]:
 
 
 def _build_student(state: dict[str, Any]):
-    from distill.student import ContentSpec, Student, StudentConfig
+    from distill.config import StudentConfig
+    from distill.student import ContentSpec, Student
 
     cfg = StudentConfig(**state["config"])
     student = Student(cfg, ContentSpec(**state["spec"]), dict(state["teacher_dims"]), tuple(state["matryoshka_dims"]))

@@ -21,7 +21,7 @@ from distill.jobs.artifacts import (
 )
 from distill.jobs.inputs import DistillInputs, load_inputs, with_seed
 from distill.teachers import ID2ItemTeacher, Seq2ItemTeacher, TeachersConfig
-from distill.train import DistillConfig
+from distill.config import DistillConfig
 from features.core.config import config_hash, flatten, to_dict
 from features.core.fingerprint import file_fingerprint
 from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet

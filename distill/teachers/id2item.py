@@ -14,37 +14,17 @@ Shape legend:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distill.config import ID2ItemConfig
 from distill.teachers.fit import EpochPlan, fit_teacher
 from features.core.errors import DataError
 from features.core.tracker import NullTracker, Tracker
-
-
-@dataclass(frozen=True)
-class ID2ItemConfig:
-    """Section `teachers.id2item`."""
-
-    dim: int = 64  # user and item embedding size
-    loss: Literal["bpr", "sampled_softmax"] = "sampled_softmax"  # ML-100K valid R@50: 0.508 vs bpr 0.501
-    num_negatives: int = 256  # sampled softmax: shared uniform negatives per batch
-    epochs: int = 30  # at most; early stopping on valid warm Recall@select_k
-    patience: int = 2  # epochs without a better valid score before stopping (0: never stop early)
-    lr: float = 0.01  # Adam learning rate
-    l2: float = 1e-5  # penalty on the embedding rows used in a batch
-    batch_size: int = 1024  # (user, positive item) pairs per step
-    init_std: float = 0.05  # std of the normal initial table rows
-
-    def __post_init__(self) -> None:
-        if self.dim < 1 or self.epochs < 1 or self.batch_size < 1 or self.num_negatives < 1:
-            raise ValueError("id2item: dim, epochs, batch_size, num_negatives must be >= 1")
-        if self.lr <= 0 or self.l2 < 0 or self.init_std <= 0 or self.patience < 0:
-            raise ValueError("id2item: need lr > 0, l2 >= 0, init_std > 0, patience >= 0")
 
 
 _HINT = "lower teachers.id2item.lr (or init_std)"

@@ -19,46 +19,20 @@ Shape legend:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.config import Seq2ItemConfig
 from distill.teachers.fit import EpochPlan, fit_teacher
 from features.core.errors import DataError
 from features.core.tracker import NullTracker, Tracker
 
 _HINT = "lower teachers.seq2item.lr (or init_std)"
-
-
-@dataclass(frozen=True)
-class Seq2ItemConfig:
-    """Section `teachers.seq2item`."""
-
-    encoder: Literal["mean", "transformer"] = "mean"  # chosen on valid (ML-100K: mean 0.47 vs transformer 0.41 R@50, 4x cheaper)
-    dim: int = 64  # item and state size
-    n_layers: int = 3  # transformer blocks
-    n_heads: int = 2  # transformer attention heads (dim must be divisible)
-    max_len: int = 20  # most recent positives the encoder sees
-    dropout: float = 0.2  # on embeddings and inside the transformer blocks
-    num_negatives: int = 256  # shared uniform negatives per batch (>= known items: full softmax)
-    epochs: int = 30  # at most; early stopping on valid warm Recall@select_k
-    patience: int = 2  # epochs without a better valid score before stopping (0: never)
-    lr: float = 1e-2  # Adam learning rate
-    init_std: float = 0.05  # item tables
-    batch_size: int = 128  # windows per batch
-    tie_weights: bool = False  # share input and output item tables
-
-    def __post_init__(self) -> None:
-        if min(self.dim, self.n_layers, self.n_heads, self.max_len, self.num_negatives, self.epochs, self.batch_size) < 1:
-            raise ValueError("seq2item: dim, n_layers, n_heads, max_len, num_negatives, epochs, batch_size must be >= 1")
-        if self.dim % self.n_heads:
-            raise ValueError(f"seq2item: dim {self.dim} must be divisible by n_heads {self.n_heads}")
-        if not 0 <= self.dropout < 1 or self.lr <= 0 or self.patience < 0 or self.init_std <= 0:
-            raise ValueError("seq2item: need dropout in [0, 1), lr > 0, patience >= 0, init_std > 0")
 
 
 class SeqEncoder(nn.Module):
