@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from features import schemas as S
-from features.core.errors import DataError, SchemaError
+from features.core.errors import DataError, SchemaError, UsageError
 
 # declared columns of each file a reader may ask for; match features are the
 # keys plus any number of numeric `mf_` columns
@@ -133,3 +133,15 @@ __all__ = [
     "read_parquet",
     "read_table",
 ]
+
+
+def existing_match_file(location: str | Path, *, key: str = "match features", switch: str = "data.use_match_features") -> Path:
+    """The match-features parquet of `location` (a .parquet path, or a folder
+    written by `recsys features match`); UsageError (exit 2) naming `key`
+    when it does not exist: a requested input that is absent is never a quiet
+    run without it. `switch` names the config key that turns them off."""
+    f = S.match_file(location)
+    if not f.is_file():
+        where = f"{location} does not exist" if not Path(location).exists() else f"{location} holds no {S.MATCH_FILE}"
+        raise UsageError(f"{key}: {where}; run `recsys features match` to build it, or set {switch}: false")
+    return f

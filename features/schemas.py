@@ -16,11 +16,13 @@ and by `recsys features match` into its own output directory:
 
 Histories are jagged and stored once per user: the history of an impression is
 `sequences.item_ids[hist_end - hist_len : hist_end]` of its user (all events
-strictly earlier in time, capped at `max_history`), and its positive history is
+strictly earlier in time, capped at `features.history_cap`), and its positive history is
 `sequences.pos_item_ids[pos_hist_end - pos_hist_len : pos_hist_end]`.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import polars as pl
 
@@ -36,9 +38,9 @@ SPLIT = "split"
 EVENT_IDX = "event_idx"  # position in global (timestamp, user_id, item_id) order
 DAY = "day"  # floor((timestamp + day offset) / 86400); the offset defaults per source
 HIST_END = "hist_end"  # user's events strictly earlier than this one
-HIST_LEN = "hist_len"  # min(hist_end, max_history)
+HIST_LEN = "hist_len"  # min(hist_end, history_cap)
 POS_HIST_END = "pos_hist_end"  # user's positive events strictly earlier
-POS_HIST_LEN = "pos_hist_len"  # min(pos_hist_end, max_history)
+POS_HIST_LEN = "pos_hist_len"  # min(pos_hist_end, history_cap)
 ITEM_POP = "item_pop"  # events on this item (any user) strictly earlier
 RETURNED_1D = "returned_1d"  # user has an event on day + 1
 ACTIVE_DAYS_7 = "active_days_7"  # distinct days with an event in day+1 .. day+7
@@ -111,8 +113,19 @@ USERS_BASE_SCHEMA = pl.Schema({USER_ID: pl.Int64})
 
 # --- match_features.parquet (features.match) -----------------------------------
 MATCH_FILE = "match_features.parquet"
+# --- what every ranker run writes (recsys rank train, recsys baseline lightgbm) -------
+PREDICTIONS_FILE = "predictions.parquet"  # one row per test impression: keys, label, score, lt_score, LT labels
+METRICS_FILE = "metrics.json"  # test and valid metrics; null ones have their reason under "reasons"
 MATCH_PREFIX = "mf_"  # every match-feature column starts with it
 MATCH_KEYS = (USER_ID, ITEM_ID, TIMESTAMP)  # row keys, in interactions order
+
+
+def match_file(location: str | Path) -> Path:
+    """The match-features parquet of a location: a .parquet path as is, a
+    folder written by `recsys features match` -> folder/match_features.parquet."""
+    p = Path(location)
+    return p if p.suffix == ".parquet" else p / MATCH_FILE
+
 
 FILES = {
     "interactions": "interactions.parquet",

@@ -295,8 +295,8 @@ class SyntheticConfig:
 
     users: int = 1000  # number of users
     items: int = 2000  # number of items
-    max_history: int = 200  # longest per-user event sequence
-    min_history: int = 0  # shortest; 0 means max(5, max_history // 10)
+    max_events: int = 200  # longest per-user event sequence
+    min_events: int = 0  # shortest; 0 means max(5, max_events // 10)
     rank: int = 16  # planted factor dimension
     days: int = 120  # time span of the data
     popularity_exponent: float = 1.0  # Zipf exponent of item popularity
@@ -306,10 +306,10 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if self.users < 1 or self.items < 2:
             raise ValueError("synthetic: need users >= 1 and items >= 2")
-        if self.max_history < 1:
-            raise ValueError("synthetic: max_history must be >= 1")
-        if self.min_history < 0 or self.min_history > self.max_history:
-            raise ValueError("synthetic: need 0 <= min_history <= max_history")
+        if self.max_events < 1:
+            raise ValueError("synthetic: max_events must be >= 1")
+        if self.min_events < 0 or self.min_events > self.max_events:
+            raise ValueError("synthetic: need 0 <= min_events <= max_events")
         if self.rank < 1 or self.rank > len(_WORDS) // 2:
             raise ValueError(f"synthetic: rank must be in 1..{len(_WORDS) // 2}")
         if self.days < 2:
@@ -331,9 +331,9 @@ def generate_synthetic(cfg: SyntheticConfig) -> tuple[RawSource, pl.DataFrame]:
     user_f = rng.standard_normal((cfg.users, k)) / np.sqrt(k)  # (U, k)
     pop_rank = rng.permutation(cfg.items)
     log_pop = -cfg.popularity_exponent * np.log1p(pop_rank)  # (I,)
-    lo = cfg.min_history or max(1, min(5, cfg.max_history), cfg.max_history // 10)
-    lengths = np.exp(rng.uniform(np.log(lo), np.log(cfg.max_history + 1), cfg.users)).astype(np.int64)
-    lengths = np.clip(lengths, lo, cfg.max_history)
+    lo = cfg.min_events or max(1, min(5, cfg.max_events), cfg.max_events // 10)
+    lengths = np.exp(rng.uniform(np.log(lo), np.log(cfg.max_events + 1), cfg.users)).astype(np.int64)
+    lengths = np.clip(lengths, lo, cfg.max_events)
 
     users_col, items_col, ts_col, rating_col = [], [], [], []
     t0 = 883_612_800  # 1998-01-01 UTC

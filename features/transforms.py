@@ -110,7 +110,7 @@ def add_split_leave_last_out(lf: pl.LazyFrame) -> pl.LazyFrame:
     return lf.with_columns(split.alias(S.SPLIT))
 
 
-def add_history_offsets(lf: pl.LazyFrame, max_history: int) -> pl.LazyFrame:
+def add_history_offsets(lf: pl.LazyFrame, history_cap: int) -> pl.LazyFrame:
     """hist_end / pos_hist_end: how many of the user's events (positive events)
     are strictly earlier than this one. Ties in time share one value, so events
     of the same second never see each other (no leakage inside a batch)."""
@@ -123,8 +123,8 @@ def add_history_offsets(lf: pl.LazyFrame, max_history: int) -> pl.LazyFrame:
         hist_end.cast(pl.Int32).alias(S.HIST_END),
         pos_end.cast(pl.Int32).alias(S.POS_HIST_END),
     ).with_columns(
-        pl.col(S.HIST_END).clip(upper_bound=max_history).alias(S.HIST_LEN),
-        pl.col(S.POS_HIST_END).clip(upper_bound=max_history).alias(S.POS_HIST_LEN),
+        pl.col(S.HIST_END).clip(upper_bound=history_cap).alias(S.HIST_LEN),
+        pl.col(S.POS_HIST_END).clip(upper_bound=history_cap).alias(S.POS_HIST_LEN),
     )
 
 

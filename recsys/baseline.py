@@ -31,16 +31,19 @@ import polars as pl
 from features import schemas as S
 from features.core.config import config_hash, flatten, to_dict
 from features.core.errors import ConfigError, DataError, SchemaError, UsageError
-from features.core.manifest import atomic_outputs, atomic_write_text, read_manifest, write_manifest, write_parquet
+from features.core.fingerprint import file_fingerprint
+from features.core.manifest import atomic_outputs, atomic_write_text, folder_fingerprint, write_manifest, write_parquet
+from features.core.provenance import stage_key
 from features.core.numeric import json_safe
 from features.core.tracker import NullTracker, Tracker
 from features.reader import read_table
 from features.schemas import MATCH_FILE, MATCH_KEYS, MATCH_PREFIX
 from recsys import plots
-from recsys.models.lightgbm_ranker import LightGBMConfig, LightGBMRanker, add_rate_features
+from recsys.config.sections import LightGBMConfig
+from recsys.models.lightgbm_ranker import LightGBMRanker, add_rate_features
 
-PREDICTIONS = "predictions.parquet"
-METRICS_FILE = "metrics.json"
+JOB = "baseline.lightgbm"
+PREDICTIONS, METRICS_FILE = S.PREDICTIONS_FILE, S.METRICS_FILE
 IMPORTANCE_PNG = "feature_importance.png"
 PREDICTION_COLUMNS = [
     S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.LABEL, "score", "lt_score", S.RETURNED_1D, S.ACTIVE_DAYS_7,
@@ -99,30 +102,32 @@ def _metrics(
     frame: pl.DataFrame, score: np.ndarray, lt_score: np.ndarray | None, reasons: dict[str, str], prefix: str = "",
     lt_missing: str = "",
 ) -> dict[str, float]:
-    """Test (or `prefix`ed valid) metrics; each NaN one gets its reason in
-    `reasons` (e.g. "no observed LT rows"). `lt_missing`: why there is no LT model."""
-    from recsys.eval.metrics import METRICS, compute, nan_reason
+    """Test (or `prefix`ed valid) metrics from `recsys.eval.metrics.evaluate_predictions`;
+    each NaN one gets its reason in `reasons`. `lt_missing`: why there is no LT model."""
+    from recsys.eval.metrics import METRICS, evaluate_predictions
 
-    users = frame[S.USER_ID].to_numpy()
-    y = frame[S.LABEL].to_numpy()
-    out = {}
-    for m in ("auc", "gauc", "logloss"):
-        out[f"{prefix}{m}"] = compute(METRICS[m], users, y, score)
-        if not math.isfinite(out[f"{prefix}{m}"]):
-            reasons[f"{prefix}{m}"] = nan_reason(METRICS[m].kind, y, score, S.LABEL)
-    obs = frame[S.LT_OBSERVED].to_numpy()
-    for m in ("lt_auc", "lt_spearman"):
-        metric, key = METRICS[m], f"{prefix}{m}"
-        if lt_score is None or not obs.any():
-            out[key] = float("nan")
-            reasons[key] = lt_missing if lt_score is None else \
-                f"no observed LT rows ({S.LT_OBSERVED} is false on all {frame.height} rows)"
-            continue
-        truth = frame[metric.label].to_numpy()[obs]
-        out[key] = compute(metric, users[obs], truth, lt_score[obs])
-        if not math.isfinite(out[key]):
-            reasons[key] = nan_reason(metric.kind, truth, lt_score[obs], metric.label)
-    return out
+    pred = frame.select(S.USER_ID, S.LABEL, S.RETURNED_1D, S.ACTIVE_DAYS_7, S.LT_OBSERVED, S.HIST_LEN).with_columns(
+        pl.Series("score", score, dtype=pl.Float64),
+        pl.Series("lt_score", lt_score if lt_score is not None else np.zeros(frame.height), dtype=pl.Float64),
+    )
+    ev = evaluate_predictions(pred)
+    for name, why in ev["reasons"].items():
+        reasons[f"{prefix}{name}"] = lt_missing if lt_score is None and METRICS[name].score == "lt_score" else why
+    if lt_score is None:
+        for name, metric in METRICS.items():
+            if metric.score == "lt_score":
+                ev[name] = float("nan")
+                reasons[f"{prefix}{name}"] = lt_missing
+    return {f"{prefix}{name}": ev[name] for name in METRICS}
+
+
+def lightgbm_key(features_dir: str | Path, match: str | Path | None, cfg: LightGBMConfig) -> dict[str, Any]:
+    """The manifest key of a LightGBM run: its config, the features' and the
+    match file's fingerprints, the plugin's code."""
+    up = {"features": folder_fingerprint(features_dir)}
+    if match is not None:
+        up["match_features"] = file_fingerprint(S.match_file(match))
+    return stage_key(JOB, {"config": to_dict(cfg)}, up)
 
 
 def run_lightgbm(
@@ -133,6 +138,7 @@ def run_lightgbm(
     tracker: Tracker | None = None,
     *,
     log: Callable[[str], None] = print,
+    key: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train on train, early-stop on valid, score test; write metrics.json,
     predictions.parquet, feature_importance.png (+ manifest.json) to `out_dir`
@@ -188,11 +194,7 @@ def run_lightgbm(
         te[S.ACTIVE_DAYS_7],
         te[S.LT_OBSERVED],  # lt metrics use the observed rows only
     )
-    fm = read_manifest(features_dir) or {}
-    upstream = {"interactions": fm.get("outputs", {}).get(S.FILES["interactions"], {}).get("fingerprint", "")}
-    if mcols:
-        mm = read_manifest(match_dir) or {}
-        upstream["match_features"] = mm.get("outputs", {}).get(MATCH_FILE, {}).get("fingerprint", "")
+    key = key or lightgbm_key(features_dir, match_dir if mcols else None, cfg)
     out = Path(out_dir)
     with atomic_outputs(out) as tmp:
         write_parquet(preds, tmp / PREDICTIONS)
@@ -201,8 +203,8 @@ def run_lightgbm(
         plots.feature_importance(imp, tmp / IMPORTANCE_PNG, title=f"LightGBM gain ({'with' if mcols else 'without'} match features)")
         write_manifest(
             tmp,
-            job="recsys.baseline.lightgbm",
-            key={"config_hash": config_hash(cfg), "upstream": upstream},
+            job=JOB,
+            key=key,
             outputs=[PREDICTIONS],
             extra={"config": to_dict(cfg), "features": features, "importance_gain": imp, "metrics": json_safe(metrics)},
         )

@@ -143,11 +143,11 @@ def load_experiment(path: str | Path, seeds: tuple[int, ...] | None = None) -> L
     if not baseline_path.is_file():
         raise ConfigError(f"{path}: baseline {spec.baseline!r} not found (looked for {baseline_path})")
     baseline = load_mapping(baseline_path)
-    PipelineConfig(baseline, where=str(baseline_path))
+    PipelineConfig.from_mapping(baseline, where=str(baseline_path))
     arm_configs = {}
     for arm in spec.arms:
         merged = deep_merge(baseline, arm.delta)
         if "name" not in arm.delta:
             merged["name"] = f"{spec.experiment}/{arm.name}"
-        arm_configs[arm.name] = PipelineConfig(merged, where=f"{path}: arm {arm.name!r} (baseline + delta)")
+        arm_configs[arm.name] = PipelineConfig.from_mapping(merged, where=f"{path}: arm {arm.name!r} (baseline + delta)")
     return LoadedExperiment(spec, path, baseline_path, baseline, arm_configs)

@@ -42,6 +42,6 @@ def synthetic_features(tmp_path_factory):
     from features.sources import SyntheticConfig
 
     out = tmp_path_factory.mktemp("synthetic") / "features"
-    cfg = FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=300, items=400, max_history=120, seed=3))
+    cfg = FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=300, items=400, max_events=120, seed=3))
     build_features(cfg, out, log=lambda _m: None)
     return out

@@ -9,6 +9,7 @@ name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -54,9 +55,31 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def outputs_fingerprint(manifest: Mapping[str, Any] | None) -> str:
+    """One fingerprint of a manifest's outputs ("" when it lists none)."""
+    outputs = (manifest or {}).get("outputs") or {}
+    if not outputs:
+        return ""
+    h = hashlib.blake2b(digest_size=16)
+    for name, info in sorted(outputs.items()):
+        h.update(f"{name}:{info.get('fingerprint')}".encode())
+    return h.hexdigest()
+
+
+def folder_fingerprint(location: str | Path) -> str:
+    """Content fingerprint of a stage's output: a file's own, or a folder's
+    manifest outputs' ("" when the folder has no manifest)."""
+    p = Path(location)
+    return file_fingerprint(p) if p.is_file() else outputs_fingerprint(read_manifest(p))
+
+
 def is_up_to_date(folder: str | Path, key: Mapping[str, Any], *, verify_outputs: bool = True) -> bool:
-    """True when the folder's manifest was made from the same `key` (job,
-    version, config hash, upstream fingerprints) and its outputs are intact."""
+    """True when the folder's manifest was made from the same `key` (a
+    `features.core.provenance.stage_key`: stage, params, plugin code,
+    upstream fingerprints) and its outputs are intact. A key whose code is
+    unknown (`code_hash` "") never matches: unknown code is never reused."""
+    if "code_hash" in key and not key["code_hash"]:
+        return False
     m = read_manifest(folder)
     if m is None or m.get("key") != json.loads(json.dumps(key, sort_keys=True, default=str)):
         return False

@@ -16,8 +16,8 @@ import polars as pl
 
 from features import schemas as S
 from features import transforms as T
-from features.core.config import config_hash
 from features.core.errors import DataError, UsageError
+from features.core.provenance import stage_key
 from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
 from features.core.paths import check_output
 from features.jobs.config import JOB, JOB_VERSION, FeaturesConfig
@@ -117,14 +117,10 @@ def build_features(
     check_output(out, {"interactions": cfg.interactions, "items": cfg.items})
     source, truth = loaded if loaded is not None else load_source(cfg)
     tables = {"interactions": source.interactions, "items": source.items, "users": source.users}
-    key = {
-        "job": JOB,
-        "version": JOB_VERSION,
-        "config_hash": config_hash(cfg.relevant()),
-        "upstream": {k: t.fingerprint for k, t in tables.items() if t is not None},
-    }
+    key = stage_key(JOB, {"version": JOB_VERSION, "config": cfg.relevant()},
+                    {k: t.fingerprint for k, t in tables.items() if t is not None})
     if not force and is_up_to_date(out, key):
-        log(f"features: {out} is up to date (same config and inputs); skipping")
+        log(f"features: {out} is up to date (same config, inputs and code); skipping")
         return BuildResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0)
 
     inter, bounds = validate_interactions(source.interactions, cfg.timestamp_unit)
@@ -148,7 +144,7 @@ def build_features(
 
     split, lt_limit = _split(events, cfg)
     frame = (
-        split.pipe(T.add_history_offsets, cfg.max_history)
+        split.pipe(T.add_history_offsets, cfg.history_cap)
         .pipe(T.add_item_popularity)
         .pipe(T.add_day, cfg.day_offset)
         .with_columns(lt_limit.alias("__lt_limit"))

@@ -47,7 +47,7 @@ class FeaturesConfig:
     split: Literal["global_time", "leave_last_out"] = "global_time"  # global time cut by event count, or last events per user
     valid_frac: float = 0.1  # global_time: share of events (by count) in valid
     test_frac: float = 0.1  # global_time: share of events (by count) in test (> 0)
-    max_history: int = 10_000  # cap on history length per impression
+    history_cap: int = 10_000  # hist_len = min(events strictly earlier, history_cap): the longest history an impression records
     day_offset_s: int | None = None  # calendar days start at UTC midnight + offset; null: the source's default (movielens100k and movielens1m -36000, else 0)
     on_duplicate: Literal["drop", "error"] = "drop"  # exact duplicate rows
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # synthetic source: generator settings
@@ -60,8 +60,8 @@ class FeaturesConfig:
         if self.split == "global_time" and self.test_frac == 0:
             # with no test share the later rows would still be called "test"
             raise ValueError("test_frac must be > 0 for split global_time (there is no split without a test part)")
-        if self.max_history < 1:
-            raise ValueError("max_history must be >= 1")
+        if self.history_cap < 1:
+            raise ValueError("history_cap must be >= 1")
         if self.day_offset_s is not None and not -86_400 < self.day_offset_s < 86_400:
             raise ValueError("day_offset_s must be within one day (-86400, 86400)")
         if self.source == "files" and not self.interactions:

@@ -18,9 +18,9 @@ import polars as pl
 
 from features import match as M
 from features import schemas as S
-from features.core.config import config_hash
 from features.core.errors import DataError, UsageError
 from features.core.fingerprint import file_fingerprint
+from features.core.provenance import stage_key
 from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
 from features.core.paths import check_output
 from features.match import ItemSpace, MatchConfig
@@ -72,16 +72,12 @@ def _match_key(features_dir: Path, embeddings: Path, cfg: MatchConfig) -> dict[s
         raise UsageError(f"{features_dir} is not a features folder (no manifest); run `recsys features build` first")
     if not embeddings.is_file():
         raise UsageError(f"embeddings file {embeddings} does not exist")
-    return {
-        "job": MATCH_JOB,
-        "version": MATCH_JOB_VERSION,
-        "config_hash": config_hash(cfg.relevant()),
-        "upstream": {
-            "interactions": fm["outputs"][names[0]]["fingerprint"],
-            "sequences": fm["outputs"][names[1]]["fingerprint"],
-            "embeddings": file_fingerprint(embeddings),
-        },
+    upstream = {
+        "interactions": fm["outputs"][names[0]]["fingerprint"],
+        "sequences": fm["outputs"][names[1]]["fingerprint"],
+        "embeddings": file_fingerprint(embeddings),
     }
+    return stage_key(MATCH_JOB, {"version": MATCH_JOB_VERSION, "config": cfg.relevant()}, upstream)
 
 
 def _match_part(

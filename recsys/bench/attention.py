@@ -18,21 +18,21 @@ Rows keep {L, C, D, R, mode, ms, speedup, rel_err, peak_mb} plus "path" and
                        `IncrementalSVDState` (window = L) already holding the
                        history: eigh + tokens + attention, independent of L.
 Timing: each candidate is timed interleaved with the reference (rotating
-order, median of repeats; `interleaved_ms`), because this 2-core machine is
-shared and background load swings within seconds. A group during which other
+order, median of repeats; `common.interleaved_ms`), because on a shared
+machine background load can swing within seconds. A group during which other
 processes used > 10% of the CPU is re-timed (up to 4 tries, 2-6 s apart,
 while the run is under 300 s old), keeping the least contended attempt
-(`timed_quietly`); each row records that fraction as other_load, and goal
-lines flag contended timings. speedup = the interleaved reference median /
+(`common.timed_quietly`); each row records that fraction as other_load, and
+goal lines flag contended timings. speedup = the interleaved reference median /
 the row's ms (also stored as ref_ms). rel_err = ||out - ref|| / ||ref|| on the
 benchmark data (compact is not an approximation of the reference, so its
 rel_err is large by design; truncated's is its truncation error). peak_mb:
 RSS growth during one extra call (PeakRSS); small values are floors.
 
 Allocator: with glibc's defaults each big temporary of the reference (the
-(C, L) logits and weights) is a fresh mmap, and its page faults are about
-half of the reference's time here. `--malloc-keep` measures against that
-faster reference (speedups roughly halve); the JSON records which allocator ran.
+(C, L) logits and weights) is a fresh mmap whose page faults add to the
+reference's time. `--malloc-keep` measures against that faster reference
+(`common.malloc_keep`); the JSON records which allocator ran.
 
 FLOP model (a multiply-add is 2 FLOP; softmax/exp, masking and casts are not
 counted; a symmetric D x D eigh with vectors is counted as 9 D^3):
@@ -43,17 +43,16 @@ counted; a symmetric D x D eigh with vectors is counted as 9 D^3):
 gflops is achieved GFLOP/s of "ms"; matmul_gflops is a plain float32
 (1000 x 64) @ (64 x 10000) matmul measured in the same run, for scale.
 
-Data: an item table (20k x D) with a decaying spectrum (scale k^-1/2 on a random
-rotation, rows ~ unit norm); a history draws L items with Zipf-like popularity
-(repeats included), candidates draw C items uniformly; projections are the
-module's xavier init after seeding.
+Data (`recsys.bench.attention_cases`): an item table (20k x D) with a
+decaying spectrum; histories with Zipf-like popularity, candidates uniform;
+projections are the module's xavier init after seeding.
 
 Truncation table ("truncation" in the JSON): truncated's relative error vs
 the reference on histories from a LOW-RANK-PLUS-NOISE item table (4 strong
 directions + isotropic noise, top-8 of 16 directions holding ~84% of an
-item's energy, close to the 86% measured on the trained ML-100K table in
-issue 14), at the ranker's D = 16, R = 8 and at D = 64, R = 32. It is not a
-trained item table: none ships with the repository.
+item's energy, close to the 86% measured on a trained ML-100K item table),
+at the ranker's D = 16, R = 8 and at D = 64, R = 32. It is not a trained
+item table: none ships with the repository.
 
 Goals (reported with PASS/MISS, never adjusted): compact serving at L=10k,
 C=1000, R=32, factors included >= 50x; compact_incremental (windowed state) at
@@ -63,24 +62,30 @@ L=50k, C=1000, R=32 >= 250x.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import math
-import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from recsys.bench.attention_cases import (
+    compact_fidelity,
+    item_table,
+    rel_err,
+    sample_request,
+    truncation_error,
+)
 from recsys.bench.common import (
     RESULTS_DIR,
-    PeakRSS,
+    loadavg,
     machine_info,
+    malloc_keep,
     matmul_gflops,
+    peak_mb,
     print_table,
+    timed_quietly,
     write_json,
 )
 from recsys.modules.reference_attention import reference_target_attention
@@ -111,177 +116,6 @@ def flops(mode: str, length: int, cands: int, dim: int, rank: int | None) -> flo
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def item_table(n_items: int, dim: int, gen: torch.Generator) -> torch.Tensor:
-    """(n_items, D) embeddings with a decaying spectrum and rows of ~unit norm."""
-    scale = torch.arange(1, dim + 1, dtype=torch.float32).rsqrt()  # (D,)
-    rot, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen))  # (D, D)
-    items = (torch.randn(n_items, dim, generator=gen) * scale) @ rot  # (N, D)
-    return items / scale.square().sum().sqrt()
-
-
-def sample_request(items: torch.Tensor, length: int, cands: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """History (1, L, D) with Zipf-like popularity (repeats happen) and candidates (1, C, D)."""
-    n = items.shape[0]
-    popularity = 1.0 / (torch.arange(n, dtype=torch.float64) + 10.0)  # (N,)
-    hist_ids = torch.multinomial(popularity, length, replacement=True, generator=gen)  # (L,)
-    cand_ids = torch.randint(0, n, (cands,), generator=gen)  # (C,)
-    return items[hist_ids][None], items[cand_ids][None]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300))
-
-
-def compact_fidelity(
-    dim: int, length: int, cands: int, ranks: list[int], gen: torch.Generator
-) -> list[dict[str, Any]]:
-    """Relative error vs the reference, per R, on X with singular values sqrt(L) 2^-k (float64).
-
-    Rows: R, rel_err (compact), rel_err_normalized (compact, normalize_tokens),
-    rel_err_truncated (truncated mode, lossless at R = D).
-    """
-    u, _ = torch.linalg.qr(torch.randn(length, dim, generator=gen, dtype=torch.float64))  # (L, D)
-    v, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))  # (D, D)
-    sv = math.sqrt(length) * 2.0 ** -torch.arange(dim, dtype=torch.float64)  # (D,)
-    x = ((u * sv) @ v.mT)[None]  # (1, L, D)
-    q = torch.randn(1, cands, dim, generator=gen, dtype=torch.float64)  # (1, C, D)
-    lengths = torch.tensor([length])
-    w = [torch.randn(dim, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim) for _ in range(3)]
-    ref = reference_target_attention(x, lengths, q, *w)
-    rows = []
-    for r in ranks:
-        errs = {}
-        for key, mode, norm in (("rel_err", "compact", False), ("rel_err_normalized", "compact", True),
-                                ("rel_err_truncated", "truncated", False)):
-            m = SVDAttention(SVDAttentionConfig(dim=dim, rank=r, mode=mode, normalize_tokens=norm)).double()
-            m.load_state_dict({"w_q": w[0], "w_k": w[1], "w_v": w[2]})
-            with torch.no_grad():
-                errs[key] = rel_err(m(x, lengths, q), ref)
-        rows.append({"R": r, **errs})
-    return rows
-
-
-def low_rank_noise_table(n_items: int, dim: int, strong: int, noise: float, gen: torch.Generator) -> torch.Tensor:
-    """(n_items, D): `strong` unit-variance directions plus isotropic noise of std `noise`, randomly rotated."""
-    scale = torch.full((dim,), noise)  # (D,)
-    scale[:strong] = torch.sqrt(torch.tensor(1.0 + noise**2))
-    rot, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen))  # (D, D)
-    return (torch.randn(n_items, dim, generator=gen) * scale) @ rot  # (N, D)
-
-
-def truncation_error(quick: bool, gen: torch.Generator) -> list[dict[str, Any]]:
-    """Truncated mode's error vs the reference on low-rank-plus-noise histories (float64).
-
-    Per (D, R, L): the median and 90th percentile over users of rel_err, the
-    median fraction of a history's energy in its top R singular values, and
-    the median numerical rank (singular values above 1e-3 s_1).
-    """
-    settings = [(16, 8, 60), (16, 8, 200)] if quick else [(16, 8, 60), (16, 8, 200), (64, 32, 1_000)]
-    users = 8 if quick else 64
-    rows = []
-    for dim, rank, length in settings:
-        items = low_rank_noise_table(2_000, dim, 4, 0.35, gen).double()
-        w = [torch.randn(dim, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim) for _ in range(3)]
-        m = SVDAttention(SVDAttentionConfig(dim=dim, rank=rank, mode="truncated", gram_dtype="float64")).double()
-        m.load_state_dict({"w_q": w[0], "w_k": w[1], "w_v": w[2]})
-        errs, energy, ranks = [], [], []
-        for _ in range(users):
-            x, q = sample_request(items, length, 50, gen)  # (1, L, D), (1, C, D)
-            lengths = torch.tensor([length])
-            with torch.no_grad():
-                errs.append(rel_err(m(x, lengths, q), reference_target_attention(x, lengths, q, *w)))
-            s = torch.linalg.svdvals(x[0])
-            energy.append(float(s[:rank].square().sum() / s.square().sum()))
-            ranks.append(int((s > 1e-3 * s[0]).sum()))
-        errs.sort()
-        rows.append({"D": dim, "R": rank, "L": length, "C": 50, "mode": "truncated", "users": users,
-                     "rel_err": statistics.median(errs), "rel_err_p90": errs[int(0.9 * (len(errs) - 1))],
-                     "energy_top_r": statistics.median(energy), "numerical_rank": statistics.median(ranks),
-                     "data": "low-rank-plus-noise item table (4 strong directions + noise 0.35), not a trained table"})
-    return rows
-
-
-def _peak_mb(fn) -> float:
-    with PeakRSS() as peak:
-        fn()
-    return peak.peak_mb
-
-
-class OtherLoad:
-    """Fraction of the machine's CPU used by OTHER processes while the block runs.
-
-    Busy jiffies from /proc/stat minus this process's own CPU time (os.times),
-    over wall time x cores. Resolution is one jiffy (10 ms), so it is a screen
-    for contended timings, not an accounting figure. None where /proc is absent.
-    """
-
-    def _read(self) -> tuple[float, float, float] | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except OSError:
-            return None
-        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
-        own = os.times()
-        return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.perf_counter()
-
-    def __enter__(self) -> "OtherLoad":
-        self._start = self._read()
-        self.fraction: float | None = None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        end = self._read()
-        if self._start is None or end is None:
-            return
-        wall = max(end[2] - self._start[2], 1e-9)
-        other = (end[0] - self._start[0]) - (end[1] - self._start[1])
-        self.fraction = max(0.0, other / (wall * (os.cpu_count() or 1)))
-
-
-def timed_quietly(
-    fns: list[Callable[[], Any]], repeats: int, tries: int, max_other: float = 0.1
-) -> tuple[list[float], float | None]:
-    """`interleaved_ms`, retried up to `tries` times while other processes load the CPU.
-
-    Returns the medians of the least-contended attempt and its other-load
-    fraction. With 2 OpenMP threads on 2 shared cores, one busy neighbour can
-    stall every parallel region, inflating small ops far more than big ones.
-    """
-    best: tuple[list[float], float | None] | None = None
-    for attempt in range(max(1, tries)):
-        if attempt:
-            time.sleep(2.0 * attempt)  # let a neighbour's burst pass
-        with OtherLoad() as load:
-            medians = interleaved_ms(fns, repeats)
-        if best is None or (load.fraction is not None and (best[1] is None or load.fraction < best[1])):
-            best = (medians, load.fraction)
-        if load.fraction is None or load.fraction <= max_other:
-            break
-    assert best is not None
-    return best
-
-
-def interleaved_ms(fns: list[Callable[[], Any]], repeats: int, warmup: int = 1) -> list[float]:
-    """Median wall time (ms) of each fn, timed in turns with a rotating order.
-
-    This machine is shared: background load comes and goes within seconds, so
-    timing a candidate and its reference back to back in the same loop keeps
-    their ratio honest where separate timing blocks would not.
-    """
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for i in range(repeats):
-        for j in range(len(fns)):
-            k = (i + j) % len(fns)
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(ts) for ts in times]
-
-
 def run(quick: bool, seed: int) -> dict[str, Any]:
     grid = QUICK if quick else FULL
     dim = grid["dim"]
@@ -305,7 +139,7 @@ def run(quick: bool, seed: int) -> dict[str, Any]:
                 ref = call_ref()
                 base = {"L": length, "C": cands, "D": dim}
                 ref_row = {**base, "R": None, "mode": "reference", "path": None, "gram_dtype": None,
-                           "speedup": 1.0, "rel_err": 0.0, "peak_mb": _peak_mb(call_ref)}
+                           "speedup": 1.0, "rel_err": 0.0, "peak_mb": peak_mb(call_ref)}
                 rows.append(ref_row)
                 ref_times = []
                 state = IncrementalSVDState.from_history(x[0], window=length)
@@ -327,7 +161,7 @@ def run(quick: bool, seed: int) -> dict[str, Any]:
                         ref_times.append(ref_ms)
                         rows.append({**base, "R": rank, "mode": mode, "path": path, "gram_dtype": gram, "ms": ms,
                                      "speedup": ref_ms / ms, "ref_ms": ref_ms, "other_load": other,
-                                     "rel_err": rel_err(call(), ref), "peak_mb": _peak_mb(call),
+                                     "rel_err": rel_err(call(), ref), "peak_mb": peak_mb(call),
                                      "gflops": flops(mode, length, cands, dim, rank) / (ms * 1e-3) / 1e9})
                 ref_ms = statistics.median(ref_times)
                 ref_row.update(ms=ref_ms, gflops=flops("reference", length, cands, dim, None) / (ref_ms * 1e-3) / 1e9)
@@ -358,30 +192,6 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _malloc_keep() -> bool:
-    """Make glibc keep freed memory: no mmap for large blocks, no heap trimming.
-
-    With the default allocator every (C, L) logits buffer of the reference is a
-    fresh mmap whose page faults (~39k per call at L = 10k, C = 1000) take about
-    half of its time here; a serving process with a caching allocator would
-    not pay them, so this mode shows the speedups against that faster reference.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
-
-
-def _loadavg() -> float | None:
-    try:
-        with open("/proc/loadavg") as f:
-            return float(f.read().split()[0])
-    except OSError:
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m recsys.bench attention",
@@ -403,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     allocator = "glibc default"
     if args.malloc_keep:
-        if not _malloc_keep():
+        if not malloc_keep():
             print("error: --malloc-keep needs glibc's mallopt", file=sys.stderr)
             return 2
         allocator = "glibc keep (M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB)"
@@ -414,10 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     # the CLI is the one place that seeds globally: the modules' xavier init draws from it
     torch.manual_seed(args.seed)
-    load_start = _loadavg()
+    load_start = loadavg()
     gflops = matmul_gflops(200, 16, 500, repeats=1) if args.quick else matmul_gflops(1000, 64, 10_000)
     result = run(args.quick, args.seed)
-    load_end = _loadavg()
+    load_end = loadavg()
     rows = result["rows"]
     print_table(rows, COLUMNS)
     print("\ncompact fidelity (X with singular values sqrt(L) 2^-k; rel. error vs reference):")
@@ -437,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_gflops": gflops,
         "seed": args.seed,
         "allocator": allocator,
-        # the machine is shared: 1-minute load averages around the run, for reading the timings
+        # 1-minute load averages around the run, for reading the timings of a shared machine
         "loadavg": {"start": load_start, "end": load_end},
         "quick": args.quick,
         "grid": result["grid"],

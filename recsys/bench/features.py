@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         source, _ = generate_synthetic(
-            SyntheticConfig(users=args.users, items=args.items, max_history=args.max_history, seed=0)
+            SyntheticConfig(users=args.users, items=args.items, max_events=args.max_history, seed=0)
         )
         source.interactions.frame.collect().write_parquet(tmp / "events.parquet")
         source.items.frame.collect().write_parquet(tmp / "items.parquet")

@@ -8,7 +8,7 @@ Adam on the dense part, row-wise Adagrad on the tables) on a synthetic batch
 of 32 requests (`recsys.data.synthetic_batch`), each with exactly L history
 events and C candidates. A sample is one candidate: samples/s = 32 C / the
 median step time (of 3 after a warm-up step; 1 when the warm-up step took
-longer than --slow-s seconds, to keep the default run under ~8 minutes).
+longer than --slow-s seconds, to bound the default run's length).
 Grid: L in {1k, 10k, 50k}, C in {1, 100, 1000}, encoders mean (masked
 mean), reference (exact target attention), truncated and compact (SVD-attention
 modes, R = 32), D = 64. peak_mb is the RSS growth while the
@@ -54,7 +54,7 @@ def _step_fn(encoder: str, length: int, c: int, args: argparse.Namespace, batch:
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
     cfg = RankerConfig(embedding_dim=args.dim, history_encoder=ENCODERS[encoder], svd_rank=args.rank,
-                       max_history=max(length, 1), dense_arch_layer_sizes=(32,), over_arch_layer_sizes=(128, 64))
+                       dense_arch_layer_sizes=(32,), over_arch_layer_sizes=(128, 64))
     model = Ranker(cfg, spec, None, torch.Generator().manual_seed(args.seed))
     train = RankerTrain(model)
     tables = {id(p) for p in model.embedding_tables()}
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 step = _step_fn(encoder, length, c, args, batch, spec)
                 t0 = time.perf_counter()
                 step()  # warm-up: allocator, optimiser state
-                # slow rows (several seconds a step) get one timed step: their noise is small
+                # slow rows (a warm-up step over --slow-s) get one timed step: their noise is small
                 repeats = 1 if time.perf_counter() - t0 > args.slow_s else args.repeats
                 times = []
                 with PeakRSS() as mem:

@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     from recsys.cli import seed_everything
     from recsys.compare import format_rows
     from recsys.experiment import parse_seeds
-    from recsys.pipeline import run_experiment
+    from recsys.experiment_run import run_experiment
 
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     seed_everything(seeds[0] if seeds else 0)
@@ -55,7 +55,7 @@ def _compare(args: argparse.Namespace) -> int:
     from features.core.errors import UsageError
     from recsys.eval.metrics import METRICS
     from recsys.experiment import MIN_BOOT, check_experiment_name
-    from recsys.pipeline import compare_experiment
+    from recsys.experiment_run import compare_experiment
 
     check_experiment_name(args.name, "experiment compare")
     if args.fail_on_regression and args.fail_on_regression not in METRICS:

@@ -8,14 +8,14 @@ import json
 import tempfile
 from pathlib import Path
 
-from recsys.cli import group
+from recsys.cli import command, group
 
 BUILD_EPILOG = """\
 examples:
   recsys features build --source movielens100k --out artifacts/ml100k/features
   recsys features build --source movielens1m --out artifacts/ml1m/features
   recsys features build --source files --interactions events.csv --items items.parquet --out out/
-  recsys features build --source synthetic --users 1000 --max-history 20000 --seed 0 --out out/synth
+  recsys features build --source synthetic --users 1000 --max-events 20000 --seed 0 --out out/synth
   recsys features build --config experiments/configs/base.yaml --out out/   # uses its `features:` section
 
 Writes interactions.parquet, sequences.parquet, items.parquet (users.parquet
@@ -36,14 +36,14 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", help="files: name of the items text column (default: text)")
     p.add_argument("--users", type=int, help="synthetic: number of users")
     p.add_argument("--n-items", type=int, help="synthetic: number of items")
-    p.add_argument("--max-history", type=int, help="synthetic: longest per-user event sequence")
+    p.add_argument("--max-events", type=int, help="synthetic: longest per-user event sequence")
     p.add_argument("--seed", type=int, help="synthetic: generator seed")
     p.add_argument(
         "--timestamp-unit", choices=["s", "ms", "us", "ns"], help="files: unit of the timestamp column (default s)"
     )
     p.add_argument("--label-threshold", type=float, help="label = rating >= this (default 4)")
     p.add_argument("--split", choices=["global_time", "leave_last_out"], help="time split (default global_time 80/10/10)")
-    p.add_argument("--history-cap", type=int, help="cap on history length per impression (default 10000)")
+    p.add_argument("--history-cap", type=int, help="features.history_cap: longest history an impression records (default 10000)")
     p.add_argument(
         "--day-offset-s",
         type=int,
@@ -52,16 +52,16 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_features_config(args: argparse.Namespace):
-    """Config file (if any) overlaid with the flags that were given."""
-    from features.core.config import from_dict, load_mapping
-    from features.jobs import FeaturesConfig
+    """The `features` section of --config (a pipeline config, or a file of
+    feature keys only), overlaid with the flags that were given."""
+    from features.core.config import load_mapping
+    from recsys.config import PipelineConfig
 
-    data: dict = {}
-    if args.config:
-        data = load_mapping(args.config)
-        if "features" in data:
-            data = data["features"]
-    base = from_dict(FeaturesConfig, data, where=f"{args.config or 'flags'}" + (".features" if args.config else ""))
+    data: dict = load_mapping(args.config) if args.config else {}
+    where = args.config or "flags"
+    if "features" not in data:
+        data, where = {"features": data}, (f"{args.config} (feature keys)" if args.config else "flags")
+    base = PipelineConfig.from_mapping({"features": data["features"]}, where=where).features
     over = {
         "source": args.source,
         "interactions": args.interactions,
@@ -71,26 +71,29 @@ def resolve_features_config(args: argparse.Namespace):
         "label_threshold": args.label_threshold,
         "day_offset_s": args.day_offset_s,
         "split": args.split,
-        "max_history": args.history_cap,
+        "history_cap": args.history_cap,
     }
     over = {k: v for k, v in over.items() if v is not None}
-    synth = {"users": args.users, "items": args.n_items, "max_history": args.max_history, "seed": args.seed}
+    synth = {"users": args.users, "items": args.n_items, "max_events": args.max_events, "seed": args.seed}
     synth = {k: v for k, v in synth.items() if v is not None}
     merged = dataclasses.asdict(base) | over
     if synth:
         merged["synthetic"] = {**merged["synthetic"], **synth}
-    return from_dict(FeaturesConfig, merged, where="flags")
+    return PipelineConfig.from_mapping({"features": merged}, where="flags")
 
 
 def _build(args: argparse.Namespace) -> int:
-    from features.jobs import build_features
     from features.core.paths import check_output
+    from recsys.plan import plan_features
+    from recsys.stages import run_features
 
     cfg = resolve_features_config(args)
-    check_output(args.out, {"--interactions": cfg.interactions, "--items": cfg.items, "--config": args.config})
-    result = build_features(cfg, args.out, force=args.force, log=(lambda _m: None) if args.quiet else print)
+    job = plan_features(cfg)
+    check_output(args.out, {"--interactions": job.config.interactions, "--items": job.config.items,
+                            "--config": args.config})
+    result = run_features(job, None, args.out, force=args.force, log=(lambda _m: None) if args.quiet else print)
     if not args.quiet:
-        print(f"output: {result.out_dir}")
+        print(f"output: {result.out}")
     return 0
 
 
@@ -100,7 +103,7 @@ def _describe(args: argparse.Namespace) -> int:
     if args.features:
         stats = describe(args.features)
     else:
-        cfg = resolve_features_config(args)
+        cfg = resolve_features_config(args).features
         with tempfile.TemporaryDirectory() as tmp:
             build_features(cfg, Path(tmp) / "features", log=lambda _m: None)
             stats = describe(Path(tmp) / "features")
@@ -111,32 +114,32 @@ def _describe(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     _, fsub = group(sub, "features", "feature jobs: build training data, match features")
-    p = fsub.add_parser(
+    p = command(
+        fsub,
         "build",
         help="raw interactions + item content -> validated, time-split parquet",
         description="Build leak-free training data: labels, time split, jagged histories, LT-proxy labels.",
         epilog=BUILD_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        handler=_build,
     )
     _add_source_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    p.set_defaults(handler=_build)
 
     from recsys.cli import match
 
     match.register(fsub)
 
     _, dsub = group(sub, "data", "inspect data")
-    d = dsub.add_parser(
+    d = command(
+        dsub,
         "describe",
         help="stats table: users, items, events, history lengths, label rate, splits, cold items",
         description="Print stats of a built features folder (--features DIR) or of a source (built in a temp folder).",
         epilog="examples:\n  recsys data describe --features artifacts/ml100k/features\n  recsys data describe --source movielens100k",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        handler=_describe,
     )
     d.add_argument("--features", help="a folder written by `recsys features build`")
     _add_source_args(d)
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    d.set_defaults(handler=_describe)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from recsys.cli import command
+
 MATCH_EPILOG = """\
 examples:
   recsys features match --features artifacts/ml100k/features \\
@@ -18,7 +20,7 @@ FEATURES/interactions.parquet, same user_id/item_id/timestamp and order, mf_*
 columns) and OUT/manifest.json. The embeddings file has columns item_id (Int64)
 and embedding (List(Float32)); vectors are L2-normalised here. Finished shards
 live under OUT/shards/ with their own manifests: a killed run resumes where it
-stopped. A rerun with the same config, features and embeddings is skipped;
+stopped. A rerun with the same config, features, embeddings and code is skipped;
 --force recomputes. Bad embeddings (missing items, ragged or wrong dimension,
 NaN/inf, duplicate ids) exit 1 and write nothing, unless the config sets
 match.missing_items: null (missing items get null features).
@@ -26,24 +28,26 @@ match.missing_items: null (missing items get null features).
 
 
 def _match(args: argparse.Namespace) -> int:
-    from features.jobs import build_match_features, parse_shard
     from features.core.paths import check_output
+    from features.jobs import parse_shard
     from recsys.config import load_pipeline_config
+    from recsys.plan import plan_match
+    from recsys.stages import run_match
 
     shard = parse_shard(args.shard) if args.shard else None
     check_output(args.out, {"--features": args.features, "--embeddings": args.embeddings, "--config": args.config})
-    cfg = load_pipeline_config(args.config).match
-    result = build_match_features(
-        args.features, args.embeddings, args.out, cfg, shard=shard, force=args.force, progress=not args.quiet
-    )
+    job = plan_match(load_pipeline_config(args.config), features=args.features, embeddings=args.embeddings)
+    result = run_match(job, None, args.out, shard=shard, force=args.force, progress=not args.quiet,
+                       log=(lambda _m: None) if args.quiet else print)
     if not args.quiet:
-        print(f"output: {result.out_dir}" + ("" if result.complete else " (shards pending)"))
+        print(f"output: {result.out}" + ("" if result.manifest else " (shards pending)"))
     return 0
 
 
 def register(features_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `match` to the `features` command group; returns its parser."""
-    p = features_subparsers.add_parser(
+    p = command(
+        features_subparsers,
         "match",
         help="impressions + item embeddings -> match features (cosine stats, faiss rank, semantic IDs)",
         description=(
@@ -52,7 +56,7 @@ def register(features_subparsers: argparse._SubParsersAction) -> argparse.Argume
             "embedding, semantic-ID prefix matches, history length (nulls for an empty history)."
         ),
         epilog=MATCH_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        handler=_match,
     )
     p.add_argument("--features", required=True, metavar="DIR", help="a folder written by `recsys features build`")
     p.add_argument("--embeddings", required=True, metavar="FILE", help="item embeddings parquet (item_id, embedding)")
@@ -61,5 +65,4 @@ def register(features_subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--shard", metavar="I/N", help="compute only shard I of N (users by a stable hash of user_id)")
     p.add_argument("--force", action="store_true", help="recompute even when up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.set_defaults(handler=_match)
     return p

@@ -17,11 +17,13 @@ examples:
   recsys rank train --config experiments/configs/debug.yaml --out artifacts/rank/debug
   torchrun --nproc_per_node=2 -m recsys.cli.rank train --config FILE --out DIR
 
-Config sections used: paths (features, match_features: "none" disables them,
-embeddings), ranker, train, seed. Writes DIR/metrics.json (test auc, gauc,
+Config sections used: paths (features, match_features, embeddings), data
+(history_cap, use_match_features, match_columns, negatives_per_request),
+ranker, train, seed. Writes DIR/metrics.json (test auc, gauc,
 logloss, lt_auc, lt_spearman, valid metrics, per-activity AUC) and
-DIR/predictions.parquet (one row per test impression). A rerun into the same
-DIR resumes from DIR/checkpoints/last.pt (train.resume: false to start over).
+DIR/predictions.parquet (one row per test impression) and DIR/manifest.json.
+A rerun with the same config, inputs and code is skipped; an interrupted run
+resumes from DIR/checkpoints/last.pt (--no-resume starts over).
 A metric that cannot be computed (e.g. no observed LT rows) is null in
 metrics.json with its reason under "reasons", and printed as n/a.
 
@@ -39,22 +41,30 @@ def _train(args: argparse.Namespace) -> int:
     from features.core.paths import check_output
     from recsys.cli import seed_everything
     from recsys.config import load_pipeline_config
+    from recsys.plan import check_inputs, plan_rank
+    from recsys.stages import run_rank
     from recsys.tracking import tracked_command
-    from recsys.train import check_launch_env, metrics_line, ranker_inputs, train_ranker
+    from recsys.train import check_launch_env, metrics_line
 
     overrides = {"train": {"resume": False}} if args.no_resume else None
     cfg = load_pipeline_config(args.config, overrides)
     check_launch_env()
-    inputs = {**ranker_inputs(cfg), "--config": args.config}
+    job = plan_rank(cfg)
+    inputs = {**check_inputs(job), "--config": args.config}
     check_output(args.out, inputs)
-    if cfg.train.checkpoint_dir:
-        check_output(cfg.train.checkpoint_dir, inputs, flag="train.checkpoint_dir")
-    seed_everything(cfg.seed)
+    if job.train.checkpoint_dir:
+        check_output(job.train.checkpoint_dir, inputs, flag="train.checkpoint_dir")
+    seed_everything(job.seed)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    params = {"paths": cfg.paths, "ranker": cfg.ranker, "train": cfg.train, "seed": cfg.seed}
-    with tracked_command(cfg.tracking, "rank", params, tags={"model": "ranker"}, enabled=rank0, outputs=args.out) as st:
-        metrics = train_ranker(cfg, args.out, tracker=st)
+    with tracked_command(cfg.tracking, "rank", job, tags={"model": "ranker"}, enabled=rank0, outputs=args.out) as st:
+        result = run_rank(job, st, args.out, force=args.no_resume or not cfg.tracking.reuse,
+                          log=lambda m: print(m, file=sys.stderr))
     if rank0:
+        import json
+
+        from features import schemas as S
+
+        metrics = json.loads((result.out / S.METRICS_FILE).read_text())
         print(f"test {metrics_line(metrics, ('auc', 'gauc', 'logloss', 'lt_auc'))}", file=sys.stderr)
         print(f"output: {args.out}")
     return 0
@@ -69,9 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train the TorchRec ranker on a features folder; evaluate on the test split.",
         epilog=TRAIN_EPILOG,
     )
-    p.add_argument("--config", required=True, help="pipeline YAML/JSON (sections paths, ranker, train, seed)")
+    p.add_argument("--config", required=True, help="pipeline YAML/JSON (sections paths, data, ranker, train, seed)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in OUT and train from scratch")
+    p.add_argument("--no-resume", action="store_true", help="retrain from scratch: ignore checkpoints and an up-to-date OUT")
     p.set_defaults(handler=_train)
 
 

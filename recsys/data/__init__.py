@@ -18,9 +18,8 @@ from recsys.data.batch import (
     concat_ranges,
     synthetic_batch,
 )
-from recsys.data.dataset import SPLIT_CODE, DataConfig, RankingData
+from recsys.data.dataset import SPLIT_CODE, RankingData
 from recsys.data.dense import ACTIVITY_FEATURES, COUNT_FEATURES
-from recsys.data.read import resolve_match_path
 
 
 __all__ = [
@@ -32,12 +31,10 @@ __all__ = [
     "MATCH_PREFIX",
     "SPLIT_CODE",
     "USER_KEY",
-    "DataConfig",
     "FeatureSpec",
     "RankBatch",
     "RankingData",
     "build_batch",
     "concat_ranges",
-    "resolve_match_path",
     "synthetic_batch",
 ]

@@ -16,7 +16,7 @@ Sampled negatives (`negatives > 0`, training only) get label 0, no LT label
 are missing (match features exist only for real impressions).
 
 Example:
-    >>> data = RankingData.load("artifacts/ml100k/features", DataConfig(max_history=50))  # doctest: +SKIP
+    >>> data = RankingData.load("artifacts/ml100k/features", DataConfig(history_cap=50))  # doctest: +SKIP
     >>> batch = next(data.iter_batches("train", batch_size=32))                              # doctest: +SKIP
     >>> batch.sequence_features.keys()                                                       # doctest: +SKIP
     ['hist_item', 'cand_item']
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from torch import Tensor
 
 from features import schemas as S
 from features.core.errors import DataError
-from features.reader import read_table
+from features.reader import existing_match_file, read_table
 from recsys.data.batch import FeatureSpec, RankBatch, build_batch, concat_ranges
 from recsys.data.content import Csr, content_fields
 from recsys.data.dense import (
@@ -46,7 +45,8 @@ from recsys.data.dense import (
     count_features,
     match_features,
 )
-from recsys.data.read import load_item_embeddings, resolve_match_path
+from recsys.config.sections import DataConfig
+from recsys.data.read import load_item_embeddings
 
 SPLIT_CODE = {name: i for i, name in enumerate(S.SPLITS)}
 # the columns the ranker reads from each file (kinds of dtype from features.schemas)
@@ -57,29 +57,6 @@ INTERACTION_COLUMNS = (
 SEQUENCE_COLUMNS = (S.USER_ID, S.ITEM_IDS, S.TIMESTAMPS)
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """How requests are built (filled from the `ranker` and `train` sections).
-
-    max_history: keep the last this many events of each history (>= 1).
-    negatives: sampled negatives per training request (0 = none).
-    use_match_features: read `mf_*` columns when a match file is given.
-    match_columns: the match columns to use; empty = every `mf_*` column.
-    """
-
-    max_history: int = 200
-    negatives: int = 0
-    use_match_features: bool = True
-    match_columns: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_history < 1:
-            raise ValueError(f"max_history must be >= 1, got {self.max_history}")
-        if self.negatives < 0:
-            raise ValueError(f"negatives must be >= 0, got {self.negatives}")
-        bad = [c for c in self.match_columns if not c.startswith(S.MATCH_PREFIX)]
-        if bad:
-            raise ValueError(f"match_columns must start with {S.MATCH_PREFIX!r}, got {bad[0]!r}")
 
 
 class RankingData:
@@ -129,7 +106,7 @@ class RankingData:
                                      str(root / S.FILES["sequences"]))
         dense_parts = [counts.values, activity]
         dense_names = list(COUNT_FEATURES + ACTIVITY_FEATURES)
-        match = resolve_match_path(match_path) if config.use_match_features else None
+        match = existing_match_file(match_path) if match_path is not None else None
         if match is not None:
             mf, wanted = match_features(inter, match, config.match_columns, self.train_rows)
             self.match_columns = tuple(wanted)
@@ -213,7 +190,7 @@ class RankingData:
         self.req_user = u[starts]
         self.req_ts = t[starts]
         self.req_split = sp[starts]
-        take = np.minimum(hl[starts], self.config.max_history)
+        take = np.minimum(hl[starts], self.config.history_cap)
         self.req_hist_len = take.astype(np.int64)
         self.req_hist_start = self.seq_off[self.req_user] + he[starts] - take
         self.imp_item = self.item_index(inter[S.ITEM_ID].to_numpy())[order]
@@ -256,10 +233,10 @@ class RankingData:
         return (hi - lo).astype(np.int64)
 
     def batch(self, request_ids: np.ndarray, rng: np.random.Generator | None = None) -> RankBatch:
-        """Assemble one batch. With `rng` and config.negatives > 0, each request
+        """Assemble one batch. With `rng` and config.negatives_per_request > 0, each request
         gets that many uniformly sampled negatives after its real candidates."""
         r = np.asarray(request_ids, dtype=np.int64)  # (B,)
-        k = self.config.negatives if rng is not None else 0
+        k = self.config.negatives_per_request if rng is not None else 0
         imp = self.impressions(r)  # (N_real,)
         c_real = self.req_offsets[r + 1] - self.req_offsets[r]  # (B,)
         c_all = c_real + k  # (B,)

@@ -13,33 +13,8 @@ import torch
 from torch import Tensor
 
 from features import schemas as S
-from features.core.errors import DataError, SchemaError, UsageError
+from features.core.errors import DataError, SchemaError
 from features.reader import check_columns, parquet_schema, read_parquet
-
-
-def resolve_match_path(path: str | Path | None, *, key: str = "match features") -> Path | None:
-    """A match-features location -> the parquet file; None only for "not
-    asked for" (None, "" or "none").
-
-    A folder must hold `match_features.parquet`; a .parquet path must exist.
-    Anything else is a UsageError (exit 2) naming the path: a requested input
-    that is absent is never a quiet run without it. `key` names the setting
-    in the message (e.g. "paths.match_features").
-    """
-    if path is None or str(path).strip().lower() in ("", "none"):
-        return None
-    p = Path(path)
-    fix = "run `recsys features match` to build it, or turn match features off (ranker.use_match_features: false)"
-    if p.suffix == ".parquet":
-        if not p.is_file():
-            raise UsageError(f"{key}: {p} does not exist; {fix}")
-        return p
-    if not p.exists():
-        raise UsageError(f"{key}: {p} does not exist; {fix}")
-    f = p / S.MATCH_FILE
-    if not f.is_file():
-        raise UsageError(f"{key}: {p} holds no {S.MATCH_FILE}; {fix}")
-    return f
 
 
 def load_item_embeddings(path: Path, item_ids: np.ndarray) -> tuple[Tensor, float]:

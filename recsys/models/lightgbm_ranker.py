@@ -24,72 +24,17 @@ that reads a features folder and writes the report is `recsys.baseline`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 
 from features import schemas as S
+from recsys.config.sections import ITEM_POS_RATE, USER_POS_RATE, LightGBMConfig
 
 
-@dataclass(frozen=True)
-class LightGBMConfig:
-    """LightGBM baseline settings (pipeline config section `lightgbm`)."""
-
-    # "binary": click probability; "lambdarank": ranks each user's impressions
-    # (score = sigmoid(raw), not calibrated: its logloss is not meaningful)
-    objective: Literal["binary", "lambdarank"] = "binary"  # binary log-loss, or lambdarank grouped by user
-    num_leaves: int = 15  # leaves per tree (chosen on valid AUC)
-    learning_rate: float = 0.05  # shrinkage per tree
-    n_estimators: int = 1000  # upper bound; early stopping on valid picks the number
-    early_stopping_rounds: int = 50  # stop when valid loss has not improved for this many trees
-    min_child_samples: int = 100  # rows per leaf: ML-100K is small, keep leaves stable
-    feature_fraction: float = 0.9  # share of features sampled per tree
-    bagging_fraction: float = 0.8  # share of rows sampled per bagging round
-    bagging_freq: int = 1  # re-sample rows every this many trees (0: no bagging)
-    lambda_l2: float = 1.0  # L2 penalty on leaf values
-    use_match_features: bool = True  # mf_* columns of the match-features folder
-    use_popularity: bool = True  # item_pop
-    use_activity: bool = True  # hist_end
-    use_history_length: bool = True  # hist_len, pos_hist_len
-    use_rates: bool = True  # item_pos_rate, user_pos_rate (add_rate_features)
-    lt_model: bool = True  # train the LT-proxy model (returned_1d) for lt_score
-    # one thread: the same trees on every machine, and on ML-100K-sized data
-    # faster than an OpenMP pool (which stalls badly on a shared machine)
-    num_threads: int = 1  # 0: LightGBM's default (all cores)
-    seed: int = 0  # LightGBM seed (the experiment runner sets it per seed)
-
-    def __post_init__(self) -> None:
-        if self.num_leaves < 2:
-            raise ValueError("num_leaves must be >= 2")
-        if not 0 < self.learning_rate <= 1:
-            raise ValueError("learning_rate must be in (0, 1]")
-        if self.n_estimators < 1 or self.early_stopping_rounds < 1:
-            raise ValueError("n_estimators and early_stopping_rounds must be >= 1")
-        if self.min_child_samples < 1:
-            raise ValueError("min_child_samples must be >= 1")
-        if not (0 < self.feature_fraction <= 1 and 0 < self.bagging_fraction <= 1):
-            raise ValueError("feature_fraction and bagging_fraction must be in (0, 1]")
-        if self.bagging_freq < 0 or self.lambda_l2 < 0 or self.num_threads < 0:
-            raise ValueError("bagging_freq, lambda_l2 and num_threads must be >= 0")
-
-    def base_features(self) -> list[str]:
-        """The interactions columns this config uses."""
-        cols = []
-        if self.use_popularity:
-            cols.append(S.ITEM_POP)
-        if self.use_activity:
-            cols.append(S.HIST_END)
-        if self.use_history_length:
-            cols += [S.HIST_LEN, S.POS_HIST_LEN]
-        if self.use_rates:
-            cols += [ITEM_POS_RATE, USER_POS_RATE]
-        return cols
 
 
-ITEM_POS_RATE = "item_pos_rate"  # positives / events on the item strictly earlier (null: none yet)
-USER_POS_RATE = "user_pos_rate"  # pos_hist_end / hist_end (null: no history)
 
 
 def add_rate_features(lf: pl.LazyFrame) -> pl.LazyFrame:

@@ -42,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -53,97 +52,16 @@ from torchrec.modules.crossnet import CrossNet
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.mlp import MLP
 
-from features import schemas as S
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
+from recsys.config.sections import HISTORY_ENCODERS, RankerConfig
 from recsys.data import CAND_KEY, HIST_KEY, FeatureSpec, RankBatch
 from recsys.modules.reference_attention import TargetAttention
 from recsys.modules.svd_attention import SVDAttention, SVDAttentionConfig
 
-HISTORY_ENCODERS = ("mean", "reference", "svd_truncated", "svd_compact")
-# old names refused with a pointer to the new one
-RENAMED_HISTORY_ENCODERS = {"svd_exact": "svd_truncated"}
-DISTILLED_MODES = ("off", "init", "concat")
-OVER_ARCHS = ("mlp", "dcn")
-LT_TOWERS = ("dense", "shared")
 ITEM_TABLE = "item"
 
 
-@dataclass(frozen=True)
-class RankerConfig:
-    """Ranker architecture (pipeline section `ranker`).
-
-    history_encoder "mean" is the masked mean of the history; "reference" is
-    exact target attention; "svd_truncated" / "svd_compact" are the SVD-attention
-    modes (recsys.modules.svd_attention; "svd_truncated", formerly "svd_exact",
-    is target attention on the rank-R truncated history, exact only when a
-    history's rank is <= svd_rank). The SVD encoders form the Gram in float64
-    while autograd is on (training) and in float32 under torch.no_grad
-    (evaluation, serving): SVDAttentionConfig.gram_dtype "auto". lt_tower "dense": the LT head has its
-    own MLP over the dense features only (counts, recent activity, match
-    features; no id embeddings): `returned_1d` is a property of the user-day,
-    not the candidate, and on ML-100K the "shared" tower (the click over-arch
-    output) memorised train users and scored below 0.5 LT AUC on valid.
-    use_user_id is off by default: on ML-100K (global time split, 97 of 166
-    test users unseen in train) it cost 0.03 valid AUC (0.702 vs 0.732, mean
-    encoder) for +0.012 valid GAUC.
-    """
-
-    embedding_dim: int = 16  # D of every table and of the history encoder
-    history_encoder: str = "svd_compact"  # mean | reference | svd_truncated | svd_compact
-    svd_rank: int = 8  # R of the SVD encoders (1 <= R <= embedding_dim)
-    svd_normalize_tokens: bool = True  # compact: divide tokens by sqrt(L) so their scale does not grow with L
-    history_mean: bool = False  # attention encoders also pass the plain history mean to the over-arch
-    max_history: int = 200  # keep the last this many events of a history
-    use_user_id: bool = False  # a user-id table (see the class docstring for why it is off)
-    use_match_features: bool = True  # use the mf_* match features when the file exists
-    match_columns: tuple[str, ...] = ()  # expected mf_* columns (empty: every mf_* column of the file)
-    use_distilled_embeddings: str = "off"  # off | init (PCA of distilled vectors) | concat (frozen second item table)
-    over_arch: str = "mlp"  # mlp | dcn (DCN-v2 full-rank cross layers before the MLP)
-    dcn_layers: int = 2  # cross layers for over_arch dcn
-    dense_arch_layer_sizes: tuple[int, ...] = (16,)  # MLP over the dense features (last size = its output)
-    over_arch_layer_sizes: tuple[int, ...] = (64, 32)  # MLP after the interaction (last size = H)
-    click_weight: float = 1.0  # multi-task loss weight of the click head
-    lt_weight: float = 0.5  # multi-task loss weight of the LT-proxy head (returned_1d)
-    lt_tower: str = "dense"  # dense | shared: what the LT head sees (class docstring)
-    init_std: float = 0.1  # std of the normal init of the embedding tables
-
-    def __post_init__(self) -> None:
-        if self.embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
-        if self.history_encoder in RENAMED_HISTORY_ENCODERS:
-            raise ValueError(
-                f"history_encoder {self.history_encoder!r} was renamed "
-                f"{RENAMED_HISTORY_ENCODERS[self.history_encoder]!r} (target attention on the rank-svd_rank "
-                f"truncation of the history: exact only when the history's rank is <= svd_rank)"
-            )
-        if self.history_encoder not in HISTORY_ENCODERS:
-            raise ValueError(f"history_encoder must be one of {HISTORY_ENCODERS}, got {self.history_encoder!r}")
-        if not 1 <= self.svd_rank <= self.embedding_dim:
-            raise ValueError(f"svd_rank must satisfy 1 <= svd_rank <= embedding_dim={self.embedding_dim}, "
-                             f"got {self.svd_rank}")
-        if self.max_history < 1:
-            raise ValueError(f"max_history must be >= 1, got {self.max_history}")
-        if self.use_distilled_embeddings not in DISTILLED_MODES:
-            raise ValueError(f"use_distilled_embeddings must be one of {DISTILLED_MODES}, "
-                             f"got {self.use_distilled_embeddings!r}")
-        bad = [c for c in self.match_columns if not c.startswith(S.MATCH_PREFIX)]
-        if bad:
-            raise ValueError(f"match_columns must start with {S.MATCH_PREFIX!r}, got {bad[0]!r}")
-        if self.over_arch not in OVER_ARCHS:
-            raise ValueError(f"over_arch must be one of {OVER_ARCHS}, got {self.over_arch!r}")
-        if self.lt_tower not in LT_TOWERS:
-            raise ValueError(f"lt_tower must be one of {LT_TOWERS}, got {self.lt_tower!r}")
-        if self.dcn_layers < 1:
-            raise ValueError(f"dcn_layers must be >= 1, got {self.dcn_layers}")
-        for name in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
-            sizes = getattr(self, name)
-            if not sizes or any(s < 1 for s in sizes):
-                raise ValueError(f"{name} must be a non-empty list of positive sizes, got {list(sizes)}")
-        if self.click_weight < 0 or self.lt_weight < 0 or self.click_weight + self.lt_weight == 0:
-            raise ValueError("click_weight and lt_weight must be >= 0 and not both 0")
-        if not self.init_std > 0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std}")
 
 
 class RankerOutput(NamedTuple):
@@ -173,36 +91,18 @@ def _in_order(pooled: KeyedTensor, keys: list[str]) -> Tensor:
     return torch.cat([by_key[k] for k in keys], dim=1)
 
 
-class MeanHistory(nn.Module):
-    """Masked mean of the history, the same for every candidate: (B, L, D) -> (B, C, D)."""
-
-    def forward(self, history: Tensor, lengths: Tensor, queries: Tensor) -> Tensor:
-        valid = torch.arange(history.shape[1], device=history.device)[None, :] < lengths[:, None]  # (B, L)
-        total = torch.where(valid[..., None], history, torch.zeros((), dtype=history.dtype)).sum(dim=1)  # (B, D)
-        mean = total / lengths.clamp_min(1).to(history.dtype)[:, None]  # (B, D); empty -> 0
-        return mean[:, None, :].expand(-1, queries.shape[1], -1)  # (B, C, D)
-
-
-class _SVDEncoder(nn.Module):
-    """SVDAttention with the (history, lengths, queries) signature of the others."""
-
-    def __init__(self, config: SVDAttentionConfig) -> None:
-        super().__init__()
-        self.attention = SVDAttention(config)
-
-    def forward(self, history: Tensor, lengths: Tensor, queries: Tensor) -> Tensor:
-        return self.attention(history, lengths, queries)  # (B, C, D)
-
-
-def make_history_encoder(config: RankerConfig) -> nn.Module:
+def make_history_encoder(config: RankerConfig) -> nn.Module | None:
+    """The attention encoder, (history (B, L, D), lengths (B,), queries (B, C, D))
+    -> (B, C, D); None for "mean", which the ranker computes as a segment mean
+    over the jagged history (no padding)."""
     d = config.embedding_dim
     if config.history_encoder == "mean":
-        return MeanHistory()
+        return None
     if config.history_encoder == "reference":
         return TargetAttention(d)
     mode = "truncated" if config.history_encoder == "svd_truncated" else "compact"
-    return _SVDEncoder(SVDAttentionConfig(dim=d, rank=config.svd_rank, mode=mode,
-                                          normalize_tokens=config.svd_normalize_tokens))
+    return SVDAttention(SVDAttentionConfig(dim=d, rank=config.svd_rank, mode=mode,
+                                           normalize_tokens=config.svd_normalize_tokens))
 
 
 def _pca_init(pretrained: Tensor, dim: int, std: float) -> Tensor:
@@ -336,7 +236,7 @@ class Ranker(nn.Module):
             total = hist.new_zeros(b, hist.shape[-1]).index_add(0, seg, hist)  # (B, D)
             mean = torch.repeat_interleave(total / hist_lengths.clamp_min(1).to(hist.dtype)[:, None],
                                            cand_lengths, dim=0)  # (N, D)
-        if isinstance(self.history_encoder, MeanHistory):
+        if self.history_encoder is None:
             summary = mean  # (N, D)
         else:
             history, _ = _pad(hist, hist_lengths, max_l)  # (B, L, D), padding zero
@@ -407,7 +307,6 @@ def probabilities(logits: Tensor) -> np.ndarray:
 
 __all__ = [
     "HISTORY_ENCODERS",
-    "MeanHistory",
     "Ranker",
     "RankerConfig",
     "RankerLosses",

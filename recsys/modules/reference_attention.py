@@ -69,7 +69,7 @@ def reference_target_attention(
 def rank_tolerance(dtype: torch.dtype, dim: int) -> float:
     """Singular values below this fraction of the largest count as zero.
 
-    Mirrors `svd_attention.rank_tolerance` (a test checks they agree): the Gram
+    Mirrors `svd_kernels.rank_tolerance` (a test checks they agree): the Gram
     route resolves singular values only down to ~sqrt(eps64) of the largest,
     and float32 inputs carry their own rounding noise at ~D * eps32.
     """
@@ -99,7 +99,7 @@ def _plain_svd(x: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
 def reference_truncated_attention(
     history: Tensor, lengths: Tensor, queries: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor, rank: int
 ) -> Tensor:
-    """Target attention on the rank-R truncated SVD of each history (twin of mode "exact")."""
+    """Target attention on the rank-R truncated SVD of each history (twin of mode "truncated")."""
     x = _masked_history(history, lengths)  # (B, L, D)
     rows = []
     for b in range(x.shape[0]):

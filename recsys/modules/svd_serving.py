@@ -14,7 +14,7 @@ only through its Gram matrix G = X^T X, a sum over events. `IncrementalSVDState`
 keeps G over the last W events: an event costs O(D^2) (one rank-1 update and,
 once the window is full, one rank-1 down-date of the event it pushes out), and
 a request costs O(D^3 + C D^2) whatever the history length. With W equal to
-the ranker's `max_history` (the data keeps the last max_history events of each
+the ranker's `data.history_cap` (the data keeps the last history_cap events of each
 history), a request served from the state sees the same events the ranker's
 batch forward sees, and the two agree to float tolerance (tested).
 
@@ -43,15 +43,10 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from recsys.modules.svd_attention import (
-    SVDAttention,
-    SVDFactors,
-    svd_factors,
-    tokens_from_spectrum,
-    top_eigh,
-)
+from recsys.modules.svd_attention import SVDAttention, SVDFactors, svd_factors
+from recsys.modules.svd_kernels import GRAM_DTYPES, GramDtype, tokens_from_spectrum, top_eigh
 
-STATE_GRAM_DTYPES = ("auto", "float64", "input")
+STATE_GRAM_DTYPES: tuple[GramDtype, ...] = GRAM_DTYPES
 
 
 def history_fingerprint(history: Tensor, length: int) -> tuple[int, str]:
@@ -139,18 +134,20 @@ class IncrementalSVDState:
     """Gram matrix G = X^T X (D, D) of one user's last `window` events, with down-dates.
 
     dim: D. window: W >= 1, the number of most recent events kept (use the
-    ranker's max_history). gram_dtype: "float64" or "input" ("auto" = "input",
+    ranker's data.history_cap). gram_dtype: "float64" or "input" ("auto" = "input",
     as the batch path under no_grad); dtype: the event dtype (fixed; events are
     cast to it). Holds no gradient (serving state). `count` is the number of
     events ever appended (a version number for caches); `length` the number in
     the window, min(count, W).
     """
 
-    def __init__(self, dim: int, window: int, gram_dtype: str = "auto", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, dim: int, window: int, gram_dtype: GramDtype = "auto", dtype: torch.dtype = torch.float32
+    ) -> None:
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive int (the ranker's max_history), got {window!r}")
+            raise ValueError(f"window must be a positive int (the ranker's data.history_cap), got {window!r}")
         if gram_dtype not in STATE_GRAM_DTYPES:
             raise ValueError(f"gram_dtype must be one of {STATE_GRAM_DTYPES}, got {gram_dtype!r}")
         if not dtype.is_floating_point:
@@ -170,7 +167,7 @@ class IncrementalSVDState:
 
     @classmethod
     def from_history(
-        cls, history: Tensor, window: int, length: int | None = None, gram_dtype: str = "auto"
+        cls, history: Tensor, window: int, length: int | None = None, gram_dtype: GramDtype = "auto"
     ) -> IncrementalSVDState:
         """State of one user's history (L, D), valid rows [:length], in history's dtype."""
         state = cls(history.shape[-1], window, gram_dtype=gram_dtype, dtype=history.dtype)

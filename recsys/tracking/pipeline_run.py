@@ -2,11 +2,9 @@
 
     with open_pipeline_run(cfg.tracking, "ml100k", tags={"experiment": "ab1", "arm": "svd"},
                            params=cfg.to_dict()) as run:
-        with run.stage("distill", params=distill_params, upstream={"features": fp}) as st:
-            if not st.reused:
-                train(..., tracker=st)          # st is a Tracker
-                st.set_outputs(out_dir)
-        emb_dir = st.outputs                     # this run's outputs or the reused run's
+        with run.stage("distill", params=distill_params, upstream={"features": fp}, outputs=out) as st:
+            result = run_distill(job, st, out)   # st is a Tracker; the job skips up-to-date outputs
+            run.record_key(st, result.key, reused=result.reused)
 
 Every run is tagged `code_version` and `code_hash` (the plugin's version and
 a hash of its own source files), `git_commit` and `git_dirty` when the plugin
@@ -20,8 +18,10 @@ the run's `params_full.json` artifact. A run whose body raises is marked FAILED
 mark its runs: the next `open_pipeline_run` on the same host marks RUNNING runs
 whose process is gone as KILLED.
 
-A stage is reused when an earlier FINISHED run of it has the same key (see
-`recsys.tracking.provenance`).
+Reuse is decided by the job alone: its output folder's manifest key
+(`features.core.provenance.stage_key`). `record_key` tags the stage run with
+`reuse_key` (the key's hash) and `reused`, and a reused stage names the run
+that computed its outputs (`reused_from`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Any
 from features.core.config import config_hash
 from features.core.tracker import NullTracker
 from recsys.tracking.config import TrackingConfig
-from recsys.tracking.provenance import CodeVersion, _as_mapping, code_version, fingerprint, key_hash, stage_key
-from recsys.tracking.runs import MLflowTracker, RunInfo, StageRun, _check_name, _tag_str
+from recsys.tracking.provenance import CodeVersion, _as_mapping, code_version, fingerprint, key_hash
+from recsys.tracking.runs import MLflowTracker, StageRun, _check_name, _tag_str
 from recsys.tracking.runstore import RunStore
 from recsys.tracking.store import Log, _stderr, local_path, resolve_artifact_root, sqlite_path
 
@@ -71,17 +71,12 @@ class PipelineRun(MLflowTracker):
         inherited: Mapping[str, str],
         *,
         log: Log,
-        reuse: bool,
     ) -> None:
         super().__init__(store.client, tracker.run_id, tracker.artifact_uri)
         self.store = store
         self.code = code
         self.inherited = dict(inherited)
         self.log = log
-        self.reuse = reuse
-
-    def find_reusable(self, stage: str, key: Mapping[str, Any]) -> RunInfo | None:
-        return self.store.find_reusable(stage, key, log=self.log)
 
     def search_runs(self, experiment_tag: str, **kwargs: Any) -> list[dict[str, Any]]:
         return self.store.search_runs(experiment_tag, **kwargs)
@@ -95,29 +90,18 @@ class PipelineRun(MLflowTracker):
         *,
         outputs: str | Path | None = None,
         tags: Mapping[str, str] | None = None,
-        reuse: bool = True,
     ) -> Iterator[StageRun]:
-        """A nested run for stage `name`, or the earlier run it reuses.
+        """A nested run for stage `name` (a Tracker).
 
         `params`: the stage's resolved config (mapping or dataclass);
         `upstream`: {input name: content fingerprint}; `outputs`: where the
-        stage writes (or call `st.set_outputs(path)` later).
+        stage writes (or call `st.set_outputs(path)` later). Whether the
+        stage's work is reused is the job's decision (its manifest key); tell
+        the run with `record_key`.
         """
         _check_name(name, "stage name")
         params = _as_mapping(params)
         upstream = {str(k): str(v) for k, v in (upstream or {}).items()}
-        key = stage_key(name, params, upstream, self.code)
-        if reuse and self.reuse:
-            if not self.code.known:
-                self.log(f"{name}: not looking for a reusable run: code version unknown (plugin source files not found)")
-            else:
-                found = self.find_reusable(name, key)
-                if found is not None:
-                    why = f"same params, code {self.code.version}+{self.code.source_hash}, inputs"
-                    self.log(f"{name}: reusing run {found.run_id} ({why})")
-                    self.set_tags({f"stage.{name}.run_id": found.run_id, f"stage.{name}.reused": "true"})
-                    yield StageRun(name, found.run_id, True, NullTracker(), found, found.outputs)
-                    return
         run_tags: dict[str, Any] = {
             **self.inherited,
             **(tags or {}),
@@ -125,18 +109,34 @@ class PipelineRun(MLflowTracker):
             "stage": name,
             "config_hash": config_hash(params),
             "data_fingerprint": fingerprint(upstream),
-            "reuse_key": key_hash(key),
             "mlflow.parentRunId": self.run_id,
             **{f"upstream.{k}": v for k, v in upstream.items()},
         }
         if outputs is not None:
             run_tags["outputs"] = str(Path(outputs).resolve())
         tracker = self.store.create_run(name, run_tags)
-        self.set_tags({f"stage.{name}.run_id": tracker.run_id, f"stage.{name}.reused": "false"})
+        self.set_tags({f"stage.{name}.run_id": tracker.run_id})
         st = StageRun(name, tracker.run_id, False, tracker, None, run_tags.get("outputs"))
         with _terminate_on_exit(self.client, tracker.run_id):
             tracker.log_params(params)
             yield st
+
+    def record_key(self, st: StageRun, key: Mapping[str, Any], *, reused: bool) -> None:
+        """Tag stage run `st` with its job's manifest key (`reuse_key` =
+        `key_hash(key)`) and whether the job reused up-to-date outputs; a
+        reused stage also names the run that computed them (`reused_from`),
+        when the store still has it."""
+        h = key_hash(key)
+        tags = {"reuse_key": h, "reused": str(reused).lower()}
+        if reused:
+            origin = self.store.find_origin(st.name, h)
+            if origin is not None:
+                tags["reused_from"] = origin.run_id
+                self.set_tags({f"stage.{st.name}.reused_from": origin.run_id})
+            self.log(f"{st.name}: outputs up to date (same key {h[:12]}: params, inputs, code); reused"
+                     + (f" from run {origin.run_id}" if origin is not None else ""))
+        st.tracker.set_tags(tags)
+        self.set_tags({f"stage.{st.name}.reused": str(reused).lower()})
 
 
 class NullPipelineRun(NullTracker):
@@ -144,17 +144,16 @@ class NullPipelineRun(NullTracker):
 
     run_id = None
 
-    def find_reusable(self, stage: str, key: Mapping[str, Any]) -> RunInfo | None:
-        return None
-
     def search_runs(self, experiment_tag: str, **kwargs: Any) -> list[dict[str, Any]]:
         return []
 
     @contextmanager
     def stage(self, name: str, params: Any = None, upstream: Mapping[str, str] | None = None, *,
-              outputs: str | Path | None = None, tags: Mapping[str, str] | None = None,
-              reuse: bool = True) -> Iterator[StageRun]:
+              outputs: str | Path | None = None, tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
         yield StageRun(name, None, False, NullTracker(), None, str(outputs) if outputs is not None else None)
+
+    def record_key(self, st: StageRun, key: Mapping[str, Any], *, reused: bool) -> None:
+        pass
 
 
 @contextmanager
@@ -199,7 +198,7 @@ def open_pipeline_run(
         **{f"upstream.{k}": v for k, v in (upstream or {}).items()},
     }
     tracker = store.create_run(name, run_tags)
-    run = PipelineRun(store, tracker, code, caller, log=log, reuse=cfg.reuse)
+    run = PipelineRun(store, tracker, code, caller, log=log)
     with _terminate_on_exit(store.client, run.run_id):
         run.log_params(params)
         yield run
@@ -222,5 +221,5 @@ def tracked_command(
     if not enabled:
         cfg = dataclasses.replace(cfg, enabled=False)
     with open_pipeline_run(cfg, stage, tags=tags, params=params) as run:
-        with run.stage(stage, outputs=outputs, reuse=False) as st:
+        with run.stage(stage, outputs=outputs) as st:
             yield st

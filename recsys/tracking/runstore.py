@@ -14,7 +14,6 @@ from typing import Any
 
 from features.core.errors import RecsysError, UsageError
 from recsys.tracking.config import TrackingConfig
-from recsys.tracking.provenance import key_hash
 from recsys.tracking.runs import MLflowTracker, RunInfo, _check_name, _key, _run_info, _tag_str
 from recsys.tracking.store import (
     Log,
@@ -23,7 +22,6 @@ from recsys.tracking.store import (
     _resolve,
     _what_to_do,
     check_store,
-    local_path,
     resolve_artifact_root,
 )
 
@@ -157,22 +155,16 @@ class RunStore:
             if not token or (max_results and len(out) >= max_results):
                 return out[:max_results] if max_results else out
 
-    def find_reusable(self, stage: str, key: Mapping[str, Any], *, log: Log | None = None) -> RunInfo | None:
-        """Newest FINISHED run of `stage` whose `reuse_key` tag is the hash of
-        `key` (see `stage_key`) and whose recorded outputs still exist."""
+    def find_origin(self, stage: str, reuse_key: str) -> RunInfo | None:
+        """Newest FINISHED run of `stage` that computed (did not reuse) the
+        outputs whose manifest key hashes to `reuse_key`: lineage of a reused
+        stage. The manifest, not this lookup, decides reuse."""
         _check_name(stage, "stage name")
-        h = key_hash(key)
         runs = self._search(
-            f"tags.reuse_key = '{h}' and tags.stage = '{stage}' and attributes.status = 'FINISHED'", max_results=10
+            f"tags.reuse_key = '{_check_name(reuse_key, 'reuse key')}' and tags.stage = '{stage}' "
+            "and tags.reused = 'false' and attributes.status = 'FINISHED'", max_results=1
         )
-        for r in runs:
-            out = r.outputs
-            if out and local_path(out) is not None and not local_path(out).exists():
-                if log:
-                    log(f"{stage}: not reusing run {r.run_id}: its outputs {out} are gone")
-                continue
-            return r
-        return None
+        return runs[0] if runs else None
 
     def search_runs(
         self, experiment_tag: str, *, stage: str | None = None, finished_only: bool = True

@@ -28,8 +28,7 @@ from features.core.config import config_hash, to_dict
 from features.core.errors import DataError
 from features.core.manifest import atomic_file
 from recsys.data import RankingData
-from recsys.models.ranker import RankerConfig
-from recsys.train.config import TrainConfig
+from recsys.config.sections import RankerConfig, TrainConfig
 from recsys.train.distributed import Trainable, WorkerContext
 
 # keys that do not change what a run computes: a resume may differ in them
@@ -38,7 +37,8 @@ RESUME_FREE = ("epochs", "resume", "progress", "checkpoint_dir", "device", "eval
 
 def resume_key(ranker: RankerConfig, train: TrainConfig, seed: int, data: RankingData, world: int) -> str:
     t = {k: v for k, v in to_dict(train).items() if k not in RESUME_FREE}
-    return config_hash({"ranker": to_dict(ranker), "train": t, "seed": seed, "spec": to_dict(data.spec), "world": world})
+    return config_hash({"ranker": to_dict(ranker), "train": t, "data": to_dict(data.config), "seed": seed,
+                        "spec": to_dict(data.spec), "world": world})
 
 
 def checkpoint_name(stem: str, ctx: WorkerContext) -> str:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from features.core.errors import ConfigError, UsageError
 from recsys.models.ranker import Ranker, RankerTrain
-from recsys.train.config import TrainConfig
+from recsys.config.sections import TrainConfig
 
 
 @dataclass

@@ -113,7 +113,7 @@ def write_results(out: Path, test_pred: pl.DataFrame, metrics: Mapping[str, Any]
     Both files are written in full beside their final names before either is
     renamed, predictions first: a failure leaves the previous pair (or none),
     never a new predictions file with old metrics."""
-    pred_path, metrics_path = out / "predictions.parquet", out / "metrics.json"
+    pred_path, metrics_path = out / S.PREDICTIONS_FILE, out / S.METRICS_FILE
     with atomic_file(metrics_path) as tmp_metrics, atomic_file(pred_path) as tmp_pred:
         test_pred.write_parquet(tmp_pred)
         tmp_metrics.write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n")

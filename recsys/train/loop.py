@@ -40,10 +40,10 @@ from features.core.numeric import torch_threads
 from features.core.tracker import NullTracker, Tracker
 from recsys.data import RankingData
 from recsys.eval.metrics import METRICS, evaluate_predictions
-from recsys.models.ranker import Ranker, RankerConfig
+from recsys.config.sections import RankerConfig, TrainConfig
+from recsys.models.ranker import Ranker
 from recsys.modules.svd_attention import SVDFactorizationError
 from recsys.train import checkpoint
-from recsys.train.config import TrainConfig
 from recsys.train.distributed import Trainable, WorkerContext, build_trainable, worker_context
 from recsys.train.evaluate import metrics_line, predict, run_metrics, write_results
 
@@ -60,7 +60,7 @@ def _train_epoch(tr: Trainable, data: RankingData, cfg: TrainConfig, seed: int, 
                  ctx: WorkerContext) -> dict[str, float]:
     tr.module.train()
     shuffle = np.random.default_rng([seed, epoch])
-    negatives = np.random.default_rng([seed, epoch, 1, ctx.rank]) if cfg.negatives_per_request else None
+    negatives = np.random.default_rng([seed, epoch, 1, ctx.rank]) if data.config.negatives_per_request else None
     total = data.n_batches("train", cfg.batch_size, ctx.world_size)
     if cfg.max_batches_per_epoch:
         total = min(total, cfg.max_batches_per_epoch)

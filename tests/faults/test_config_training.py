@@ -1,5 +1,5 @@
 """Faults of config validation, ranker training, metrics and the LightGBM
-baseline (issue 10): every case asserts the exit code, the message (file,
+baseline: every case asserts the exit code, the message (file,
 column, key or step where they apply) and that no output (or the old output)
 is under the final name. Data: a 20-user files-source dataset built once per
 module with `recsys features build`; configs are experiments/configs/debug.yaml
@@ -53,10 +53,10 @@ def rank_config(tmp_path: Path, features: Path, delta: dict | None = None, name:
     """debug.yaml, pointed at `features`, one epoch, tracking off, + `delta`."""
     base = yaml.safe_load(DEBUG_YAML.read_text())
     base = deep_merge(base, {
-        "ranker": {"max_history": 50},
+        "data": {"history_cap": 50},
         "train": {"epochs": 1, "progress": False},
         "tracking": {"enabled": False},
-        "paths": {"root": str(tmp_path / "root"), "features": str(features), "match_features": "none"},
+        "paths": {"root": str(tmp_path / "root"), "features": str(features)},
     })
     path = tmp_path / name
     path.write_text(yaml.safe_dump(deep_merge(base, delta or {})))
@@ -106,8 +106,7 @@ def test_out_of_range_float_exits_2(cli, features_dir, tmp_path, delta, key):
 
 
 def test_float_written_without_a_dot_is_a_float_and_only_for_float_keys():
-    from recsys.models.ranker import RankerConfig
-    from recsys.train import TrainConfig
+    from recsys.config.sections import RankerConfig, TrainConfig
 
     # PyYAML reads `lr: 1e-3` as the string "1e-3"
     assert yaml.safe_load("lr: 1e-3")["lr"] == "1e-3"
@@ -155,10 +154,11 @@ def test_svd_attention_on_non_finite_history_is_a_clear_error():
 
 
 def test_nan_score_in_evaluation_is_refused(features_dir):
-    from recsys.data import DataConfig, RankingData
+    from recsys.config.sections import DataConfig
+    from recsys.data import RankingData
     from recsys.train import TrainingDiverged, predict
 
-    data = RankingData.load(features_dir, DataConfig(max_history=20, use_match_features=False))
+    data = RankingData.load(features_dir, DataConfig(history_cap=20))
 
     class NaNModel(torch.nn.Module):
         def forward(self, batch):
@@ -210,7 +210,7 @@ def test_world_size_without_torchrun_exits_2_at_once(cli, features_dir, tmp_path
 def test_rank_missing_match_features_exits_2(cli, features_dir, tmp_path, where):
     (tmp_path / "empty_dir").mkdir()
     path = tmp_path / where
-    cfg = rank_config(tmp_path, features_dir, {"ranker": {"use_match_features": True},
+    cfg = rank_config(tmp_path, features_dir, {"data": {"use_match_features": True},
                                                "paths": {"match_features": str(path)}})
     rc, _, err = cli("rank", "train", "--config", cfg, "--out", tmp_path / "out")
     assert rc == 2
@@ -240,8 +240,8 @@ def test_lightgbm_match_features_requested_but_absent_exits_2(cli, features_dir,
 
 
 def test_full_rank_run_on_20_users_writes_null_with_reasons(cli, features_dir, tmp_path):
-    # also: use_match_features true with paths.match_features "none" (the explicit off switch), lr as "1e-3"
-    cfg = rank_config(tmp_path, features_dir, {"ranker": {"use_match_features": True}, "train": {"lr": "1e-3"}})
+    # also: lr written as "1e-3"
+    cfg = rank_config(tmp_path, features_dir, {"train": {"lr": "1e-3"}})
     out = tmp_path / "out"
     rc, _, err = cli("rank", "train", "--config", cfg, "--out", out)
     assert rc == 0, err

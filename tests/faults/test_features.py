@@ -413,7 +413,7 @@ def test_day_offset_default_per_source_and_describe_shows_both_rates(cli, tiny_d
 
 # --- kill and rerun, concurrent runs ----------------------------------------------
 
-SYNTH = ["--source", "synthetic", "--users", "3000", "--max-history", "200", "--seed", "1", "--quiet"]
+SYNTH = ["--source", "synthetic", "--users", "3000", "--max-events", "200", "--seed", "1", "--quiet"]
 
 
 def _recsys(*argv: str) -> subprocess.Popen:
@@ -436,7 +436,7 @@ def synthetic_reference(tmp_path_factory):
     from features.sources import SyntheticConfig
 
     out = tmp_path_factory.mktemp("ref") / "f"
-    cfg = FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=3000, max_history=200, seed=1))
+    cfg = FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=3000, max_events=200, seed=1))
     build_features(cfg, out, log=lambda _m: None)
     return _tables(out)
 

@@ -1,4 +1,4 @@
-"""Faults of tracking, the UI server, experiments and compare (issue 10).
+"""Faults of tracking, the UI server, experiments and compare.
 
 Each case: the exit code, the message (file, column, rows where they apply),
 and that nothing (or the old content) is left under the final name.
@@ -25,7 +25,7 @@ import yaml
 
 from features.core.errors import UsageError
 from features.core.fingerprint import file_fingerprint
-from recsys.tracking import provenance
+from features.core import provenance
 from recsys.compare import ArmPredictions, compare_arms, format_rows
 from recsys.eval.bootstrap import paired_bootstrap
 from recsys.eval.metrics import METRICS
@@ -93,7 +93,7 @@ LOG_RUNS = textwrap.dedent("""\
     cfg = TrackingConfig(uri=sys.argv[1], experiment="race")
     for i in range(3):
         with open_pipeline_run(cfg, f"{sys.argv[2]}-{i}", tags={"experiment": "race"}, code=CodeVersion("v", "h")) as run:
-            with run.stage("s", {"i": i}, reuse=False) as st:
+            with run.stage("s", {"i": i}) as st:
                 st.log_metrics({"m": float(i)})
     print("done")
 """)
@@ -171,7 +171,7 @@ KILLED_MIDWAY = textwrap.dedent("""\
     from recsys.tracking import CodeVersion, TrackingConfig, open_pipeline_run
     cfg = TrackingConfig(uri=sys.argv[1], experiment="killed")
     with open_pipeline_run(cfg, "doomed", tags={"experiment": "killed"}, code=CodeVersion("v", "h")) as run:
-        with run.stage("train", {"a": 1}, reuse=False) as st:
+        with run.stage("train", {"a": 1}) as st:
             print(run.run_id, st.run_id, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 """)

@@ -105,9 +105,9 @@ def test_unknown_config_key_is_usage_error(tmp_path, capsys):
 
 def test_wrong_config_type_is_usage_error(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("features:\n  max_history: lots\n")
+    cfg.write_text("features:\n  history_cap: lots\n")
     rc, err, _ = _run(tmp_path, capsys, GOOD, extra=["--config", str(cfg)])
-    assert rc == 2 and "max_history" in err and "expected int" in err
+    assert rc == 2 and "history_cap" in err and "expected int" in err
 
 
 def test_unreadable_path_is_usage_error(tmp_path, capsys):

@@ -110,7 +110,7 @@ def test_rerun_skips_and_config_change_rebuilds(tmp_path):
 def test_manifest_fields(ml100k_features):
     m = json.loads((ml100k_features / "manifest.json").read_text())
     assert m["job"] == "features.build"
-    assert {"config_hash", "upstream", "version"} <= set(m["key"])
+    assert {"stage", "params_hash", "code_hash", "upstream"} <= set(m["key"])
     assert m["outputs"]["interactions.parquet"]["rows"] == 100_000
     assert len(m["outputs"]["interactions.parquet"]["fingerprint"]) == 32
     assert "user_id" in m["outputs"]["interactions.parquet"]["schema"]
@@ -136,7 +136,7 @@ def test_failed_build_leaves_previous_output_untouched(tmp_path, monkeypatch):
 
 
 def test_synthetic_is_deterministic_and_long(tmp_path):
-    cfg = FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=3, items=50, max_history=3000, min_history=2500, seed=7))
+    cfg = FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=3, items=50, max_events=3000, min_events=2500, seed=7))
     a = build_features(cfg, tmp_path / "a", log=lambda _m: None)
     b = build_features(cfg, tmp_path / "b", log=lambda _m: None)
     fa = a.manifest["outputs"]["interactions.parquet"]["fingerprint"]
@@ -144,7 +144,7 @@ def test_synthetic_is_deterministic_and_long(tmp_path):
     seqs = pl.read_parquet(tmp_path / "a" / "sequences.parquet")
     assert seqs[S.ITEM_IDS].list.len().min() >= 2000  # a few same-second repeats are dropped
     other = build_features(
-        FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=3, items=50, max_history=3000, min_history=2500, seed=8)),
+        FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=3, items=50, max_events=3000, min_events=2500, seed=8)),
         tmp_path / "c",
         log=lambda _m: None,
     )

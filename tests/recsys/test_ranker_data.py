@@ -16,13 +16,13 @@ from features.core.errors import DataError, SchemaError, UsageError
 from recsys.data import (
     CAND_KEY,
     HIST_KEY,
-    DataConfig,
     FeatureSpec,
     RankingData,
     concat_ranges,
-    resolve_match_path,
     synthetic_batch,
 )
+from features.reader import existing_match_file
+from recsys.config.sections import DataConfig
 
 
 def make_match_standin(features_dir: Path, out_dir: Path, seed: int = 0, shuffle: bool = False) -> Path:
@@ -51,7 +51,7 @@ def make_match_standin(features_dir: Path, out_dir: Path, seed: int = 0, shuffle
 
 @pytest.fixture(scope="module")
 def ml_data(ml100k_features):
-    return RankingData.load(ml100k_features, DataConfig(max_history=30))
+    return RankingData.load(ml100k_features, DataConfig(history_cap=30))
 
 
 def _sequences(features_dir: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -103,10 +103,10 @@ def test_history_cap_respected_on_long_histories(tmp_path_factory):
     from features.sources import SyntheticConfig
 
     out = tmp_path_factory.mktemp("long") / "features"
-    build_features(FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=4, items=300, max_history=3000,
-                                                                                min_history=2500, seed=1)),
+    build_features(FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=4, items=300, max_events=3000,
+                                                                                min_events=2500, seed=1)),
                    out, log=lambda _m: None)
-    data = RankingData.load(out, DataConfig(max_history=1000))
+    data = RankingData.load(out, DataConfig(history_cap=1000))
     inter = pl.read_parquet(out / S.FILES["interactions"])
     assert inter[S.HIST_LEN].max() > 1000
     assert data.req_hist_len.max() == 1000
@@ -192,7 +192,7 @@ def test_activity_features_match_a_python_loop(ml100k_features, ml_data):
 
 
 def test_sampled_negatives(ml100k_features):
-    data = RankingData.load(ml100k_features, DataConfig(max_history=20, negatives=3))
+    data = RankingData.load(ml100k_features, DataConfig(history_cap=20, negatives_per_request=3))
     reqs = data.requests("train")[500:520]
     plain = data.batch(reqs)  # no rng: evaluation, no negatives
     assert not plain.sampled.any()
@@ -215,12 +215,12 @@ def test_standardisation_uses_train_statistics_only(ml100k_features, tmp_path):
     path = make_match_standin(ml100k_features, tmp_path / "match")
     inter = pl.read_parquet(ml100k_features / S.FILES["interactions"])
     train = inter[S.SPLIT].to_numpy() == "train"
-    data = RankingData.load(ml100k_features, DataConfig(max_history=10), match_path=tmp_path / "match")
+    data = RankingData.load(ml100k_features, DataConfig(history_cap=10), match_path=tmp_path / "match")
     # the same features with valid/test match values blown up: train rows must not move
     frame = pl.read_parquet(path)
     frame = frame.with_columns(pl.when(pl.Series(~train)).then(pl.col("mf_noise") * 1000 + 7).otherwise(pl.col("mf_noise")))
     frame.write_parquet(tmp_path / "shifted.parquet")
-    shifted = RankingData.load(ml100k_features, DataConfig(max_history=10), match_path=tmp_path / "shifted.parquet")
+    shifted = RankingData.load(ml100k_features, DataConfig(history_cap=10), match_path=tmp_path / "shifted.parquet")
     j = data.spec.dense_names.index("mf_noise")
     jm = data.spec.dense_names.index("mf_noise_missing")
     dense = np.empty_like(data.imp_dense)
@@ -245,28 +245,22 @@ def test_standardisation_uses_train_statistics_only(ml100k_features, tmp_path):
 def test_match_features_joined_by_keys_in_any_order(ml100k_features, tmp_path):
     make_match_standin(ml100k_features, tmp_path / "a")
     make_match_standin(ml100k_features, tmp_path / "b", shuffle=True)
-    a = RankingData.load(ml100k_features, DataConfig(max_history=10), match_path=tmp_path / "a")
-    b = RankingData.load(ml100k_features, DataConfig(max_history=10), match_path=tmp_path / "b")
+    a = RankingData.load(ml100k_features, DataConfig(history_cap=10), match_path=tmp_path / "a")
+    b = RankingData.load(ml100k_features, DataConfig(history_cap=10), match_path=tmp_path / "b")
     assert a.match_columns == ("mf_pop_hist", "mf_noise")
     np.testing.assert_array_equal(a.imp_dense, b.imp_dense)
 
 
-def test_no_match_features_only_when_none(ml100k_features, tmp_path):
+def test_no_match_features_only_when_not_given(ml100k_features, tmp_path):
     (tmp_path / "empty").mkdir()
-    assert resolve_match_path("none") is None
-    assert resolve_match_path("") is None
-    data = RankingData.load(ml100k_features, DataConfig(), match_path="none")
+    data = RankingData.load(ml100k_features, DataConfig(), match_path=None)
     assert not any(n.startswith("mf_") for n in data.spec.dense_names)
     # a requested location without the file is an error (exit 2), never a run without match features
     for missing in (tmp_path / "empty", tmp_path / "nowhere", tmp_path / "nowhere.parquet"):
         with pytest.raises(UsageError, match=str(missing.name)):
-            resolve_match_path(missing)
+            existing_match_file(missing)
         with pytest.raises(UsageError):
             RankingData.load(ml100k_features, DataConfig(), match_path=missing)
-    # config off: the file is ignored even when present
-    make_match_standin(ml100k_features, tmp_path / "m")
-    off = RankingData.load(ml100k_features, DataConfig(use_match_features=False), match_path=tmp_path / "m")
-    assert off.match_columns == ()
 
 
 def test_schema_mismatch_names_file_and_column(ml100k_features, tmp_path):
@@ -312,9 +306,9 @@ def test_item_embeddings_loaded_and_validated(ml100k_features, tmp_path):
 
 def test_data_config_validation():
     with pytest.raises(ValueError):
-        DataConfig(max_history=0)
+        DataConfig(history_cap=0)
     with pytest.raises(ValueError):
-        DataConfig(negatives=-1)
+        DataConfig(negatives_per_request=-1)
     with pytest.raises(ValueError):
         DataConfig(match_columns=("pop",))
 

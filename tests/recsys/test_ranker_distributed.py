@@ -15,19 +15,21 @@ import pytest
 import torch.multiprocessing as mp
 
 from recsys.config import PipelineConfig
+from recsys.plan import RankJob, plan_rank
 
 TIMEOUT_S = 150
 WORLD = 2
 
 
-def _config(features: str, world_batch: int = 128) -> PipelineConfig:
-    return PipelineConfig({
+def _config(features: str, world_batch: int = 128) -> RankJob:
+    return plan_rank(PipelineConfig.from_mapping({
         "seed": 0,
-        "paths": {"features": features, "match_features": "none"},
-        "ranker": {"embedding_dim": 8, "svd_rank": 4, "max_history": 50, "history_encoder": "svd_compact",
+        "paths": {"features": features},
+        "data": {"history_cap": 50},
+        "ranker": {"embedding_dim": 8, "svd_rank": 4, "history_encoder": "svd_compact",
                    "dense_arch_layer_sizes": [8], "over_arch_layer_sizes": [16, 8]},
         "train": {"epochs": 2, "batch_size": world_batch, "progress": False, "patience": 0, "resume": False},
-    })
+    }))
 
 
 def _worker(rank: int, world: int, port: int, features: str, out: str) -> None:

@@ -16,21 +16,32 @@ from features.core.config import from_dict
 from features.core.errors import ConfigError
 from features.core.tracker import RecordingTracker
 from recsys.config import PipelineConfig
-from recsys.train import PREDICTION_COLUMNS, TrainConfig, train_ranker
+from recsys.config.sections import TrainConfig
+from recsys.plan import RankJob, plan_rank
+from recsys.train import PREDICTION_COLUMNS, train_ranker
 from tests.recsys.test_ranker_data import make_match_standin
 
 CONTRACT_KEYS = {"auc", "gauc", "logloss", "lt_auc", "lt_spearman"}
 
 
-def pipeline(features: Path, match: str = "none", ranker: dict | None = None, train: dict | None = None,
-             seed: int = 0) -> PipelineConfig:
-    return PipelineConfig({
+def config(features: Path, match: str | None = None, ranker: dict | None = None, train: dict | None = None,
+           seed: int = 0) -> PipelineConfig:
+    train = dict(train or {})
+    data = {"history_cap": 50, "use_match_features": match is not None,
+            "negatives_per_request": train.pop("negatives_per_request", 0)}
+    return PipelineConfig.from_mapping({
         "seed": seed,
-        "paths": {"features": str(features), "match_features": match},
-        "ranker": {"embedding_dim": 8, "svd_rank": 4, "max_history": 50, "history_encoder": "mean",
+        "paths": {"features": str(features), "match_features": match or ""},
+        "data": data,
+        "ranker": {"embedding_dim": 8, "svd_rank": 4, "history_encoder": "mean",
                    "dense_arch_layer_sizes": [8], "over_arch_layer_sizes": [16, 8], **(ranker or {})},
-        "train": {"epochs": 2, "batch_size": 128, "progress": False, "patience": 0, **(train or {})},
+        "train": {"epochs": 2, "batch_size": 128, "progress": False, "patience": 0, **train},
     })
+
+
+def pipeline(features: Path, match: str | None = None, ranker: dict | None = None, train: dict | None = None,
+             seed: int = 0) -> RankJob:
+    return plan_rank(config(features, match, ranker, train, seed))
 
 
 def _losses(metrics: dict) -> list[dict]:
@@ -118,7 +129,7 @@ def test_cli_rank_train_and_exit_codes(synthetic_features, tmp_path):
 
     from recsys.cli import rank
 
-    cfg = {"seed": 0, "paths": {"features": str(synthetic_features), "match_features": "none"},
+    cfg = {"seed": 0, "paths": {"features": str(synthetic_features)},
            "ranker": {"embedding_dim": 8, "svd_rank": 4, "history_encoder": "mean"},
            "train": {"epochs": 1, "progress": False}}
     path = tmp_path / "cfg.yaml"
@@ -129,19 +140,25 @@ def test_cli_rank_train_and_exit_codes(synthetic_features, tmp_path):
     args = parser.parse_args(["rank", "train", "--config", str(path), "--out", str(tmp_path / "o1")])
     assert args.handler(args) == 0
     assert (tmp_path / "o1" / "metrics.json").exists() and (tmp_path / "o1" / "predictions.parquet").exists()
+    manifest = json.loads((tmp_path / "o1" / "manifest.json").read_text())
+    assert manifest["job"] == "rank.train" and "predictions.parquet" in manifest["outputs"]
+    # the same config, inputs and code: the rerun is skipped (the manifest key decides)
+    before = (tmp_path / "o1" / "predictions.parquet").stat().st_mtime_ns
+    assert args.handler(args) == 0
+    assert (tmp_path / "o1" / "predictions.parquet").stat().st_mtime_ns == before
     # main(): exit 2 on an impossible config, 1 on missing data
     bad = dict(cfg, ranker={"embedding_dim": 8, "svd_rank": 16})
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     assert rank.main(["train", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o2")]) == 2
-    missing = dict(cfg, paths={"features": str(tmp_path / "nowhere"), "match_features": "none"})
+    missing = dict(cfg, paths={"features": str(tmp_path / "nowhere")})
     (tmp_path / "missing.yaml").write_text(yaml.safe_dump(missing))
-    assert rank.main(["train", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o3")]) == 1
+    assert rank.main(["train", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o3")]) == 2
 
 
 @pytest.mark.parametrize(
     "kw, match",
     [({"epochs": 0}, "epochs"), ({"optimizer": "lbfgs"}, "optimizer"), ({"lr": 0}, "lr"),
-     ({"patience": -1}, "patience"), ({"device": "tpu"}, "device"), ({"negatives_per_request": -2}, "negatives")],
+     ({"patience": -1}, "patience"), ({"device": "tpu"}, "device")],
 )
 def test_train_config_validation(kw, match):
     with pytest.raises(ConfigError, match=match):

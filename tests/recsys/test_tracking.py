@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from features.core.errors import UsageError
+from features.core.provenance import key_hash
 from features.core.tracker import ForwardingTracker, NullTracker, RecordingTracker, Tracker
 from recsys.tracking import (
     PARAM_VALUE_LIMIT,
@@ -57,15 +58,16 @@ def _cfg(store_uri: str, request) -> TrackingConfig:
     return TrackingConfig(uri=store_uri, experiment=request.node.name.replace("[", "_").replace("]", ""))
 
 
-def _stage_once(cfg, params, upstream, code=CODE, outputs=None, log=None):
-    """Run a pipeline with one `distill` stage; return (stage run, computed?)."""
+def _stage_once(cfg, key, *, reused, log=None, code=CODE):
+    """A pipeline with one `distill` stage whose job reports `key` and
+    whether it reused its outputs; returns the stage run."""
     lines = log if log is not None else []
     with open_pipeline_run(cfg, "pipe", tags={"experiment": "t"}, params={"a": 1}, code=code, log=lines.append) as run:
-        with run.stage("distill", params, upstream, outputs=outputs) as st:
-            computed = not st.reused
-            if computed:
+        with run.stage("distill", {"dim": 8}, {"features": "fp1"}) as st:
+            if not reused:
                 st.log_metrics({"loss": 0.5}, step=0)
-    return st, computed
+            run.record_key(st, key, reused=reused)
+    return st
 
 
 # --------------------------------------------------------------------------- config, URIs
@@ -280,22 +282,36 @@ def test_relogging_a_param_keeps_the_resolved_value_beside_it(store_uri, request
 # --------------------------------------------------------------------------- reuse
 
 
-def test_same_key_is_reused_and_says_so(store_uri, request, tmp_path):
+def test_reused_stage_names_the_run_that_computed_it(store_uri, request):
+    """The job's manifest key decides reuse; the stage run carries its hash
+    (`reuse_key`), and a reused stage points at the run that computed it."""
     cfg = _cfg(store_uri, request)
-    out = tmp_path / "emb"
-    out.mkdir()
-    first, computed = _stage_once(cfg, {"dim": 8}, {"features": "fp1"}, outputs=out)
-    assert computed
+    key = stage_key("distill", {"dim": 8}, {"features": "fp1"}, CODE)
+    first = _stage_once(cfg, key, reused=False)
     lines: list[str] = []
-    second, computed = _stage_once(cfg, {"dim": 8}, {"features": "fp1"}, log=lines)
-    assert not computed and second.reused
-    assert second.run_id == first.run_id and second.outputs == str(out.resolve())
-    assert f"distill: reusing run {first.run_id} (same params, code 0.1.0+{'c' * 16}, inputs)" in lines
-    assert second.info.metrics["loss"] == pytest.approx(0.5)
-    # the parent records which run it reused
+    second = _stage_once(cfg, key, reused=True, log=lines)
+    store = connect(cfg)
+    tags = store.get_run(second.run_id).tags
+    assert tags["reuse_key"] == key_hash(key) == store.get_run(first.run_id).tags["reuse_key"]
+    assert tags["reused"] == "true" and tags["reused_from"] == first.run_id
+    assert any(f"reused from run {first.run_id}" in line for line in lines)
     hits = connect(cfg).search_runs("t", stage="pipeline")
-    assert hits[0]["tags"]["stage.distill.run_id"] == first.run_id
     assert hits[0]["tags"]["stage.distill.reused"] == "true"
+    assert hits[0]["tags"]["stage.distill.reused_from"] == first.run_id
+    # a reused run is never an origin: a third reuse still points at the first
+    third = _stage_once(cfg, key, reused=True)
+    assert store.get_run(third.run_id).tags["reused_from"] == first.run_id
+
+
+def test_failed_stage_is_never_an_origin(store_uri, request):
+    cfg = _cfg(store_uri, request)
+    key = stage_key("distill", {"dim": 8}, {"features": "fp1"}, CODE)
+    with pytest.raises(RuntimeError):
+        with open_pipeline_run(cfg, "pipe", code=CODE) as run:
+            with run.stage("distill", {"dim": 8}, {"features": "fp1"}) as st:
+                run.record_key(st, key, reused=False)
+                raise RuntimeError("crash mid-training")
+    assert connect(cfg).find_origin("distill", key_hash(key)) is None
 
 
 @pytest.mark.parametrize(
@@ -308,53 +324,29 @@ def test_same_key_is_reused_and_says_so(store_uri, request, tmp_path):
     ],
     ids=["params", "upstream", "source", "version"],
 )
-def test_changed_key_is_not_reused(store_uri, request, change):
-    cfg = _cfg(store_uri, request)
-    _stage_once(cfg, {"dim": 8}, {"features": "fp1"})
-    _, computed = _stage_once(
-        cfg, change.get("params", {"dim": 8}), change.get("upstream", {"features": "fp1"}), code=change.get("code", CODE)
-    )
-    assert computed
+def test_a_changed_key_is_not_up_to_date(tmp_path, change):
+    from features.core.manifest import atomic_outputs, is_up_to_date, write_manifest
+
+    def key(params=None, upstream=None, code=CODE):
+        return stage_key("distill", params or {"dim": 8}, upstream or {"features": "fp1"}, code)
+
+    with atomic_outputs(tmp_path / "out") as tmp:
+        write_manifest(tmp, job="distill", key=key(), outputs=[], extra={})
+    assert is_up_to_date(tmp_path / "out", key())
+    assert not is_up_to_date(tmp_path / "out", key(**change))
 
 
-def test_git_state_alone_does_not_change_the_key(store_uri, request):
-    """Reuse keys on the plugin's code; the git tags are informational."""
-    cfg = _cfg(store_uri, request)
-    _stage_once(cfg, {"dim": 8}, {}, code=CodeVersion("0.1.0", "c" * 16, GitInfo("a" * 40, True, "d1")))
-    assert not _stage_once(cfg, {"dim": 8}, {}, code=CodeVersion("0.1.0", "c" * 16, GitInfo()))[1]
+def test_git_state_and_unknown_code_in_the_key(tmp_path):
+    """The git tags are informational: the key covers the plugin's own code.
+    Unknown code is never up to date."""
+    from features.core.manifest import atomic_outputs, is_up_to_date, write_manifest
 
-
-def test_failed_stage_is_never_reused(store_uri, request):
-    cfg = _cfg(store_uri, request)
-    with pytest.raises(RuntimeError):
-        with open_pipeline_run(cfg, "pipe", code=CODE) as run:
-            with run.stage("distill", {"dim": 8}, {"features": "fp1"}):
-                raise RuntimeError("crash mid-training")
-    assert run.find_reusable("distill", stage_key("distill", {"dim": 8}, {"features": "fp1"}, CODE)) is None
-    assert _stage_once(cfg, {"dim": 8}, {"features": "fp1"})[1]
-
-
-def test_stage_whose_outputs_are_gone_is_not_reused(store_uri, request, tmp_path):
-    cfg = _cfg(store_uri, request)
-    out = tmp_path / "emb"
-    out.mkdir()
-    _stage_once(cfg, {"dim": 8}, {}, outputs=out)
-    shutil.rmtree(out)
-    lines: list[str] = []
-    assert _stage_once(cfg, {"dim": 8}, {}, log=lines)[1]
-    assert any("are gone" in line for line in lines)
-
-
-def test_reuse_off_and_unknown_commit_recompute(store_uri, request):
-    cfg = _cfg(store_uri, request)
-    _stage_once(cfg, {"dim": 8}, {})
-    off = TrackingConfig(uri=cfg.uri, experiment=cfg.experiment, reuse=False)
-    assert _stage_once(off, {"dim": 8}, {})[1]
-    unknown = CodeVersion()
-    _stage_once(cfg, {"dim": 8}, {}, code=unknown)
-    lines: list[str] = []
-    assert _stage_once(cfg, {"dim": 8}, {}, code=unknown, log=lines)[1]
-    assert any("code version unknown" in line for line in lines)
+    dirty = stage_key("s", {}, {}, CodeVersion("0.1.0", "c" * 16, GitInfo("a" * 40, True, "d1")))
+    assert dirty == stage_key("s", {}, {}, CodeVersion("0.1.0", "c" * 16, GitInfo()))
+    unknown = stage_key("s", {}, {}, CodeVersion())
+    with atomic_outputs(tmp_path / "out") as tmp:
+        write_manifest(tmp, job="s", key=unknown, outputs=[], extra={})
+    assert not is_up_to_date(tmp_path / "out", unknown)
 
 
 # --------------------------------------------------------------------------- search for compare

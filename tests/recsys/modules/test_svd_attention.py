@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 
 import pytest
 import torch
@@ -15,8 +16,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from recsys.bench import attention as bench
+from recsys.bench import attention_cases
 from recsys.modules import reference_attention as ref_mod
-from recsys.modules import svd_attention as svd_mod
+from recsys.modules import svd_attention
+from recsys.modules import svd_kernels as kernels
 from recsys.modules.reference_attention import (
     TargetAttention,
     reference_compact_attention,
@@ -106,10 +109,31 @@ def test_config_validation():
         SVDAttentionConfig(dim=8, rank=4, gram_dtype="float16")
 
 
+def test_literal_annotations_list_exactly_the_accepted_values():
+    hints = typing.get_type_hints(SVDAttentionConfig)
+    assert typing.get_args(hints["mode"]) == svd_attention.MODES
+    assert typing.get_args(hints["gram_dtype"]) == kernels.GRAM_DTYPES
+    for mode in typing.get_args(hints["mode"]):
+        for gram in typing.get_args(hints["gram_dtype"]):
+            SVDAttentionConfig(dim=4, rank=2, mode=mode, gram_dtype=gram)
+    state_hints = typing.get_type_hints(IncrementalSVDState.__init__)
+    for gram in typing.get_args(state_hints["gram_dtype"]):
+        IncrementalSVDState(4, 3, gram_dtype=gram)
+    with pytest.raises(ValueError, match="gram_dtype"):
+        IncrementalSVDState(4, 3, gram_dtype="float16")
+
+
+def test_kernels_keep_their_old_import_path():
+    for name in ("SVDFactorizationError", "compact_tokens", "gram_matrix", "rank_tolerance", "taper_weights",
+                 "tokens_from_spectrum", "top_eigh", "GRAM_DTYPES"):
+        assert getattr(svd_attention, name) is getattr(kernels, name), name
+    assert set(svd_attention.__all__) <= set(dir(svd_attention))
+
+
 def test_rank_tolerance_twins_agree():
     for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         for d in (1, 16, 64, 512):
-            assert svd_mod.rank_tolerance(dt, d) == ref_mod.rank_tolerance(dt, d)
+            assert kernels.rank_tolerance(dt, d) == ref_mod.rank_tolerance(dt, d)
 
 
 def test_state_dict_copies_between_reference_and_svd_modules():
@@ -131,13 +155,13 @@ class FactorizationSpy:
     def __init__(self, monkeypatch):
         self.calls = {"gram_eigh": 0, "tapered_root": 0}
         for name, key in (("_GramEigh", "gram_eigh"), ("_TaperedRoot", "tapered_root")):
-            real = getattr(svd_mod, name).apply
+            real = getattr(kernels, name).apply
 
             def counted(*args, _real=real, _key=key):
                 self.calls[_key] += 1
                 return _real(*args)
 
-            monkeypatch.setattr(getattr(svd_mod, name), "apply", counted)
+            monkeypatch.setattr(getattr(kernels, name), "apply", counted)
 
 
 
@@ -495,7 +519,7 @@ def test_float32_inputs_run_in_float64_and_cast_back():
 def test_compact_fidelity_vs_rank_is_recorded_honestly():
     d = 32
     ranks = [1, 2, 4, 8, 16, d]
-    rows = bench.compact_fidelity(d, 256, 32, ranks, gen(12))
+    rows = attention_cases.compact_fidelity(d, 256, 32, ranks, gen(12))
     print("\ncompact fidelity (singular values sqrt(L) 2^-k):")
     for r in rows:
         print(f"  R={r['R']:>2}  compact {r['rel_err']:.3g}  normalized {r['rel_err_normalized']:.3g}  truncated {r['rel_err_truncated']:.3g}")
@@ -510,7 +534,7 @@ def test_compact_fidelity_vs_rank_is_recorded_honestly():
 
 
 def test_truncation_error_is_reported_on_low_rank_plus_noise_histories():
-    rows = bench.truncation_error(True, gen(3))
+    rows = attention_cases.truncation_error(True, gen(3))
     assert rows and all(r["mode"] == "truncated" and "not a trained table" in r["data"] for r in rows)
     for r in rows:
         # 4 strong directions + noise: full numerical rank, so R = 8 < D = 16 truncates
@@ -542,7 +566,7 @@ def test_benchmark_quick_writes_json(tmp_path):
 @pytest.mark.parametrize(
     ("lengths", "match"),
     [
-        (torch.tensor([10, 1000]), r"0 <= length <= L=10.*\[1000\]"),  # issue 14: accepted and moved compact by 93%
+        (torch.tensor([10, 1000]), r"0 <= length <= L=10.*\[1000\]"),  # used to be accepted (and moved compact by 93%)
         (torch.tensor([-1, 4]), r"0 <= length <= L=10.*\[-1\]"),  # used to return zeros silently
         (torch.tensor([11, 11]), r"\(2 of 2 out of range\)"),
         (torch.tensor([10, 4], dtype=torch.int32), "int64"),
@@ -573,13 +597,13 @@ def test_boundary_lengths_are_valid():
 
 def test_auto_gram_dtype_is_float64_with_autograd_and_input_without(monkeypatch):
     seen = []
-    real = svd_mod.gram_matrix
+    real = kernels.gram_matrix
 
     def spy(x, gram_dtype):
         seen.append(gram_dtype)
         return real(x, gram_dtype)
 
-    monkeypatch.setattr(svd_mod, "gram_matrix", spy)
+    monkeypatch.setattr(kernels, "gram_matrix", spy)
     g = gen(10)
     x, q, lengths = randn(g, 2, 12, 6, dtype=torch.float32), randn(g, 2, 3, 6, dtype=torch.float32), torch.tensor([12, 5])
     for mode in ("truncated", "compact"):

@@ -95,20 +95,21 @@ def test_float32_down_dates_do_not_drift():
 
 @pytest.mark.parametrize("gram", ["auto", "float64"])
 def test_ranker_encoder_batch_forward_and_state_agree_on_the_same_window(gram):
-    """The ranker keeps the last max_history events; a state with window = max_history serves the same."""
-    cfg = RankerConfig(embedding_dim=8, svd_rank=4, max_history=20, history_encoder="svd_compact")
-    encoder = make_history_encoder(cfg)
-    att = encoder.attention
+    """The data layer keeps the last `history_cap` events; a state with window = history_cap serves the same."""
+    history_cap = 20  # DataConfig.history_cap: the window the ranker's encoder sees
+    cfg = RankerConfig(embedding_dim=8, svd_rank=4, history_encoder="svd_compact")
+    att = make_history_encoder(cfg)
+    assert isinstance(att, SVDAttention)
     assert att.config.mode == "compact" and att.config.normalize_tokens == cfg.svd_normalize_tokens
     g = torch.Generator().manual_seed(3)
     history = torch.randn(75, 8, generator=g)  # float32, longer than the cap
     queries = torch.randn(1, 6, 8, generator=g)
-    state = IncrementalSVDState(8, window=cfg.max_history, gram_dtype=gram)
+    state = IncrementalSVDState(8, window=history_cap, gram_dtype=gram)
     for i in range(0, 75, 7):
         state.append(history[i : i + 7])
-    window = history[-cfg.max_history :][None]  # (1, 20, 8): what the data layer hands the ranker
+    window = history[-history_cap:][None]  # (1, 20, 8): what the data layer hands the ranker
     with torch.no_grad():
-        batch = encoder(window, torch.tensor([cfg.max_history]), queries)
+        batch = att(window, torch.tensor([history_cap]), queries)
         served = forward_from_state(att, [state], queries)
     assert rel(served, batch) <= 1e-4  # float32 Gram on both sides ("auto" under no_grad); float32 rounding only
 
@@ -180,16 +181,15 @@ def test_ranker_refuses_the_old_encoder_name_and_truncated_matches_reference_bel
         RankerConfig(embedding_dim=8, svd_rank=4, history_encoder="svd_exact")
     # R = 4 < D = 8 through the factorisation: histories of <= 4 events have rank <= R, so truncated is exact
     cfg = RankerConfig(embedding_dim=8, svd_rank=4, history_encoder="svd_truncated")
-    encoder = make_history_encoder(cfg).double()
-    assert encoder.attention.config.mode == "truncated"
+    att = make_history_encoder(cfg).double()
+    assert isinstance(att, SVDAttention) and att.config.mode == "truncated"
     from recsys.modules.reference_attention import reference_target_attention
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
     q = torch.randn(3, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([4, 2, 3])
-    att = encoder.attention
-    out, ref = encoder(x, lengths, q), reference_target_attention(x, lengths, q, att.w_q, att.w_k, att.w_v)
+    out, ref = att(x, lengths, q), reference_target_attention(x, lengths, q, att.w_q, att.w_k, att.w_v)
     assert rel(out, ref) <= 1e-10
     cot = torch.randn(out.shape, generator=g, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(out, [q, att.w_q, att.w_k, att.w_v], cot),

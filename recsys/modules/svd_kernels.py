@@ -1,0 +1,279 @@
+"""Numerical kernels of SVD-attention: the Gram matrix, its eigendecomposition,
+and the two differentiable factorisations the op is built on.
+
+Shape legend:
+    B  users (requests) in the batch
+    L  history length (rows already masked: padding is zero)
+    D  embedding dim
+    K  singular directions returned (the rank R, or D)
+
+Every kernel takes a masked history X (B, L, D); input checks and masking
+live in `recsys.modules.svd_attention`, the op built on these kernels.
+
+Gram (`gram_matrix`): G = X^T X, O(L D^2). "float64" forms it in float64
+(float32 histories are converted chunk by chunk through one reused buffer);
+"input" forms it with one GEMM in the history's dtype and then casts, so G
+carries that dtype's rounding (~1e-7 relative in float32) and the backward's
+thresholds sit higher. eigh (`top_eigh`) always runs in float64, batched
+over users (a threaded float32 eigh of a small matrix can be far slower).
+
+Factorisations:
+- `factorize` (`_GramEigh`): top-K singular values S (B, K) and vectors
+  V (B, D, K) of X through eigh(G); truncated mode's path.
+- `compact_tokens` (`_TaperedRoot`): M = V diag(h(s)) V^T (B, D, D), the PSD
+  square root of G with the spectrum tapered to the top R directions
+  (`taper_weights`); compact mode's tokens.
+
+Gradients. `_GramEigh`: a custom autograd function on X whose eigh backward
+zeroes the 1/(lambda_i - lambda_j) terms of pairs closer than the Gram's or
+the inputs' rounding (the "robust differentiable SVD" guard). `_TaperedRoot`:
+its backward is the Daleckii-Krein formula for the spectral function M(G)
+(divided differences (h_i - h_j)/(lambda_i - lambda_j), bounded by the
+Lipschitz constant of h, with the derivative at near-equal pairs) plus the
+terms through s_1 and s_{R+1}; both finite on rank-deficient and
+repeated-singular-value inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, get_args
+
+import torch
+from torch import Tensor
+
+from features.core.errors import RecsysError
+
+# "auto" is resolved by the op (`svd_attention.resolve_gram_dtype`); kernels take a resolved value
+GramDtype = Literal["auto", "float64", "input"]
+ResolvedGramDtype = Literal["float64", "input"]
+GRAM_DTYPES: tuple[GramDtype, ...] = get_args(GramDtype)
+
+
+# Eigenvalue pairs closer than this fraction of lambda_max are treated as
+# degenerate in the backward: their coupling term is dropped (truncated) or
+# replaced by the derivative (compact). A float64 Gram resolves eigenvalues to
+# ~D eps64 lambda_max.
+_GAP_TOL = 1e-10
+# A float32 Gram product carries ~1e-7 relative error (measured ~1e-8
+# lambda_max on eigenvalues at L = 10k..50k), so its thresholds sit higher.
+_INPUT_GRAM_RANK_TOL = 1e-3
+_INPUT_GRAM_GAP_TOL = 1e-6
+
+
+def rank_tolerance(dtype: torch.dtype, dim: int) -> float:
+    """Singular values below this fraction of the largest count as zero.
+
+    The Gram route resolves singular values only down to ~sqrt(eps64) ~ 1e-8 of
+    the largest (eigenvalue error ~ D eps64 lambda_max), so 1e-6 is the floor;
+    float32 inputs carry their own rounding noise at ~D eps32.
+    """
+    # capped so that half-precision inputs (eps ~ 1e-3) do not zero every direction
+    return min(max(1e-6, 4.0 * dim * torch.finfo(dtype).eps), 1e-3)
+
+
+class _Tolerances(NamedTuple):
+    rank: float  # S_r <= rank * S_max counts as zero
+    lam_gap: float  # |lambda_i - lambda_j| <= lam_gap * lambda_max: degenerate (Gram rounding)
+    sigma_gap: float  # |S_i - S_j| <= sigma_gap * S_max: degenerate (input rounding)
+
+
+def _tolerances(dtype: torch.dtype, dim: int, gram_dtype: ResolvedGramDtype = "float64") -> _Tolerances:
+    """Thresholds of a Gram route for inputs of `dtype` (gram_dtype already resolved).
+
+    Two kinds of near-degeneracy are numerical rather than real: eigenvalue
+    rounding in the Gram/eigh (absolute in lambda), and the inputs' own
+    rounding, which moves singular values by ~eps ||X|| (Weyl; absolute in S).
+    """
+    sigma_gap = 4.0 * dim * torch.finfo(dtype).eps
+    if gram_dtype == "input" and dtype != torch.float64:
+        return _Tolerances(max(rank_tolerance(dtype, dim), _INPUT_GRAM_RANK_TOL), _INPUT_GRAM_GAP_TOL, sigma_gap)
+    return _Tolerances(rank_tolerance(dtype, dim), _GAP_TOL, sigma_gap)
+
+
+class SVDFactorizationError(RecsysError):
+    """eigh could not factor a history's Gram matrix: almost always because
+    the history embeddings hold NaN/inf (a diverged model, e.g. a huge lr)."""
+
+
+def top_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """All eigenpairs of symmetric (B, D, D) float64 matrices, descending."""
+    try:
+        lam, e = torch.linalg.eigh(gram)  # (B, D), (B, D, D) ascending
+    except torch.linalg.LinAlgError as err:
+        if not bool(torch.isfinite(gram).all()):
+            raise SVDFactorizationError(
+                "SVD-attention got history embeddings with NaN or inf values (eigh cannot factor them): "
+                "the model diverged; lower train.lr / train.sparse_lr"
+            ) from err
+        raise SVDFactorizationError(f"SVD-attention: eigh did not converge on a history Gram matrix ({err})") from err
+    return lam.flip(-1), e.flip(-1)
+
+
+# Elements per float64 conversion chunk (2 MB; 4096 rows at D = 64). Whole-
+# history float64 temporaries are fresh multi-MB allocations that can page-fault
+# on every call; one reused chunk buffer does not. The size was chosen by
+# timing chunkings at long histories.
+_CHUNK_ELEMS = 1 << 18
+
+
+def gram_matrix(x: Tensor, gram_dtype: ResolvedGramDtype) -> Tensor:
+    """G = X^T X (B, D, D) float64 for X (B, L, D); gram_dtype "float64" or "input" (resolved).
+
+    "float64": products in float64, chunk by chunk through one reused buffer.
+    "input": one GEMM in X's dtype, then cast.
+    """
+    if x.dtype == torch.float64 or gram_dtype == "input":
+        return (x.mT @ x).to(torch.float64)
+    b, length, d = x.shape
+    step = max(256, _CHUNK_ELEMS // max(1, b * d))
+    gram = torch.zeros(b, d, d, dtype=torch.float64, device=x.device)  # (B, D, D)
+    buf = torch.empty(b, min(step, length), d, dtype=torch.float64, device=x.device)  # (B, chunk, D)
+    for lo in range(0, length, step):
+        c = buf[:, : min(step, length - lo)]  # (B, n, D)
+        c.copy_(x[:, lo : lo + step])
+        gram.baddbmm_(c.mT, c)
+    return gram
+
+
+class _GramEigh(torch.autograd.Function):
+    """X (B, L, D) -> S (B, K), V (B, D, K), float64: top-K singular pairs via eigh(X^T X).
+
+    Backward goes straight to X with the robust guards of the module docstring.
+    `subspace_only` drops the within-top-K rotation terms, for callers whose
+    output depends on V only through span(V).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rank: int, tols: _Tolerances, subspace_only: bool, gram_dtype: str):  # type: ignore[override]
+        lam, e = top_eigh(gram_matrix(x, gram_dtype))  # (B, D), (B, D, D)
+        ctx.save_for_backward(x, lam, e)
+        ctx.rank, ctx.tols, ctx.subspace_only = rank, tols, subspace_only
+        s = lam[:, :rank].clamp_min(0).sqrt()  # (B, K)
+        return s, e[:, :, :rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, g_s: Tensor, g_v: Tensor):  # type: ignore[override]
+        x, lam, e = ctx.saved_tensors
+        r, tols = ctx.rank, ctx.tols
+        lam_max = lam[:, :1].clamp_min(0)  # (B, 1)
+        # eigenvalues under the rank tolerance are noise: exact zeros, so pairs of them count as degenerate
+        lam = torch.where(lam > (tols.rank * tols.rank) * lam_max, lam, torch.zeros((), dtype=lam.dtype))  # (B, D)
+        s = lam[:, :r].sqrt()  # (B, K)
+        ok = s > 0  # (B, K)
+        # dS -> dlambda = dS / (2 S); with dG -> dX this becomes U dS V^T, finite
+        g_lam = torch.zeros_like(lam)  # (B, D)
+        g_lam[:, :r] = torch.where(ok, g_s / (2 * torch.where(ok, s, torch.ones((), dtype=s.dtype))), 0.0)
+        g_e = torch.zeros_like(e)  # (B, D, D)
+        g_e[:, :, :r] = g_v
+        gap = lam[:, None, :] - lam[:, :, None]  # (B, D, D): lambda_j - lambda_i
+        sig = lam.sqrt()  # (B, D)
+        sig_gap = sig[:, None, :] - sig[:, :, None]  # (B, D, D)
+        safe = (gap.abs() > tols.lam_gap * lam_max[:, :, None]) & (
+            sig_gap.abs() > tols.sigma_gap * sig[:, :1, None]
+        )  # (B, D, D)
+        if ctx.subspace_only:
+            safe[:, :r, :r] = False
+        f = torch.where(safe, 1.0 / torch.where(safe, gap, torch.ones((), dtype=gap.dtype)), 0.0)  # (B, D, D)
+        inner = f * (e.mT @ g_e) + torch.diag_embed(g_lam)  # (B, D, D)
+        g_gram = e @ inner @ e.mT  # (B, D, D)
+        g_x = x.to(torch.float64) @ (g_gram + g_gram.mT)  # (B, L, D)
+        return g_x.to(x.dtype), None, None, None, None
+
+
+def taper_weights(s_all: Tensor, rank: int, taper: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Compact's spectrum h_i = s_i w_i over ALL D singular values s_all (B, D), descending.
+
+    R < D: w_i = clip(1/2 + (s_i - m) / (2 taper s_1), 0, 1) with m = (s_R +
+    s_{R+1}) / 2, the midpoint of the cutoff gap: directions above the gap by
+    taper s_1 keep weight 1, below it by as much get 0, and at a crossing
+    (s_R = s_{R+1}) both get 1/2, so the swap is continuous. R = D: w = 1
+    (M = (X^T X)^(1/2)). Returns h, w, the ramp mask (0 < w < 1) and m (B, 1).
+    """
+    d = s_all.shape[-1]
+    if rank >= d:
+        ones = torch.ones_like(s_all)
+        return s_all, ones, torch.zeros_like(s_all, dtype=torch.bool), s_all.new_zeros(s_all.shape[0], 1)
+    mid = (s_all[:, rank - 1 : rank] + s_all[:, rank : rank + 1]) / 2  # (B, 1)
+    scale = 2 * taper * s_all[:, :1]  # (B, 1)
+    ramp = 0.5 + (s_all - mid) / torch.where(scale > 0, scale, torch.ones((), dtype=s_all.dtype))  # (B, D)
+    ramp = torch.where(scale > 0, ramp, torch.zeros((), dtype=s_all.dtype))
+    w = ramp.clamp(0.0, 1.0)  # (B, D)
+    return s_all * w, w, (ramp > 0) & (ramp < 1), mid
+
+
+class _TaperedRoot(torch.autograd.Function):
+    """X (B, L, D) -> M = E diag(h(s)) E^T (B, D, D) float64, compact's tokens.
+
+    Backward: Daleckii-Krein for the spectral function phi(lambda) = h(sqrt
+    lambda) at fixed (s_1, m), plus the terms through s_1 and the cutoff
+    midpoint m = (s_R + s_{R+1}) / 2 (d s_k / dX = u_k v_k^T). Divided
+    differences of near-equal eigenvalues use the mean derivative, so nothing
+    divides by ~0.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rank: int, taper: float, tols: _Tolerances, gram_dtype: str):  # type: ignore[override]
+        lam, e = top_eigh(gram_matrix(x, gram_dtype))  # (B, D), (B, D, D)
+        lam = lam.clamp_min(0)
+        s_all = lam.sqrt()  # (B, D)
+        h, w, in_ramp, mid = taper_weights(s_all, rank, taper)  # (B, D) x 3, (B, 1)
+        ctx.save_for_backward(x, lam, e, s_all, h, w, in_ramp, mid)
+        ctx.rank, ctx.taper, ctx.tols = rank, taper, tols
+        return (e * h[:, None, :]) @ e.mT  # (B, D, D)
+
+    @staticmethod
+    def backward(ctx, g_m: Tensor):  # type: ignore[override]
+        x, lam, e, s_all, h, w, in_ramp, mid = ctx.saved_tensors
+        r, taper = ctx.rank, ctx.taper
+        d = lam.shape[1]
+        x64 = x.to(torch.float64)
+        s1 = s_all[:, :1]  # (B, 1)
+        scale = 2 * taper * s1  # (B, 1): the ramp's width in s
+        inv_scale = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones((), dtype=s1.dtype)), 0.0)
+        ramp = in_ramp.to(torch.float64)  # (B, D)
+        # phi'(lambda) = h'(s) / (2 s), h' = w + s [ramp] / scale at fixed (s_1, m). Singular values
+        # under the rank tolerance are Gram rounding (~1e-8 s_1 for a zero one): w / (2 s) would turn
+        # that noise into ~1e8, so they count as exact zeros with a zero derivative, as in _GramEigh
+        real = s_all > ctx.tols.rank * s1  # (B, D)
+        safe_s = torch.where(real, s_all, torch.ones((), dtype=s_all.dtype))
+        dphi = torch.where(real, w / (2 * safe_s), 0.0) + ramp * inv_scale / 2  # (B, D)
+        gap = lam[:, :, None] - lam[:, None, :]  # (B, D, D)
+        far = gap.abs() > ctx.tols.lam_gap * lam[:, :1, None]  # (B, D, D)
+        divided = (h[:, :, None] - h[:, None, :]) / torch.where(far, gap, torch.ones((), dtype=gap.dtype))
+        k = torch.where(far, divided, (dphi[:, :, None] + dphi[:, None, :]) / 2)  # (B, D, D)
+        a = e.mT @ ((g_m + g_m.mT) / 2).to(torch.float64) @ e  # (B, D, D)
+        g_x = 2 * x64 @ (e @ (k * a) @ e.mT)  # (B, L, D)
+        if r >= d:
+            return g_x.to(x.dtype), None, None, None, None
+        # through m and s_1: dh_i/dm = -s_i [ramp] / scale; dh_i/ds_1 = -s_i [ramp] (s_i - m) 2 taper / scale^2
+        a_diag = a.diagonal(dim1=1, dim2=2)  # (B, D)
+        c_mid = -(a_diag * ramp * s_all).sum(-1) * inv_scale[:, 0]  # (B,)
+        c_s1 = -(a_diag * ramp * s_all * (s_all - mid)).sum(-1) * 2 * taper * inv_scale[:, 0] ** 2  # (B,)
+        tol = ctx.tols.rank
+        for idx, c in ((0, c_s1), (r - 1, c_mid / 2), (r, c_mid / 2)):
+            vk = e[:, :, idx]  # (B, D)
+            sk = s_all[:, idx]  # (B,)
+            ok = sk > tol * s1[:, 0]  # a zero singular value's subgradient: 0
+            coef = torch.where(ok, c / torch.where(ok, sk, torch.ones((), dtype=sk.dtype)), 0.0)  # (B,)
+            g_x = g_x + coef[:, None, None] * (x64 @ vk[:, :, None]) * vk[:, None, :]  # s_k u_k v_k^T / s_k
+        return g_x.to(x.dtype), None, None, None, None
+
+
+def factorize(
+    x: Tensor, rank: int, subspace_only: bool = False, gram_dtype: ResolvedGramDtype = "float64"
+) -> tuple[Tensor, Tensor]:
+    """Masked history (B, L, D) -> S (B, K), V (B, D, K) float64 (any signs); gram_dtype resolved."""
+    tols = _tolerances(x.dtype, x.shape[-1], gram_dtype)
+    return _GramEigh.apply(x, rank, tols, subspace_only, gram_dtype)
+
+
+def compact_tokens(x: Tensor, rank: int, taper: float, gram_dtype: ResolvedGramDtype) -> Tensor:
+    """M (B, D, D) float64 of a masked history (B, L, D); gram_dtype resolved. Differentiable in X."""
+    tols = _tolerances(x.dtype, x.shape[-1], gram_dtype)
+    return _TaperedRoot.apply(x, rank, taper, tols, gram_dtype)
+
+
+def tokens_from_spectrum(s_all: Tensor, v_all: Tensor, rank: int, taper: float) -> Tensor:
+    """M = V diag(h(S)) V^T (B, D, D) from all singular values S (B, D) and vectors V (B, D, D)."""
+    h, _, _, _ = taper_weights(s_all, rank, taper)  # (B, D)
+    return (v_all * h[:, None, :]) @ v_all.mT  # (B, D, D)

@@ -1,0 +1,170 @@
+"""Stage entry points: (job, tracker, out) -> StageResult.
+
+Each runs one planned job (`recsys.plan`) into `out`, logs to `tracker`, and
+leaves a manifest in `out` whose key (`features.core.provenance.stage_key`:
+stage, params, plugin code, upstream fingerprints) decides reuse: a job whose
+folder already holds a manifest with the same key and intact outputs is
+skipped (`force=True` recomputes). The CLI commands and `recsys.pipeline`
+call these, and nothing else runs a stage.
+
+    run_features(job, tracker, out)   features folder
+    run_distill(job, tracker, out)    teachers, student, cold-start metrics, item embeddings
+    run_match(job, tracker, out)      match_features.parquet
+    run_rank(job, tracker, out)       the TorchRec ranker: metrics.json, predictions.parquet
+    run_lightgbm(job, tracker, out)   the LightGBM baseline: the same files
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from features import schemas as S
+from features.core.config import to_dict
+from features.core.fingerprint import file_fingerprint
+from features.core.manifest import (
+    MANIFEST,
+    atomic_write_text,
+    describe_parquet,
+    folder_fingerprint,
+    is_up_to_date,
+    outputs_fingerprint,
+    read_manifest,
+)
+from features.core.provenance import stage_key
+from features.core.tracker import NullTracker, Tracker
+from recsys.plan import DistillJob, FeaturesJob, LightGBMJob, MatchJob, RankJob
+
+Log = Callable[[str], None]
+RANK_JOB = "rank.train"
+RANK_VERSION = 1
+# train keys that never change what a ranker run computes
+RANK_FREE = ("progress", "resume", "checkpoint_dir")
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """Where a stage's outputs are, whether they were reused, its manifest."""
+
+    out: Path
+    reused: bool
+    manifest: dict[str, Any]
+
+    @property
+    def key(self) -> dict[str, Any]:
+        return self.manifest.get("key", {})
+
+    @property
+    def fingerprint(self) -> str:
+        """Content fingerprint of the outputs (from the manifest): what a
+        downstream stage keys on."""
+        return outputs_fingerprint(self.manifest)
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_features(job: FeaturesJob, tracker: Tracker | None, out: str | Path, *, force: bool = False,
+                 log: Log = _print, loaded: Any = None) -> StageResult:
+    from features.jobs import build_features
+
+    tracker = tracker or NullTracker()
+    res = build_features(job.config, out, force=force, log=log, loaded=loaded)
+    if not res.skipped:
+        tracker.log_metrics({k: v for k, v in res.manifest.get("stats", {}).items() if isinstance(v, (int, float))})
+        tracker.log_artifact(Path(out) / MANIFEST)
+    return StageResult(Path(out), res.skipped, res.manifest)
+
+
+def run_distill(job: DistillJob, tracker: Tracker | None, out: str | Path, *, force: bool = False,
+                log: Log = _print) -> StageResult:
+    from distill import jobs as D
+
+    tracker = tracker or NullTracker()
+    out = Path(out)
+    res = D.evaluate(job.features, out, job.distill, tracker, teachers=job.teachers, ablations=job.ablations,
+                     seed=job.distill.seed, force=force, log=log)
+    if not res.skipped:
+        if res.metrics:
+            log(D.format_metrics(res.metrics, job.distill.eval_ks))
+        tracker.log_artifact(out / "item_embeddings.parquet")
+    return StageResult(out, res.skipped, res.manifest)
+
+
+def run_match(job: MatchJob, tracker: Tracker | None, out: str | Path, *, force: bool = False, log: Log = _print,
+              progress: bool = True, shard: tuple[int, int] | None = None) -> StageResult:
+    from features.jobs import build_match_features
+
+    tracker = tracker or NullTracker()
+    res = build_match_features(job.features, job.embeddings, out, job.config, shard=shard, force=force, log=log,
+                               progress=progress)
+    if res.complete and not res.skipped:
+        tracker.log_artifact(Path(out) / MANIFEST)
+        tracker.log_metrics({"seconds": res.seconds})
+    return StageResult(Path(out), res.skipped, res.manifest)
+
+
+def _rank_upstream(job: RankJob) -> dict[str, str]:
+    up = {"features": folder_fingerprint(job.features)}
+    if job.match is not None:
+        up["match_features"] = file_fingerprint(S.match_file(job.match))
+    if job.embeddings is not None:
+        up["embeddings"] = file_fingerprint(job.embeddings)
+    return up
+
+
+def rank_key(job: RankJob) -> dict[str, Any]:
+    train = {k: v for k, v in to_dict(job.train).items() if k not in RANK_FREE}
+    params = {"version": RANK_VERSION, "data": to_dict(job.data), "model": to_dict(job.model), "train": train,
+              "seed": job.seed}
+    return stage_key(RANK_JOB, params, _rank_upstream(job))
+
+
+def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: bool = False,
+             log: Log = _print) -> StageResult:
+    """Train the ranker (`recsys.train.train_ranker`) into `out`, then write
+    its manifest (rank 0). Under torchrun every rank trains; rank 0 writes."""
+    from recsys.train import train_ranker
+
+    out = Path(out)
+    key = rank_key(job)
+    if not force and is_up_to_date(out, key):
+        log(f"rank: {out} is up to date (same config, inputs and code); skipping")
+        return StageResult(out, True, read_manifest(out) or {})
+    t0 = time.perf_counter()
+    metrics = train_ranker(job, out, tracker=tracker)
+    manifest: dict[str, Any] = {}
+    if int(os.environ.get("RANK", "0")) == 0:
+        manifest = {
+            "job": RANK_JOB,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "key": json.loads(json.dumps(key, sort_keys=True, default=str)),
+            "outputs": {S.PREDICTIONS_FILE: describe_parquet(out / S.PREDICTIONS_FILE)},
+            "files": [S.METRICS_FILE],
+            "seconds": time.perf_counter() - t0,
+            "test": {k: metrics.get(k) for k in ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")},
+        }
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    return StageResult(out, False, manifest)
+
+
+def run_lightgbm(job: LightGBMJob, tracker: Tracker | None, out: str | Path, *, force: bool = False,
+                 log: Log = _print) -> StageResult:
+    from recsys.baseline import lightgbm_key, run_lightgbm as fit_lightgbm
+
+    out = Path(out)
+    key = lightgbm_key(job.features, job.match, job.config)
+    if not force and is_up_to_date(out, key):
+        log(f"lightgbm: {out} is up to date (same config, inputs and code); skipping")
+        return StageResult(out, True, read_manifest(out) or {})
+    fit_lightgbm(job.features, job.match, out, job.config, tracker or NullTracker(), log=log, key=key)
+    return StageResult(out, False, read_manifest(out) or {})
+
+
+__all__ = ["StageResult", "run_features", "run_distill", "run_match", "run_rank", "run_lightgbm", "rank_key"]

@@ -1,0 +1,107 @@
+"""The pipeline config is read once, strictly, and each stage's rules are
+applied once, by its planner (recsys.plan)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from features.core.errors import ConfigError, UsageError
+from recsys.config import RENAMED, PipelineConfig, load_pipeline_config
+from recsys.plan import check_inputs, plan_distill, plan_lightgbm, plan_match, plan_rank
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+
+def test_base_yaml_equals_the_defaults():
+    """Single source of truth: the dataclass defaults; base.yaml is their dump."""
+    base = load_pipeline_config(EXPERIMENTS / "configs" / "base.yaml")
+    assert base == dataclasses.replace(PipelineConfig(), name="ml100k-base")
+
+
+def test_config_modules_import_no_heavy_library():
+    """Loading and planning a config imports neither torch nor the model libraries."""
+    code = ("import sys, recsys.config, recsys.plan, distill.config;"
+            "recsys.plan.plan_rank(recsys.config.load_pipeline_config(None));"
+            "print(','.join(m for m in ('torch', 'torchrec', 'lightgbm', 'mlflow', 'faiss') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_a_moved_key_is_refused_with_its_new_place(old):
+    *parents, leaf = old.split(".")
+    data: dict = {leaf: 1}
+    for p in reversed(parents):
+        data = {p: data}
+    with pytest.raises(ConfigError, match=f"{old}: this key was renamed {RENAMED[old]}"):
+        PipelineConfig.from_mapping(data)
+
+
+def test_none_is_no_longer_a_match_switch():
+    with pytest.raises(ConfigError, match="data.use_match_features: false"):
+        PipelineConfig.from_mapping({"paths": {"match_features": "none"}})
+
+
+def test_unknown_section_and_key_name_the_place():
+    with pytest.raises(ConfigError, match="unknown section 'rankr'.*did you mean 'ranker'"):
+        PipelineConfig.from_mapping({"rankr": {}})
+    with pytest.raises(ConfigError, match=r"config.data: unknown key 'history'"):
+        PipelineConfig.from_mapping({"data": {"history": 3}})
+    with pytest.raises(ConfigError, match=r"ranker.history_encoder: expected one of"):
+        PipelineConfig.from_mapping({"ranker": {"history_encoder": "svd"}})
+
+
+def test_the_config_is_frozen_and_hashable():
+    cfg = PipelineConfig.from_mapping({"seed": 4})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 5  # type: ignore[misc]
+    assert hash(plan_rank(cfg)) == hash(plan_rank(cfg))
+    assert cfg.hash == PipelineConfig.from_mapping({"seed": 4}).hash != PipelineConfig().hash
+    json.dumps(cfg.to_dict())
+
+
+def test_seed_rules_are_applied_by_the_planners():
+    cfg = PipelineConfig.from_mapping({"seed": 7, "teachers": {"seed": 2}})
+    d = plan_distill(cfg)
+    assert (d.teachers.seed, d.distill.seed) == (2, 7)
+    assert plan_rank(cfg).seed == plan_rank(cfg).train.seed == 7
+    assert plan_lightgbm(cfg).config.seed == 7
+    # the experiment runner's per-seed override wins over both
+    assert plan_rank(cfg, seed=3).train.seed == plan_lightgbm(cfg, seed=3).config.seed == 3
+    fixed = PipelineConfig.from_mapping({"seed": 7, "train": {"seed": 1}})
+    assert plan_rank(fixed).seed == 1
+
+
+def test_match_features_are_decided_by_one_key_per_model():
+    off = PipelineConfig.from_mapping({"paths": {"root": "r"}})
+    on = PipelineConfig.from_mapping({"paths": {"root": "r"}, "data": {"use_match_features": True}})
+    assert plan_rank(off).match is None
+    assert plan_rank(on).match == Path("r/match")
+    assert plan_rank(on, match="elsewhere").match == Path("elsewhere")
+    assert plan_rank(off, match="elsewhere").match is None  # not asked for: never read
+    assert plan_lightgbm(off).match == Path("r/match")  # lightgbm.use_match_features defaults to true
+    no_lgb = PipelineConfig.from_mapping({"lightgbm": {"use_match_features": False}})
+    assert plan_lightgbm(no_lgb).match is None
+    assert plan_rank(PipelineConfig.from_mapping({"ranker": {"use_distilled_embeddings": "init"}})).embeddings \
+        == Path("artifacts/ml100k/distill/item_embeddings.parquet")
+    assert plan_match(on).embeddings == Path("r/distill/item_embeddings.parquet")
+
+
+def test_requested_inputs_that_are_missing_exit_2(tmp_path):
+    features = tmp_path / "features"
+    features.mkdir()
+    cfg = PipelineConfig.from_mapping({"paths": {"features": str(features), "match_features": str(tmp_path / "m")},
+                                       "data": {"use_match_features": True}})
+    with pytest.raises(UsageError, match="not a features folder"):
+        check_inputs(plan_rank(cfg))
+    (features / "interactions.parquet").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"paths.match_features: .*m does not exist.*data.use_match_features: false"):
+        check_inputs(plan_rank(cfg))
+    with pytest.raises(UsageError, match="lightgbm.use_match_features: false"):
+        check_inputs(plan_lightgbm(cfg))
