@@ -90,3 +90,64 @@ def test_match_file_and_prefix_declared_only_in_schemas():
         if isinstance(node, ast.Constant) and node.value in literals
     ]
     assert not bad, "use features.schemas.MATCH_FILE / MATCH_PREFIX:\n" + "\n".join(bad)
+
+
+def _dotted_strings(tree: ast.AST) -> set[str]:
+    """String constants that look like a module of the project: edges loaded
+    by name (importlib.import_module, __import__, registries of names)."""
+    return {node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and node.value.split(".")[0] in ("recsys", "features", "distill") and "." in node.value
+            and all(part.isidentifier() for part in node.value.split(".")) and " " not in node.value}
+
+
+def test_edges_loaded_by_name_follow_the_import_direction():
+    forbidden = {"features": ("recsys", "distill"), "distill": ("recsys",)}
+    bad = [
+        f"{path.relative_to(ROOT)} names {name}"
+        for package, banned in forbidden.items()
+        for path, tree in _modules(package)
+        for name in _dotted_strings(tree)
+        if name.split(".")[0] in banned
+    ]
+    assert not bad, "a module loaded by name must follow recsys -> distill -> features too:\n" + "\n".join(bad)
+
+
+def test_importlib_only_for_command_and_bench_dispatch():
+    """Config sections are plain imports (no registry of names); only the CLI
+    and the bench dispatch their subcommands by name, within their own package."""
+    users = []
+    for package in ("features", "distill", "recsys"):
+        for path, tree in _modules(package):
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call):
+                    f = node.func
+                    name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                    if name in ("import_module", "__import__"):
+                        users.append(path.relative_to(ROOT).as_posix())
+    assert set(users) <= {"recsys/cli/__init__.py", "recsys/bench/__main__.py"}, users
+
+
+def test_stage_jobs_are_run_through_the_stage_entry_points():
+    """The CLI and the pipeline run a stage only through recsys/stages.py
+    (which writes its manifest); benchmarks time the job functions directly."""
+    jobs = {"build_features", "build_match_features", "train_ranker"}
+    bad = []
+    for path, tree in _modules("recsys"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel == "recsys/stages.py" or rel.startswith("recsys/bench/"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                if name in jobs:
+                    bad.append(f"{rel}:{node.lineno} calls {name}")
+    assert not bad, "run stages through recsys.stages:\n" + "\n".join(bad)
+
+
+def test_no_module_over_450_lines():
+    long = [f"{p.relative_to(ROOT)}: {n}" for package in ("features", "distill", "recsys")
+            for p in (ROOT / package).rglob("*.py") if (n := len(p.read_text().splitlines())) > 450]
+    assert not long, long
+

@@ -95,16 +95,6 @@ def fingerprint(upstream: Mapping[str, str] | None) -> str:
     return config_hash({str(k): str(v) for k, v in upstream.items()})
 
 
-def _as_mapping(params: Any) -> dict[str, Any]:
-    if params is None:
-        return {}
-    if dataclasses.is_dataclass(params) and not isinstance(params, type):
-        return to_dict(params)
-    if isinstance(params, Mapping):
-        return {k: _as_mapping(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v for k, v in params.items()}
-    raise TypeError(f"params must be a mapping or a config dataclass, got {type(params).__name__}")
-
-
 def as_mapping(params: Any) -> dict[str, Any]:
     if params is None:
         return {}

@@ -98,16 +98,19 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _describe(args: argparse.Namespace) -> int:
-    from features.jobs import build_features, describe, format_stats
+    from features.jobs import describe, format_stats
 
     if args.features:
         stats = describe(args.features)
     else:
-        cfg = resolve_features_config(args).features
+        from recsys.plan import plan_features
+        from recsys.stages import run_features
+
+        job = plan_features(resolve_features_config(args))
         with tempfile.TemporaryDirectory() as tmp:
-            build_features(cfg, Path(tmp) / "features", log=lambda _m: None)
+            run_features(job, None, Path(tmp) / "features", log=lambda _m: None)
             stats = describe(Path(tmp) / "features")
-            stats["folder"] = f"(source {cfg.source}, not saved)"
+            stats["folder"] = f"(source {job.config.source}, not saved)"
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 

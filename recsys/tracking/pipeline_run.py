@@ -35,7 +35,7 @@ from typing import Any
 from features.core.config import config_hash
 from features.core.tracker import NullTracker
 from recsys.tracking.config import TrackingConfig
-from recsys.tracking.provenance import CodeVersion, _as_mapping, code_version, fingerprint, key_hash
+from recsys.tracking.provenance import CodeVersion, as_mapping, code_version, fingerprint, key_hash
 from recsys.tracking.runs import MLflowTracker, StageRun, _check_name, _tag_str
 from recsys.tracking.runstore import RunStore
 from recsys.tracking.store import Log, _stderr, local_path, resolve_artifact_root, sqlite_path
@@ -100,7 +100,7 @@ class PipelineRun(MLflowTracker):
         the run with `record_key`.
         """
         _check_name(name, "stage name")
-        params = _as_mapping(params)
+        params = as_mapping(params)
         upstream = {str(k): str(v) for k, v in (upstream or {}).items()}
         run_tags: dict[str, Any] = {
             **self.inherited,
@@ -187,7 +187,7 @@ def open_pipeline_run(
         db = sqlite_path(store.uri) if store.uri.startswith("sqlite:") else None
         art = local_path(resolve_artifact_root(cfg, store.uri))
         code = code_version(ignore=tuple(p for p in (db.parent if db else None, art) if p is not None))
-    params = _as_mapping(params)
+    params = as_mapping(params)
     caller = {str(k): _tag_str(v) for k, v in (tags or {}).items()}
     run_tags = {
         "config_hash": config_hash(params),

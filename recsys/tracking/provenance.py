@@ -127,7 +127,6 @@ def code_version(*, ignore: tuple[str | Path, ...] = ()) -> CodeVersion:
     return CodeVersion(version, source_hash, _package_git(ignore))
 
 
-_as_mapping = as_mapping
 __all__ = [
     "DIST_NAME", "PACKAGES", "REUSE_KEY_VERSION", "CodeVersion", "GitInfo", "as_mapping", "code_version",
     "fingerprint", "git_info", "hash_sources", "key_hash", "source_files", "stage_key", "_plugin_code",

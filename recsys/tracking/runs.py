@@ -22,7 +22,7 @@ from typing import Any
 from features.core.config import flatten
 from features.core.errors import UsageError
 from features.core.tracker import ForwardingTracker, NullTracker, Tracker
-from recsys.tracking.provenance import _as_mapping
+from features.core.provenance import as_mapping
 from recsys.tracking.store import local_path
 
 # MLflow's limits (mlflow.utils.validation); copied so this module imports mlflow lazily.
@@ -141,7 +141,7 @@ class MLflowTracker:
 
         batch: list[Any] = []
         long_changed = False
-        for raw_key, raw_value in flatten(_as_mapping(params)).items():
+        for raw_key, raw_value in flatten(as_mapping(params)).items():
             key, value = _key(raw_key), _value_str(raw_value)
             if len(value) > PARAM_VALUE_LIMIT:
                 self._long_params[key] = value

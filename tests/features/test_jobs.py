@@ -22,7 +22,7 @@ def test_ml100k_contract_and_split_sizes(ml100k_features):
     assert sizes == {"train": 80_000, "valid": 10_000, "test": 10_000}
     # the peer protocol (NOTES.md): 166 test users; the NOTES figure of ~15% for
     # next-day return holds on UTC days; ML-100K days start at 04:00 US Central
-    # (issue 10), where a session crossing midnight no longer counts as a return
+    # (the -36000 s day offset), where a session crossing midnight no longer counts as a return
     assert inter.filter(pl.col(S.SPLIT) == "test")[S.USER_ID].n_unique() == 166
     rate = inter.filter(pl.col(S.LT_OBSERVED))[S.RETURNED_1D].mean()
     assert 0.11 < rate < 0.15
