@@ -2,8 +2,15 @@
 
 Each arm (and seed) saved a predictions table of the same test impressions.
 For every metric and treatment arm: the value (mean over seeds), the delta vs
-control and a paired bootstrap 95% interval over users, plus a significance
-mark. Pure functions: loading runs from MLflow is `recsys.pipeline`'s job.
+control and a paired bootstrap 95% interval over users and seeds
+(`recsys.eval.bootstrap`), a raw significance mark (the interval excludes 0)
+and the mark after Holm's correction across the experiment's treatment arms x
+metrics (`sig_holm`, from bootstrap p-values). Each metric is also reported
+per segment of the test rows, when the predictions carry the columns:
+cold vs warm items (`cold_item`), users new in test vs returning
+(`new_user`: no train event), and history-length buckets (`hist_len`); each
+segment is its own Holm family. Pure functions: loading runs from MLflow is
+`recsys.experiment_run`'s job.
 
 A metric that cannot be computed (no test row has an observed long-term
 label, one class only, a constant target) is NaN with a `reason`: `null` in
@@ -18,7 +25,7 @@ import io
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,10 +33,30 @@ import polars as pl
 
 from features import schemas as S
 from features.core.errors import DataError
-from recsys.eval.bootstrap import paired_bootstrap
+from recsys.eval.bootstrap import holm, paired_bootstrap
 from recsys.eval.metrics import METRICS
 
 KEY = [S.USER_ID, S.ITEM_ID, S.TIMESTAMP]
+NEW_USER = "new_user"  # the user has no event in the train split
+ALL = "all"
+HIST_EDGES = (1, 10, 50, 200)  # history-length buckets: 0, 1-9, 10-49, 50-199, 200+
+
+
+def segments(columns: Sequence[str]) -> dict[str, pl.Expr]:
+    """Segment name -> row filter, for the segment columns present."""
+    out: dict[str, pl.Expr] = {ALL: pl.lit(True)}
+    if S.COLD_ITEM in columns:
+        out |= {"cold_item": pl.col(S.COLD_ITEM), "warm_item": ~pl.col(S.COLD_ITEM)}
+    if NEW_USER in columns:
+        out |= {"new_user": pl.col(NEW_USER), "returning_user": ~pl.col(NEW_USER)}
+    if S.HIST_LEN in columns:
+        lo = (0, *HIST_EDGES)
+        hi = (*HIST_EDGES, None)
+        for a, b in zip(lo, hi):
+            name = f"hist_len {a}" if b == a + 1 else (f"hist_len {a}-{b - 1}" if b is not None else f"hist_len {a}+")
+            expr = pl.col(S.HIST_LEN) >= a
+            out[name] = expr & (pl.col(S.HIST_LEN) < b) if b is not None else expr
+    return out
 
 
 @dataclass(frozen=True)
@@ -54,6 +81,9 @@ class CompareRow:
     n_users: int
     seeds: int
     reason: str = ""  # why value/delta are NaN ("" when they are numbers)
+    segment: str = ALL  # the test rows compared ("all", "cold_item", "hist_len 10-49", ...)
+    p_value: float = float("nan")  # two-sided bootstrap p-value (NaN for the control)
+    sig_holm: bool = False  # significant after Holm's correction across the segment's arms x metrics
 
     @property
     def computable(self) -> bool:
@@ -72,10 +102,12 @@ def _check_scores(p: ArmPredictions, column: str) -> None:
             )
 
 
-def _aligned(treat: list[ArmPredictions], ctrl: list[ArmPredictions], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _aligned(treat: list[ArmPredictions], ctrl: list[ArmPredictions], metric: str,
+             segment: pl.Expr | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """users, truth, treatment scores (S, n), control scores (S, n) on the
-    impressions both arms scored (seeds paired in sorted order); n may be 0
-    when no common impression has an observed long-term label."""
+    impressions both arms scored (seeds paired in sorted order) that fall in
+    `segment` (a filter on the control's columns); n may be 0 when no such
+    impression has an observed long-term label."""
     m = METRICS[metric]
     seeds = sorted({p.seed for p in treat} & {p.seed for p in ctrl})
     if not seeds:
@@ -92,11 +124,12 @@ def _aligned(treat: list[ArmPredictions], ctrl: list[ArmPredictions], metric: st
         if p.seed in seeds:
             _check_scores(p, m.score)
     lt = m.rows is not None and m.rows in base.columns
-    rows = base.select(KEY + [m.label] + ([m.rows] if lt else []))
+    rows = base if segment is None else base.filter(segment)
+    rows = rows.select(KEY + [m.label] + ([m.rows] if lt else []))
     for s in seeds:
         rows = rows.join(by_c[s].select(KEY + [pl.col(m.score).alias(f"c{s}")]), on=KEY, how="inner")
         rows = rows.join(by_t[s].select(KEY + [pl.col(m.score).alias(f"t{s}")]), on=KEY, how="inner")
-    if rows.height == 0:
+    if rows.height == 0 and segment is None:
         raise DataError(f"arms {treat[0].arm!r} and {ctrl[0].arm!r} scored no common impressions")
     if lt:
         rows = rows.filter(pl.col(m.rows).fill_null(False)).drop(m.rows)
@@ -113,40 +146,36 @@ def compare_arms(
     metrics: Sequence[str],
     n_boot: int = 1000,
     seed: int = 0,
+    by_segment: bool = True,
 ) -> list[CompareRow]:
-    """Rows for every arm (control first) and metric."""
+    """Rows for every segment ("all" first), metric and arm (control first)."""
     arms: dict[str, list[ArmPredictions]] = {}
     for p in predictions:
         arms.setdefault(p.arm, []).append(p)
     if control not in arms:
         raise DataError(f"no predictions for the control arm {control!r} (arms found: {sorted(arms)})")
     order = [control] + [a for a in arms if a != control]
-    out = []
-    for metric in metrics:
-        m = METRICS[metric]
-        for arm in order:
-            users, y, st, sc = _aligned(arms[arm], arms[control], metric)
-            # one generator per (metric, arm) from the same seed: every arm
-            # is resampled on the same users, and the order of arms is moot
-            ci = paired_bootstrap(m, users, y, st, sc, n_boot=n_boot, rng=np.random.default_rng(seed))
-            reason = why_not_computable(m, users, y) if math.isnan(ci.treatment) or math.isnan(ci.control) else ""
-            out.append(
-                CompareRow(
-                    arm=arm,
-                    metric=metric,
-                    value=ci.treatment,
-                    delta=ci.delta,
-                    ci_low=ci.ci_low,
-                    ci_high=ci.ci_high,
-                    control_value=ci.control,
-                    significant=ci.significant,
-                    regression=ci.regression,
-                    higher_is_better=m.higher_is_better,
-                    n_users=ci.n_users,
-                    seeds=st.shape[0],
-                    reason=reason,
-                )
-            )
+    segs = segments(arms[control][0].frame.columns) if by_segment else {ALL: pl.lit(True)}
+    out: list[CompareRow] = []
+    for name, expr in segs.items():
+        family: list[CompareRow] = []
+        for metric in metrics:
+            m = METRICS[metric]
+            for arm in order:
+                users, y, st, sc = _aligned(arms[arm], arms[control], metric, None if name == ALL else expr)
+                # one generator per (segment, metric, arm) from the same seed: every arm
+                # is resampled on the same users, and the order of arms is moot
+                ci = paired_bootstrap(m, users, y, st, sc, n_boot=n_boot, rng=np.random.default_rng(seed))
+                reason = why_not_computable(m, users, y) if math.isnan(ci.treatment) or math.isnan(ci.control) else ""
+                family.append(CompareRow(
+                    arm=arm, metric=metric, value=ci.treatment, delta=ci.delta, ci_low=ci.ci_low,
+                    ci_high=ci.ci_high, control_value=ci.control, significant=ci.significant,
+                    regression=ci.regression, higher_is_better=m.higher_is_better, n_users=ci.n_users,
+                    seeds=st.shape[0], reason=reason, segment=name,
+                    p_value=ci.p_value if arm != control else float("nan"),
+                ))
+        rejected = holm([r.p_value for r in family])
+        out += [replace(r, sig_holm=rej) for r, rej in zip(family, rejected)]
     return out
 
 
@@ -154,8 +183,8 @@ def why_not_computable(m: Any, users: np.ndarray, y: np.ndarray) -> str:
     """Why metric `m` is NaN on these rows, in words."""
     if len(y) == 0:
         if m.label != "label":
-            return "no test impression has an observed long-term label"
-        return "no test impressions"
+            return "no test impression (of the segment) has an observed long-term label"
+        return "no test impressions in the segment"
     classes = np.unique(y)
     if m.kind == "auc" and len(classes) < 2:
         return f"every {m.label} is {classes[0]:g}: AUC needs both classes"
@@ -186,9 +215,37 @@ def _mark(r: CompareRow, control: str) -> str:
     return "better *" if better else "WORSE *"
 
 
+def _holm_mark(r: CompareRow, control: str) -> str:
+    if r.reason or r.arm == control:
+        return ""
+    return "*" if r.sig_holm else "n.s."
+
+
+def _render(header: list[str], body: list[list[str]], fmt: str, group_col: int = 0) -> str:
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    prev = None
+    for row in body:
+        if prev is not None and row[group_col] != prev:
+            lines.append("")
+        prev = row[group_col]
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _ci(r: CompareRow) -> str:
+    return "n/a" if math.isnan(r.ci_low) or math.isnan(r.ci_high) else f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]"
+
+
 def format_rows(rows: Sequence[CompareRow], fmt: str, *, control: str) -> str:
-    """table | markdown | csv | json (the json rows carry the contract keys
-    arm, metric, value, delta, ci_low, ci_high, plus the rest)."""
+    """table | markdown | csv | json. JSON rows carry the contract keys arm,
+    metric, value, delta, ci_low, ci_high, segment, sig_holm, plus the rest.
+    Tables show the whole test set first (with the raw and the Holm-corrected
+    marks), then each treatment's delta per segment."""
     if fmt == "json":
         return json.dumps([_record(r) for r in rows], indent=2, allow_nan=False)
     if fmt == "csv":
@@ -198,38 +255,35 @@ def format_rows(rows: Sequence[CompareRow], fmt: str, *, control: str) -> str:
         for r in rows:
             w.writerow(_record(r))
         return buf.getvalue()
-    header = ["metric", "arm", "value", "delta vs control", "95% CI", "sig."]
+    if fmt not in ("table", "markdown"):
+        raise ValueError(f"unknown format {fmt!r}")
+    header = ["metric", "arm", "value", "delta vs control", "95% CI", "sig.", "Holm"]
     body = [
         [
             r.metric + ("" if r.higher_is_better else " (lower=better)"),
             r.arm,
             _num(r.value, ".4f"),
             "—" if r.arm == control else _num(r.delta, "+.4f"),
-            "—" if r.arm == control else (
-                "n/a" if math.isnan(r.ci_low) or math.isnan(r.ci_high) else f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]"
-            ),
+            "—" if r.arm == control else _ci(r),
             _mark(r, control),
+            _holm_mark(r, control),
         ]
-        for r in rows
+        for r in rows if r.segment == ALL
     ]
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines)
-    if fmt == "table":
-        widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-        lines.append("  ".join("-" * w for w in widths))
-        prev = None
-        for row in body:
-            if prev is not None and row[0] != prev:
-                lines.append("")
-            prev = row[0]
-            lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-        return "\n".join(lines)
-    raise ValueError(f"unknown format {fmt!r}")
+    text = _render(header, body, fmt)
+    seg_rows = [r for r in rows if r.segment != ALL and r.arm != control]
+    if seg_rows:
+        seg_header = ["segment", "metric", "arm", "users", "control", "delta", "95% CI", "sig.", "Holm"]
+        seg_body = [
+            [r.segment, r.metric, r.arm, str(r.n_users), _num(r.control_value, ".4f"), _num(r.delta, "+.4f"), _ci(r),
+             _mark(r, control), _holm_mark(r, control)]
+            for r in seg_rows
+        ]
+        title = "By segment (each segment is its own Holm family):"
+        text += "\n\n" + (f"**{title}**\n\n" if fmt == "markdown" else f"{title}\n") + _render(seg_header, seg_body, fmt)
+    return text
 
 
 def regressions(rows: Sequence[CompareRow], metric: str, control: str) -> list[CompareRow]:
-    """Treatment rows of `metric` whose interval lies entirely on the worse side of zero."""
-    return [r for r in rows if r.metric == metric and r.arm != control and r.regression]
+    """Treatment rows of `metric` (whole test set) whose interval lies entirely on the worse side of zero."""
+    return [r for r in rows if r.metric == metric and r.arm != control and r.regression and r.segment == ALL]

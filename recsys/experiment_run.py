@@ -29,7 +29,7 @@ from features import schemas as S
 from features.core.errors import DataError, UsageError
 from features.core.fingerprint import file_fingerprint
 from features.core.tracker import Tracker
-from recsys.compare import KEY, ArmPredictions, CompareRow, compare_arms, format_rows
+from recsys.compare import ALL, KEY, NEW_USER, ArmPredictions, CompareRow, compare_arms, format_rows
 from recsys.config import PipelineConfig
 from recsys.eval.metrics import METRICS
 from recsys.experiment import MIN_BOOT, LoadedExperiment, load_experiment
@@ -145,17 +145,35 @@ def run_experiment(
                 arm_outputs[key], fingerprints[key] = done.out, done.fingerprint
                 f = arm_outputs[key] / PREDICTIONS
                 frame = read_predictions(f, arm.name, seed, exp.spec.metrics)
-                predictions.append(ArmPredictions(arm.name, seed, frame))
                 arm_runs.append({"arm": arm.name, "seed": seed, "outputs": str(arm_outputs[key]),
-                                 "rows": frame.height, "fingerprint": file_fingerprint(f)})
+                                 "rows": frame.height, "fingerprint": file_fingerprint(f), "features": str(done.features)})
+                predictions.append(ArmPredictions(arm.name, seed, with_segments(frame, done.features)))
         run.log_dict(arm_runs, ARM_RUNS)
         with run.stage("eval", {"n_boot": exp.spec.n_boot, "metrics": list(exp.spec.metrics), "control": exp.spec.control},
                        fingerprints) as st:
             rows = compare_arms(predictions, control=exp.spec.control, metrics=exp.spec.metrics, n_boot=exp.spec.n_boot)
             log_compare(rows, st, root / "experiments" / name, control=exp.spec.control, predictions=predictions)
-            values = {f"{r.metric}.{r.arm}": r.value for r in rows} | {f"{r.metric}.{r.arm}.delta": r.delta for r in rows}
+            whole = [r for r in rows if r.segment == ALL]
+            values = {f"{r.metric}.{r.arm}": r.value for r in whole} | {f"{r.metric}.{r.arm}.delta": r.delta for r in whole}
+            values |= {f"{r.metric}.{r.arm}.delta.{r.segment}": r.delta for r in rows if r.segment != ALL}
             st.log_metrics({k: v for k, v in values.items() if not math.isnan(v)})  # n/a is not a number
     return ExperimentOutcome(name, exp.spec.control, rows, arm_outputs, time.perf_counter() - t0)
+
+
+def with_segments(frame: pl.DataFrame, features: Path | None) -> pl.DataFrame:
+    """The predictions with the columns compare segments by, from the features
+    folder: cold_item and hist_len of each test impression, and new_user (the
+    user has no train event). Unchanged when the folder is unknown or gone."""
+    inter = Path(features or "") / S.FILES["interactions"]
+    if features is None or not inter.is_file():
+        return frame
+    cols = pl.read_parquet(inter, columns=[*KEY, S.SPLIT, S.COLD_ITEM, S.HIST_LEN])
+    train_users = cols.filter(pl.col(S.SPLIT) == "train")[S.USER_ID].unique()
+    seg = cols.filter(pl.col(S.SPLIT) == "test").select(
+        *KEY, S.COLD_ITEM, S.HIST_LEN, (~pl.col(S.USER_ID).is_in(train_users.implode())).alias(NEW_USER))
+    seg = seg.unique(subset=KEY, keep="first")
+    keep = [c for c in frame.columns if c not in (S.COLD_ITEM, S.HIST_LEN, NEW_USER)]
+    return frame.select(keep).join(seg, on=KEY, how="left", maintain_order="left")
 
 
 def log_compare(rows: list[CompareRow], tracker: Tracker, out: Path, *, control: str, predictions: list[ArmPredictions]) -> None:
@@ -166,12 +184,19 @@ def log_compare(rows: list[CompareRow], tracker: Tracker, out: Path, *, control:
     (out / COMPARE_JSON).write_text(format_rows(rows, "json", control=control) + "\n")
     (out / "compare.md").write_text(format_rows(rows, "markdown", control=control) + "\n")
     deltas: dict[str, dict[str, tuple[float, float, float]]] = {}
+    by_segment: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {}
     for r in rows:
         if r.arm != control and not any(math.isnan(v) for v in (r.delta, r.ci_low, r.ci_high)):
-            deltas.setdefault(r.metric, {})[r.arm] = (r.delta, r.ci_low, r.ci_high)
+            if r.segment == ALL:
+                deltas.setdefault(r.metric, {})[r.arm] = (r.delta, r.ci_low, r.ci_high)
+            else:
+                by_segment.setdefault(r.metric, {}).setdefault(r.segment, {})[r.arm] = (r.delta, r.ci_low, r.ci_high)
     files = [out / COMPARE_JSON, out / "compare.md"]
     if deltas:
         files.append(plots.arm_deltas(deltas, out / "arm_deltas.png", control=control))
+    for metric, segs in by_segment.items():  # where does each treatment help? one figure per metric
+        files.append(plots.arm_deltas(segs, out / f"segments_{metric}.png", control=control,
+                                      title=f"{metric}: delta vs {control} per segment"))
     first_seed = {}
     for p in predictions:
         first_seed.setdefault(p.arm, p)
@@ -208,6 +233,7 @@ def load_experiment_predictions(tracking_cfg: TrackingConfig, name: str) -> tupl
             raise DataError(f"predictions of arm {entry['arm']!r} (seed {entry['seed']}) are missing: {f}", file=str(f))
         frame = read_predictions(f, entry["arm"], int(entry["seed"]), metrics)
         check_recorded(entry, frame, f)
+        frame = with_segments(frame, Path(entry["features"]) if entry.get("features") else None)
         preds.append(ArmPredictions(entry["arm"], int(entry["seed"]), frame))
     return preds, parent
 

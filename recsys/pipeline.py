@@ -46,10 +46,11 @@ def _log_default(msg: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ArmOutput:
-    """An arm's output folder and the fingerprint of its predictions."""
+    """An arm's output folder, the fingerprint of its outputs, its features folder."""
 
     out: Path
     fingerprint: str
+    features: Path
 
 
 class Pipeline:
@@ -96,8 +97,8 @@ class Pipeline:
 
         return self.stage("features", job, out, entry, upstream={})
 
-    def distill(self, cfg: PipelineConfig, features: StageResult) -> StageResult:
-        job = plan_distill(cfg, features=features.out)
+    def distill(self, cfg: PipelineConfig, features: StageResult, seed: int | None = None) -> StageResult:
+        job = plan_distill(cfg, features=features.out, seed=seed)
         out = self._folder(job, cfg.paths.resolve("embeddings").parent)
 
         def entry(j: DistillJob, st: Tracker, o: Path) -> StageResult:
@@ -105,7 +106,7 @@ class Pipeline:
 
         return self.stage("distill", job, out, entry, upstream={"features": features.fingerprint})
 
-    def embeddings(self, cfg: PipelineConfig, features: StageResult) -> tuple[Path, str]:
+    def embeddings(self, cfg: PipelineConfig, features: StageResult, seed: int | None = None) -> tuple[Path, str]:
         """The item embeddings an arm reads: the user's own file
         (`paths.embeddings`), or the distill stage's."""
         if cfg.paths.embeddings:
@@ -113,11 +114,12 @@ class Pipeline:
             if not emb.is_file():
                 raise UsageError(f"paths.embeddings: {emb} does not exist")
             return emb, file_fingerprint(emb)
-        res = self.distill(cfg, features)
+        res = self.distill(cfg, features, seed)
         return res.out / "item_embeddings.parquet", file_fingerprint(res.out / "item_embeddings.parquet")
 
-    def match(self, cfg: PipelineConfig, features: StageResult, embeddings: Path, emb_fp: str) -> StageResult:
-        job = plan_match(cfg, features=features.out, embeddings=embeddings)
+    def match(self, cfg: PipelineConfig, features: StageResult, embeddings: Path, emb_fp: str,
+              seed: int | None = None) -> StageResult:
+        job = plan_match(cfg, features=features.out, embeddings=embeddings, seed=seed)
         out = self._folder(job, cfg.paths.resolve("match_features"))
 
         def entry(j: MatchJob, st: Tracker, o: Path) -> StageResult:
@@ -128,7 +130,9 @@ class Pipeline:
     # -- arms ---------------------------------------------------------------------------
 
     def arm(self, cfg: PipelineConfig, model: str, seed: int, out: Path, tags: dict[str, Any]) -> ArmOutput:
-        """Every stage arm `model` ("ranker" or "lightgbm") needs, then the model itself."""
+        """Every stage arm `model` ("ranker" or "lightgbm") needs, then the model
+        itself; `seed` reruns every seeded stage (distill, match, the model), while
+        the features, which no seed changes, are shared."""
         planned = plan_lightgbm(cfg, seed=seed) if model == "lightgbm" else plan_rank(cfg, seed=seed)
         features = self.features(cfg)
         upstream = {"features": features.fingerprint}
@@ -136,9 +140,9 @@ class Pipeline:
         match: Path | None = None
         wants_emb = planned.match is not None or getattr(planned, "embeddings", None) is not None
         if wants_emb:
-            emb, upstream["embeddings"] = self.embeddings(cfg, features)
+            emb, upstream["embeddings"] = self.embeddings(cfg, features, seed)
         if planned.match is not None:
-            m = self.match(cfg, features, emb, upstream["embeddings"])
+            m = self.match(cfg, features, emb, upstream["embeddings"], seed)
             match, upstream["match"] = m.out, m.fingerprint
         config_json = cfg.to_dict()
         if model == "lightgbm":
@@ -161,7 +165,7 @@ class Pipeline:
                 return res
 
             result = self.stage("rank", rank_job, out, rank_entry, upstream=upstream, tags=tags)
-        return ArmOutput(result.out, result.fingerprint)
+        return ArmOutput(result.out, result.fingerprint, features.out)
 
 
 def _rank_plots(out: Path, job: Any, tracker: Tracker) -> None:

@@ -2,7 +2,9 @@
 
 Every rule that decides what a stage does is applied here, once:
 
-- seeds: a section's `seed: null` takes the pipeline's top-level `seed`;
+- seeds: a section's `seed: null` takes the pipeline's top-level `seed`; an
+  experiment seed overrides every seed of the arm's chain (teachers, student,
+  match k-means, ranker), so that each seed reruns the treatment itself;
 - paths: `paths.*` or their defaults under `paths.root`, unless the caller
   (the pipeline) hands over the output of an upstream stage;
 - match features: the ranker reads them iff `data.use_match_features`, the
@@ -101,10 +103,12 @@ def plan_features(cfg: PipelineConfig) -> FeaturesJob:
     return FeaturesJob(cfg.features)
 
 
-def plan_distill(cfg: PipelineConfig, *, features: str | Path | None = None,
-                 ablations: bool | None = None) -> DistillJob:
-    teachers = dataclasses.replace(cfg.teachers, seed=_seed(cfg.teachers.seed, cfg))
-    distill = dataclasses.replace(cfg.distill, seed=_seed(cfg.distill.seed, cfg))
+def plan_distill(cfg: PipelineConfig, *, features: str | Path | None = None, ablations: bool | None = None,
+                 seed: int | None = None) -> DistillJob:
+    """`seed`: the experiment runner's per-seed override: it reruns the
+    teachers and the student with that seed (the treatment's own randomness)."""
+    teachers = dataclasses.replace(cfg.teachers, seed=seed if seed is not None else _seed(cfg.teachers.seed, cfg))
+    distill = dataclasses.replace(cfg.distill, seed=seed if seed is not None else _seed(cfg.distill.seed, cfg))
     return DistillJob(
         features=Path(features) if features is not None else cfg.paths.resolve("features"),
         teachers=teachers,
@@ -114,11 +118,12 @@ def plan_distill(cfg: PipelineConfig, *, features: str | Path | None = None,
 
 
 def plan_match(cfg: PipelineConfig, *, features: str | Path | None = None,
-               embeddings: str | Path | None = None) -> MatchJob:
+               embeddings: str | Path | None = None, seed: int | None = None) -> MatchJob:
+    """`seed`: the experiment runner's per-seed override of the k-means seed."""
     return MatchJob(
         features=Path(features) if features is not None else cfg.paths.resolve("features"),
         embeddings=Path(embeddings) if embeddings is not None else cfg.paths.resolve("embeddings"),
-        config=cfg.match,
+        config=cfg.match if seed is None else dataclasses.replace(cfg.match, seed=seed),
     )
 
 

@@ -27,8 +27,16 @@ examples:
 
 Reads the newest finished run of the experiment from the tracking store, loads
 each arm's saved predictions, and reports every metric per arm with its delta
-vs control and a paired bootstrap 95% interval over users (seeds paired too).
-'*' marks an interval that excludes zero. Logs the table and a plot to MLflow.
+vs control and a 95% interval from a bootstrap that resamples users and, with
+several seeds, the seeds too (each seed reruns the arm's whole chain, so the
+interval holds the training randomness of treatment and control). 'sig.'
+marks an interval that excludes zero; 'Holm' is the mark after Holm's
+correction across the experiment's treatment arms x metrics. A second table
+gives each treatment's delta per segment of the test rows: cold vs warm items,
+new vs returning users, history-length buckets. Logs the tables and plots
+(arm_deltas.png, segments_<metric>.png) to MLflow. JSON rows carry arm,
+metric, value, delta, ci_low, ci_high, segment ("all" for the whole test
+set), p_value and sig_holm.
 """
 
 

@@ -1,11 +1,19 @@
-"""Paired bootstrap confidence intervals over users.
+"""Paired bootstrap confidence intervals over users (and seeds).
 
 Two arms scored on the same impressions are compared by resampling USERS
 with replacement (impressions of one user are correlated, so rows are not
 independent draws). A replicate is expressed as per-row weights = the
 multiplicity of the row's user, so every metric is computed on exactly the
-same resampled users for both arms (paired). Shared by the LightGBM report
-and `recsys experiment compare`.
+same resampled users for both arms (paired).
+
+With S seeds per arm (each seed reruns the arm's whole chain: teachers,
+student, match features, ranker), the interval is a two-level (hierarchical)
+bootstrap: each replicate also resamples the S seeds with replacement and
+averages the per-seed deltas on the replicate's users. It therefore covers
+the variation between users AND the randomness of training the treatment
+and the control; with one seed it covers users only.
+
+Shared by the LightGBM report and `recsys experiment compare`.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ class PairedCI:
     n_boot: int
     n_users: int
     higher_is_better: bool
+    p_value: float = float("nan")  # two-sided bootstrap p-value of "no difference"
 
     @property
     def significant(self) -> bool:
@@ -47,6 +56,106 @@ def user_multiplicities(n_users: int, n_boot: int, rng: np.random.Generator) -> 
     return np.bincount((draws + offsets).ravel(), minlength=n_boot * n_users).reshape(n_boot, n_users)
 
 
+def replicate_values(metric: Metric, users_idx: np.ndarray, y: np.ndarray, score: np.ndarray,
+                     counts: np.ndarray) -> np.ndarray:
+    """(B,) values of `metric` on each bootstrap replicate, whose rows are
+    weighted by `counts[b, users_idx]` (B, U): vectorised for auc, gauc and
+    logloss (the sort, the per-user AUCs and the per-user sums are computed
+    once), a loop for the rest."""
+    n_boot = counts.shape[0]
+    if metric.kind == "gauc":
+        _, a, n = per_group_auc(users_idx, y, score)
+        ok = ~np.isnan(a)
+        w = counts[:, ok] * n[ok]  # (B, U_ok)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (w @ a[ok]) / w.sum(axis=1)
+    if metric.kind == "logloss":
+        p = np.clip(score, 1e-7, 1 - 1e-7)
+        ll = -(y * np.log(p) + (1 - y) * np.log(1 - p))  # (n,)
+        n_users = counts.shape[1]
+        per_user = np.bincount(users_idx, weights=ll, minlength=n_users)
+        rows = np.bincount(users_idx, minlength=n_users).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (counts @ per_user) / (counts @ rows)
+    if metric.kind == "auc":
+        order = np.argsort(score, kind="mergesort")
+        s_sorted, pos_row, u_sorted = score[order], (y[order] > 0).astype(np.float64), users_idx[order]
+        if not len(s_sorted):
+            return np.full(n_boot, np.nan)
+        starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # first row of each tie group
+        out = np.empty(n_boot)
+        chunk = max(1, 4_000_000 // len(s_sorted))  # replicates per block: ~32 MB of row weights
+        for b0 in range(0, n_boot, chunk):
+            rw = counts[b0:b0 + chunk][:, u_sorted].astype(np.float64)  # (b, n)
+            pos = np.add.reduceat(rw * pos_row, starts, axis=1)  # (b, G)
+            neg = np.add.reduceat(rw * (1 - pos_row), starts, axis=1)  # (b, G)
+            below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each group
+            wp, wn = pos.sum(axis=1), neg.sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[b0:b0 + chunk] = np.where((wp > 0) & (wn > 0), (pos * (below + 0.5 * neg)).sum(axis=1) / (wp * wn), np.nan)
+        return out
+    if metric.kind == "spearman":
+        return _replicate_spearman(score, y, users_idx, counts)
+    return np.array([compute(metric, users_idx, y, score, counts[b, users_idx]) for b in range(n_boot)])
+
+
+def _weighted_avg_ranks(x: np.ndarray, rw: np.ndarray) -> np.ndarray:
+    """(b, n) average ranks of x when row i is repeated rw[:, i] times (ties share their mean rank)."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    group = np.cumsum(np.r_[True, xs[1:] != xs[:-1]]) - 1  # (n,) tie group of each sorted row
+    w = np.add.reduceat(rw[:, order], starts, axis=1)  # (b, G)
+    avg = np.cumsum(w, axis=1) - w + (w + 1) / 2  # (b, G)
+    ranks = np.empty_like(rw)
+    ranks[:, order] = avg[:, group]
+    return ranks
+
+
+def _replicate_spearman(x: np.ndarray, y: np.ndarray, users_idx: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(B,) Spearman correlations with rows repeated by their user's multiplicity
+    (the same value `spearman(x, y, weights)` gives), vectorised over replicates."""
+    n_boot, n = counts.shape[0], len(x)
+    out = np.full(n_boot, np.nan)
+    if n < 2:
+        return out
+    chunk = max(1, 2_000_000 // n)
+    for b0 in range(0, n_boot, chunk):
+        rw = counts[b0:b0 + chunk][:, users_idx].astype(np.float64)  # (b, n)
+        rx, ry = _weighted_avg_ranks(x, rw), _weighted_avg_ranks(y, rw)
+        tot = rw.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dx = rx - (rw * rx).sum(axis=1, keepdims=True) / tot
+            dy = ry - (rw * ry).sum(axis=1, keepdims=True) / tot
+            den = np.sqrt((rw * dx * dx).sum(axis=1) * (rw * dy * dy).sum(axis=1))
+            r = (rw * dx * dy).sum(axis=1) / den
+        out[b0:b0 + chunk] = np.where((den > 0) & (tot[:, 0] >= 2), r, np.nan)
+    return out
+
+
+def bootstrap_p_value(deltas: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of "delta = 0": twice the smaller tail share
+    of replicate deltas at or beyond zero, with the +1 correction that keeps it
+    above 0 (the smallest value is 2 / (B + 1))."""
+    if not len(deltas):
+        return float("nan")
+    b = len(deltas)
+    tail = min((np.sum(deltas <= 0) + 1) / (b + 1), (np.sum(deltas >= 0) + 1) / (b + 1))
+    return float(min(1.0, 2 * tail))
+
+
+def holm(p_values: list[float], alpha: float = 0.05) -> list[bool]:
+    """Holm's step-down rejections for a family of tests (NaN: never rejected)."""
+    idx = sorted((i for i, p in enumerate(p_values) if not np.isnan(p)), key=lambda i: p_values[i])
+    m = len(idx)
+    reject = [False] * len(p_values)
+    for k, i in enumerate(idx):
+        if p_values[i] > alpha / (m - k):
+            break
+        reject[i] = True
+    return reject
+
+
 def paired_bootstrap(
     metric: Metric,
     users: np.ndarray,
@@ -61,9 +170,9 @@ def paired_bootstrap(
     """Percentile interval of metric(treatment) - metric(control).
 
     Scores are (n,) or (S, n) for S paired seeds: values are means over
-    seeds, and each replicate averages the per-seed deltas computed on the
-    SAME resampled users, so seed noise and user noise are both inside the
-    interval."""
+    seeds; each replicate resamples users and, with S > 1, the seeds too
+    (module docstring), so user noise and training noise are both inside
+    the interval."""
     if n_boot < 2:
         raise ValueError(f"n_boot must be >= 2, got {n_boot}")
     users = np.asarray(users)
@@ -81,24 +190,15 @@ def paired_bootstrap(
     if np.isnan(t_all) or np.isnan(c_all):  # undefined on all rows: no delta, no interval
         return PairedCI(metric.name, t_all, c_all, nan, nan, nan, n_boot, len(u_vals), metric.higher_is_better)
     counts = user_multiplicities(len(u_vals), n_boot, rng)  # (B, U)
-    if metric.kind == "gauc":
-        # per-user AUCs do not change under user resampling: reweight them
-        deltas = np.zeros(n_boot)
-        for s_t, s_c in zip(st, sc):
-            _, a_t, n = per_group_auc(u_idx, y, s_t)
-            _, a_c, _ = per_group_auc(u_idx, y, s_c)
-            ok = ~np.isnan(a_t) & ~np.isnan(a_c)
-            w = counts[:, ok] * n[ok]  # (B, U_ok)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                deltas += (w @ a_t[ok] - w @ a_c[ok]) / w.sum(axis=1)
-        deltas /= len(st)
+    per_seed = np.stack([replicate_values(metric, u_idx, y, s_t, counts) - replicate_values(metric, u_idx, y, s_c, counts)
+                         for s_t, s_c in zip(st, sc)])  # (S, B)
+    n_seeds = per_seed.shape[0]
+    if n_seeds > 1:
+        draw = rng.integers(0, n_seeds, size=(n_boot, n_seeds))  # (B, S): the seeds of each replicate
+        with np.errstate(invalid="ignore"):
+            deltas = np.nanmean(per_seed[draw, np.arange(n_boot)[:, None]], axis=1)
     else:
-        deltas = np.empty(n_boot)
-        for b in range(n_boot):
-            rw = counts[b, u_idx]  # (n,) row weights
-            deltas[b] = np.mean(
-                [compute(metric, users, y, s_t, rw) - compute(metric, users, y, s_c, rw) for s_t, s_c in zip(st, sc)]
-            )
+        deltas = per_seed[0]
     deltas = deltas[~np.isnan(deltas)]
     lo, hi = np.quantile(deltas, [alpha / 2, 1 - alpha / 2]) if len(deltas) else (np.nan, np.nan)
     return PairedCI(
@@ -111,4 +211,5 @@ def paired_bootstrap(
         n_boot=n_boot,
         n_users=len(u_vals),
         higher_is_better=metric.higher_is_better,
+        p_value=bootstrap_p_value(deltas),
     )

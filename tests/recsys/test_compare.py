@@ -79,3 +79,92 @@ def test_pairs_on_common_impressions_only():
     treat = _preds(np.tile([0.6, 0.4], 3), labels, users).head(4)  # user 3 missing
     rows = compare_arms([ArmPredictions("control", 0, ctrl), ArmPredictions("t", 0, treat)], control="control", metrics=["gauc"], n_boot=100)
     assert next(r for r in rows if r.arm == "t").n_users == 2
+
+
+# --- Holm, hierarchical bootstrap, segments, A/A calibration --------------------------
+
+
+def test_holm_step_down():
+    from recsys.eval.bootstrap import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.5]) == [True, False, False, False]  # 0.01 <= .05/4; 0.03 > .05/3
+    assert holm([0.001, 0.012, 0.02]) == [True, True, True]  # .001<=.0167, .012<=.025, .02<=.05
+    assert holm([float("nan"), 0.01]) == [False, True]  # NaN is never rejected nor counted
+
+
+def test_bootstrap_p_value_tails():
+    from recsys.eval.bootstrap import bootstrap_p_value
+
+    assert bootstrap_p_value(np.full(999, 0.1)) == pytest.approx(2 / 1000)
+    assert bootstrap_p_value(np.r_[np.full(500, -1.0), np.full(500, 1.0)]) == pytest.approx(1.0)
+
+
+def _aa_frames(rng, n_users=150, per_user=6, seeds=(0, 1, 2), seed_noise=0.0):
+    """Two arms drawn from the same model: label = signal + noise; each seed adds
+    its own training noise (seed_noise) to every score of the arm."""
+    users = np.repeat(np.arange(n_users), per_user)
+    signal = rng.normal(size=len(users))
+    y = (signal + rng.normal(size=len(users)) > 0).astype(np.int64)
+    out = []
+    for arm in ("control", "a"):
+        for s in seeds:
+            shift = rng.normal(scale=seed_noise, size=len(users))
+            score = 1 / (1 + np.exp(-(signal + rng.normal(scale=1.0, size=len(users)) + shift)))
+            out.append(ArmPredictions(arm, s, pl.DataFrame({
+                "user_id": users, "item_id": np.arange(len(users)), "timestamp": np.zeros(len(users), np.int64),
+                "label": y, "score": score, "lt_score": score, "returned_1d": y, "active_days_7": y,
+                "lt_observed": np.ones(len(users), bool)})))
+    return out
+
+
+def test_aa_experiments_are_significant_at_about_the_nominal_rate():
+    """60 simulated A/A experiments (3 seeds, same model in both arms): the
+    GAUC interval excludes 0 in no more than binomial noise around 5% allows
+    (P[X >= 8 | n=60, p=.05] ~ 0.02)."""
+    rng = np.random.default_rng(7)
+    hits = 0
+    for _ in range(60):
+        rows = compare_arms(_aa_frames(rng), control="control", metrics=["gauc"], n_boot=200, by_segment=False)
+        hits += next(r for r in rows if r.arm == "a").significant
+    assert hits <= 7, hits
+
+
+def test_seed_noise_widens_the_interval():
+    """With training noise that differs per seed, resampling the seeds makes
+    the interval wider than a users-only bootstrap would."""
+    from recsys.eval.bootstrap import paired_bootstrap
+    from recsys.eval.metrics import METRICS
+
+    rng = np.random.default_rng(3)
+    frames = _aa_frames(rng, seed_noise=1.5)
+    st = np.stack([p.frame["score"].to_numpy() for p in frames if p.arm == "a"])
+    sc = np.stack([p.frame["score"].to_numpy() for p in frames if p.arm == "control"])
+    users, y = frames[0].frame["user_id"].to_numpy(), frames[0].frame["label"].to_numpy()
+    both = paired_bootstrap(METRICS["auc"], users, y, st, sc, n_boot=300, rng=np.random.default_rng(0))
+    widths = []
+    for k in range(3):
+        one = paired_bootstrap(METRICS["auc"], users, y, st[k], sc[k], n_boot=300, rng=np.random.default_rng(0))
+        widths.append(one.ci_high - one.ci_low)
+    # averaging 3 seeds would shrink a users-only interval by ~sqrt(3); resampling seeds keeps it wide
+    assert both.ci_high - both.ci_low > np.mean(widths) / np.sqrt(3) * 1.2
+
+
+def test_segments_and_holm_in_rows():
+    rng = np.random.default_rng(1)
+    frames = []
+    for p in _aa_frames(rng, seeds=(0,)):
+        n = p.frame.height
+        frames.append(ArmPredictions(p.arm, p.seed, p.frame.with_columns(
+            pl.Series("cold_item", np.arange(n) % 4 == 0), pl.Series("new_user", p.frame["user_id"].to_numpy() < 30),
+            pl.Series("hist_len", np.arange(n) % 300))))
+    rows = compare_arms(frames, control="control", metrics=["auc", "gauc"], n_boot=100)
+    segs = {r.segment for r in rows}
+    assert segs == {"all", "cold_item", "warm_item", "new_user", "returning_user", "hist_len 0", "hist_len 1-9",
+                    "hist_len 10-49", "hist_len 50-199", "hist_len 200+"}
+    cold = next(r for r in rows if r.segment == "cold_item" and r.arm == "a" and r.metric == "auc")
+    allr = next(r for r in rows if r.segment == "all" and r.arm == "a" and r.metric == "auc")
+    assert cold.n_users <= allr.n_users and cold.value != allr.value
+    assert all(not r.sig_holm or r.significant or r.p_value < 0.05 for r in rows)
+    assert all(np.isnan(r.p_value) for r in rows if r.arm == "control")
+    text = format_rows(rows, "table", control="control")
+    assert "By segment" in text and "Holm" in text and "hist_len 200+" in text

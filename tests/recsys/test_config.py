@@ -105,3 +105,14 @@ def test_requested_inputs_that_are_missing_exit_2(tmp_path):
         check_inputs(plan_rank(cfg))
     with pytest.raises(UsageError, match="lightgbm.use_match_features: false"):
         check_inputs(plan_lightgbm(cfg))
+
+
+def test_an_experiment_seed_reruns_the_whole_chain():
+    """The per-seed override reaches every seeded stage of an arm: teachers,
+    student, match k-means and the model; the features have no seed."""
+    cfg = PipelineConfig.from_mapping({"seed": 0, "teachers": {"seed": 5}, "match": {"seed": 9}})
+    d = plan_distill(cfg, seed=3)
+    assert (d.teachers.seed, d.distill.seed) == (3, 3)
+    assert plan_match(cfg, seed=3).config.seed == 3 and plan_match(cfg).config.seed == 9
+    assert plan_rank(cfg, seed=3).seed == plan_lightgbm(cfg, seed=3).config.seed == 3
+    assert plan_distill(cfg, seed=3) != plan_distill(cfg, seed=4)  # distinct jobs: distinct folders

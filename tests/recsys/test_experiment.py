@@ -148,8 +148,13 @@ def test_debug_chain_end_to_end_with_throwaway_store(tmp_path, monkeypatch, caps
     rows = json.loads(capsys.readouterr().out)
     assert {(r["arm"], r["metric"]) for r in rows} >= {(a, "gauc") for a in ("control", "match", "match_svd", "lightgbm")}
     for r in rows:
-        assert {"arm", "metric", "value", "delta", "ci_low", "ci_high"} <= set(r)
-        assert r["ci_low"] <= r["delta"] <= r["ci_high"] or r["arm"] == "control"
+        assert {"arm", "metric", "value", "delta", "ci_low", "ci_high", "segment", "sig_holm", "p_value"} <= set(r)
+        if r["segment"] == "all" and r["arm"] != "control" and r["delta"] is not None:
+            assert r["ci_low"] <= r["delta"] <= r["ci_high"]
+            assert not r["sig_holm"] or r["ci_low"] > 0 or r["ci_high"] < 0 or r["p_value"] < 0.05
+    segs = {r["segment"] for r in rows}
+    assert {"all", "cold_item", "warm_item", "new_user", "returning_user"} <= segs, segs
+    assert any(s.startswith("hist_len ") for s in segs)
     assert main(["experiment", "compare", "debug_ab", "--format", "markdown"]) == 0
     assert capsys.readouterr().out.startswith("| metric |")
     assert main(["experiment", "compare", "nope"]) == 2
