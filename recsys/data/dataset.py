@@ -202,6 +202,11 @@ class RankingData:
         self._ts_min = int(ts.min()) if n else 0
         item_all = self.item_index(inter[S.ITEM_ID].to_numpy())
         self._item_time_keys = np.sort(item_all * (1 << 33) + (ts - self._ts_min))
+        # items by their first event: a sampled negative exists at its request's time
+        first = np.full(len(self.item_ids), np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(first, item_all, ts.astype(np.int64))
+        self._items_by_first = np.argsort(first, kind="stable")
+        self._first_sorted = first[self._items_by_first]
         self._pred_columns = inter.select(
             S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.LABEL, S.RETURNED_1D, S.ACTIVE_DAYS_7, S.LT_OBSERVED, S.HIST_LEN
         )
@@ -234,7 +239,8 @@ class RankingData:
 
     def batch(self, request_ids: np.ndarray, rng: np.random.Generator | None = None) -> RankBatch:
         """Assemble one batch. With `rng` and config.negatives_per_request > 0, each request
-        gets that many uniformly sampled negatives after its real candidates."""
+        gets that many negatives after its real candidates, drawn uniformly from
+        the items that exist at the request's time (first event at or before it)."""
         r = np.asarray(request_ids, dtype=np.int64)  # (B,)
         k = self.config.negatives_per_request if rng is not None else 0
         imp = self.impressions(r)  # (N_real,)
@@ -260,7 +266,9 @@ class RankingData:
         if k:
             neg_pos = concat_ranges(out_off + c_real, np.full(len(r), k))  # (B k,)
             neg_req = np.repeat(r, k)  # (B k,)
-            neg_items = rng.integers(0, len(self.item_ids), size=len(neg_pos))
+            # uniform over the items whose first event is at or before the request time
+            exist = np.maximum(np.searchsorted(self._first_sorted, self.req_ts[neg_req], side="right"), 1)
+            neg_items = self._items_by_first[(rng.random(len(neg_pos)) * exist).astype(np.int64)]
             items[neg_pos] = neg_items
             sampled[neg_pos] = True
             # same request -> same history counts; item_pop counted at the request time

@@ -205,6 +205,14 @@ def test_sampled_negatives(ml100k_features):
     assert (batch.cand_lengths == plain.cand_lengths + 3).all()
     # history shared, unchanged by sampling
     assert batch.sequence_features[HIST_KEY].values().tolist() == plain.sequence_features[HIST_KEY].values().tolist()
+    # every sampled item exists at its request's time (its first event is at or before it)
+    inter_all = pl.read_parquet(ml100k_features / S.FILES["interactions"])
+    first = dict(inter_all.group_by(S.ITEM_ID).agg(pl.col(S.TIMESTAMP).min()).iter_rows())
+    many = data.batch(data.requests("train")[:400], np.random.default_rng(1))
+    neg = many.sampled.numpy()
+    req_ts = np.repeat(data.req_ts[data.requests("train")[:400]], many.cand_lengths.numpy())
+    items = data.item_ids[many.sequence_features["cand_item"].values().numpy()]
+    assert all(first[i] <= t for i, t in zip(items[neg], req_ts[neg]))
     # exact item_pop at request time: the formula reproduces item_pop of real impressions
     inter = pl.read_parquet(ml100k_features / S.FILES["interactions"])
     got = data.item_pop_at(data.item_index(inter[S.ITEM_ID].to_numpy()), inter[S.TIMESTAMP].to_numpy())

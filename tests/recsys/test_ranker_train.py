@@ -52,7 +52,7 @@ def _losses(metrics: dict) -> list[dict]:
 def test_contract_files(synthetic_features, tmp_path):
     make_match_standin(synthetic_features, tmp_path / "match")
     cfg = pipeline(synthetic_features, str(tmp_path / "match"), ranker={"history_encoder": "svd_compact"},
-                   train={"negatives_per_request": 2, "epochs": 1})
+                   train={"epochs": 1})
     metrics = train_ranker(cfg, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert CONTRACT_KEYS <= set(saved)
@@ -67,7 +67,7 @@ def test_contract_files(synthetic_features, tmp_path):
     assert tuple(pred.columns) == PREDICTION_COLUMNS
     inter = pl.read_parquet(synthetic_features / S.FILES["interactions"])
     test = inter.filter(pl.col(S.SPLIT) == "test")
-    assert pred.height == test.height == metrics["n_test"]  # sampled negatives excluded
+    assert pred.height == test.height == metrics["n_test"]
     assert pred.select(S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.LABEL).equals(
         test.select(S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.LABEL))
     for col in ("score", "lt_score"):
@@ -195,3 +195,10 @@ def test_results_pair_is_replaced_together_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_results(tmp_path, pl.DataFrame({"a": [2]}), {k: 0.9 for k in CONTRACT_KEYS}, RecordingTracker())
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_sampled_negatives_with_match_features_are_refused(synthetic_features, tmp_path):
+    """Sampled negatives carry no match features: with both on, the model could
+    tell them from real rows by their missing mf_* values."""
+    with pytest.raises(ConfigError, match="sampled negatives have no match features"):
+        pipeline(synthetic_features, str(tmp_path / "match"), train={"negatives_per_request": 2})
