@@ -68,7 +68,7 @@ def test_duplicate_yaml_keys_in_an_experiment_exit_2(tmp_path, capsys):
 
 
 def test_shipped_experiments_validate():
-    for name in ("ab_match_features.yaml", "debug_ab.yaml"):
+    for name in ("ab_match_features.yaml", "debug_ab.yaml", "ab_match_features_ml1m.yaml"):
         exp = load_experiment(EXPERIMENTS / name)
         assert [a.name for a in exp.spec.arms][:1] == ["control"]
     arms = {a.name: a for a in load_experiment(EXPERIMENTS / "ab_match_features.yaml").spec.arms}
