@@ -6,6 +6,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+SPARK_STAMP := $(VENV)/.installed-spark
 FAISS  ?= cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -14,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 # disables it by default.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install demo test bench clean-venv
+.PHONY: install spark demo test bench clean-venv
 
 install: $(STAMP)
 
@@ -27,6 +28,14 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
+# Optional: the Spark engine of the feature jobs (pyspark, ~490 MB, ~50 s;
+# Java 17+ at run time). `make test` installs it so the Spark tests run in CI.
+spark: $(SPARK_STAMP)
+
+$(SPARK_STAMP): requirements-spark.txt $(STAMP)
+	$(PY) -m pip install -q -r requirements-spark.txt
+	@touch $(SPARK_STAMP)
+
 # The whole chain on MovieLens-100K (features -> teachers -> distill -> match
 # features -> the A/B experiment -> compare table), tracked in ./mlflow.
 demo: $(STAMP)
@@ -35,7 +44,7 @@ demo: $(STAMP)
 	@echo
 	@echo "Every run is in MLflow (./mlflow): start the UI with  .venv/bin/recsys ui  and open http://127.0.0.1:5000"
 
-test: $(STAMP)
+test: $(STAMP) $(SPARK_STAMP)
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
@@ -43,3 +52,15 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# A real browser for the UI test (tests/integration/test_ui_browser.py):
+# Debian's chromium from apt-get (root, or sudo), driven by Playwright
+# (pinned in requirements.txt) through executable_path=$(CHROMIUM), since
+# Playwright's own browser download cannot work offline. `.ci/run` calls it
+# before `make test`; where it cannot install the browser, the UI test fails.
+CHROMIUM ?= /usr/bin/chromium
+.PHONY: browser
+browser: $(STAMP)
+	@test -x $(CHROMIUM) || { SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+	$(CHROMIUM) --headless --no-sandbox --version

@@ -1,4 +1,5 @@
-"""Input sources: MovieLens-100K and -1M from installed packages, user files, synthetic.
+"""Input sources: MovieLens-100K and -1M from installed packages, user files, synthetic
+(`features.synthetic`, re-exported here).
 
 Every source yields a `RawSource`: lazy frames of raw interactions and (when
 present) items and users, each with the file it came from, so that validation
@@ -11,13 +12,12 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from features import schemas as S
-from features.core.config import config_hash
 from features.core.errors import DataError, UsageError
 from features.core.fingerprint import file_fingerprint
+from features.synthetic import SyntheticConfig, generate_interests, generate_synthetic  # re-exported
 
 @dataclass
 class RawTable:
@@ -275,137 +275,7 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
     return RawSource(name="files", interactions=inter, items=item_table)
 
 
-# --- synthetic ---------------------------------------------------------------
-
-# Words that name the planted factor directions in item text: the text encoder
-# sees real English words, so text similarity tracks factor similarity.
-_WORDS = (
-    "river mountain forest desert ocean city village castle robot dragon detective "
-    "pirate wizard soldier doctor teacher racing cooking music dance space alien "
-    "love war crime family friendship revenge mystery comedy horror history "
-    "science magic sport travel winter summer night morning ghost zombie spy king "
-    "queen school prison island jungle train ship garden storm fire ice gold "
-    "machine animal monster hero"
-).split()
-
-
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """Planted low-rank preferences with popularity skew, deterministic by seed."""
-
-    users: int = 1000  # number of users
-    items: int = 2000  # number of items
-    max_events: int = 200  # longest per-user event sequence
-    min_events: int = 0  # shortest; 0 means max(5, max_events // 10)
-    rank: int = 16  # planted factor dimension
-    days: int = 120  # time span of the data
-    popularity_exponent: float = 1.0  # Zipf exponent of item popularity
-    preference_strength: float = 2.0  # weight of user . item in the choice logits
-    seed: int = 0  # generator seed (same seed, same data)
-
-    def __post_init__(self) -> None:
-        if self.users < 1 or self.items < 2:
-            raise ValueError("synthetic: need users >= 1 and items >= 2")
-        if self.max_events < 1:
-            raise ValueError("synthetic: max_events must be >= 1")
-        if self.min_events < 0 or self.min_events > self.max_events:
-            raise ValueError("synthetic: need 0 <= min_events <= max_events")
-        if self.rank < 1 or self.rank > len(_WORDS) // 2:
-            raise ValueError(f"synthetic: rank must be in 1..{len(_WORDS) // 2}")
-        if self.days < 2:
-            raise ValueError("synthetic: days must be >= 2")
-        if self.popularity_exponent < 0 or self.preference_strength < 0:
-            raise ValueError("synthetic: popularity_exponent and preference_strength must be >= 0")
-
-
-def generate_synthetic(cfg: SyntheticConfig) -> tuple[RawSource, pl.DataFrame]:
-    """Return the raw source and the planted truth (item factors, user factors).
-
-    Users pick items with probability proportional to popularity_i *
-    exp(strength * u . v_i); they like (rating >= 4) items whose affinity is
-    high. Timestamps come in sessions (bursts within a day) over `days` days.
-    """
-    rng = np.random.default_rng(cfg.seed)
-    k = cfg.rank
-    item_f = rng.standard_normal((cfg.items, k)) / np.sqrt(k)  # (I, k)
-    user_f = rng.standard_normal((cfg.users, k)) / np.sqrt(k)  # (U, k)
-    pop_rank = rng.permutation(cfg.items)
-    log_pop = -cfg.popularity_exponent * np.log1p(pop_rank)  # (I,)
-    lo = cfg.min_events or max(1, min(5, cfg.max_events), cfg.max_events // 10)
-    lengths = np.exp(rng.uniform(np.log(lo), np.log(cfg.max_events + 1), cfg.users)).astype(np.int64)
-    lengths = np.clip(lengths, lo, cfg.max_events)
-
-    users_col, items_col, ts_col, rating_col = [], [], [], []
-    t0 = 883_612_800  # 1998-01-01 UTC
-    span = cfg.days * 86400
-    for u in range(cfg.users):
-        n = int(lengths[u])
-        aff = item_f @ user_f[u]  # (I,)
-        logits = log_pop + cfg.preference_strength * aff * np.sqrt(k)
-        p = np.exp(logits - logits.max())
-        cdf = np.cumsum(p)
-        chosen = np.searchsorted(cdf, rng.random(n) * cdf[-1])  # (n,)
-        chosen = np.minimum(chosen, cfg.items - 1)
-        # sessions: a few active days per user, several events per session
-        start = rng.integers(0, span // 2)
-        active = rng.uniform(0.3, 1.0) * (span - start)
-        sessions = max(1, n // int(rng.integers(3, 30)))
-        sess_t = np.sort(start + rng.random(sessions) * active)
-        ts = sess_t[rng.integers(0, sessions, n)] + rng.integers(0, 3600, n)
-        score = aff[chosen] * np.sqrt(k) + 0.5 * rng.standard_normal(n)
-        # Chosen items already have high affinity: rate relative to the user's
-        # own median so about half the events are positives.
-        rating = np.clip(np.round(3.5 + 1.5 * (score - np.median(score))), 1, 5)
-        users_col.append(np.full(n, u, dtype=np.int64))
-        items_col.append(chosen.astype(np.int64))
-        ts_col.append((t0 + ts).astype(np.int64))
-        rating_col.append(rating)
-    inter = pl.DataFrame(
-        {
-            S.USER_ID: np.concatenate(users_col),
-            S.ITEM_ID: np.concatenate(items_col),
-            S.TIMESTAMP: np.concatenate(ts_col),
-            S.RATING: np.concatenate(rating_col).astype(np.float64),
-        }
-    )
-    # The same user may draw the same item twice in one second: keep one.
-    inter = inter.unique(subset=[S.USER_ID, S.ITEM_ID, S.TIMESTAMP], keep="first", maintain_order=True)
-
-    top = np.argsort(-np.abs(item_f), axis=1)[:, :3]  # (I, 3) strongest directions
-    sign = np.take_along_axis(item_f, top, axis=1) > 0
-    word_idx = top * 2 + sign  # each direction has a word per sign
-    words = np.array(_WORDS)
-    texts = [f"A story of {words[a]}, {words[b]} and {words[c]}." for a, b, c in word_idx]
-    category = [f"c{d}{'+' if s else '-'}" for d, s in zip(top[:, 0], sign[:, 0])]
-    tags = [[f"t{d}" for d in np.flatnonzero(row > 0.5)] for row in item_f * np.sqrt(k)]
-    items = pl.DataFrame(
-        {
-            S.ITEM_ID: np.arange(cfg.items, dtype=np.int64),
-            S.TEXT: texts,
-            "category": category,
-            "tags": pl.Series(tags, dtype=pl.List(pl.String)),
-            "popularity_rank": pop_rank.astype(np.int32),
-        }
-    )
-    users = pl.DataFrame(
-        {
-            S.USER_ID: np.arange(cfg.users, dtype=np.int64),
-            "segment": [f"s{d}" for d in np.argmax(user_f, axis=1)],
-        }
-    )
-    truth = pl.DataFrame(
-        {
-            S.ITEM_ID: np.arange(cfg.items, dtype=np.int64),
-            "factor": pl.Series(item_f.astype(np.float32).tolist(), dtype=pl.List(pl.Float32)),
-        }
-    )
-    name = f"synthetic(seed={cfg.seed})"
-    # Deterministic by config: the config hash is the content fingerprint.
-    fp = "synthetic-v1-" + config_hash(cfg)
-    source = RawSource(
-        name="synthetic",
-        interactions=RawTable(inter.lazy(), name + "/interactions", fp + "-inter"),
-        items=RawTable(items.lazy(), name + "/items", fp + "-items"),
-        users=RawTable(users.lazy(), name + "/users", fp + "-users"),
-    )
-    return source, truth
+__all__ = [
+    "RawSource", "RawTable", "SyntheticConfig", "generate_interests", "generate_synthetic", "load_files",
+    "load_movielens100k", "load_movielens1m", "movielens100k_dir", "movielens1m_dir", "ml1m_item_ids", "scan_table",
+]

@@ -183,8 +183,8 @@ def why_not_computable(m: Any, users: np.ndarray, y: np.ndarray) -> str:
     """Why metric `m` is NaN on these rows, in words."""
     if len(y) == 0:
         if m.label != "label":
-            return "no test impression (of the segment) has an observed long-term label"
-        return "no test impressions in the segment"
+            return "no test impression has an observed long-term label"
+        return "no test impressions"
     classes = np.unique(y)
     if m.kind == "auc" and len(classes) < 2:
         return f"every {m.label} is {classes[0]:g}: AUC needs both classes"

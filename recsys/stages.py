@@ -12,6 +12,9 @@ call these, and nothing else runs a stage.
     run_match(job, tracker, out)      match_features.parquet
     run_rank(job, tracker, out)       the TorchRec ranker: metrics.json, predictions.parquet
     run_lightgbm(job, tracker, out)   the LightGBM baseline: the same files
+
+When tracked, run_distill and run_rank also log and register their model
+(`recsys-student`, `recsys-ranker`; see recsys.tracking.models), reused or not.
 """
 
 from __future__ import annotations
@@ -94,7 +97,17 @@ def run_distill(job: DistillJob, tracker: Tracker | None, out: str | Path, *, fo
         if res.metrics:
             log(D.format_metrics(res.metrics, job.distill.eval_ks))
         tracker.log_artifact(out / "item_embeddings.parquet")
-    return StageResult(out, res.skipped, res.manifest)
+    result = StageResult(out, res.skipped, res.manifest)
+    _register_student(job, tracker, result, log)
+    return result
+
+
+def _register_student(job: DistillJob, tracker: Tracker, result: StageResult, log: Log) -> None:
+    """The student as the MLflow model `recsys-student` (recsys.tracking.models);
+    a reused stage finds the version registered for the same outputs."""
+    from recsys.tracking.models import log_student
+
+    log_student(tracker, job.features, result.out, result.key, job.distill.seed, log)
 
 
 def run_match(job: MatchJob, tracker: Tracker | None, out: str | Path, *, force: bool = False, log: Log = _print,
@@ -136,7 +149,10 @@ def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: b
     key = rank_key(job)
     if not force and is_up_to_date(out, key):
         log(f"rank: {out} is up to date (same config, inputs and code); skipping")
-        return StageResult(out, True, read_manifest(out) or {})
+        result = StageResult(out, True, read_manifest(out) or {})
+        if int(os.environ.get("RANK", "0")) == 0:
+            _register_ranker(job, tracker, out, result.key, log)
+        return result
     t0 = time.perf_counter()
     metrics = train_ranker(job, out, tracker=tracker)
     manifest: dict[str, Any] = {}
@@ -151,7 +167,20 @@ def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: b
             "test": {k: metrics.get(k) for k in ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")},
         }
         atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+        _register_ranker(job, tracker, out, manifest["key"], log)
     return StageResult(out, False, manifest)
+
+
+def _register_ranker(job: RankJob, tracker: Tracker | None, out: Path, key: dict[str, Any], log: Log) -> None:
+    """The ranker as the MLflow model `recsys-ranker` (recsys.tracking.models);
+    a reused stage finds the version registered for the same outputs. Only a
+    single-process run has the full best.pt a scorer needs."""
+    from recsys.tracking.models import log_ranker
+
+    if not (out / "checkpoints" / "best.pt").is_file():
+        log(f"rank: no {out / 'checkpoints' / 'best.pt'} (distributed run?); recsys-ranker not registered")
+        return
+    log_ranker(tracker, job, out, key, log)
 
 
 def run_lightgbm(job: LightGBMJob, tracker: Tracker | None, out: str | Path, *, force: bool = False,

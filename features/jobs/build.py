@@ -5,6 +5,8 @@ with the same config and inputs finds the manifest up to date and skips.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,14 +18,26 @@ import polars as pl
 
 from features import schemas as S
 from features import transforms as T
-from features.core.errors import DataError, UsageError
+from features.core.errors import UsageError
 from features.core.provenance import stage_key
-from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
+from features.core.manifest import TMP_MARK, atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
 from features.core.paths import check_output
 from features.jobs.config import JOB, JOB_VERSION, FeaturesConfig
+from features.jobs.steps import (
+    DUP_FLAGS,
+    FrameOrder,
+    check_duplicates,
+    check_known_items,
+    interactions_table,
+    item_features,
+    order_and_flag,
+    plan_split,
+    user_features,
+)
+from features.jobs.uri import local_path
 from features.jobs.stats import summarize
 from features.sources import RawSource, generate_synthetic, load_files, load_movielens1m, load_movielens100k
-from features.validate import ROW, validate_interactions, validate_items, validate_users
+from features.validate import validate_interactions, validate_items, validate_users
 
 
 @dataclass
@@ -40,64 +54,26 @@ def load_source(cfg: FeaturesConfig) -> tuple[RawSource, pl.DataFrame | None]:
     if cfg.source == "movielens1m":
         return load_movielens1m(), None
     if cfg.source == "files":
-        return load_files(cfg.interactions, cfg.items, cfg.text_column), None
+        inter, items = local_path(cfg.interactions, "interactions"), local_path(cfg.items, "items")
+        return load_files(inter, items, cfg.text_column), None
     if cfg.source == "synthetic":
         return generate_synthetic(cfg.synthetic)
     raise UsageError(f"unknown source {cfg.source!r}")
 
 
-def _dedup(events: pl.DataFrame, cfg: FeaturesConfig, file: str, log: Callable[[str], None]) -> pl.DataFrame:
-    conflicts = events.filter(pl.col("__conflict"))
-    if conflicts.height:
-        rows = (conflicts[ROW] + 1).head(5).to_list()
-        raise DataError(
-            f"{conflicts.height} duplicate (user_id, item_id, timestamp) rows disagree on rating/label; "
-            "fix the source (these cannot be dropped safely)",
-            file=file,
-            column="user_id,item_id,timestamp",
-            rows=rows,
-        )
-    dups = events.filter(pl.col("__dup"))
-    if dups.height:
-        rows = (dups[ROW] + 1).head(5).to_list()
-        if cfg.on_duplicate == "error":
-            raise DataError(
-                f"{dups.height} exact duplicate rows (set on_duplicate: drop to drop them)",
-                file=file,
-                column="user_id,item_id,timestamp",
-                rows=rows,
-            )
-        log(f"warning: {file}: dropped {dups.height} exact duplicate rows (first rows {rows})")
-        events = events.filter(~pl.col("__dup"))
-    return events.drop("__dup", "__conflict")
-
-
-def _split(events: pl.DataFrame, cfg: FeaturesConfig) -> tuple[pl.LazyFrame, pl.Expr]:
-    """The split column, and the last day each row's LT label may use (labels
-    never look past their split's cutoff, nor past the last full day)."""
-    offset = cfg.day_offset
-    last_full_day = int((events[S.TIMESTAMP].max() + offset) // T.DAY_S) - 1
-    if cfg.split == "leave_last_out":
-        return events.lazy().pipe(T.add_split_leave_last_out), T.lt_limit_leave_last_out()
-    n = events.height
-    n_train = round(n * (1 - cfg.valid_frac - cfg.test_frac))
-    n_valid = round(n * cfg.valid_frac)
-    positions = [p for p in (n_train, n_train + n_valid) if p < n]
-    cuts = T.global_time_cuts(
-        events[S.TIMESTAMP].to_numpy(), events[S.USER_ID].to_numpy(), events[S.ITEM_ID].to_numpy(), positions
-    )
-    train_cut = cuts[0] if n_train < n else None
-    valid_cut = cuts[-1] if n_train + n_valid < n else None
-    if n_train == 0:
-        train_cut = (-1, -1, -1)
-
-    def day_before(cut: tuple | None) -> int:
-        # the cutoff instant lies inside its day: the day before is the last full one
-        return last_full_day if cut is None else min(last_full_day, int((cut[0] + offset) // T.DAY_S) - 1)
-
-    valid_limit = day_before(valid_cut)
-    limits = {"train": min(day_before(train_cut), valid_limit), "valid": valid_limit, "test": last_full_day}
-    return events.lazy().pipe(T.add_split_global_time, train_cut, valid_cut), T.lt_limit_global_time(limits)
+def _interactions(
+    inter: pl.LazyFrame, bounds: dict, items: pl.DataFrame | None, source: RawSource, cfg: FeaturesConfig,
+    log: Callable[[str], None],
+) -> pl.DataFrame:
+    """The interactions table on the polars engine: every step over all events."""
+    events = order_and_flag(inter, cfg, bounds).collect()
+    flagged = events.filter(pl.col("__dup"))
+    check_duplicates(flagged, cfg, source.interactions.file, log)
+    events = (events.filter(~pl.col("__dup")) if flagged.height else events).drop(DUP_FLAGS)
+    check_known_items(events[S.ITEM_ID], items, source.interactions.file, source.items and source.items.file)
+    plan = plan_split(cfg, bounds[S.TIMESTAMP][1], FrameOrder(events))
+    frame = user_features(events.lazy(), plan, cfg)
+    return item_features(frame.lazy()).pipe(interactions_table).collect()
 
 
 def build_features(
@@ -113,8 +89,8 @@ def build_features(
     `loaded`: the result of `load_source(cfg)` when the caller already has
     it (it fingerprints the inputs, and generates synthetic data)."""
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    check_output(out, {"interactions": cfg.interactions, "items": cfg.items})
+    out = Path(local_path(str(out_dir), "--out"))
+    check_output(out, {"interactions": local_path(cfg.interactions), "items": local_path(cfg.items)})
     source, truth = loaded if loaded is not None else load_source(cfg)
     tables = {"interactions": source.interactions, "items": source.items, "users": source.users}
     key = stage_key(JOB, {"version": JOB_VERSION, "config": cfg.relevant()},
@@ -123,40 +99,22 @@ def build_features(
         log(f"features: {out} is up to date (same config, inputs and code); skipping")
         return BuildResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0)
 
+    # validation runs once, here, before either engine starts
     inter, bounds = validate_interactions(source.interactions, cfg.timestamp_unit)
     items = validate_items(source.items) if source.items is not None else None
     users = validate_users(source.users) if source.users is not None else None
+    if cfg.engine == "spark":
+        from features.spark.build import interactions_on_spark
 
-    events = (
-        inter.pipe(T.add_label, cfg.label_threshold).pipe(T.sort_events, bounds).pipe(T.flag_duplicates).collect()
-    )
-    events = _dedup(events, cfg, source.interactions.file, log)
-    if items is not None:
-        unknown = events.select(pl.col(S.ITEM_ID).unique()).filter(~pl.col(S.ITEM_ID).is_in(items[S.ITEM_ID].implode()))
-        if unknown.height:
-            ids = sorted(unknown[S.ITEM_ID].to_list())
-            raise DataError(
-                f"{len(ids)} item ids of the interactions are missing from the items file "
-                f"{source.items.file}: {ids[:10]}{' ...' if len(ids) > 10 else ''}",
-                file=source.interactions.file,
-                column=S.ITEM_ID,
-            )
-
-    split, lt_limit = _split(events, cfg)
-    frame = (
-        split.pipe(T.add_history_offsets, cfg.history_cap)
-        .pipe(T.add_item_popularity)
-        .pipe(T.add_day, cfg.day_offset)
-        .with_columns(lt_limit.alias("__lt_limit"))
-        .collect()
-    )
-    frame = (
-        T.add_lt_labels(frame, frame["__lt_limit"].to_numpy())
-        .lazy()
-        .pipe(T.add_cold_item)
-        .select([pl.col(c).cast(t) for c, t in S.INTERACTIONS_SCHEMA.items() if c != S.EVENT_IDX])
-        .collect()
-    )
+        # staged input for the executors, beside the output (a path they can
+        # read); named like a temp folder so a killed run's copy is cleaned up
+        staging = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-spark"
+        try:
+            frame = interactions_on_spark(inter, bounds, items, source, cfg, log, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    else:
+        frame = _interactions(inter, bounds, items, source, cfg, log)
     sequences = frame.lazy().pipe(T.to_sequences).collect()
     items_out = T.build_items(items.lazy() if items is not None else None, T.item_stats(frame.lazy())).collect()
 
@@ -170,6 +128,9 @@ def build_features(
     if truth is not None:
         outputs["planted_truth.parquet"] = truth
     stats = summarize(frame, sequences, items_out, day_offset_s=cfg.day_offset)
+    # one chunk per column: the parquet row groups follow the chunks, and the
+    # engines chunk differently; single-chunk frames give the same bytes
+    outputs = {name: df.rechunk() for name, df in outputs.items()}
     with atomic_outputs(out) as tmp:
         # parquet encoding releases the GIL: write the files side by side
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -181,6 +142,7 @@ def build_features(
             outputs=list(outputs),
             extra={
                 "source": source.name,
+                "engine": cfg.engine,  # recorded, not keyed: both engines write the same bytes
                 "config": cfg.relevant(),
                 "upstream_files": {k: t.file for k, t in tables.items() if t is not None},
                 "item_fields": S.item_field_kinds(items_out.schema),
@@ -188,6 +150,6 @@ def build_features(
             },
         )
     secs = time.perf_counter() - t0
-    log(f"features: wrote {out} ({frame.height:,} events, {sequences.height:,} users, {items_out.height:,} items) in {secs:.1f}s")
+    log(f"features: wrote {out} [{cfg.engine}] ({frame.height:,} events, {sequences.height:,} users, {items_out.height:,} items) in {secs:.1f}s")
     return BuildResult(out, False, manifest, secs)
 

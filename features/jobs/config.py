@@ -10,6 +10,7 @@ from typing import Any, Literal
 from features import schemas as S
 from features.core.config import to_dict
 from features.sources import SyntheticConfig
+from features.spark.config import Engine, SparkConfig
 
 JOB = "features.build"
 JOB_VERSION = 2  # bump when the output of the same inputs and config changes
@@ -51,6 +52,8 @@ class FeaturesConfig:
     day_offset_s: int | None = None  # calendar days start at UTC midnight + offset; null: the source's default (movielens100k and movielens1m -36000, else 0)
     on_duplicate: Literal["drop", "error"] = "drop"  # exact duplicate rows
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # synthetic source: generator settings
+    engine: Engine = "polars"  # polars (one process) or spark (the same per-user code in Spark tasks); identical outputs, so not part of the manifest key
+    spark: SparkConfig = field(default_factory=SparkConfig)  # engine spark: master URL, partitions, UI, log level
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.label_threshold):
@@ -77,6 +80,10 @@ class FeaturesConfig:
     def relevant(self) -> dict[str, Any]:
         """The keys that affect the output (source-specific keys of other sources dropped)."""
         d = to_dict(self) | {"day_offset_s": self.day_offset}
+        # the engine only decides where the same code runs: a folder built by
+        # either engine is up to date for the other
+        d.pop("engine")
+        d.pop("spark")
         if self.source != "synthetic":
             d.pop("synthetic")
         if self.source != "files":

@@ -23,6 +23,7 @@ from features.core.fingerprint import file_fingerprint
 from features.core.provenance import stage_key
 from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
 from features.core.paths import check_output
+from features.jobs.uri import local_path
 from features.match import ItemSpace, MatchConfig
 from features.schemas import MATCH_FILE
 
@@ -89,16 +90,31 @@ def _match_part(
     inter = (
         pl.scan_parquet(inter_file)
         .filter(pl.col(S.USER_ID).is_in(users_s.implode()))
-        .select(S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.POS_HIST_END)
+        .select(INTER_COLUMNS)
         .collect()
     )
     seqs = (
         pl.scan_parquet(features_dir / S.FILES["sequences"])
         .filter(pl.col(S.USER_ID).is_in(users_s.implode()))
-        .select(S.USER_ID, S.POS_ITEM_IDS, S.POS_TIMESTAMPS)
-        .sort(S.USER_ID)
+        .select(SEQ_COLUMNS)
         .collect()
     )
+    return match_rows(inter, seqs, space, cfg, on_user, str(inter_file))
+
+
+# the columns the per-user step reads
+INTER_COLUMNS = [S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.POS_HIST_END]
+SEQ_COLUMNS = [S.USER_ID, S.POS_ITEM_IDS, S.POS_TIMESTAMPS]
+
+
+def match_rows(
+    inter: pl.DataFrame, seqs: pl.DataFrame, space: ItemSpace, cfg: MatchConfig,
+    on_user: Callable[[int], None] | None, inter_file: str,
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The per-user step of both engines: the impressions `inter` of whole
+    users and those users' positive sequences `seqs` -> match features (rows
+    in the order of `inter`) and the part's counts for the manifest."""
+    seqs = seqs.sort(S.USER_ID)
     seq_users = seqs[S.USER_ID].to_numpy()
     lens = seqs[S.POS_ITEM_IDS].list.len().to_numpy().astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
@@ -118,7 +134,7 @@ def _match_part(
         raise DataError(
             f"{int(bad.sum())} impressions whose user or positive history is missing from {S.FILES['sequences']} "
             f"(users {sorted(set(u[bad].tolist()))[:10]}); rebuild the features",
-            file=str(inter_file),
+            file=inter_file,
             column=S.POS_HIST_END,
         )
     # guard against stale or foreign inputs: a history must end strictly before its impression
@@ -127,7 +143,7 @@ def _match_part(
     if (newest >= ts[has]).any():
         rows = (np.flatnonzero(has)[newest >= ts[has]] + 1).tolist()
         raise DataError(
-            "positive history not strictly earlier than the impression", file=str(inter_file), column=S.POS_HIST_END, rows=rows
+            "positive history not strictly earlier than the impression", file=inter_file, column=S.POS_HIST_END, rows=rows
         )
 
     hist = M.Histories(offsets, hist_rows, flat_ts)
@@ -205,13 +221,19 @@ def build_match_features(
 
     t0 = time.perf_counter()
     cfg = cfg or MatchConfig()
-    feats_dir, emb_path, out = Path(features_dir), Path(embeddings_path), Path(out_dir)
+    feats_dir = Path(local_path(str(features_dir), "--features"))
+    emb_path = Path(local_path(str(embeddings_path), "--embeddings"))
+    out = Path(local_path(str(out_dir), "--out"))
+    if cfg.engine == "spark" and shard is not None:
+        raise UsageError("--shard splits the users by hand for the polars engine; the spark engine distributes them itself")
     check_output(out, {"features": feats_dir, "embeddings": emb_path})
     key = _match_key(feats_dir, emb_path, cfg)
     n = _shard_count(feats_dir, shard, cfg.shards, log)
     if not force and is_up_to_date(out, key):
         log(f"match: {out} is up to date (same config, features and embeddings); skipping")
         return MatchResult(out, True, True, read_manifest(out) or {}, [], time.perf_counter() - t0)
+    if cfg.engine == "spark":
+        return _match_spark(feats_dir, emb_path, out, key, cfg, log, t0)
     todo = [shard[0]] if shard else list(range(n))
 
     def shard_key(i: int) -> dict[str, Any]:
@@ -223,13 +245,7 @@ def build_match_features(
 
     computed: list[int] = []
     if pending:
-        emb_df = pl.read_parquet(emb_path)
-        ids, vec = M.validate_embeddings(emb_df, str(emb_path), cfg.dim)
-        needed = pl.scan_parquet(feats_dir / S.FILES["interactions"]).select(pl.col(S.ITEM_ID).unique()).collect()
-        missing = M.check_missing_items(ids, needed[S.ITEM_ID].to_numpy(), str(emb_path), cfg.missing_items)
-        if len(missing):
-            log(f"warning: {emb_path}: {len(missing)} items without a vector get null match features")
-        space = ItemSpace.build(ids, vec, cfg)
+        space, missing = _item_space(feats_dir, emb_path, cfg, log)
         users = pl.scan_parquet(feats_dir / S.FILES["sequences"]).select(S.USER_ID).collect()[S.USER_ID].to_numpy()
         of = M.stable_shard(users, n)
         bar = tqdm(total=int(np.isin(of, pending).sum()), unit="user", desc="match", disable=None if progress else True)
@@ -252,37 +268,70 @@ def build_match_features(
         secs = time.perf_counter() - t0
         log(f"match: wrote shard(s) {computed} of {n} under {out / SHARDS_DIR} in {secs:.1f}s")
         return MatchResult(out, False, False, {}, computed, secs)
-    frame = concat_match_shards(dirs)
-    expected = (read_manifest(feats_dir) or {})["outputs"][S.FILES["interactions"]]["rows"]
-    if frame.height != expected:  # e.g. users of the interactions missing from sequences.parquet
-        raise DataError(
-            f"the shards hold {frame.height:,} rows, the interactions {expected:,}: rebuild the features",
-            file=str(feats_dir / S.FILES["sequences"]),
-            column=S.USER_ID,
-        )
     parts = [read_manifest(d) or {} for d in dirs]
     total = {k: sum(p["stats"][k] for p in parts) for k in parts[0]["stats"] if k not in ("items_missing", "dim")}
     total |= {k: parts[0]["stats"][k] for k in ("items_missing", "dim")}
-    with atomic_outputs(out) as tmp:
-        write_parquet(frame, tmp / MATCH_FILE)
-        manifest = write_manifest(
-            tmp,
-            job=MATCH_JOB,
-            key=key,
-            outputs=[MATCH_FILE],
-            extra={
-                "config": cfg.relevant(),
-                "columns": cfg.columns(),
-                "shards": n,
-                "upstream_files": {"features": str(feats_dir), "embeddings": str(emb_path)},
-                "stats": total,
-            },
-        )
+    manifest = _write_final(out, key, concat_match_shards(dirs), total, cfg, n, feats_dir, emb_path)
     # merged: the parts of other layouts (an older --shard i/m, another
     # config's shard count) are stale, and after an unsharded run its own
     # parts are redundant too
     _remove_shards(out, keep=set() if shard is None else {d.name for d in dirs})
     secs = time.perf_counter() - t0
-    log(f"match: wrote {out / MATCH_FILE} ({frame.height:,} rows, {total['users']:,} users) in {secs:.1f}s")
+    log(f"match: wrote {out / MATCH_FILE} [polars] ({total['rows']:,} rows, {total['users']:,} users) in {secs:.1f}s")
     return MatchResult(out, False, True, manifest, computed, secs)
 
+
+def _item_space(feats_dir: Path, emb_path: Path, cfg: MatchConfig, log: Callable[[str], None]) -> tuple[ItemSpace, np.ndarray]:
+    """The checked item vectors, their semantic IDs and faiss index (a global
+    step: built once, on the driver, for either engine) and the ids of the
+    interactions' items without a vector."""
+    emb_df = pl.read_parquet(emb_path)
+    ids, vec = M.validate_embeddings(emb_df, str(emb_path), cfg.dim)
+    needed = pl.scan_parquet(feats_dir / S.FILES["interactions"]).select(pl.col(S.ITEM_ID).unique()).collect()
+    missing = M.check_missing_items(ids, needed[S.ITEM_ID].to_numpy(), str(emb_path), cfg.missing_items)
+    if len(missing):
+        log(f"warning: {emb_path}: {len(missing)} items without a vector get null match features")
+    return ItemSpace.build(ids, vec, cfg), missing
+
+
+def _write_final(out: Path, key: dict[str, Any], frame: pl.DataFrame, total: dict[str, int], cfg: MatchConfig,
+                 shards: int, feats_dir: Path, emb_path: Path) -> dict[str, Any]:
+    """Check the row count, then write match_features.parquet and its manifest atomically."""
+    expected = (read_manifest(feats_dir) or {})["outputs"][S.FILES["interactions"]]["rows"]
+    if frame.height != expected:  # e.g. users of the interactions missing from sequences.parquet
+        raise DataError(
+            f"the match features hold {frame.height:,} rows, the interactions {expected:,}: rebuild the features",
+            file=str(feats_dir / S.FILES["sequences"]),
+            column=S.USER_ID,
+        )
+    with atomic_outputs(out) as tmp:
+        write_parquet(frame, tmp / MATCH_FILE)
+        return write_manifest(
+            tmp,
+            job=MATCH_JOB,
+            key=key,
+            outputs=[MATCH_FILE],
+            extra={
+                "engine": cfg.engine,  # recorded, not keyed: both engines write the same bytes
+                "config": cfg.relevant(),
+                "columns": cfg.columns(),
+                "shards": shards,
+                "upstream_files": {"features": str(feats_dir), "embeddings": str(emb_path)},
+                "stats": total,
+            },
+        )
+
+
+def _match_spark(feats_dir: Path, emb_path: Path, out: Path, key: dict[str, Any], cfg: MatchConfig,
+                 log: Callable[[str], None], t0: float) -> MatchResult:
+    """The whole job on Spark: `match_rows` per bucket of users (features.spark.match)."""
+    from features.spark.match import match_on_spark
+
+    space, missing = _item_space(feats_dir, emb_path, cfg, log)
+    frame, total = match_on_spark(feats_dir, space, cfg)
+    total |= {"items_missing": len(missing), "dim": space.dim}
+    manifest = _write_final(out, key, frame, total, cfg, 1, feats_dir, emb_path)
+    _remove_shards(out, keep=set())  # parts of earlier polars runs are stale now
+    secs = time.perf_counter() - t0
+    log(f"match: wrote {out / MATCH_FILE} [spark] ({frame.height:,} rows, {total['users']:,} users) in {secs:.1f}s")
+    return MatchResult(out, False, True, manifest, [], secs)

@@ -4,13 +4,14 @@ columns they imply. Imports neither torch nor faiss."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import polars as pl
 
 from features.core.config import to_dict
 from features.schemas import MATCH_PREFIX as PREFIX
+from features.spark.config import Engine, SparkConfig
 
 DAY_S = 86_400
 
@@ -36,6 +37,8 @@ class MatchConfig:
     shards: int = 8  # work units of an unsharded run: a killed run resumes after the last finished one
     workers: int = 0  # threads over users (0: one per CPU core); never changes the output
     block_elems: int = 1 << 20  # similarities per tile (memory and cache budget; ~4 MB)
+    engine: Engine = "polars"  # polars (shards of users in this process) or spark (the same per-user kernel in Spark tasks); identical outputs
+    spark: SparkConfig = field(default_factory=SparkConfig)  # engine spark: master URL, partitions, UI, log level
 
     def __post_init__(self) -> None:
         if self.history_cap < 1:
@@ -82,9 +85,10 @@ class MatchConfig:
         return {c: (pl.Int32 if c in ints or c.startswith(f"{PREFIX}sid_") else pl.Float32) for c in self.columns()}
 
     def relevant(self) -> dict[str, Any]:
-        """Keys that change the output (`shards` and `workers` only split the work)."""
+        """Keys that change the output (`shards`, `workers`, `engine` and
+        `spark` only decide how and where the work runs)."""
         d = to_dict(self)
-        d.pop("shards")
-        d.pop("workers")
+        for k in ("shards", "workers", "engine", "spark"):
+            d.pop(k)
         return d
 

@@ -1,4 +1,4 @@
-"""`recsys experiment run|compare` and `recsys config show`."""
+"""`recsys experiment run|compare|promote` and `recsys config show`."""
 
 from __future__ import annotations
 
@@ -82,6 +82,38 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+PROMOTE_EPILOG = """\
+examples:
+  recsys experiment promote ab_match_features --arm match             # guarded by gauc
+  recsys experiment promote ab_match_features --arm match_svd --guard auc
+  recsys experiment promote debug_ab --arm control --no-guard
+
+Sets the registry alias `champion` on the arm's models: recsys-ranker (the
+arm's ranker of the experiment's first seed, alias <experiment>-<arm>) and
+recsys-student (the student the arm's chain read, if any). Exit 1, and no
+alias moves, when `recsys experiment compare` marks a significant regression
+of the arm vs control on the guarded metric over the whole test set; exit 2
+for an unknown experiment, arm or metric, or an arm without a registered
+ranker (LightGBM arms). Until a promotion, each experiment run sets
+`champion` on its control arm. Serve it:
+  mlflow.pyfunc.load_model("models:/recsys-ranker@champion")
+"""
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from recsys.config import load_pipeline_config
+    from recsys.promote import promote_arm
+
+    tracking = load_pipeline_config(args.config).tracking
+    done = promote_arm(tracking, args.name, args.arm, guard=None if args.no_guard else args.guard)
+    if done.guard_row is not None:
+        r = done.guard_row
+        print(f"{args.guard}: {r.arm} {r.delta:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}] vs {done.control}")
+    for name, version in sorted(done.versions.items()):
+        print(f"{name}@champion -> version {version}  (models:/{name}@champion)")
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
     import json
 
@@ -120,6 +152,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--n-boot", type=int, help="bootstrap replicates (default: the experiment's)")
     c.add_argument("--config", help="pipeline YAML whose `tracking:` section names the store (default: MLFLOW_TRACKING_URI or ./mlflow)")
     c.set_defaults(handler=_compare)
+
+    pr = command(
+        esub,
+        "promote",
+        help="set the registry alias `champion` on an arm's models, unless it regresses on the guard metric",
+        description="Promote an arm of an experiment: alias `champion` on its recsys-ranker and recsys-student.",
+        epilog=PROMOTE_EPILOG,
+    )
+    pr.add_argument("name", help="experiment name (the `experiment:` key of its file)")
+    pr.add_argument("--arm", required=True, help="the arm to promote")
+    pr.add_argument("--guard", default="gauc", metavar="METRIC",
+                    help="refuse (exit 1) when the arm significantly regresses on it (default gauc)")
+    pr.add_argument("--no-guard", action="store_true", help="promote without checking any metric")
+    pr.add_argument("--config", help="pipeline YAML whose `tracking:` section names the store (default: MLFLOW_TRACKING_URI or ./mlflow)")
+    pr.set_defaults(handler=_promote)
 
     _, csub = group(sub, "config", "pipeline configs: show the resolved config")
     s = command(

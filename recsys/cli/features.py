@@ -17,10 +17,17 @@ examples:
   recsys features build --source files --interactions events.csv --items items.parquet --out out/
   recsys features build --source synthetic --users 1000 --max-events 20000 --seed 0 --out out/synth
   recsys features build --config experiments/configs/base.yaml --out out/   # uses its `features:` section
+  recsys features build --engine spark --source movielens100k --out file:///tmp/ml100k   # same files, on Spark (local[2])
+  recsys features build --engine spark --spark-master spark://host:7077 --source files \\
+      --interactions file:///data/events.parquet --out file:///shared/features
 
 Writes interactions.parquet, sequences.parquet, items.parquet (users.parquet
 when the source has user fields) and manifest.json. A rerun with the same
 config and inputs is skipped; --force rebuilds.
+
+--engine spark runs the same per-user code in Spark tasks (pyspark: `make
+spark`) and writes the same bytes; the manifest records the engine but its
+key does not, so a folder built by one engine is up to date for the other.
 """
 
 
@@ -51,6 +58,13 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """--engine, --spark-master, --spark-ui (features build and features match)."""
+    p.add_argument("--engine", choices=["polars", "spark"], help="where the job runs (default polars; spark: same outputs)")
+    p.add_argument("--spark-master", metavar="URL", help="engine spark: master URL (default local[2]; spark://host:7077, yarn, ...)")
+    p.add_argument("--spark-ui", action="store_true", help="engine spark: open the Spark web UI (off by default: no port)")
+
+
 def resolve_features_config(args: argparse.Namespace):
     """The `features` section of --config (a pipeline config, or a file of
     feature keys only), overlaid with the flags that were given."""
@@ -74,23 +88,31 @@ def resolve_features_config(args: argparse.Namespace):
         "history_cap": args.history_cap,
     }
     over = {k: v for k, v in over.items() if v is not None}
+    spark = {"master": getattr(args, "spark_master", None), "ui": True if getattr(args, "spark_ui", False) else None}
+    spark = {k: v for k, v in spark.items() if v is not None}
+    if getattr(args, "engine", None):
+        over["engine"] = args.engine
     synth = {"users": args.users, "items": args.n_items, "max_events": args.max_events, "seed": args.seed}
     synth = {k: v for k, v in synth.items() if v is not None}
     merged = dataclasses.asdict(base) | over
     if synth:
         merged["synthetic"] = {**merged["synthetic"], **synth}
+    if spark:
+        merged["spark"] = {**merged["spark"], **spark}
     return PipelineConfig.from_mapping({"features": merged}, where="flags")
 
 
 def _build(args: argparse.Namespace) -> int:
     from features.core.paths import check_output
+    from features.jobs.uri import local_path
     from recsys.plan import plan_features
     from recsys.stages import run_features
 
     cfg = resolve_features_config(args)
     job = plan_features(cfg)
-    check_output(args.out, {"--interactions": job.config.interactions, "--items": job.config.items,
-                            "--config": args.config})
+    args.out = local_path(args.out, "--out")
+    check_output(args.out, {"--interactions": local_path(job.config.interactions, "--interactions"),
+                            "--items": local_path(job.config.items, "--items"), "--config": args.config})
     result = run_features(job, None, args.out, force=args.force, log=(lambda _m: None) if args.quiet else print)
     if not args.quiet:
         print(f"output: {result.out}")
@@ -126,7 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         handler=_build,
     )
     _add_source_args(p)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (a path or a file:// URI)")
+    add_engine_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 

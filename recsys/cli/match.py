@@ -4,6 +4,7 @@ into the `features` group by recsys.cli.features)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from recsys.cli import command
 
@@ -14,6 +15,8 @@ examples:
   recsys features match --features F --embeddings E.parquet --out M --config experiments/configs/base.yaml
   # one shard of users per machine; the run that finishes the last shard merges them
   recsys features match --features F --embeddings E.parquet --out M --shard 0/4
+  # the same output on Spark (local[2] unless --spark-master); paths may be file:// URIs
+  recsys features match --engine spark --features file:///data/F --embeddings E.parquet --out file:///data/M
 
 Writes OUT/match_features.parquet (one row per impression of
 FEATURES/interactions.parquet, same user_id/item_id/timestamp and order, mf_*
@@ -23,21 +26,31 @@ live under OUT/shards/ with their own manifests: a killed run resumes where it
 stopped. A rerun with the same config, features, embeddings and code is skipped;
 --force recomputes. Bad embeddings (missing items, ragged or wrong dimension,
 NaN/inf, duplicate ids) exit 1 and write nothing, unless the config sets
-match.missing_items: null (missing items get null features).
+match.missing_items: null (missing items get null features). With --engine
+spark the same per-user kernel runs in Spark tasks (item vectors broadcast to
+every worker) and writes the same bytes; --shard is for the polars engine.
 """
 
 
 def _match(args: argparse.Namespace) -> int:
     from features.core.paths import check_output
     from features.jobs import parse_shard
+    from features.jobs.uri import local_path
     from recsys.config import load_pipeline_config
     from recsys.plan import plan_match
     from recsys.stages import run_match
 
     shard = parse_shard(args.shard) if args.shard else None
-    check_output(args.out, {"--features": args.features, "--embeddings": args.embeddings, "--config": args.config})
-    job = plan_match(load_pipeline_config(args.config), features=args.features, embeddings=args.embeddings)
-    result = run_match(job, None, args.out, shard=shard, force=args.force, progress=not args.quiet,
+    out, feats, emb = (local_path(getattr(args, k), f"--{k}") for k in ("out", "features", "embeddings"))
+    check_output(out, {"--features": feats, "--embeddings": emb, "--config": args.config})
+    cfg = load_pipeline_config(args.config)
+    engine = {"engine": args.engine} if args.engine else {}
+    spark = {k: v for k, v in {"master": args.spark_master, "ui": args.spark_ui or None}.items() if v is not None}
+    if engine or spark:
+        match = dataclasses.replace(cfg.match, **engine, spark=dataclasses.replace(cfg.match.spark, **spark))
+        cfg = dataclasses.replace(cfg, match=match)
+    job = plan_match(cfg, features=feats, embeddings=emb)
+    result = run_match(job, None, out, shard=shard, force=args.force, progress=not args.quiet,
                        log=(lambda _m: None) if args.quiet else print)
     if not args.quiet:
         print(f"output: {result.out}" + ("" if result.manifest else " (shards pending)"))
@@ -46,6 +59,8 @@ def _match(args: argparse.Namespace) -> int:
 
 def register(features_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `match` to the `features` command group; returns its parser."""
+    from recsys.cli.features import add_engine_args
+
     p = command(
         features_subparsers,
         "match",
@@ -62,6 +77,7 @@ def register(features_subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--embeddings", required=True, metavar="FILE", help="item embeddings parquet (item_id, embedding)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--config", metavar="FILE", help="pipeline YAML/JSON; its `match:` section (defaults otherwise)")
+    add_engine_args(p)
     p.add_argument("--shard", metavar="I/N", help="compute only shard I of N (users by a stable hash of user_id)")
     p.add_argument("--force", action="store_true", help="recompute even when up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")

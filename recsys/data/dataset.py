@@ -75,6 +75,7 @@ class RankingData:
         self.item_embeddings: Tensor | None = None  # (n_items, De) distilled, frozen
         self.embedding_coverage = 0.0
         self.match_columns: tuple[str, ...] = ()
+        self.dense_stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # train (mean, std) per dense block
         self.interactions_file = ""  # for error messages
 
     # ---- loading --------------------------------------------------------------------
@@ -101,14 +102,18 @@ class RankingData:
         self._load_requests(inter, seqs, root)
         counts = count_features(inter, self.train_rows)
         self._count_mean, self._count_std = counts.mean, counts.std
+        # train (mean, std) of each raw dense block: a scorer standardises requests the same way
+        self.dense_stats: dict[str, tuple[np.ndarray, np.ndarray]] = {"count": (counts.mean, counts.std)}
         user = self.user_index(inter[S.USER_ID].to_numpy())
-        activity = activity_features(inter, user, self.seq_off, self.seq_ts, self.train_rows,
+        activity, activity_stats = activity_features(inter, user, self.seq_off, self.seq_ts, self.train_rows,
                                      str(root / S.FILES["sequences"]))
+        self.dense_stats["activity"] = activity_stats
         dense_parts = [counts.values, activity]
         dense_names = list(COUNT_FEATURES + ACTIVITY_FEATURES)
         match = existing_match_file(match_path) if match_path is not None else None
         if match is not None:
-            mf, wanted = match_features(inter, match, config.match_columns, self.train_rows)
+            mf, wanted, match_stats = match_features(inter, match, config.match_columns, self.train_rows)
+            self.dense_stats["match"] = match_stats
             self.match_columns = tuple(wanted)
             dense_parts.append(mf)
             dense_names += wanted + [f"{c}_missing" for c in wanted]

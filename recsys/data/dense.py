@@ -81,13 +81,14 @@ def count_features(inter: pl.DataFrame, train_rows: np.ndarray) -> CountFeatures
 def activity_features(
     inter: pl.DataFrame, user: np.ndarray, seq_off: np.ndarray, seq_ts: np.ndarray, train_rows: np.ndarray,
     sequences_file: str,
-) -> np.ndarray:
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Events in the last day / 7 days and seconds since the last event, all
     strictly before the impression (log1p, train-standardised; no history -> 0).
 
     user (n,) user table row of each impression; seq_off (n_users + 1,) and
     seq_ts (events,): the flattened sequences (user u's events are
-    seq_ts[seq_off[u]:seq_off[u+1]]). Returns (n, 3) float32."""
+    seq_ts[seq_off[u]:seq_off[u+1]]). Returns (n, 3) float32 and the train
+    (mean, std) of the raw values (what a scorer needs to standardise the same way)."""
     ts = inter[S.TIMESTAMP].to_numpy().astype(np.int64)
     end = seq_off[user] + inter[S.HIST_END].to_numpy().astype(np.int64)  # (n,) absolute
     t0 = min(int(ts.min()), int(seq_ts.min()) if len(seq_ts) else 0) - 8 * _DAY_S
@@ -104,15 +105,16 @@ def activity_features(
     cols.append(np.where(has, np.log1p(np.maximum(ts - last, 0).astype(np.float64)), np.nan))
     raw = np.stack(cols, axis=1)  # (n, 3)
     mean, std = standardize_stats(raw, train_rows)
-    return np.where(np.isnan(raw), 0.0, (raw - mean) / std).astype(np.float32)
+    return np.where(np.isnan(raw), 0.0, (raw - mean) / std).astype(np.float32), (mean, std)
 
 
 def match_features(
     inter: pl.DataFrame, path: Path, columns: tuple[str, ...], train_rows: np.ndarray
-) -> tuple[np.ndarray, list[str]]:
+) -> tuple[np.ndarray, list[str], tuple[np.ndarray, np.ndarray]]:
     """The match file's `columns` (empty: every `mf_*` column) aligned with
     interactions.parquet rows, train-standardised, followed by one missing
-    indicator per column -> ((n, 2M) float32, the M column names).
+    indicator per column -> ((n, 2M) float32, the M column names, the train
+    (mean, std) of the raw values).
 
     A file with user_id, item_id, timestamp is joined on them; one without
     must have one row per impression in interactions.parquet order."""
@@ -143,4 +145,4 @@ def match_features(
     missing = np.isnan(values).astype(np.float32)  # (n, M)
     mean, std = standardize_stats(values, train_rows)
     scaled = np.where(np.isnan(values), 0.0, (values - mean) / std)  # (n, M)
-    return np.concatenate([scaled, missing], axis=1).astype(np.float32), wanted
+    return np.concatenate([scaled, missing], axis=1).astype(np.float32), wanted, (mean, std)

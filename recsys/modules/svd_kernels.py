@@ -176,8 +176,17 @@ class _GramEigh(torch.autograd.Function):
         f = torch.where(safe, 1.0 / torch.where(safe, gap, torch.ones((), dtype=gap.dtype)), 0.0)  # (B, D, D)
         inner = f * (e.mT @ g_e) + torch.diag_embed(g_lam)  # (B, D, D)
         g_gram = e @ inner @ e.mT  # (B, D, D)
-        g_x = x.to(torch.float64) @ (g_gram + g_gram.mT)  # (B, L, D)
-        return g_x.to(x.dtype), None, None, None, None
+        return _times(x, g_gram + g_gram.mT), None, None, None, None  # (B, L, D)
+
+
+def _times(x: Tensor, w: Tensor) -> Tensor:
+    """X (B, L, D) @ W (B, D, D) float64 -> (B, L, D) in X's dtype.
+
+    A float64 X is multiplied in float64. A float32 X is multiplied by W
+    rounded to float32: the gradient is returned in float32 anyway, and this
+    skips a float64 copy of the whole history (the O(L D) part of backward).
+    """
+    return x @ w.to(x.dtype)
 
 
 def taper_weights(s_all: Tensor, rank: int, taper: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -226,7 +235,6 @@ class _TaperedRoot(torch.autograd.Function):
         x, lam, e, s_all, h, w, in_ramp, mid = ctx.saved_tensors
         r, taper = ctx.rank, ctx.taper
         d = lam.shape[1]
-        x64 = x.to(torch.float64)
         s1 = s_all[:, :1]  # (B, 1)
         scale = 2 * taper * s1  # (B, 1): the ramp's width in s
         inv_scale = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones((), dtype=s1.dtype)), 0.0)
@@ -242,9 +250,11 @@ class _TaperedRoot(torch.autograd.Function):
         divided = (h[:, :, None] - h[:, None, :]) / torch.where(far, gap, torch.ones((), dtype=gap.dtype))
         k = torch.where(far, divided, (dphi[:, :, None] + dphi[:, None, :]) / 2)  # (B, D, D)
         a = e.mT @ ((g_m + g_m.mT) / 2).to(torch.float64) @ e  # (B, D, D)
-        g_x = 2 * x64 @ (e @ (k * a) @ e.mT)  # (B, L, D)
+        # dL/dX = X W: every term below is X times a D x D matrix, so W is
+        # summed first and X is touched once (one (L, D) x (D, D) product)
+        w_x = 2 * (e @ (k * a) @ e.mT)  # (B, D, D)
         if r >= d:
-            return g_x.to(x.dtype), None, None, None, None
+            return _times(x, w_x), None, None, None, None
         # through m and s_1: dh_i/dm = -s_i [ramp] / scale; dh_i/ds_1 = -s_i [ramp] (s_i - m) 2 taper / scale^2
         a_diag = a.diagonal(dim1=1, dim2=2)  # (B, D)
         c_mid = -(a_diag * ramp * s_all).sum(-1) * inv_scale[:, 0]  # (B,)
@@ -255,8 +265,8 @@ class _TaperedRoot(torch.autograd.Function):
             sk = s_all[:, idx]  # (B,)
             ok = sk > tol * s1[:, 0]  # a zero singular value's subgradient: 0
             coef = torch.where(ok, c / torch.where(ok, sk, torch.ones((), dtype=sk.dtype)), 0.0)  # (B,)
-            g_x = g_x + coef[:, None, None] * (x64 @ vk[:, :, None]) * vk[:, None, :]  # s_k u_k v_k^T / s_k
-        return g_x.to(x.dtype), None, None, None, None
+            w_x = w_x + coef[:, None, None] * vk[:, :, None] * vk[:, None, :]  # X v_k v_k^T = s_k u_k v_k^T
+        return _times(x, w_x), None, None, None, None
 
 
 def factorize(

@@ -1,0 +1,179 @@
+"""The steps of the feature build, shared by both engines.
+
+The polars engine (`features.jobs.build`) runs each step once over all
+events; the Spark engine (`features.spark.build`) runs the per-user steps on
+one bucket of users at a time and the per-item step on one bucket of items at
+a time (`groupBy(bucket).applyInArrow`), and computes the global values the
+steps take as arguments (event count, time-split cut points) with Spark
+aggregations. Each step is a function of its group's rows and those
+arguments only, so both engines produce the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import polars as pl
+
+from features import schemas as S
+from features import transforms as T
+from features.core.errors import DataError
+from features.jobs.config import FeaturesConfig
+from features.validate import ROW
+
+DUP_FLAGS = ("__dup", "__conflict")
+
+
+# --- per user: stable order and duplicate flags ---------------------------------------
+
+
+def order_and_flag(events: pl.LazyFrame, cfg: FeaturesConfig, bounds: dict | None = None) -> pl.LazyFrame:
+    """Labels, the stable (user, time, item, input row) order, duplicate flags.
+
+    `bounds` enables the packed one-key sort, which breaks ties by input
+    order: only the polars engine, whose rows arrive in file order, may pass
+    it; a Spark group arrives in any order and sorts on the input row."""
+    return events.pipe(T.add_label, cfg.label_threshold).pipe(T.sort_events, bounds).pipe(T.flag_duplicates)
+
+
+def check_duplicates(flagged: pl.DataFrame, cfg: FeaturesConfig, file: str, log: Callable[[str], None]) -> None:
+    """Raise on conflicting duplicates (or on any, under on_duplicate: error);
+    else warn. `flagged`: the rows with `__dup` set, in the stable order."""
+    conflicts = flagged.filter(pl.col("__conflict"))
+    if conflicts.height:
+        rows = (conflicts[ROW] + 1).head(5).to_list()
+        raise DataError(
+            f"{conflicts.height} duplicate (user_id, item_id, timestamp) rows disagree on rating/label; "
+            "fix the source (these cannot be dropped safely)",
+            file=file,
+            column="user_id,item_id,timestamp",
+            rows=rows,
+        )
+    if flagged.height:
+        rows = (flagged[ROW] + 1).head(5).to_list()
+        if cfg.on_duplicate == "error":
+            raise DataError(
+                f"{flagged.height} exact duplicate rows (set on_duplicate: drop to drop them)",
+                file=file,
+                column="user_id,item_id,timestamp",
+                rows=rows,
+            )
+        log(f"warning: {file}: dropped {flagged.height} exact duplicate rows (first rows {rows})")
+
+
+def check_known_items(event_items: pl.Series, items: pl.DataFrame | None, inter_file: str, items_file: str | None) -> None:
+    """Every item id of the interactions must be in the items file (when given)."""
+    if items is None:
+        return
+    seen = event_items.unique()
+    unknown = seen.filter(~seen.is_in(items[S.ITEM_ID].implode()))
+    if len(unknown):
+        ids = sorted(unknown.to_list())
+        raise DataError(
+            f"{len(ids)} item ids of the interactions are missing from the items file "
+            f"{items_file}: {ids[:10]}{' ...' if len(ids) > 10 else ''}",
+            file=inter_file,
+            column=S.ITEM_ID,
+        )
+
+
+# --- global: the time split ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """What the per-user step needs of the global split: the cut keys
+    (timestamp, user, item) of a global time split and the last day each
+    split's LT labels may use."""
+
+    kind: str  # "global_time" | "leave_last_out"
+    train_cut: tuple | None = None
+    valid_cut: tuple | None = None
+    limits: dict | None = None  # split -> last usable day (global_time)
+
+
+class EventOrder(Protocol):
+    """The global (timestamp, user, item) order of the deduplicated events, as
+    far as the split needs it; each engine answers with its own data, both
+    with `transforms.global_time_cuts`."""
+
+    @property
+    def n(self) -> int:
+        """Number of events."""
+        ...
+
+    def cuts(self, positions: list[int]) -> list[tuple[int, int, int]]:
+        """Keys of the rows at `positions` of the order."""
+        ...
+
+
+def plan_split(cfg: FeaturesConfig, ts_max: int, order: EventOrder) -> SplitPlan:
+    """The split of the deduplicated events whose latest timestamp is `ts_max`."""
+    if cfg.split == "leave_last_out":
+        return SplitPlan("leave_last_out")
+    offset = cfg.day_offset
+    n = order.n
+    last_full_day = int((ts_max + offset) // T.DAY_S) - 1
+    n_train = round(n * (1 - cfg.valid_frac - cfg.test_frac))
+    n_valid = round(n * cfg.valid_frac)
+    positions = [p for p in (n_train, n_train + n_valid) if p < n]
+    cuts = order.cuts(positions)
+    train_cut = cuts[0] if n_train < n else None
+    valid_cut = cuts[-1] if n_train + n_valid < n else None
+    if n_train == 0:
+        train_cut = (-1, -1, -1)
+
+    def day_before(cut: tuple | None) -> int:
+        # the cutoff instant lies inside its day: the day before is the last full one
+        return last_full_day if cut is None else min(last_full_day, int((cut[0] + offset) // T.DAY_S) - 1)
+
+    valid_limit = day_before(valid_cut)
+    limits = {"train": min(day_before(train_cut), valid_limit), "valid": valid_limit, "test": last_full_day}
+    return SplitPlan("global_time", train_cut, valid_cut, limits)
+
+
+class FrameOrder:
+    """The polars engine's `EventOrder`: all events are in memory."""
+
+    def __init__(self, events: pl.DataFrame) -> None:
+        self.n = events.height
+        self._cols = [events[c].to_numpy() for c in (S.TIMESTAMP, S.USER_ID, S.ITEM_ID)]
+
+    def cuts(self, positions: list[int]) -> list[tuple[int, int, int]]:
+        return T.global_time_cuts(*self._cols, positions)
+
+
+# --- per user: split, histories, days, LT labels ------------------------------------------
+
+
+def user_features(events: pl.LazyFrame, plan: SplitPlan, cfg: FeaturesConfig) -> pl.DataFrame:
+    """Deduplicated events of whole users, in the stable order -> split,
+    history offsets, day and LT labels (everything but the per-item columns)."""
+    if plan.kind == "leave_last_out":
+        split, lt_limit = events.pipe(T.add_split_leave_last_out), T.lt_limit_leave_last_out()
+    else:
+        split = events.pipe(T.add_split_global_time, plan.train_cut, plan.valid_cut)
+        lt_limit = T.lt_limit_global_time(plan.limits)
+    frame = (
+        split.pipe(T.add_history_offsets, cfg.history_cap)
+        .pipe(T.add_day, cfg.day_offset)
+        .with_columns(lt_limit.alias("__lt_limit"))
+        .collect()
+    )
+    return T.add_lt_labels(frame, frame["__lt_limit"].to_numpy()).drop("__lt_limit")
+
+
+# --- per item ------------------------------------------------------------------------------
+
+
+def item_features(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Rows of whole items -> item popularity and the cold-item flag."""
+    return frame.pipe(T.add_item_popularity).pipe(T.add_cold_item)
+
+
+def interactions_table(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """The output columns, in file order, with their dtypes."""
+    return frame.select([pl.col(c).cast(t) for c, t in S.INTERACTIONS_SCHEMA.items() if c != S.EVENT_IDX])
+

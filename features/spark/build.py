@@ -1,0 +1,128 @@
+"""The feature build on Spark: the polars steps of `features.jobs.steps`, run
+on partitions that hold whole users.
+
+    validated events (driver, once) -> a staged parquet file Spark reads
+      -> Spark    keys seen more than once -> their rows (few) -> the driver:
+                  order_and_flag, check_duplicates, as the polars engine does
+      -> Spark    distinct item ids -> check_known_items; a histogram of
+                  timestamps -> event count and the split cut points
+                  (`global_time_cuts` on the one bin holding each cut)
+      -> repartition by user_id
+      -> [users]  order_and_flag, drop duplicates, user_features
+                  (split, histories, days, LT labels)
+      -> driver   item_features (item popularity, cold items) on the
+                  collected rows, the stable order, the same writer as the
+                  polars engine
+
+`[users]` is `mapInArrow` over a partition of whole users (see
+`features.spark.arrow.partition_step`): the same function the polars engine
+calls on all users at once. The driver collects the result to write the same
+single files as the polars engine (same bytes, same fingerprints).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from features import schemas as S
+from features import transforms as T
+from features.core.manifest import write_parquet
+from features.jobs.config import FeaturesConfig
+from features.jobs.steps import (
+    DUP_FLAGS,
+    check_duplicates,
+    check_known_items,
+    interactions_table,
+    item_features,
+    order_and_flag,
+    plan_split,
+    user_features,
+)
+from features.sources import RawSource
+from features.spark.arrow import partition_step
+from features.spark.session import default_buckets, spark_session
+from features.validate import ROW
+
+CUT_BINS = 4096  # timestamp histogram bins when locating a split cut
+KEYS = [S.TIMESTAMP, S.USER_ID, S.ITEM_ID]
+
+
+class SparkOrder:
+    """The Spark engine's `EventOrder` over the raw events less the dropped
+    duplicates (few, known to the driver): a histogram of timestamps
+    (CUT_BINS bins, one Spark aggregation, which also gives the count)
+    locates the bin holding each position; that bin's rows alone go to the
+    driver, where `global_time_cuts` picks the key."""
+
+    def __init__(self, df, ts_range: tuple[int, int], dropped: pl.DataFrame) -> None:
+        from pyspark.sql import functions as F
+
+        lo, hi = ts_range
+        self._df, self._dropped = df, dropped[ROW]
+        self._bin = F.expr(f"({S.TIMESTAMP} - {lo}) * {CUT_BINS} div {hi - lo + 1}")
+        # the same bins for the dropped duplicates (on the driver), so the counts are of kept events
+        dropped_bin = ((pl.col(S.TIMESTAMP) - lo) * CUT_BINS // (hi - lo + 1)).alias("b")
+        spark_hist = pl.from_arrow(df.groupBy(self._bin.alias("b")).count().toArrow())
+        less = dropped.group_by(dropped_bin).agg(pl.len().cast(pl.Int64).alias("less"))
+        hist = spark_hist.join(less, on="b", how="left").with_columns(pl.col("count") - pl.col("less").fill_null(0))
+        hist = hist.sort("b")
+        self._bins, self._ends = hist["b"].to_numpy(), np.cumsum(hist["count"].to_numpy())
+        self.n = int(self._ends[-1]) if len(self._ends) else 0
+
+    def cuts(self, positions: list[int]) -> list[tuple[int, int, int]]:
+        out = []
+        for k in positions:
+            j = int(np.searchsorted(self._ends, k, side="right"))
+            before = int(self._ends[j - 1]) if j else 0
+            rows = self._df.filter(self._bin == int(self._bins[j])).select(ROW, *KEYS)
+            b = pl.from_arrow(rows.toArrow()).filter(~pl.col(ROW).is_in(self._dropped.implode()))
+            out += T.global_time_cuts(*(b[c].to_numpy() for c in KEYS), [k - before])
+        return out
+
+
+def interactions_on_spark(
+    inter: pl.LazyFrame, bounds: dict, items: pl.DataFrame | None, source: RawSource, cfg: FeaturesConfig,
+    log: Callable[[str], None], staging: Path,
+) -> pl.DataFrame:
+    """The interactions table, computed on Spark (see the module docstring).
+    `staging`: a fresh folder the Spark executors can read (removed by the caller)."""
+    events = inter.collect().with_columns(pl.col(ROW).cast(pl.Int64))  # Spark has no unsigned ints
+    example = events.head(0)  # zero rows: the steps' output schemas are found on it
+    staging.mkdir(parents=True, exist_ok=True)
+    write_parquet(events, staging / "events.parquet")
+    n_rows = events.height
+    del events
+    with spark_session(cfg.spark, "recsys features build") as spark:
+        n = default_buckets(spark, cfg.spark, n_rows)
+        raw = spark.read.parquet((staging / "events.parquet").resolve().as_uri())
+        # duplicates: the keys seen more than once are a Spark aggregation;
+        # their rows (few) are flagged by the same order_and_flag, on the driver
+        keys = [S.USER_ID, S.ITEM_ID, S.TIMESTAMP]
+        repeated = raw.groupBy(*keys).count().filter("count > 1").select(*keys)
+        dup_rows = pl.from_arrow(raw.join(repeated, on=keys, how="left_semi").toArrow())
+        flagged = order_and_flag(dup_rows.lazy(), cfg).filter(pl.col("__dup")).collect()
+        check_duplicates(flagged, cfg, source.interactions.file, log)
+        if items is not None:
+            seen = pl.from_arrow(raw.select(S.ITEM_ID).distinct().toArrow())[S.ITEM_ID]
+            check_known_items(seen, items, source.interactions.file, source.items and source.items.file)
+        order = SparkOrder(raw, bounds[S.TIMESTAMP], flagged) if cfg.split == "global_time" else None
+        plan = plan_split(cfg, bounds[S.TIMESTAMP][1], order)
+
+        def per_user(df: pl.DataFrame) -> pl.DataFrame:
+            # the rows arrive in any order: sorted on the input row to break ties (never the packed sort)
+            ordered = order_and_flag(df.lazy(), cfg).filter(~pl.col("__dup")).drop(DUP_FLAGS)
+            return user_features(ordered, plan, cfg).drop(ROW)
+
+        frame = pl.from_arrow(partition_step(raw.repartition(n, S.USER_ID), per_user, example).toArrow())
+    # The per-item step runs here, on the collected rows: the driver holds
+    # them all anyway to write the one output file, and a second shuffle (by
+    # item) and Arrow round trip of every row cost more than the step. The
+    # step works on any set of whole items: `partition_step` over
+    # `repartition(n, item_id)` runs it on Spark unchanged, should the output
+    # ever be written by the executors instead.
+    # (user, time, item) is unique after deduplication: the sort is the stable order
+    return item_features(frame.lazy()).pipe(interactions_table).sort([S.USER_ID, S.TIMESTAMP, S.ITEM_ID]).collect()

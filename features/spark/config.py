@@ -1,0 +1,27 @@
+"""Spark settings shared by the feature jobs (`features.spark`, `match.spark`).
+Light: imports neither pyspark nor polars."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Engine = Literal["polars", "spark"]
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    """How a job reaches Spark when its `engine` is spark. None of these keys
+    changes the output, so none enters the manifest key."""
+
+    master: str = "local[2]"  # Spark master URL: local[N] (embedded, the default) or a cluster (spark://host:7077, yarn, k8s://...)
+    partitions: int = 0  # user/item buckets per shuffle (0: twice the cluster's default parallelism, at least one per 2M events)
+    driver_memory: str = "4g"  # JVM heap of the driver (local[N]: of the whole embedded Spark); it receives the result rows
+    ui: bool = False  # open the Spark web UI (a listening port); off unless asked for
+    log_level: Literal["OFF", "ERROR", "WARN", "INFO"] = "OFF"  # Spark's own console log (worker failures become one `error:` line either way)
+
+    def __post_init__(self) -> None:
+        if not self.master.strip():
+            raise ValueError("spark.master must be a Spark master URL, e.g. local[2] or spark://host:7077")
+        if self.partitions < 0:
+            raise ValueError("spark.partitions must be >= 0 (0: automatic)")

@@ -1,0 +1,153 @@
+"""The Spark session of a feature job, and worker failures as typed errors.
+
+`spark_session` starts a session for the job and always stops it (an error,
+Ctrl-C). The web UI stays off unless `SparkConfig.ui`; Spark's console log is
+quiet by default (`SparkConfig.log_level`). Workers run the venv's Python
+(`PYSPARK_PYTHON`): the system Python has no pyarrow or polars.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from features.core.errors import DataError, RecsysError, UsageError
+from features.spark.config import SparkConfig
+
+# PySpark 4.3 warns on import that pandas >= 3 is not fully supported; the
+# jobs use the Arrow path only, never pandas.
+_PANDAS_WARNING = "PySpark does not yet fully support pandas"
+_LOG4J = Path(__file__).with_name("log4j2.properties")
+
+
+def require_pyspark() -> None:
+    """A clear usage error when pyspark is not installed (it is an extra)."""
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "engine spark needs pyspark: run `make spark` (or `pip install pyspark==4.3.0`); Java 17+ must be installed"
+        ) from None
+
+
+def quiet_pandas_warning() -> None:
+    warnings.filterwarnings("ignore", message=_PANDAS_WARNING, category=FutureWarning)
+
+
+@contextmanager
+def _env(updates: dict[str, str]) -> Iterator[None]:
+    """Environment for the JVM and the Python workers it starts, restored after."""
+    old = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def spark_session(cfg: SparkConfig, app: str) -> Iterator[Any]:
+    """A SparkSession for one job; stopped on exit, whatever happens."""
+    require_pyspark()
+    quiet_pandas_warning()
+    from pyspark import SparkConf, SparkContext
+    from pyspark.sql import SparkSession
+
+    env = {
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PYTHONWARNINGS": f"ignore:{_PANDAS_WARNING}:FutureWarning",
+    }
+    if cfg.master.startswith("local"):
+        env["SPARK_LOCAL_IP"] = os.environ.get("SPARK_LOCAL_IP", "127.0.0.1")
+    java_opts = f"-Dlog4j2.configurationFile={_LOG4J.as_uri()} -Drecsys.spark.level={cfg.log_level}"
+    conf = (
+        SparkConf()
+        .setMaster(cfg.master)
+        .setAppName(app)
+        .set("spark.ui.enabled", str(cfg.ui).lower())
+        .set("spark.ui.showConsoleProgress", "false")
+        .set("spark.driver.extraJavaOptions", java_opts)
+        .set("spark.executor.extraJavaOptions", java_opts)
+        .set("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .set("spark.driver.memory", cfg.driver_memory)
+        # the job collects its result on purpose (one output file per table)
+        .set("spark.driver.maxResultSize", "0")
+        # a failed task here is a data problem, not a flaky machine: on the
+        # embedded master fail at once; a cluster keeps Spark's retries
+        .set("spark.task.maxFailures", "1" if cfg.master.startswith("local") else "4")
+        .set("spark.executorEnv.PYTHONWARNINGS", env["PYTHONWARNINGS"])
+    )
+    with _env(env):
+        try:
+            if SparkContext._gateway is None and cfg.log_level == "OFF":
+                # the JVM writes banners (and Python workers their tracebacks)
+                # to its own stderr: silenced; failures reach us as exceptions
+                from pyspark.java_gateway import launch_gateway
+
+                null = subprocess.DEVNULL
+                SparkContext._gateway = launch_gateway(conf, popen_kwargs={"stdout": null, "stderr": null})
+                SparkContext._jvm = SparkContext._gateway.jvm
+            sc = SparkContext.getOrCreate(conf)
+            spark = SparkSession(sc)
+        except Exception as e:  # no Java, a bad master URL: before any work
+            raise UsageError(f"cannot start Spark (master {cfg.master!r}): {_one_line(e)}") from None
+        try:
+            sc.setLogLevel(cfg.log_level)
+            with worker_errors():
+                yield spark
+        finally:
+            spark.stop()
+
+
+def default_buckets(spark: Any, cfg: SparkConfig, rows: int) -> int:
+    """User/item buckets of a shuffle: the configured number, else twice the
+    cluster's parallelism and at least one bucket per 2M rows (a bucket is
+    one Arrow table in one Python worker)."""
+    if cfg.partitions:
+        return cfg.partitions
+    return max(2 * spark.sparkContext.defaultParallelism, math.ceil(rows / 2_000_000), 1)
+
+
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+
+
+def _one_line(e: BaseException) -> str:
+    """The meaningful line of a (JVM or Python worker) error: the last
+    `SomethingError: message` line, else the first line."""
+    text = str(e)
+    hits = [m for m in map(_ERROR_LINE.match, text.splitlines()) if m]
+    for m in reversed(hits):  # the Python error raised in the worker, if any
+        if m.group(1) not in ("Py4JJavaError", "PythonException", "SparkException"):
+            return f"{m.group(1)}: {m.group(2).strip()}"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first[:500]
+
+
+@contextmanager
+def worker_errors() -> Iterator[None]:
+    """Failures of Spark jobs -> one DataError (exit 1) naming the cause, not a
+    JVM stack trace. Our own typed errors raised on the driver pass through."""
+    try:
+        yield
+    except (RecsysError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        mod = type(e).__module__ or ""
+        if mod.startswith(("pyspark", "py4j")):
+            line = _one_line(e)
+            m = re.match(r"^(?:DataError|SchemaError): (.+)$", line)
+            raise DataError(f"a Spark task failed: {m.group(1) if m else line}") from None
+        raise

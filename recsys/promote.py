@@ -1,0 +1,71 @@
+"""Promote an A/B arm: move the registry alias `champion` to its models.
+
+    promote_arm(tracking, "ab_match_features", "match", guard="gauc") -> Promotion
+
+The guard recomputes the comparison of the newest finished run of the
+experiment (`recsys.experiment_run.compare_experiment`, not logged) and
+refuses (`Regression`, exit 1) when the arm's interval on the guarded metric
+lies entirely on the worse side of zero over the whole test set (what
+`recsys experiment compare --fail-on-regression` reports). An unknown
+experiment, arm or metric, or an arm without a registered ranker (a LightGBM
+arm, or a run that was not tracked) is a UsageError (exit 2). Aliases and
+names: `recsys.tracking.models`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from features.core.errors import RecsysError, UsageError
+from recsys.compare import ALL, CompareRow, regressions
+from recsys.tracking.config import TrackingConfig
+
+
+class Regression(RecsysError):
+    """The arm regresses significantly on the guarded metric: not promoted (exit 1)."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Promotion:
+    experiment: str
+    arm: str
+    control: str
+    versions: dict[str, str]  # registered model -> version now aliased champion
+    guard_row: CompareRow | None  # the arm's row of the guarded metric (segment "all"); None for the control
+
+
+def promote_arm(tracking: TrackingConfig, experiment: str, arm: str, guard: str | None = "gauc") -> Promotion:
+    """Set `champion` on `arm`'s models of `experiment` unless `guard` regresses."""
+    from recsys.eval.metrics import METRICS
+    from recsys.experiment import check_experiment_name
+    from recsys.experiment_run import compare_experiment
+    from recsys.tracking import connect
+    from recsys.tracking.models import promote
+
+    check_experiment_name(experiment, "experiment promote")
+    if guard is not None and guard not in METRICS:
+        raise UsageError(f"--guard: unknown metric {guard!r}; known: {', '.join(METRICS)}")
+    # the experiment's own metrics, so the guard sees exactly what `compare` shows
+    rows, control = compare_experiment(tracking, experiment, log_to_store=False)
+    if guard and not any(r.metric == guard for r in rows):
+        rows, control = compare_experiment(tracking, experiment, metrics=(guard,), log_to_store=False)
+    arms = sorted({r.arm for r in rows} | {control})
+    if arm not in arms:
+        raise UsageError(f"--arm {arm!r}: not an arm of experiment {experiment!r}; its arms: {', '.join(arms)}")
+    row = next((r for r in rows if guard and r.arm == arm and r.metric == guard and r.segment == ALL), None)
+    if guard:
+        bad = [r for r in regressions(rows, guard, control) if r.arm == arm]
+        if bad:
+            r = bad[0]
+            raise Regression(f"not promoted: arm {arm!r} regresses on {guard} vs {control!r}: "
+                             f"{r.delta:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]: the 95% interval lies on the worse side of zero")
+    moved = promote(connect(tracking).client, experiment, arm)
+    if not moved:
+        raise UsageError(f"arm {arm!r} of {experiment!r} has no registered recsys-ranker (alias "
+                         f"{experiment}-{arm}): a LightGBM arm, or a run that was not tracked")
+    return Promotion(experiment, arm, control, {n: ref.version for n, ref in moved.items()}, row)
+
+
+__all__ = ["Promotion", "Regression", "promote_arm"]

@@ -1,0 +1,118 @@
+"""Request rows: what the ranker's pyfunc model scores, one row per candidate.
+
+A request is one user at one time with its candidates: the rows that share
+(user_id, timestamp). Columns (`REQUEST_SCHEMA`, plus the model's `mf_*`
+match columns when it was trained with match features):
+
+    user_id             Int64         the user (in the ranker's vocabulary)
+    item_id             Int64         the candidate
+    timestamp           Int64         request time (seconds)
+    hist_len            Int64         the user's events strictly before it (as features.schemas.HIST_LEN)
+    pos_hist_len        Int64         ... of them positive (as POS_HIST_LEN)
+    item_pop            Int64         events on the candidate strictly before it, any user (as ITEM_POP)
+    history             List(Int64)   item ids of the user's events strictly before it, oldest first
+    history_timestamps  List(Int64)   their times (recent-activity features)
+    mf_*                Float64       match features; null = missing
+
+`requests_from_features` builds them from a features folder (and a match
+file), so a batch job can score exactly what `recsys rank train` scored.
+
+Shape legend: n request rows, E history events of all rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from features import schemas as S
+from features.reader import existing_match_file
+
+HISTORY = "history"
+HISTORY_TS = "history_timestamps"
+REQUEST_SCHEMA: dict[str, pl.DataType] = {
+    S.USER_ID: pl.Int64,
+    S.ITEM_ID: pl.Int64,
+    S.TIMESTAMP: pl.Int64,
+    S.HIST_LEN: pl.Int64,
+    S.POS_HIST_LEN: pl.Int64,
+    S.ITEM_POP: pl.Int64,
+    HISTORY: pl.List(pl.Int64),
+    HISTORY_TS: pl.List(pl.Int64),
+}
+_DAY_S = 86_400
+
+
+def requests_from_features(
+    features_dir: str | Path, split: str = "test", match: str | Path | None = None,
+    match_columns: tuple[str, ...] = (), limit: int | None = None,
+) -> pl.DataFrame:
+    """Request rows of every impression of `split` (the first `limit` of them
+    when given), in interactions.parquet order: the history is the user's
+    events strictly before the impression (`hist_end` of them), exactly what
+    the ranker saw in training. Each row carries its whole history: with long
+    histories, use `limit` or score in slices.
+    `match`: the match-features location; `match_columns` (empty: every mf_*)."""
+    root = Path(features_dir)
+    inter = pl.read_parquet(root / S.FILES["interactions"]).with_row_index("_row")
+    inter = inter.filter(pl.col(S.SPLIT) == split)
+    if limit is not None:
+        inter = inter.head(limit)
+    seqs = pl.read_parquet(root / S.FILES["sequences"], columns=[S.USER_ID, S.ITEM_IDS, S.TIMESTAMPS])
+    out = inter.join(seqs, on=S.USER_ID, how="left", maintain_order="left").select(
+        *(pl.col(c).cast(t) for c, t in REQUEST_SCHEMA.items() if c not in (HISTORY, HISTORY_TS)),
+        pl.col(S.ITEM_IDS).list.head(pl.col(S.HIST_END)).cast(pl.List(pl.Int64)).alias(HISTORY),
+        pl.col(S.TIMESTAMPS).list.head(pl.col(S.HIST_END)).cast(pl.List(pl.Int64)).alias(HISTORY_TS),
+        "_row",
+    )
+    if match is not None:
+        mf = pl.read_parquet(existing_match_file(match))
+        cols = list(match_columns) or [c for c in mf.columns if c.startswith(S.MATCH_PREFIX)]
+        mf = mf.select(*S.MATCH_KEYS, *(pl.col(c).cast(pl.Float64) for c in cols)).unique(S.MATCH_KEYS, keep="first")
+        out = out.join(mf, on=list(S.MATCH_KEYS), how="left", maintain_order="left")
+    return out.sort("_row").drop("_row")
+
+
+def activity_raw(timestamps: np.ndarray, history_ts: list[np.ndarray]) -> np.ndarray:
+    """log1p(events in the last day), log1p(events in the last 7 days),
+    log1p(seconds since the last event) before each request (NaN: no
+    history), unstandardised: the raw form of `recsys.data.dense.activity_features`.
+    timestamps (n,), history_ts: n arrays of strictly earlier event times -> (n, 3)."""
+    n = len(timestamps)
+    lengths = np.fromiter((len(h) for h in history_ts), dtype=np.int64, count=n)
+    flat = np.concatenate(history_ts).astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)  # (E,)
+    owner = np.repeat(np.arange(n), lengths)  # (E,)
+    ts = np.asarray(timestamps, dtype=np.int64)
+    cols = []
+    for window in (_DAY_S, 7 * _DAY_S):
+        inside = flat >= ts[owner] - window  # (E,)
+        cols.append(np.log1p(np.bincount(owner[inside], minlength=n).astype(np.float64)))
+    last = np.full(n, -1, dtype=np.int64)
+    has = lengths > 0
+    ends = np.cumsum(lengths) - 1
+    last[has] = flat[ends[has]]
+    since = np.where(has, np.log1p(np.maximum(ts - last, 0).astype(np.float64)), np.nan)
+    cols.append(since)
+    return np.stack(cols, axis=1)  # (n, 3)
+
+
+def counts_raw(frame: pl.DataFrame) -> np.ndarray:
+    """log1p(hist_len), log1p(item_pop), log1p(pos_hist_len): the raw COUNT_FEATURES, (n, 3)."""
+    return frame.select(
+        pl.col(S.HIST_LEN).cast(pl.Float64).log1p(),
+        pl.col(S.ITEM_POP).cast(pl.Float64).log1p(),
+        pl.col(S.POS_HIST_LEN).cast(pl.Float64).log1p(),
+    ).to_numpy()
+
+
+def match_raw(frame: pl.DataFrame, columns: tuple[str, ...]) -> np.ndarray:
+    """The match columns as float64 (n, M), non-finite -> NaN (missing)."""
+    if not columns:
+        return np.zeros((frame.height, 0))
+    values = frame.select(pl.col(c).cast(pl.Float64) for c in columns).to_numpy()
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+__all__ = ["HISTORY", "HISTORY_TS", "REQUEST_SCHEMA", "requests_from_features", "activity_raw", "counts_raw", "match_raw"]

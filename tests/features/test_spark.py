@@ -1,0 +1,218 @@
+"""The Spark engine of the feature jobs: the same bytes as the polars engine
+(build and match, synthetic data and MovieLens-100K), the same guarantees
+(skip when unchanged across engines, bad input, one `error:` line for a
+worker failure), and a session that is always stopped with no UI port.
+
+Spark sessions start in a few seconds once the JVM is up (the first one per
+test process pays ~10 s): the tests share module fixtures to keep the count
+of jobs small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+pytest.importorskip("pyspark")
+
+from features import schemas as S  # noqa: E402
+from features.core.errors import DataError, UsageError  # noqa: E402
+from features.jobs import FeaturesConfig, build_features, build_match_features  # noqa: E402
+from features.match import MatchConfig  # noqa: E402
+from features.sources import SyntheticConfig  # noqa: E402
+from features.spark.config import SparkConfig  # noqa: E402
+from recsys.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+SORT = [S.USER_ID, S.TIMESTAMP, S.ITEM_ID]
+FILES = ["interactions.parquet", "sequences.parquet", "items.parquet"]
+FAST_MATCH = MatchConfig(top_k=(3, 10), faiss_k=10, sid_codebook_size=8, sid_niter=4, shards=2)
+QUIET = dict(log=lambda _m: None)
+
+
+def assert_same_folders(a, b, files):
+    """Same bytes (manifest fingerprints), and row for row after a sort, every column."""
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    for f in files:
+        assert ma["outputs"][f]["fingerprint"] == mb["outputs"][f]["fingerprint"], f
+        x, y = pl.read_parquet(a / f), pl.read_parquet(b / f)
+        keys = [c for c in SORT if c in x.columns] or [x.columns[0]]
+        assert_frame_equal(x.sort(keys), y.sort(keys))
+    assert ma["key"] == mb["key"]
+    return ma, mb
+
+
+def embeddings(path, ids, dim=8, seed=0):
+    vec = np.random.default_rng(seed).standard_normal((len(ids), dim)).astype(np.float32)
+    pl.DataFrame({"item_id": pl.Series(ids, dtype=pl.Int64), "embedding": pl.Series(list(vec), dtype=pl.List(pl.Float32))}).write_parquet(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def synth_cfg():
+    return FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=80, items=150, max_events=90, seed=11))
+
+
+@pytest.fixture(scope="module")
+def synth_pair(tmp_path_factory, synth_cfg):
+    """The synthetic build by both engines."""
+    root = tmp_path_factory.mktemp("spark_synth")
+    build_features(synth_cfg, root / "polars", **QUIET)
+    spark = build_features(dataclasses.replace(synth_cfg, engine="spark"), root / "spark", **QUIET)
+    return root / "polars", root / "spark", spark
+
+
+def test_build_same_bytes_as_polars_on_synthetic(synth_pair):
+    pol, spk, res = synth_pair
+    ma, mb = assert_same_folders(pol, spk, FILES + ["planted_truth.parquet"])
+    assert (ma["engine"], mb["engine"]) == ("polars", "spark")
+    assert ma["stats"] == mb["stats"]
+    assert not res.skipped
+
+
+def test_leave_last_out_and_duplicates_same_on_both_engines(tmp_path):
+    rng = np.random.default_rng(5)
+    n = 3000
+    events = pl.DataFrame({
+        "user_id": rng.integers(0, 40, n), "item_id": rng.integers(0, 60, n),
+        "timestamp": 1_000_000 + rng.integers(0, 40, n) * 3600, "rating": rng.integers(1, 6, n).astype(float),
+    }).unique(subset=["user_id", "item_id", "timestamp"], keep="first", maintain_order=True)
+    # exact duplicates: dropped with the same warning by both engines
+    events = pl.concat([events, events.head(7)])
+    path = tmp_path / "events.parquet"
+    events.write_parquet(path)
+    cfg = FeaturesConfig(source="files", interactions=str(path), split="leave_last_out", history_cap=5)
+    logs = {"polars": [], "spark": []}
+    for engine in logs:
+        build_features(dataclasses.replace(cfg, engine=engine), tmp_path / engine, log=logs[engine].append)
+    assert_same_folders(tmp_path / "polars", tmp_path / "spark", FILES)
+    warn = [[m for m in logs[e] if m.startswith("warning")] for e in logs]
+    assert warn[0] == warn[1] and "dropped 7 exact duplicate rows" in warn[0][0]
+
+
+def test_conflicting_duplicates_and_unknown_items_fail_the_same_way(tmp_path):
+    bad = tmp_path / "events.csv"
+    bad.write_text("user_id,item_id,timestamp,rating\n1,10,100,5\n1,10,100,2\n2,11,50,4\n")
+    cfg = FeaturesConfig(source="files", interactions=str(bad))
+    messages = []
+    for engine in ("polars", "spark"):
+        with pytest.raises(DataError) as e:
+            build_features(dataclasses.replace(cfg, engine=engine), tmp_path / engine, **QUIET)
+        messages.append(str(e.value))
+        assert not (tmp_path / engine).exists()
+    assert messages[0] == messages[1] and "disagree" in messages[0]
+
+
+def test_a_folder_built_by_one_engine_is_up_to_date_for_the_other(synth_pair, synth_cfg):
+    pol, _, _ = synth_pair
+    logs = []
+    res = build_features(dataclasses.replace(synth_cfg, engine="spark", spark=SparkConfig(master="local[1]")), pol,
+                         log=logs.append)
+    assert res.skipped and "up to date" in logs[-1]
+
+
+def test_match_same_bytes_as_polars(synth_pair, tmp_path):
+    pol, spk, _ = synth_pair
+    emb = embeddings(tmp_path / "emb.parquet", pl.read_parquet(pol / "items.parquet")[S.ITEM_ID].to_numpy())
+    a = build_match_features(pol, emb, tmp_path / "m_polars", FAST_MATCH, progress=False, **QUIET)
+    b = build_match_features(spk.as_uri(), emb, (tmp_path / "m_spark").as_uri(),
+                             dataclasses.replace(FAST_MATCH, engine="spark"), **QUIET)
+    ma, mb = assert_same_folders(tmp_path / "m_polars", tmp_path / "m_spark", [S.MATCH_FILE])
+    assert ma["stats"] == mb["stats"] and mb["engine"] == "spark"
+    assert a.complete and b.complete and not (tmp_path / "m_spark" / "shards").exists()
+    # and the polars output is up to date for a spark rerun
+    again = build_match_features(pol, emb, tmp_path / "m_polars", dataclasses.replace(FAST_MATCH, engine="spark"), **QUIET)
+    assert again.skipped
+
+
+def test_ml100k_build_and_match_same_as_polars(ml100k_features, tmp_path):
+    spk = tmp_path / "features"
+    build_features(FeaturesConfig(engine="spark"), spk, **QUIET)
+    assert_same_folders(ml100k_features, spk, FILES + ["users.parquet"])
+    emb = embeddings(tmp_path / "emb.parquet", pl.read_parquet(spk / "items.parquet")[S.ITEM_ID].to_numpy(), dim=16)
+    build_match_features(ml100k_features, emb, tmp_path / "m_polars", FAST_MATCH, progress=False, **QUIET)
+    build_match_features(spk, emb, tmp_path / "m_spark", dataclasses.replace(FAST_MATCH, engine="spark"), **QUIET)
+    assert_same_folders(tmp_path / "m_polars", tmp_path / "m_spark", [S.MATCH_FILE])
+
+
+def test_worker_failure_is_one_error_line(synth_pair, tmp_path, capsys):
+    """A stale sequences file (its users' positives truncated) fails inside a
+    Spark task: the CLI prints one `error:` line, exit 1, no JVM trace."""
+    import shutil
+
+    pol, _, _ = synth_pair
+    stale = tmp_path / "stale"
+    shutil.copytree(pol, stale)
+    seqs = pl.read_parquet(stale / "sequences.parquet")
+    seqs.with_columns(pl.col(S.POS_ITEM_IDS).list.head(1), pl.col(S.POS_TIMESTAMPS).list.head(1)).write_parquet(
+        stale / "sequences.parquet")
+    emb = embeddings(tmp_path / "emb.parquet", pl.read_parquet(pol / "items.parquet")[S.ITEM_ID].to_numpy())
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("match:\n  faiss_k: 10\n  sid_codebook_size: 8\n  sid_niter: 2\n")
+    rc = main(["features", "match", "--engine", "spark", "--features", str(stale), "--embeddings", str(emb),
+               "--out", str(tmp_path / "m"), "--config", str(cfg), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "positive history" in lines[0], err
+    assert "Traceback" not in err and "py4j" not in err.lower() and "at org.apache" not in err
+    assert not (tmp_path / "m" / S.MATCH_FILE).exists()
+
+
+def test_cli_engine_flags_and_uris(tmp_path, capsys):
+    out = (tmp_path / "f").as_uri()
+    argv = ["features", "build", "--source", "synthetic", "--users", "20", "--n-items", "40", "--max-events", "30",
+            "--engine", "spark", "--spark-master", "local[1]", "--out", out, "--quiet"]
+    assert main(argv) == 0
+    m = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert m["engine"] == "spark" and "engine" not in m["config"]
+    emb = embeddings(tmp_path / "e.parquet", pl.read_parquet(tmp_path / "f" / "items.parquet")[S.ITEM_ID].to_numpy())
+    rc = main(["features", "match", "--engine", "spark", "--shard", "0/2", "--features", out, "--embeddings", str(emb),
+               "--out", str(tmp_path / "m")])
+    assert rc == 2 and "--shard" in capsys.readouterr().err
+    rc = main(["features", "build", "--source", "movielens100k", "--out", "hdfs://nn/x", "--engine", "spark"])
+    assert rc == 2 and "file://" in capsys.readouterr().err
+
+
+def test_session_is_stopped_and_has_no_ui(tmp_path):
+    from pyspark import SparkContext
+
+    from features.spark.session import spark_session
+
+    with spark_session(SparkConfig(master="local[1]"), "t") as spark:
+        assert spark.sparkContext.uiWebUrl is None
+    assert SparkContext._active_spark_context is None
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C
+        with spark_session(SparkConfig(master="local[1]"), "t"):
+            raise KeyboardInterrupt
+    assert SparkContext._active_spark_context is None
+
+
+def test_engine_is_not_part_of_the_key():
+    from recsys.config import PipelineConfig
+
+    a, b = FeaturesConfig(), FeaturesConfig(engine="spark", spark=SparkConfig(master="spark://h:7077", ui=True))
+    assert a.relevant() == b.relevant()
+    assert MatchConfig().relevant() == MatchConfig(engine="spark").relevant()
+    cfg = PipelineConfig.from_mapping({"features": {"engine": "spark", "spark": {"master": "local[4]"}},
+                                      "match": {"engine": "spark"}})
+    assert cfg.features.spark.master == "local[4]" and cfg.match.engine == "spark"
+    with pytest.raises(UsageError):
+        PipelineConfig.from_mapping({"features": {"engine": "dask"}})
+
+
+def test_bench_rows_carry_the_engine_and_keep_other_rows(tmp_path):
+    from recsys.bench import features as bench
+
+    (tmp_path / "features.json").write_text(json.dumps({"events": 5, "users": 1, "seconds": 1.0, "events_per_s": 5.0}))
+    assert bench.main(["--quick", "--engine", "polars", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "features.json").read_text())["rows"]
+    assert {r["engine"] for r in rows} == {"polars"} and len(rows) == 2  # the old one-row file is kept as a row
+    new = [r for r in rows if r["users"] == 20][0]
+    assert {"engine", "events", "seconds", "events_per_s", "peak_mb"} <= set(new)

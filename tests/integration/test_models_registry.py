@@ -1,0 +1,124 @@
+"""The MLflow models of a finished debug experiment: what the stages
+registered, the aliases the experiment set, the pyfunc models served from the
+registry (offline, CPU), and `recsys experiment promote`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def test_stages_register_both_models_with_experiment_aliases(in_experiment):
+    c = _client()
+    ranker, student = c.get_registered_model("recsys-ranker"), c.get_registered_model("recsys-student")
+    # one ranker version per TorchRec arm (LightGBM arms have none), one student
+    assert {"debug_ab-control", "debug_ab-match", "debug_ab-match_svd", "debug_ab-control-seed0"} <= set(ranker.aliases)
+    assert "debug_ab-lightgbm" not in ranker.aliases
+    assert len({ranker.aliases[a] for a in ("debug_ab-control", "debug_ab-match", "debug_ab-match_svd")}) == 3
+    # without a promotion, champion is the control arm's ranker
+    assert ranker.aliases["champion"] == ranker.aliases["debug_ab-control"]
+    assert ranker.tags["champion_set_by"].startswith("experiment:")
+    # the control reads no student: champion is the experiment's student, the one the match arms read
+    assert student.aliases["champion"] == student.aliases["debug_ab"] == student.aliases["debug_ab-match"]
+    v = c.get_model_version("recsys-ranker", ranker.aliases["debug_ab-match"])
+    assert (v.tags["experiment"], v.tags["arm"], v.tags["seed"]) == ("debug_ab", "match", "0")
+    assert v.tags["outputs"] == str(in_experiment.arm("match").resolve())
+
+
+def test_ranker_pyfunc_scores_equal_rank_train_predictions(in_experiment):
+    import mlflow
+
+    from recsys.serving import requests_from_features
+
+    a = in_experiment.artifacts
+    for arm, match in (("control", None), ("match_svd", a / "match")):
+        model = mlflow.pyfunc.load_model(f"models:/recsys-ranker@debug_ab-{arm}")
+        requests = requests_from_features(a / "features", "test", match)
+        got = model.predict(requests.to_pandas())
+        want = pl.read_parquet(in_experiment.arm(arm) / "predictions.parquet")
+        assert len(got) == want.height > 0
+        np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got["lt_score"].to_numpy(), want["lt_score"].to_numpy(), rtol=0, atol=1e-6)
+    sig = model.metadata.get_input_schema().input_names()
+    assert {"user_id", "item_id", "timestamp", "history", "history_timestamps", "item_pop"} <= set(sig)
+    assert any(n.startswith("mf_") for n in sig)
+
+
+def test_mlflow_models_predict_cli_offline(in_experiment, tmp_path):
+    """`mlflow models predict` reads JSON or CSV (MLflow 3.17 has no parquet
+    input): the request rows as dataframe_records JSON."""
+    from recsys.serving import requests_from_features
+
+    requests = requests_from_features(in_experiment.artifacts / "features", "test").head(20)
+    (tmp_path / "requests.json").write_text(json.dumps({"dataframe_records": requests.to_dicts()}))
+    out = tmp_path / "scores.json"
+    cmd = [sys.executable, "-m", "mlflow", "models", "predict", "-m", "models:/recsys-ranker@champion",
+           "--env-manager", "local", "-i", str(tmp_path / "requests.json"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [r["score"] for r in json.loads(out.read_text())["predictions"]]
+    want = pl.read_parquet(in_experiment.arm("control") / "predictions.parquet")["score"].head(20).to_numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_student_pyfunc_embeds_catalog_and_new_items(in_experiment):
+    import mlflow
+
+    model = mlflow.pyfunc.load_model("models:/recsys-student@champion")
+    cols = model.metadata.get_input_schema().input_names()
+    items = pl.read_parquet(in_experiment.artifacts / "features" / "items.parquet").sort("item_id")
+    got = model.predict(items.select(cols).to_pandas())
+    want = pl.read_parquet(in_experiment.artifacts / "distill" / "item_embeddings.parquet").sort("item_id")
+    np.testing.assert_allclose(got, np.asarray(want["embedding"].to_list()), atol=1e-5)
+    new = items.select(cols).head(2).with_columns(pl.Series("category", ["never seen", None]))
+    emb = model.predict(new.to_pandas())
+    assert emb.shape == (2, got.shape[1]) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_encode_items_matches_the_published_embeddings(in_experiment):
+    from recsys import encode_items
+
+    a = in_experiment.artifacts
+    items = pl.read_parquet(a / "features" / "items.parquet").sort("item_id")
+    want = pl.read_parquet(a / "distill" / "item_embeddings.parquet").sort("item_id")
+    np.testing.assert_allclose(encode_items(a / "distill", a / "features", items),
+                               np.asarray(want["embedding"].to_list()), atol=1e-5)
+
+
+def test_rerun_reuses_the_registered_versions(in_experiment):
+    c = _client()
+    before = {n: len(c.search_model_versions(f"name = '{n}'")) for n in ("recsys-ranker", "recsys-student")}
+    assert main(["experiment", "run", "experiments/debug_ab.yaml", "--quiet"]) == 0
+    after = {n: len(c.search_model_versions(f"name = '{n}'")) for n in ("recsys-ranker", "recsys-student")}
+    assert after == before
+
+
+def test_promote_exit_statuses_and_champion(in_experiment, capsys):
+    c = _client()
+    assert main(["experiment", "promote", "nope", "--arm", "match"]) == 2
+    assert main(["experiment", "promote", "debug_ab", "--arm", "nope"]) == 2
+    assert "its arms: control, lightgbm, match, match_svd" in capsys.readouterr().err
+    assert main(["experiment", "promote", "debug_ab", "--arm", "match", "--guard", "bogus"]) == 2
+    assert main(["experiment", "promote", "debug_ab", "--arm", "lightgbm", "--no-guard"]) == 2
+    assert main(["experiment", "promote", "debug_ab", "--arm", "match", "--no-guard"]) == 0
+    ranker = c.get_registered_model("recsys-ranker")
+    assert ranker.aliases["champion"] == ranker.aliases["debug_ab-match"]
+    assert ranker.tags["champion_set_by"] == "promote:debug_ab/match"
+    # after a promotion, a new experiment run leaves champion alone
+    assert main(["experiment", "run", "experiments/debug_ab.yaml", "--quiet"]) == 0
+    assert c.get_registered_model("recsys-ranker").aliases["champion"] == ranker.aliases["debug_ab-match"]

@@ -1,0 +1,77 @@
+"""Promotion's guard and the student's frozen field encodings, without a
+pipeline run (the whole chain: tests/integration/test_models_registry.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys.cli import main
+from recsys.compare import CompareRow
+
+
+def _row(arm: str, delta: float, lo: float, hi: float) -> CompareRow:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(CompareRow)}
+    values = dict(arm=arm, metric="gauc", segment="all", value=0.6, delta=delta, ci_low=lo, ci_high=hi,
+                  significant=lo > 0 or hi < 0, regression=hi < 0, sig_holm=False, p_value=0.01)
+    return CompareRow(**{k: v for k, v in values.items() if k in names},
+                      **{k: None for k in names - set(values)})
+
+
+@pytest.fixture
+def fake_compare(monkeypatch):
+    import recsys.experiment_run as E
+    import recsys.tracking.models as M
+
+    rows = [_row("control", 0.0, 0.0, 0.0), _row("worse", -0.05, -0.08, -0.02), _row("better", 0.03, 0.01, 0.05)]
+    monkeypatch.setattr(E, "compare_experiment", lambda *a, **k: (rows, "control"))
+    promoted = []
+    monkeypatch.setattr(M, "promote", lambda client, exp, arm: promoted.append(arm) or {"recsys-ranker": M.ModelRef("recsys-ranker", "7", "x")})
+    return promoted
+
+
+def test_promote_refuses_a_significant_regression_with_exit_1(fake_compare, capsys):
+    assert main(["experiment", "promote", "ab", "--arm", "worse"]) == 1
+    assert "regresses on gauc" in capsys.readouterr().err
+    assert fake_compare == []  # nothing moved
+    assert main(["experiment", "promote", "ab", "--arm", "worse", "--guard", "gauc", "--no-guard"]) == 0
+    assert main(["experiment", "promote", "ab", "--arm", "better"]) == 0
+    assert "recsys-ranker@champion -> version 7" in capsys.readouterr().out
+    assert main(["experiment", "promote", "ab", "--arm", "missing"]) == 2
+    assert fake_compare == ["worse", "better"]
+
+
+def test_promote_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["experiment", "promote", "--help"])
+    assert e.value.code == 0
+    assert "recsys experiment promote ab_match_features --arm match" in capsys.readouterr().out
+
+
+def test_frozen_fields_match_the_students_field_encoder():
+    from distill.encoders import encode_fields
+    from features import schemas as S
+    from recsys.serving.student import FrozenFields
+
+    rng = np.random.default_rng(0)
+    n = 60
+    items = pl.DataFrame({
+        S.ITEM_ID: np.arange(n),
+        "category": rng.choice(["a", "b", "c", None], n).tolist(),
+        "tags": [[str(t) for t in rng.choice(["x", "y", "z"], rng.integers(0, 3))] for _ in range(n)],
+        "year": np.where(rng.random(n) < 0.1, np.nan, rng.integers(1950, 2000, n).astype(float)),
+    })
+    kinds = S.item_field_kinds(items.schema)
+    frozen = FrozenFields.fit(items, kinds, n_buckets=5)
+    got, want = frozen.transform(items), encode_fields(items, kinds, 5)
+    assert got.names == want.names and got.vocab == want.vocab and got.vocab_size == want.vocab_size
+    for a, b in zip(got.tokens, want.tokens, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got.numeric, want.numeric)
+    # a value the catalog never had is the field's null token, never another value's id
+    new = frozen.transform(items.head(1).with_columns(pl.lit("zzz").alias("category"), pl.lit(["q"]).alias("tags")))
+    null_cat, null_tags = 1, 1 + len(frozen.values["category"]) + 1
+    assert new.tokens[0][0, 0] == null_cat and new.tokens[1][0, 0] == null_tags
