@@ -14,26 +14,25 @@ Names resolve lazily, so `import features` stays cheap.
 
 from __future__ import annotations
 
+import importlib
+
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
+# name -> module that defines it: resolved on first use, so `import features` stays cheap
+_EXPORTS = {
+    "FeaturesConfig": "features.jobs.config",
+    "SyntheticConfig": "features.sources",
+    "MatchConfig": "features.match.config",
+}
 
-def __getattr__(name):  # lazy: importing the package stays cheap
-    if name == 'FeaturesConfig':
-        from features.jobs.config import FeaturesConfig
 
-        return FeaturesConfig
-    if name == 'SyntheticConfig':
-        from features.sources import SyntheticConfig
-
-        return SyntheticConfig
-    if name == 'MatchConfig':
-        from features.match.config import MatchConfig
-
-        return MatchConfig
-    raise AttributeError(f"module 'features' has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _quiet(_msg: str) -> None:

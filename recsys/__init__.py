@@ -51,46 +51,30 @@ candidates looked up in one item table):
 
 from __future__ import annotations
 
+import importlib
+
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 
+# name -> module that defines it: resolved on first use, so `import recsys` stays cheap
+_EXPORTS = {
+    "Ranker": "recsys.models.ranker",
+    "RankerConfig": "recsys.config.sections",
+    "SVDAttention": "recsys.modules.svd_attention",
+    "SVDAttentionConfig": "recsys.modules.svd_attention",
+    "run_experiment": "recsys.experiment_run",
+    "promote_arm": "recsys.promote",
+    "requests_from_features": "recsys.serving",
+    "RankerScorer": "recsys.serving",
+}
 
-def __getattr__(name):  # lazy: importing the package stays cheap
-    if name == 'Ranker':
-        from recsys.models.ranker import Ranker
 
-        return Ranker
-    if name == 'RankerConfig':
-        from recsys.config.sections import RankerConfig
-
-        return RankerConfig
-    if name == 'SVDAttention':
-        from recsys.modules.svd_attention import SVDAttention
-
-        return SVDAttention
-    if name == 'SVDAttentionConfig':
-        from recsys.modules.svd_attention import SVDAttentionConfig
-
-        return SVDAttentionConfig
-    if name == 'run_experiment':
-        from recsys.experiment_run import run_experiment
-
-        return run_experiment
-    if name == 'promote_arm':
-        from recsys.promote import promote_arm
-
-        return promote_arm
-    if name == 'requests_from_features':
-        from recsys.serving import requests_from_features
-
-        return requests_from_features
-    if name == 'RankerScorer':
-        from recsys.serving import RankerScorer
-
-        return RankerScorer
-    raise AttributeError(f"module 'recsys' has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def compare_arms(predictions: Mapping[str, Any], control: str, metrics: Sequence[str] = ("auc", "gauc", "logloss"), *,

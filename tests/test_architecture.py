@@ -115,7 +115,8 @@ def test_edges_loaded_by_name_follow_the_import_direction():
 
 def test_importlib_only_for_command_and_bench_dispatch():
     """Config sections are plain imports (no registry of names); only the CLI
-    and the bench dispatch their subcommands by name, within their own package."""
+    and the bench dispatch their subcommands by name, and the packages'
+    __init__ resolve their public exports lazily (each name -> its module)."""
     users = []
     for package in ("features", "distill", "recsys"):
         for path, tree in _modules(package):
@@ -125,7 +126,9 @@ def test_importlib_only_for_command_and_bench_dispatch():
                     name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
                     if name in ("import_module", "__import__"):
                         users.append(path.relative_to(ROOT).as_posix())
-    assert set(users) <= {"recsys/cli/__init__.py", "recsys/bench/__main__.py"}, users
+    allowed = {"recsys/cli/__init__.py", "recsys/bench/__main__.py",  # subcommand dispatch
+               "recsys/__init__.py", "features/__init__.py", "distill/__init__.py"}  # lazy public exports
+    assert set(users) <= allowed, users
 
 
 def test_stage_jobs_are_run_through_the_stage_entry_points():
