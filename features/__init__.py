@@ -14,7 +14,8 @@ Names resolve lazily, so `import features` stays cheap.
 
 from __future__ import annotations
 
-import importlib
+from features.core.lazy import lazy_exports
+
 
 from collections.abc import Callable
 from pathlib import Path
@@ -29,10 +30,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def _quiet(_msg: str) -> None:

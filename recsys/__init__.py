@@ -51,7 +51,8 @@ candidates looked up in one item table):
 
 from __future__ import annotations
 
-import importlib
+from features.core.lazy import lazy_exports
+
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -71,10 +72,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def compare_arms(predictions: Mapping[str, Any], control: str, metrics: Sequence[str] = ("auc", "gauc", "logloss"), *,
