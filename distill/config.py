@@ -88,6 +88,8 @@ class StudentConfig:
     # which does not transfer to cold items):
     modality_dropout: float = 0.5  # P(drop an item's text/image in a training step; fields stay). ML-100K valid: cold R@50 .15 -> .20, warm .44 -> .38
     text_noise: float = 0.0  # std of Gaussian noise added to each text-vector entry in training
+    center: bool = True  # published/scored embeddings are z minus the mean z of the training items, then L2-normalised (unseen content collapses near a common point that would otherwise crowd every ranking)
+    residual: bool = False  # z = (top-D PCA of the raw content embedding, learnable) + a learned correction that starts at zero
     use_text: bool = True  # MiniLM vector of the item's `text`
     use_fields: bool = True  # categorical / multi-valued / numeric item fields
     use_image: bool = True  # only used when items have images
@@ -144,12 +146,15 @@ class DistillConfig:
     weight_decay: float = 1e-5  # AdamW weight decay
     batch_size: int = 512  # s2i examples per step (in-batch negatives); i2i pairs: half as many
     # protocol and evaluation
-    holdout_frac: float = 0.2  # share of items with train events held out as cold
+    holdout_frac: float = 0.2  # share of items with train events held out of all training and reported as cold on test
+    pseudo_cold_frac: float = 0.1  # share of items with train events held out of all training as the VALID cold items (disjoint from the test ones); they drive early stopping
     history_len: int = 50  # most recent positives kept per impression (>= query_len)
     select_k: int = 50  # valid Recall@select_k drives early stopping
+    select_on: Literal["mean", "cold"] = "mean"  # student early stopping: valid R@select_k of pseudo-cold targets ("cold") or the mean of warm and pseudo-cold ("mean")
     eval_ks: tuple[int, ...] = (10, 50, 100)  # Recall@k reported on test
     index: IndexConfig = field(default_factory=IndexConfig)  # faiss index for retrieval (distill/index.py)
     ablations: bool = True  # evaluation also trains one student per loss switched off (the pipeline's distill stage)
+    two_tower: bool = True  # evaluation also trains the content-only two-tower baseline: the student's architecture with L_s2i alone, no teachers
     diag_k: int = 10  # top-k of the neighbour-overlap diagnostic
     diag_clusters: int = 20  # k-means clusters of the NMI diagnostic
     # content encoding
@@ -174,8 +179,10 @@ class DistillConfig:
             raise ValueError("distill: id2i_teachers must be a non-empty subset of ['id2item', 'seq2item']")
         if self.query_len < 1 or self.history_len < self.query_len:
             raise ValueError("distill: need 1 <= query_len <= history_len")
-        if not 0 <= self.holdout_frac < 1:
-            raise ValueError("distill: holdout_frac must be in [0, 1)")
+        if not (0 <= self.holdout_frac < 1 and 0 <= self.pseudo_cold_frac < 1 and self.holdout_frac + self.pseudo_cold_frac < 1):
+            raise ValueError("distill: holdout_frac and pseudo_cold_frac must be in [0, 1), their sum below 1")
+        if self.select_on not in ("mean", "cold"):
+            raise ValueError("distill: select_on must be 'mean' or 'cold'")
         if not self.eval_ks or min(self.eval_ks) < 1 or self.select_k < 1:
             raise ValueError("distill: eval_ks and select_k must be >= 1")
         if self.threads < 0:
@@ -197,11 +204,19 @@ class DistillConfig:
 
         return dataclasses.replace(self, **{f"use_{loss}": False})
 
+    def two_tower_baseline(self) -> "DistillConfig":
+        """The content-only two-tower baseline: the same item tower (the
+        user tower is the mean of the history's item vectors), trained on the
+        same train interactions with L_s2i alone: no teacher, no item pairs."""
+        import dataclasses
+
+        return dataclasses.replace(self, use_s2i=True, use_id2i=False, use_i2i=False)
+
     def training_key(self) -> dict:
         """The keys that change the trained student (eval-only keys dropped)."""
         from features.core.config import to_dict
 
         d = to_dict(self)
-        for k in ("eval_ks", "index", "diag_k", "diag_clusters", "cache_dir", "progress", "threads", "max_empty_text_share"):
+        for k in ("eval_ks", "index", "diag_k", "diag_clusters", "cache_dir", "progress", "threads", "max_empty_text_share", "two_tower"):
             d.pop(k)
         return d

@@ -48,6 +48,7 @@ class ContentTensors:
     numeric: torch.Tensor  # (B, N)
     image: torch.Tensor | None  # (B, G)
     image_mask: torch.Tensor | None  # (B,) bool
+    raw: torch.Tensor | None = None  # (B, R) the raw content embedding (residual students only)
 
     @classmethod
     def from_features(cls, cf: ContentFeatures, cfg: StudentConfig) -> "ContentTensors":
@@ -61,6 +62,7 @@ class ContentTensors:
             numeric=torch.from_numpy(cf.fields.numeric if cfg.use_fields else np.zeros((cf.n_items, 0), np.float32)),
             image=t(cf.image) if use_img else None,
             image_mask=t(cf.image_mask) if use_img else None,
+            raw=t(cf.raw_embedding(cfg.use_fields).astype(np.float32)) if cfg.residual else None,
         )
 
     def __len__(self) -> int:
@@ -69,7 +71,9 @@ class ContentTensors:
     def take(self, idx: torch.Tensor) -> "ContentTensors":
         """Rows `idx` (B,) of every modality."""
         pick = lambda x: None if x is None else x.index_select(0, idx)  # noqa: E731
-        return ContentTensors(pick(self.text), [x.index_select(0, idx) for x in self.tokens], pick(self.numeric), pick(self.image), pick(self.image_mask))
+        return ContentTensors(
+            pick(self.text), [x.index_select(0, idx) for x in self.tokens], pick(self.numeric), pick(self.image), pick(self.image_mask), pick(self.raw)
+        )
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class ContentSpec:
     n_fields: int
     numeric_dim: int
     image_dim: int
+    raw_dim: int = 0  # R: the raw content embedding's size (residual students only)
 
     @classmethod
     def of(cls, x: ContentTensors, vocab_size: int) -> "ContentSpec":
@@ -90,6 +95,7 @@ class ContentSpec:
             n_fields=len(x.tokens),
             numeric_dim=x.numeric.shape[1],
             image_dim=0 if x.image is None else x.image.shape[1],
+            raw_dim=0 if x.raw is None else x.raw.shape[1],
         )
 
 
@@ -129,6 +135,17 @@ class Student(nn.Module):
             raise ValueError("student: the catalog has none of the enabled modalities")
         self.gate = nn.Linear(n_mod * h, n_mod)
         self.out = nn.Linear(h, cfg.dim)
+        self.base = None
+        if cfg.residual:
+            if not spec.raw_dim:
+                raise ValueError("student: residual needs the raw content embedding (ContentTensors.raw)")
+            # z = base(raw content) + correction: the correction starts at zero,
+            # so training starts from the content geometry (see init_residual)
+            self.base = nn.Linear(spec.raw_dim, cfg.dim)
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+        # the mean z of the training items, removed before normalising (cfg.center; zeros until set_center)
+        self.register_buffer("center", torch.zeros(cfg.dim))
         self.prefixes = sorted({d for d in matryoshka_dims if 0 < d < cfg.dim} | {cfg.dim})
         self.heads = nn.ModuleDict(
             {f"{name}@{d}": nn.Linear(d, k) for name, k in (teacher_dims or {}).items() for d in self.prefixes}
@@ -173,7 +190,26 @@ class Student(nn.Module):
         # a missing modality (no image) gets no weight instead of a zero vector's
         w = logits.masked_fill(~avail, float("-inf")).softmax(-1)  # (B, M)
         fused = (w[..., None] * h).sum(1)  # (B, H)
-        return self.out(fused)  # (B, D)
+        z = self.out(fused)  # (B, D)
+        if self.base is not None:
+            z = z + self.base(x.raw)  # (B, D)
+        return z
+
+    @torch.no_grad()
+    def init_residual(self, raw: torch.Tensor) -> None:
+        """Set the base map to the projection on the top-D principal directions
+        of the catalog's centred raw content (I, R), which keeps the content's
+        geometry as far as D dims allow. Unsupervised: no interaction is used."""
+        if self.base is None:
+            return
+        mean = raw.double().mean(0)  # (R,)
+        x = raw.double() - mean  # (I, R)
+        _, s, vt = torch.linalg.svd(x, full_matrices=False)  # vt (min(I, R), R)
+        d = min(self.cfg.dim, vt.shape[0])
+        w = torch.zeros(self.cfg.dim, raw.shape[1], dtype=torch.float64)
+        w[:d] = vt[:d]
+        self.base.weight.copy_(w.float())
+        self.base.bias.copy_(-(w @ mean).float())  # base(raw) = W (raw - mean)
 
     def gates(self, x: ContentTensors) -> torch.Tensor:
         """Modality weights (B, M), for inspection."""
@@ -186,15 +222,32 @@ class Student(nn.Module):
         return self.heads[f"{teacher}@{d}"](z[:, :d])
 
     @torch.no_grad()
-    def embed(self, x: ContentTensors, batch_size: int = 4096, dim: int | None = None) -> np.ndarray:
-        """L2-normalised embeddings (I, d) of every item, eval mode, float32."""
+    def raw_z(self, x: ContentTensors, batch_size: int = 4096) -> torch.Tensor:
+        """z (I, D) of every item, eval mode, not centred or normalised."""
         was = self.training
         self.eval()
         n = len(x)
         outs = [self(x.take(torch.arange(s, min(s + batch_size, n)))) for s in range(0, n, batch_size)]
         self.train(was)
-        z = torch.cat(outs) if outs else torch.zeros(0, self.cfg.dim)  # (I, D)
-        z = z[:, : dim or self.cfg.dim]
+        return torch.cat(outs) if outs else torch.zeros(0, self.cfg.dim)  # (I, D)
+
+    @torch.no_grad()
+    def set_center(self, x: ContentTensors, train_items: np.ndarray) -> None:
+        """center = mean z of `train_items` (indices into x) when cfg.center.
+
+        Why: content the student never trained on maps near a common point,
+        so without centring every unseen item sits close to every query and
+        cold items crowd the top of a mixed ranking whatever their content
+        says (a planted world with no content signal shows it: tests/distill/
+        test_generalisation.py). Removing the mean spreads them out again."""
+        if self.cfg.center and len(train_items):
+            self.center.copy_(self.raw_z(x.take(torch.from_numpy(np.asarray(train_items, dtype=np.int64)))).mean(0))
+
+    @torch.no_grad()
+    def embed(self, x: ContentTensors, batch_size: int = 4096, dim: int | None = None) -> np.ndarray:
+        """L2-normalised embeddings (I, d) of every item (z minus `center`), eval mode, float32."""
+        d = dim or self.cfg.dim
+        z = self.raw_z(x, batch_size)[:, :d] - self.center[:d]  # (I, d)
         return F.normalize(z, dim=-1).numpy().astype(np.float32)
 
 

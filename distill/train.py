@@ -9,10 +9,14 @@ training wrapper around the student, sums the switched-on losses:
     L = w_s2i L_s2i + w_id2i L_id2i + w_i2i L_i2i        (distill/losses.py)
 
 L_id2i covers every item of the batch that the teachers know. After each
-epoch the student is scored on the VALID split (`evaluate.selection_score`:
-Recall@select_k averaged over warm and cold targets) and the best epoch is
-kept; training stops after `patience` epochs without improvement. The test
-split is never looked at here.
+epoch the student's centre (mean z of the training items, see
+`Student.set_center`) is updated and the student is scored on the VALID
+split (`evaluate.selection_score`: Recall@select_k of the pseudo-cold
+targets, averaged with the warm targets' under `select_on: mean`); the best
+epoch is kept; training stops after `patience` epochs without improvement.
+No batch ever holds a held-out item (test-cold or pseudo-cold: the
+protocol removed them from `data.train`, the pairs and the teacher tables),
+and the test split is never looked at here.
 
 Shape legend:
     B  examples (or pairs) per batch
@@ -204,6 +208,8 @@ def fit_student(
     with torch.random.fork_rng(devices=[]):  # init + dropout seeded; the caller's RNG untouched
         torch.manual_seed(seed)
         student = Student(cfg.student, spec, {n: np.asarray(teachers[n].table).shape[1] for n in names}, cfg.matryoshka_dims)
+        if content.raw is not None:
+            student.init_residual(content.raw)
         objective = DistillObjective(student, cfg, {n: teachers[n] for n in names}, log_q)
         opt = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         loss_curve, valid_curve, components = [], [], []
@@ -243,6 +249,7 @@ def fit_student(
             components.append(comp)
             metrics = {f"student/{k}": v for k, v in comp.items()}
             metrics["student/temperature_s2i"] = float(objective.temp_s2i().detach())
+            student.set_center(content, known_idx)
             if valid_fn is not None:
                 score = float(valid_fn(student))
                 valid_curve.append(score)
@@ -254,6 +261,8 @@ def fit_student(
                 break
         seconds = time.perf_counter() - t0
         best_epoch = stopper.restore(student, len(loss_curve))
+        if stopper.state is None:  # no valid scores: the last epoch, centred on its own z
+            student.set_center(content, known_idx)
         student.eval()
     return StudentFit(
         student=student,

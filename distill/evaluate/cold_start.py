@@ -1,16 +1,29 @@
-"""Cold-start protocol (`prepare_cold_start`):
-- Held-out items: a share (`holdout_frac`, default 0.2) of the items that have
-  train events, drawn with `np.random.default_rng(seed)`. ALL their
-  interactions are removed from teacher and student training: teachers and
-  student learn only from train-split positives of the other items.
-- warm item = has train events and is not held out; cold item = held out or
-  without any train event. Teachers "know" the items with >= 1 train positive
-  that are not held out (`known`); only those can be retrieved by a teacher.
-- The valid split is for choices (early stopping, model selection); the
-  test split is reported. Nothing is ever chosen on test. The student's
-  early stopping averages valid Recall@k over warm and cold targets, so the
-  held-out items' valid-period interactions inform which epoch is kept
-  (never a gradient); their test-period interactions are only reported.
+"""Cold-start protocol (`prepare_cold_start`), which never peeks at test:
+
+- Two disjoint item sets are drawn (`np.random.default_rng(seed)`) among the
+  items that have train events:
+  * test-cold (`heldout`, share `holdout_frac`, default 0.2): reported as
+    cold on test, scored once at the end;
+  * pseudo-cold (`pseudo_cold`, share `pseudo_cold_frac`, default 0.1): the
+    cold half of the VALID split, which drives every choice (early stopping,
+    model selection).
+  ALL interactions of both sets are removed from teacher and student
+  training (targets, histories, item pairs, teacher tables).
+- warm item = has train events and is in neither set. Teachers "know" the
+  warm items with >= 1 train positive (`known`).
+- valid impressions: the valid period's positives; warm targets = warm
+  items, cold targets = pseudo-cold items. Valid-period positives of
+  test-cold items are dropped. (The pseudo-cold items' train-period
+  positives are unseen too, and ten times as many, but they are in-sample in
+  time: on ML-100K they ranked a residual student above the plain one while
+  the valid period and the test period both ranked it below. Choices are
+  made out of time, as the test is.)
+- test impressions: warm targets as above; cold targets = test-period
+  positives of test-cold items and of items without any train event.
+  Test-period positives of pseudo-cold items are dropped: they informed
+  the choices, so they are not reported as cold.
+- Users' query histories are their real, strictly earlier positives (any
+  item, hidden ones included: the student embeds them from content).
 
 Shape legend:
     I  items, U users, N impressions, H history kept per impression
@@ -56,16 +69,22 @@ class ColdStartData:
 
     item_ids: np.ndarray  # (I,)
     user_ids: np.ndarray  # (U,)
-    heldout: np.ndarray  # (I,) bool
-    warm: np.ndarray  # (I,) bool: has train events and not held out
+    heldout: np.ndarray  # (I,) bool: test-cold items held out of training
+    pseudo_cold: np.ndarray  # (I,) bool: valid-cold items held out of training (disjoint from heldout)
+    warm: np.ndarray  # (I,) bool: has train events and in neither held-out set
     known: np.ndarray  # (I,) bool: warm with >= 1 train positive (teachers learn these)
-    train_users: np.ndarray  # (P,) train positives minus held-out items ...
+    train_users: np.ndarray  # (P,) train positives minus both held-out sets ...
     train_items: np.ndarray  # (P,) ... in time order
     train_sequences: list[np.ndarray]  # per user with train positives, item indices in time order
     train: Impressions  # train positives with a (held-out-free) earlier positive history
     valid: Impressions
     test: Impressions
     counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def hidden(self) -> np.ndarray:
+        """(I,) bool: items whose interactions no model may train on."""
+        return self.heldout | self.pseudo_cold
 
     @property
     def n_items(self) -> int:
@@ -109,16 +128,34 @@ def _segment_any(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.bincount(seg, weights=flags.astype(np.float64), minlength=len(offsets) - 1) > 0
 
 
+def draw_cold_items(has_train: np.ndarray, holdout_frac: float, pseudo_cold_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(heldout, pseudo_cold): two disjoint (I,) bool masks over the items with
+    train events, shares `holdout_frac` and `pseudo_cold_frac` of them, seeded."""
+    eligible = np.flatnonzero(has_train)
+    perm = np.random.default_rng(seed).permutation(eligible)
+    n_hold = int(round(holdout_frac * len(eligible)))
+    n_pseudo = int(round(pseudo_cold_frac * len(eligible)))
+    heldout = np.zeros(len(has_train), dtype=bool)
+    pseudo = np.zeros(len(has_train), dtype=bool)
+    heldout[perm[:n_hold]] = True
+    pseudo[perm[n_hold : n_hold + n_pseudo]] = True
+    return heldout, pseudo
+
+
 def prepare_cold_start(
     interactions: pl.DataFrame,
     sequences: pl.DataFrame,
     items: pl.DataFrame,
     *,
     holdout_frac: float = 0.2,
+    pseudo_cold_frac: float = 0.1,
     seed: int = 0,
     history_len: int = 50,
 ) -> ColdStartData:
-    """Hold out items and build train pairs/sequences and valid/test impressions."""
+    """Hold out test-cold and pseudo-cold items; build train pairs/sequences
+    and valid/test impressions (see the module docstring)."""
+    if holdout_frac + pseudo_cold_frac >= 1:
+        raise ValueError("holdout_frac + pseudo_cold_frac must be < 1")
     items = items.sort(S.ITEM_ID)
     item_ids = items[S.ITEM_ID].to_numpy().astype(np.int64)
     seqs = sequences.sort(S.USER_ID)
@@ -126,12 +163,10 @@ def prepare_cold_start(
     n_items = len(item_ids)
 
     has_train = items[S.N_TRAIN].fill_null(0).to_numpy() > 0
-    eligible = np.flatnonzero(has_train)
-    rng = np.random.default_rng(seed)
-    n_hold = int(round(holdout_frac * len(eligible)))
-    heldout = np.zeros(n_items, dtype=bool)
-    heldout[rng.choice(eligible, n_hold, replace=False)] = True
-    warm = has_train & ~heldout
+    heldout, pseudo = draw_cold_items(has_train, holdout_frac, pseudo_cold_frac, seed)
+    hidden = heldout | pseudo
+    warm = has_train & ~hidden
+    test_cold = ~warm & ~pseudo  # held out for test, or no train event at all
 
     pos_vals, pos_off = _flatten(seqs[S.POS_ITEM_IDS])
     all_vals, all_off = _flatten(seqs[S.ITEM_IDS])
@@ -147,8 +182,8 @@ def prepare_cold_start(
     plen = pos[S.POS_HIST_LEN].to_numpy().astype(np.int64)
     he = pos[S.HIST_END].to_numpy().astype(np.int64)
 
-    # --- train: positives of non-held-out items; histories without held-out items
-    tr = (split == "train") & ~heldout[items_all]
+    # --- train: positives of visible items; histories without hidden items
+    tr = (split == "train") & ~hidden[items_all]
     known = np.zeros(n_items, dtype=bool)
     known[items_all[tr]] = True
     tr_idx = np.flatnonzero(tr)
@@ -156,7 +191,7 @@ def prepare_cold_start(
     tu, ti = users_all[by_user], items_all[by_user]
     bounds = np.flatnonzero(np.diff(tu)) + 1
     train_sequences = [s for s in np.split(ti, bounds) if len(s)]
-    keep = ~heldout[pos_vals]
+    keep = ~hidden[pos_vals]
     ck = np.concatenate([[0], np.cumsum(keep)])  # exclusive prefix count of kept positives
     f_vals, f_off = pos_vals[keep], ck[pos_off]
     u_tr = users_all[tr_idx]
@@ -173,15 +208,17 @@ def prepare_cold_start(
     counts: dict[str, int] = {
         "n_items": n_items,
         "n_items_heldout": int(heldout.sum()),
+        "n_items_pseudo_cold": int(pseudo.sum()),
         "n_items_warm": int(warm.sum()),
-        "n_items_cold": int((~warm).sum()),
+        "n_items_cold": int(test_cold.sum()),
         "n_items_known": int(known.sum()),
         "n_train_pairs": len(tu),
         "n_train_examples": len(t_sel),
     }
-    splits = {}
-    for name in ("valid", "test"):
-        sel = np.flatnonzero(split == name)
+
+    def impressions(name: str, sel: np.ndarray, cold_items: np.ndarray) -> Impressions:
+        """Positives `sel` (indices into pos) whose target is warm or in
+        `cold_items`, with their histories and exclusion lists."""
         u, t = users_all[sel], items_all[sel]
         hist = _gather_hist(pos_vals, pos_off[u] + pe[sel] - plen[sel], pos_off[u] + pe[sel], history_len)
         ex_len = he[sel]
@@ -190,37 +227,42 @@ def prepare_cold_start(
         ex_vals = all_vals[ex_start + np.arange(ex_off[-1])] if ex_off[-1] else np.zeros(0, np.int64)
         repeat = _segment_any(ex_vals == np.repeat(t, ex_len), ex_off)
         no_hist = pe[sel] == 0
-        ok = ~repeat & ~no_hist
+        other = ~(warm[t] | cold_items[t])  # the other split's cold items
+        ok = ~repeat & ~no_hist & ~other
         counts[f"n_{name}_skipped_no_history"] = int(no_hist.sum())
         counts[f"n_{name}_skipped_repeat"] = int((repeat & ~no_hist).sum())
-        # re-pack the exclusion lists of the kept impressions
+        counts[f"n_{name}_skipped_other_cold"] = int((other & ~repeat & ~no_hist).sum())
         imps = Impressions(
             users=u[ok],
             targets=t[ok],
             hist=hist[ok],
-            cold=~warm[t[ok]],
+            cold=cold_items[t[ok]],
             exclude_offsets=np.concatenate([[0], np.cumsum(ex_len[ok])]),
             exclude_values=ex_vals[np.repeat(ok, ex_len)],
         )
         counts[f"n_{name}_warm"] = int((~imps.cold).sum())
         counts[f"n_{name}_cold"] = int(imps.cold.sum())
-        splits[name] = imps
+        return imps
+
+    valid = impressions("valid", np.flatnonzero(split == "valid"), pseudo)
+    test = impressions("test", np.flatnonzero(split == "test"), test_cold)
     if len(tu) == 0:
         raise DataError("no train positives left after holding out items", file=S.FILES["interactions"], column=S.LABEL)
     return ColdStartData(
         item_ids=item_ids,
         user_ids=user_ids,
         heldout=heldout,
+        pseudo_cold=pseudo,
         warm=warm,
         known=known,
         train_users=users_all[by_user],
         train_items=items_all[by_user],
         train_sequences=train_sequences,
         train=train,
-        valid=splits["valid"],
-        test=splits["test"],
+        valid=valid,
+        test=test,
         counts=counts,
     )
 
 
-__all__ = ["Impressions", "ColdStartData", "prepare_cold_start"]
+__all__ = ["Impressions", "ColdStartData", "draw_cold_items", "prepare_cold_start"]

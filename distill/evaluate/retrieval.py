@@ -125,24 +125,38 @@ def embedding_retriever(item_emb: np.ndarray, q: int, usable: np.ndarray | None 
 
 
 def evaluate_retrievers(
-    retrievers: Mapping[str, Retriever], imps: Impressions, ks: Sequence[int], index_cfg: IndexConfig = IndexConfig()
+    retrievers: Mapping[str, Retriever],
+    imps: Impressions,
+    ks: Sequence[int],
+    index_cfg: IndexConfig = IndexConfig(),
+    ranked_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Recall@k per model and target group on one split's impressions."""
+    """Recall@k per model and target group on one split's impressions; each
+    model's ranking (N, max k) also lands in `ranked_out` when given."""
     out: dict[str, float] = {}
     kmax = max(ks)
     for name, r in retrievers.items():
         ranked = rank_items(r.item_emb, r.query_fn(imps), imps, kmax, candidates=r.candidates, index_cfg=index_cfg)
         out.update(recall_report(ranked, imps, ks, name, r.groups))
+        if ranked_out is not None:
+            ranked_out[name] = ranked
     return out
 
 
-def selection_score(item_emb: np.ndarray, imps: Impressions, q: int, k: int, usable: np.ndarray | None = None) -> float:
-    """The valid-split choice metric: Recall@k averaged over the warm and cold
-    groups (warm only when the model can only retrieve `usable` items, or when
-    a group is empty), exact search."""
+def selection_score(
+    item_emb: np.ndarray,
+    imps: Impressions,
+    q: int,
+    k: int,
+    usable: np.ndarray | None = None,
+    groups: Sequence[str] = ("warm", "cold"),
+) -> float:
+    """The valid-split choice metric: Recall@k averaged over `groups` (warm
+    and/or cold targets; warm only when the model can only retrieve `usable`
+    items; an empty group is left out), exact search."""
     r = embedding_retriever(item_emb, q, usable)
     m = evaluate_retrievers({"m": r}, imps, [k])
-    vals = [v for key, v in m.items() if not np.isnan(v) and not key.endswith("_all_m")]
+    vals = [v for key, v in m.items() if not np.isnan(v) and key.split("_")[1] in groups]
     return float(np.mean(vals)) if vals else 0.0
 
 

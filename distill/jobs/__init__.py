@@ -3,7 +3,8 @@
 
     fit_teachers(features_dir, out_dir, cfg, tracker)   teachers into out_dir
     train_student(features_dir, out_dir, cfg, tracker)  teachers, student, published embeddings
-    evaluate(features_dir, out_dir, cfg, tracker)       all of the above + ablations + metrics.json
+    evaluate(features_dir, out_dir, cfg, tracker)       all of the above + ablations + two-tower + metrics.json
+    evaluate_seeds(features_dir, out_dir, cfg, seeds=)  evaluate per seed into out_dir/seed_{s} + seeds.json
 
 Output folder of `train_student` / `evaluate`:
 
@@ -11,6 +12,8 @@ Output folder of `train_student` / `evaluate`:
                                   teachers.pt, manifest.json   (= what `fit_teachers` writes)
     OUT/student/                  item_embeddings.parquet, student.pt, manifest.json
     OUT/ablations/no_{loss}/      the same for each ablation (evaluate only)
+    OUT/baselines/two_tower/      the content-only two-tower baseline (evaluate, distill.two_tower)
+    OUT/test_hits.parquet         evaluate only: per test impression, hit@50 of student, content, two-tower
     OUT/item_embeddings.parquet   the student's embedding of EVERY item (item_id Int64,
                                   embedding List(Float32), L2-normalised)
     OUT/metrics.json              evaluate only: {name: number or null}, plus "reasons": {name: why it is null}
@@ -33,8 +36,9 @@ from __future__ import annotations
 
 from distill.jobs.artifacts import JobResult
 from distill.jobs.evaluation import evaluate
-from distill.jobs.report import format_metrics
+from distill.jobs.report import format_metrics, format_seeds
+from distill.jobs.seeds import evaluate_seeds
 from distill.jobs.student import train_student
 from distill.jobs.teachers import fit_teachers
 
-__all__ = ["JobResult", "fit_teachers", "train_student", "evaluate", "format_metrics"]
+__all__ = ["JobResult", "fit_teachers", "train_student", "evaluate", "evaluate_seeds", "format_metrics", "format_seeds"]

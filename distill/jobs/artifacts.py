@@ -21,10 +21,11 @@ from features.core.fingerprint import file_fingerprint
 from features.core.manifest import atomic_outputs, write_manifest
 from features.jobs.config import JOB as FEATURES_JOB
 
-VERSION = 1  # bump when the same inputs and config give different outputs
+VERSION = 2  # bump when the same inputs and config give different outputs
 JOB_TEACHERS, JOB_STUDENT, JOB_TRAIN, JOB_EVAL = "distill.teachers", "distill.student", "distill.train", "distill.eval"
 EMBEDDINGS = "item_embeddings.parquet"
 METRICS = "metrics.json"
+TEST_HITS = "test_hits.parquet"  # evaluate: per test impression, hit@k of the models the seed report compares
 REASONS = "reasons"  # metrics.json: {metric: why it is null}
 
 
@@ -84,13 +85,26 @@ def log_default(msg: str) -> None:
     print(msg, flush=True, file=sys.stderr if msg.startswith("warning:") else sys.stdout)
 
 
-def publish(out: Path, key: dict[str, Any], job: str, emb_src: Path, metrics: dict[str, Any] | None, extra: dict[str, Any]) -> dict:
+def publish(
+    out: Path,
+    key: dict[str, Any],
+    job: str,
+    emb_src: Path,
+    metrics: dict[str, Any] | None,
+    extra: dict[str, Any],
+    tables: dict[str, pl.DataFrame] | None = None,
+) -> dict:
+    from features.core.manifest import write_parquet
+
     with atomic_outputs(out) as tmp:
         shutil.copyfile(emb_src, tmp / EMBEDDINGS)
         files = {}
         if metrics is not None:
             (tmp / METRICS).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
             files[METRICS] = file_fingerprint(tmp / METRICS)
+        for name, frame in (tables or {}).items():
+            write_parquet(frame, tmp / name)
+            files[name] = file_fingerprint(tmp / name)
         return write_manifest(tmp, job=job, key=key, outputs=[EMBEDDINGS], extra={"files": files, **extra})
 
 
@@ -103,6 +117,7 @@ __all__ = [
     "FEATURES_JOB",
     "EMBEDDINGS",
     "METRICS",
+    "TEST_HITS",
     "REASONS",
     "JobResult",
     "embedding_frame",

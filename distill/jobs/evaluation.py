@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from distill import evaluate as E
-from distill.jobs.artifacts import EMBEDDINGS, JOB_EVAL, METRICS, REASONS, VERSION, JobResult, log_default, publish
+from distill.jobs.artifacts import EMBEDDINGS, JOB_EVAL, METRICS, REASONS, TEST_HITS, VERSION, JobResult, log_default, publish
 from distill.jobs.inputs import DistillInputs, load_inputs, with_seed
 from distill.jobs.student import ensure_student, teacher_fingerprints
 from distill.jobs.teachers import ensure_teachers
@@ -70,9 +71,32 @@ def _why_null(metrics: Mapping[str, Any], data: E.ColdStartData, known: Mapping[
     return out
 
 
+HITS_MODELS = ("student", "content", "two_tower")  # test_hits.parquet columns hit_{model}: what the seed report compares
+
+
+def hits_k(cfg: DistillConfig) -> int:
+    """The k of test_hits.parquet: 50 (the goal's Recall@50) when reported, else the largest k."""
+    return 50 if 50 in cfg.eval_ks else max(cfg.eval_ks)
+
+
+def _test_hits(data: E.ColdStartData, ranked: Mapping[str, np.ndarray], k: int) -> pl.DataFrame:
+    """One row per test impression: user_id, target item_id, cold, hit_{model}
+    at k for the models of HITS_MODELS that were ranked."""
+    imps = data.test
+    cols: dict[str, Any] = {
+        "user_id": pl.Series(data.user_ids[imps.users], dtype=pl.Int64),
+        "item_id": pl.Series(data.item_ids[imps.targets], dtype=pl.Int64),
+        "cold": pl.Series(imps.cold, dtype=pl.Boolean),
+    }
+    for name in HITS_MODELS:
+        if name in ranked:
+            cols[f"hit_{name}"] = pl.Series(E.hits_at_k(ranked[name], imps.targets, k), dtype=pl.Boolean)
+    return pl.DataFrame(cols)
+
+
 def _compare(
     ctx: DistillInputs, teachers: Mapping[str, Any], students: Mapping[str, tuple[Any, np.ndarray]], cfg: DistillConfig
-) -> dict[str, float]:
+) -> tuple[dict[str, float], pl.DataFrame]:
     """Every model on the same test impressions (plus valid at select_k), and
     the diagnostics against both teachers.
 
@@ -81,7 +105,8 @@ def _compare(
     `popularity` (train positives per item), `id_teacher` (cosine, mean of the
     last query_len known items; warm only), `seq_teacher` (its own history
     encoder, dot product; warm only), each student (cosine), the full
-    student's matryoshka prefixes `student_d{d}`, and `student_known_items`
+    student's matryoshka prefixes `student_d{d}`, `two_tower` (the content-only
+    two-tower baseline, when trained), and `student_known_items`
     (the full student ranking only the items the ID teacher knows; warm only).
     """
     import torch
@@ -115,7 +140,9 @@ def _compare(
     )
 
     metrics: dict[str, float] = {}
-    metrics.update(E.evaluate_retrievers(retrievers, data.test, ks, cfg.index))
+    ranked: dict[str, np.ndarray] = {}
+    metrics.update(E.evaluate_retrievers(retrievers, data.test, ks, cfg.index, ranked_out=ranked))
+    hits = _test_hits(data, ranked, hits_k(cfg))
     # valid at select_k for the models whose choices were made on it
     chosen = {n: r for n, r in retrievers.items() if n in students or n in ("id_teacher", "seq_teacher", "content")}
     valid = E.evaluate_retrievers(chosen, data.valid, [cfg.select_k], cfg.index)
@@ -124,7 +151,7 @@ def _compare(
     # diagnostics on the items each teacher knows (warm items with a train positive)
     x = ContentTensors.from_features(content, cfg.student)
     refs = {"id_teacher": (idt, "id2item"), "seq_teacher": (sqt, "seq2item")}
-    models = {"content": (None, content.raw_embedding(True))} | dict(students)
+    models = {"content": (None, content.raw_embedding(True))} | {n: v for n, v in students.items() if n != "two_tower"}
     for ref_name, (teacher, head) in refs.items():
         known = np.flatnonzero(teacher.known_items_)
         n_known = len(known)
@@ -145,7 +172,7 @@ def _compare(
                 )
             )  # fmt: skip
     metrics.update({k: float(v) for k, v in data.counts.items()})
-    return metrics
+    return metrics, hits
 
 
 def evaluate(
@@ -194,6 +221,8 @@ def evaluate(
                     variants[f"student_no_{loss}"] = (cfg.ablation(loss), out / "ablations" / f"no_{loss}")
                 except ValueError:  # it was the only loss switched on
                     log(f"distill eval: no ablation without {loss} (no other loss is on)")
+    if cfg.two_tower:
+        variants["two_tower"] = (cfg.two_tower_baseline(), out / "baselines" / "two_tower")
     students: dict[str, tuple[Any, np.ndarray]] = {}
     for name, (vcfg, folder) in variants.items():
         tr = tracker if name == "student" else PrefixedTracker(tracker, name)
@@ -202,7 +231,8 @@ def evaluate(
         timings[f"{name}_s"] = sres.seconds
     t_cmp = time.perf_counter()
     with torch_threads(cfg.threads):
-        metrics = json_safe(_compare(ctx, tobjs, students, cfg))
+        metrics, hits = _compare(ctx, tobjs, students, cfg)
+        metrics = json_safe(metrics)
     known = {"id_teacher": int(tobjs["id2item"].known_items_.sum()), "seq_teacher": int(tobjs["seq2item"].known_items_.sum())}
     metrics[REASONS] = _why_null(metrics, ctx.data, known)
     timings["compare_s"] = time.perf_counter() - t_cmp
@@ -210,7 +240,8 @@ def evaluate(
     timings["total_s"] = time.perf_counter() - t0
     manifest = publish(
         out, key, JOB_EVAL, out / "student" / EMBEDDINGS, metrics,
-        {"config": to_dict(cfg), "teachers": to_dict(tcfg), "features": str(ctx.folder), "timings": timings},
+        {"config": to_dict(cfg), "teachers": to_dict(tcfg), "features": str(ctx.folder), "timings": timings, "hits_k": hits_k(cfg)},
+        tables={TEST_HITS: hits},
     )  # fmt: skip
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     tracker.log_artifact(out / METRICS)

@@ -45,6 +45,7 @@ class DistillInputs:
         c = self.distill
         return {
             "holdout_frac": c.holdout_frac,
+            "pseudo_cold_frac": c.pseudo_cold_frac,
             "seed": c.seed,
             "history_len": c.history_len,
             "query_len": c.query_len,
@@ -136,12 +137,15 @@ def load_inputs(features_dir: str | Path, cfg: DistillConfig, seed: int, log: Ca
     if inter.filter((pl.col(S.SPLIT) == "train") & (pl.col(S.LABEL) == 1)).height == 0:
         raise DataError("no positive train events: nothing to learn from", file=inter_file, column=S.LABEL)
     cfg = with_seed(cfg, seed)
-    data = E.prepare_cold_start(inter, seqs, items, holdout_frac=cfg.holdout_frac, seed=cfg.seed, history_len=cfg.history_len)
+    data = E.prepare_cold_start(
+        inter, seqs, items, holdout_frac=cfg.holdout_frac, pseudo_cold_frac=cfg.pseudo_cold_frac, seed=cfg.seed, history_len=cfg.history_len
+    )
     if not any(len(s) >= 2 for s in data.train_sequences):
         raise DataError(
-            f"no user has 2 or more train positives once {data.counts['n_items_heldout']} of {data.n_items} items are held out "
-            f"(distill.holdout_frac {cfg.holdout_frac}): the sequence teacher has nothing to learn from; "
-            "use more data, or a smaller distill.holdout_frac",
+            f"no user has 2 or more train positives once {data.counts['n_items_heldout'] + data.counts['n_items_pseudo_cold']} "
+            f"of {data.n_items} items are held out (distill.holdout_frac {cfg.holdout_frac}, distill.pseudo_cold_frac "
+            f"{cfg.pseudo_cold_frac}): the sequence teacher has nothing to learn from; "
+            "use more data, or a smaller distill.holdout_frac / pseudo_cold_frac",
             file=inter_file,
             column=S.LABEL,
         )

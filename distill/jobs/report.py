@@ -45,4 +45,27 @@ def format_metrics(metrics: Mapping[str, Any], ks: tuple[int, ...] = (10, 50, 10
     return "\n".join(lines)
 
 
-__all__ = ["format_metrics"]
+def format_seeds(report: Mapping[str, Any]) -> str:
+    """The multi-seed report (distill/jobs/seeds.py) as text: per-seed cold and
+    warm Recall@k of each model with mean +- std, then each ratio's per-seed
+    values, spread and bootstrap intervals."""
+    k, seeds = report["k"], report["seeds"]
+    keys = list(report["summary"])
+    fmt = lambda v: f"{v:8.4f}" if isinstance(v, (int, float)) else f"{'n/a':>8}"  # noqa: E731
+    w = max([len(x) for x in keys] + [10])
+    lines = [f"{'metric':<{w}}  " + "  ".join(f"{'seed ' + str(s):>8}" for s in seeds) + f"  {'mean':>8}  {'std':>8}"]
+    for key in keys:
+        st = report["summary"][key]
+        lines.append(f"{key:<{w}}  " + "  ".join(fmt(report["per_seed"][str(s)].get(key)) for s in seeds) + f"  {fmt(st['mean'])}  {fmt(st['std'])}")
+    for name, r in report.get("ratios", {}).items():
+        sp, ci, cu = r["spread"] or {}, r["pooled_ci_users_seeds"], r["pooled_ci_users"]
+        lines.append(f"{'cold R@' + str(k) + ' ' + name:<{w}}  " + "  ".join(fmt(r["per_seed"][str(s)]) for s in seeds)
+                     + f"  {fmt(sp.get('mean'))}  {fmt(sp.get('std'))}")  # fmt: skip
+        lines.append(
+            f"  pooled ratio {fmt(ci['ratio']).strip()}, 95% CI users+seeds [{fmt(ci['lo']).strip()}, {fmt(ci['hi']).strip()}], "
+            f"users only [{fmt(cu['lo']).strip()}, {fmt(cu['hi']).strip()}], P(ratio <= 1) {fmt(ci['p_le_1']).strip()}"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["format_metrics", "format_seeds"]

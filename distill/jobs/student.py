@@ -38,6 +38,9 @@ from features.core.numeric import torch_threads
 from features.core.tracker import NullTracker, Tracker
 
 
+SELECT_GROUPS = {"mean": ("warm", "cold"), "cold": ("cold",)}  # distill.select_on -> valid target groups
+
+
 def teacher_fingerprints(res: JobResult) -> dict[str, str]:
     return {k: v.get("fingerprint") for k, v in res.manifest.get("outputs", {}).items()}
 
@@ -96,7 +99,7 @@ def ensure_student(
             data,
             targets,
             cfg,
-            valid_fn=lambda s: E.selection_score(s.embed(x), data.valid, q, k),
+            valid_fn=lambda s: E.selection_score(s.embed(x), data.valid, q, k, groups=SELECT_GROUPS[cfg.select_on]),
             tracker=tracker,
             seed=cfg.seed,
         )

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         fcfg = FeaturesConfig()
         if args.source == "synthetic":
-            fcfg = FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=100, items=200, max_history=60, seed=0))
+            fcfg = FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=100, items=200, max_events=60, seed=0))
         build_features(fcfg, tmp / "features", log=lambda _m: None)
         items = pl.read_parquet(tmp / "features" / S.FILES["items"])
         texts = items[S.TEXT].to_list()[: args.encode_items or None]
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         inter = pl.read_parquet(tmp / "features" / S.FILES["interactions"])
         seqs = pl.read_parquet(tmp / "features" / S.FILES["sequences"])
         cfg = dataclasses.replace(DistillConfig(), epochs=args.epochs, progress=False, patience=0)
-        data = prepare_cold_start(inter, seqs, items, holdout_frac=cfg.holdout_frac, seed=0, history_len=cfg.history_len)
+        data = prepare_cold_start(inter, seqs, items, holdout_frac=cfg.holdout_frac, pseudo_cold_frac=cfg.pseudo_cold_frac, seed=0, history_len=cfg.history_len)
         content = enc.build_content(items, cache_dir=tmp / "cache", progress=False, text_encoder=encoder)
         old_threads = torch.get_num_threads()
         torch.set_num_threads(max(cfg.threads, 1))

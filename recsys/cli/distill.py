@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from recsys.cli import command, group
 
@@ -11,7 +12,7 @@ COMMON_EPILOG = """\
 its top-level `seed:` are used (missing sections take their defaults). --out
 may not be, contain or lie inside --features or --config (exit 2). The
 text encoder caches its vectors under $RECSYS_CACHE_DIR/encoders (default
-~/.cache/recsys-plugin/encoders), so only the first run encodes (~30 s on
+~/.cache/recsys-plugin/encoders), so only the first run encodes (half a minute on
 ML-100K). A rerun with the same config and features reuses what is up to
 date; --force recomputes.
 """
@@ -40,12 +41,15 @@ student's embedding of every item (item_id, embedding), cold items included.
 EVAL_EPILOG = """\
 examples:
   recsys distill eval --features artifacts/ml100k/features --out artifacts/ml100k/distill
-  recsys distill eval --features DIR --out DIR2 --no-ablations
+  recsys distill eval --features DIR --out DIR2 --no-ablations --seed 1
+  recsys distill eval --features DIR --out DIR2 --no-ablations --seeds 0,1,2
 
-Holds out 20% of the items with train events (distill.holdout_frac) from all
-training, then compares on test positives, warm vs cold targets:
-raw content, popularity, ID teacher, sequence teacher, the student and one
-ablation per loss (s2i, id2i, i2i). Writes DIR2/metrics.json (Recall@10/50/100
+Holds out 20% of the items with train events (distill.holdout_frac, the
+test-cold items) and another 10% (distill.pseudo_cold_frac, the valid-cold
+items that drive early stopping) from all training, then compares on test
+positives, warm vs cold targets: raw content, popularity, ID teacher,
+sequence teacher, the student, the content-only two-tower baseline and one
+ablation per loss (s2i, id2i, i2i). --seed S: deterministic per seed. Writes DIR2/metrics.json (Recall@10/50/100
 per model and group, NMI / Kendall tau / top-k overlap / bijective accuracy vs
 the teachers) and DIR2/item_embeddings.parquet. A metric that cannot be
 computed (no cold target in test, a teacher that knows too few items) is null
@@ -54,30 +58,36 @@ in metrics.json, with why under its "reasons", and n/a in the table.
 """ + COMMON_EPILOG
 
 
-def _configs(args: argparse.Namespace):
-    """The pipeline config from --config (defaults without it), seeding once.
-    --out is checked first: it may not overlap --features or --config."""
+def _plan(args: argparse.Namespace):
+    """The pipeline config from --config (defaults without it) and the distill
+    job planned from it (`recsys.plan.plan_distill`: --seed, else each
+    section's seed, else the top-level one), seeding once. --out is checked
+    first: it may not overlap --features or --config."""
     from features.core.paths import check_output
     from recsys.cli import seed_everything
     from recsys.config import load_pipeline_config
+    from recsys.plan import plan_distill
 
     check_output(args.out, {"--features": args.features, "--config": args.config})
-    pipe = load_pipeline_config(args.config)
-    seed_everything(pipe.seed)
-    return pipe
+    cfg = load_pipeline_config(args.config)
+    ablations = cfg.distill.ablations and not getattr(args, "no_ablations", False)
+    job = plan_distill(cfg, features=args.features, seed=getattr(args, "seed", None), ablations=ablations)
+    seed_everything(job.distill.seed)
+    return cfg, job
 
 
-def _params(pipe, args: argparse.Namespace) -> dict:
-    return {"teachers": pipe.teachers, "distill": pipe.distill, "seed": pipe.seed, "features": args.features}
+def _params(job, args: argparse.Namespace) -> dict:
+    return {"teachers": job.teachers, "distill": job.distill, "seed": job.distill.seed, "features": args.features}
 
 
 def _fit_teachers(args: argparse.Namespace) -> int:
     from distill.jobs import fit_teachers
     from recsys.tracking import tracked_command
 
-    pipe = _configs(args)
-    with tracked_command(pipe.tracking, "teachers", _params(pipe, args), outputs=args.out) as st:
-        res = fit_teachers(args.features, args.out, pipe.teachers, st, distill=pipe.distill, seed=pipe.seed, force=args.force)
+    cfg, job = _plan(args)
+    with tracked_command(cfg.tracking, "teachers", _params(job, args), outputs=args.out) as st:
+        res = fit_teachers(job.features, args.out, job.teachers, st, distill=job.distill, seed=job.distill.seed,
+                           force=args.force)
     print(f"output: {res.out_dir}")
     return 0
 
@@ -86,29 +96,49 @@ def _train(args: argparse.Namespace) -> int:
     from distill.jobs import train_student
     from recsys.tracking import tracked_command
 
-    pipe = _configs(args)
-    with tracked_command(pipe.tracking, "distill", _params(pipe, args), outputs=args.out) as st:
-        res = train_student(args.features, args.out, pipe.distill, st, teachers=pipe.teachers, seed=pipe.seed, force=args.force)
+    cfg, job = _plan(args)
+    with tracked_command(cfg.tracking, "distill", _params(job, args), outputs=args.out) as st:
+        res = train_student(job.features, args.out, job.distill, st, teachers=job.teachers, seed=job.distill.seed,
+                            force=args.force)
         st.log_artifact(res.out_dir / "item_embeddings.parquet")
     print(f"output: {res.out_dir / 'item_embeddings.parquet'}")
     return 0
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, e.g. 0,1,2 (got {text!r})") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds takes distinct integers >= 0 (got {text!r})")
+    return seeds
+
+
 def _eval(args: argparse.Namespace) -> int:
-    from distill.jobs import evaluate, format_metrics
+    from distill.jobs import evaluate_seeds, format_metrics, format_seeds
+    from recsys.stages import run_distill
     from recsys.tracking import tracked_command
 
-    pipe = _configs(args)
-    with tracked_command(pipe.tracking, "distill", _params(pipe, args) | {"ablations": pipe.distill.ablations and not args.no_ablations}, outputs=args.out) as st:
-        res = evaluate(
-            args.features, args.out, pipe.distill, st,
-            teachers=pipe.teachers, seed=pipe.seed, ablations=pipe.distill.ablations and not args.no_ablations, force=args.force,
-        )  # fmt: skip
-        st.log_artifact(res.out_dir / "metrics.json")
-        st.log_artifact(res.out_dir / "item_embeddings.parquet")
+    cfg, job = _plan(args)
+    if args.seeds:
+        with tracked_command(cfg.tracking, "distill", _params(job, args) | {"ablations": job.ablations, "seeds": args.seeds},
+                             outputs=args.out) as st:
+            report = evaluate_seeds(
+                job.features, args.out, job.distill, st, teachers=job.teachers, seeds=args.seeds,
+                ablations=job.ablations, force=args.force,
+            )
+        if not args.quiet:
+            print(format_seeds(report))
+        print(f"output: {args.out}/seeds.json")
+        return 0
+    with tracked_command(cfg.tracking, "distill", _params(job, args) | {"ablations": job.ablations}, outputs=args.out) as st:
+        res = run_distill(job, st, args.out, force=args.force, log=lambda _m: None)
+        st.log_artifact(res.out / "metrics.json")
+    metrics = json.loads((res.out / "metrics.json").read_text())
     if not args.quiet:
-        print(format_metrics(res.metrics or {}, tuple(pipe.distill.eval_ks)))
-    print(f"output: {res.out_dir / 'metrics.json'}")
+        print(format_metrics(metrics, tuple(job.distill.eval_ks)))
+    print(f"output: {res.out / 'metrics.json'}")
     return 0
 
 
@@ -145,4 +175,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     _common(ev)
     ev.add_argument("--no-ablations", action="store_true", help="skip the three one-loss-off students")
+    seeds = ev.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="seed of every random choice (held-out items, teachers, student); default: the config's `seed`")
+    seeds.add_argument(
+        "--seeds", type=_seed_list,
+        help="comma-separated seeds, e.g. 0,1,2: one evaluation per seed into OUT/seed_S, then OUT/seeds.json "
+        "(mean, spread, paired bootstrap CI over users and seeds of the student/content cold R@50 ratio)",
+    )  # fmt: skip
     ev.add_argument("--quiet", action="store_true", help="print only the output path")

@@ -98,25 +98,31 @@ def test_protocol_on_synthetic(syn_data, synthetic_features):
     items = pl.read_parquet(synthetic_features / "items.parquet")
     eligible = items["n_train_events"].to_numpy() > 0
     assert d.heldout.sum() == round(0.2 * eligible.sum()) and not d.heldout[~eligible].any()
-    # held-out items appear nowhere in training
-    assert not d.heldout[d.train_items].any()
-    assert not any(d.heldout[s].any() for s in d.train_sequences)
-    assert not d.heldout[d.train.targets].any()
-    assert not d.heldout[d.train.hist[d.train.hist >= 0]].any()
-    # cold = held out or no train event; warm targets are all known to the teachers' data
-    assert np.array_equal(d.warm, eligible & ~d.heldout)
+    assert d.pseudo_cold.sum() == round(0.1 * eligible.sum()) and not d.pseudo_cold[~eligible].any()
+    assert not (d.heldout & d.pseudo_cold).any()
+    # held-out items (test-cold and pseudo-cold) appear nowhere in training
+    hidden = d.hidden
+    assert not hidden[d.train_items].any()
+    assert not any(hidden[s].any() for s in d.train_sequences)
+    assert not hidden[d.train.targets].any()
+    assert not hidden[d.train.hist[d.train.hist >= 0]].any()
+    # warm = has train events and in neither set; valid cold = pseudo-cold, test cold = the rest
+    assert np.array_equal(d.warm, eligible & ~hidden)
+    assert np.array_equal(d.valid.cold, d.pseudo_cold[d.valid.targets])
+    assert np.array_equal(d.test.cold, (~d.warm & ~d.pseudo_cold)[d.test.targets])
+    assert not d.pseudo_cold[d.test.targets].any() and not (~d.warm & ~d.pseudo_cold)[d.valid.targets].any()
     for imps in (d.valid, d.test):
-        assert np.array_equal(imps.cold, ~d.warm[imps.targets])
         assert (imps.hist[:, -1] >= 0).all()  # every impression has a query
         for i, ex in enumerate(imps.excluded()):
             assert imps.targets[i] not in ex
-    assert d.test.cold.any() and (~d.test.cold).any()
+    assert d.test.cold.any() and (~d.test.cold).any() and d.valid.cold.any()
     # seeded: same seed, same items; another seed, others
     f = synthetic_features
     frames = [pl.read_parquet(f / n) for n in ("interactions.parquet", "sequences.parquet", "items.parquet")]
     again = prepare_cold_start(*frames, holdout_frac=0.2, seed=0)
     other = prepare_cold_start(*frames, holdout_frac=0.2, seed=1)
-    assert np.array_equal(again.heldout, d.heldout) and not np.array_equal(other.heldout, d.heldout)
+    assert np.array_equal(again.heldout, d.heldout) and np.array_equal(again.pseudo_cold, d.pseudo_cold)
+    assert not np.array_equal(other.heldout, d.heldout)
 
 
 def test_histories_are_strictly_earlier(ml100k_features):

@@ -14,7 +14,7 @@ import pytest
 
 from tests.distill.conftest import SMALL, run_cli
 
-MODELS_BOTH = ["content", "content_text", "popularity", "student", "student_no_s2i", "student_no_id2i", "student_no_i2i"]
+MODELS_BOTH = ["content", "content_text", "popularity", "student", "two_tower", "student_no_s2i", "student_no_id2i", "student_no_i2i"]
 MODELS_WARM = ["id_teacher", "seq_teacher", "student_known_items"]
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,7 @@ def test_eval_writes_metrics_and_embeddings(syn_eval, synthetic_features):
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
     manifest = json.loads((syn_eval / "manifest.json").read_text())
     assert manifest["job"] == "distill.eval" and "total_s" in manifest["timings"]
-    for sub in ("teachers", "student", "ablations/no_s2i", "ablations/no_id2i", "ablations/no_i2i"):
+    for sub in ("teachers", "student", "ablations/no_s2i", "ablations/no_id2i", "ablations/no_i2i", "baselines/two_tower"):
         assert (syn_eval / sub / "manifest.json").is_file()
 
 
@@ -58,7 +58,7 @@ def test_rerun_is_reused(syn_eval, synthetic_features, capsys):
     from distill.jobs import evaluate
     from recsys.config import PipelineConfig
 
-    pipe = PipelineConfig(SMALL)
+    pipe = PipelineConfig.from_mapping(SMALL)
     res = evaluate(synthetic_features, syn_eval, pipe.distill, teachers=pipe.teachers, seed=pipe.seed)
     assert res.skipped and res.metrics["recall@50_cold_student"] is not None
     # the teachers step alone: up to date in OUT/teachers

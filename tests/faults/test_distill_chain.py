@@ -305,16 +305,27 @@ def test_eval_without_test_positives_gives_null_with_reasons(cli, tmp_path):
 
 def test_holdout_that_leaves_no_items_is_a_data_error(cli, tmp_path, features):
     out = tmp_path / "eval"
-    rc, _, err = cli("distill", "eval", "--features", features, "--out", out, "--config", _config(tmp_path, distill={"holdout_frac": 0.99}))
+    cfg = _config(tmp_path, distill={"holdout_frac": 0.99, "pseudo_cold_frac": 0.0})
+    rc, _, err = cli("distill", "eval", "--features", features, "--out", out, "--config", cfg)
     assert rc == 1
     assert "column 'label'" in err and "no train positives left after holding out items" in err
+    assert not out.exists()
+
+
+def test_held_out_shares_that_cover_every_item_are_a_config_error(cli, tmp_path, features):
+    out = tmp_path / "eval"
+    cfg = _config(tmp_path, distill={"holdout_frac": 0.6, "pseudo_cold_frac": 0.4})
+    rc, _, err = cli("distill", "eval", "--features", features, "--out", out, "--config", cfg)
+    assert rc == 2
+    assert "pseudo_cold_frac" in err
     assert not out.exists()
 
 
 def test_too_few_positives_for_the_sequence_teacher_is_a_data_error(cli, tmp_path):
     feats = _features_with(tmp_path, users=5, items=4, events_per_user=4)
     out = tmp_path / "teachers"
-    rc, _, err = cli("teachers", "fit", "--features", feats, "--out", out, "--config", _config(tmp_path))
+    # 3 of the 4 items held out (2 test-cold, 1 pseudo-cold): one item is left, so no user has 2 train positives
+    rc, _, err = cli("teachers", "fit", "--features", feats, "--out", out, "--config", _config(tmp_path, distill={"holdout_frac": 0.5, "pseudo_cold_frac": 0.25}))
     assert rc == 1
     assert f"file {feats / 'interactions.parquet'}, column 'label'" in err and "no user has 2 or more train positives" in err
     assert not out.exists()
@@ -381,7 +392,8 @@ def test_full_chain_on_a_20_user_files_dataset(cli, tmp_path):
             "tracking": {"enabled": True, "uri": store},
             "features": {"source": "files", "interactions": str(ds.interactions), "items": str(ds.items)},
             "match": {"faiss_k": 10, "sid_codebook_size": 4, "shards": 1},
-            "ranker": {"embedding_dim": 8, "svd_rank": 4, "use_match_features": True, "max_history": 50},
+            "ranker": {"embedding_dim": 8, "svd_rank": 4},
+            "data": {"history_cap": 50, "use_match_features": True},
             "train": {"epochs": 1, "progress": False},
             "lightgbm": {"n_estimators": 10},
             "paths": {"root": str(tmp_path / "pipeline"), "features": str(feats), "match_features": str(match)},
@@ -416,8 +428,8 @@ def test_full_chain_on_a_20_user_files_dataset(cli, tmp_path):
                 "seeds": [0],
                 "n_boot": 100,
                 "arms": [
-                    {"name": "control", "delta": {"ranker": {"use_match_features": False}}},
-                    {"name": "match", "delta": {"ranker": {"use_match_features": True}}},
+                    {"name": "control", "delta": {"data": {"use_match_features": False}}},
+                    {"name": "match", "delta": {"data": {"use_match_features": True}}},
                 ],
             }
         )
