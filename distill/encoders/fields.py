@@ -10,6 +10,7 @@ Shape legend:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -45,58 +46,87 @@ class FieldFeatures:
         return out
 
 
+@dataclass
+class FieldEncoder:
+    """Item-field encodings fitted on a catalog (`fit`) and applied to any items
+    (`transform`): vocabularies, numeric bucket edges and standardisation stay
+    those of the fitted catalog, so a token means the same thing for a new
+    item; a value the catalog never had becomes the field's null token.
+    Plain data (JSON-serialisable with dataclasses.asdict), so a serving
+    bundle can freeze it."""
+
+    kinds: dict[str, list[str]]
+    values: dict[str, list[str]] = field(default_factory=dict)  # categorical / multi field -> sorted values
+    numeric: dict[str, list[Any]] = field(default_factory=dict)  # numeric field -> [edges, mean, std]
+
+    @classmethod
+    def fit(cls, items: pl.DataFrame, kinds: dict[str, list[str]], n_buckets: int = 10) -> FieldEncoder:
+        out = cls({k: list(v) for k, v in kinds.items()})
+        for name in kinds.get("categorical", []):
+            out.values[name] = sorted(v for v in items[name].cast(pl.String).unique().to_list() if v is not None)
+        for name in kinds.get("multi", []):
+            out.values[name] = sorted({x for v in items[name].to_list() if v is not None for x in v if x is not None})
+        for name in kinds.get("numeric", []):
+            x = items[name].cast(pl.Float64).to_numpy()
+            vals = x[np.isfinite(x)]
+            if len(vals):
+                edges = np.unique(np.quantile(vals, np.linspace(0, 1, n_buckets + 1)[1:-1]))
+                out.numeric[name] = [edges.tolist(), float(vals.mean()), float(vals.std()) or 1.0]
+            else:
+                out.numeric[name] = [[], 0.0, 1.0]
+        return out
+
+    def columns(self) -> list[str]:
+        return [c for kind in ("categorical", "multi", "numeric", "image") for c in self.kinds.get(kind, [])]
+
+    def transform(self, items: pl.DataFrame) -> Any:
+        """`FieldFeatures` of `items` with the frozen encodings (ids as in training)."""
+        names, tokens, vocab, numeric_cols = [], [], {}, []
+        next_id, n = 1, items.height
+        for name in self.kinds.get("categorical", []):
+            values = self.values[name]
+            ids = {v: next_id + 1 + i for i, v in enumerate(values)}
+            col = items[name].cast(pl.String).to_list() if name in items.columns else [None] * n
+            tokens.append(np.array([ids.get(v, next_id) for v in col], dtype=np.int64)[:, None])  # (I, 1)
+            names.append(name)
+            vocab[name] = ["<null>", *values]
+            next_id += 1 + len(values)
+        for name in self.kinds.get("multi", []):
+            values = self.values[name]
+            ids = {v: next_id + 1 + i for i, v in enumerate(values)}
+            raw = items[name].to_list() if name in items.columns else [None] * n
+            lists = [[ids[x] for x in (v or []) if x in ids] for v in raw]
+            width = max(1, max((len(v) for v in lists), default=1))
+            tok = np.zeros((n, width), dtype=np.int64)  # (I, F)
+            for r, row in enumerate(lists):
+                row = row or [next_id]  # empty or unknown values only -> the null token
+                tok[r, : len(row)] = row
+            tokens.append(tok)
+            names.append(name)
+            vocab[name] = ["<null>", *values]
+            next_id += 1 + len(values)
+        for name in self.kinds.get("numeric", []):
+            edges_l, mean, std = self.numeric[name]
+            edges = np.asarray(edges_l, dtype=np.float64)
+            x = items[name].cast(pl.Float64).to_numpy() if name in items.columns else np.full(n, np.nan)
+            null = ~np.isfinite(x)
+            bucket = np.where(null, 0, 1 + np.searchsorted(edges, np.where(null, 0, x), side="right"))
+            tokens.append((next_id + bucket).astype(np.int64)[:, None])
+            names.append(name)
+            vocab[name] = ["<null>", *[f"<= {e:g}" for e in edges], f"> {edges[-1]:g}" if len(edges) else "all"]
+            next_id += 2 + len(edges)
+            numeric_cols += [np.where(null, 0.0, (x - mean) / std), null.astype(np.float64)]
+        numeric = np.stack(numeric_cols, 1).astype(np.float32) if numeric_cols else np.zeros((n, 0), np.float32)
+        return FieldFeatures(names, tokens, numeric, next_id, vocab)
+
+
 def encode_fields(items: pl.DataFrame, kinds: dict[str, list[str]], n_buckets: int = 10) -> FieldFeatures:
     """Tokens and numerics of the item fields classified by `item_field_kinds`.
 
     Vocabularies and bucket edges come from the whole items table: field
     values are content, known for cold items too, so no interaction leaks in.
     """
-    names: list[str] = []
-    tokens: list[np.ndarray] = []
-    vocab: dict[str, list[str]] = {}
-    next_id = 1
-    n = items.height
-    for name in kinds.get("categorical", []):
-        col = items[name].cast(pl.String)
-        values = sorted(v for v in col.unique().to_list() if v is not None)
-        ids = {v: next_id + 1 + i for i, v in enumerate(values)}  # next_id itself = null token
-        tok = np.array([ids.get(v, next_id) for v in col.to_list()], dtype=np.int64)[:, None]  # (I, 1)
-        names.append(name)
-        tokens.append(tok)
-        vocab[name] = ["<null>", *values]
-        next_id += 1 + len(values)
-    for name in kinds.get("multi", []):
-        lists = [[] if v is None else [x for x in v if x is not None] for v in items[name].to_list()]
-        values = sorted({x for v in lists for x in v})
-        ids = {v: next_id + 1 + i for i, v in enumerate(values)}
-        width = max(1, max((len(v) for v in lists), default=1))
-        tok = np.zeros((n, width), dtype=np.int64)  # (I, F)
-        for r, v in enumerate(lists):
-            row = [ids[x] for x in v] or [next_id]  # empty list -> the null token
-            tok[r, : len(row)] = row
-        names.append(name)
-        tokens.append(tok)
-        vocab[name] = ["<null>", *values]
-        next_id += 1 + len(values)
-    numeric_cols = []
-    for name in kinds.get("numeric", []):
-        x = items[name].cast(pl.Float64).to_numpy()
-        null = ~np.isfinite(x)
-        vals = x[~null]
-        if len(vals):
-            edges = np.unique(np.quantile(vals, np.linspace(0, 1, n_buckets + 1)[1:-1]))
-            mean, std = float(vals.mean()), float(vals.std()) or 1.0
-        else:
-            edges, mean, std = np.zeros(0), 0.0, 1.0
-        bucket = np.where(null, 0, 1 + np.searchsorted(edges, np.where(null, 0, x), side="right"))
-        tok = (next_id + bucket).astype(np.int64)[:, None]  # (I, 1); next_id = null bucket
-        names.append(name)
-        tokens.append(tok)
-        vocab[name] = ["<null>", *[f"<= {e:g}" for e in edges], f"> {edges[-1]:g}" if len(edges) else "all"]
-        next_id += 2 + len(edges)
-        numeric_cols += [np.where(null, 0.0, (x - mean) / std), null.astype(np.float64)]
-    numeric = np.stack(numeric_cols, 1).astype(np.float32) if numeric_cols else np.zeros((n, 0), np.float32)
-    return FieldFeatures(names, tokens, numeric, next_id, vocab)
+    return FieldEncoder.fit(items, kinds, n_buckets).transform(items)
 
 
-__all__ = ["FieldFeatures", "encode_fields"]
+__all__ = ["FieldEncoder", "FieldFeatures", "encode_fields"]

@@ -8,11 +8,10 @@
 
 from recsys.serving.ranker import RankerScorer, export_ranker, request_schema
 from recsys.serving.requests import REQUEST_SCHEMA, requests_from_features
-from recsys.serving.student import FrozenFields, StudentEncoder, export_student
+from recsys.serving.student import StudentEncoder, export_student
 
 __all__ = [
     "REQUEST_SCHEMA",
-    "FrozenFields",
     "RankerScorer",
     "StudentEncoder",
     "export_ranker",
