@@ -122,3 +122,25 @@ def test_promote_exit_statuses_and_champion(in_experiment, capsys):
     # after a promotion, a new experiment run leaves champion alone
     assert main(["experiment", "run", "experiments/debug_ab.yaml", "--quiet"]) == 0
     assert c.get_registered_model("recsys-ranker").aliases["champion"] == ranker.aliases["debug_ab-match"]
+
+
+def test_student_embeds_items_on_spark_through_spark_udf(in_experiment):
+    """The registered student as a Spark UDF (`mlflow.pyfunc.spark_udf`) on a
+    local[2] session: the vectors equal the published embeddings."""
+    import mlflow
+    from pyspark.sql.types import ArrayType, FloatType
+
+    from features.spark.config import SparkConfig
+    from features.spark.session import spark_session
+
+    model = mlflow.pyfunc.load_model("models:/recsys-student@champion")
+    cols = model.metadata.get_input_schema().input_names()
+    items = pl.read_parquet(in_experiment.artifacts / "features" / "items.parquet").sort("item_id").head(40)
+    want = pl.read_parquet(in_experiment.artifacts / "distill" / "item_embeddings.parquet").sort("item_id").head(40)
+    with spark_session(SparkConfig(), "student-udf") as spark:
+        embed = mlflow.pyfunc.spark_udf(spark, "models:/recsys-student@champion",
+                                        result_type=ArrayType(FloatType()), env_manager="local")
+        frame = spark.createDataFrame(items.select("item_id", *cols).to_pandas())
+        rows = frame.withColumn("embedding", embed(*cols)).select("item_id", "embedding").toPandas()
+    got = np.asarray(rows.sort_values("item_id")["embedding"].tolist(), dtype=np.float64)
+    np.testing.assert_allclose(got, np.asarray(want["embedding"].to_list()), atol=1e-5)
