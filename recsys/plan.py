@@ -74,6 +74,7 @@ class MatchJob:
     features: Path
     embeddings: Path
     config: MatchConfig
+    oof: DistillJob | None = None  # match.folds >= 2: the distillation refitted per fold (recsys.oof)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ def plan_match(cfg: PipelineConfig, *, features: str | Path | None = None,
         features=Path(features) if features is not None else cfg.paths.resolve("features"),
         embeddings=Path(embeddings) if embeddings is not None else cfg.paths.resolve("embeddings"),
         config=cfg.match if seed is None else dataclasses.replace(cfg.match, seed=seed),
+        oof=plan_distill(cfg, features=features, ablations=False, seed=seed) if cfg.match.folds >= 2 else None,
     )
 
 

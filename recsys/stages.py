@@ -29,6 +29,7 @@ from typing import Any
 
 from features import schemas as S
 from features.core.config import to_dict
+from features.core.errors import UsageError
 from features.core.fingerprint import file_fingerprint
 from features.core.manifest import (
     MANIFEST,
@@ -115,6 +116,13 @@ def run_match(job: MatchJob, tracker: Tracker | None, out: str | Path, *, force:
     from features.jobs import build_match_features
 
     tracker = tracker or NullTracker()
+    if job.oof is not None:  # match.folds >= 2: train rows from students that never saw them
+        from recsys.oof import oof_match_features
+
+        if shard is not None:
+            raise UsageError("--shard and match.folds >= 2 cannot be combined: the out-of-fold job shards by fold itself")
+        manifest, reused = oof_match_features(job, tracker, Path(out), force=force, log=log, progress=progress)
+        return StageResult(Path(out), reused, manifest)
     res = build_match_features(job.features, job.embeddings, out, job.config, shard=shard, force=force, log=log,
                                progress=progress)
     if res.complete and not res.skipped:

@@ -138,7 +138,7 @@ def test_stage_jobs_are_run_through_the_stage_entry_points():
     bad = []
     for path, tree in _modules("recsys"):
         rel = path.relative_to(ROOT).as_posix()
-        if rel == "recsys/stages.py" or rel.startswith("recsys/bench/"):
+        if rel in ("recsys/stages.py", "recsys/oof.py") or rel.startswith("recsys/bench/"):  # oof: run_match's out-of-fold path
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):

@@ -37,10 +37,13 @@ class MatchConfig:
     shards: int = 8  # work units of an unsharded run: a killed run resumes after the last finished one
     workers: int = 0  # threads over users (0: one per CPU core); never changes the output
     block_elems: int = 1 << 20  # similarities per tile (memory and cache budget; ~4 MB)
+    folds: int = 0  # out-of-fold features for train rows: K >= 2 refits the student K times, each without one fold of users (a train row's features then come from embeddings that never saw its label); 0: in-sample
     engine: Engine = "polars"  # polars (shards of users in this process) or spark (the same per-user kernel in Spark tasks); identical outputs
     spark: SparkConfig = field(default_factory=SparkConfig)  # engine spark: master URL, partitions, UI, log level
 
     def __post_init__(self) -> None:
+        if self.folds < 0 or self.folds == 1:
+            raise ValueError("folds must be 0 (in-sample) or >= 2 (out-of-fold)")
         if self.history_cap < 1:
             raise ValueError("history_cap must be >= 1")
         if not self.top_k or any(k < 1 for k in self.top_k) or len(set(self.top_k)) != len(self.top_k):

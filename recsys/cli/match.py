@@ -29,6 +29,10 @@ NaN/inf, duplicate ids) exit 1 and write nothing, unless the config sets
 match.missing_items: null (missing items get null features). With --engine
 spark the same per-user kernel runs in Spark tasks (item vectors broadcast to
 every worker) and writes the same bytes; --shard is for the polars engine.
+With --folds K (or match.folds: K >= 2) the features of TRAIN rows come from
+students refitted without the row's fold of users (out of fold: embeddings
+that never saw the row's label), valid and test rows from the --embeddings
+student; OUT/full/ and OUT/folds/kK/ hold the parts, the manifest their times.
 """
 
 
@@ -43,7 +47,7 @@ def _match(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard) if args.shard else None
     out, feats, emb = (local_path(getattr(args, k), f"--{k}") for k in ("out", "features", "embeddings"))
     check_output(out, {"--features": feats, "--embeddings": emb, "--config": args.config})
-    cfg = load_pipeline_config(args.config)
+    cfg = load_pipeline_config(args.config, {"match": {"folds": args.folds}} if args.folds is not None else None)
     engine = {"engine": args.engine} if args.engine else {}
     spark = {k: v for k, v in {"master": args.spark_master, "ui": args.spark_ui or None}.items() if v is not None}
     if engine or spark:
@@ -79,6 +83,9 @@ def register(features_subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--config", metavar="FILE", help="pipeline YAML/JSON; its `match:` section (defaults otherwise)")
     add_engine_args(p)
     p.add_argument("--shard", metavar="I/N", help="compute only shard I of N (users by a stable hash of user_id)")
+    p.add_argument("--folds", type=int, metavar="K",
+                   help="out-of-fold features for train rows (match.folds): K >= 2 refits teachers and student K "
+                        "times, each without one fold of users, per the config's teachers/distill sections; 0: in-sample")
     p.add_argument("--force", action="store_true", help="recompute even when up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p

@@ -1,0 +1,126 @@
+"""Out-of-fold match features: train rows scored by students that never saw their labels.
+
+The student behind `item_embeddings` trains on train-split positives, so the
+`mf_*` features of those same train rows are in-sample: a ranker learns an
+inflated weight on them (a stacking leak). With `match.folds: K >= 2`:
+
+    1. users are split into K folds by a fixed hash of user_id
+       (`features.match.space.stable_shard`, the match job's own shards);
+    2. for each fold k, a features view without fold k's users (all their
+       rows and sequences; every item kept) is distilled again (teachers and
+       student, no ablations), and the match job scores fold k's users with
+       those embeddings (shard k of K);
+    3. train rows take the features of their user's fold; valid and test rows
+       keep the features from the student trained on all of train.
+
+Cost: K more distillations and one more match pass. The manifest records the
+time of each part. Outputs: OUT/match_features.parquet + manifest.json (the
+final table), OUT/full/ (in-sample, for valid and test), OUT/folds/kK/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from features import schemas as S
+from features.core.config import to_dict
+from features.core.manifest import (
+    atomic_outputs,
+    folder_fingerprint,
+    is_up_to_date,
+    read_manifest,
+    write_manifest,
+    write_parquet,
+)
+from features.core.provenance import stage_key
+from features.core.tracker import NullTracker, Tracker
+from features.match.space import stable_shard
+
+JOB = "features.match.oof"
+
+
+def fold_view(features: Path, k: int, folds: int, out: Path) -> Path:
+    """A features folder without the users of fold k (items all kept), with a
+    manifest like the source's (so distillation reads it as a features folder)."""
+    source = read_manifest(features) or {}
+    key = stage_key("features.fold", {"fold": k, "folds": folds}, {"features": folder_fingerprint(features)})
+    if is_up_to_date(out, key):
+        return out
+    with atomic_outputs(out) as tmp:
+        written = []
+        for name in ("interactions", "sequences", "items", "users"):
+            path = features / S.FILES[name]
+            if not path.is_file():
+                continue
+            frame = pl.read_parquet(path)
+            if S.USER_ID in frame.columns:
+                frame = frame.filter(stable_shard(frame[S.USER_ID].to_numpy(), folds) != k)
+            write_parquet(frame, tmp / S.FILES[name])
+            written.append(S.FILES[name])
+        extra = {k2: v for k2, v in source.items() if k2 not in ("job", "created", "key", "outputs")}
+        write_manifest(tmp, job=source.get("job", "features.build"), key=key, outputs=written,
+                       extra=extra | {"fold_of": str(features), "fold": [k, folds]})
+    return out
+
+
+def oof_match_features(job: Any, tracker: Tracker | None, out: Path, *, force: bool = False,
+                       log: Callable[[str], None] = print, progress: bool = True) -> tuple[dict[str, Any], bool]:
+    """Run the out-of-fold match job `job` (a MatchJob with `oof` set) into
+    `out`; returns its manifest and whether it was up to date (skipped)."""
+    from features.jobs import build_match_features, match_shard_dir
+    from recsys.stages import run_distill
+
+    tracker = tracker or NullTracker()
+    folds = job.config.folds
+    distill = job.oof
+    key = stage_key(JOB, {"match": job.config.relevant(), "teachers": to_dict(distill.teachers),
+                          "distill": to_dict(distill.distill)},
+                    {"features": folder_fingerprint(job.features), "embeddings": folder_fingerprint(job.embeddings)})
+    if not force and is_up_to_date(out, key):
+        log(f"match (out-of-fold): {out} is up to date; skipping")
+        return read_manifest(out) or {}, True
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    full = build_match_features(job.features, job.embeddings, out / "full", job.config, force=force, log=log,
+                                progress=progress)
+    seconds["full_match_s"] = time.perf_counter() - t0
+    table = pl.read_parquet(out / "full" / S.MATCH_FILE)
+    split = pl.read_parquet(job.features / S.FILES["interactions"], columns=[*S.MATCH_KEYS, S.SPLIT])
+    parts = []
+    for k in range(folds):
+        fold_dir = out / "folds" / f"k{k}"
+        t = time.perf_counter()
+        view = fold_view(job.features, k, folds, fold_dir / "features")
+        run_distill(dataclasses.replace(distill, features=view, ablations=False), NullTracker(), fold_dir / "distill",
+                    force=force, log=log)
+        seconds[f"fold{k}_distill_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        build_match_features(job.features, fold_dir / "distill" / "item_embeddings.parquet", fold_dir / "match",
+                             job.config, shard=(k, folds), force=force, log=log, progress=progress)
+        part = pl.read_parquet(match_shard_dir(fold_dir / "match", k, folds) / S.MATCH_FILE)
+        part = part.join(split, on=list(S.MATCH_KEYS), how="left").filter(pl.col(S.SPLIT) == "train").drop(S.SPLIT)
+        parts.append(part)
+        seconds[f"fold{k}_match_s"] = time.perf_counter() - t
+    oof = pl.concat(parts)
+    final = table.update(oof, on=list(S.MATCH_KEYS), how="left", include_nulls=True)
+    if final.height != table.height or oof.height != split.filter(pl.col(S.SPLIT) == "train").height:
+        raise RuntimeError("out-of-fold match features do not cover every train row exactly once")
+    seconds["total_s"] = time.perf_counter() - t0
+    with atomic_outputs(out) as tmp:  # moves the final files in; full/ and folds/ stay
+        write_parquet(final, tmp / S.MATCH_FILE)
+        manifest = write_manifest(tmp, job=JOB, key=key, outputs=[S.MATCH_FILE],
+                                  extra={"folds": folds, "seconds": seconds, "full": str(full.out_dir),
+                                         "train_rows_out_of_fold": oof.height})
+    tracker.log_metrics({f"oof_{k}": v for k, v in seconds.items()})
+    log(f"match (out-of-fold, {folds} folds): {oof.height:,} train rows from fold students in "
+        f"{seconds['total_s']:.1f}s -> {out / S.MATCH_FILE}")
+    return manifest, False
+
+
+__all__ = ["JOB", "fold_view", "oof_match_features"]

@@ -1,0 +1,67 @@
+"""Out-of-fold match features (match.folds >= 2): train rows come from
+students that never saw their user's rows; valid and test rows are in-sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from features import schemas as S
+from features.match.space import stable_shard
+from recsys.config import load_pipeline_config
+from recsys.plan import plan_distill, plan_features, plan_match
+from recsys.stages import run_distill, run_features, run_match
+
+DEBUG = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "debug.yaml"
+
+
+@pytest.fixture(scope="module")
+def oof_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("oof")
+    cfg = load_pipeline_config(DEBUG, {"match": {"folds": 2}, "tracking": {"enabled": False}})
+    feats = run_features(plan_features(cfg), None, root / "features", log=lambda _m: None).out
+    dist = run_distill(plan_distill(cfg, features=feats, ablations=False), None, root / "distill", log=lambda _m: None)
+    job = plan_match(cfg, features=feats, embeddings=dist.out / "item_embeddings.parquet")
+    assert job.oof is not None and job.oof.ablations is False
+    res = run_match(job, None, root / "match", log=lambda _m: None, progress=False)
+    return root, feats, res
+
+
+def test_train_rows_come_from_the_fold_students(oof_run):
+    root, feats, res = oof_run
+    final = pl.read_parquet(root / "match" / S.MATCH_FILE)
+    full = pl.read_parquet(root / "match" / "full" / S.MATCH_FILE)
+    split = pl.read_parquet(feats / S.FILES["interactions"], columns=[*S.MATCH_KEYS, S.SPLIT])
+    assert final.select(S.MATCH_KEYS).equals(full.select(S.MATCH_KEYS))  # same rows, same order
+    mf = [c for c in final.columns if c.startswith(S.MATCH_PREFIX)]
+    is_train = (split[S.SPLIT] == "train").to_numpy()
+    a, b = final.select(mf).to_numpy(), full.select(mf).to_numpy()
+    np.testing.assert_array_equal(a[~is_train], b[~is_train])  # valid and test: the all-of-train student
+    cos = mf.index("mf_cos_mean")
+    both = is_train & np.isfinite(a[:, cos]) & np.isfinite(b[:, cos])
+    assert both.any() and not np.allclose(a[both, cos], b[both, cos])  # train: other students
+    assert res.manifest["folds"] == 2 and res.manifest["train_rows_out_of_fold"] == int(is_train.sum())
+    assert {"full_match_s", "fold0_distill_s", "fold1_match_s", "total_s"} <= set(res.manifest["seconds"])
+
+
+def test_a_fold_student_never_sees_its_fold(oof_run):
+    root, feats, _ = oof_run
+    users = pl.read_parquet(feats / S.FILES["interactions"])[S.USER_ID].unique().to_numpy()
+    items = pl.read_parquet(feats / S.FILES["items"])
+    for k in range(2):
+        view = root / "match" / "folds" / f"k{k}" / "features"
+        seen = pl.read_parquet(view / S.FILES["interactions"])[S.USER_ID].unique().to_numpy()
+        seq = pl.read_parquet(view / S.FILES["sequences"])[S.USER_ID].unique().to_numpy()
+        fold_users = users[stable_shard(users, 2) == k]
+        assert len(fold_users) and not np.isin(fold_users, seen).any() and not np.isin(fold_users, seq).any()
+        assert pl.read_parquet(view / S.FILES["items"]).height == items.height  # every item still embedded
+
+
+def test_rerun_is_skipped(oof_run, tmp_path):
+    root, feats, _ = oof_run
+    cfg = load_pipeline_config(DEBUG, {"match": {"folds": 2}, "tracking": {"enabled": False}})
+    job = plan_match(cfg, features=feats, embeddings=root / "distill" / "item_embeddings.parquet")
+    assert run_match(job, None, root / "match", log=lambda _m: None, progress=False).reused
