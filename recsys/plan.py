@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import DistillConfig, TeachersConfig
-from features.core.errors import ConfigError, UsageError
+from features.core.errors import UsageError
 from features.reader import existing_match_file
 from features.jobs.config import FeaturesConfig
 from features.match.config import MatchConfig
@@ -136,11 +136,6 @@ def plan_rank(cfg: PipelineConfig, *, seed: int | None = None, features: str | P
     `paths.*` defaults (used only where the config asks for them)."""
     s = seed if seed is not None else _seed(cfg.train.seed, cfg)
     uses_match = cfg.data.use_match_features
-    if uses_match and cfg.data.negatives_per_request:
-        raise ConfigError(
-            "data.negatives_per_request > 0 with data.use_match_features: sampled negatives have no match "
-            "features (the match job scores real impressions only), so the model could tell them apart by "
-            "their missing mf_* values; set one of them off")
     uses_emb = cfg.ranker.use_distilled_embeddings != "off"
     return RankJob(
         features=Path(features) if features is not None else cfg.paths.resolve("features"),

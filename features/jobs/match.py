@@ -245,7 +245,7 @@ def build_match_features(
 
     computed: list[int] = []
     if pending:
-        space, missing = _item_space(feats_dir, emb_path, cfg, log)
+        space, missing = item_space(feats_dir, emb_path, cfg, log)
         users = pl.scan_parquet(feats_dir / S.FILES["sequences"]).select(S.USER_ID).collect()[S.USER_ID].to_numpy()
         of = M.stable_shard(users, n)
         bar = tqdm(total=int(np.isin(of, pending).sum()), unit="user", desc="match", disable=None if progress else True)
@@ -281,7 +281,7 @@ def build_match_features(
     return MatchResult(out, False, True, manifest, computed, secs)
 
 
-def _item_space(feats_dir: Path, emb_path: Path, cfg: MatchConfig, log: Callable[[str], None]) -> tuple[ItemSpace, np.ndarray]:
+def item_space(feats_dir: Path, emb_path: Path, cfg: MatchConfig, log: Callable[[str], None]) -> tuple[ItemSpace, np.ndarray]:
     """The checked item vectors, their semantic IDs and faiss index (a global
     step: built once, on the driver, for either engine) and the ids of the
     interactions' items without a vector."""
@@ -327,7 +327,7 @@ def _match_spark(feats_dir: Path, emb_path: Path, out: Path, key: dict[str, Any]
     """The whole job on Spark: `match_rows` per bucket of users (features.spark.match)."""
     from features.spark.match import match_on_spark
 
-    space, missing = _item_space(feats_dir, emb_path, cfg, log)
+    space, missing = item_space(feats_dir, emb_path, cfg, log)
     frame, total = match_on_spark(feats_dir, space, cfg)
     total |= {"items_missing": len(missing), "dim": space.dim}
     manifest = _write_final(out, key, frame, total, cfg, 1, feats_dir, emb_path)

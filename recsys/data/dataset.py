@@ -10,10 +10,12 @@ is looked up once per request and shared by its candidates.
 Shape legend: B requests, C_b candidates of request b (N = sum_b C_b),
 L_b history length, F1 impression-level dense width, R requests in all.
 
-Sampled negatives (`negatives > 0`, training only) get label 0, no LT label
-(lt_mask False), row id -1, `sampled` True; their item_pop is counted exactly
-(events on the item strictly before the request time) and their match features
-are missing (match features exist only for real impressions).
+Sampled negatives (`negatives_per_request > 0`, training only) get label 0,
+no LT label (lt_mask False), row id -1, `sampled` True; they are items that
+exist at the request's time, their item_pop is counted exactly (events on the
+item strictly before the request time), and their match features are computed
+by the match job's own step (recsys.data.negatives), so they look like real
+rows.
 
 Example:
     >>> data = RankingData.load("artifacts/ml100k/features", DataConfig(history_cap=50))  # doctest: +SKIP
@@ -46,6 +48,7 @@ from recsys.data.dense import (
     match_features,
 )
 from recsys.config.sections import DataConfig
+from recsys.data.negatives import existing_items, match_pool
 from recsys.data.read import load_item_embeddings
 
 SPLIT_CODE = {name: i for i, name in enumerate(S.SPLITS)}
@@ -117,6 +120,10 @@ class RankingData:
             self.match_columns = tuple(wanted)
             dense_parts.append(mf)
             dense_names += wanted + [f"{c}_missing" for c in wanted]
+            if config.negatives_per_request:  # sampled rows get real match features (recsys.data.negatives)
+                self._pool_items, self._pool_match = match_pool(self, root, match)
+                self._pool_of_request = np.full(self.n_requests, -1, dtype=np.int64)
+                self._pool_of_request[self.requests("train")] = np.arange(self._pool_items.shape[0])
         # impression-level dense block, stored in request order
         self.imp_dense = np.concatenate(dense_parts, axis=1)[self.imp_row].astype(np.float32)  # (n_imp, F1)
         content = content_fields(items, users, self.item_ids, self.user_ids)
@@ -271,9 +278,16 @@ class RankingData:
         if k:
             neg_pos = concat_ranges(out_off + c_real, np.full(len(r), k))  # (B k,)
             neg_req = np.repeat(r, k)  # (B k,)
-            # uniform over the items whose first event is at or before the request time
-            exist = np.maximum(np.searchsorted(self._first_sorted, self.req_ts[neg_req], side="right"), 1)
-            neg_items = self._items_by_first[(rng.random(len(neg_pos)) * exist).astype(np.int64)]
+            m, j = len(self.match_columns), len(COUNT_FEATURES) + len(ACTIVITY_FEATURES)
+            if m:  # from the request's pool, with the match features the match job gives such a row
+                pool = self._pool_of_request[neg_req]
+                if (pool < 0).any():
+                    raise ValueError("sampled negatives with match features exist for training requests only")
+                pick = rng.integers(0, self._pool_items.shape[1], size=len(neg_pos))
+                neg_items = self._pool_items[pool, pick]
+                neg_match = self._pool_match[pool, pick]  # (B k, 2M)
+            else:  # uniform over the items whose first event is at or before the request time
+                neg_items = existing_items(self, neg_req, rng, 1)[:, 0]
             items[neg_pos] = neg_items
             sampled[neg_pos] = True
             # same request -> same history counts; item_pop counted at the request time
@@ -282,10 +296,8 @@ class RankingData:
             pop = np.log1p(self.item_pop_at(neg_items, self.req_ts[neg_req]).astype(np.float64))
             c = ITEM_POP_COLUMN
             neg_dense[:, c] = (pop - self._count_mean[c]) / self._count_std[c]
-            m, j = len(self.match_columns), len(COUNT_FEATURES) + len(ACTIVITY_FEATURES)
             if m:
-                neg_dense[:, j : j + m] = 0.0
-                neg_dense[:, j + m : j + 2 * m] = 1.0
+                neg_dense[:, j : j + 2 * m] = neg_match
             dense1[neg_pos] = neg_dense
         cand_user = np.repeat(self.req_user[r], c_all)  # (N,)
         dense = np.concatenate([dense1, self.item_dense[items], self.user_dense[cand_user]], axis=1)  # (N, F)

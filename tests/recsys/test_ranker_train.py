@@ -196,9 +196,3 @@ def test_results_pair_is_replaced_together_or_not_at_all(tmp_path, monkeypatch):
         write_results(tmp_path, pl.DataFrame({"a": [2]}), {k: 0.9 for k in CONTRACT_KEYS}, RecordingTracker())
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
-
-def test_sampled_negatives_with_match_features_are_refused(synthetic_features, tmp_path):
-    """Sampled negatives carry no match features: with both on, the model could
-    tell them from real rows by their missing mf_* values."""
-    with pytest.raises(ConfigError, match="sampled negatives have no match features"):
-        pipeline(synthetic_features, str(tmp_path / "match"), train={"negatives_per_request": 2})
