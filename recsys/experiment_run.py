@@ -131,6 +131,7 @@ def run_experiment(
     arm_runs: list[dict[str, Any]] = []  # what `compare` reads back: arm, seed, outputs
     predictions: list[ArmPredictions] = []
     fingerprints: dict[str, str] = {}
+    segment_tables: dict[Path, pl.DataFrame | None] = {}  # features folder -> its test segments, read once
     with open_pipeline_run(tracking, f"experiment {name}", tags=tags, params=params, log=log) as run:
         run.log_dict({"spec": dataclasses.asdict(exp.spec), "baseline": exp.baseline}, "experiment.json")
         pipe = Pipeline(run, log, progress=progress, force=not tracking.reuse)
@@ -147,7 +148,7 @@ def run_experiment(
                 frame = read_predictions(f, arm.name, seed, exp.spec.metrics)
                 arm_runs.append({"arm": arm.name, "seed": seed, "outputs": str(arm_outputs[key]),
                                  "rows": frame.height, "fingerprint": file_fingerprint(f), "features": str(done.features)})
-                predictions.append(ArmPredictions(arm.name, seed, with_segments(frame, done.features)))
+                predictions.append(ArmPredictions(arm.name, seed, with_segments(frame, done.features, segment_tables)))
         run.log_dict(arm_runs, ARM_RUNS)
         with run.stage("eval", {"n_boot": exp.spec.n_boot, "metrics": list(exp.spec.metrics), "control": exp.spec.control},
                        fingerprints) as st:
@@ -160,20 +161,35 @@ def run_experiment(
     return ExperimentOutcome(name, exp.spec.control, rows, arm_outputs, time.perf_counter() - t0)
 
 
-def with_segments(frame: pl.DataFrame, features: Path | None) -> pl.DataFrame:
+def with_segments(frame: pl.DataFrame, features: Path | None,
+                  cache: dict[Path, pl.DataFrame | None] | None = None) -> pl.DataFrame:
     """The predictions with the columns compare segments by, from the features
     folder: cold_item and hist_len of each test impression, and new_user (the
-    user has no train event). Unchanged when the folder is unknown or gone."""
-    inter = Path(features or "") / S.FILES["interactions"]
-    if features is None or not inter.is_file():
+    user has no train event). Unchanged when the folder is unknown or gone.
+    `cache`: segment tables by features folder, so arms and seeds that share
+    a features folder read it once."""
+    if features is None:
         return frame
+    cache = {} if cache is None else cache
+    if features not in cache:
+        cache[features] = _segment_table(features)
+    seg = cache[features]
+    if seg is None:
+        return frame
+    keep = [c for c in frame.columns if c not in (S.COLD_ITEM, S.HIST_LEN, NEW_USER)]
+    return frame.select(keep).join(seg, on=KEY, how="left", maintain_order="left")
+
+
+def _segment_table(features: Path) -> pl.DataFrame | None:
+    """KEY, cold_item, hist_len, new_user of the test impressions of a features folder (None: gone)."""
+    inter = features / S.FILES["interactions"]
+    if not inter.is_file():
+        return None
     cols = pl.read_parquet(inter, columns=[*KEY, S.SPLIT, S.COLD_ITEM, S.HIST_LEN])
     train_users = cols.filter(pl.col(S.SPLIT) == "train")[S.USER_ID].unique()
     seg = cols.filter(pl.col(S.SPLIT) == "test").select(
         *KEY, S.COLD_ITEM, S.HIST_LEN, (~pl.col(S.USER_ID).is_in(train_users.implode())).alias(NEW_USER))
-    seg = seg.unique(subset=KEY, keep="first")
-    keep = [c for c in frame.columns if c not in (S.COLD_ITEM, S.HIST_LEN, NEW_USER)]
-    return frame.select(keep).join(seg, on=KEY, how="left", maintain_order="left")
+    return seg.unique(subset=KEY, keep="first")
 
 
 def log_compare(rows: list[CompareRow], tracker: Tracker, out: Path, *, control: str, predictions: list[ArmPredictions]) -> None:
@@ -227,13 +243,14 @@ def load_experiment_predictions(tracking_cfg: TrackingConfig, name: str) -> tupl
     metrics = tuple(_parent_spec(tracking_cfg, parent).get("metrics", DEFAULT_METRICS))
     path = store.artifact_path(parent["run_id"], ARM_RUNS)
     preds = []
+    segment_tables: dict[Path, pl.DataFrame | None] = {}
     for entry in json.loads(Path(path).read_text()):
         f = Path(entry["outputs"]) / PREDICTIONS
         if not f.is_file():
             raise DataError(f"predictions of arm {entry['arm']!r} (seed {entry['seed']}) are missing: {f}", file=str(f))
         frame = read_predictions(f, entry["arm"], int(entry["seed"]), metrics)
         check_recorded(entry, frame, f)
-        frame = with_segments(frame, Path(entry["features"]) if entry.get("features") else None)
+        frame = with_segments(frame, Path(entry["features"]) if entry.get("features") else None, segment_tables)
         preds.append(ArmPredictions(entry["arm"], int(entry["seed"]), frame))
     return preds, parent
 
