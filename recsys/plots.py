@@ -262,4 +262,35 @@ def feature_importance(
     return _save(fig, path)
 
 
-__all__ = ["training_curves", "roc_points", "roc_curves", "arm_deltas", "singular_spectrum", "feature_importance"]
+def cost_vs_size(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "Feature build: cost against size") -> Path:
+    """Seconds against events, one line per engine, log-log, from benchmark rows
+    ({engine, events, seconds, ...}; a `startup_s` is drawn as a dotted floor).
+    Rows of one engine are joined in order of size."""
+    rows = [r for r in rows if r.get("seconds") and r.get("events")]
+    if not rows:
+        raise ValueError("cost_vs_size: no rows with events and seconds")
+    fig = _figure(6.0, 4.0)
+    ax = fig.subplots()
+    for i, engine in enumerate(sorted({str(r["engine"]) for r in rows})):
+        mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["events"])
+        x = np.array([r["events"] for r in mine], dtype=float)
+        y = np.array([r["seconds"] for r in mine], dtype=float)
+        color = f"C{i}"
+        ax.plot(x, y, "o-", color=color, label=engine)
+        for xi, yi in zip(x, y):
+            ax.annotate(f"{xi / yi / 1e3:,.0f}k ev/s", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
+        startup = [r["startup_s"] for r in mine if r.get("startup_s")]
+        if startup:
+            ax.axhline(float(np.median(startup)), color=color, ls=":", lw=1, label=f"{engine} start-up")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.margins(x=0.15)  # room for the labels right of the largest size
+    ax.set_xlabel("events")
+    ax.set_ylabel("seconds, end to end (log)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+__all__ = ["training_curves", "roc_points", "roc_curves", "arm_deltas", "singular_spectrum", "feature_importance", "cost_vs_size"]

@@ -189,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.out) / "features.json"
     payload = {"machine": machine_info(), "quick": args.quick, "rows": _merge(path, rows)}
     print(f"wrote {write_json('features', payload, Path(args.out))}")
+    if not args.quick:
+        from recsys.plots import cost_vs_size
+
+        # this run's rows only: merged rows from other runs ran under other loads
+        print(f"wrote {cost_vs_size(rows, Path(args.out) / 'features_cost.png')}")
     if any(len(v) > 1 for v in same.values()):
         print("error: the engines' outputs differ")
         return 1

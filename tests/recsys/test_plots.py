@@ -65,6 +65,18 @@ def test_feature_importance(tmp_path):
     _check_png(plots.feature_importance(imp, tmp_path / "imp.png", top=10), tmp_path / "imp.png")
 
 
+def test_cost_vs_size(tmp_path):
+    rows = [
+        {"engine": "polars", "events": 1e6, "seconds": 1.4},
+        {"engine": "spark", "events": 1e6, "seconds": 37.7, "startup_s": 13.3},
+        {"engine": "polars", "events": 1e7, "seconds": 19.0},
+        {"engine": "spark", "events": 1e7, "seconds": 116.5, "startup_s": 13.3},
+    ]
+    _check_png(plots.cost_vs_size(rows, tmp_path / "cost.png"), tmp_path / "cost.png")
+    with pytest.raises(ValueError, match="no rows"):
+        plots.cost_vs_size([{"engine": "polars", "events": 0, "seconds": None}], tmp_path / "none.png")
+
+
 def test_overwrite_is_atomic_replace(tmp_path):
     out = tmp_path / "imp.png"
     out.write_bytes(b"old")
