@@ -8,7 +8,7 @@ inflated weight on them (a stacking leak). With `match.folds: K >= 2`:
        (`features.match.space.stable_shard`, the match job's own shards);
     2. for each fold k, a features view without fold k's users (all their
        rows and sequences; every item kept) is distilled again (teachers and
-       student, no ablations), and the match job scores fold k's users with
+       student, no ablations, no two-tower), and the match job scores fold k's users with
        those embeddings (shard k of K);
     3. train rows take the features of their user's fold; valid and test rows
        keep the features from the student trained on all of train.
@@ -97,8 +97,10 @@ def oof_match_features(job: Any, tracker: Tracker | None, out: Path, *, force: b
         fold_dir = out / "folds" / f"k{k}"
         t = time.perf_counter()
         view = fold_view(job.features, k, folds, fold_dir / "features")
-        run_distill(dataclasses.replace(distill, features=view, ablations=False), NullTracker(), fold_dir / "distill",
-                    force=force, log=log)
+        # a fold student only feeds match features: no ablations, no two-tower baseline (report-only models)
+        fold_job = dataclasses.replace(distill, features=view, ablations=False,
+                                       distill=dataclasses.replace(distill.distill, two_tower=False))
+        run_distill(fold_job, NullTracker(), fold_dir / "distill", force=force, log=log)
         seconds[f"fold{k}_distill_s"] = time.perf_counter() - t
         t = time.perf_counter()
         build_match_features(job.features, fold_dir / "distill" / "item_embeddings.parquet", fold_dir / "match",
