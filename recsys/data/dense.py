@@ -78,12 +78,41 @@ def count_features(inter: pl.DataFrame, train_rows: np.ndarray) -> CountFeatures
     return CountFeatures(((raw - mean) / std).astype(np.float32), mean, std)
 
 
+def recent_activity(
+    ts: np.ndarray, seg: np.ndarray, seg_off: np.ndarray, events_ts: np.ndarray, end: np.ndarray, file: str = "<history>",
+) -> np.ndarray:
+    """Raw recent activity before each request: log1p(events in the last day),
+    log1p(events in the last 7 days), log1p(seconds since the last event)
+    (NaN: no history) -> (n, 3) float64. The one implementation, for training
+    (`activity_features`) and serving (`recsys.serving.requests.activity_raw`).
+
+    ts (n,) request times; request i's history is events_ts[seg_off[seg[i]] :
+    end[i]], with each segment's events in time order (a DataError names
+    `file` otherwise); seg_off (segments + 1,)."""
+    ts = np.asarray(ts, dtype=np.int64)
+    events_ts = np.asarray(events_ts, dtype=np.int64)
+    begin = seg_off[seg]  # (n,)
+    t0 = min(int(ts.min()) if len(ts) else 0, int(events_ts.min()) if len(events_ts) else 0) - 8 * _DAY_S
+    seg_of_event = np.repeat(np.arange(len(seg_off) - 1), np.diff(seg_off))
+    keys = seg_of_event * (1 << 33) + (events_ts - t0)  # sorted: segments in order, each by time
+    if len(keys) > 1 and (np.diff(keys) < 0).any():
+        raise DataError("a user's events are not in time order", file=file, column=S.TIMESTAMPS)
+    cols = []
+    for window in (_DAY_S, 7 * _DAY_S):
+        start = np.maximum(np.searchsorted(keys, seg * (1 << 33) + (ts - window - t0), side="left"), begin)
+        cols.append(np.log1p(np.maximum(end - start, 0).astype(np.float64)))
+    has = end > begin
+    last = np.where(has, events_ts[np.maximum(end - 1, 0)] if len(events_ts) else ts, ts)
+    cols.append(np.where(has, np.log1p(np.maximum(ts - last, 0).astype(np.float64)), np.nan))
+    return np.stack(cols, axis=1)  # (n, 3)
+
+
 def activity_features(
     inter: pl.DataFrame, user: np.ndarray, seq_off: np.ndarray, seq_ts: np.ndarray, train_rows: np.ndarray,
     sequences_file: str,
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """Events in the last day / 7 days and seconds since the last event, all
-    strictly before the impression (log1p, train-standardised; no history -> 0).
+    """`recent_activity` of each impression, strictly before it (log1p,
+    train-standardised; no history -> 0).
 
     user (n,) user table row of each impression; seq_off (n_users + 1,) and
     seq_ts (events,): the flattened sequences (user u's events are
@@ -91,19 +120,7 @@ def activity_features(
     (mean, std) of the raw values (what a scorer needs to standardise the same way)."""
     ts = inter[S.TIMESTAMP].to_numpy().astype(np.int64)
     end = seq_off[user] + inter[S.HIST_END].to_numpy().astype(np.int64)  # (n,) absolute
-    t0 = min(int(ts.min()), int(seq_ts.min()) if len(seq_ts) else 0) - 8 * _DAY_S
-    seq_user = np.repeat(np.arange(len(seq_off) - 1), np.diff(seq_off))
-    keys = seq_user * (1 << 33) + (seq_ts - t0)  # sorted: users in order, each by time
-    if len(keys) > 1 and (np.diff(keys) < 0).any():
-        raise DataError("a user's events are not in time order", file=sequences_file, column=S.TIMESTAMPS)
-    cols = []
-    for window in (_DAY_S, 7 * _DAY_S):
-        start = np.searchsorted(keys, user * (1 << 33) + (ts - window - t0), side="left")
-        cols.append(np.log1p(np.maximum(end - start, 0).astype(np.float64)))
-    has = end > seq_off[user]
-    last = np.where(has, seq_ts[np.maximum(end - 1, 0)], ts)
-    cols.append(np.where(has, np.log1p(np.maximum(ts - last, 0).astype(np.float64)), np.nan))
-    raw = np.stack(cols, axis=1)  # (n, 3)
+    raw = recent_activity(ts, user, seq_off, seq_ts, end, sequences_file)  # (n, 3)
     mean, std = standardize_stats(raw, train_rows)
     return np.where(np.isnan(raw), 0.0, (raw - mean) / std).astype(np.float32), (mean, std)
 

@@ -42,7 +42,6 @@ REQUEST_SCHEMA: dict[str, pl.DataType] = {
     HISTORY: pl.List(pl.Int64),
     HISTORY_TS: pl.List(pl.Int64),
 }
-_DAY_S = 86_400
 
 
 def requests_from_features(
@@ -76,26 +75,16 @@ def requests_from_features(
 
 
 def activity_raw(timestamps: np.ndarray, history_ts: list[np.ndarray]) -> np.ndarray:
-    """log1p(events in the last day), log1p(events in the last 7 days),
-    log1p(seconds since the last event) before each request (NaN: no
-    history), unstandardised: the raw form of `recsys.data.dense.activity_features`.
-    timestamps (n,), history_ts: n arrays of strictly earlier event times -> (n, 3)."""
+    """`recsys.data.dense.recent_activity` of each request, unstandardised (NaN:
+    no history). timestamps (n,), history_ts: n arrays of strictly earlier
+    event times, each in time order -> (n, 3)."""
+    from recsys.data.dense import recent_activity
+
     n = len(timestamps)
     lengths = np.fromiter((len(h) for h in history_ts), dtype=np.int64, count=n)
     flat = np.concatenate(history_ts).astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)  # (E,)
-    owner = np.repeat(np.arange(n), lengths)  # (E,)
-    ts = np.asarray(timestamps, dtype=np.int64)
-    cols = []
-    for window in (_DAY_S, 7 * _DAY_S):
-        inside = flat >= ts[owner] - window  # (E,)
-        cols.append(np.log1p(np.bincount(owner[inside], minlength=n).astype(np.float64)))
-    last = np.full(n, -1, dtype=np.int64)
-    has = lengths > 0
-    ends = np.cumsum(lengths) - 1
-    last[has] = flat[ends[has]]
-    since = np.where(has, np.log1p(np.maximum(ts - last, 0).astype(np.float64)), np.nan)
-    cols.append(since)
-    return np.stack(cols, axis=1)  # (n, 3)
+    off = np.concatenate([[0], np.cumsum(lengths)])  # (n + 1,)
+    return recent_activity(np.asarray(timestamps, dtype=np.int64), np.arange(n), off, flat, off[1:], f"request column {HISTORY_TS}")
 
 
 def counts_raw(frame: pl.DataFrame) -> np.ndarray:
