@@ -29,6 +29,7 @@ import polars as pl
 
 from features import schemas as S
 from features.reader import existing_match_file
+from recsys.data.dense import recent_activity
 
 HISTORY = "history"
 HISTORY_TS = "history_timestamps"
@@ -78,8 +79,6 @@ def activity_raw(timestamps: np.ndarray, history_ts: list[np.ndarray]) -> np.nda
     """`recsys.data.dense.recent_activity` of each request, unstandardised (NaN:
     no history). timestamps (n,), history_ts: n arrays of strictly earlier
     event times, each in time order -> (n, 3)."""
-    from recsys.data.dense import recent_activity
-
     n = len(timestamps)
     lengths = np.fromiter((len(h) for h in history_ts), dtype=np.int64, count=n)
     flat = np.concatenate(history_ts).astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)  # (E,)
