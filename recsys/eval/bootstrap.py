@@ -18,10 +18,13 @@ Shared by the LightGBM report and `recsys experiment compare`.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
+from recsys.eval import rank_pairs
 from recsys.eval.metrics import Metric, compute, per_group_auc
 
 
@@ -59,9 +62,10 @@ def user_multiplicities(n_users: int, n_boot: int, rng: np.random.Generator) -> 
 def replicate_values(metric: Metric, users_idx: np.ndarray, y: np.ndarray, score: np.ndarray,
                      counts: np.ndarray) -> np.ndarray:
     """(B,) values of `metric` on each bootstrap replicate, whose rows are
-    weighted by `counts[b, users_idx]` (B, U): vectorised for auc, gauc and
-    logloss (the sort, the per-user AUCs and the per-user sums are computed
-    once), a loop for the rest."""
+    weighted by `counts[b, users_idx]` (B, U): vectorised for auc, gauc,
+    logloss and spearman (the sort, the per-user AUCs and the per-user sums
+    are computed once; auc and spearman as quadratic forms in the user counts,
+    `recsys.eval.rank_pairs`, when users are few enough), a loop for the rest."""
     n_boot = counts.shape[0]
     if metric.kind == "gauc":
         _, a, n = per_group_auc(users_idx, y, score)
@@ -77,6 +81,8 @@ def replicate_values(metric: Metric, users_idx: np.ndarray, y: np.ndarray, score
         rows = np.bincount(users_idx, minlength=n_users).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             return (counts @ per_user) / (counts @ rows)
+    if metric.kind == "auc" and rank_pairs.worth_it(counts.shape[1], len(y)):
+        return rank_pairs.replicate_auc(users_idx, y, score, counts)
     if metric.kind == "auc":
         order = np.argsort(score, kind="mergesort")
         s_sorted, pos_row, u_sorted = score[order], (y[order] > 0).astype(np.float64), users_idx[order]
@@ -95,6 +101,9 @@ def replicate_values(metric: Metric, users_idx: np.ndarray, y: np.ndarray, score
                 out[b0:b0 + chunk] = np.where((wp > 0) & (wn > 0), (pos * (below + 0.5 * neg)).sum(axis=1) / (wp * wn), np.nan)
         return out
     if metric.kind == "spearman":
+        coarse = rank_pairs.spearman_order(score, y, counts.shape[1])
+        if coarse is not None:
+            return rank_pairs.replicate_spearman(coarse[0], coarse[1], users_idx, counts)
         return _replicate_spearman(score, y, users_idx, counts)
     return np.array([compute(metric, users_idx, y, score, counts[b, users_idx]) for b in range(n_boot)])
 
@@ -130,6 +139,31 @@ def _replicate_spearman(x: np.ndarray, y: np.ndarray, users_idx: np.ndarray, cou
             den = np.sqrt((rw * dx * dx).sum(axis=1) * (rw * dy * dy).sum(axis=1))
             r = (rw * dx * dy).sum(axis=1) / den
         out[b0:b0 + chunk] = np.where((den > 0) & (tot[:, 0] >= 2), r, np.nan)
+    return out
+
+
+_MEMO: OrderedDict[bytes, np.ndarray] = OrderedDict()
+_MEMO_SIZE = 64
+
+
+def _memo_replicates(metric: Metric, users_idx: np.ndarray, y: np.ndarray, score: np.ndarray,
+                     counts: np.ndarray) -> np.ndarray:
+    """`replicate_values`, remembered for the last few distinct inputs: a
+    compare scores the control arm against every treatment on the same rows
+    and replicates, and would otherwise recompute the control's values."""
+    h = hashlib.blake2b(metric.name.encode(), digest_size=16)
+    for a in (users_idx, y, score, counts):
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype, a.shape)).encode())
+        h.update(a.data)
+    key = h.digest()
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        return _MEMO[key]
+    out = replicate_values(metric, users_idx, y, score, counts)
+    _MEMO[key] = out
+    if len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
     return out
 
 
@@ -190,13 +224,16 @@ def paired_bootstrap(
     if np.isnan(t_all) or np.isnan(c_all):  # undefined on all rows: no delta, no interval
         return PairedCI(metric.name, t_all, c_all, nan, nan, nan, n_boot, len(u_vals), metric.higher_is_better)
     counts = user_multiplicities(len(u_vals), n_boot, rng)  # (B, U)
-    per_seed = np.stack([replicate_values(metric, u_idx, y, s_t, counts) - replicate_values(metric, u_idx, y, s_c, counts)
+    per_seed = np.stack([np.zeros(n_boot) if np.array_equal(s_t, s_c) else
+                         _memo_replicates(metric, u_idx, y, s_t, counts) - _memo_replicates(metric, u_idx, y, s_c, counts)
                          for s_t, s_c in zip(st, sc)])  # (S, B)
     n_seeds = per_seed.shape[0]
     if n_seeds > 1:
         draw = rng.integers(0, n_seeds, size=(n_boot, n_seeds))  # (B, S): the seeds of each replicate
-        with np.errstate(invalid="ignore"):
-            deltas = np.nanmean(per_seed[draw, np.arange(n_boot)[:, None]], axis=1)
+        drawn = per_seed[draw, np.arange(n_boot)[:, None]]  # (B, S)
+        ok = ~np.isnan(drawn)
+        with np.errstate(invalid="ignore", divide="ignore"):  # all-NaN replicate: NaN, dropped below
+            deltas = np.where(ok, drawn, 0.0).sum(axis=1) / ok.sum(axis=1)
     else:
         deltas = per_seed[0]
     deltas = deltas[~np.isnan(deltas)]
