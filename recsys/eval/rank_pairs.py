@@ -39,34 +39,32 @@ def pair_tensor(x: np.ndarray, users_idx: np.ndarray, n_users: int, row_class: n
     """(K, U, U) T of the module docstring. `row_class` is -1 for rows that
     are not an i (not a positive, say); `counted` masks the j rows.
 
-    Rows are cut into Q bins of consecutive scores (a tie group never spans
-    two bins). Pairs in different bins compare by their bins: per class,
-    (U, Q) counts of i rows @ (Q, U) counted rows in lower bins, a BLAS
-    product. Pairs in the same bin are enumerated and compared exactly.
-    Q balances the two: (K U^2 Q) flops against (n_i n_j / Q) pairs."""
+    Rows are cut into bins of consecutive scores; a tie group never spans
+    two bins, and a tie group of a bin's size or more is a bin of its own (a
+    "pure" bin, whose pairs are all ties). Pairs in different bins compare by
+    their bins: per class, (U, Q) counts of i rows @ (Q, U) counted rows in
+    lower bins (+ 1/2 of those in the same pure bin), a BLAS product. Pairs
+    in the same mixed bin (at most 2 x the bin size of rows) are enumerated
+    and compared exactly. The bin size balances (K U^2 Q) flops against
+    (n_i n_j / Q) pairs, and is at most 1,000 rows."""
     t = np.zeros((n_classes, n_users, n_users))
     i_all, j_all = np.flatnonzero(row_class >= 0), np.flatnonzero(counted)
     if not len(i_all) or not len(j_all):
         return t
-    n = len(x)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    first = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # sorted position where each tie group starts
-    q = int(np.clip(30 * np.sqrt(len(i_all) * len(j_all)) / (n_users * np.sqrt(n_classes)), 1, n))
-    bin_sorted = np.repeat(first * q // n, np.diff(np.r_[first, n]))  # bin of each sorted row
-    bins = np.empty(n, dtype=np.int64)
-    bins[order] = bin_sorted
-    # pairs across bins: i's bin above j's bin
-    j_below = np.zeros((q, n_users))
-    np.add.at(j_below, (bins[j_all], users_idx[j_all]), 1.0)
-    j_below = np.cumsum(j_below, axis=0) - j_below  # counted rows of user v in bins strictly below
+    bins, pure = _score_bins(x, len(i_all) * len(j_all), n_users * n_users * n_classes)
+    q = len(pure)
+    # pairs across bins (and inside pure bins): one matrix product per class
+    j_count = np.zeros((q, n_users))
+    np.add.at(j_count, (bins[j_all], users_idx[j_all]), 1.0)
+    j_below = np.cumsum(j_count, axis=0) - j_count + 0.5 * pure[:, None] * j_count
     for k in range(n_classes):
         ik = i_all[row_class[i_all] == k]
         if len(ik):
             r = np.zeros((n_users, q))
             np.add.at(r, (users_idx[ik], bins[ik]), 1.0)
             t[k] += r @ j_below
-    # pairs within a bin, compared exactly; bins processed in groups of ~4M pairs
+    # pairs within a mixed bin, compared exactly; bins processed in groups of ~4M pairs
+    i_all, j_all = i_all[~pure[bins[i_all]]], j_all[~pure[bins[j_all]]]
     i_s = i_all[np.argsort(bins[i_all], kind="stable")]
     j_s = j_all[np.argsort(bins[j_all], kind="stable")]
     a = np.bincount(bins[i_s], minlength=q)
@@ -90,6 +88,24 @@ def pair_tensor(x: np.ndarray, users_idx: np.ndarray, n_users: int, row_class: n
         cell = (row_class[ii] * n_users + users_idx[ii]) * n_users + users_idx[jj]
         flat += np.bincount(cell, weights=w, minlength=flat.size)
     return t
+
+
+def _score_bins(x: np.ndarray, n_pairs: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bin of every row, whether each bin is one tie group) for `pair_tensor`."""
+    n = len(x)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    first = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # sorted position where each tie group starts
+    size = np.diff(np.r_[first, n])
+    target = int(np.clip(n / (30 * np.sqrt(n_pairs / cells)), 1, 1000))  # rows per bin
+    big = size >= target
+    window = first // target
+    new_bin = np.r_[True, big[1:] | big[:-1] | (window[1:] != window[:-1])]
+    group_bin = np.cumsum(new_bin) - 1
+    groups_per_bin = np.bincount(group_bin)
+    bins = np.empty(n, dtype=np.int64)
+    bins[order] = np.repeat(group_bin, size)
+    return bins, groups_per_bin == 1
 
 
 def fits(n_users: int, n_classes: int = 1) -> bool:
@@ -128,22 +144,25 @@ def replicate_auc(users_idx: np.ndarray, y: np.ndarray, score: np.ndarray, count
 
 
 def _tie_cubes(x: np.ndarray, users_idx: np.ndarray, n_users: int):
-    """Singleton rows per user, and (group of row, user of row) for rows in tie groups of 2+."""
+    """Singleton rows per user; the users of rows in tie groups of 2+, sorted
+    by group, and where each such group starts."""
     _, inv, size = np.unique(x, return_inverse=True, return_counts=True)
     single = size[inv] == 1
     n1 = np.bincount(users_idx[single], minlength=n_users).astype(np.float64)
     multi = np.flatnonzero(~single)
-    g = np.unique(inv[multi], return_inverse=True)[1] if len(multi) else np.zeros(0, dtype=np.int64)
-    return n1, g, users_idx[multi]
+    multi = multi[np.argsort(inv[multi], kind="stable")]
+    g = inv[multi]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if len(g) else np.zeros(0, dtype=np.int64)
+    return n1, users_idx[multi], starts
 
 
-def _sum_w3_minus_w(c: np.ndarray, n1: np.ndarray, g: np.ndarray, u_multi: np.ndarray) -> np.ndarray:
+def _sum_w3_minus_w(c: np.ndarray, n1: np.ndarray, u_multi: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """(b,) sum over tie groups of W^3 - W, W = the group's replicate weight."""
     out = (c ** 3 - c) @ n1
-    if len(g):
-        w = np.zeros((c.shape[0], int(g.max()) + 1))
-        np.add.at(w.T, g, c[:, u_multi].T)
-        out += (w ** 3 - w).sum(axis=1)
+    step = max(1, 4_000_000 // max(1, len(u_multi)))
+    for b0 in range(0, c.shape[0], step) if len(u_multi) else ():
+        w = np.add.reduceat(c[b0:b0 + step][:, u_multi], starts, axis=1)  # (b, groups)
+        out[b0:b0 + step] += (w ** 3 - w).sum(axis=1)
     return out
 
 
@@ -158,7 +177,7 @@ def replicate_spearman(x: np.ndarray, y: np.ndarray, users_idx: np.ndarray, coun
     np.add.at(cnt_y, (users_idx, ky), 1.0)
     y_below = np.cumsum(cnt_y, axis=1) - 0.5 * cnt_y  # (U, K): y-rank of class k, less 1/2, per unit of c_v
     n_u = cnt_y.sum(axis=1)
-    n1, g, u_multi = _tie_cubes(x, users_idx, n_users)
+    n1, u_multi, starts = _tie_cubes(x, users_idx, n_users)
     out = np.full(n_boot, np.nan)
     for b0, b1 in _chunks(n_boot, n_users, n_k):
         c = counts[b0:b1].astype(np.float64)
@@ -168,7 +187,7 @@ def replicate_spearman(x: np.ndarray, y: np.ndarray, users_idx: np.ndarray, coun
         q = np.stack([((c @ t[k].T) * c).sum(axis=1) for k in range(n_k)], axis=1) + 0.5 * wk  # (b, K)
         sxy = (ry * q).sum(axis=1)
         sq = tot * (tot + 1) * (2 * tot + 1) / 6
-        sxx = sq - _sum_w3_minus_w(c, n1, g, u_multi) / 12
+        sxx = sq - _sum_w3_minus_w(c, n1, u_multi, starts) / 12
         syy = sq - ((wk ** 3 - wk).sum(axis=1)) / 12
         m2 = ((tot + 1) / 2) ** 2
         with np.errstate(invalid="ignore", divide="ignore"):
