@@ -99,7 +99,7 @@ class RankerConfig:
     history_encoder: HistoryEncoder = "mean"  # what each candidate sees of the history: a mean, exact target attention, or SVD-attention (class docstring)
     svd_rank: int = 8  # R of the SVD encoders (1 <= R <= embedding_dim)
     svd_normalize_tokens: bool = True  # compact: divide tokens by sqrt(L) so their scale does not grow with L
-    history_mean: bool = False  # attention encoders also pass the plain history mean to the over-arch
+    history_mean: bool = False  # attention encoders also pass the mean pool's own block [mean, candidate * mean] to the over-arch
     use_user_id: bool = False  # a user-id table (see the class docstring for why it is off)
     use_distilled_embeddings: DistilledMode = "off"  # init: the item table starts as a PCA of the distilled vectors; concat: they are a frozen second item table
     over_arch: OverArch = "mlp"  # dcn: DCN-v2 full-rank cross layers before the MLP

@@ -30,6 +30,17 @@ item table from them (PCA to D dims); "concat" keeps them as a frozen second
 item table (a buffer, never trained, so never sharded or optimised) looked up
 with the same ids; each item vector is then Linear([learned, distilled]) -> D.
 
+History interaction: [candidate, summary, candidate * summary]; the product
+carries the candidate-history dot product, the signal mean pooling learns
+from. Attention encoders therefore start as the mean pool (W_Q = W_V = I,
+W_K = 0: `init_as_mean_pool_`, not xavier, which rotates the summary and
+scrambles that product), and `history_mean` appends the mean encoder's own
+block [mean, candidate * mean], so the mean pathway stays while the attention
+learns (issue 14, long histories, valid GAUC: exact attention started as the
+mean pool reached 0.67 where mean pooling reached 0.75, as its projections
+drifted; with history_mean, 0.75; compact SVD-attention, blind to the
+history's sign, cannot represent the mean at all).
+
 Example:
     >>> import numpy as np
     >>> from recsys.data import FeatureSpec, synthetic_batch
@@ -56,7 +67,7 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys.config.sections import HISTORY_ENCODERS, RankerConfig
 from recsys.data import CAND_KEY, HIST_KEY, FeatureSpec, RankBatch
-from recsys.modules.reference_attention import TargetAttention
+from recsys.modules.reference_attention import TargetAttention, init_as_mean_pool_
 from recsys.modules.svd_attention import SVDAttention, SVDAttentionConfig
 
 ITEM_TABLE = "item"
@@ -162,11 +173,14 @@ class Ranker(nn.Module):
             self.distilled_projection = nn.Linear(item_embeddings.shape[1], d, bias=False)
         self.history_encoder = make_history_encoder(config)
         self.with_mean = config.history_encoder == "mean" or config.history_mean
-        n_mean = int(config.history_encoder != "mean" and config.history_mean)
+        # history_mean adds the mean encoder's own interaction, [mean, candidate * mean]: without the
+        # product an MLP over [candidate, mean] must discover the dot product itself
+        n_mean = 2 * int(config.history_encoder != "mean" and config.history_mean)
         self.dense_arch = MLP(spec.n_dense, list(config.dense_arch_layer_sizes), bias=True, activation="relu") \
             if spec.n_dense else None
         n_dense_out = config.dense_arch_layer_sizes[-1] if spec.n_dense else 0
-        # [candidate, history summary, candidate * history, (history mean), pooled user, pooled item, dense]
+        # [candidate, history summary, candidate * history, (history mean, candidate * mean), pooled user,
+        #  pooled item, dense]
         in_features = (3 + n_mean) * d + d * (len(self.user_keys) + len(self.item_keys)) + n_dense_out
         self.cross = CrossNet(in_features, config.dcn_layers) if config.over_arch == "dcn" else None
         self.over_arch = MLP(in_features, list(config.over_arch_layer_sizes), bias=True, activation="relu")
@@ -195,15 +209,21 @@ class Ranker(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None, item_embeddings: Tensor | None = None) -> None:
-        """Every weight drawn from `generator`: tables N(0, init_std), matrices xavier, biases 0."""
+        """Tables N(0, init_std), matrices xavier, biases 0, all drawn from `generator`;
+        the history encoder starts as the mean pool (`init_as_mean_pool_`, no draws)."""
         tables = {id(p) for p in self.embedding_tables()}
+        encoder = set() if self.history_encoder is None else {id(p) for p in self.history_encoder.parameters()}
         for name, p in self.named_parameters():
+            if id(p) in encoder:
+                continue
             if id(p) in tables:
                 p.normal_(0.0, self.config.init_std, generator=generator)
             elif p.dim() >= 2:
                 nn.init.xavier_uniform_(p, generator=generator)
             else:
                 p.zero_()
+        if self.history_encoder is not None:
+            init_as_mean_pool_(self.history_encoder)
         if self.distilled_mode == "init" and item_embeddings is not None:
             w = self.item_embeddings.embeddings[ITEM_TABLE].weight
             w.copy_(_pca_init(item_embeddings, w.shape[1], self.config.init_std))
@@ -246,7 +266,7 @@ class Ranker(nn.Module):
 
         parts = [cand, summary, cand * summary]  # 3 x (N, D)
         if mean is not None and summary is not mean:
-            parts.append(mean)  # (N, D)
+            parts += [mean, cand * mean]  # 2 x (N, D)
         if self.user_embeddings is not None:
             user_kjt = batch.user_features
             if len(self.user_keys) != len(user_kjt.keys()):

@@ -14,6 +14,9 @@ Shape legend:
   Cost O(L D^2 + C L D); it materialises the (B, C, L) logits.
 - `reference_truncated_attention`: the same on X_R, the rank-R truncated SVD of
   the valid rows (via `torch.linalg.svd`): the twin of mode "truncated".
+- `init_as_mean_pool_`: the ranker's initialisation of an attention encoder
+  (W_Q = W_V = I, W_K = 0): target attention then starts as the plain mean of
+  the valid history, and learns to depart from it.
 - `reference_compact_attention`: per-user loop, `torch.linalg.svd`, tokens =
   rows of M = V diag(h(s)) V^T with the taper h(s_i) = s_i clip(1/2 + (s_i -
   m) / (2 taper s_1), 0, 1), m = (s_R + s_{R+1}) / 2, softmax over the D tokens: the twin of mode
@@ -149,6 +152,33 @@ def reference_compact_attention(
         ms.append(m / math.sqrt(n) if normalize_tokens else m)
     m = torch.stack(ms)  # (B, D, D)
     return _attend(queries @ w_q, m @ w_k, m @ w_v, torch.ones(m.shape[:2], dtype=torch.bool, device=m.device))
+
+
+@torch.no_grad()
+def init_as_mean_pool_(attention: nn.Module) -> nn.Module:
+    """Set W_Q = I, W_K = 0, W_V = I in place (any module with D x D `w_q`, `w_k`, `w_v`); returns it.
+
+    Every logit is then 0, so target attention is exactly the mean of the
+    valid history: the summary a mean-pooling ranker starts from, in the
+    candidate's own coordinates (so the ranker's candidate * summary is
+    candidate * mean). The bilinear form W_Q W_K^T starts at 0 and is learned:
+    dL/dW_K = (Q W_Q)^T (...) is not 0 because W_Q = I (zeroing both would be
+    a saddle with zero gradient on each).
+
+    Why not xavier on all three (the modules' own default): a random 16 x 16
+    W_V has singular values from ~2 down to ~0.02, so the summary starts as a
+    rotated, nearly rank-deficient projection of the mean, and candidate *
+    summary no longer contains the candidate-history dot product; on the
+    long-history A/B (experiments/ab_long_history.yaml) such an arm learned
+    no more from 10k events than from the last 256 (README). Deterministic:
+    it draws nothing from the ranker's generator.
+    """
+    d = attention.w_v.shape[0]
+    eye = torch.eye(d, dtype=attention.w_v.dtype, device=attention.w_v.device)
+    attention.w_q.copy_(eye)
+    attention.w_k.zero_()
+    attention.w_v.copy_(eye)
+    return attention
 
 
 class TargetAttention(nn.Module):
