@@ -3,7 +3,7 @@
 Raw tables may arrive with String columns (CSV) or typed ones (parquet). Each
 required column is parsed with `strict=False` and compared with the original,
 so an unparseable value is reported with its row instead of a parser error.
-All checks of a table run as one aggregation over a single scan.
+All checks of a table run as one aggregation over its rows, read once.
 """
 
 from __future__ import annotations
@@ -159,23 +159,26 @@ def validate_interactions(
         aggs += _first_rows(bad, "label_range")
         checks.append(("label_range", S.LABEL, "label must be 0 or 1"))
 
-    stats = collect_or_raise(typed.select(aggs), table).row(0, named=True)
+    # the file is read once: the checks run on the rows both engines load next
+    frame = collect_or_raise(typed, table)
+    stats = frame.select(aggs).row(0, named=True)
     if stats["n_rows"] == 0:
         raise DataError("the file has no rows", file=table.file)
     _raise_first(table, stats, checks)
     bounds = {c: (stats[f"{c}__min"], stats[f"{c}__max"]) for c in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP)}
-    _check_timestamp_unit(typed, table, bounds[S.TIMESTAMP], timestamp_unit)
+    _check_timestamp_unit(frame.lazy(), table, bounds[S.TIMESTAMP], timestamp_unit)
     per_s = UNIT_PER_S[timestamp_unit]
     lo, hi = bounds[S.TIMESTAMP]
     bounds[S.TIMESTAMP] = (lo // per_s, hi // per_s)
-    return typed.select(
+    typed_rows = frame.select(  # selected now: the raw (text) columns are let go
         ROW,
         S.USER_ID,
         S.ITEM_ID,
         (pl.col(S.TIMESTAMP) // per_s) if per_s > 1 else pl.col(S.TIMESTAMP),
         pl.col(S.RATING),
         pl.col(S.LABEL).cast(pl.Int8),
-    ), bounds
+    )
+    return typed_rows.lazy(), bounds
 
 
 def collect_or_raise(lf: pl.LazyFrame, table: RawTable) -> pl.DataFrame:

@@ -6,6 +6,7 @@ distill, recsys) builds on it, and it imports none of them.
 - `config`: the strict loader (YAML/JSON -> frozen dataclasses);
 - `manifest`: artifact manifests, atomic multi-file output, stale-temp cleanup;
 - `fingerprint`: content hashes of files and frames;
+- `frames`: `collect` on the engine the feature jobs use (single-chunk columns);
 - `paths`: output-path guards (`check_output`);
 - `tracker`: the tracking protocol stages log through (`Tracker`, `NullTracker`, `RecordingTracker`, `ForwardingTracker`).
 """

@@ -174,12 +174,17 @@ def atomic_outputs(folder: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_manifest(tmp: Path, *, job: str, key: Mapping[str, Any], outputs: list[str], extra: Mapping[str, Any]) -> dict:
+def write_manifest(
+    tmp: Path, *, job: str, key: Mapping[str, Any], outputs: list[str] | Mapping[str, dict], extra: Mapping[str, Any]
+) -> dict:
+    """`outputs`: the file names under `tmp`, or the names mapped to their
+    `describe_parquet` already made (by the threads that wrote the files)."""
+    described = dict(outputs) if isinstance(outputs, Mapping) else {name: describe_parquet(tmp / name) for name in outputs}
     manifest = {
         "job": job,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "key": json.loads(json.dumps(key, sort_keys=True, default=str)),
-        "outputs": {name: describe_parquet(tmp / name) for name in outputs},
+        "outputs": described,
         **extra,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")

@@ -19,8 +19,11 @@ import polars as pl
 from features import schemas as S
 from features import transforms as T
 from features.core.errors import UsageError
+from features.core.frames import collect
 from features.core.provenance import stage_key
-from features.core.manifest import TMP_MARK, atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
+from features.core.manifest import (
+    TMP_MARK, atomic_outputs, describe_parquet, is_up_to_date, read_manifest, write_manifest, write_parquet,
+)
 from features.core.paths import check_output
 from features.jobs.config import JOB, JOB_VERSION, FeaturesConfig
 from features.jobs.steps import (
@@ -66,14 +69,14 @@ def _interactions(
     log: Callable[[str], None],
 ) -> pl.DataFrame:
     """The interactions table on the polars engine: every step over all events."""
-    events = order_and_flag(inter, cfg, bounds).collect()
+    events = collect(order_and_flag(inter, cfg, bounds))
     flagged = events.filter(pl.col("__dup"))
     check_duplicates(flagged, cfg, source.interactions.file, log)
     events = (events.filter(~pl.col("__dup")) if flagged.height else events).drop(DUP_FLAGS)
     check_known_items(events[S.ITEM_ID], items, source.interactions.file, source.items and source.items.file)
     plan = plan_split(cfg, bounds[S.TIMESTAMP][1], FrameOrder(events))
     frame = user_features(events.lazy(), plan, cfg)
-    return item_features(frame.lazy()).pipe(interactions_table).collect()
+    return collect(item_features(frame.lazy()).pipe(interactions_table))
 
 
 def build_features(
@@ -115,7 +118,9 @@ def build_features(
             shutil.rmtree(staging, ignore_errors=True)
     else:
         frame = _interactions(inter, bounds, items, source, cfg, log)
-    sequences = frame.lazy().pipe(T.to_sequences).collect()
+    sequences = collect(frame.lazy().pipe(T.to_sequences))
+    # the default (streaming) engine: its group_by by item costs half the
+    # in-memory engine's, and the output is one row per item
     items_out = T.build_items(items.lazy() if items is not None else None, T.item_stats(frame.lazy())).collect()
 
     outputs = {
@@ -132,14 +137,19 @@ def build_features(
     # engines chunk differently; single-chunk frames give the same bytes
     outputs = {name: df.rechunk() for name, df in outputs.items()}
     with atomic_outputs(out) as tmp:
+
+        def write(name: str, df: pl.DataFrame) -> tuple[str, dict]:
+            write_parquet(df, tmp / name)
+            return name, describe_parquet(tmp / name)  # fingerprinted while the other file is written
+
         # parquet encoding releases the GIL: write the files side by side
         with ThreadPoolExecutor(max_workers=2) as pool:
-            list(pool.map(lambda kv: write_parquet(kv[1], tmp / kv[0]), outputs.items()))
+            described = dict(pool.map(write, outputs, outputs.values()))
         manifest = write_manifest(
             tmp,
             job=JOB,
             key=key,
-            outputs=list(outputs),
+            outputs=described,
             extra={
                 "source": source.name,
                 "engine": cfg.engine,  # recorded, not keyed: both engines write the same bytes

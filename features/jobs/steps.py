@@ -20,6 +20,7 @@ import polars as pl
 from features import schemas as S
 from features import transforms as T
 from features.core.errors import DataError
+from features.core.frames import collect
 from features.jobs.config import FeaturesConfig
 from features.validate import ROW
 
@@ -67,10 +68,11 @@ def check_known_items(event_items: pl.Series, items: pl.DataFrame | None, inter_
     """Every item id of the interactions must be in the items file (when given)."""
     if items is None:
         return
-    seen = event_items.unique()
-    unknown = seen.filter(~seen.is_in(items[S.ITEM_ID].implode()))
-    if len(unknown):
-        ids = sorted(unknown.to_list())
+    # a membership test of every event (a small hash set: fast) rather than
+    # `unique` of every event first (a hash table of all events)
+    unknown = ~event_items.is_in(items[S.ITEM_ID].implode())
+    if unknown.any():
+        ids = sorted(event_items.filter(unknown).unique().to_list())
         raise DataError(
             f"{len(ids)} item ids of the interactions are missing from the items file "
             f"{items_file}: {ids[:10]}{' ...' if len(ids) > 10 else ''}",
@@ -156,11 +158,10 @@ def user_features(events: pl.LazyFrame, plan: SplitPlan, cfg: FeaturesConfig) ->
     else:
         split = events.pipe(T.add_split_global_time, plan.train_cut, plan.valid_cut)
         lt_limit = T.lt_limit_global_time(plan.limits)
-    frame = (
+    frame = collect(
         split.pipe(T.add_history_offsets, cfg.history_cap)
         .pipe(T.add_day, cfg.day_offset)
         .with_columns(lt_limit.alias("__lt_limit"))
-        .collect()
     )
     return T.add_lt_labels(frame, frame["__lt_limit"].to_numpy()).drop("__lt_limit")
 

@@ -164,3 +164,24 @@ def test_to_sequences_keeps_order_and_positives():
     ev = _events([(1, 9, 1, 1), (1, 8, 2, 0), (1, 7, 3, 1), (2, 5, 1, 0)])
     out = ev.lazy().pipe(T.sort_events).pipe(T.to_sequences).collect()
     assert out.rows() == [(1, [9, 8, 7], [1, 2, 3], [1, 0, 1], [9, 7], [1, 3]), (2, [5], [1], [0], [], [])]
+
+
+
+def test_to_sequences_sorted_offsets_equal_the_group_by_of_any_order():
+    # sorted by user: lists cut at the user boundaries; any other order: a group_by
+    rng = np.random.default_rng(0)
+    rows = zip(*(rng.integers(0, hi, 300).tolist() for hi in (9, 20, 50, 2)))
+    ev = _events(list(rows)).with_columns(  # some null labels: neither positive nor negative
+        pl.when(pl.col(S.ITEM_ID) == 3).then(None).otherwise(pl.col(S.LABEL)).alias(S.LABEL)
+    )
+    ordered = ev.lazy().pipe(T.sort_events).collect()
+    pos = pl.col(S.LABEL) == 1
+    expected = ordered.group_by(S.USER_ID, maintain_order=True).agg(
+        pl.col(S.ITEM_ID).alias(S.ITEM_IDS), pl.col(S.TIMESTAMP).alias(S.TIMESTAMPS), pl.col(S.LABEL).alias(S.LABELS),
+        pl.col(S.ITEM_ID).filter(pos).alias(S.POS_ITEM_IDS), pl.col(S.TIMESTAMP).filter(pos).alias(S.POS_TIMESTAMPS),
+    )
+    assert_frame_equal(ordered.lazy().pipe(T.to_sequences).collect(), expected)
+    # users interleaved round-robin, each user's rows still in order
+    interleaved = ordered.with_columns(pl.int_range(pl.len()).over(S.USER_ID).alias("k")).sort("k", maintain_order=True)
+    assert not interleaved[S.USER_ID].is_sorted()
+    assert_frame_equal(interleaved.drop("k").lazy().pipe(T.to_sequences).collect().sort(S.USER_ID), expected)
