@@ -8,6 +8,12 @@
   regresses the direction of the teacher's item vector.
 - L_i2i (item-to-item, auxiliary): InfoNCE on item pairs that the same user
   liked close in time (pairs oriented at random).
+- L_geo (relational regulariser, off by default): row-wise
+  KL(softmax(C C^T / t) || softmax(Z Z^T / t)) over a batch's items, diagonal
+  masked, where C is the frozen raw content embedding and Z the student's
+  vectors (both L2-normalised): the student keeps the content's in-batch
+  neighbourhood structure for the warm items it trains on, so that warm and
+  cold items stay on one geometry (relational KD, Park et al., CVPR 2019).
 - Matryoshka: each loss is averaged over prefixes z[:, :d] (each prefix
   normalised on its own), so the first 16 or 32 dims are a usable embedding.
 
@@ -164,9 +170,30 @@ def id2i_loss(
     return torch.stack([cosine_distill(p, t, m) for p, t, m in zip(projections, targets, masks)]).sum()
 
 
+def geo_loss(z: torch.Tensor, content: torch.Tensor, temperature: float, content_temperature: float | None = None) -> torch.Tensor:
+    """L_geo: mean over rows i of KL(p_i || q_i), p_i = softmax_{j != i}(cos(c_i, c_j) / t_c),
+    q_i = softmax_{j != i}(cos(z_i, z_j) / t), the target p detached.
+
+    z (U, D) student vectors, content (U, R) the frozen content vectors of the
+    same items. t_c defaults to t. Zero when the two geometries give the same
+    neighbour distributions (equal Gram matrices); zero (with a graph) with
+    fewer than 3 items, where each row has at most one neighbour."""
+    if len(z) < 3:
+        return z.sum() * 0.0
+    t_c = temperature if content_temperature is None else content_temperature
+    zn = F.normalize(z, dim=-1)  # (U, D)
+    cn = F.normalize(content.detach().to(z.dtype), dim=-1)  # (U, R)
+    diag = torch.eye(len(z), dtype=torch.bool, device=z.device)  # (U, U)
+    log_q = F.log_softmax((zn @ zn.T / temperature).masked_fill(diag, float("-inf")), dim=-1)  # (U, U)
+    log_p = F.log_softmax((cn @ cn.T / t_c).masked_fill(diag, float("-inf")), dim=-1)  # (U, U)
+    # the diagonal holds -inf in both: 0 * (-inf - -inf) is nan, so drop it
+    kl = (log_p.exp() * (log_p - log_q)).masked_fill(diag, 0.0)  # (U, U)
+    return kl.sum(1).mean()
+
+
 def _prefixes(dims: Sequence[int], full: int) -> list[int]:
     """Sorted distinct prefix sizes below `full`, plus `full` itself."""
     return sorted({d for d in dims if 0 < d < full} | {full})
 
 
-__all__ = ["Temperature", "info_nce", "negative_bias", "masked_mean_query", "s2i_loss", "i2i_loss", "cosine_distill", "id2i_loss"]
+__all__ = ["Temperature", "info_nce", "negative_bias", "masked_mean_query", "s2i_loss", "i2i_loss", "cosine_distill", "id2i_loss", "geo_loss"]

@@ -6,9 +6,11 @@ co-interacted item pairs (oriented at random); the student embeds the union
 of the items involved once (`make_batch`), and `DistillObjective`, the
 training wrapper around the student, sums the switched-on losses:
 
-    L = w_s2i L_s2i + w_id2i L_id2i + w_i2i L_i2i        (distill/losses.py)
+    L = w_s2i L_s2i + w_id2i L_id2i + w_i2i L_i2i [+ w_geo L_geo]   (distill/losses.py)
 
-L_id2i covers every item of the batch that the teachers know. After each
+L_id2i covers every item of the batch that the teachers know; L_geo (when
+w_geo > 0) the distinct s2i targets and pair items, against the frozen raw
+content embedding (`ContentFeatures.raw_embedding`, the content baseline). After each
 epoch the student's centre (mean z of the training items, see
 `Student.set_center`) is updated and the student is scored on the VALID
 split (`evaluate.selection_score`: Recall@select_k of the pseudo-cold
@@ -38,7 +40,7 @@ from torch import nn
 from distill.config import LOSSES, DistillConfig
 from distill.early_stopping import BestOnValid, check_finite
 from distill.evaluate import ColdStartData
-from distill.losses import Temperature, i2i_loss, id2i_loss, s2i_loss
+from distill.losses import Temperature, geo_loss, i2i_loss, id2i_loss, s2i_loss
 from distill.student import ContentSpec, ContentTensors, Student
 from features.core.errors import DataError
 from features.core.tracker import NullTracker, Tracker
@@ -120,11 +122,19 @@ def make_batch(
 
 class DistillObjective(nn.Module):
     """Training wrapper: the student plus what only training needs (learnable
-    temperatures, frozen teacher tables, in-batch sampling log-probabilities).
+    temperatures, frozen teacher tables, in-batch sampling log-probabilities,
+    the raw content embedding (I, R) of L_geo).
     `forward` returns the weighted total and each switched-on loss; the
     student itself only maps content to z and is used unchanged at eval."""
 
-    def __init__(self, student: Student, cfg: DistillConfig, teachers: Mapping[str, TeacherTarget], log_q: Mapping[str, np.ndarray]) -> None:
+    def __init__(
+        self,
+        student: Student,
+        cfg: DistillConfig,
+        teachers: Mapping[str, TeacherTarget],
+        log_q: Mapping[str, np.ndarray],
+        geo_content: np.ndarray | torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.student, self.cfg = student, cfg
         self.temp_s2i, self.temp_i2i = Temperature(cfg.temperature), Temperature(cfg.temperature)
@@ -134,6 +144,10 @@ class DistillObjective(nn.Module):
             self.register_buffer(f"known_{n}", torch.from_numpy(np.asarray(t.known, dtype=bool)), persistent=False)
         for k, v in log_q.items():
             self.register_buffer(f"log_q_{k}", torch.from_numpy(v.astype(np.float32)), persistent=False)
+        if cfg.w_geo > 0:
+            if geo_content is None:
+                raise ValueError("distill: w_geo > 0 needs the raw content embedding: pass geo_content=ContentFeatures.raw_embedding() (or set distill.w_geo: 0)")
+            self.register_buffer("geo_content", torch.as_tensor(np.asarray(geo_content, dtype=np.float32)), persistent=False)
         self.mdims = {loss: cfg.matryoshka_dims if loss in cfg.matryoshka_losses else () for loss in LOSSES}
 
     def forward(self, content: ContentTensors, b: StudentBatch) -> dict[str, torch.Tensor]:
@@ -158,7 +172,11 @@ class DistillObjective(nn.Module):
                     known.append(getattr(self, f"known_{n}")[b.items])  # (U,)
             # the prefixes are extra entries of the same teacher: average them
             out["id2i"] = id2i_loss(proj, tgt, known) / len(prefixes)
-        weights = {"s2i": cfg.w_s2i, "i2i": cfg.w_i2i, "id2i": cfg.w_id2i}
+        if cfg.w_geo > 0:  # the s2i targets and pair items (not the histories: a U x U matrix would cost more than the rest)
+            parts = [p for p in (b.targets, b.pair_a, b.pair_b) if p is not None]
+            pos = torch.unique(torch.cat(parts)) if parts else torch.arange(len(b.items))  # positions into items
+            out["geo"] = geo_loss(z[pos], self.geo_content[b.items[pos]], cfg.geo_temperature)
+        weights = {"s2i": cfg.w_s2i, "i2i": cfg.w_i2i, "id2i": cfg.w_id2i, "geo": cfg.w_geo}
         out["loss"] = sum(weights[k] * v for k, v in out.items())
         return out
 
@@ -173,11 +191,14 @@ def fit_student(
     valid_fn: Callable[[Student], float] | None = None,
     tracker: Tracker | None = None,
     seed: int = 0,
+    geo_content: np.ndarray | None = None,
 ) -> StudentFit:
     """Train a student on `data.train` (and its pairs) against frozen `teachers`.
 
     `valid_fn(student)` scores an epoch on the valid split (higher is
     better); the best epoch is kept. Seeded: same inputs and seed, same student.
+    `geo_content` (I, R): the raw content embedding L_geo aligns with (read
+    only when cfg.w_geo > 0; default: `content.raw` when the tensors carry it).
     """
     from tqdm.auto import tqdm
 
@@ -210,7 +231,8 @@ def fit_student(
         student = Student(cfg.student, spec, {n: np.asarray(teachers[n].table).shape[1] for n in names}, cfg.matryoshka_dims)
         if content.raw is not None:
             student.init_residual(content.raw)
-        objective = DistillObjective(student, cfg, {n: teachers[n] for n in names}, log_q)
+        geo = geo_content if geo_content is not None or cfg.w_geo <= 0 else content.raw
+        objective = DistillObjective(student, cfg, {n: teachers[n] for n in names}, log_q, geo)
         opt = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         loss_curve, valid_curve, components = [], [], []
         stopper = BestOnValid(cfg.patience)

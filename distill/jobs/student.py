@@ -102,6 +102,7 @@ def ensure_student(
             valid_fn=lambda s: E.selection_score(s.embed(x), data.valid, q, k, groups=SELECT_GROUPS[cfg.select_on]),
             tracker=tracker,
             seed=cfg.seed,
+            geo_content=content.raw_embedding(True) if cfg.w_geo > 0 else None,  # L_geo: the content baseline's embedding
         )
         emb = fit.student.embed(x)
     check_finite_table(emb, f"distill {folder.name}", fit.best_epoch, "lower distill.lr (or the loss weights w_*)")
