@@ -224,5 +224,5 @@ class DistillConfig:
         for k in ("eval_ks", "index", "diag_k", "diag_clusters", "cache_dir", "progress", "threads", "max_empty_text_share", "two_tower"):
             d.pop(k)
         if not self.w_geo:  # L_geo off: the key (hence cached students) as before it existed
-            d.pop("w_geo"), d.pop("geo_temperature")
+            del d["w_geo"], d["geo_temperature"]
         return d

@@ -197,8 +197,8 @@ def fit_student(
 
     `valid_fn(student)` scores an epoch on the valid split (higher is
     better); the best epoch is kept. Seeded: same inputs and seed, same student.
-    `geo_content` (I, R): the raw content embedding L_geo aligns with (read
-    only when cfg.w_geo > 0; default: `content.raw` when the tensors carry it).
+    `geo_content` (I, R): the raw content embedding L_geo aligns with
+    (required when cfg.w_geo > 0, ignored otherwise).
     """
     from tqdm.auto import tqdm
 
@@ -231,8 +231,7 @@ def fit_student(
         student = Student(cfg.student, spec, {n: np.asarray(teachers[n].table).shape[1] for n in names}, cfg.matryoshka_dims)
         if content.raw is not None:
             student.init_residual(content.raw)
-        geo = geo_content if geo_content is not None or cfg.w_geo <= 0 else content.raw
-        objective = DistillObjective(student, cfg, {n: teachers[n] for n in names}, log_q, geo)
+        objective = DistillObjective(student, cfg, {n: teachers[n] for n in names}, log_q, geo_content)
         opt = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         loss_curve, valid_curve, components = [], [], []
         stopper = BestOnValid(cfg.patience)

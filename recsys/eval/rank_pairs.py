@@ -126,17 +126,22 @@ def _chunks(n_boot: int, n_users: int, n_classes: int):
     return ((b0, min(n_boot, b0 + step)) for b0 in range(0, n_boot, step))
 
 
+def _quadratic_forms(c: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(b, K) c_b T[k] c_b^T for replicate counts c (b, U) and T (K, U, U)."""
+    return np.stack([((c @ tk.T) * c).sum(axis=1) for tk in t], axis=1)
+
+
 def replicate_auc(users_idx: np.ndarray, y: np.ndarray, score: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(B,) AUC of each replicate (rows weighted by counts[b, users_idx])."""
     n_boot, n_users = counts.shape
     pos = y > 0
-    m = pair_tensor(score, users_idx, n_users, np.where(pos, 0, -1), 1, ~pos)[0]
+    t = pair_tensor(score, users_idx, n_users, np.where(pos, 0, -1), 1, ~pos)  # (1, U, U)
     p_u = np.bincount(users_idx[pos], minlength=n_users).astype(np.float64)
     n_u = np.bincount(users_idx[~pos], minlength=n_users).astype(np.float64)
     out = np.empty(n_boot)
     for b0, b1 in _chunks(n_boot, n_users, 1):
         c = counts[b0:b1].astype(np.float64)
-        num = ((c @ m.T) * c).sum(axis=1)
+        num = _quadratic_forms(c, t)[:, 0]
         wp, wn = c @ p_u, c @ n_u
         with np.errstate(invalid="ignore", divide="ignore"):
             out[b0:b1] = np.where((wp > 0) & (wn > 0), num / (wp * wn), np.nan)
@@ -168,7 +173,7 @@ def _sum_w3_minus_w(c: np.ndarray, n1: np.ndarray, u_multi: np.ndarray, starts: 
 
 def replicate_spearman(x: np.ndarray, y: np.ndarray, users_idx: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(B,) Spearman correlation of each replicate; y should be the variable
-    with the few distinct values (`spearman_fits`)."""
+    with the few distinct values (`spearman_order`)."""
     n_boot, n_users = counts.shape
     y_vals, ky = np.unique(y, return_inverse=True)
     n_k = len(y_vals)
@@ -184,7 +189,7 @@ def replicate_spearman(x: np.ndarray, y: np.ndarray, users_idx: np.ndarray, coun
         tot = c @ n_u
         wk = c @ cnt_y  # (b, K)
         ry = c @ y_below + 0.5  # (b, K)
-        q = np.stack([((c @ t[k].T) * c).sum(axis=1) for k in range(n_k)], axis=1) + 0.5 * wk  # (b, K)
+        q = _quadratic_forms(c, t) + 0.5 * wk  # (b, K)
         sxy = (ry * q).sum(axis=1)
         sq = tot * (tot + 1) * (2 * tot + 1) / 6
         sxx = sq - _sum_w3_minus_w(c, n1, u_multi, starts) / 12
