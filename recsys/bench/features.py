@@ -77,12 +77,12 @@ class TreePeak:
         self.peak_mb = (max(self._peak, _tree_rss()) - self._base) / 2**20
 
 
-def _spark_startup_s() -> float:
+def _spark_startup_s(driver_memory: str) -> float:
     from features.spark.config import SparkConfig
     from features.spark.session import spark_session
 
     t = time.perf_counter()
-    with spark_session(SparkConfig(), "startup"):
+    with spark_session(SparkConfig(driver_memory=driver_memory), "startup"):
         pass
     return time.perf_counter() - t
 
@@ -98,7 +98,10 @@ def _run_size(engine: str, users: int, args: argparse.Namespace, tmp: Path, star
         source.interactions.frame.collect().write_parquet(events_file)
         source.items.frame.collect().write_parquet(items_file)
     gen_s = time.perf_counter() - t0
-    cfg = FeaturesConfig(source="files", interactions=str(events_file), items=str(items_file), engine=engine)
+    from features.spark.config import SparkConfig
+
+    spark = SparkConfig(driver_memory=args.spark_driver_memory)
+    cfg = FeaturesConfig(source="files", interactions=str(events_file), items=str(items_file), engine=engine, spark=spark)
     runs = []
     for i in range(args.repeats):
         with TreePeak() as mem:
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=20_000)
     p.add_argument("--max-history", type=int, default=20_000)
     p.add_argument("--repeats", type=int, default=3, help="timed builds per engine and size; the median is reported")
+    p.add_argument("--spark-driver-memory", default="4g",
+                   help="JVM heap of the embedded Spark (it receives every output row: 50M events need ~12g)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (tests)")
     p.add_argument("--out", default="bench/results", help="folder for features.json")
     args = p.parse_args(argv)
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         sizes, args.items, args.max_history, args.repeats = [20], 200, 500, 1
     engines = ["polars", "spark"] if args.engine == "both" else [args.engine]
-    startup = _spark_startup_s() if "spark" in engines else None
+    startup = _spark_startup_s(args.spark_driver_memory) if "spark" in engines else None
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
