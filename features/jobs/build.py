@@ -5,6 +5,7 @@ with the same config and inputs finds the manifest up to date and skips.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -37,7 +38,7 @@ from features.jobs.steps import (
     plan_split,
     user_features,
 )
-from features.jobs.uri import local_path
+from features.jobs.uri import is_remote, local_path
 from features.jobs.stats import summarize
 from features.sources import RawSource, generate_synthetic, load_files, load_movielens1m, load_movielens100k
 from features.validate import validate_interactions, validate_items, validate_users
@@ -58,7 +59,13 @@ def load_source(cfg: FeaturesConfig) -> tuple[RawSource, pl.DataFrame | None]:
         return load_movielens1m(), None
     if cfg.source == "files":
         inter, items = local_path(cfg.interactions, "interactions"), local_path(cfg.items, "items")
-        return load_files(inter, items, cfg.text_column), None
+        source = load_files(inter, items, cfg.text_column)
+        # a Hadoop input is read from its local copy; messages name the URI the user gave
+        if is_remote(cfg.interactions):
+            source = dataclasses.replace(source, interactions=dataclasses.replace(source.interactions, file=cfg.interactions))
+        if is_remote(cfg.items) and source.items is not None:
+            source = dataclasses.replace(source, items=dataclasses.replace(source.items, file=cfg.items))
+        return source, None
     if cfg.source == "synthetic":
         return generate_synthetic(cfg.synthetic)
     raise UsageError(f"unknown source {cfg.source!r}")

@@ -1,21 +1,54 @@
 """Input and output locations given as URIs.
 
-Both engines take plain paths or `file://` URIs. The outputs are single
-parquet files plus a manifest written atomically by the driver (a temp folder
-renamed into place), which needs a filesystem with an atomic rename that this
-process can see: a local or mounted path. Other schemes (hdfs://, s3a://, ...)
-are refused with a clear message rather than half supported.
+Both engines take plain paths and `file://` URIs. Other schemes (hdfs://,
+s3a://, viewfs://, ...) are Hadoop filesystems: the Spark engine reads and
+writes them (`features.spark.hadoop.on_hadoop` serves them from local copies
+while the job runs, registered here with `staged`); without it they are
+refused with a clear message rather than half supported.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from features.core.errors import UsageError
 
+# remote URI -> its local copy, while `on_hadoop` runs a job; and the remote
+# scratch folder for files the executors must read (None: local paths do)
+_STAGED: dict[str, Path] = {}
+_SCRATCH: list[str] = []
+
+
+def is_remote(location: str | Path | None) -> bool:
+    """True for a URI whose scheme is not file:// (a Hadoop filesystem)."""
+    if location is None:
+        return False
+    text = str(location)
+    return "://" in text and urlparse(text).scheme not in ("", "file")
+
+
+def normalise_uri(uri: str) -> str:
+    """A remote URI without trailing slashes (the key of a staged copy)."""
+    return str(uri).rstrip("/")
+
+
+def _staged_copy(uri: str) -> Path | None:
+    """The local copy of `uri`, or of the staged folder that contains it."""
+    key = normalise_uri(uri)
+    if key in _STAGED:
+        return _STAGED[key]
+    for remote, local in _STAGED.items():
+        if key.startswith(remote + "/"):
+            return local / key[len(remote) + 1 :]
+    return None
+
 
 def local_path(location: str | None, what: str = "path") -> str | None:
-    """`file:///x` -> `/x`; a plain path unchanged; None stays None."""
+    """`file:///x` -> `/x`; a plain path unchanged; None stays None; a
+    remote URI -> its local copy while a Spark job stages it, else an error."""
     if location is None:
         return None
     text = str(location)
@@ -23,10 +56,48 @@ def local_path(location: str | None, what: str = "path") -> str | None:
         return text
     parsed = urlparse(text)
     if parsed.scheme != "file":
+        copy = _staged_copy(text)
+        if copy is not None:
+            return str(copy)
         raise UsageError(
-            f"{what} {text}: only local paths and file:// URIs are supported (scheme {parsed.scheme!r}); "
-            "mount the filesystem, or copy the data to a local path"
+            f"{what} {text}: scheme {parsed.scheme!r} is a Hadoop filesystem, read and written by the Spark "
+            "engine only: add --engine spark (and the filesystem's settings under spark.conf), "
+            "or mount it / copy the data to a local path"
         )
     if parsed.netloc not in ("", "localhost"):
         raise UsageError(f"{what} {text}: a file:// URI names no host (file:///abs/path)")
     return unquote(parsed.path)
+
+
+def executor_uri(path: str | Path) -> str:
+    """Where Spark executors read `path`: the remote URI it is a staged copy
+    of (a cluster's executors cannot read the driver's disk), else its file:// URI."""
+    p = Path(path).resolve()
+    for remote, local in _STAGED.items():
+        local = local.resolve()
+        if p == local:
+            return remote
+        if local in p.parents:
+            return f"{remote}/{p.relative_to(local).as_posix()}"
+    return p.as_uri()
+
+
+def scratch() -> str | None:
+    """The remote scratch folder of the running staged job, or None."""
+    return _SCRATCH[-1] if _SCRATCH else None
+
+
+@contextmanager
+def staged(mapping: Mapping[str, Path], scratch_uri: str | None = None) -> Iterator[None]:
+    """Serve the remote URIs in `mapping` from their local copies while the block runs."""
+    added = {normalise_uri(k): Path(v) for k, v in mapping.items()}
+    _STAGED.update(added)
+    if scratch_uri is not None:
+        _SCRATCH.append(scratch_uri)
+    try:
+        yield
+    finally:
+        for k in added:
+            _STAGED.pop(k, None)
+        if scratch_uri is not None:
+            _SCRATCH.remove(scratch_uri)

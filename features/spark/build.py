@@ -2,12 +2,12 @@
 on partitions that hold whole users.
 
     validated events (driver, once) -> a staged parquet file Spark reads
-      -> Spark    keys seen more than once -> their rows (few) -> the driver:
+      -> repartition by user_id, kept for both passes (one shuffle)
+      -> [users]  the rows of keys seen more than once (few) -> the driver:
                   order_and_flag, check_duplicates, as the polars engine does
       -> Spark    distinct item ids -> check_known_items; a histogram of
                   timestamps -> event count and the split cut points
                   (`global_time_cuts` on the one bin holding each cut)
-      -> repartition by user_id
       -> [users]  order_and_flag, drop duplicates, user_features
                   (split, histories, days, LT labels)
       -> driver   item_features (item popularity, cold items) on the
@@ -23,6 +23,7 @@ single files as the polars engine (same bytes, same fingerprints).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,9 @@ from features.jobs.steps import (
     user_features,
 )
 from features.sources import RawSource
+from features.jobs.uri import scratch
 from features.spark.arrow import partition_step
+from features.spark.hadoop import executor_copy
 from features.spark.session import default_buckets, spark_session
 from features.validate import ROW
 
@@ -84,6 +87,11 @@ class SparkOrder:
         return out
 
 
+def repeated_keys(events: pl.DataFrame) -> pl.DataFrame:
+    """The rows whose (timestamp, user, item) key occurs more than once in `events`."""
+    return events.filter(pl.len().over(KEYS) > 1)
+
+
 def interactions_on_spark(
     inter: pl.LazyFrame, bounds: dict, items: pl.DataFrame | None, source: RawSource, cfg: FeaturesConfig,
     log: Callable[[str], None], staging: Path,
@@ -96,14 +104,21 @@ def interactions_on_spark(
     write_parquet(events, staging / "events.parquet")
     n_rows = events.height
     del events
-    with spark_session(cfg.spark, "recsys features build") as spark:
+    from pyspark import StorageLevel
+
+    with spark_session(cfg.spark, "recsys features build") as spark, ExitStack() as stack:
         n = default_buckets(spark, cfg.spark, n_rows)
-        raw = spark.read.parquet((staging / "events.parquet").resolve().as_uri())
-        # duplicates: the keys seen more than once are a Spark aggregation;
-        # their rows (few) are flagged by the same order_and_flag, on the driver
-        keys = [S.USER_ID, S.ITEM_ID, S.TIMESTAMP]
-        repeated = raw.groupBy(*keys).count().filter("count > 1").select(*keys)
-        dup_rows = pl.from_arrow(raw.join(repeated, on=keys, how="left_semi").toArrow())
+        # executors read the staged file where they can: beside a remote output when there is one
+        raw = spark.read.parquet(stack.enter_context(executor_copy(spark, staging / "events.parquet", scratch())))
+        # One shuffle: the events, partitioned by user and kept (memory, then
+        # disk), feed both passes over whole users below. A duplicate key
+        # includes the user, so its rows share a partition: the rows of keys
+        # seen more than once (few) are found there and flagged by the same
+        # order_and_flag, on the driver. (A groupBy over the three keys, a
+        # semi-join back and a second shuffle for the per-user pass took the
+        # 10M-event bench build 39.7 s against 30.5 s this way.)
+        users = raw.repartition(n, S.USER_ID).persist(StorageLevel.MEMORY_AND_DISK)
+        dup_rows = pl.from_arrow(partition_step(users, repeated_keys, example).toArrow())
         flagged = order_and_flag(dup_rows.lazy(), cfg).filter(pl.col("__dup")).collect()
         check_duplicates(flagged, cfg, source.interactions.file, log)
         if items is not None:
@@ -117,7 +132,8 @@ def interactions_on_spark(
             ordered = order_and_flag(df.lazy(), cfg).filter(~pl.col("__dup")).drop(DUP_FLAGS)
             return user_features(ordered, plan, cfg).drop(ROW)
 
-        frame = pl.from_arrow(partition_step(raw.repartition(n, S.USER_ID), per_user, example).toArrow())
+        frame = pl.from_arrow(partition_step(users, per_user, example).toArrow())
+        users.unpersist()
     # The per-item step runs here, on the collected rows: the driver holds
     # them all anyway to write the one output file, and a second shuffle (by
     # item) and Arrow round trip of every row cost more than the step. The

@@ -3,7 +3,7 @@ Light: imports neither pyspark nor polars."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Engine = Literal["polars", "spark"]
@@ -19,9 +19,13 @@ class SparkConfig:
     driver_memory: str = "4g"  # JVM heap of the driver (local[N]: of the whole embedded Spark); it receives the result rows
     ui: bool = False  # open the Spark web UI (a listening port); off unless asked for
     log_level: Literal["OFF", "ERROR", "WARN", "INFO"] = "OFF"  # Spark's own console log (worker failures become one `error:` line either way)
+    conf: dict[str, str] = field(default_factory=dict)  # more Spark settings, e.g. a Hadoop filesystem's: {spark.hadoop.fs.s3a.endpoint: ...} (hdfs://, s3a://... paths need engine spark)
 
     def __post_init__(self) -> None:
         if not self.master.strip():
             raise ValueError("spark.master must be a Spark master URL, e.g. local[2] or spark://host:7077")
+        bad = [k for k in self.conf if not str(k).startswith("spark.")]
+        if bad:
+            raise ValueError(f"spark.conf keys are Spark settings and start with 'spark.', got {bad[:3]}")
         if self.partitions < 0:
             raise ValueError("spark.partitions must be >= 0 (0: automatic)")

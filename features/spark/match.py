@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from features import schemas as S
 from features.jobs.match import INTER_COLUMNS, SEQ_COLUMNS, match_rows
+from features.jobs.uri import executor_uri
 from features.match import ItemSpace, MatchConfig
 from features.spark.arrow import cast_to, spark_schema, to_arrow, with_bucket
 from features.spark.session import default_buckets, spark_session
@@ -75,8 +76,8 @@ def match_on_spark(features_dir: Path, space: ItemSpace, cfg: MatchConfig) -> tu
             out = pl.concat([frame.with_columns(pl.lit(False).alias(_PART)), counts], how="diagonal_relaxed")
             return cast_to(to_arrow(out), struct)
 
-        inter = spark.read.parquet(Path(inter_file).resolve().as_uri()).select(*INTER_COLUMNS)
-        seqs = spark.read.parquet((features_dir / S.FILES["sequences"]).resolve().as_uri()).select(*SEQ_COLUMNS)
+        inter = spark.read.parquet(executor_uri(inter_file)).select(*INTER_COLUMNS)
+        seqs = spark.read.parquet(executor_uri(features_dir / S.FILES["sequences"])).select(*SEQ_COLUMNS)
         grouped = with_bucket(inter, S.USER_ID, n).groupBy("__bucket").cogroup(with_bucket(seqs, S.USER_ID, n).groupBy("__bucket"))
         result = pl.from_arrow(grouped.applyInArrow(per_bucket, struct).toArrow())
         bc.unpersist()

@@ -89,6 +89,7 @@ def spark_session(cfg: SparkConfig, app: str) -> Iterator[Any]:
         # embedded master fail at once; a cluster keeps Spark's retries
         .set("spark.task.maxFailures", "1" if cfg.master.startswith("local") else "4")
         .set("spark.executorEnv.PYTHONWARNINGS", env["PYTHONWARNINGS"])
+        .setAll(sorted((str(k), str(v)) for k, v in cfg.conf.items()))
     )
     with _env(env):
         try:
@@ -103,7 +104,7 @@ def spark_session(cfg: SparkConfig, app: str) -> Iterator[Any]:
             sc = SparkContext.getOrCreate(conf)
             spark = SparkSession(sc)
         except Exception as e:  # no Java, a bad master URL: before any work
-            raise UsageError(f"cannot start Spark (master {cfg.master!r}): {_one_line(e)}") from None
+            raise UsageError(f"cannot start Spark (master {cfg.master!r}): {one_line(e)}") from None
         try:
             sc.setLogLevel(cfg.log_level)
             with worker_errors():
@@ -124,7 +125,7 @@ def default_buckets(spark: Any, cfg: SparkConfig, rows: int) -> int:
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """The meaningful line of a (JVM or Python worker) error: the last
     `SomethingError: message` line, else the first line."""
     text = str(e)
@@ -147,7 +148,7 @@ def worker_errors() -> Iterator[None]:
     except Exception as e:
         mod = type(e).__module__ or ""
         if mod.startswith(("pyspark", "py4j")):
-            line = _one_line(e)
+            line = one_line(e)
             m = re.match(r"^(?:DataError|SchemaError): (.+)$", line)
             raise DataError(f"a Spark task failed: {m.group(1) if m else line}") from None
         raise

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from recsys.cli import command, group
 
@@ -20,6 +21,8 @@ examples:
   recsys features build --engine spark --source movielens100k --out file:///tmp/ml100k   # same files, on Spark (local[2])
   recsys features build --engine spark --spark-master spark://host:7077 --source files \\
       --interactions file:///data/events.parquet --out file:///shared/features
+  recsys features build --engine spark --source files --config cluster.yaml \
+      --interactions hdfs://nn/data/events.parquet --out hdfs://nn/features   # any Hadoop filesystem
 
 Writes interactions.parquet, sequences.parquet, items.parquet (users.parquet
 when the source has user fields) and manifest.json. A rerun with the same
@@ -103,19 +106,34 @@ def resolve_features_config(args: argparse.Namespace):
 
 
 def _build(args: argparse.Namespace) -> int:
+    from features.core.errors import UsageError
+    from features.jobs.uri import is_remote
+    from recsys.plan import plan_features
+
+    job = plan_features(resolve_features_config(args))
+    fc = job.config
+    if not any(is_remote(p) for p in (args.out, fc.interactions, fc.items)):
+        return _run_build(args, job)
+    if fc.engine != "spark":
+        raise UsageError("hdfs://, s3a:// and other Hadoop paths are read and written by the Spark engine: add --engine spark")
+    from features.spark.hadoop import on_hadoop
+
+    return on_hadoop(fc.spark, {"--interactions": fc.interactions, "--items": fc.items}, args.out,
+                     lambda: _run_build(args, job))
+
+
+def _run_build(args: argparse.Namespace, job: Any) -> int:
     from features.core.paths import check_output
     from features.jobs.uri import local_path
-    from recsys.plan import plan_features
     from recsys.stages import run_features
 
-    cfg = resolve_features_config(args)
-    job = plan_features(cfg)
+    uri = args.out
     args.out = local_path(args.out, "--out")
     check_output(args.out, {"--interactions": local_path(job.config.interactions, "--interactions"),
                             "--items": local_path(job.config.items, "--items"), "--config": args.config})
     result = run_features(job, None, args.out, force=args.force, log=(lambda _m: None) if args.quiet else print)
     if not args.quiet:
-        print(f"output: {result.out}")
+        print(f"output: {uri if uri != args.out else result.out}")
     return 0
 
 
@@ -148,7 +166,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         handler=_build,
     )
     _add_source_args(p)
-    p.add_argument("--out", required=True, help="output folder (a path or a file:// URI)")
+    p.add_argument("--out", required=True, help="output folder (a path, a file:// URI, or with --engine spark an hdfs://, s3a://... URI)")
     add_engine_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Any
 
 from recsys.cli import command
 
@@ -15,8 +16,10 @@ examples:
   recsys features match --features F --embeddings E.parquet --out M --config experiments/configs/base.yaml
   # one shard of users per machine; the run that finishes the last shard merges them
   recsys features match --features F --embeddings E.parquet --out M --shard 0/4
-  # the same output on Spark (local[2] unless --spark-master); paths may be file:// URIs
+  # the same output on Spark (local[2] unless --spark-master); paths may be file:// URIs,
+  # or on Spark any Hadoop filesystem (its settings under match.spark.conf of --config)
   recsys features match --engine spark --features file:///data/F --embeddings E.parquet --out file:///data/M
+  recsys features match --engine spark --features hdfs://nn/F --embeddings hdfs://nn/E.parquet --out hdfs://nn/M
 
 Writes OUT/match_features.parquet (one row per impression of
 FEATURES/interactions.parquet, same user_id/item_id/timestamp and order, mf_*
@@ -37,27 +40,43 @@ student; OUT/full/ and OUT/folds/kK/ hold the parts, the manifest their times.
 
 
 def _match(args: argparse.Namespace) -> int:
-    from features.core.paths import check_output
+    from features.core.errors import UsageError
     from features.jobs import parse_shard
-    from features.jobs.uri import local_path
+    from features.jobs.uri import is_remote
     from recsys.config import load_pipeline_config
-    from recsys.plan import plan_match
-    from recsys.stages import run_match
 
     shard = parse_shard(args.shard) if args.shard else None
-    out, feats, emb = (local_path(getattr(args, k), f"--{k}") for k in ("out", "features", "embeddings"))
-    check_output(out, {"--features": feats, "--embeddings": emb, "--config": args.config})
     cfg = load_pipeline_config(args.config, {"match": {"folds": args.folds}} if args.folds is not None else None)
     engine = {"engine": args.engine} if args.engine else {}
     spark = {k: v for k, v in {"master": args.spark_master, "ui": args.spark_ui or None}.items() if v is not None}
     if engine or spark:
         match = dataclasses.replace(cfg.match, **engine, spark=dataclasses.replace(cfg.match.spark, **spark))
         cfg = dataclasses.replace(cfg, match=match)
+    paths = {k: getattr(args, k) for k in ("features", "embeddings")}
+    if not any(is_remote(p) for p in (args.out, *paths.values())):
+        return _run_match(args, cfg, shard)
+    if cfg.match.engine != "spark":
+        raise UsageError("hdfs://, s3a:// and other Hadoop paths are read and written by the Spark engine: add --engine spark")
+    from features.spark.hadoop import on_hadoop
+
+    return on_hadoop(cfg.match.spark, {f"--{k}": v for k, v in paths.items()}, args.out,
+                     lambda: _run_match(args, cfg, shard))
+
+
+def _run_match(args: argparse.Namespace, cfg: Any, shard: Any) -> int:
+    from features.core.paths import check_output
+    from features.jobs.uri import local_path
+    from recsys.plan import plan_match
+    from recsys.stages import run_match
+
+    out, feats, emb = (local_path(getattr(args, k), f"--{k}") for k in ("out", "features", "embeddings"))
+    check_output(out, {"--features": feats, "--embeddings": emb, "--config": args.config})
     job = plan_match(cfg, features=feats, embeddings=emb)
     result = run_match(job, None, out, shard=shard, force=args.force, progress=not args.quiet,
                        log=(lambda _m: None) if args.quiet else print)
     if not args.quiet:
-        print(f"output: {result.out}" + ("" if result.manifest else " (shards pending)"))
+        shown = args.out if str(args.out) != str(out) else result.out
+        print(f"output: {shown}" + ("" if result.manifest else " (shards pending)"))
     return 0
 
 

@@ -176,8 +176,12 @@ def test_cli_engine_flags_and_uris(tmp_path, capsys):
     rc = main(["features", "match", "--engine", "spark", "--shard", "0/2", "--features", out, "--embeddings", str(emb),
                "--out", str(tmp_path / "m")])
     assert rc == 2 and "--shard" in capsys.readouterr().err
+    rc = main(["features", "build", "--source", "movielens100k", "--out", "hdfs://nn/x"])  # polars engine
+    assert rc == 2 and "--engine spark" in capsys.readouterr().err
+    # an unreachable Hadoop filesystem: one usage error naming the path
     rc = main(["features", "build", "--source", "movielens100k", "--out", "hdfs://nn/x", "--engine", "spark"])
-    assert rc == 2 and "file://" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "--out hdfs://nn/x: the filesystem failed" in err and "nn" in err.split("failed:")[1]
 
 
 def test_session_is_stopped_and_has_no_ui(tmp_path):
