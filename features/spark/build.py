@@ -11,12 +11,12 @@ on partitions that hold whole users.
       -> [users]  order_and_flag, drop duplicates, user_features
                   (split, histories, days, LT labels)
       -> driver   item_features (item popularity, cold items) on the
-                  collected rows, the stable order, the same writer as the
-                  polars engine
+                  rows the executors wrote as parquet parts, the stable
+                  order, the same writer as the polars engine
 
 `[users]` is `mapInArrow` over a partition of whole users (see
 `features.spark.arrow.partition_step`): the same function the polars engine
-calls on all users at once. The driver collects the result to write the same
+calls on all users at once. The driver reads the parts back to write the same
 single files as the polars engine (same bytes, same fingerprints).
 """
 
@@ -46,7 +46,7 @@ from features.jobs.steps import (
 from features.sources import RawSource
 from features.jobs.uri import scratch
 from features.spark.arrow import partition_step
-from features.spark.hadoop import executor_copy
+from features.spark.hadoop import executor_copy, executor_output
 from features.spark.session import default_buckets, spark_session
 from features.validate import ROW
 
@@ -132,13 +132,19 @@ def interactions_on_spark(
             ordered = order_and_flag(df.lazy(), cfg).filter(~pl.col("__dup")).drop(DUP_FLAGS)
             return user_features(ordered, plan, cfg).drop(ROW)
 
-        frame = pl.from_arrow(partition_step(users, per_user, example).toArrow())
+        # the executors write the per-user rows as parquet parts, which the
+        # driver reads: a collect (toArrow) would hold every row in the JVM
+        # and again in Python (52M events did not fit in 24 GiB that way)
+        uri, fetch = stack.enter_context(executor_output(spark, staging / "per_user", scratch()))
+        partition_step(users, per_user, example).write.parquet(uri)
         users.unpersist()
-    # The per-item step runs here, on the collected rows: the driver holds
-    # them all anyway to write the one output file, and a second shuffle (by
-    # item) and Arrow round trip of every row cost more than the step. The
-    # step works on any set of whole items: `partition_step` over
-    # `repartition(n, item_id)` runs it on Spark unchanged, should the output
-    # ever be written by the executors instead.
+        parts = fetch() / "part-*.parquet"  # local files (under staging) from here on
+    # The per-item step runs here, on the driver: it holds every row anyway
+    # to write the one output file, and a second shuffle (by item) and Arrow
+    # round trip of every row cost more than the step. The step works on any
+    # set of whole items: `partition_step` over `repartition(n, item_id)` runs
+    # it on Spark unchanged, should the output ever be written by the
+    # executors instead.
     # (user, time, item) is unique after deduplication: the sort is the stable order
-    return item_features(frame.lazy()).pipe(interactions_table).sort([S.USER_ID, S.TIMESTAMP, S.ITEM_ID]).collect()
+    frame = pl.scan_parquet(parts)
+    return item_features(frame).pipe(interactions_table).sort([S.USER_ID, S.TIMESTAMP, S.ITEM_ID]).collect()

@@ -135,6 +135,28 @@ def _named(flag: str, uri: str) -> Iterator[None]:
         raise
 
 
+@contextmanager
+def executor_output(spark: Any, local: Path, scratch: str | None) -> Iterator[tuple[str, Callable[[], Path]]]:
+    """A folder for the executors to write (its URI) and a function that
+    returns it as the local folder `local` for the driver: the folder itself,
+    or, when the job writes to a Hadoop filesystem, a download of its copy in
+    `scratch` (deleted after)."""
+    if scratch is None:
+        yield local.resolve().as_uri(), lambda: local
+        return
+    fs = HadoopFS(spark)
+    uri = f"{scratch}/{local.name}"
+
+    def fetch() -> Path:
+        fs.download(uri, local)
+        return local
+
+    try:
+        yield uri, fetch
+    finally:
+        fs.delete(uri)
+
+
 def _manifest_text(folder: Path) -> str | None:
     try:
         return (folder / MANIFEST).read_text()
