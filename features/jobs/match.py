@@ -6,6 +6,7 @@ users. The computation itself is `features.match`.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest,
 from features.core.paths import check_output
 from features.jobs.uri import local_path
 from features.match import ItemSpace, MatchConfig
+from features.match.config import NEGATIVE_FROM
 from features.schemas import MATCH_FILE
 
 MATCH_JOB = "features.match"
@@ -90,21 +92,62 @@ def _match_part(
     inter = (
         pl.scan_parquet(inter_file)
         .filter(pl.col(S.USER_ID).is_in(users_s.implode()))
-        .select(INTER_COLUMNS)
+        .select(inter_columns(cfg))
         .collect()
     )
     seqs = (
         pl.scan_parquet(features_dir / S.FILES["sequences"])
         .filter(pl.col(S.USER_ID).is_in(users_s.implode()))
-        .select(SEQ_COLUMNS)
+        .select(seq_columns(cfg))
         .collect()
     )
     return match_rows(inter, seqs, space, cfg, on_user, str(inter_file))
 
 
-# the columns the per-user step reads
-INTER_COLUMNS = [S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.POS_HIST_END]
-SEQ_COLUMNS = [S.USER_ID, S.POS_ITEM_IDS, S.POS_TIMESTAMPS]
+def inter_columns(cfg: MatchConfig) -> list[str]:
+    """The interactions columns the per-user step reads."""
+    return [S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.POS_HIST_END, *([S.HIST_END] if cfg.negatives else [])]
+
+
+def seq_columns(cfg: MatchConfig) -> list[str]:
+    """The sequences columns the per-user step reads."""
+    return [S.USER_ID, S.POS_ITEM_IDS, S.POS_TIMESTAMPS, *([S.ITEM_IDS, S.TIMESTAMPS, S.LABELS] if cfg.negatives else [])]
+
+
+def _negative_features(
+    inter: pl.DataFrame, seqs: pl.DataFrame, row_user: np.ndarray, space: ItemSpace, cfg: MatchConfig,
+    cand_rows: np.ndarray, inter_file: str,
+) -> dict[str, pl.Series]:
+    """mf_neg_*: the same kernel over each user's label-0 events strictly
+    earlier than the impression (`seqs` sorted by user, `row_user` into it)."""
+    def flat(col: str) -> np.ndarray:  # the list values end to end (an empty list adds nothing)
+        return seqs[col].to_arrow().flatten().to_numpy(zero_copy_only=False)
+
+    labels = flat(S.LABELS)
+    lens = seqs[S.ITEM_IDS].list.len().to_numpy().astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    neg = labels == 0  # a null label is neither positive nor negative
+    before = np.concatenate([[0], np.cumsum(neg, dtype=np.int64)])  # negatives among the first k events overall
+    end_all = inter[S.HIST_END].to_numpy().astype(np.int64)
+    if (end_all > lens[row_user]).any():
+        raise DataError(f"impressions whose history is longer than the user's sequence in {S.FILES['sequences']}; "
+                        "rebuild the features", file=inter_file, column=S.HIST_END)
+    start = offsets[row_user]
+    end = before[start + end_all] - before[start]  # (n,) negatives strictly earlier
+    ids, ts = flat(S.ITEM_IDS)[neg].astype(np.int64), flat(S.TIMESTAMPS)[neg].astype(np.int64)
+    hist_rows, found = space.rows(ids)
+    hist = M.Histories(before[offsets], hist_rows, ts)
+    if not found.all():  # missing_items == "null": unknown history items are left out
+        hist, end = hist.drop(found, end, row_user)
+    base = dataclasses.replace(cfg, negatives=False)
+    feats = M.compute_match_features(space, hist, row_user, cand_rows, end, base)
+    valid = feats["valid"]
+    out = {}
+    for name, src in NEGATIVE_FROM.items():
+        col = pl.Series(name, feats[src]).cast(cfg.dtypes()[name])
+        out[name] = col if src == f"{S.MATCH_PREFIX}hist_len" else pl.select(
+            pl.when(pl.Series(valid)).then(col)).to_series().alias(name)
+    return out
 
 
 def match_rows(
@@ -151,7 +194,8 @@ def match_rows(
     if dropped:  # missing_items == "null": unknown history items are left out
         hist, end = hist.drop(hist_found, end, row_user)
     cand_rows, cand_found = space.rows(inter[S.ITEM_ID].to_numpy())
-    feats = M.compute_match_features(space, hist, row_user, cand_rows, end, cfg, on_user=on_user)
+    base = dataclasses.replace(cfg, negatives=False)
+    feats = M.compute_match_features(space, hist, row_user, cand_rows, end, base, on_user=on_user)
     stats = {
         "rows": inter.height,
         "users": len(seq_users),
@@ -159,7 +203,10 @@ def match_rows(
         "rows_missing_candidate": int((~cand_found).sum()),
         "history_events_dropped": dropped,
     }
-    return M.to_frame(inter, feats, cfg), stats
+    frame = M.to_frame(inter, feats, base)
+    if cfg.negatives:
+        frame = frame.with_columns(**_negative_features(inter, seqs, row_user, space, cfg, cand_rows, inter_file))
+    return frame, stats
 
 
 def _shard_count(features_dir: Path, shard: tuple[int, int] | None, configured: int, log: Callable[[str], None]) -> int:

@@ -14,6 +14,10 @@ from features.schemas import MATCH_PREFIX as PREFIX
 from features.spark.config import Engine, SparkConfig
 
 DAY_S = 86_400
+# negatives: the same kernel over the label-0 history; these of its columns, renamed
+NEGATIVE_FROM = {f"{PREFIX}neg_cos_max": f"{PREFIX}cos_max", f"{PREFIX}neg_cos_mean": f"{PREFIX}cos_mean",
+                 f"{PREFIX}neg_hist_len": f"{PREFIX}hist_len"}
+NEGATIVE_COLUMNS = tuple(NEGATIVE_FROM)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class MatchConfig:
     shards: int = 8  # work units of an unsharded run: a killed run resumes after the last finished one
     workers: int = 0  # threads over users (0: one per CPU core); never changes the output
     block_elems: int = 1 << 20  # similarities per tile (memory and cache budget; ~4 MB)
+    negatives: bool = False  # also compare with the user's earlier NEGATIVE events (label 0: rated under the threshold, or shown and not clicked): mf_neg_cos_max, mf_neg_cos_mean, mf_neg_hist_len
     folds: int = 0  # out-of-fold features for train rows: K >= 2 refits the student K times, each without one fold of users (a train row's features then come from embeddings that never saw its label); 0: in-sample
     engine: Engine = "polars"  # polars (shards of users in this process) or spark (the same per-user kernel in Spark tasks); identical outputs
     spark: SparkConfig = field(default_factory=SparkConfig)  # engine spark: master URL, partitions, UI, log level
@@ -81,10 +86,11 @@ class MatchConfig:
             f"{PREFIX}faiss_rank",
             *(f"{PREFIX}sid_l{level + 1}" for level in range(self.sid_levels)),
             f"{PREFIX}hist_len",
+            *(NEGATIVE_COLUMNS if self.negatives else ()),
         ]
 
     def dtypes(self) -> dict[str, pl.DataType]:
-        ints = {f"{PREFIX}cos_count_gt", f"{PREFIX}faiss_rank", f"{PREFIX}hist_len"}
+        ints = {f"{PREFIX}cos_count_gt", f"{PREFIX}faiss_rank", f"{PREFIX}hist_len", f"{PREFIX}neg_hist_len"}
         return {c: (pl.Int32 if c in ints or c.startswith(f"{PREFIX}sid_") else pl.Float32) for c in self.columns()}
 
     def relevant(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 
 from features import schemas as S
-from features.jobs.match import INTER_COLUMNS, SEQ_COLUMNS, match_rows
+from features.jobs.match import inter_columns, match_rows, seq_columns
 from features.jobs.uri import executor_uri
 from features.match import ItemSpace, MatchConfig
 from features.spark.arrow import cast_to, spark_schema, to_arrow, with_bucket
@@ -69,15 +69,15 @@ def match_on_spark(features_dir: Path, space: ItemSpace, cfg: MatchConfig) -> tu
         bc = spark.sparkContext.broadcast((space.item_ids, space.emb, space.sid))
 
         def per_bucket(left: pa.Table, right: pa.Table) -> pa.Table:
-            inter = pl.from_arrow(left).select(INTER_COLUMNS)
-            seqs = pl.from_arrow(right).select(SEQ_COLUMNS)
+            inter = pl.from_arrow(left).select(inter_columns(cfg))
+            seqs = pl.from_arrow(right).select(seq_columns(cfg))
             frame, stats = match_rows(inter, seqs, _space(bc), worker_cfg, None, inter_file)
             counts = pl.DataFrame({_PART: [True], **{f"__{k}": [int(stats[k])] for k in STATS}})
             out = pl.concat([frame.with_columns(pl.lit(False).alias(_PART)), counts], how="diagonal_relaxed")
             return cast_to(to_arrow(out), struct)
 
-        inter = spark.read.parquet(executor_uri(inter_file)).select(*INTER_COLUMNS)
-        seqs = spark.read.parquet(executor_uri(features_dir / S.FILES["sequences"])).select(*SEQ_COLUMNS)
+        inter = spark.read.parquet(executor_uri(inter_file)).select(*inter_columns(cfg))
+        seqs = spark.read.parquet(executor_uri(features_dir / S.FILES["sequences"])).select(*seq_columns(cfg))
         grouped = with_bucket(inter, S.USER_ID, n).groupBy("__bucket").cogroup(with_bucket(seqs, S.USER_ID, n).groupBy("__bucket"))
         result = pl.from_arrow(grouped.applyInArrow(per_bucket, struct).toArrow())
         bc.unpersist()

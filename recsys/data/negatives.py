@@ -49,7 +49,7 @@ def match_pool(data: RankingData, features_dir: Path, match_file: Path) -> tuple
     """Pool items (R, P) of the training requests and their match block
     (R, P, 2M): train-standardised values then missing flags, exactly as
     `recsys.data.dense.match_features` builds the real rows'."""
-    from features.jobs.match import item_space, match_rows
+    from features.jobs.match import item_space, match_rows, seq_columns
     from features.match.config import MatchConfig
 
     manifest = read_manifest(match_file.parent) or {}
@@ -61,15 +61,16 @@ def match_pool(data: RankingData, features_dir: Path, match_file: Path) -> tuple
     cfg = from_dict(MatchConfig, {k: v for k, v in manifest["config"].items() if k != "folds"}, where=str(match_file))
     reqs = data.requests("train")
     items = existing_items(data, reqs, np.random.default_rng(POOL_SEED), POOL)  # (R, P)
-    inter = pl.read_parquet(features_dir / S.FILES["interactions"], columns=[S.POS_HIST_END])
+    ends = [S.POS_HIST_END, *([S.HIST_END] if cfg.negatives else [])]  # the histories match_rows reads
+    inter = pl.read_parquet(features_dir / S.FILES["interactions"], columns=ends)
     first_row = data.imp_row[data.req_offsets[reqs]]  # a real impression of each request: its positive history
     rows = pl.DataFrame({
         S.USER_ID: np.repeat(data.user_ids[data.req_user[reqs]], POOL),
         S.ITEM_ID: data.item_ids[items.ravel()],
         S.TIMESTAMP: np.repeat(data.req_ts[reqs], POOL),
-        S.POS_HIST_END: np.repeat(inter[S.POS_HIST_END].to_numpy()[first_row], POOL),
+        **{c: np.repeat(inter[c].to_numpy()[first_row], POOL) for c in ends},
     })
-    seqs = pl.read_parquet(features_dir / S.FILES["sequences"], columns=[S.USER_ID, S.POS_ITEM_IDS, S.POS_TIMESTAMPS])
+    seqs = pl.read_parquet(features_dir / S.FILES["sequences"], columns=seq_columns(cfg))
     seqs = seqs.filter(pl.col(S.USER_ID).is_in(rows[S.USER_ID].unique().implode()))
     space, _ = item_space(features_dir, Path(emb), cfg, lambda _m: None)
     frame, _ = match_rows(rows, seqs, space, cfg, None, str(features_dir / S.FILES["interactions"]))

@@ -128,3 +128,4 @@ def test_spark_conf_takes_spark_settings_and_stays_out_of_the_key():
         SparkConfig(conf={"fs.s3a.endpoint": "http://minio:9000"})
     conf = SparkConfig(conf={"spark.hadoop.fs.s3a.endpoint": "http://minio:9000"})
     assert FeaturesConfig().relevant() == FeaturesConfig(engine="spark", spark=conf).relevant()
+    hash(FeaturesConfig(spark=conf))  # configs stay hashable (stage plans are cached by config)

@@ -85,3 +85,30 @@ def test_sampled_items_exist_at_their_request_time(matched):
     items = data.item_ids[batch.sequence_features["cand_item"].values().numpy()]
     s = batch.sampled.numpy()
     assert all(first[i] <= t for i, t in zip(items[s], ts[s]))
+
+
+@pytest.fixture(scope="module")
+def matched_neg(matched):
+    """The same features and student, match features with the negative history too."""
+    import dataclasses
+
+    feats, match = matched
+    cfg = load_pipeline_config(DEBUG, {"tracking": {"enabled": False}, "match": {"negatives": True}})
+    emb = match.parent / "distill" / "item_embeddings.parquet"
+    out = match.parent / "match_neg"
+    run_match(plan_match(cfg, features=feats, embeddings=emb), None, out, log=lambda _m: None, progress=False)
+    assert dataclasses.is_dataclass(cfg.match) and cfg.match.negatives
+    return feats, out
+
+
+def test_sampled_rows_get_negative_history_features_by_the_same_rule(matched_neg):
+    feats, match = matched_neg
+    data = RankingData.load(feats, DataConfig(use_match_features=True, negatives_per_request=2), match)
+    assert {"mf_neg_cos_mean", "mf_neg_cos_max", "mf_neg_hist_len"} <= set(data.match_columns)
+    dense, sampled = _rows(data)
+    m, j = len(data.match_columns), len(COUNT_FEATURES) + len(ACTIVITY_FEATURES)
+    flags = dense[:, j + m : j + 2 * m]
+    neg = data.match_columns.index("mf_neg_cos_mean")
+    assert 0 < flags[~sampled, neg].mean() < 1  # some real rows have a negative history, some not
+    assert not flags[:, data.match_columns.index("mf_neg_hist_len")].any()
+    np.testing.assert_allclose(flags[sampled].mean(0), flags[~sampled].mean(0), atol=0.1)
