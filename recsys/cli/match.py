@@ -91,7 +91,8 @@ def register(features_subparsers: argparse._SubParsersAction) -> argparse.Argume
         description=(
             "For every impression, compare the candidate item with the user's strictly earlier positive "
             "history: cosine max/mean/top-k/count/recency/last, faiss rank near the mean history "
-            "embedding, semantic-ID prefix matches, history length (nulls for an empty history)."
+            "embedding, semantic-ID prefix matches, history length (nulls for an empty history); with "
+            "match.negatives: true also cosine max/mean and length over the earlier NEGATIVE events (mf_neg_*)."
         ),
         epilog=MATCH_EPILOG,
         handler=_match,

@@ -136,9 +136,11 @@ def test_ml100k_build_and_match_same_as_polars(ml100k_features, tmp_path):
     build_features(FeaturesConfig(engine="spark"), spk, **QUIET)
     assert_same_folders(ml100k_features, spk, FILES + ["users.parquet"])
     emb = embeddings(tmp_path / "emb.parquet", pl.read_parquet(spk / "items.parquet")[S.ITEM_ID].to_numpy(), dim=16)
-    build_match_features(ml100k_features, emb, tmp_path / "m_polars", FAST_MATCH, progress=False, **QUIET)
-    build_match_features(spk, emb, tmp_path / "m_spark", dataclasses.replace(FAST_MATCH, engine="spark"), **QUIET)
+    neg = dataclasses.replace(FAST_MATCH, negatives=True)  # the negative-history columns too
+    build_match_features(ml100k_features, emb, tmp_path / "m_polars", neg, progress=False, **QUIET)
+    build_match_features(spk, emb, tmp_path / "m_spark", dataclasses.replace(neg, engine="spark"), **QUIET)
     assert_same_folders(tmp_path / "m_polars", tmp_path / "m_spark", [S.MATCH_FILE])
+    assert "mf_neg_cos_mean" in pl.read_parquet(tmp_path / "m_spark" / S.MATCH_FILE).columns
 
 
 def test_worker_failure_is_one_error_line(synth_pair, tmp_path, capsys):
