@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -176,7 +177,30 @@ def compare_arms(
                 ))
         rejected = holm([r.p_value for r in family])
         out += [replace(r, sig_holm=rej) for r, rej in zip(family, rejected)]
+    note = holm_resolution_note(out, n_boot)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     return out
+
+
+def holm_resolution_note(rows: Sequence[CompareRow], n_boot: int, alpha: float = 0.05) -> str | None:
+    """Why Holm's marks would all read "n.s." whatever the data, or None.
+
+    A bootstrap p-value is at least 2 / (B + 1), so a family of m tests can
+    reject only if 2 / (B + 1) <= alpha / m: 1,000 replicates cover 25 tests
+    (5 treatment arms x 5 metrics), not 30."""
+    sizes: dict[str, int] = {}
+    for r in rows:
+        if not math.isnan(r.p_value):
+            sizes[r.segment] = sizes.get(r.segment, 0) + 1
+    m = max(sizes.values(), default=0)
+    floor = 2 / (n_boot + 1)
+    if not m or floor <= alpha / m:
+        return None
+    need = math.ceil(2 * m / alpha)
+    return (f"Holm's correction cannot mark any of the {m} tests of a segment with {n_boot} bootstrap replicates "
+            f"(the smallest bootstrap p-value, {floor:.4f}, is above {alpha}/{m} = {alpha / m:.4f}); "
+            f"rerun the compare with --n-boot {need} or more (the raw marks are unaffected)")
 
 
 def why_not_computable(m: Any, users: np.ndarray, y: np.ndarray) -> str:

@@ -168,3 +168,22 @@ def test_segments_and_holm_in_rows():
     assert all(np.isnan(r.p_value) for r in rows if r.arm == "control")
     text = format_rows(rows, "table", control="control")
     assert "By segment" in text and "Holm" in text and "hist_len 200+" in text
+
+
+def test_holm_resolution_note_names_the_replicates_needed():
+    from recsys.compare import CompareRow, holm_resolution_note
+    from recsys.eval.bootstrap import bootstrap_p_value, holm
+
+    def rows(n_tests):
+        return [CompareRow(arm=f"a{i}", metric="auc", value=0.6, delta=0.1, ci_low=0.05, ci_high=0.15,
+                           control_value=0.5, significant=True, regression=False, higher_is_better=True,
+                           n_users=10, seeds=1, p_value=0.001) for i in range(n_tests)]
+
+    # the premise: with every replicate on one side, 1,000 replicates give p = 2/1001,
+    # which Holm rejects in a family of 25 tests and not in one of 30
+    p = bootstrap_p_value(np.ones(1000))
+    assert holm([p] * 25) == [True] * 25 and holm([p] * 30) == [False] * 30
+    assert holm_resolution_note(rows(25), 1000) is None
+    note = holm_resolution_note(rows(30), 1000)
+    assert note and "--n-boot 1200" in note
+    assert holm_resolution_note(rows(30), 1200) is None
