@@ -21,7 +21,7 @@ examples:
   recsys features build --engine spark --source movielens100k --out file:///tmp/ml100k   # same files, on Spark (local[2])
   recsys features build --engine spark --spark-master spark://host:7077 --source files \\
       --interactions file:///data/events.parquet --out file:///shared/features
-  recsys features build --engine spark --source files --config cluster.yaml \
+  recsys features build --engine spark --source files --config cluster.yaml \\
       --interactions hdfs://nn/data/events.parquet --out hdfs://nn/features   # any Hadoop filesystem
 
 Writes interactions.parquet, sequences.parquet, items.parquet (users.parquet
