@@ -78,6 +78,7 @@ class RankingData:
         self.item_embeddings: Tensor | None = None  # (n_items, De) distilled, frozen
         self.embedding_coverage = 0.0
         self.match_columns: tuple[str, ...] = ()
+        self.input_files: dict[str, str] = {}  # what the data was read from (a checkpoint resumes only on the same bytes)
         self.dense_stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # train (mean, std) per dense block
         self.interactions_file = ""  # for error messages
 
@@ -140,6 +141,12 @@ class RankingData:
         )
         if embeddings_path is not None and str(embeddings_path).strip().lower() not in ("", "none"):
             self.item_embeddings, self.embedding_coverage = load_item_embeddings(Path(embeddings_path), self.item_ids)
+            self.input_files["embeddings"] = str(embeddings_path)
+        self.input_files.update({name: str(root / S.FILES[name]) for name in ("interactions", "sequences", "items")})
+        if users is not None:
+            self.input_files["users"] = str(users_path)
+        if match is not None:
+            self.input_files["match"] = str(match)
         return self
 
     def _index_entities(self, inter, seqs, items, users) -> None:

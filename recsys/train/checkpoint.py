@@ -26,6 +26,7 @@ from torch import Tensor
 
 from features.core.config import config_hash, to_dict
 from features.core.errors import DataError
+from features.core.fingerprint import file_fingerprint
 from features.core.manifest import atomic_file
 from recsys.data import RankingData
 from recsys.config.sections import RankerConfig, TrainConfig
@@ -37,8 +38,11 @@ RESUME_FREE = ("epochs", "resume", "progress", "checkpoint_dir", "device", "eval
 
 def resume_key(ranker: RankerConfig, train: TrainConfig, seed: int, data: RankingData, world: int) -> str:
     t = {k: v for k, v in to_dict(train).items() if k not in RESUME_FREE}
+    # the input files' bytes too: a finished checkpoint of the same config trained
+    # on other match features or embeddings must not be taken for this run's model
+    inputs = {k: file_fingerprint(p) for k, p in sorted(data.input_files.items())}
     return config_hash({"ranker": to_dict(ranker), "train": t, "data": to_dict(data.config), "seed": seed,
-                        "spec": to_dict(data.spec), "world": world})
+                        "spec": to_dict(data.spec), "world": world, "inputs": inputs})
 
 
 def checkpoint_name(stem: str, ctx: WorkerContext) -> str:

@@ -110,6 +110,19 @@ def test_resume_continues_and_equals_uninterrupted(synthetic_features, tmp_path)
     assert again["auc"] == full["auc"]
 
 
+def test_a_finished_checkpoint_trained_on_other_inputs_is_not_resumed(synthetic_features, tmp_path):
+    """Same config, other match features (a rerun after the embeddings changed): train afresh."""
+    make_match_standin(synthetic_features, tmp_path / "match", seed=0)
+    job = pipeline(synthetic_features, str(tmp_path / "match"), train={"epochs": 1})
+    first = train_ranker(job, tmp_path / "out")
+    make_match_standin(synthetic_features, tmp_path / "match", seed=1)  # same columns, other values
+    tracker = RecordingTracker()
+    second = train_ranker(pipeline(synthetic_features, str(tmp_path / "match"), train={"epochs": 1}),
+                          tmp_path / "out", tracker)
+    assert [s for k, _, s in tracker.metrics if k == "train_loss"] == [1]  # trained, not resumed
+    assert second["auc"] != first["auc"]
+
+
 def test_early_stopping_stops(synthetic_features, tmp_path):
     tracker = RecordingTracker()
     m = train_ranker(pipeline(synthetic_features, train={"epochs": 6, "patience": 1, "min_delta": 1.0}),
