@@ -120,12 +120,8 @@ def _negative_features(
 ) -> dict[str, pl.Series]:
     """mf_neg_*: the same kernel over each user's label-0 events strictly
     earlier than the impression (`seqs` sorted by user, `row_user` into it)."""
-    def flat(col: str) -> np.ndarray:  # the list values end to end (an empty list adds nothing)
-        return seqs[col].to_arrow().flatten().to_numpy(zero_copy_only=False)
-
-    labels = flat(S.LABELS)
-    lens = seqs[S.ITEM_IDS].list.len().to_numpy().astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    offsets, item_ids, timestamps, labels = _jagged(seqs, S.ITEM_IDS, S.TIMESTAMPS, S.LABELS)
+    lens = np.diff(offsets)
     neg = labels == 0  # a null label is neither positive nor negative
     before = np.concatenate([[0], np.cumsum(neg, dtype=np.int64)])  # negatives among the first k events overall
     end_all = inter[S.HIST_END].to_numpy().astype(np.int64)
@@ -134,20 +130,24 @@ def _negative_features(
                         "rebuild the features", file=inter_file, column=S.HIST_END)
     start = offsets[row_user]
     end = before[start + end_all] - before[start]  # (n,) negatives strictly earlier
-    ids, ts = flat(S.ITEM_IDS)[neg].astype(np.int64), flat(S.TIMESTAMPS)[neg].astype(np.int64)
+    ids, ts = item_ids[neg].astype(np.int64), timestamps[neg].astype(np.int64)
     hist_rows, found = space.rows(ids)
     hist = M.Histories(before[offsets], hist_rows, ts)
     if not found.all():  # missing_items == "null": unknown history items are left out
         hist, end = hist.drop(found, end, row_user)
     base = dataclasses.replace(cfg, negatives=False)
     feats = M.compute_match_features(space, hist, row_user, cand_rows, end, base)
-    valid = feats["valid"]
-    out = {}
-    for name, src in NEGATIVE_FROM.items():
-        col = pl.Series(name, feats[src]).cast(cfg.dtypes()[name])
-        out[name] = col if src == f"{S.MATCH_PREFIX}hist_len" else pl.select(
-            pl.when(pl.Series(valid)).then(col)).to_series().alias(name)
-    return out
+    # to_frame's rule for nulls (every column but the history length), renamed
+    frame = M.to_frame(inter, feats, base)
+    return {name: frame[src].alias(name) for name, src in NEGATIVE_FROM.items()}
+
+
+def _jagged(seqs: pl.DataFrame, *cols: str) -> tuple[np.ndarray, ...]:
+    """Offsets (U+1,) of the list column cols[0], then each list column's
+    values end to end (an empty list adds nothing); the columns share lengths."""
+    lens = seqs[cols[0]].list.len().to_numpy().astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    return offsets, *(seqs[c].to_arrow().flatten().to_numpy(zero_copy_only=False) for c in cols)
 
 
 def match_rows(
@@ -159,10 +159,9 @@ def match_rows(
     in the order of `inter`) and the part's counts for the manifest."""
     seqs = seqs.sort(S.USER_ID)
     seq_users = seqs[S.USER_ID].to_numpy()
-    lens = seqs[S.POS_ITEM_IDS].list.len().to_numpy().astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    flat_ids = seqs[S.POS_ITEM_IDS].explode().drop_nulls().to_numpy().astype(np.int64)
-    flat_ts = seqs[S.POS_TIMESTAMPS].explode().drop_nulls().to_numpy().astype(np.int64)
+    offsets, flat_ids, flat_ts = _jagged(seqs, S.POS_ITEM_IDS, S.POS_TIMESTAMPS)
+    lens = np.diff(offsets)
+    flat_ids, flat_ts = flat_ids.astype(np.int64), flat_ts.astype(np.int64)
     hist_rows, hist_found = space.rows(flat_ids)
 
     u = inter[S.USER_ID].to_numpy()

@@ -9,15 +9,17 @@ refused with a clear message rather than half supported.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from features.core.errors import UsageError
 
 # remote URI -> its local copy, while `on_hadoop` runs a job; and the remote
 # scratch folder for files the executors must read (None: local paths do)
+R = TypeVar("R")
 _STAGED: dict[str, Path] = {}
 _SCRATCH: list[str] = []
 
@@ -101,3 +103,15 @@ def staged(mapping: Mapping[str, Path], scratch_uri: str | None = None) -> Itera
             _STAGED.pop(k, None)
         if scratch_uri is not None:
             _SCRATCH.remove(scratch_uri)
+
+
+def run_at(engine: str, spark: Any, inputs: Mapping[str, str | None], out: str, run: Callable[[], R]) -> R:
+    """`run()` on local paths; through `features.spark.hadoop.on_hadoop` when
+    `out` or an input ({flag: location}) is a Hadoop URI (engine spark only)."""
+    if not any(is_remote(p) for p in (out, *inputs.values())):
+        return run()
+    if engine != "spark":
+        raise UsageError("hdfs://, s3a:// and other Hadoop paths are read and written by the Spark engine: add --engine spark")
+    from features.spark.hadoop import on_hadoop
+
+    return on_hadoop(spark, inputs, out, run)

@@ -106,20 +106,13 @@ def resolve_features_config(args: argparse.Namespace):
 
 
 def _build(args: argparse.Namespace) -> int:
-    from features.core.errors import UsageError
-    from features.jobs.uri import is_remote
+    from features.jobs.uri import run_at
     from recsys.plan import plan_features
 
     job = plan_features(resolve_features_config(args))
     fc = job.config
-    if not any(is_remote(p) for p in (args.out, fc.interactions, fc.items)):
-        return _run_build(args, job)
-    if fc.engine != "spark":
-        raise UsageError("hdfs://, s3a:// and other Hadoop paths are read and written by the Spark engine: add --engine spark")
-    from features.spark.hadoop import on_hadoop
-
-    return on_hadoop(fc.spark, {"--interactions": fc.interactions, "--items": fc.items}, args.out,
-                     lambda: _run_build(args, job))
+    return run_at(fc.engine, fc.spark, {"--interactions": fc.interactions, "--items": fc.items}, args.out,
+                  lambda: _run_build(args, job))
 
 
 def _run_build(args: argparse.Namespace, job: Any) -> int:

@@ -40,9 +40,8 @@ student; OUT/full/ and OUT/folds/kK/ hold the parts, the manifest their times.
 
 
 def _match(args: argparse.Namespace) -> int:
-    from features.core.errors import UsageError
     from features.jobs import parse_shard
-    from features.jobs.uri import is_remote
+    from features.jobs.uri import run_at
     from recsys.config import load_pipeline_config
 
     shard = parse_shard(args.shard) if args.shard else None
@@ -52,15 +51,8 @@ def _match(args: argparse.Namespace) -> int:
     if engine or spark:
         match = dataclasses.replace(cfg.match, **engine, spark=dataclasses.replace(cfg.match.spark, **spark))
         cfg = dataclasses.replace(cfg, match=match)
-    paths = {k: getattr(args, k) for k in ("features", "embeddings")}
-    if not any(is_remote(p) for p in (args.out, *paths.values())):
-        return _run_match(args, cfg, shard)
-    if cfg.match.engine != "spark":
-        raise UsageError("hdfs://, s3a:// and other Hadoop paths are read and written by the Spark engine: add --engine spark")
-    from features.spark.hadoop import on_hadoop
-
-    return on_hadoop(cfg.match.spark, {f"--{k}": v for k, v in paths.items()}, args.out,
-                     lambda: _run_match(args, cfg, shard))
+    inputs = {f"--{k}": getattr(args, k) for k in ("features", "embeddings")}
+    return run_at(cfg.match.engine, cfg.match.spark, inputs, args.out, lambda: _run_match(args, cfg, shard))
 
 
 def _run_match(args: argparse.Namespace, cfg: Any, shard: Any) -> int:

@@ -49,7 +49,7 @@ def match_pool(data: RankingData, features_dir: Path, match_file: Path) -> tuple
     """Pool items (R, P) of the training requests and their match block
     (R, P, 2M): train-standardised values then missing flags, exactly as
     `recsys.data.dense.match_features` builds the real rows'."""
-    from features.jobs.match import item_space, match_rows, seq_columns
+    from features.jobs.match import inter_columns, item_space, match_rows, seq_columns
     from features.match.config import MatchConfig
 
     manifest = read_manifest(match_file.parent) or {}
@@ -61,7 +61,8 @@ def match_pool(data: RankingData, features_dir: Path, match_file: Path) -> tuple
     cfg = from_dict(MatchConfig, {k: v for k, v in manifest["config"].items() if k != "folds"}, where=str(match_file))
     reqs = data.requests("train")
     items = existing_items(data, reqs, np.random.default_rng(POOL_SEED), POOL)  # (R, P)
-    ends = [S.POS_HIST_END, *([S.HIST_END] if cfg.negatives else [])]  # the histories match_rows reads
+    keys = (S.USER_ID, S.ITEM_ID, S.TIMESTAMP)
+    ends = [c for c in inter_columns(cfg) if c not in keys]  # the history ends match_rows reads
     inter = pl.read_parquet(features_dir / S.FILES["interactions"], columns=ends)
     first_row = data.imp_row[data.req_offsets[reqs]]  # a real impression of each request: its positive history
     rows = pl.DataFrame({
