@@ -107,20 +107,26 @@ class OtherLoad:
 
 
 def timed_quietly(
-    fns: list[Callable[[], Any]], repeats: int, tries: int, max_other: float = 0.1
+    fns: list[Callable[[], Any]],
+    repeats: int,
+    tries: int,
+    max_other: float = 0.1,
+    timer: Callable[[list[Callable[[], Any]], int], list[float]] | None = None,
 ) -> tuple[list[float], float | None]:
-    """`interleaved_ms`, retried up to `tries` times while other processes load the CPU.
+    """`timer(fns, repeats)` (default `interleaved_ms`), retried up to `tries`
+    times while other processes load the CPU.
 
     Returns the medians of the least-contended attempt and its other-load
     fraction. With OpenMP threads on shared cores, one busy neighbour can stall
     every parallel region, inflating small ops far more than big ones.
     """
+    timer = timer or interleaved_ms
     best: tuple[list[float], float | None] | None = None
     for attempt in range(max(1, tries)):
         if attempt:
             time.sleep(2.0 * attempt)  # let a neighbour's burst pass
         with OtherLoad() as load:
-            medians = interleaved_ms(fns, repeats)
+            medians = timer(fns, repeats)
         if best is None or (load.fraction is not None and (best[1] is None or load.fraction < best[1])):
             best = (medians, load.fraction)
         if load.fraction is None or load.fraction <= max_other:
@@ -147,6 +153,54 @@ def interleaved_ms(fns: list[Callable[[], Any]], repeats: int, warmup: int = 1) 
             fns[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
     return [statistics.median(ts) for ts in times]
+
+
+def blocked_ms(fns: list[Callable[[], Any]], blocks: int, per_block: int) -> list[float]:
+    """Median wall time (ms) of each fn, each timed in its own runs of calls.
+
+    `blocks` rounds; in each, every fn in turn (rotating order) makes one
+    untimed call and then `per_block` timed calls in a row. A fn is thus timed
+    in its own steady state (its weights and code warm, not just after another
+    fn's calls have evicted them), while the rounds still spread background
+    load over all fns alike. Give each fn a stream of distinct inputs
+    (`RequestStream`) and that steady state is a server's, with each
+    request's own data cold.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    for b in range(blocks):
+        for j in range(len(fns)):
+            k = (b + j) % len(fns)
+            fns[k]()  # the first call after a switch: not timed
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                fns[k]()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(ts) for ts in times]
+
+
+class RequestStream:
+    """Round-robin over distinct requests: each call of `next()` returns the next.
+
+    Sized by `cold_pool_size` so the requests together exceed the last-level
+    cache: a request's data is then cold when its turn comes, as a new
+    request's is on a server.
+    """
+
+    def __init__(self, requests: Sequence[Any]) -> None:
+        if not requests:
+            raise ValueError("RequestStream needs at least one request")
+        self.requests = list(requests)
+        self._i = -1
+
+    def next(self) -> Any:
+        self._i = (self._i + 1) % len(self.requests)
+        return self.requests[self._i]
+
+
+def cold_pool_size(request_bytes: int, cache_bytes: int = 64 << 20, cap: int = 256) -> int:
+    """Distinct requests so that together they exceed `cache_bytes` (default
+    64 MiB, twice this machine's 32 MiB L3), at least 2, at most `cap`."""
+    return max(2, min(cap, -(-cache_bytes // max(1, request_bytes))))
 
 
 def malloc_keep() -> bool:

@@ -16,7 +16,6 @@ Rows are merged into bench/results/features.json by (engine, events size).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import tempfile

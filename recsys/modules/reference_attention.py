@@ -12,6 +12,9 @@ Shape legend:
 - `reference_target_attention`: exact masked softmax target attention,
   out = softmax(Q W_Q (X W_K)^T / sqrt(D)) X W_V, softmax over the L events.
   Cost O(L D^2 + C L D); it materialises the (B, C, L) logits.
+- `fused_target_attention`: the same through torch's fused
+  scaled_dot_product_attention (no (B, C, L) buffers): the bench's strong
+  exact baseline.
 - `reference_truncated_attention`: the same on X_R, the rank-R truncated SVD of
   the valid rows (via `torch.linalg.svd`): the twin of mode "truncated".
 - `init_as_mean_pool_`: the ranker's initialisation of an attention encoder
@@ -67,6 +70,26 @@ def reference_target_attention(
     x = _masked_history(history, lengths)  # (B, L, D)
     valid = _valid_mask(lengths, history.shape[1])  # (B, L)
     return _attend(queries @ w_q, x @ w_k, x @ w_v, valid)
+
+
+def fused_target_attention(
+    history: Tensor, lengths: Tensor, queries: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor
+) -> Tensor:
+    """The same exact attention as `reference_target_attention` through torch's
+    fused `scaled_dot_product_attention` (on CPU a tiled flash kernel that never
+    holds the (B, C, L) logits): the strong exact baseline of the attention
+    bench. (B, L, D), (B,), (B, C, D) -> (B, C, D); an empty history gives 0.
+    """
+    x = _masked_history(history, lengths)  # (B, L, D)
+    length = history.shape[1]
+    mask = None
+    if length and not bool((lengths >= length).all()):
+        # an empty history attends to its zeroed padding (values 0): output 0, not NaN
+        mask = (_valid_mask(lengths, length) | (lengths == 0)[:, None])[:, None, None, :]  # (B, 1, 1, L)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        (queries @ w_q)[:, None], (x @ w_k)[:, None], (x @ w_v)[:, None], attn_mask=mask
+    )  # (B, 1, C, D)
+    return out[:, 0]
 
 
 def rank_tolerance(dtype: torch.dtype, dim: int) -> float:
@@ -185,7 +208,11 @@ class TargetAttention(nn.Module):
     """Exact target attention of C candidate queries over a padded history.
 
     Owns `w_q`, `w_k`, `w_v` (D, D), the same names and shapes as
-    `SVDAttention`, so a state_dict copies between the two.
+    `SVDAttention`, so a state_dict copies between the two. Computed by
+    `fused_target_attention` (torch's fused kernel: on CPU about 2x faster
+    than the plain twin in training at B=16, L=10k, C=50, D=16, and without
+    its (B, C, L) buffers), equal to `reference_target_attention` up to
+    rounding (tested, gradients included).
 
     Example:
         >>> att = TargetAttention(8)
@@ -206,4 +233,4 @@ class TargetAttention(nn.Module):
             nn.init.xavier_uniform_(w)
 
     def forward(self, history: Tensor, lengths: Tensor, queries: Tensor) -> Tensor:
-        return reference_target_attention(history, lengths, queries, self.w_q, self.w_k, self.w_v)
+        return fused_target_attention(history, lengths, queries, self.w_q, self.w_k, self.w_v)

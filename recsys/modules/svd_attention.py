@@ -287,8 +287,9 @@ def svd_factors(history: Tensor, lengths: Tensor, rank: int) -> SVDFactors:
 def _compact_attention(queries: Tensor, tokens: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor) -> Tensor:
     """softmax(Q W_Q (T W_K)^T / sqrt(D)) T W_V over the tokens T (B, N, D); queries (B, C, D)."""
     d = queries.shape[-1]
-    # Q (W_Q (T W_K)^T): O(N D^2 + C D N), where (Q W_Q)(T W_K)^T would cost O(C D^2) more
-    logits = queries @ (w_q @ (tokens @ w_k).mT) / math.sqrt(d)  # (B, C, D) @ (B, D, N) -> (B, C, N)
+    # Q (W_Q (T W_K)^T): O(N D^2 + C D N), where (Q W_Q)(T W_K)^T would cost O(C D^2) more;
+    # the 1/sqrt(D) scales the (B, D, N) factor, not the (B, C, N) logits
+    logits = queries @ (w_q @ (tokens @ w_k).mT / math.sqrt(d))  # (B, C, D) @ (B, D, N) -> (B, C, N)
     return torch.softmax(logits, dim=-1) @ (tokens @ w_v)  # (B, C, D)
 
 

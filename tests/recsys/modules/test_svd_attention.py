@@ -554,10 +554,19 @@ def test_benchmark_quick_writes_json(tmp_path):
     for row in payload["rows"]:
         assert keys <= set(row), row
     assert {r["mode"] for r in payload["rows"]} == set(bench.MODES)
-    assert [r["R"] for r in payload["rows"] if r["mode"] == "reference"] == [None]
+    assert [r["R"] for r in payload["rows"] if r["mode"] in ("reference", "reference_fused")] == [None, None]
+    assert payload["rows"][1]["mode"] == "reference_fused" and payload["rows"][1]["rel_err"] < 1e-5
     serving = {r["mode"] for r in payload["rows"] if r["path"] == "serving"}
     assert serving == {"truncated", "compact", "compact_incremental"}
     assert all(r["gram_dtype"] == "input" for r in payload["rows"] if r["path"] == "serving")
+    # serving rows are also timed on a stream of distinct requests, each mode in its own runs
+    for row in payload["rows"]:
+        if row["path"] == "serving" or row["mode"] == "reference_fused":
+            assert row["speedup_stream"] == pytest.approx(row["ref_ms_stream"] / row["ms_stream"]), row
+        elif row["mode"] == "reference":
+            assert row["ms_stream"] > 0
+        else:
+            assert "speedup_stream" not in row
 
 
 # --------------------------------------------------------------------------- input validation
@@ -619,3 +628,42 @@ def test_auto_gram_dtype_is_float64_with_autograd_and_input_without(monkeypatch)
         with torch.no_grad():
             make_module(6, 3, mode, g, torch.float32, gram="float64")(x, lengths, q)  # an explicit choice wins
         assert seen == ["float64"], mode
+
+
+# --------------------------------------------------------------------------- the fused exact baseline
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_target_attention_equals_the_reference_with_padding_and_empty_histories(dtype):
+    g = gen(23)
+    d = 8
+    clean = randn(g, 4, 12, d, dtype=dtype)
+    padded = clean.clone()
+    padded[2, 7:] = float("nan")  # garbage in padding reaches neither output nor gradients
+    q = randn(g, 4, 5, d, dtype=dtype).requires_grad_()
+    w = [randn(g, d, d, dtype=dtype).requires_grad_() for _ in range(3)]
+    for x, lengths in ((padded, torch.tensor([12, 3, 7, 0])), (clean, torch.tensor([12, 12, 12, 12]))):
+        x = x.requires_grad_()
+        ref = reference_target_attention(x, lengths, q, *w)
+        out = ref_mod.fused_target_attention(x, lengths, q, *w)
+        assert rel(out, ref) <= TOL[dtype], lengths
+        upstream = randn(g, *ref.shape, dtype=dtype)
+        for a, b in zip(grads(out, upstream, [x, q, *w]), grads(ref, upstream, [x, q, *w])):
+            assert torch.isfinite(a).all() and rel(a, b) <= 10 * TOL[dtype], lengths
+    assert torch.all(ref_mod.fused_target_attention(padded, torch.tensor([12, 3, 7, 0]), q, *w)[3] == 0)
+
+
+def test_bench_goals_read_the_stream_timings_and_the_fused_baseline():
+    base = {"C": 1_000, "D": 64}
+    rows = [
+        {**base, "L": 10_000, "R": None, "mode": "reference_fused", "path": None, "ms_stream": 30.0},
+        {**base, "L": 10_000, "R": 32, "mode": "compact", "path": "serving", "speedup": 35.0,
+         "speedup_stream": 51.0, "ms_stream": 2.0, "other_load_stream": 0.0},
+    ]
+    goals = {g["goal"].split(",")[0] + ("/SDPA" if "SDPA" in g["goal"] else "") + ("/inter" if "interleaved" in g["goal"] else ""): g
+             for g in bench.goals(rows)}
+    assert goals["compact serving L=10k C=1000 R=32 speedup (factors included)"]["status"] == "PASS"  # 51x stream
+    assert goals["info: compact serving L=10k C=1000 R=32 speedup/inter"]["value"] == 35.0
+    sdpa = goals["info: compact serving L=10k C=1000 R=32 vs fused exact attention (SDPA)/SDPA"]
+    assert sdpa["value"] == 15.0 and sdpa["status"] == "MISS"
+    assert goals["compact_incremental (windowed state) L=50k C=1000 R=32 speedup"]["status"] == "n/a"
