@@ -651,6 +651,8 @@ def test_fused_target_attention_equals_the_reference_with_padding_and_empty_hist
         for a, b in zip(grads(out, upstream, [x, q, *w]), grads(ref, upstream, [x, q, *w])):
             assert torch.isfinite(a).all() and rel(a, b) <= 10 * TOL[dtype], lengths
     assert torch.all(ref_mod.fused_target_attention(padded, torch.tensor([12, 3, 7, 0]), q, *w)[3] == 0)
+    empty = ref_mod.fused_target_attention(clean[:, :0], torch.zeros(4, dtype=torch.long), q, *w)  # no history axis
+    assert torch.all(empty == 0) and torch.isfinite(grads(empty, torch.ones_like(empty), [q])[0]).all()
 
 
 def test_bench_goals_read_the_stream_timings_and_the_fused_baseline():
