@@ -115,11 +115,12 @@ def seq_columns(cfg: MatchConfig) -> list[str]:
 
 
 def _negative_features(
-    inter: pl.DataFrame, seqs: pl.DataFrame, row_user: np.ndarray, space: ItemSpace, cfg: MatchConfig,
+    inter: pl.DataFrame, seqs: pl.DataFrame, row_user: np.ndarray, space: ItemSpace, base: MatchConfig,
     cand_rows: np.ndarray, inter_file: str,
 ) -> dict[str, pl.Series]:
-    """mf_neg_*: the same kernel over each user's label-0 events strictly
-    earlier than the impression (`seqs` sorted by user, `row_user` into it)."""
+    """mf_neg_*: the same kernel (config `base`, negatives off) over each user's
+    label-0 events strictly earlier than the impression (`seqs` sorted by user,
+    `row_user` into it)."""
     offsets, item_ids, timestamps, labels = _jagged(seqs, S.ITEM_IDS, S.TIMESTAMPS, S.LABELS)
     lens = np.diff(offsets)
     neg = labels == 0  # a null label is neither positive nor negative
@@ -135,7 +136,6 @@ def _negative_features(
     hist = M.Histories(before[offsets], hist_rows, ts)
     if not found.all():  # missing_items == "null": unknown history items are left out
         hist, end = hist.drop(found, end, row_user)
-    base = dataclasses.replace(cfg, negatives=False)
     feats = M.compute_match_features(space, hist, row_user, cand_rows, end, base)
     # to_frame's rule for nulls (every column but the history length), renamed
     frame = M.to_frame(inter, feats, base)
@@ -204,7 +204,7 @@ def match_rows(
     }
     frame = M.to_frame(inter, feats, base)
     if cfg.negatives:
-        frame = frame.with_columns(**_negative_features(inter, seqs, row_user, space, cfg, cand_rows, inter_file))
+        frame = frame.with_columns(**_negative_features(inter, seqs, row_user, space, base, cand_rows, inter_file))
     return frame, stats
 
 

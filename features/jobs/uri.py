@@ -17,9 +17,9 @@ from urllib.parse import unquote, urlparse
 
 from features.core.errors import UsageError
 
+R = TypeVar("R")
 # remote URI -> its local copy, while `on_hadoop` runs a job; and the remote
 # scratch folder for files the executors must read (None: local paths do)
-R = TypeVar("R")
 _STAGED: dict[str, Path] = {}
 _SCRATCH: list[str] = []
 

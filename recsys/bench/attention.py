@@ -185,17 +185,21 @@ def run(quick: bool, seed: int) -> dict[str, Any]:
                 stream = request_stream(items, length, cands, seed, quick)
                 serving: list[tuple[dict[str, Any], Callable[[], Any]]] = []
 
-                def call_fused():
-                    return fused_target_attention(x, lengths, q, w_q, w_k, w_v)
+                def timed_row(mode: str, path: str | None, gram: str | None, rank: int | None,
+                              call: Callable[[], Any]) -> dict[str, Any]:
+                    """Time `call` interleaved with the reference; append and return its row."""
+                    tries = 1 if quick or time.perf_counter() > deadline else 4
+                    (ref_ms, ms), other = timed_quietly([call_ref, call], repeats, tries)
+                    ref_times.append(ref_ms)
+                    row = {**base, "R": rank, "mode": mode, "path": path, "gram_dtype": gram, "ms": ms,
+                           "speedup": ref_ms / ms, "ref_ms": ref_ms, "other_load": other,
+                           "rel_err": rel_err(call(), ref), "peak_mb": peak_mb(call),
+                           "gflops": flops(mode, length, cands, dim, rank) / (ms * 1e-3) / 1e9}
+                    rows.append(row)
+                    return row
 
-                tries = 1 if quick or time.perf_counter() > deadline else 4
-                (ref_ms, ms), other = timed_quietly([call_ref, call_fused], repeats, tries)
-                ref_times.append(ref_ms)
-                fused_row = {**base, "R": None, "mode": "reference_fused", "path": None, "gram_dtype": None, "ms": ms,
-                             "speedup": ref_ms / ms, "ref_ms": ref_ms, "other_load": other,
-                             "rel_err": rel_err(call_fused(), ref), "peak_mb": peak_mb(call_fused),
-                             "gflops": flops("reference", length, cands, dim, None) / (ms * 1e-3) / 1e9}
-                rows.append(fused_row)
+                fused_row = timed_row("reference_fused", None, None, None,
+                                      lambda: fused_target_attention(x, lengths, q, w_q, w_k, w_v))
                 serving.append((fused_row, stream.call("reference_fused", ref_module)))
                 for rank in grid["ranks"]:
                     mods = {}
@@ -210,14 +214,7 @@ def run(quick: bool, seed: int) -> dict[str, Any]:
                     calls.append(("compact_incremental", "serving", state.gram_dtype,
                                   lambda m=mods["compact", "serving"]: forward_from_state(m, [state], q)))
                     for mode, path, gram, call in calls:
-                        tries = 1 if quick or time.perf_counter() > deadline else 4
-                        (ref_ms, ms), other = timed_quietly([call_ref, call], repeats, tries)
-                        ref_times.append(ref_ms)
-                        row = {**base, "R": rank, "mode": mode, "path": path, "gram_dtype": gram, "ms": ms,
-                               "speedup": ref_ms / ms, "ref_ms": ref_ms, "other_load": other,
-                               "rel_err": rel_err(call(), ref), "peak_mb": peak_mb(call),
-                               "gflops": flops(mode, length, cands, dim, rank) / (ms * 1e-3) / 1e9}
-                        rows.append(row)
+                        row = timed_row(mode, path, gram, rank, call)
                         if path == "serving":
                             serving.append((row, stream.call(mode, mods["compact" if mode == "compact_incremental" else mode, path])))
                 ref_ms = statistics.median(ref_times)
@@ -304,6 +301,11 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return next((r for r in rows if (r["L"], r["C"], r["R"], r["mode"], r.get("path")) == key), None)
 
     out = []
+
+    def add(name: str, target: float, value: float | None, other: float | None) -> None:
+        out.append({"goal": name, "target": target, "value": value, "other_load": other,
+                    "status": "n/a" if value is None else ("PASS" if value >= target else "MISS")})
+
     for name, length, mode, path, target, key in (
         ("compact serving L=10k C=1000 R=32 speedup (factors included), request stream",
          10_000, "compact", "serving", 50.0, "speedup_stream"),
@@ -320,9 +322,7 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ):
         row = find(length, 1_000, 32, mode, path)
         value = None if row is None else row.get(key)
-        other = None if row is None else row.get("other_load_stream" if key == "speedup_stream" else "other_load")
-        out.append({"goal": name, "target": target, "value": value, "other_load": other,
-                    "status": "n/a" if value is None else ("PASS" if value >= target else "MISS")})
+        add(name, target, value, None if row is None else row.get("other_load_stream" if key == "speedup_stream" else "other_load"))
     # the same goal rows against the strong exact baseline (torch's fused SDPA), for scale
     for name, length, mode, target in (
         ("info: compact serving L=10k C=1000 R=32 vs fused exact attention (SDPA), request stream",
@@ -332,9 +332,7 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ):
         row, fused = find(length, 1_000, 32, mode, "serving"), find(length, 1_000, None, "reference_fused", None)
         ok = row is not None and fused is not None and "ms_stream" in row and "ms_stream" in fused
-        value = fused["ms_stream"] / row["ms_stream"] if ok else None
-        out.append({"goal": name, "target": target, "value": value, "other_load": row.get("other_load_stream") if ok else None,
-                    "status": "n/a" if value is None else ("PASS" if value >= target else "MISS")})
+        add(name, target, fused["ms_stream"] / row["ms_stream"] if ok else None, row.get("other_load_stream") if ok else None)
     return out
 
 
