@@ -113,7 +113,8 @@ def make_history_encoder(config: RankerConfig) -> nn.Module | None:
         return TargetAttention(d)
     mode = "truncated" if config.history_encoder == "svd_truncated" else "compact"
     return SVDAttention(SVDAttentionConfig(dim=d, rank=config.svd_rank, mode=mode,
-                                           normalize_tokens=config.svd_normalize_tokens))
+                                           normalize_tokens=config.svd_normalize_tokens,
+                                           gram_dtype=config.svd_gram_dtype))
 
 
 def _pca_init(pretrained: Tensor, dim: int, std: float) -> Tensor:

@@ -195,3 +195,17 @@ def test_ranker_refuses_the_old_encoder_name_and_truncated_matches_reference_bel
     for a, b in zip(torch.autograd.grad(out, [q, att.w_q, att.w_k, att.w_v], cot),
                     torch.autograd.grad(ref, [q, att.w_q, att.w_k, att.w_v], cot)):
         assert rel(a, b) <= 1e-8
+
+
+@pytest.mark.parametrize("gram", ["auto", "float64", "input"])
+def test_ranker_svd_gram_dtype_reaches_the_encoder(gram):
+    """`ranker.svd_gram_dtype` is the module's gram_dtype: "input" trains on the float32 Gram."""
+    from recsys.config.sections import SVD_GRAM_DTYPES
+    from recsys.modules.svd_kernels import GRAM_DTYPES
+
+    assert SVD_GRAM_DTYPES == GRAM_DTYPES  # the config's choices are the kernels' own
+    for encoder in ("svd_compact", "svd_truncated"):
+        att = make_history_encoder(RankerConfig(embedding_dim=8, svd_rank=4, history_encoder=encoder, svd_gram_dtype=gram))
+        assert att.config.gram_dtype == gram
+    with pytest.raises(ValueError, match="svd_gram_dtype must be one of"):
+        RankerConfig(svd_gram_dtype="float16")
