@@ -288,6 +288,31 @@ def item_stats(interactions: pl.LazyFrame) -> pl.LazyFrame:
     ).with_columns((pl.col(S.N_TRAIN) == 0).alias(S.COLD_ITEM))
 
 
+def split_multi_valued(items: pl.DataFrame, sep: str) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Items with every String field whose values hold `sep` as List(String).
+
+    A CSV cannot hold lists, so a multi-valued field (MovieLens genres
+    "Action|Comedy") arrives as one string per row: as a categorical field
+    each distinct combination would be its own category, unrelated to the
+    others. Such a column becomes a list of its stripped, non-empty tokens
+    (a multi-valued field); a null stays null. The item id, the text and the
+    title are never split. Returns the items and {column: rows holding sep}.
+    """
+    found: dict[str, int] = {}
+    for name, dtype in items.schema.items():
+        if dtype != pl.String or name in (S.ITEM_ID, S.TEXT, S.TITLE, S.IMAGE_PATH):
+            continue
+        n = int(items[name].str.contains(sep, literal=True).sum())
+        if n:
+            found[name] = n
+    if not found:
+        return items, found
+    tokens = pl.element().str.strip_chars()
+    return items.with_columns(
+        pl.col(name).str.split(sep, inclusive=False).list.eval(tokens.filter(tokens != "")) for name in found
+    ), found
+
+
 def build_items(items: pl.LazyFrame | None, stats: pl.LazyFrame) -> pl.LazyFrame:
     """Items table: the source's items (all of them, seen or not) with stats.
 

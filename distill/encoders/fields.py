@@ -94,6 +94,13 @@ class FieldEncoder:
         for name in self.kinds.get("multi", []):
             values = self.values[name]
             ids = {v: next_id + 1 + i for i, v in enumerate(values)}
+            if name in items.columns and items[name].dtype == pl.String:
+                # iterating a string would read its characters as values: every row the null token
+                raise ValueError(
+                    f"items column {name!r} is a multi-valued field (a list of strings per item), got one string "
+                    f"per item: split it first, e.g. pl.col({name!r}).str.split('|') (the features build does so "
+                    f"for files: features.multi_value_sep)"
+                )
             raw = items[name].to_list() if name in items.columns else [None] * n
             lists = [[ids[x] for x in (v or []) if x in ids] for v in raw]
             width = max(1, max((len(v) for v in lists), default=1))

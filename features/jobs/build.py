@@ -112,6 +112,11 @@ def build_features(
     # validation runs once, here, before either engine starts
     inter, bounds = validate_interactions(source.interactions, cfg.timestamp_unit)
     items = validate_items(source.items) if source.items is not None else None
+    if items is not None and cfg.source == "files" and cfg.multi_value_sep is not None:
+        items, split = T.split_multi_valued(items, cfg.multi_value_sep)
+        for name, n in split.items():
+            log(f"features: items column {name!r} holds {cfg.multi_value_sep!r}-separated values ({n:,} of "
+                f"{items.height:,} rows): read as a multi-valued field (features.multi_value_sep; null keeps it one category)")
     users = validate_users(source.users) if source.users is not None else None
     if cfg.engine == "spark":
         from features.spark.build import interactions_on_spark

@@ -43,6 +43,7 @@ class FeaturesConfig:
     interactions: str | None = None  # files source: interactions parquet/CSV
     items: str | None = None  # files source: optional items parquet/CSV
     text_column: str = S.TEXT  # files source: the items column holding text
+    multi_value_sep: str | None = "|"  # files source: an items text-typed column with values holding this separator is a multi-valued field (genres "Action|Comedy" -> [Action, Comedy]); null: each such column is one category per distinct string
     timestamp_unit: TimestampUnit = "s"  # files source: unit of the timestamp column (converted to seconds on read)
     label_threshold: float = 4.0  # label = rating >= threshold (if no label column)
     split: Literal["global_time", "leave_last_out"] = "global_time"  # global time cut by event count, or last events per user
@@ -69,6 +70,8 @@ class FeaturesConfig:
             raise ValueError("day_offset_s must be within one day (-86400, 86400)")
         if self.source == "files" and not self.interactions:
             raise ValueError("source 'files' needs `interactions` (--interactions PATH)")
+        if self.multi_value_sep is not None and (not isinstance(self.multi_value_sep, str) or not self.multi_value_sep.strip()):
+            raise ValueError(f"multi_value_sep must be a non-blank string or null, got {self.multi_value_sep!r}")
         if self.source != "files" and self.timestamp_unit != "s":
             raise ValueError(f"timestamp_unit applies to the files source only (source {self.source!r} is in seconds)")
 
@@ -87,7 +90,7 @@ class FeaturesConfig:
         if self.source != "synthetic":
             d.pop("synthetic")
         if self.source != "files":
-            for k in ("interactions", "items", "text_column", "timestamp_unit"):
+            for k in ("interactions", "items", "text_column", "timestamp_unit", "multi_value_sep"):
                 d.pop(k)
         return d
 

@@ -44,6 +44,11 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interactions", help="files: interactions parquet/CSV (user_id, item_id, timestamp, rating|label)")
     p.add_argument("--items", help="files: items parquet/CSV (item_id, a text column, any categorical columns)")
     p.add_argument("--text-column", help="files: name of the items text column (default: text)")
+    p.add_argument(
+        "--multi-value-sep", metavar="SEP",
+        help="files: an items column whose values hold SEP is multi-valued, e.g. genres 'Action|Comedy' "
+             "(default '|'; 'none': every text-typed column is one category per distinct value)",
+    )
     p.add_argument("--users", type=int, help="synthetic: number of users")
     p.add_argument("--n-items", type=int, help="synthetic: number of items")
     p.add_argument("--max-events", type=int, help="synthetic: longest per-user event sequence")
@@ -84,6 +89,7 @@ def resolve_features_config(args: argparse.Namespace):
         "interactions": args.interactions,
         "items": args.items,
         "text_column": args.text_column,
+        "multi_value_sep": args.multi_value_sep,
         "timestamp_unit": args.timestamp_unit,
         "label_threshold": args.label_threshold,
         "day_offset_s": args.day_offset_s,
@@ -91,6 +97,8 @@ def resolve_features_config(args: argparse.Namespace):
         "history_cap": args.history_cap,
     }
     over = {k: v for k, v in over.items() if v is not None}
+    if over.get("multi_value_sep") == "none":
+        over["multi_value_sep"] = None
     spark = {"master": getattr(args, "spark_master", None), "ui": True if getattr(args, "spark_ui", False) else None}
     spark = {k: v for k, v in spark.items() if v is not None}
     if getattr(args, "engine", None):

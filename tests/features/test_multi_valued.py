@@ -1,0 +1,72 @@
+"""Files source: a delimiter-separated items column (CSV has no lists) is read
+as a multi-valued field, not as one category per distinct combination."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from features import schemas as S
+from features import transforms as T
+from recsys.cli import main
+
+EVENTS = "user_id,item_id,timestamp,rating\n1,10,100,5\n1,11,200,3\n2,10,150,4\n2,12,300,1\n3,11,400,5\n"
+ITEMS = 'item_id,text,genres,studio\n10,"Heat | 1995",Action|Crime,A\n11,Toy Story,Animation| Comedy |,B\n12,Up,,C\n'
+
+
+def test_split_multi_valued_splits_only_fields_holding_the_separator():
+    items = pl.DataFrame({
+        "item_id": [1, 2, 3], "text": ["a|b", "c", "d"], "title": ["x|y", "z", "w"],
+        "genres": ["Action|Comedy", " Drama ", None], "studio": ["A", "B", "C"], "n": [1, 2, 3],
+    })
+    out, found = T.split_multi_valued(items, "|")
+    assert found == {"genres": 1}
+    assert out["genres"].to_list() == [["Action", "Comedy"], ["Drama"], None]
+    for col in ("item_id", "text", "title", "studio", "n"):  # never split, or no separator
+        assert out[col].equals(items[col])
+    assert S.item_field_kinds(out.schema)["multi"] == ["genres"]
+    same, none = T.split_multi_valued(items, ";")
+    assert none == {} and same.equals(items)
+
+
+def _build(tmp_path, capsys, *extra):
+    (tmp_path / "events.csv").write_text(EVENTS)
+    (tmp_path / "items.csv").write_text(ITEMS)
+    out = tmp_path / "out"
+    rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
+               "--items", str(tmp_path / "items.csv"), "--out", str(out), *extra])
+    cap = capsys.readouterr()
+    return rc, cap.out + cap.err, out
+
+
+def test_features_build_reads_pipe_separated_genres_as_a_multi_valued_field(tmp_path, capsys):
+    rc, log, out = _build(tmp_path, capsys)
+    assert rc == 0, log
+    assert "'genres' holds '|'-separated values (2 of 3 rows)" in log
+    items = pl.read_parquet(out / "items.parquet").sort(S.ITEM_ID)
+    assert items["genres"].to_list() == [["Action", "Crime"], ["Animation", "Comedy"], None]
+    assert items["studio"].dtype == pl.String and items[S.TEXT][0] == "Heat | 1995"  # text is never split
+    # "none" keeps the old reading (one category per string), and is a different build, not a skip
+    rc, log, out = _build(tmp_path, capsys, "--multi-value-sep", "none")
+    assert rc == 0 and "up to date" not in log and "multi-valued" not in log
+    assert pl.read_parquet(out / "items.parquet")["genres"].dtype == pl.String
+
+
+def test_a_blank_separator_is_a_config_error(tmp_path, capsys):
+    rc, log, out = _build(tmp_path, capsys, "--multi-value-sep", " ")
+    assert rc == 2 and "multi_value_sep" in log
+    assert not out.exists()
+
+
+def test_the_field_encoder_refuses_strings_for_a_multi_valued_field():
+    """Embedding new items with genres still as "A|B" strings would read each
+    character as a value (all unknown: the null token) and embed silently wrong."""
+    import pytest
+
+    from distill.encoders.fields import FieldEncoder
+
+    items = pl.DataFrame({"item_id": [1, 2], "genres": [["Action", "Comedy"], ["Drama"]]})
+    enc = FieldEncoder.fit(items, S.item_field_kinds(items.schema))
+    ok = enc.transform(items)
+    assert ok.tokens[0].shape == (2, 2)
+    with pytest.raises(ValueError, match="'genres' is a multi-valued field"):
+        enc.transform(pl.DataFrame({"item_id": [3], "genres": ["Action|Comedy"]}))
