@@ -280,8 +280,10 @@ def validate_items(table: RawTable) -> pl.DataFrame:
             column=S.ITEM_ID,
         )
     if S.TEXT not in schema:
+        strings = [c for c, t in schema.items() if t == pl.String and c != S.ITEM_ID]
+        hint = f"; its string columns: {', '.join(strings)} (e.g. --text-column {strings[0]})" if strings else ""
         raise SchemaError(
-            "missing the item text column (name it 'text' or pass --text-column)",
+            f"missing the item text column (name it 'text' or pass --text-column){hint}",
             file=table.file,
             column=S.TEXT,
         )

@@ -70,3 +70,19 @@ def test_the_field_encoder_refuses_strings_for_a_multi_valued_field():
     assert ok.tokens[0].shape == (2, 2)
     with pytest.raises(ValueError, match="'genres' is a multi-valued field"):
         enc.transform(pl.DataFrame({"item_id": [3], "genres": ["Action|Comedy"]}))
+
+
+def test_items_without_a_text_column_name_the_candidates(tmp_path, capsys):
+    """A MovieLens-style movies.csv has `title`, not `text`: the error says which flag to pass."""
+    (tmp_path / "events.csv").write_text(EVENTS)
+    (tmp_path / "items.csv").write_text("item_id,title,genres\n10,Heat (1995),Action|Crime\n11,Toy Story (1995),Animation\n12,Up (2009),Animation\n")
+    out = tmp_path / "out"
+    rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
+               "--items", str(tmp_path / "items.csv"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "items.csv" in err and "--text-column title" in err and "title, genres" in err
+    assert not out.exists()
+    rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
+               "--items", str(tmp_path / "items.csv"), "--out", str(out), "--text-column", "title"])
+    assert rc == 0
+    assert pl.read_parquet(out / "items.parquet")["genres"].dtype == pl.List(pl.String)
