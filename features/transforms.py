@@ -313,6 +313,38 @@ def split_multi_valued(items: pl.DataFrame, sep: str) -> tuple[pl.DataFrame, dic
     ), found
 
 
+def parse_numeric_strings(items: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
+    """Items with every String field that holds numbers only as Int64/Float64.
+
+    CSV columns arrive as String (`scan_table`), so a year or price column
+    would be a categorical field with one unrelated category per value; as
+    a number it is a numeric field (quantile buckets plus the standardised
+    value). A column converts when every non-empty value parses as a number
+    and none is a code with a leading zero ("02134" stays a string); empty
+    strings become null; integral values give Int64. The item id, text,
+    title and image path are never converted. Returns the items and the
+    converted columns.
+    """
+    converted, cols = [], []
+    for name, dtype in items.schema.items():
+        if dtype != pl.String or name in (S.ITEM_ID, S.TEXT, S.TITLE, S.IMAGE_PATH):
+            continue
+        raw = items[name].str.strip_chars()
+        present = raw.is_not_null() & (raw != "")
+        if not present.any() or raw.filter(present).str.contains(r"^[+-]?0\d").any():
+            continue
+        num = raw.cast(pl.Float64, strict=False)
+        if (num.is_null() & present).any():
+            continue
+        num = pl.Series(name, num.to_numpy(), dtype=pl.Float64).set(~present, None)
+        finite = num.filter(num.is_finite())
+        if finite.len() == num.drop_nulls().len() and (finite == finite.round(0)).all() and finite.abs().max() < 2**53:
+            num = num.cast(pl.Int64)
+        converted.append(name)
+        cols.append(num)
+    return (items.with_columns(cols) if cols else items), converted
+
+
 def build_items(items: pl.LazyFrame | None, stats: pl.LazyFrame) -> pl.LazyFrame:
     """Items table: the source's items (all of them, seen or not) with stats.
 

@@ -71,6 +71,22 @@ def load_source(cfg: FeaturesConfig) -> tuple[RawSource, pl.DataFrame | None]:
     raise UsageError(f"unknown source {cfg.source!r}")
 
 
+def _typed_item_fields(items: pl.DataFrame, file: str, cfg: FeaturesConfig, log: Callable[[str], None]) -> pl.DataFrame:
+    """Files source: CSV item columns (read as strings) that hold numbers only
+    become numeric fields, and columns holding `multi_value_sep` become
+    multi-valued fields (see the transforms); each conversion is logged."""
+    if Path(file).suffix.lower() in {".csv", ".tsv", ".txt"}:
+        items, numeric = T.parse_numeric_strings(items)
+        for name in numeric:
+            log(f"features: items column {name!r} holds numbers only: read as a numeric field")
+    if cfg.multi_value_sep is not None:
+        items, split = T.split_multi_valued(items, cfg.multi_value_sep)
+        for name, n in split.items():
+            log(f"features: items column {name!r} holds {cfg.multi_value_sep!r}-separated values ({n:,} of "
+                f"{items.height:,} rows): read as a multi-valued field (features.multi_value_sep; null keeps it one category)")
+    return items
+
+
 def _interactions(
     inter: pl.LazyFrame, bounds: dict, items: pl.DataFrame | None, source: RawSource, cfg: FeaturesConfig,
     log: Callable[[str], None],
@@ -112,11 +128,8 @@ def build_features(
     # validation runs once, here, before either engine starts
     inter, bounds = validate_interactions(source.interactions, cfg.timestamp_unit)
     items = validate_items(source.items) if source.items is not None else None
-    if items is not None and cfg.source == "files" and cfg.multi_value_sep is not None:
-        items, split = T.split_multi_valued(items, cfg.multi_value_sep)
-        for name, n in split.items():
-            log(f"features: items column {name!r} holds {cfg.multi_value_sep!r}-separated values ({n:,} of "
-                f"{items.height:,} rows): read as a multi-valued field (features.multi_value_sep; null keeps it one category)")
+    if items is not None and cfg.source == "files":
+        items = _typed_item_fields(items, str(source.items.file), cfg, log)
     users = validate_users(source.users) if source.users is not None else None
     if cfg.engine == "spark":
         from features.spark.build import interactions_on_spark

@@ -1,5 +1,7 @@
-"""Files source: a delimiter-separated items column (CSV has no lists) is read
-as a multi-valued field, not as one category per distinct combination."""
+"""Files source: item columns get the field type they hold. A delimiter-
+separated column (CSV has no lists) is a multi-valued field, not one category
+per distinct combination; a CSV column of numbers is a numeric field, not one
+category per value."""
 
 from __future__ import annotations
 
@@ -86,3 +88,34 @@ def test_items_without_a_text_column_name_the_candidates(tmp_path, capsys):
                "--items", str(tmp_path / "items.csv"), "--out", str(out), "--text-column", "title"])
     assert rc == 0
     assert pl.read_parquet(out / "items.parquet")["genres"].dtype == pl.List(pl.String)
+
+
+def test_csv_number_columns_become_numeric_fields_and_codes_stay_strings():
+    items = pl.DataFrame({
+        "item_id": [1, 2, 3, 4], "text": ["1", "2", "3", "4"], "year": ["1995", " 2001", "", None],
+        "price": ["1.5", "2", "3e2", "nan"], "zip": ["02134", "10001", "9", "1"], "mixed": ["1", "a", "2", "3"],
+    })
+    out, converted = T.parse_numeric_strings(items)
+    assert converted == ["year", "price"]
+    assert out["year"].to_list() == [1995, 2001, None, None] and out["year"].dtype == pl.Int64
+    assert out["price"].dtype == pl.Float64 and out["price"][2] == 300.0
+    for col in ("text", "zip", "mixed"):  # the text, a code with a leading zero, a non-number
+        assert out[col].equals(items[col])
+    assert S.item_field_kinds(out.schema)["numeric"] == ["year", "price"]
+
+
+def test_features_build_types_csv_item_columns(tmp_path, capsys):
+    (tmp_path / "events.csv").write_text(EVENTS)
+    (tmp_path / "items.csv").write_text("item_id,text,year,genres\n10,Heat,1995,Action|Crime\n11,Toy Story,1995,Animation\n12,Up,2009,\n")
+    out = tmp_path / "out"
+    rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
+               "--items", str(tmp_path / "items.csv"), "--out", str(out)])
+    log = capsys.readouterr().out
+    assert rc == 0 and "'year' holds numbers only" in log
+    items = pl.read_parquet(out / "items.parquet")
+    assert items["year"].dtype == pl.Int64 and items["genres"].dtype == pl.List(pl.String)
+    # a parquet file's string column is the user's own choice of type: kept
+    pl.DataFrame({"item_id": [10, 11, 12], "text": ["a", "b", "c"], "code": ["1", "2", "3"]}).write_parquet(tmp_path / "items.parquet")
+    rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
+               "--items", str(tmp_path / "items.parquet"), "--out", str(tmp_path / "out2")])
+    assert rc == 0 and pl.read_parquet(tmp_path / "out2" / "items.parquet")["code"].dtype == pl.String
