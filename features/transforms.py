@@ -288,6 +288,13 @@ def item_stats(interactions: pl.LazyFrame) -> pl.LazyFrame:
     ).with_columns((pl.col(S.N_TRAIN) == 0).alias(S.COLD_ITEM))
 
 
+def _string_fields(items: pl.DataFrame) -> list[str]:
+    """The String item columns a field-typing step may retype: never the
+    item id, the text, the title or the image path."""
+    keep = (S.ITEM_ID, S.TEXT, S.TITLE, S.IMAGE_PATH)
+    return [name for name, dtype in items.schema.items() if dtype == pl.String and name not in keep]
+
+
 def split_multi_valued(items: pl.DataFrame, sep: str) -> tuple[pl.DataFrame, dict[str, int]]:
     """Items with every String field whose values hold `sep` as List(String).
 
@@ -299,9 +306,7 @@ def split_multi_valued(items: pl.DataFrame, sep: str) -> tuple[pl.DataFrame, dic
     title are never split. Returns the items and {column: rows holding sep}.
     """
     found: dict[str, int] = {}
-    for name, dtype in items.schema.items():
-        if dtype != pl.String or name in (S.ITEM_ID, S.TEXT, S.TITLE, S.IMAGE_PATH):
-            continue
+    for name in _string_fields(items):
         n = int(items[name].str.contains(sep, literal=True).sum())
         if n:
             found[name] = n
@@ -326,17 +331,14 @@ def parse_numeric_strings(items: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]
     converted columns.
     """
     converted, cols = [], []
-    for name, dtype in items.schema.items():
-        if dtype != pl.String or name in (S.ITEM_ID, S.TEXT, S.TITLE, S.IMAGE_PATH):
-            continue
+    for name in _string_fields(items):
         raw = items[name].str.strip_chars()
         present = raw.is_not_null() & (raw != "")
         if not present.any() or raw.filter(present).str.contains(r"^[+-]?0\d").any():
             continue
-        num = raw.cast(pl.Float64, strict=False)
+        num = raw.cast(pl.Float64, strict=False)  # null where empty or not a number
         if (num.is_null() & present).any():
             continue
-        num = pl.Series(name, num.to_numpy(), dtype=pl.Float64).set(~present, None)
         finite = num.filter(num.is_finite())
         if finite.len() == num.drop_nulls().len() and (finite == finite.round(0)).all() and finite.abs().max() < 2**53:
             num = num.cast(pl.Int64)
