@@ -30,14 +30,19 @@ def test_split_multi_valued_splits_only_fields_holding_the_separator():
     assert none == {} and same.equals(items)
 
 
-def _build(tmp_path, capsys, *extra):
+def _build(tmp_path, capsys, *extra, items: str | pl.DataFrame = ITEMS, out: str = "out"):
+    """`features build` of EVENTS with `items` (CSV text, or a frame written as parquet) -> (rc, log, out)."""
     (tmp_path / "events.csv").write_text(EVENTS)
-    (tmp_path / "items.csv").write_text(ITEMS)
-    out = tmp_path / "out"
+    if isinstance(items, str):
+        path = tmp_path / "items.csv"
+        path.write_text(items)
+    else:
+        path = tmp_path / "items.parquet"
+        items.write_parquet(path)
     rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
-               "--items", str(tmp_path / "items.csv"), "--out", str(out), *extra])
+               "--items", str(path), "--out", str(tmp_path / out), *extra])
     cap = capsys.readouterr()
-    return rc, cap.out + cap.err, out
+    return rc, cap.out + cap.err, tmp_path / out
 
 
 def test_features_build_reads_pipe_separated_genres_as_a_multi_valued_field(tmp_path, capsys):
@@ -76,16 +81,11 @@ def test_the_field_encoder_refuses_strings_for_a_multi_valued_field():
 
 def test_items_without_a_text_column_name_the_candidates(tmp_path, capsys):
     """A MovieLens-style movies.csv has `title`, not `text`: the error says which flag to pass."""
-    (tmp_path / "events.csv").write_text(EVENTS)
-    (tmp_path / "items.csv").write_text("item_id,title,genres\n10,Heat (1995),Action|Crime\n11,Toy Story (1995),Animation\n12,Up (2009),Animation\n")
-    out = tmp_path / "out"
-    rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
-               "--items", str(tmp_path / "items.csv"), "--out", str(out)])
-    err = capsys.readouterr().err
+    movies = "item_id,title,genres\n10,Heat (1995),Action|Crime\n11,Toy Story (1995),Animation\n12,Up (2009),Animation\n"
+    rc, err, out = _build(tmp_path, capsys, items=movies)
     assert rc == 1 and "items.csv" in err and "--text-column title" in err and "title, genres" in err
     assert not out.exists()
-    rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
-               "--items", str(tmp_path / "items.csv"), "--out", str(out), "--text-column", "title"])
+    rc, _, out = _build(tmp_path, capsys, "--text-column", "title", items=movies)
     assert rc == 0
     assert pl.read_parquet(out / "items.parquet")["genres"].dtype == pl.List(pl.String)
 
@@ -105,17 +105,11 @@ def test_csv_number_columns_become_numeric_fields_and_codes_stay_strings():
 
 
 def test_features_build_types_csv_item_columns(tmp_path, capsys):
-    (tmp_path / "events.csv").write_text(EVENTS)
-    (tmp_path / "items.csv").write_text("item_id,text,year,genres\n10,Heat,1995,Action|Crime\n11,Toy Story,1995,Animation\n12,Up,2009,\n")
-    out = tmp_path / "out"
-    rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
-               "--items", str(tmp_path / "items.csv"), "--out", str(out)])
-    log = capsys.readouterr().out
+    rc, log, out = _build(tmp_path, capsys, items="item_id,text,year,genres\n10,Heat,1995,Action|Crime\n11,Toy Story,1995,Animation\n12,Up,2009,\n")
     assert rc == 0 and "'year' holds numbers only" in log
     items = pl.read_parquet(out / "items.parquet")
     assert items["year"].dtype == pl.Int64 and items["genres"].dtype == pl.List(pl.String)
     # a parquet file's string column is the user's own choice of type: kept
-    pl.DataFrame({"item_id": [10, 11, 12], "text": ["a", "b", "c"], "code": ["1", "2", "3"]}).write_parquet(tmp_path / "items.parquet")
-    rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
-               "--items", str(tmp_path / "items.parquet"), "--out", str(tmp_path / "out2")])
-    assert rc == 0 and pl.read_parquet(tmp_path / "out2" / "items.parquet")["code"].dtype == pl.String
+    frame = pl.DataFrame({"item_id": [10, 11, 12], "text": ["a", "b", "c"], "code": ["1", "2", "3"]})
+    rc, _, out = _build(tmp_path, capsys, items=frame, out="out2")
+    assert rc == 0 and pl.read_parquet(out / "items.parquet")["code"].dtype == pl.String
