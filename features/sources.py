@@ -27,6 +27,7 @@ class RawTable:
     file: str  # shown in error messages
     fingerprint: str  # content hash of the file(s) it was read from
     row_offset: int = 1  # row numbers in messages are 1-based data rows
+    from_csv: bool = False  # read from CSV: every column arrived as String (see `scan_table`)
 
 
 @dataclass
@@ -223,7 +224,11 @@ def scan_table(path: str | Path) -> pl.LazyFrame:
     Strings are cast later by validation, which then names the first row that
     fails to parse instead of a parser error without a row.
     """
-    p = Path(path)
+    return _scan(Path(path))[0]
+
+
+def _scan(p: Path) -> tuple[pl.LazyFrame, bool]:
+    """`scan_table`'s frame and whether it was read from CSV."""
     if not p.exists():
         raise UsageError(f"input file {p} does not exist")
     if p.is_dir():
@@ -242,7 +247,7 @@ def scan_table(path: str | Path) -> pl.LazyFrame:
             lf.head(1).collect()
         except Exception as e:  # polars raises several types for corrupt files
             raise DataError(f"not a readable parquet file ({type(e).__name__}: {e})", file=str(p)) from e
-        return lf
+        return lf, False
     if suffix in {".csv", ".tsv", ".txt"}:
         sep = "\t" if suffix == ".tsv" else ","
         if p.stat().st_size == 0:
@@ -257,7 +262,7 @@ def scan_table(path: str | Path) -> pl.LazyFrame:
         repeated = sorted({n.split("_duplicated_")[0] for n in names if "_duplicated_" in n} & set(names))
         if repeated:
             raise DataError(f"the header names a column more than once: {', '.join(repeated)}", file=str(p), column=repeated[0])
-        return lf
+        return lf, True
     raise UsageError(f"input file {p}: unsupported extension {suffix!r} (use .parquet or .csv)")
 
 
@@ -265,13 +270,13 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
     inter = RawTable(scan_table(interactions), str(interactions), file_fingerprint(interactions))
     item_table = None
     if items is not None:
-        lf = scan_table(items)
+        lf, from_csv = _scan(Path(items))
         cols = lf.collect_schema().names()
         if text_column != S.TEXT and text_column in cols:
             if S.TEXT in cols:
                 lf = lf.drop(S.TEXT)
             lf = lf.rename({text_column: S.TEXT})
-        item_table = RawTable(lf, str(items), file_fingerprint(items))
+        item_table = RawTable(lf, str(items), file_fingerprint(items), from_csv=from_csv)
     return RawSource(name="files", interactions=inter, items=item_table)
 
 

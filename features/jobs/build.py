@@ -71,11 +71,11 @@ def load_source(cfg: FeaturesConfig) -> tuple[RawSource, pl.DataFrame | None]:
     raise UsageError(f"unknown source {cfg.source!r}")
 
 
-def _typed_item_fields(items: pl.DataFrame, file: str, cfg: FeaturesConfig, log: Callable[[str], None]) -> pl.DataFrame:
+def _typed_item_fields(items: pl.DataFrame, from_csv: bool, cfg: FeaturesConfig, log: Callable[[str], None]) -> pl.DataFrame:
     """Files source: CSV item columns (read as strings) that hold numbers only
     become numeric fields, and columns holding `multi_value_sep` become
     multi-valued fields (see the transforms); each conversion is logged."""
-    if Path(file).suffix.lower() in {".csv", ".tsv", ".txt"}:
+    if from_csv:
         items, numeric = T.parse_numeric_strings(items)
         for name in numeric:
             log(f"features: items column {name!r} holds numbers only: read as a numeric field")
@@ -129,7 +129,7 @@ def build_features(
     inter, bounds = validate_interactions(source.interactions, cfg.timestamp_unit)
     items = validate_items(source.items) if source.items is not None else None
     if items is not None and cfg.source == "files":
-        items = _typed_item_fields(items, str(source.items.file), cfg, log)
+        items = _typed_item_fields(items, source.items.from_csv, cfg, log)
     users = validate_users(source.users) if source.users is not None else None
     if cfg.engine == "spark":
         from features.spark.build import interactions_on_spark
