@@ -98,6 +98,8 @@ IMAGE_PATH = "image_path"  # optional: path to an image file
 FIRST_TS = "first_ts"  # timestamp of the item's first event (null: never seen)
 N_TRAIN = "n_train_events"
 
+ITEMS_COMPUTED = (FIRST_TS, N_TRAIN, COLD_ITEM)  # item columns the build computes: an input column may not take these names
+
 ITEMS_BASE_SCHEMA = pl.Schema(
     {
         ITEM_ID: pl.Int64,

@@ -288,11 +288,70 @@ def item_stats(interactions: pl.LazyFrame) -> pl.LazyFrame:
     ).with_columns((pl.col(S.N_TRAIN) == 0).alias(S.COLD_ITEM))
 
 
+_NOT_FIELDS = (S.ITEM_ID, S.TEXT, S.TITLE, S.IMAGE_PATH)  # item columns no field-typing step retypes
+
+
 def _string_fields(items: pl.DataFrame) -> list[str]:
     """The String item columns a field-typing step may retype: never the
     item id, the text, the title or the image path."""
-    keep = (S.ITEM_ID, S.TEXT, S.TITLE, S.IMAGE_PATH)
-    return [name for name, dtype in items.schema.items() if dtype == pl.String and name not in keep]
+    return [name for name, dtype in items.schema.items() if dtype == pl.String and name not in _NOT_FIELDS]
+
+
+def _as_field_dtype(dtype: pl.DataType) -> pl.DataType | None:
+    """The content-field type a column of `dtype` is read as (itself when the
+    encoders read it; None when no field type fits)."""
+    if isinstance(dtype, pl.Decimal):
+        return pl.Float64
+    if dtype in (pl.String, pl.List(pl.String)) or dtype.is_numeric():
+        return dtype
+    if isinstance(dtype, (pl.Categorical, pl.Enum)) or dtype == pl.Boolean:
+        return pl.String  # a category per value ("true"/"false" for a flag)
+    if isinstance(dtype, pl.List) and (dtype.inner.is_integer() or _as_field_dtype(dtype.inner) == pl.String):
+        return pl.List(pl.String)  # tag ids or categories: a multi-valued field
+    return None
+
+
+def field_dtypes(items: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, str], dict[str, pl.DataType]]:
+    """Items whose content fields all have a type the encoders read (String:
+    categorical, List(String): multi-valued, numeric).
+
+    Parquet columns arrive typed: a pandas `category` or a dictionary column
+    is Categorical, a flag Boolean, a price Decimal, tag ids a list of
+    integers. `item_field_kinds` knows none of these, so each would be left
+    out of the model without a word: they are cast (Categorical, Enum and
+    Boolean to String, Decimal to Float64, lists of integers or categories to
+    List(String)). Returns the items, {column: "from -> to"} for the casts and
+    {column: dtype} for the columns no field type fits (dates, structs...),
+    which the caller refuses."""
+    casts, unfit = {}, {}
+    for name, dtype in items.schema.items():
+        if name in _NOT_FIELDS or name in S.ITEMS_COMPUTED:
+            continue
+        to = _as_field_dtype(dtype)
+        if to is None:
+            unfit[name] = dtype
+        elif to != dtype:
+            casts[name] = to
+    out = items.with_columns(pl.col(n).cast(t) for n, t in casts.items()) if casts else items
+    return out, {n: f"{items.schema[n]} -> {t}" for n, t in casts.items()}, unfit
+
+
+def non_finite_numbers(items: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int], dict[str, list[int]]]:
+    """Float item fields with NaN read as missing (null, which the encoders
+    give a null flag), and the positions of infinite values, which no
+    missing-value convention writes. Returns the items, {column: NaNs made
+    null} and {column: 0-based rows holding +-inf (up to 5)}."""
+    nans, infs, cols = {}, {}, []
+    for name, dtype in items.schema.items():
+        if name in _NOT_FIELDS or not dtype.is_float():
+            continue
+        x = items[name]
+        if (n := int(x.is_nan().sum())) > 0:
+            nans[name] = n
+            cols.append(pl.col(name).fill_nan(None))
+        if x.is_infinite().any():
+            infs[name] = x.is_infinite().arg_true().head(5).to_list()
+    return (items.with_columns(cols) if cols else items), nans, infs
 
 
 def split_multi_valued(items: pl.DataFrame, sep: str) -> tuple[pl.DataFrame, dict[str, int]]:
@@ -336,12 +395,18 @@ def parse_numeric_strings(items: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]
         present = raw.is_not_null() & (raw != "")
         if not present.any() or raw.filter(present).str.contains(r"^[+-]?0\d").any():
             continue
-        num = raw.cast(pl.Float64, strict=False)  # null where empty or not a number
-        if (num.is_null() & present).any():
-            continue
-        finite = num.filter(num.is_finite())
-        if finite.len() == num.drop_nulls().len() and (finite == finite.round(0)).all() and finite.abs().max() < 2**53:
-            num = num.cast(pl.Int64)
+        whole = raw.cast(pl.Int64, strict=False)  # exact: 17-digit codes stay distinct (a float would merge them)
+        if not (whole.is_null() & present).any():
+            num = whole
+        else:
+            num = raw.cast(pl.Float64, strict=False)  # null where empty or not a number
+            if (num.is_null() & present).any():
+                continue
+            finite = num.filter(num.is_finite())
+            if (finite == finite.round(0)).all() and (finite.abs().max() or 0) >= 2**53:
+                continue  # whole numbers past 2^53 with decimals: no exact reading (a float merges them), so a category each
+            if finite.len() == num.drop_nulls().len() and (finite == finite.round(0)).all():  # "3.0": a whole number
+                num = num.cast(pl.Int64)
         converted.append(name)
         cols.append(num)
     return (items.with_columns(cols) if cols else items), converted

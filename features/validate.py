@@ -24,8 +24,10 @@ _SHOW = 5  # rows shown per problem
 UNIT_PER_S = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
 MAX_TS_S = 7_258_118_400  # 2200-01-01 UTC
-YEAR_2000_S = 946_684_800
+YEAR_1980_S = 315_532_800  # no interaction log here starts earlier (MovieLens-100K: 1997)
+JANUARY_1970_S = 31 * 86_400
 _INT64_MAX = 2**63 - 1
+_EXACT_FLOAT = 2**53  # a float id above this may not be the integer that was written
 
 
 def _parse_int(col: str, dtype: pl.DataType) -> pl.Expr:
@@ -34,13 +36,19 @@ def _parse_int(col: str, dtype: pl.DataType) -> pl.Expr:
         s = c.str.strip_chars()
         as_int = s.cast(pl.Int64, strict=False)
         as_float = s.cast(pl.Float64, strict=False)
-        integral = pl.when(as_float.is_finite() & (as_float == as_float.floor())).then(as_float.cast(pl.Int64))
-        return pl.coalesce(as_int, integral)
+        return pl.coalesce(as_int, _exact_integral(as_float))
     if dtype.is_integer():
         return c.cast(pl.Int64, strict=False)  # UInt64 beyond Int64: null, reported with its row
     if dtype.is_float():
-        return pl.when(c.is_finite() & (c == c.floor())).then(c.cast(pl.Int64))
+        return _exact_integral(c)
     raise TypeError
+
+
+def _exact_integral(x: pl.Expr) -> pl.Expr:
+    """`x` (Float64) as Int64 where it is a whole number a float holds exactly
+    (|x| <= 2^53); null elsewhere. "1000.0" is a pandas id; 1.2345678901234568e16
+    stands for every integer around it, so it is no id at all."""
+    return pl.when(x.is_finite() & (x == x.floor()) & (x.abs() <= _EXACT_FLOAT)).then(x.cast(pl.Int64))
 
 
 def _parse_float(col: str, dtype: pl.DataType) -> pl.Expr:
@@ -53,7 +61,9 @@ def _parse_float(col: str, dtype: pl.DataType) -> pl.Expr:
 def _not_int_message(dtype: pl.DataType) -> str:
     if dtype.is_unsigned_integer():
         return f"value is larger than the largest id this project stores ({_INT64_MAX}, Int64)"
-    return "value is not an integer"
+    if dtype.is_integer():
+        return "value is not an integer"
+    return f"value is not an integer (or is a float beyond 2^53 = {_EXACT_FLOAT}, which holds no exact integer: write it as integer text)"
 
 
 def _check_dtype(table: RawTable, col: str, dtype: pl.DataType, kind: str) -> None:
@@ -151,9 +161,22 @@ def validate_interactions(
     for col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP):
         aggs += _first_rows(pl.col(col) < 0, f"{col}_neg")
         checks.append((f"{col}_neg", col, "negative value"))
+    if S.RATING in schema and S.LABEL in schema:
+        neither = pl.col(f"__raw_{S.RATING}").is_null() & pl.col(f"__raw_{S.LABEL}").is_null()
+        aggs += _first_rows(neither, "rating_label_null")
+        checks.append(("rating_label_null", "rating|label", "no rating and no label (each row needs one of them)"))
     if S.RATING in schema:
         aggs += _first_rows(pl.col(S.RATING).is_nan(), "rating_nan")
         checks.append(("rating_nan", S.RATING, "NaN rating"))
+        aggs += _first_rows(pl.col(S.RATING).is_infinite(), "rating_inf")
+        checks.append(("rating_inf", S.RATING, "infinite rating"))
+    merged_ids = [c for c in (S.USER_ID, S.ITEM_ID) if schema[c] == pl.String]
+    for col in merged_ids:  # text ids: distinct strings that parse to one id ("007" and "7")
+        parsed_ok = pl.col(col).is_not_null()
+        aggs += [
+            pl.col(f"__raw_{col}").str.strip_chars().filter(parsed_ok).n_unique().alias(f"{col}__n_text"),
+            pl.col(col).filter(parsed_ok).n_unique().alias(f"{col}__n_ids"),
+        ]
     if S.LABEL in schema:
         bad = pl.col(S.LABEL).is_not_null() & ~pl.col(S.LABEL).is_in([0.0, 1.0])
         aggs += _first_rows(bad, "label_range")
@@ -165,6 +188,9 @@ def validate_interactions(
     if stats["n_rows"] == 0:
         raise DataError("the file has no rows", file=table.file)
     _raise_first(table, stats, checks)
+    for col in merged_ids:
+        if stats[f"{col}__n_text"] > stats[f"{col}__n_ids"]:
+            _raise_merged_ids(frame, table, col)
     bounds = {c: (stats[f"{c}__min"], stats[f"{c}__max"]) for c in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP)}
     _check_timestamp_unit(frame.lazy(), table, bounds[S.TIMESTAMP], timestamp_unit)
     per_s = UNIT_PER_S[timestamp_unit]
@@ -179,6 +205,30 @@ def validate_interactions(
         pl.col(S.LABEL).cast(pl.Int8),
     )
     return typed_rows.lazy(), bounds
+
+
+def _raise_merged_ids(frame: pl.DataFrame, table: RawTable, col: str) -> None:
+    """Error path: two different id strings that read as one integer id."""
+    text = pl.col(f"__raw_{col}").str.strip_chars()
+    clash = (
+        frame.filter(pl.col(col).is_not_null())
+        .group_by(col)
+        .agg(text.unique(maintain_order=True).alias("texts"), pl.col(ROW).min().alias("row"))
+        .filter(pl.col("texts").list.len() > 1)
+        .sort("row")
+    )
+    first = clash.row(0, named=True)
+    texts = first["texts"]
+    rows = (
+        frame.filter((pl.col(col) == first[col]) & text.is_in(texts[:2]).fill_null(False))
+        .group_by(text.alias("t")).agg(pl.col(ROW).min())[ROW].sort().to_list()
+    )
+    raise DataError(
+        f"different ids read as one: {texts[0]!r} and {texts[1]!r} are both id {first[col]}"
+        f"{f' ({clash.height} ids in all)' if clash.height > 1 else ''}: write ids as plain integers (no leading zeros, exponents, signs or "
+        "decimals), or map them to integers first",
+        file=table.file, column=col, rows=[r + table.row_offset for r in rows],
+    )
 
 
 def collect_or_raise(lf: pl.LazyFrame, table: RawTable) -> pl.DataFrame:
@@ -230,24 +280,32 @@ def first_non_utf8_line(path: str) -> int | None:
 
 
 def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int, int], unit: str) -> None:
-    """Refuse timestamps that are implausible in `unit`: after 2200, or all of
-    them within January 1970 while a coarser unit puts them in 2000..2200.
-    The message names the unit they look like."""
+    """Refuse timestamps that are implausible in `unit`: after 2200; all of
+    them within January 1970 while a coarser unit puts them in 1980..2200;
+    or some within January 1970 beside others from 1980 on (a row in another
+    unit, or a 0 standing for a missing time). The message names the unit
+    they look like when there is one. (Relative times, all of them small,
+    pass: only the mix with calendar times is refused.)"""
     lo, hi = bounds
     per_s = UNIT_PER_S[unit]
     guess: str | None = None
+    hint: str | None = None
     if hi > MAX_TS_S * per_s:
         finer = [u for u, f in UNIT_PER_S.items() if f > per_s and hi <= MAX_TS_S * f]
         guess = finer[0] if finer else None
         bad = pl.col(S.TIMESTAMP) > MAX_TS_S * per_s
         what = f"timestamps after the year 2200 when read as {UNIT_NAMES[unit]}"
-    elif per_s > 1 and hi < 31 * 86_400 * per_s:
-        coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and lo >= YEAR_2000_S * f and hi <= MAX_TS_S * f]
+    elif per_s > 1 and hi < JANUARY_1970_S * per_s:
+        coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and lo >= YEAR_1980_S * f and hi <= MAX_TS_S * f]
         if not coarser:
             return
         guess = coarser[-1]
         bad = pl.lit(True)
         what = f"every timestamp falls in January 1970 when read as {UNIT_NAMES[unit]}"
+    elif lo < JANUARY_1970_S * per_s and hi >= YEAR_1980_S * per_s:
+        bad = pl.col(S.TIMESTAMP) < JANUARY_1970_S * per_s
+        what = f"timestamps within January 1970 when read as {UNIT_NAMES[unit]}, beside others from 1980 on"
+        hint = "fix or drop those rows (a row in another unit, or 0 written for a missing time?)"
     else:
         return
     found = (
@@ -264,8 +322,7 @@ def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[in
             f"they look like {UNIT_NAMES[guess]}: use --timestamp-unit {guess} "
             f"(config features.timestamp_unit: {guess})"
         )
-    else:
-        hint = "no unit (s, ms, us, ns) makes them dates before 2200: check the column"
+    hint = hint or "no unit (s, ms, us, ns) makes them plausible dates: check the column"
     raise DataError(f"{what} (e.g. {first}, unit {unit}){more}; {hint}", file=table.file, column=S.TIMESTAMP, rows=rows)
 
 
@@ -287,6 +344,13 @@ def validate_items(table: RawTable) -> pl.DataFrame:
             file=table.file,
             column=S.TEXT,
         )
+    for i, name in enumerate(schema.names()):
+        if not name.strip():
+            raise SchemaError(f"column {i + 1} has no name (a pandas index written without index=False?): "
+                              "name it or drop it", file=table.file, column=repr(name))
+        if name in S.ITEMS_COMPUTED or name.startswith("__"):
+            raise SchemaError(f"reserved column name: the build computes {', '.join(S.ITEMS_COMPUTED)} itself "
+                              "(and names starting with '__' are internal): rename the column", file=table.file, column=name)
     _check_dtype(table, S.ITEM_ID, schema[S.ITEM_ID], "integer")
     df = collect_or_raise(lf.with_row_index(ROW).with_columns(_parse_int(S.ITEM_ID, schema[S.ITEM_ID]).alias("__id")), table)
     if df.height == 0:

@@ -19,7 +19,7 @@ import polars as pl
 
 from features import schemas as S
 from features import transforms as T
-from features.core.errors import UsageError
+from features.core.errors import DataError, SchemaError, UsageError
 from features.core.frames import collect
 from features.core.provenance import stage_key
 from features.core.manifest import (
@@ -40,7 +40,7 @@ from features.jobs.steps import (
 )
 from features.jobs.uri import is_remote, local_path
 from features.jobs.stats import summarize
-from features.sources import RawSource, generate_synthetic, load_files, load_movielens1m, load_movielens100k
+from features.sources import RawSource, RawTable, generate_synthetic, load_files, load_movielens1m, load_movielens100k
 from features.validate import validate_interactions, validate_items, validate_users
 
 
@@ -71,11 +71,21 @@ def load_source(cfg: FeaturesConfig) -> tuple[RawSource, pl.DataFrame | None]:
     raise UsageError(f"unknown source {cfg.source!r}")
 
 
-def _typed_item_fields(items: pl.DataFrame, from_csv: bool, cfg: FeaturesConfig, log: Callable[[str], None]) -> pl.DataFrame:
-    """Files source: CSV item columns (read as strings) that hold numbers only
-    become numeric fields, and columns holding `multi_value_sep` become
-    multi-valued fields (see the transforms); each conversion is logged."""
-    if from_csv:
+def _typed_item_fields(items: pl.DataFrame, table: RawTable, cfg: FeaturesConfig, log: Callable[[str], None]) -> pl.DataFrame:
+    """Files source: every content field gets a type the encoders read, and
+    each conversion is logged (see the transforms): parquet Categorical,
+    Boolean, Decimal and integer-list columns are cast; CSV columns (read as
+    strings) that hold numbers only become numeric fields; columns holding
+    `multi_value_sep` become multi-valued fields; NaN in a float field is a
+    missing value. A column no field type fits, or an infinite number, is
+    refused, naming the file, the column (and the rows)."""
+    items, casts, unfit = T.field_dtypes(items)
+    for name, dtype in unfit.items():
+        raise SchemaError(f"item column of type {dtype} is no content field type (text, number, list of text): "
+                          "cast it (a date to a year number, say) or drop it", file=table.file, column=name)
+    for name, what in casts.items():
+        log(f"features: items column {name!r} read as a field of another type ({what})")
+    if table.from_csv:
         items, numeric = T.parse_numeric_strings(items)
         for name in numeric:
             log(f"features: items column {name!r} holds numbers only: read as a numeric field")
@@ -84,6 +94,12 @@ def _typed_item_fields(items: pl.DataFrame, from_csv: bool, cfg: FeaturesConfig,
         for name, n in split.items():
             log(f"features: items column {name!r} holds {cfg.multi_value_sep!r}-separated values ({n:,} of "
                 f"{items.height:,} rows): read as a multi-valued field (features.multi_value_sep; null keeps it one category)")
+    items, nans, infs = T.non_finite_numbers(items)
+    for name, rows in infs.items():
+        raise DataError("infinite number in an item field (write a missing value as empty, or NaN)",
+                        file=table.file, column=name, rows=[r + table.row_offset for r in rows])
+    for name, n in nans.items():
+        log(f"features: items column {name!r}: {n:,} NaN values read as missing")
     return items
 
 
@@ -119,7 +135,10 @@ def build_features(
     check_output(out, {"interactions": local_path(cfg.interactions), "items": local_path(cfg.items)})
     source, truth = loaded if loaded is not None else load_source(cfg)
     tables = {"interactions": source.interactions, "items": source.items, "users": source.users}
-    key = stage_key(JOB, {"version": JOB_VERSION, "config": cfg.relevant()},
+    # the input files enter the key by content (their fingerprints), not by
+    # path: the same file named relatively, absolutely or after a move skips
+    keyed = {k: v for k, v in cfg.relevant().items() if k not in ("interactions", "items")}
+    key = stage_key(JOB, {"version": JOB_VERSION, "config": keyed},
                     {k: t.fingerprint for k, t in tables.items() if t is not None})
     if not force and is_up_to_date(out, key):
         log(f"features: {out} is up to date (same config, inputs and code); skipping")
@@ -129,7 +148,7 @@ def build_features(
     inter, bounds = validate_interactions(source.interactions, cfg.timestamp_unit)
     items = validate_items(source.items) if source.items is not None else None
     if items is not None and cfg.source == "files":
-        items = _typed_item_fields(items, source.items.from_csv, cfg, log)
+        items = _typed_item_fields(items, source.items, cfg, log)
     users = validate_users(source.users) if source.users is not None else None
     if cfg.engine == "spark":
         from features.spark.build import interactions_on_spark

@@ -36,8 +36,17 @@ def _nothing_written(out):
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,11,20x0,4\n", "timestamp", 2, "not an integer"),
         ("user_id,item_id,timestamp,label\n1,10,100,1\n2,11,200,3\n", "label", 2, "0 or 1"),
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n1,10,100,2\n", "user_id,item_id,timestamp", 2, "disagree"),
+        # before 2026-11-30 each of these exited 0 with a wrong table
+        ("user_id,item_id,timestamp,rating,label\n1,10,100,4,\n1,11,200,,\n2,10,300,,1\n", "rating|label", 2, "no rating and no label"),
+        ("user_id,item_id,timestamp,rating\n1,10,100,5\n007,11,200,4\n7,12,300,4\n", "user_id", None, "rows 2, 3: different ids read as one: '007' and '7' are both id 7"),
+        ("user_id,item_id,timestamp,rating\n1,10,100,5\n1e3,11,200,4\n1000,12,300,4\n", "user_id", None, "rows 2, 3: different ids read as one: '1e3' and '1000'"),
+        ("user_id,item_id,timestamp,rating\n123456789012345678.0,10,100,5\n123456789012345679.0,11,200,4\n", "user_id", None, "rows 1, 2: value is not an integer (or is a float beyond 2^53"),
+        ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,11,200,inf\n", "rating", 2, "infinite rating"),
+        ("user_id,item_id,timestamp,rating\n1,10,1600000000,5\n2,11,0,4\n", "timestamp", 2, "within January 1970"),
     ],
-    ids=["missing-column", "wrong-dtype", "null-id", "negative-id", "nan-rating", "bad-timestamp", "label-range", "conflicting-duplicates"],
+    ids=["missing-column", "wrong-dtype", "null-id", "negative-id", "nan-rating", "bad-timestamp", "label-range", "conflicting-duplicates",
+         "no-rating-no-label", "ids-merged-by-leading-zero", "ids-merged-by-exponent", "float-id-past-2-53", "inf-rating",
+         "zero-timestamp-among-dates"],
 )
 def test_data_errors_name_file_column_row(tmp_path, capsys, text, column, row, needle):
     rc, err, out = _run(tmp_path, capsys, text)
@@ -138,3 +147,29 @@ def test_missing_required_flag_is_usage_error(capsys):
     assert e.value.code == 2
     rc = main(["features", "build", "--source", "files", "--out", "/tmp/never-written-x"])
     assert rc == 2 and "--interactions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "unit", "rows", "needle"),
+    [
+        # 1997 in seconds read as ms: every time within 1970-01 (the old check only looked for 2000 on)
+        ("user_id,item_id,timestamp,rating\n1,10,874965758,5\n2,11,880000000,4\n", "ms", "rows 1, 2", "use --timestamp-unit s"),
+        # one row in seconds among milliseconds
+        ("user_id,item_id,timestamp,rating\n1,10,1600000000000,5\n1,11,1600000200,4\n2,10,1600000300000,3\n", "ms", "row 2",
+         "another unit"),
+    ],
+    ids=["seconds-as-ms-1997", "one-row-in-seconds"],
+)
+def test_timestamps_in_the_wrong_unit_are_refused(tmp_path, capsys, text, unit, rows, needle):
+    rc, err, out = _run(tmp_path, capsys, text, extra=["--timestamp-unit", unit])
+    assert rc == 1 and "'timestamp'" in err and rows in err and needle in err, err
+    assert _nothing_written(out)
+
+
+def test_relative_times_and_plain_text_ids_are_accepted(tmp_path, capsys):
+    """Small relative times (no calendar) pass; " 7 " is id 7, and "1000.0" (pandas) is id 1000."""
+    text = "user_id,item_id,timestamp,rating\n 7 ,10,100,5\n7,11,200,3\n1000.0,10,150,4\n2,12,300,1\n"
+    rc, err, out = _run(tmp_path, capsys, text)
+    assert rc == 0, err
+    df = pl.read_parquet(out / "interactions.parquet")
+    assert sorted(df["user_id"].unique().to_list()) == [2, 7, 1000] and df["timestamp"].max() == 300

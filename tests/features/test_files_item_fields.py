@@ -113,3 +113,62 @@ def test_features_build_types_csv_item_columns(tmp_path, capsys):
     frame = pl.DataFrame({"item_id": [10, 11, 12], "text": ["a", "b", "c"], "code": ["1", "2", "3"]})
     rc, _, out = _build(tmp_path, capsys, items=frame, out="out2")
     assert rc == 0 and pl.read_parquet(out / "items.parquet")["code"].dtype == pl.String
+
+
+def test_parquet_field_types_the_encoders_cannot_read_are_cast_not_dropped(tmp_path, capsys):
+    """A pandas category (Categorical), a flag, a Decimal price and integer tag
+    lists were left out of `item_fields` without a word (2026-11-30)."""
+    import decimal
+
+    items = pl.DataFrame({
+        "item_id": [10, 11, 12], "text": ["a", "b", "c"],
+        "genre": pl.Series(["x", "y", "x"], dtype=pl.Categorical), "flag": [True, False, None],
+        "price": pl.Series([decimal.Decimal("1.5"), decimal.Decimal("2"), None], dtype=pl.Decimal(10, 2)),
+        "tags": [[1, 2], [3], None],
+    })
+    rc, log, out = _build(tmp_path, capsys, items=items)
+    assert rc == 0, log
+    assert "'genre' read as a field of another type (Categorical -> String)" in log
+    got = pl.read_parquet(out / "items.parquet").sort(S.ITEM_ID)
+    assert got["flag"].to_list() == ["true", "false", None] and got["price"].to_list() == [1.5, 2.0, None]
+    assert got["tags"].to_list() == [["1", "2"], ["3"], None]
+    assert S.item_field_kinds(got.schema) == {"categorical": ["genre", "flag"], "multi": ["tags"], "numeric": ["price"], "image": []}
+
+
+def test_item_columns_that_cannot_be_used_are_refused(tmp_path, capsys):
+    import datetime as dt
+
+    base = {"item_id": [10, 11, 12], "text": ["a", "b", "c"]}
+    cases = [
+        (pl.DataFrame(base | {"released": [dt.date(2000, 1, 1)] * 3}), "'released'", "type Date"),
+        (pl.DataFrame(base | {"score": [1.0, float("inf"), 2.0]}), "'score', row 2", "infinite"),
+        ("item_id,text,score\n10,a,1.5\n11,b,2\n12,c,-inf\n", "'score', row 3", "infinite"),
+        ("item_id,text,first_ts\n10,a,5\n11,b,6\n12,c,7\n", "'first_ts'", "reserved column name"),  # was: overwrote the stats
+        (",item_id,text\n0,10,a\n1,11,b\n2,12,c\n", "column 1 has no name", "index=False"),  # was: a field named ''
+    ]
+    for i, (items, where, needle) in enumerate(cases):
+        rc, log, out = _build(tmp_path, capsys, items=items, out=f"out{i}")
+        assert rc == 1 and where in log and needle in log, log
+        assert not out.exists()
+
+
+def test_csv_numbers_keep_their_values(tmp_path, capsys):
+    """17-digit codes stay distinct (a float parse merged them); NaN is a missing value."""
+    items = "item_id,text,sku,score\n10,a,12345678901234567,1.5\n11,b,12345678901234568,nan\n12,c,12345678901234569,\n"
+    rc, log, out = _build(tmp_path, capsys, items=items)
+    assert rc == 0, log
+    got = pl.read_parquet(out / "items.parquet").sort(S.ITEM_ID)
+    assert got["sku"].dtype == pl.Int64 and got["sku"].n_unique() == 3
+    assert got["score"].to_list() == [1.5, None, None] and "'score': 1 NaN values read as missing" in log
+
+
+def test_a_mistyped_text_column_is_a_usage_error_and_paths_do_not_key_the_build(tmp_path, capsys, monkeypatch):
+    items = "item_id,text,description\n10,a,x\n11,b,y\n12,c,z\n"
+    rc, log, out = _build(tmp_path, capsys, "--text-column", "descriptoin", items=items)
+    assert rc == 2 and "--text-column descriptoin" in log and "text, description" in log  # was: read 'text'
+    rc, log, out = _build(tmp_path, capsys, items=items)
+    assert rc == 0, log
+    # the same files named relative to the working folder: up to date (the key holds contents, not paths)
+    monkeypatch.chdir(tmp_path)
+    rc = main(["features", "build", "--source", "files", "--interactions", "events.csv", "--items", "items.csv", "--out", "out"])
+    assert rc == 0 and "up to date" in capsys.readouterr().out
