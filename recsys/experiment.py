@@ -80,9 +80,16 @@ class ExperimentSpec:
             raise ValueError(f"arms: duplicate arm name(s) {dups}")
         if self.control not in names:
             raise ValueError(f"control: arm {self.control!r} is not among the arms {names}")
+        if len(names) < 2:
+            raise ValueError(f"arms: an A/B needs a treatment arm beside the control (got only {names})")
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"metrics: unknown metric(s) {unknown}; known: {list(METRICS)}")
+        if not self.metrics:
+            raise ValueError(f"metrics: at least one metric is needed; known: {list(METRICS)}")
+        repeated = sorted({m for m in self.metrics if self.metrics.count(m) > 1})
+        if repeated:  # each would count twice in the Holm family
+            raise ValueError(f"metrics: metric(s) {repeated} repeated")
         if not self.seeds:
             raise ValueError("seeds: at least one seed is needed")
         if self.n_boot < MIN_BOOT:
@@ -92,9 +99,9 @@ class ExperimentSpec:
 def check_seeds(seeds: tuple[int, ...], what: str) -> tuple[int, ...]:
     """ConfigError on a negative or repeated seed (a repeated seed would be
     counted twice in the interval)."""
-    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
-    if bad:
-        raise ConfigError(f"{what}: seeds must be integers >= 0, got {bad}")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32]
+    if bad:  # numpy wraps 2**32 around to 0: the "two" seeds would be one run counted twice
+        raise ConfigError(f"{what}: seeds must be integers in 0..2**32-1, got {bad}")
     dups = sorted({s for s in seeds if seeds.count(s) > 1})
     if dups:
         raise ConfigError(f"{what}: seed(s) {dups} repeated; each seed runs once")
@@ -106,12 +113,10 @@ def parse_seeds(text: str, what: str = "--seeds") -> tuple[int, ...]:
     parts = [p.strip() for p in str(text).split(",")]
     if not any(parts):
         raise ConfigError(f"{what} {text!r}: expected comma-separated integers, e.g. 0,1,2")
-    try:
-        seeds = tuple(int(p) for p in parts)
-    except ValueError:
-        bad = next(p for p in parts if not p.lstrip("-").isdigit())
-        raise ConfigError(f"{what} {text!r}: {bad!r} is not an integer; expected e.g. 0,1,2") from None
-    return check_seeds(seeds, what)
+    bad = [p for p in parts if not re.fullmatch(r"[0-9]+", p)]  # int() would also take "1_0", "٣" and "-1"
+    if bad:
+        raise ConfigError(f"{what} {text!r}: {bad[0]!r} is not a seed (digits 0-9 only); expected e.g. 0,1,2")
+    return check_seeds(tuple(int(p) for p in parts), what)
 
 
 @dataclass
@@ -149,5 +154,41 @@ def load_experiment(path: str | Path, seeds: tuple[int, ...] | None = None) -> L
         merged = deep_merge(baseline, arm.delta)
         if "name" not in arm.delta:
             merged["name"] = f"{spec.experiment}/{arm.name}"
-        arm_configs[arm.name] = PipelineConfig.from_mapping(merged, where=f"{path}: arm {arm.name!r} (baseline + delta)")
+        where = f"{path}: arm {arm.name!r} (baseline + delta)"
+        arm_configs[arm.name] = cfg = PipelineConfig.from_mapping(merged, where=where)
+        for key, why in unread_delta_keys(arm, cfg).items():
+            raise ConfigError(f"{path}: arm {arm.name!r}: delta key {key!r} cannot take effect: {why}")
     return LoadedExperiment(spec, path, baseline_path, baseline, arm_configs)
+
+
+def read_sections(model: str, cfg: PipelineConfig) -> set[str]:
+    """The config sections an arm of `model` reads, given its merged config
+    (`recsys.plan`: the model's job and the stages upstream of it)."""
+    if model == "lightgbm":
+        read, uses_match, uses_emb = {"features", "lightgbm"}, cfg.lightgbm.use_match_features, False
+    else:
+        read, uses_match = {"features", "data", "ranker", "train"}, cfg.data.use_match_features
+        uses_emb = cfg.ranker.use_distilled_embeddings != "off"
+    if uses_match:
+        read.add("match")
+    if (uses_match or uses_emb) and not cfg.paths.embeddings:  # the distill stage makes the embeddings
+        read |= {"teachers", "distill"}
+    return read | {"paths", "tracking", "name"}
+
+
+def unread_delta_keys(arm: ArmSpec, cfg: PipelineConfig) -> dict[str, str]:
+    """{dotted delta key: why it changes nothing} for an arm: a section its
+    model never reads (a ranker setting on a LightGBM arm, the distill
+    section of an arm without embeddings), or a seed, which the
+    experiment's `seeds` set for every seeded stage of every arm."""
+    from features.core.config import flatten
+
+    read = read_sections(arm.model, cfg)
+    out = {}
+    for key in flatten(arm.delta):
+        section = key.split(".")[0]
+        if key == "seed" or (key.endswith(".seed") and section != "features"):
+            out[key] = "the experiment's `seeds` set every seed of each arm (list the seeds there)"
+        elif section not in read:
+            out[key] = f"a {arm.model} arm with this config does not read the {section!r} section"
+    return out

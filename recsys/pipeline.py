@@ -155,7 +155,8 @@ class Pipeline:
             result = self.stage("rank", lgb_job, out, lgb_entry, upstream=upstream, tags=tags)
         else:
             rank_job = plan_rank(cfg, seed=seed, features=features.out, match=match, embeddings=emb)
-            rank_job = dataclasses.replace(rank_job, train=dataclasses.replace(rank_job.train, progress=self.progress))
+            # --quiet turns the bars off; it never turns on what the config (train.progress: false) turned off
+            rank_job = dataclasses.replace(rank_job, train=dataclasses.replace(rank_job.train, progress=self.progress and rank_job.train.progress))
 
             def rank_entry(j: Any, st: Tracker, o: Path) -> StageResult:
                 st.log_dict(config_json, "config.json")

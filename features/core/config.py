@@ -19,6 +19,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -169,17 +170,38 @@ def _strict_yaml_loader():
     def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: its keys are defaults the mapping's own keys override
             key = loader.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise ConfigError(f"key at line {line} is a {type(key).__name__}: keys must be plain names")
             if key in seen:
-                raise ConfigError(
-                    f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
-                    f"(first at line {seen[key] + 1})"
-                )
-            seen[key] = key_node.start_mark.line
+                raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {seen[key] + 1})")
+            seen[key] = line - 1
         return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
+    def construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+        # YAML 1.1 reads 010 as 8 (octal) and 2:00 as 120 (base 60): a config
+        # number means what it says, or is refused
+        if re.fullmatch(r"[-+]?0[0-9_]+", node.value) or ":" in node.value:
+            raise ConfigError(f"number {node.value!r} at line {node.start_mark.line + 1}: YAML reads it as "
+                              f"{yaml.SafeLoader.construct_yaml_int(loader, node)}; write it without leading zeros or ':'")
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+
     StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    StrictLoader.add_constructor("tag:yaml.org,2002:int", construct_int)
     return StrictLoader
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads hook: a key given twice in one object is an error (json keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ConfigError(f"duplicate key {k!r}: each key may appear once per mapping")
+        out[k] = v
+    return out
 
 
 def load_mapping(path: str | Path) -> dict[str, Any]:
@@ -187,6 +209,8 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     (duplicate keys are errors too)."""
     import yaml
 
+    if not str(path).strip():
+        raise UsageError("config file '': empty path (an unset shell variable?)")
     p = Path(path)
     if not p.exists():
         raise UsageError(f"config file {p} does not exist")
@@ -200,7 +224,7 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
             "save it as UTF-8"
         ) from e
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.load(text, Loader=_strict_yaml_loader())
+        data = json.loads(text, object_pairs_hook=_unique_keys) if p.suffix == ".json" else yaml.load(text, Loader=_strict_yaml_loader())
     except ConfigError as e:
         raise ConfigError(f"config file {p}: {e}") from e
     except (yaml.YAMLError, json.JSONDecodeError) as e:
@@ -225,11 +249,16 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def deep_merge(base: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively overlay `delta` on `base` (mappings merge, anything else replaces)."""
+    """Recursively overlay `delta` on `base` (mappings merge, anything else
+    replaces). A null over a mapping changes nothing: it is how YAML reads a
+    section left empty (`features:` with every key commented out), never a
+    request to reset the base's section to the defaults."""
     out = dict(base)
     for k, v in delta.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
             out[k] = deep_merge(out[k], v)
+        elif v is None and isinstance(out.get(k), Mapping):
+            continue
         else:
             out[k] = v
     return out

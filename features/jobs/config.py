@@ -72,6 +72,11 @@ class FeaturesConfig:
             raise ValueError("source 'files' needs `interactions` (--interactions PATH)")
         if self.multi_value_sep is not None and (not isinstance(self.multi_value_sep, str) or not self.multi_value_sep.strip()):
             raise ValueError(f"multi_value_sep must be a non-blank string or null, got {self.multi_value_sep!r}")
+        if self.source != "files":
+            for key in ("interactions", "items"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} applies to the files source only (source {self.source!r} reads its own data); "
+                                     "set source: files to read your files")
         if self.source != "files" and self.timestamp_unit != "s":
             raise ValueError(f"timestamp_unit applies to the files source only (source {self.source!r} is in seconds)")
 

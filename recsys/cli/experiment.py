@@ -58,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from recsys.compare import format_rows, regressions
+    from recsys.compare import ALL, format_rows, regressions
     from recsys.config import load_pipeline_config
     from features.core.errors import UsageError
     from recsys.eval.metrics import METRICS
@@ -72,9 +72,20 @@ def _compare(args: argparse.Namespace) -> int:
         raise UsageError(f"--n-boot {args.n_boot}: need at least {MIN_BOOT} bootstrap replicates for a 95% interval")
     tracking = load_pipeline_config(args.config).tracking
     rows, control = compare_experiment(tracking, args.name, control=args.control, n_boot=args.n_boot)
+    gate = rows
+    if args.fail_on_regression:  # a gate on a metric the runs never computed would pass without looking
+        def measured(rs):
+            return sorted({r.metric for r in rs if r.arm != control and r.segment == ALL})
+
+        if args.fail_on_regression not in measured(rows):  # not among the experiment's metrics: computed for the gate
+            gate, _ = compare_experiment(tracking, args.name, control=args.control, n_boot=args.n_boot,
+                                         metrics=(args.fail_on_regression,), log_to_store=False)
+        if args.fail_on_regression not in measured(gate):
+            raise UsageError(f"--fail-on-regression {args.fail_on_regression}: experiment {args.name!r} has no "
+                             f"treatment-vs-control delta on it (its metrics: {', '.join(measured(rows)) or 'none'})")
     print(format_rows(rows, args.format, control=control))
     if args.fail_on_regression:
-        bad = regressions(rows, args.fail_on_regression, control)
+        bad = regressions(gate, args.fail_on_regression, control)
         if bad:
             arms = ", ".join(f"{r.arm} ({r.delta:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}])" for r in bad)
             print(f"regression on {args.fail_on_regression}: {arms}", file=sys.stderr)

@@ -93,7 +93,7 @@ class PipelineConfig:
             if isinstance(node, Mapping) and leaf in node:
                 raise ConfigError(f"{where}.{old}: this key was renamed {new}; move it there")
         encoder = (data.get("ranker") or {}).get("history_encoder") if isinstance(data.get("ranker"), Mapping) else None
-        if encoder in RENAMED_HISTORY_ENCODERS:
+        if isinstance(encoder, str) and encoder in RENAMED_HISTORY_ENCODERS:
             raise ConfigError(
                 f"{where}.ranker.history_encoder: {encoder!r} was renamed {RENAMED_HISTORY_ENCODERS[encoder]!r} "
                 "(target attention on the rank-svd_rank truncation of the history: exact only when the history's "
@@ -101,7 +101,11 @@ class PipelineConfig:
             )
         # an empty section in YAML (`ranker:` with nothing under it) parses as null
         data = {k: ({} if v is None and k in SECTIONS else v) for k, v in data.items()}
-        return from_dict(cls, data, where=where)
+        cfg = from_dict(cls, data, where=where)
+        for key, seed in _seeds(cfg):
+            if seed is not None and not 0 <= seed <= MAX_SEED:
+                raise ConfigError(f"{where}.{key}: a seed must be an integer in 0..2**32-1 (numpy's range), got {seed}")
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         """Resolved config: every section with defaults filled in."""
@@ -112,12 +116,27 @@ class PipelineConfig:
         return config_hash(self.to_dict())
 
 
+MAX_SEED = 2**32 - 1  # numpy and torch seeds: larger ones fail late, or wrap around
+
+
+def _seeds(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every `seed` field of a config, nested sections included."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _seeds(value, f"{prefix}{f.name}.")
+        elif f.name == "seed" and (value is None or isinstance(value, int)):
+            out.append((f"{prefix}{f.name}", value))
+    return out
+
+
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PipelineConfig) if f.name not in ("name", "seed"))
 
 
 def load_pipeline_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
     """Read a pipeline YAML/JSON (or defaults when path is None), apply overrides."""
-    data = load_mapping(path) if path else {}
+    data = load_mapping(path) if path is not None else {}
     if overrides:
         data = deep_merge(data, overrides)
     return PipelineConfig.from_mapping(data, where=str(path) if path else "config")
@@ -193,7 +212,7 @@ def annotated_yaml(obj: Any, indent: int = 0) -> list[str]:
 def annotated_pipeline_yaml(cfg: PipelineConfig) -> str:
     """The whole resolved pipeline config as annotated YAML."""
     docs = field_docs(PipelineConfig)
-    lines = [f"name: {cfg.name}  # str: {docs['name']}", f"seed: {cfg.seed}  # int: {docs['seed']}"]
+    lines = [f"name: {_yaml_scalar(cfg.name)}  # str: {docs['name']}", f"seed: {cfg.seed}  # int: {docs['seed']}"]
     for name in SECTIONS:
         section = getattr(cfg, name)
         doc = (type(section).__doc__ or "").strip().splitlines()[0]

@@ -288,13 +288,18 @@ def test_experiment_name_that_could_escape_the_root_exits_2(cli, tmp_path, monke
 
 @pytest.mark.parametrize(
     ("seeds", "needle"),
-    [("1,x", "'x' is not an integer"), ("", "expected comma-separated integers"), (" , ", "expected comma-separated"),
-     ("0,1,0", "seed(s) [0] repeated"), ("-1", "seeds must be integers >= 0")],
+    [("1,x", "'x' is not a seed"), ("", "expected comma-separated integers"), (" , ", "expected comma-separated"),
+     ("0,1,0", "seed(s) [0] repeated"), ("-1", "'-1' is not a seed (digits 0-9 only)"),
+     # before 2026-11-30: "--1" crashed (StopIteration), "1_0" ran seed 10, 2**32 ran seed 0 again
+     ("1_0", "'1_0' is not a seed"), ("\u0663", "is not a seed"), ("0,4294967296", "seeds must be integers in 0..2**32-1")],
 )
 def test_bad_seeds_exit_2_before_any_work(cli, tmp_path, monkeypatch, seeds, needle):
+    """`--seeds=--1` crashed with StopIteration before 2026-11-30 (argparse takes it only in the = form)."""
     monkeypatch.chdir(tmp_path)
     rc, _, err = cli("experiment", "run", _experiment_file(tmp_path), "--seeds", seeds)
     assert rc == 2 and needle in err, err
+    rc, _, err = cli("experiment", "run", _experiment_file(tmp_path), "--seeds=--1")
+    assert rc == 2 and "'--1' is not a seed" in err, err
     assert not (tmp_path / "art").exists() and not (tmp_path / "mlflow").exists()
 
 

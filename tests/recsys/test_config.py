@@ -116,3 +116,46 @@ def test_an_experiment_seed_reruns_the_whole_chain():
     assert plan_match(cfg, seed=3).config.seed == 3 and plan_match(cfg).config.seed == 9
     assert plan_rank(cfg, seed=3).seed == plan_lightgbm(cfg, seed=3).config.seed == 3
     assert plan_distill(cfg, seed=3) != plan_distill(cfg, seed=4)  # distinct jobs: distinct folders
+
+
+def test_config_faults_found_by_a_probe_exit_2(tmp_path, capsys):
+    """Each of these exited 0 with a setting ignored or mis-read, or crashed
+    late, before 2026-11-30."""
+    from recsys.cli import main
+
+    cases = {
+        "dup.json": ('{"train": {"epochs": 2, "epochs": 3}}', "duplicate key 'epochs'"),
+        "seed.yaml": ("train:\n  seed: -5\n", "train.seed: a seed must be an integer in 0..2**32-1"),
+        "bigseed.yaml": ("seed: 4294967296\n", "seed: a seed must be an integer in 0..2**32-1"),
+        "enc.yaml": ("ranker:\n  history_encoder: [mean]\n", "history_encoder"),
+        "octal.yaml": ("train:\n  epochs: 010\n", "number '010' at line 2: YAML reads it as 8"),
+        "base60.yaml": ("train:\n  epochs: 2:00\n", "YAML reads it as 120"),
+        "listkey.yaml": ("[a, b]: 1\n", "keys must be plain names"),
+        "files.yaml": ("features:\n  source: synthetic\n  interactions: /nonexistent/events.csv\n",
+                       "interactions applies to the files source only"),
+    }
+    for name, (text, needle) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert main(["config", "show", "--config", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (name, err)
+    assert main(["config", "show", "--config", ""]) == 2
+    assert "config file '': empty path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["run #2", "yes", "123", "a: b"])
+def test_config_show_quotes_the_name_so_its_output_reads_back(tmp_path, capsys, name):
+    from recsys.cli import main
+
+    (tmp_path / "c.yaml").write_text(json.dumps({"name": name}))
+    assert main(["config", "show", "--config", str(tmp_path / "c.yaml")]) == 0
+    shown = tmp_path / "shown.yaml"
+    shown.write_text(capsys.readouterr().out)
+    assert load_pipeline_config(shown).name == name
+
+
+def test_yaml_merge_keys_are_read(tmp_path):
+    """`<<: *anchor` is valid YAML; the duplicate-key check refused it before 2026-11-30."""
+    (tmp_path / "m.yaml").write_text("ranker: {<<: {embedding_dim: 8, svd_rank: 4}, svd_rank: 2}\n")
+    cfg = load_pipeline_config(tmp_path / "m.yaml")
+    assert (cfg.ranker.embedding_dim, cfg.ranker.svd_rank) == (8, 2)

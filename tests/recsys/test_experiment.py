@@ -48,6 +48,16 @@ GOOD = {
         (lambda s: s["arms"][1]["delta"].update(rankr={}), "unknown section 'rankr' (did you mean 'ranker'?)"),
         (lambda s: s["arms"][1].update(model="xgboost"), "expected one of ['ranker', 'lightgbm']"),
         (lambda s: s.update(metrics=["auc", "ndcg"]), "unknown metric(s) ['ndcg']"),
+        # accepted before 2026-11-30, each giving an empty, doubled or silently unchanged comparison
+        (lambda s: s.update(metrics=[]), "at least one metric is needed"),
+        (lambda s: s.update(metrics=["auc", "auc", "logloss"]), "metric(s) ['auc'] repeated"),
+        (lambda s: s.update(arms=s["arms"][:1]), "needs a treatment arm beside the control"),
+        (lambda s: s.update(seeds=[0, 2**32]), "seeds must be integers in 0..2**32-1"),
+        (lambda s: s["arms"][1]["delta"].update(train={"seed": 3}), "delta key 'train.seed' cannot take effect: the experiment's `seeds`"),
+        (lambda s: s["arms"][1]["delta"].update(seed=7), "delta key 'seed' cannot take effect"),
+        (lambda s: s["arms"][1].update(model="lightgbm"), "delta key 'ranker.history_encoder' cannot take effect: a lightgbm arm"),
+        (lambda s: s["arms"][1]["delta"].update(lightgbm={"num_leaves": 4}), "'lightgbm.num_leaves' cannot take effect: a ranker arm"),
+        (lambda s: s["arms"][1]["delta"].update(distill={"epochs": 2}), "'distill.epochs' cannot take effect: a ranker arm with this config"),
     ],
 )
 def test_bad_experiment_files_exit_2(tmp_path, capsys, mutate, needle):
@@ -65,6 +75,16 @@ def test_duplicate_yaml_keys_in_an_experiment_exit_2(tmp_path, capsys):
     (tmp_path / "exp.yaml").write_text("experiment: t\nbaseline: configs/base.yaml\nexperiment: u\narms: []\n")
     assert main(["experiment", "run", str(tmp_path / "exp.yaml")]) == 2
     assert "duplicate key 'experiment'" in capsys.readouterr().err
+
+
+def test_an_empty_section_in_a_delta_keeps_the_baseline(tmp_path):
+    """`train:` with every key commented out parses as null: it replaced the
+    baseline's whole section with the defaults before 2026-11-30 (epochs 1 -> 6)."""
+    spec = json.loads(json.dumps(GOOD))
+    spec["arms"][1]["delta"].update(train=None, features=None)
+    path = _write(tmp_path, spec, baseline={"seed": 0, "train": {"epochs": 1}, "features": {"source": "synthetic"}})
+    cfg = load_experiment(path).arm_configs["b"]
+    assert cfg.train.epochs == 1 and cfg.features.source == "synthetic" and cfg.ranker.history_encoder == "svd_compact"
 
 
 def test_shipped_experiments_validate():
@@ -187,6 +207,9 @@ def test_fail_on_regression_exit_status(monkeypatch, capsys):
     assert main(["experiment", "compare", "x"]) == 0
     assert main(["experiment", "compare", "x", "--fail-on-regression", "auc"]) == 1
     assert "regression on auc: worse" in capsys.readouterr().err
+    # a gate on a metric outside the experiment's list is computed, not passed unseen
+    assert main(["experiment", "compare", "x", "--fail-on-regression", "logloss"]) == 1
+    assert "regression on logloss: worse" in capsys.readouterr().err
     preds.reverse()
     preds[:] = [ArmPredictions("control", 0, frame(good)), ArmPredictions("same", 0, frame(good))]
     assert main(["experiment", "compare", "x", "--fail-on-regression", "auc"]) == 0
