@@ -106,10 +106,53 @@ def read_parquet(path: str | Path, columns: Sequence[str] | None = None) -> pl.D
         raise DataError(f"not a readable parquet file: {e}", file=str(path)) from e
 
 
+def check_manifest(path: str | Path) -> None:
+    """When `path` is an output listed in its folder's manifest.json (a
+    features or match-features folder), check that it still holds the bytes
+    the manifest fingerprinted. A file rewritten, swapped or truncated after
+    its job would otherwise be read as if the job had written it (and a job
+    keyed on the manifest's fingerprints would even skip). A DataError naming
+    the file and the job to rerun."""
+    import json
+
+    from features.core.fingerprint import file_fingerprint
+
+    path = Path(path)
+    try:
+        manifest = json.loads((path.parent / "manifest.json").read_text())
+        info = manifest["outputs"][path.name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a file of the user's own, outside a job's folder: nothing to check against
+    if path.is_file() and file_fingerprint(path) != info.get("fingerprint"):
+        job = manifest.get("job", "the job that wrote it")
+        raise DataError(f"changed since `{job}` wrote it (its bytes differ from {path.parent / 'manifest.json'}): "
+                        "rerun that job into this folder rather than editing its outputs", file=str(path))
+
+
+def check_match_upstream(match_file: str | Path, features_dir: str | Path) -> None:
+    """The match features were computed from this features folder's
+    interactions (the fingerprint their manifest keyed on), when both
+    folders have manifests: match features of another build (another label
+    threshold, say) can line up row by row and still be wrong."""
+    import json
+
+    match_file, features_dir = Path(match_file), Path(features_dir)
+    try:
+        used = json.loads((match_file.parent / "manifest.json").read_text())["key"]["upstream"]["interactions"]
+        have = json.loads((features_dir / "manifest.json").read_text())["outputs"][S.FILES["interactions"]]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if used != have:
+        raise DataError(f"built from other features than {features_dir} (interactions fingerprint {used}, this "
+                        f"folder's {have}): rerun `recsys features match --features {features_dir}`", file=str(match_file))
+
+
 def read_table(path: str | Path, name: str, columns: Sequence[str]) -> pl.DataFrame:
     """The whole parquet file at `path` (a file of kind `name`), after
-    checking that it holds `columns` with their declared kinds of dtype."""
+    checking that it holds `columns` with their declared kinds of dtype, and
+    that it is the file its folder's manifest describes (`check_manifest`)."""
     check_columns(parquet_schema(path), needed_kinds(name, columns), str(path))
+    check_manifest(path)
     return read_parquet(path)
 
 
@@ -125,6 +168,8 @@ def read_features_table(folder: str | Path, name: str, columns: Sequence[str]) -
 
 __all__ = [
     "check_columns",
+    "check_manifest",
+    "check_match_upstream",
     "kind_of",
     "kind_ok",
     "needed_kinds",

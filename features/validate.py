@@ -39,6 +39,8 @@ def _parse_int(col: str, dtype: pl.DataType) -> pl.Expr:
         return pl.coalesce(as_int, _exact_integral(as_float))
     if dtype.is_integer():
         return c.cast(pl.Int64, strict=False)  # UInt64 beyond Int64: null, reported with its row
+    if isinstance(dtype, pl.Decimal):  # Decimal(10, 0) ids from a database export
+        return pl.coalesce(c.cast(pl.Int64, strict=False), _exact_integral(c.cast(pl.Float64)))
     if dtype.is_float():
         return _exact_integral(c)
     raise TypeError

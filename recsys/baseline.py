@@ -36,7 +36,7 @@ from features.core.manifest import atomic_outputs, atomic_write_text, folder_fin
 from features.core.provenance import stage_key
 from features.core.numeric import json_safe
 from features.core.tracker import NullTracker, Tracker
-from features.reader import read_table
+from features.reader import check_match_upstream, read_table
 from features.schemas import MATCH_FILE, MATCH_KEYS, MATCH_PREFIX
 from recsys import plots
 from recsys.config.sections import LightGBMConfig
@@ -83,6 +83,7 @@ def load_table(features_dir: str | Path, match_dir: str | Path | None) -> tuple[
     if mfile is None:
         return inter, []
     mf = read_table(mfile, "match", MATCH_KEYS)
+    check_match_upstream(mfile, features_dir)
     keys = list(MATCH_KEYS)
     if mf.height != inter.height or not mf.select(keys).equals(inter.select(keys)):
         raise DataError(

@@ -19,6 +19,7 @@ from distill.config import DistillConfig
 from features import schemas as S
 from features.core.errors import DataError, SchemaError, UsageError
 from features.core.manifest import read_manifest
+from features.reader import check_manifest
 
 REQUIRED = {
     "interactions": [S.USER_ID, S.ITEM_ID, S.LABEL, S.SPLIT, S.HIST_END, S.POS_HIST_END, S.POS_HIST_LEN],
@@ -74,6 +75,7 @@ def _read_table(folder: Path, name: str) -> pl.DataFrame:
     path = folder / S.FILES[name]
     if not path.is_file():
         raise DataError("missing from the features folder (rebuild it with `recsys features build`)", file=str(path))
+    check_manifest(path)
     try:
         df = pl.read_parquet(path)
     except Exception as e:  # polars raises several types for corrupt files

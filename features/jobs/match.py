@@ -28,6 +28,7 @@ from features.jobs.uri import local_path
 from features.match import ItemSpace, MatchConfig
 from features.match.config import NEGATIVE_FROM
 from features.schemas import MATCH_FILE
+from features.reader import check_manifest, read_parquet
 
 MATCH_JOB = "features.match"
 MATCH_JOB_VERSION = 2  # bump when the output of the same inputs and config changes
@@ -75,6 +76,11 @@ def _match_key(features_dir: Path, embeddings: Path, cfg: MatchConfig) -> dict[s
         raise UsageError(f"{features_dir} is not a features folder (no manifest); run `recsys features build` first")
     if not embeddings.is_file():
         raise UsageError(f"embeddings file {embeddings} does not exist")
+    for name in names:  # the key trusts the manifest's fingerprints: the files must still be those
+        path = features_dir / name
+        if not path.is_file():
+            raise DataError("missing from the features folder (rebuild it with `recsys features build`)", file=str(path))
+        check_manifest(path)
     upstream = {
         "interactions": fm["outputs"][names[0]]["fingerprint"],
         "sequences": fm["outputs"][names[1]]["fingerprint"],
@@ -331,7 +337,7 @@ def item_space(feats_dir: Path, emb_path: Path, cfg: MatchConfig, log: Callable[
     """The checked item vectors, their semantic IDs and faiss index (a global
     step: built once, on the driver, for either engine) and the ids of the
     interactions' items without a vector."""
-    emb_df = pl.read_parquet(emb_path)
+    emb_df = read_parquet(emb_path)  # an unreadable file is a DataError naming it
     ids, vec = M.validate_embeddings(emb_df, str(emb_path), cfg.dim)
     needed = pl.scan_parquet(feats_dir / S.FILES["interactions"]).select(pl.col(S.ITEM_ID).unique()).collect()
     missing = M.check_missing_items(ids, needed[S.ITEM_ID].to_numpy(), str(emb_path), cfg.missing_items)

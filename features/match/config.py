@@ -36,7 +36,7 @@ class MatchConfig:
     # "error": items of the interactions without a vector fail the job (exit 1);
     # "null": their candidate rows get null features and they are dropped from
     # histories (counted in the manifest)
-    missing_items: Literal["error", "null"] = "error"  # items without a vector: fail, or null match features for them
+    missing_items: Literal["error", "null"] | None = "error"  # items without a vector: fail, or null match features for them ("null"; YAML's bare null means the same)
     dim: int = 0  # expected embedding dimension; 0 accepts any (checked for consistency)
     shards: int = 8  # work units of an unsharded run: a killed run resumes after the last finished one
     workers: int = 0  # threads over users (0: one per CPU core); never changes the output
@@ -47,6 +47,8 @@ class MatchConfig:
     spark: SparkConfig = field(default_factory=SparkConfig)  # engine spark: master URL, partitions, UI, log level
 
     def __post_init__(self) -> None:
+        if self.missing_items is None:  # `missing_items: null` in YAML, as the docs write it
+            object.__setattr__(self, "missing_items", "null")
         if self.folds < 0 or self.folds == 1:
             raise ValueError("folds must be 0 (in-sample) or >= 2 (out-of-fold)")
         if self.history_cap < 1:

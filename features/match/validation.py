@@ -32,6 +32,11 @@ def validate_embeddings(df: pl.DataFrame, file: str, dim: int = 0) -> tuple[np.n
             raise SchemaError(f"missing column {col!r} (found {df.columns})", file=file, column=col)
     if not df.schema[EMB_ITEM_ID].is_integer():
         raise SchemaError(f"expected an integer column, got {df.schema[EMB_ITEM_ID]}", file=file, column=EMB_ITEM_ID)
+    if df.schema[EMB_ITEM_ID].is_unsigned_integer():  # UInt64 past Int64: the catalog's ids are Int64
+        big = df.with_row_index("__row", offset=1).filter(pl.col(EMB_ITEM_ID) > 2**63 - 1)
+        if big.height:
+            raise DataError(f"{big.height} item ids larger than the largest Int64 id", file=file, column=EMB_ITEM_ID,
+                            rows=big["__row"].head(5).to_list())
     etype = df.schema[EMBEDDING]
     if not (isinstance(etype, (pl.List, pl.Array)) and etype.inner.is_float()):
         raise SchemaError(f"expected List(Float32), got {etype}", file=file, column=EMBEDDING)

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from features import schemas as S
 from features.core.errors import DataError
-from features.reader import existing_match_file, read_table
+from features.reader import check_manifest, check_match_upstream, existing_match_file, read_table
 from recsys.data.batch import FeatureSpec, RankBatch, build_batch, concat_ranges
 from recsys.data.content import Csr, content_fields
 from recsys.data.dense import (
@@ -116,6 +116,8 @@ class RankingData:
         dense_names = list(COUNT_FEATURES + ACTIVITY_FEATURES)
         match = existing_match_file(match_path) if match_path is not None else None
         if match is not None:
+            check_manifest(match)
+            check_match_upstream(match, root)
             mf, wanted, match_stats = match_features(inter, match, config.match_columns, self.train_rows)
             self.dense_stats["match"] = match_stats
             self.match_columns = tuple(wanted)

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from tests.distill.conftest import SMALL, run_cli
+from tests.outputs import rewrite_output
 
 MODELS_BOTH = ["content", "content_text", "popularity", "student", "two_tower", "student_no_s2i", "student_no_id2i", "student_no_i2i"]
 MODELS_WARM = ["id_teacher", "seq_teacher", "student_known_items"]
@@ -113,12 +114,12 @@ def test_missing_or_bad_features_give_clear_errors(tmp_path, synthetic_features,
     # items.parquet without text: a data error naming the file and the column
     bad = tmp_path / "notext"
     shutil.copytree(synthetic_features, bad)
-    pl.read_parquet(bad / "items.parquet").drop("text").write_parquet(bad / "items.parquet")
+    rewrite_output(bad / "items.parquet", pl.read_parquet(bad / "items.parquet").drop("text"))
     assert run_cli(["teachers", "fit", "--features", str(bad), "--out", out]) == 1
     msg = capsys.readouterr().out
     assert "items.parquet" in msg and "'text'" in msg
     # a required column missing: a schema error naming it
-    pl.read_parquet(synthetic_features / "interactions.parquet").drop("pos_hist_end").write_parquet(bad / "interactions.parquet")
+    rewrite_output(bad / "interactions.parquet", pl.read_parquet(synthetic_features / "interactions.parquet").drop("pos_hist_end"))
     assert run_cli(["distill", "eval", "--features", str(bad), "--out", out]) == 1
     assert "pos_hist_end" in capsys.readouterr().out
     assert not Path(out).exists()  # nothing half-written

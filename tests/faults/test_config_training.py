@@ -22,6 +22,7 @@ from features import schemas as S
 from features.core.config import deep_merge, from_dict
 from features.core.errors import ConfigError
 from tests.faults.conftest import snapshot, write_tiny_dataset
+from tests.outputs import rewrite_output
 
 DEBUG_YAML = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "debug.yaml"
 RANK_OUTPUTS = ("metrics.json", "predictions.parquet")
@@ -72,8 +73,8 @@ def set_labels(features: Path, label: pl.Expr, split: str | None = None) -> None
     path = features / S.FILES["interactions"]
     frame = pl.read_parquet(path)
     cond = pl.lit(True) if split is None else pl.col(S.SPLIT) == split
-    frame.with_columns(pl.when(cond).then(label).otherwise(pl.col(S.LABEL)).cast(frame[S.LABEL].dtype)
-                       .alias(S.LABEL)).write_parquet(path)
+    rewrite_output(path, frame.with_columns(pl.when(cond).then(label).otherwise(pl.col(S.LABEL)).cast(frame[S.LABEL].dtype)
+                                            .alias(S.LABEL)))
 
 
 # --- config: finite floats, ranges, PyYAML strings, encoding ------------------------------

@@ -505,3 +505,59 @@ def test_tile_top_k_and_count_are_exact(width, threshold):
     expect = -np.sort(-sim, axis=1)[:, :20]
     np.testing.assert_array_equal(top, expect)
     np.testing.assert_array_equal(count, (sim > threshold).sum(axis=1))
+
+
+def test_outputs_edited_after_their_job_are_refused_downstream(synthetic_features, synth_emb, synth_full, tmp_path):
+    """Found by a probe (2026-11-30), each exit 0 before: a features folder
+    whose interactions.parquet was rewritten gave match features of the new
+    rows (and a rerun on it skipped); LightGBM trained on match features of
+    another features build, and on a match file with a column overwritten."""
+    import shutil
+
+    from recsys.baseline import load_table
+
+    feats = tmp_path / "feats"
+    shutil.copytree(synthetic_features, feats)
+    inter = pl.read_parquet(feats / "interactions.parquet")
+    inter.with_columns(pl.col(S.POS_HIST_END) // 2).write_parquet(feats / "interactions.parquet")
+    with pytest.raises(DataError, match="changed since `features.build` wrote it"):
+        build_match_features(feats, synth_emb, tmp_path / "m", FAST, log=lambda _m: None, progress=False)
+    assert not (tmp_path / "m").exists()  # refused before any shard
+    out, _ = synth_full
+    with pytest.raises(DataError, match="changed since `features.build`"):  # the rerun that used to skip
+        build_match_features(feats, synth_emb, out, FAST, log=lambda _m: None, progress=False)
+
+    # match features of another build of the same events (another label threshold): same keys, other histories
+    from features.jobs import FeaturesConfig, build_features
+    from features.sources import SyntheticConfig
+
+    other = tmp_path / "other"
+    build_features(FeaturesConfig(source="synthetic", label_threshold=2.0,
+                                  synthetic=SyntheticConfig(users=300, items=400, max_events=120, seed=3)), other, log=lambda _m: None)
+    assert pl.read_parquet(other / "interactions.parquet").select(S.MATCH_KEYS).equals(inter.select(S.MATCH_KEYS))
+    with pytest.raises(DataError, match="built from other features than"):
+        load_table(other, out)
+    load_table(synthetic_features, out)  # the folder it was built from is fine
+
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    mf = pl.read_parquet(edited / MATCH_FILE)
+    mf.with_columns(pl.lit(float("nan")).alias("mf_cos_max")).write_parquet(edited / MATCH_FILE)
+    with pytest.raises(DataError, match="changed since `features.match` wrote it"):
+        load_table(synthetic_features, edited)
+
+
+def test_unreadable_or_oversized_embedding_ids_name_the_file(synthetic_features, tmp_path):
+    """Both reached the 'unexpected' handler, without the file, before 2026-11-30."""
+    ids = item_ids(synthetic_features)
+    as_csv = tmp_path / "emb.parquet"
+    as_csv.write_text("item_id,embedding\n1,0.5\n")
+    with pytest.raises(DataError, match="not a readable parquet file") as e:
+        build_match_features(synthetic_features, as_csv, tmp_path / "a", FAST, log=lambda _m: None, progress=False)
+    assert "emb.parquet" in str(e.value)
+    big = tmp_path / "big.parquet"
+    vec = np.random.default_rng(0).standard_normal((len(ids), 4)).astype(np.float32)
+    pl.DataFrame({"item_id": pl.Series([*ids[:-1].tolist(), 2**63 + 5], dtype=pl.UInt64),
+                  "embedding": pl.Series(list(vec), dtype=pl.List(pl.Float32))}).write_parquet(big)
+    with pytest.raises(DataError, match=f"row {len(ids)}: 1 item ids larger than the largest Int64 id"):
+        build_match_features(synthetic_features, big, tmp_path / "b", FAST, log=lambda _m: None, progress=False)

@@ -27,6 +27,7 @@ from features.match import MatchConfig  # noqa: E402
 from features.sources import SyntheticConfig  # noqa: E402
 from features.spark.config import SparkConfig  # noqa: E402
 from recsys.cli import main  # noqa: E402
+from tests.outputs import rewrite_output  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -152,8 +153,8 @@ def test_worker_failure_is_one_error_line(synth_pair, tmp_path, capsys):
     stale = tmp_path / "stale"
     shutil.copytree(pol, stale)
     seqs = pl.read_parquet(stale / "sequences.parquet")
-    seqs.with_columns(pl.col(S.POS_ITEM_IDS).list.head(1), pl.col(S.POS_TIMESTAMPS).list.head(1)).write_parquet(
-        stale / "sequences.parquet")
+    rewrite_output(stale / "sequences.parquet",
+                   seqs.with_columns(pl.col(S.POS_ITEM_IDS).list.head(1), pl.col(S.POS_TIMESTAMPS).list.head(1)))
     emb = embeddings(tmp_path / "emb.parquet", pl.read_parquet(pol / "items.parquet")[S.ITEM_ID].to_numpy())
     cfg = tmp_path / "p.yaml"
     cfg.write_text("match:\n  faiss_k: 10\n  sid_codebook_size: 8\n  sid_niter: 2\n")

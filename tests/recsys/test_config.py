@@ -159,3 +159,10 @@ def test_yaml_merge_keys_are_read(tmp_path):
     (tmp_path / "m.yaml").write_text("ranker: {<<: {embedding_dim: 8, svd_rank: 4}, svd_rank: 2}\n")
     cfg = load_pipeline_config(tmp_path / "m.yaml")
     assert (cfg.ranker.embedding_dim, cfg.ranker.svd_rank) == (8, 2)
+
+
+def test_match_missing_items_takes_yaml_null_as_documented(tmp_path):
+    """`match.missing_items: null`, as the help writes it, is YAML's null: it was refused before 2026-11-30."""
+    (tmp_path / "c.yaml").write_text("match:\n  missing_items: null\n")
+    assert load_pipeline_config(tmp_path / "c.yaml").match.missing_items == "null"
+    assert PipelineConfig.from_mapping({"match": {"missing_items": "null"}}).match.missing_items == "null"
