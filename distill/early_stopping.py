@@ -29,7 +29,9 @@ def check_finite_table(table: np.ndarray, what: str, epoch: int, hint: str) -> N
 class BestOnValid:
     """Keeps the state of the best epoch by a higher-is-better valid score and
     says when `patience` epochs passed without a better one (0: never stop).
-    Without scores (no valid function) it keeps nothing and never stops."""
+    Without scores (no valid function, or NaN: a valid split with nothing to
+    score) it keeps nothing and never stops: every epoch runs and the last
+    one is kept."""
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
@@ -39,6 +41,8 @@ class BestOnValid:
         self.bad = 0
 
     def update(self, score: float, epoch: int, module: nn.Module) -> None:
+        if math.isnan(score):
+            return
         if score > self.best:
             self.best, self.best_epoch, self.bad = score, epoch, 0
             self.state = copy.deepcopy(module.state_dict())

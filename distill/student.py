@@ -247,8 +247,13 @@ class Student(nn.Module):
     def embed(self, x: ContentTensors, batch_size: int = 4096, dim: int | None = None) -> np.ndarray:
         """L2-normalised embeddings (I, d) of every item (z minus `center`), eval mode, float32."""
         d = dim or self.cfg.dim
-        z = self.raw_z(x, batch_size)[:, :d] - self.center[:d]  # (I, d)
-        return F.normalize(z, dim=-1).numpy().astype(np.float32)
+        z = self.raw_z(x, batch_size)[:, :d]  # (I, d)
+        zc = z - self.center[:d]
+        # an item AT the mean (the only item of a catalog, or one content for
+        # all) has no direction left after centring: F.normalize would give a
+        # zero vector, or rounding noise. It keeps its uncentred direction.
+        at_mean = zc.norm(dim=-1) <= 1e-4 * z.norm(dim=-1)
+        return F.normalize(torch.where(at_mean[:, None], z, zc), dim=-1).numpy().astype(np.float32)
 
 
 __all__ = ["StudentConfig", "ContentTensors", "ContentSpec", "Student"]

@@ -125,8 +125,10 @@ def check_manifest(path: str | Path) -> None:
         return  # a file of the user's own, outside a job's folder: nothing to check against
     if path.is_file() and file_fingerprint(path) != info.get("fingerprint"):
         job = manifest.get("job", "the job that wrote it")
+        command = {"features.build": "recsys features build", "features.match": "recsys features match"}.get(job)
+        rerun = f"`{command} ... --force`" if command else "that job"
         raise DataError(f"changed since `{job}` wrote it (its bytes differ from {path.parent / 'manifest.json'}): "
-                        "rerun that job into this folder rather than editing its outputs", file=str(path))
+                        f"rerun {rerun} into this folder rather than editing its outputs", file=str(path))
 
 
 def check_match_upstream(match_file: str | Path, features_dir: str | Path) -> None:
@@ -151,8 +153,8 @@ def read_table(path: str | Path, name: str, columns: Sequence[str]) -> pl.DataFr
     """The whole parquet file at `path` (a file of kind `name`), after
     checking that it holds `columns` with their declared kinds of dtype, and
     that it is the file its folder's manifest describes (`check_manifest`)."""
+    check_manifest(path)  # first: a damaged output is named as such, with the job to rerun
     check_columns(parquet_schema(path), needed_kinds(name, columns), str(path))
-    check_manifest(path)
     return read_parquet(path)
 
 

@@ -153,11 +153,13 @@ def selection_score(
 ) -> float:
     """The valid-split choice metric: Recall@k averaged over `groups` (warm
     and/or cold targets; warm only when the model can only retrieve `usable`
-    items; an empty group is left out), exact search."""
+    items; an empty group is left out), exact search. NaN when no group has
+    a target (no valid impressions): there is nothing to choose on, which
+    `BestOnValid` reads as no score (a 0.0 would keep the first epoch)."""
     r = embedding_retriever(item_emb, q, usable)
     m = evaluate_retrievers({"m": r}, imps, [k])
     vals = [v for key, v in m.items() if not np.isnan(v) and key.split("_")[1] in groups]
-    return float(np.mean(vals)) if vals else 0.0
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 __all__ = [

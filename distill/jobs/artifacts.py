@@ -105,7 +105,13 @@ def publish(
         for name, frame in (tables or {}).items():
             write_parquet(frame, tmp / name)
             files[name] = file_fingerprint(tmp / name)
-        return write_manifest(tmp, job=job, key=key, outputs=[EMBEDDINGS], extra={"files": files, **extra})
+        manifest = write_manifest(tmp, job=job, key=key, outputs=[EMBEDDINGS], extra={"files": files, **extra})
+    # `distill train` into a folder `distill eval` wrote: its metrics and hits
+    # describe another student, and must not sit beside the new embeddings
+    for name in (METRICS, TEST_HITS):
+        if name not in files:
+            (out / name).unlink(missing_ok=True)
+    return manifest
 
 
 __all__ = [

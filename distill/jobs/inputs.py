@@ -17,7 +17,7 @@ from distill.encoders import ContentFeatures, build_content, default_cache_dir, 
 from distill.jobs.artifacts import FEATURES_JOB
 from distill.config import DistillConfig
 from features import schemas as S
-from features.core.errors import DataError, SchemaError, UsageError
+from features.core.errors import ConfigError, DataError, SchemaError, UsageError
 from features.core.manifest import read_manifest
 from features.reader import check_manifest
 
@@ -153,6 +153,15 @@ def load_inputs(features_dir: str | Path, cfg: DistillConfig, seed: int, log: Ca
         )
     upstream = {k: v.get("fingerprint") for k, v in manifest.get("outputs", {}).items()}
     kinds = manifest.get("item_fields") or S.item_field_kinds(items.schema)
+    st = cfg.student  # the student needs one enabled modality the catalog has: checked before the teachers train
+    has = {"use_text": st.use_text, "use_fields": st.use_fields and any(kinds.get(k) for k in ("categorical", "multi", "numeric")),
+           "use_image": st.use_image and bool(kinds.get("image"))}
+    if not any(has.values()):
+        raise ConfigError(
+            f"distill.student: no enabled modality is in {folder / S.FILES['items']} (use_text {st.use_text}; use_fields "
+            f"{st.use_fields}, fields {sum(len(kinds.get(k) or []) for k in ('categorical', 'multi', 'numeric'))}; use_image "
+            f"{st.use_image}, image columns {len(kinds.get('image') or [])}): switch on distill.student.use_text"
+        )
     return DistillInputs(folder, upstream, items.sort(S.ITEM_ID), kinds, cfg, data)
 
 

@@ -135,8 +135,10 @@ def ensure_student(
                 "seconds": secs,
             },
         )
-    best = max(fit.valid_curve) if fit.valid_curve else float("nan")
-    log(f"{folder.name}: trained in {secs:.1f}s (valid score {best:.4f} at epoch {fit.best_epoch}, {fit.samples_per_s:,.0f} samples/s) -> {folder}")
+    scored = [v for v in fit.valid_curve if v == v]  # NaN: no valid target to score
+    chosen = f"valid score {max(scored):.4f} at epoch {fit.best_epoch}" if scored else \
+        f"no valid impressions to choose on: the last epoch, {fit.best_epoch}"
+    log(f"{folder.name}: trained in {secs:.1f}s ({chosen}, {fit.samples_per_s:,.0f} samples/s) -> {folder}")
     return JobResult(folder, False, manifest, secs), fit.student, emb
 
 

@@ -88,9 +88,13 @@ def ensure_teachers(
                 "seconds": secs,
             },
         )
+    def best(curve: list[float]) -> str:  # NaN: a valid split with nothing to score (every epoch ran)
+        scored = [v for v in curve if v == v]
+        return f"{max(scored):.4f}" if scored else "n/a"
+
     log(
-        f"teachers: fitted in {secs:.1f}s (id2item valid R@{d.select_k} {max(idt.valid_curve_):.4f} at epoch {idt.best_epoch_}, "
-        f"seq2item {max(sqt.valid_curve_):.4f} at epoch {sqt.best_epoch_}) -> {folder}"
+        f"teachers: fitted in {secs:.1f}s (id2item valid R@{d.select_k} {best(idt.valid_curve_)} at epoch {idt.best_epoch_}, "
+        f"seq2item {best(sqt.valid_curve_)} at epoch {sqt.best_epoch_}) -> {folder}"
     )
     return JobResult(folder, False, manifest, secs), {"id2item": idt, "seq2item": sqt}
 

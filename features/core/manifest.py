@@ -23,6 +23,7 @@ from typing import Any
 import polars as pl
 
 from features.core.fingerprint import file_fingerprint
+from features.core.numeric import json_safe
 
 MANIFEST = "manifest.json"
 
@@ -187,7 +188,9 @@ def write_manifest(
         "outputs": described,
         **extra,
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    # strict JSON: a NaN (a valid score with nothing to score, say) is written as null
+    manifest = json_safe(manifest)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
     return manifest
 
 

@@ -12,7 +12,7 @@ import polars as pl
 
 from features import schemas as S
 from features import transforms as T
-from features.core.errors import DataError, UsageError
+from features.core.errors import UsageError
 from features.core.manifest import read_manifest
 from features.jobs.config import JOB
 
@@ -85,14 +85,10 @@ def describe(folder: str | Path) -> dict[str, Any]:
     m = read_manifest(folder)
     if m is None or m.get("job") != JOB:
         raise UsageError(f"{folder} is not a features folder (no features manifest): run `recsys features build` first")
-    tables = {}
-    for name in ("interactions", "sequences", "items"):
-        path = folder / S.FILES[name]
-        try:
-            tables[name] = pl.read_parquet(path)
-        except (OSError, pl.exceptions.PolarsError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"cannot be read ({msg}): rebuild with `recsys features build --force`", file=str(path)) from e
+    from features.reader import read_features_table
+
+    # each file checked against the manifest: an edited file would be described as if the build had written it
+    tables = {name: read_features_table(folder, name, ()) for name in ("interactions", "sequences", "items")}
     inter, seqs, items = tables["interactions"], tables["sequences"], tables["items"]
     stats = summarize(inter, seqs, items, day_offset_s=(m.get("config") or {}).get("day_offset_s"))
     stats["source"] = m.get("source")

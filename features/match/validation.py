@@ -90,13 +90,14 @@ def validate_embeddings(df: pl.DataFrame, file: str, dim: int = 0) -> tuple[np.n
     return ids, vec
 
 
-def check_missing_items(emb_ids: np.ndarray, needed: np.ndarray, file: str, policy: str) -> np.ndarray:
-    """Item ids of the interactions without a vector; under policy "error" a DataError."""
+def check_missing_items(emb_ids: np.ndarray, needed: np.ndarray, file: str, policy: str, *,
+                        what: str = "of the interactions",
+                        hint: str = "set match.missing_items: null to give their rows null match features") -> np.ndarray:
+    """Item ids of `needed` without a vector; under policy "error" a DataError."""
     missing = np.setdiff1d(np.asarray(needed, np.int64), np.asarray(emb_ids, np.int64))
     if len(missing) and policy == "error":
         raise DataError(
-            f"{len(missing)} items of the interactions have no vector: {_ids_text(missing.tolist())} "
-            "(set match.missing_items: null to give their rows null match features)",
+            f"{len(missing)} items {what} have no vector: {_ids_text(missing.tolist())} ({hint})",
             file=file,
             column=EMB_ITEM_ID,
         )

@@ -106,13 +106,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _seed_list(text: str) -> list[int]:
+    """`--seeds` as `experiment run` reads it (`recsys.experiment.parse_seeds`)."""
+    from features.core.errors import ConfigError
+    from recsys.experiment import parse_seeds
+
     try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, e.g. 0,1,2 (got {text!r})") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"--seeds takes distinct integers >= 0 (got {text!r})")
-    return seeds
+        return list(parse_seeds(text))
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _eval(args: argparse.Namespace) -> int:

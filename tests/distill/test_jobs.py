@@ -84,6 +84,19 @@ def test_train_publishes_the_same_student(syn_eval, synthetic_features, tmp_path
     a = pl.read_parquet(out / "item_embeddings.parquet")
     b = pl.read_parquet(syn_eval / "item_embeddings.parquet")
     assert a.equals(b)  # teachers and student were reused, not retrained
+    # the eval's metrics and hits described the eval; they no longer sit beside a train's output (2026-11-30)
+    assert not (out / "metrics.json").exists() and not (out / "test_hits.parquet").exists()
+    assert (syn_eval / "metrics.json").exists()
+
+
+def test_a_student_without_a_modality_the_catalog_has_exits_2_before_the_teachers(synthetic_features, tmp_path):
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"distill": {"student": {"use_text": False, "use_fields": False}}}))
+    out = tmp_path / "o"
+    assert run_cli(["distill", "train", "--features", str(synthetic_features), "--out", str(out), "--config", str(cfg)]) == 2
+    assert not out.exists()  # refused before any teacher was fitted (it failed after them, exit 1, before)
 
 
 def test_planted_truth_cold_neighbourhoods(syn_eval, synthetic_features, syn_data):

@@ -78,6 +78,7 @@ def test_seed_is_deterministic_and_seeds_report(synthetic_features, small_config
     ci = r["pooled_ci_users_seeds"]
     assert ci["lo"] <= ci["ratio"] <= ci["hi"]
     assert set(rep["summary"]["recall@50_cold_student"]) == {"mean", "std", "min", "max"}
-    with pytest.raises(SystemExit) as e:  # a usage error: exit 2
-        run_cli(["distill", "eval", "--features", f, "--out", str(tmp_path / "x"), "--seeds", "1,1"])
-    assert e.value.code == 2
+    for bad in ("1,1", "0,", "1_0", "4294967296"):  # the last three ran before 2026-11-30 (as [0], 10, 0)
+        with pytest.raises(SystemExit) as e:  # a usage error: exit 2
+            run_cli(["distill", "eval", "--features", f, "--out", str(tmp_path / "x"), "--seeds", bad])
+        assert e.value.code == 2

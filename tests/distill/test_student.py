@@ -43,6 +43,19 @@ def test_student_sees_content_not_ids():
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
+def test_an_item_at_the_training_mean_keeps_a_unit_embedding():
+    """Centring a one-item catalog (or one content for all) left z - mean = 0:
+    a zero 'L2-normalised' embedding before 2026-11-30."""
+    x, spec = _tiny()
+    torch.manual_seed(0)
+    s = Student(StudentConfig(dim=8, hidden_dim=6, field_dim=3), spec)
+    s.set_center(x, np.array([0]))  # the mean of training item 0 is item 0 itself (and item 2, same content)
+    for d in (4, 8):
+        emb = s.embed(x, dim=d)
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+        np.testing.assert_allclose(emb[0], emb[2], atol=1e-6)
+
+
 def test_modality_dropout_only_while_training():
     x, spec = _tiny()
     torch.manual_seed(0)

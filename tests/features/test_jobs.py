@@ -161,6 +161,19 @@ def test_synthetic_has_popularity_skew_and_balanced_labels(synthetic_features):
     assert {"category", "tags"} <= set(items.columns)
 
 
+def test_describe_refuses_a_file_edited_after_the_build(synthetic_features, tmp_path):
+    """It described the edited rows (events 100 where the build wrote 480) before 2026-11-30."""
+    import shutil
+
+    from features.core.errors import DataError
+
+    f = tmp_path / "f"
+    shutil.copytree(synthetic_features, f)
+    pl.read_parquet(f / "interactions.parquet").head(100).write_parquet(f / "interactions.parquet")
+    with pytest.raises(DataError, match="changed since `features.build` wrote it"):
+        describe(f)
+
+
 def test_describe_reports_splits(ml100k_features):
     stats = describe(ml100k_features)
     inter = pl.read_parquet(ml100k_features / "interactions.parquet")

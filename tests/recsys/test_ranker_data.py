@@ -297,15 +297,27 @@ def test_schema_mismatch_names_file_and_column(ml100k_features, tmp_path):
 
 
 def test_item_embeddings_loaded_and_validated(ml100k_features, tmp_path):
-    items = pl.read_parquet(ml100k_features / S.FILES["items"]).head(100)
-    vecs = np.random.default_rng(0).standard_normal((100, 6)).astype(np.float32)
+    items = pl.read_parquet(ml100k_features / S.FILES["items"])
+    vecs = np.random.default_rng(0).standard_normal((items.height, 6)).astype(np.float32)
     frame = pl.DataFrame({S.ITEM_ID: items[S.ITEM_ID], "embedding": list(vecs)},
                          schema={S.ITEM_ID: pl.Int64, "embedding": pl.List(pl.Float32)})
     frame.write_parquet(tmp_path / "emb.parquet")
     data = RankingData.load(ml100k_features, DataConfig(), embeddings_path=tmp_path / "emb.parquet")
     assert data.item_embeddings.shape == (data.spec.n_items, 6)
     np.testing.assert_allclose(data.item_embeddings[data.item_index(items[S.ITEM_ID].to_numpy())].numpy(), vecs)
-    assert 0 < data.embedding_coverage < 1
+    assert data.embedding_coverage == 1
+    # before 2026-11-30 items without a vector silently got zero rows, and NaN reached the loss
+    frame.head(100).write_parquet(tmp_path / "part.parquet")
+    with pytest.raises(DataError, match=f"{items.height - 100} items of the features folder have no vector"):
+        RankingData.load(ml100k_features, DataConfig(), embeddings_path=tmp_path / "part.parquet")
+    vecs[2, 3] = np.nan
+    frame.with_columns(pl.Series("embedding", list(vecs), dtype=pl.List(pl.Float32))).write_parquet(tmp_path / "nan.parquet")
+    with pytest.raises(DataError, match="1 items with NaN, inf") as e:
+        RankingData.load(ml100k_features, DataConfig(), embeddings_path=tmp_path / "nan.parquet")
+    assert e.value.rows == [3]
+    pl.concat([frame, frame.head(1)]).write_parquet(tmp_path / "dup.parquet")
+    with pytest.raises(DataError, match="duplicate item ids"):
+        RankingData.load(ml100k_features, DataConfig(), embeddings_path=tmp_path / "dup.parquet")
     frame.rename({"embedding": "vec"}).write_parquet(tmp_path / "bad.parquet")
     with pytest.raises(SchemaError) as e:
         RankingData.load(ml100k_features, DataConfig(), embeddings_path=tmp_path / "bad.parquet")
