@@ -173,9 +173,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     pr.add_argument("name", help="experiment name (the `experiment:` key of its file)")
     pr.add_argument("--arm", required=True, help="the arm to promote")
-    pr.add_argument("--guard", default="gauc", metavar="METRIC",
-                    help="refuse (exit 1) when the arm significantly regresses on it (default gauc)")
-    pr.add_argument("--no-guard", action="store_true", help="promote without checking any metric")
+    guard = pr.add_mutually_exclusive_group()  # `--guard auc --no-guard` promoted a regressing arm before 2026-11-30
+    guard.add_argument("--guard", default="gauc", metavar="METRIC",
+                       help="refuse (exit 1) when the arm significantly regresses on it (default gauc)")
+    guard.add_argument("--no-guard", action="store_true", help="promote without checking any metric")
     pr.add_argument("--config", help="pipeline YAML whose `tracking:` section names the store (default: MLFLOW_TRACKING_URI or ./mlflow)")
     pr.set_defaults(handler=_promote)
 

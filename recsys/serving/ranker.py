@@ -34,6 +34,7 @@ from recsys.serving.requests import (
     HISTORY_TS,
     REQUEST_SCHEMA,
     activity_raw,
+    check_requests,
     counts_raw,
     match_raw,
 )
@@ -147,6 +148,7 @@ class RankerScorer:
         missing = [c for c in request_schema(self.match_columns) if c not in frame.columns]
         if missing:
             raise ValueError(f"request rows lack column(s) {missing}; expected {list(request_schema(self.match_columns))}")
+        check_requests(frame)
 
     def dense(self, frame: pl.DataFrame) -> np.ndarray:
         """Impression-level dense block (n, F1) in the ranker's column order."""
@@ -156,7 +158,13 @@ class RankerScorer:
         parts = [_scale(counts_raw(frame), st["count"]), _scale(act, st["activity"])]
         if self.match_columns:
             m = match_raw(frame, self.match_columns)
-            parts += [_scale(m, st["match"]), np.isnan(m).astype(np.float64)]
+            scaled = _scale(m, st["match"])
+            big = ~np.isfinite(scaled.astype(np.float32)) & np.isfinite(scaled)  # finite in float64, inf in the model
+            if big.any():
+                col = int(np.flatnonzero(big.any(axis=0))[0])
+                raise DataError("request rows: value too large for the model (float32 after standardising); a missing "
+                                "value is null", column=self.match_columns[col], rows=np.flatnonzero(big[:, col])[:5].tolist())
+            parts += [scaled, np.isnan(m).astype(np.float64)]
         return np.concatenate(parts, axis=1).astype(np.float32)  # (n, F1)
 
     @torch.no_grad()

@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 
 from features import schemas as S
+from features.core.errors import DataError
 from features.reader import existing_match_file
 from recsys.data.dense import recent_activity
 
@@ -55,6 +56,10 @@ def requests_from_features(
     the ranker saw in training. Each row carries its whole history: with long
     histories, use `limit` or score in slices.
     `match`: the match-features location; `match_columns` (empty: every mf_*)."""
+    if split not in S.SPLITS:
+        raise ValueError(f"split {split!r}: one of {', '.join(S.SPLITS)}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit {limit}: a number of rows >= 0 (or None for all)")
     root = Path(features_dir)
     inter = pl.read_parquet(root / S.FILES["interactions"]).with_row_index("_row")
     inter = inter.filter(pl.col(S.SPLIT) == split)
@@ -95,6 +100,48 @@ def counts_raw(frame: pl.DataFrame) -> np.ndarray:
     ).to_numpy()
 
 
+def check_requests(frame: pl.DataFrame) -> None:
+    """Request rows the ranker can score as `recsys rank train` would have:
+    a DataError naming the column and the rows (0-based positions) of the
+    first problem. Each of these gave a score before 2026-11-30, silently
+    wrong or NaN:
+      - a null id, time or count, or a negative count (log1p(-1) is NaN);
+      - pos_hist_len above hist_len;
+      - `history` and `history_timestamps` of different lengths, an event not
+        strictly before the request's time, or a hist_len the history cannot
+        hold (above its length, or 0 with events in it);
+      - rows of one request (same user_id and timestamp) with different
+        histories or counts: the request is scored once, so all but the first
+        row would have been scored with another row's history."""
+    f = frame.with_row_index("_pos").with_columns(
+        pl.col(HISTORY).list.len().fill_null(0).alias("_h"),
+        pl.col(HISTORY_TS).list.len().fill_null(0).alias("_ht"),
+        pl.col(HISTORY_TS).list.max().alias("_last"),
+    )
+
+    def refuse(cond: pl.Expr, column: str, message: str) -> None:
+        bad = f.filter(cond.fill_null(False))["_pos"]
+        if bad.len():
+            raise DataError(f"request rows: {message} ({bad.len()} row{'s' if bad.len() > 1 else ''}; rows are 0-based "
+                            "positions)", column=column, rows=bad.head(5).to_list())
+
+    for col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.HIST_LEN, S.POS_HIST_LEN, S.ITEM_POP):
+        refuse(pl.col(col).is_null(), col, "null value")
+    for col in (S.HIST_LEN, S.POS_HIST_LEN, S.ITEM_POP):
+        refuse(pl.col(col) < 0, col, "negative count")
+    refuse(pl.col(S.POS_HIST_LEN) > pl.col(S.HIST_LEN), S.POS_HIST_LEN, "more positive events before the request than events")
+    refuse(pl.col("_h") != pl.col("_ht"), HISTORY_TS, f"{HISTORY} and {HISTORY_TS} have different lengths")
+    refuse(pl.col("_last") >= pl.col(S.TIMESTAMP), HISTORY_TS, "a history event is not strictly before the request's timestamp")
+    refuse((pl.col(S.HIST_LEN) > pl.col("_h")) | ((pl.col(S.HIST_LEN) == 0) & (pl.col("_h") > 0)), S.HIST_LEN,
+           f"hist_len disagrees with {HISTORY} (it counts the events before the request, at most the history's length, "
+           "and at least 1 when there is one)")
+    keys = [S.USER_ID, S.TIMESTAMP]
+    same = [HISTORY, HISTORY_TS, S.HIST_LEN, S.POS_HIST_LEN]
+    split = pl.any_horizontal([pl.col(c).n_unique().over(keys) > 1 for c in same])
+    refuse(split, HISTORY, "rows of one request (same user_id and timestamp) disagree on the history or its counts: "
+                           "one request has one history")
+
+
 def match_raw(frame: pl.DataFrame, columns: tuple[str, ...]) -> np.ndarray:
     """The match columns as float64 (n, M), non-finite -> NaN (missing)."""
     if not columns:
@@ -103,4 +150,5 @@ def match_raw(frame: pl.DataFrame, columns: tuple[str, ...]) -> np.ndarray:
     return np.where(np.isfinite(values), values, np.nan)
 
 
-__all__ = ["HISTORY", "HISTORY_TS", "REQUEST_SCHEMA", "requests_from_features", "activity_raw", "counts_raw", "match_raw"]
+__all__ = ["HISTORY", "HISTORY_TS", "REQUEST_SCHEMA", "requests_from_features", "activity_raw", "check_requests", "counts_raw",
+           "match_raw"]

@@ -97,6 +97,8 @@ class StudentEncoder:
         if missing:
             raise ValueError(f"items lack content column(s) {missing}; the student reads {self.inputs}")
         cfg, spec = self.student.cfg, self.student.spec
+        if frame.height == 0:
+            return np.zeros((0, cfg.dim), np.float32)
         text = None
         if spec.text_dim:
             text, _ = encode_texts(frame[S.TEXT].to_list(), cache_dir=cache_dir, progress=False)
@@ -104,8 +106,8 @@ class StudentEncoder:
         if spec.image_dim:
             col = self.fields.kinds["image"][0]
             image, mask, _ = encode_images(frame[col].to_list(), cache_dir=cache_dir, progress=False)
-        ids = frame[S.ITEM_ID].to_numpy() if S.ITEM_ID in frame.columns else np.arange(frame.height)
-        cf = ContentFeatures(np.asarray(ids, np.int64), text, self.fields.transform(frame), image, mask)
+        # the item id is no content input (any id, a string SKU too, gives the same vector): positions stand in for it
+        cf = ContentFeatures(np.arange(frame.height, dtype=np.int64), text, self.fields.transform(frame), image, mask)
         return self.student.embed(ContentTensors.from_features(cf, cfg))
 
 

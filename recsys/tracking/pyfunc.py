@@ -38,7 +38,10 @@ class RankerModel(mlflow.pyfunc.PythonModel):
         self.scorer = RankerScorer.load(context.artifacts[BUNDLE])
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would derive a signature from them
-        return self.scorer.score(_frame(model_input)).to_pandas()
+        out = self.scorer.score(_frame(model_input)).to_pandas()
+        if hasattr(model_input, "index"):  # scores line up with the caller's rows (a filtered frame keeps its labels)
+            out.index = model_input.index
+        return out
 
 
 class StudentModel(mlflow.pyfunc.PythonModel):

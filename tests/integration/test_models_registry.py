@@ -59,6 +59,37 @@ def test_ranker_pyfunc_scores_equal_rank_train_predictions(in_experiment):
     assert any(n.startswith("mf_") for n in sig)
 
 
+def test_ranker_refuses_requests_it_would_score_wrongly(in_experiment):
+    """Found by a probe (2026-11-30): each of these was scored, silently
+    wrong or NaN; and scores came back on a fresh index."""
+    import mlflow
+
+    from recsys.serving import requests_from_features
+
+    model = mlflow.pyfunc.load_model("models:/recsys-ranker@debug_ab-control")
+    req = requests_from_features(in_experiment.artifacts / "features", "test")
+    a = req.filter(pl.col("hist_len") > 5).head(1)
+    empty = pl.lit([], pl.List(pl.Int64))
+    b = a.with_columns(history=empty, history_timestamps=empty, hist_len=pl.lit(0, pl.Int64), pos_hist_len=pl.lit(0, pl.Int64))
+    cases = {
+        "one request has one history": pl.concat([a, b]),  # scored b with a's history (and the reverse), by row order
+        "negative count": a.with_columns(item_pop=pl.lit(-1, pl.Int64)),  # log1p(-1): NaN
+        "different lengths": a.with_columns(history_timestamps=pl.col("history_timestamps").list.head(1)),
+        "strictly before": a.with_columns(timestamp=pl.lit(0, pl.Int64)),
+        "hist_len disagrees": a.with_columns(hist_len=pl.lit(0, pl.Int64), pos_hist_len=pl.lit(0, pl.Int64)),  # dropped the history
+    }
+    for needle, frame in cases.items():
+        with pytest.raises(Exception) as e:
+            model.predict(frame.to_pandas())
+        assert needle in str(e.value), (needle, str(e.value))
+    # a filtered pandas frame keeps its labels: assigning the scores back lines up
+    df = req.to_pandas()
+    sub = df[df["hist_len"] > 10]
+    got = model.predict(sub)
+    assert list(got.index) == list(sub.index)
+    np.testing.assert_allclose(sub.assign(score=got["score"])["score"].to_numpy(), got["score"].to_numpy())
+
+
 def test_mlflow_models_predict_cli_offline(in_experiment, tmp_path):
     """`mlflow models predict` reads JSON or CSV (MLflow 3.17 has no parquet
     input): the request rows as dataframe_records JSON."""
@@ -88,6 +119,7 @@ def test_student_pyfunc_embeds_catalog_and_new_items(in_experiment):
     new = items.select(cols).head(2).with_columns(pl.Series("category", ["never seen", None]))
     emb = model.predict(new.to_pandas())
     assert emb.shape == (2, got.shape[1]) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert model.predict(items.select(cols).head(0).to_pandas()).shape == (0, got.shape[1])  # was a field error
 
 
 def test_encode_items_matches_the_published_embeddings(in_experiment):

@@ -37,7 +37,7 @@ def test_promote_refuses_a_significant_regression_with_exit_1(fake_compare, caps
     assert main(["experiment", "promote", "ab", "--arm", "worse"]) == 1
     assert "regresses on gauc" in capsys.readouterr().err
     assert fake_compare == []  # nothing moved
-    assert main(["experiment", "promote", "ab", "--arm", "worse", "--guard", "gauc", "--no-guard"]) == 0
+    assert main(["experiment", "promote", "ab", "--arm", "worse", "--no-guard"]) == 0
     assert main(["experiment", "promote", "ab", "--arm", "better"]) == 0
     assert "recsys-ranker@champion -> version 7" in capsys.readouterr().out
     assert main(["experiment", "promote", "ab", "--arm", "missing"]) == 2
@@ -76,3 +76,15 @@ def test_field_encoder_freezes_the_training_catalog():
     new = frozen.transform(items.head(1).with_columns(pl.lit("zzz").alias("category"), pl.lit(["q"]).alias("tags")))
     null_cat, null_tags = 1, 1 + len(frozen.values["category"]) + 1
     assert new.tokens[0][0, 0] == null_cat and new.tokens[1][0, 0] == null_tags
+
+
+def test_conflicting_promote_flags_and_bad_request_arguments_are_refused(tmp_path):
+    """`--guard gauc --no-guard` promoted without the guard; split="tst" gave
+    an empty frame and limit=-1 all rows but one (before 2026-11-30)."""
+    from recsys.serving import requests_from_features
+
+    assert main(["experiment", "promote", "x", "--arm", "a", "--guard", "gauc", "--no-guard"]) == 2
+    with pytest.raises(ValueError, match="split 'tst': one of train, valid, test"):
+        requests_from_features(tmp_path, "tst")
+    with pytest.raises(ValueError, match="limit -1"):
+        requests_from_features(tmp_path, "test", limit=-1)
