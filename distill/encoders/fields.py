@@ -46,6 +46,9 @@ class FieldFeatures:
         return out
 
 
+Z_CLIP = 1e4  # standardised numeric field values are clipped to +-Z_CLIP
+
+
 @dataclass
 class FieldEncoder:
     """Item-field encodings fitted on a catalog (`fit`) and applied to any items
@@ -122,7 +125,11 @@ class FieldEncoder:
             names.append(name)
             vocab[name] = ["<null>", *[f"<= {e:g}" for e in edges], f"> {edges[-1]:g}" if len(edges) else "all"]
             next_id += 2 + len(edges)
-            numeric_cols += [np.where(null, 0.0, (x - mean) / std), null.astype(np.float64)]
+            # |z| <= sqrt(n - 1) on the catalog the stats came from, so the clip
+            # never touches a training value (under 10^8 items); it keeps a new
+            # item's absurd value (1e25) from overflowing the MLP into NaN
+            z = np.clip(np.where(null, 0.0, (x - mean) / std), -Z_CLIP, Z_CLIP)
+            numeric_cols += [z, null.astype(np.float64)]
         numeric = np.stack(numeric_cols, 1).astype(np.float32) if numeric_cols else np.zeros((n, 0), np.float32)
         return FieldFeatures(names, tokens, numeric, next_id, vocab)
 

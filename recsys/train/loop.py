@@ -151,8 +151,17 @@ def fit(
     """Train on `data`, evaluate valid every epoch and test at the end; write
     metrics.json and predictions.parquet into out_dir (rank 0); return metrics.
     Torch runs on `train.num_threads` threads meanwhile (0: as set)."""
-    with torch_threads(train.num_threads, faiss_too=False):
-        return _fit(data, ranker, train, out_dir, tracker or NullTracker(), seed)
+    out, existed = Path(out_dir), Path(out_dir).exists()
+    try:
+        with torch_threads(train.num_threads, faiss_too=False):
+            return _fit(data, ranker, train, out_dir, tracker or NullTracker(), seed)
+    except BaseException:
+        # a run that failed before writing anything leaves no empty folder behind
+        # (a checkpoint it wrote stays: `train.resume` continues from it)
+        for folder in (out / "checkpoints", out):
+            if not existed and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
 
 
 def _fit(data: RankingData, ranker: RankerConfig, train: TrainConfig, out_dir: str | Path, tracker: Tracker,

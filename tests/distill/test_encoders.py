@@ -132,3 +132,19 @@ def test_image_modality_reaches_the_student(tmp_path, syn_content):
     s.eval()
     gates = s.gates(x)  # (3, M): text, fields, image
     assert gates.shape[1] == 3 and gates[2, -1] == 0 and torch.all(gates[:2, -1] > 0)
+
+
+def test_a_numeric_value_far_outside_the_catalog_stays_finite():
+    """A new item with popularity_rank 1e25 made the served student's embedding
+    all NaN (2026-11-30): standardised values are clipped to +-Z_CLIP, which no
+    value of the catalog the stats came from can reach (|z| <= sqrt(n - 1))."""
+    import polars as pl
+
+    from distill.encoders.fields import Z_CLIP, FieldEncoder
+
+    catalog = pl.DataFrame({"item_id": [1, 2, 3, 4], "rank": [1.0, 2.0, 3.0, 1000.0]})
+    enc = FieldEncoder.fit(catalog, {"categorical": [], "multi": [], "numeric": ["rank"], "image": []})
+    train = enc.transform(catalog).numeric[:, 0]
+    assert np.abs(train).max() < Z_CLIP  # the clip leaves the catalog's own values alone
+    new = enc.transform(pl.DataFrame({"item_id": [9], "rank": [1e25]})).numeric
+    assert np.isfinite(new).all() and new[0, 0] == np.float32(Z_CLIP)

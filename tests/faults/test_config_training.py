@@ -141,6 +141,7 @@ def test_huge_lr_stops_with_exit_1_naming_epoch_and_step(cli, features_dir, tmp_
     assert rc == 1
     assert "epoch 1" in err and "step" in err and "NaN or inf" in err and "lr" in err
     assert no_rank_output(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # no empty folder either (left behind before 2026-11-30)
 
 
 def test_svd_attention_on_non_finite_history_is_a_clear_error():
