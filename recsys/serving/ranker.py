@@ -132,12 +132,14 @@ class RankerScorer:
         model.load_state_dict(tables["state"])
         return cls(model, config, tables)
 
-    def _index(self, ids: np.ndarray, vocab: np.ndarray, what: str) -> np.ndarray:
+    def _index(self, ids: np.ndarray, vocab: np.ndarray, what: str, column: str) -> np.ndarray:
+        """Positions of `ids` in `vocab`; an unknown id is an error naming the request column it came from."""
         pos = np.searchsorted(vocab, ids).clip(0, max(len(vocab) - 1, 0))
         unknown = vocab[pos] != ids if len(vocab) else np.ones(len(ids), bool)
         if unknown.any():
-            raise ValueError(f"{int(unknown.sum())} {what} id(s) not in the ranker's vocabulary, "
-                             f"e.g. {ids[unknown][:5].tolist()}; the ranker scores known {what}s only")
+            distinct = np.unique(ids[unknown])
+            raise ValueError(f"request column {column!r}: {len(distinct)} {what} id(s) not in the ranker's vocabulary, "
+                             f"e.g. {distinct[:5].tolist()}; the ranker scores known {what}s only")
         return pos.astype(np.int64)
 
     def _gather(self, side: str, entities: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -183,8 +185,8 @@ class RankerScorer:
         new = np.r_[True, (u[1:] != u[:-1]) | (t[1:] != t[:-1])] if n else np.zeros(0, bool)
         starts = np.flatnonzero(new)
         cand_len = np.diff(np.r_[starts, n]).astype(np.int64)  # (R,)
-        items = self._index(frame[S.ITEM_ID].to_numpy().astype(np.int64), self.item_ids, "item")
-        users = self._index(frame[S.USER_ID].to_numpy()[starts].astype(np.int64), self.user_ids, "user")
+        items = self._index(frame[S.ITEM_ID].to_numpy().astype(np.int64), self.item_ids, "item", S.ITEM_ID)
+        users = self._index(frame[S.USER_ID].to_numpy()[starts].astype(np.int64), self.user_ids, "user", S.USER_ID)
         cap = int(self.config["history_cap"])
         hist_len = frame[S.HIST_LEN].to_numpy().astype(np.int64)[starts]
         histories = frame[HISTORY].to_list()
@@ -194,7 +196,7 @@ class RankerScorer:
             take = min(int(hist_len[r]), cap, len(h))
             hist.append(h[len(h) - take:] if take else h[:0])
         h_len = np.fromiter((len(h) for h in hist), np.int64, len(hist))
-        h_items = self._index(np.concatenate(hist) if h_len.sum() else np.zeros(0, np.int64), self.item_ids, "item")
+        h_items = self._index(np.concatenate(hist) if h_len.sum() else np.zeros(0, np.int64), self.item_ids, "item", HISTORY)
         dense1 = self.dense(frame)
         cand_user = np.repeat(users, cand_len)
         dense = np.concatenate([dense1, self.item_dense[items], self.user_dense[cand_user]], axis=1)  # (n, F)
