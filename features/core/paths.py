@@ -39,6 +39,9 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+GLOB_CHARS = ("[", "]", "*", "?", "{", "}")  # polars' and Hadoop's glob syntax
+
+
 def check_output(
     out: PathLike,
     inputs: Mapping[str, PathLike | None],
@@ -51,6 +54,10 @@ def check_output(
     message (a flag or config key) to a path; None entries are ignored.
     `kind` is "folder" or "file": what the command will create at `out`."""
     out_r = real(out)
+    for name, p in [(flag, out), *inputs.items()]:
+        if p is not None and any(c in str(real(p)) for c in GLOB_CHARS):
+            raise UsageError(f"{name} {p}: the path holds one of {' '.join(GLOB_CHARS)}, which polars and Spark read as "
+                             "a file-name pattern, not as characters: rename the folder or file")
     for name, p in inputs.items():
         if p is None:
             continue

@@ -9,6 +9,7 @@ refused with a clear message rather than half supported.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +72,20 @@ def local_path(location: str | None, what: str = "path") -> str | None:
     return unquote(parsed.path)
 
 
+def local_file_uri(path: str | Path, *, glob: bool = False) -> str:
+    """The `file:` URI a local path is handed to Spark (Hadoop) as.
+
+    Not `Path.as_uri()`: Hadoop's Path escapes the string it is given, so the
+    `%20` of "my%20data" would be read as three characters and name a folder
+    that does not exist. `glob`: the URI is read by `spark.read`, which takes
+    a path as a glob pattern; its glob characters are backslash-escaped, so a
+    folder named `b[1]` is that folder, not the pattern matching `b1`."""
+    text = Path(path).resolve().as_posix()
+    if glob:
+        text = re.sub(r"([\\\[\]{}*?])", r"\\\1", text)
+    return f"file://{text}"
+
+
 def executor_uri(path: str | Path) -> str:
     """Where Spark executors read `path`: the remote URI it is a staged copy
     of (a cluster's executors cannot read the driver's disk), else its file:// URI."""
@@ -81,7 +96,7 @@ def executor_uri(path: str | Path) -> str:
             return remote
         if local in p.parents:
             return f"{remote}/{p.relative_to(local).as_posix()}"
-    return p.as_uri()
+    return local_file_uri(p, glob=True)
 
 
 def scratch() -> str | None:

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from features.core.errors import UsageError
 from features.core.manifest import MANIFEST
-from features.jobs.uri import is_remote, normalise_uri, staged
+from features.jobs.uri import is_remote, local_file_uri, normalise_uri, staged
 from features.spark.config import SparkConfig
 from features.spark.session import one_line, spark_session
 
@@ -51,7 +51,7 @@ class HadoopFS:
         return path.getFileSystem(self._conf), path
 
     def _local(self, path: Path) -> Any:
-        return self._jvm.org.apache.hadoop.fs.Path(path.resolve().as_uri())
+        return self._jvm.org.apache.hadoop.fs.Path(local_file_uri(path))
 
     def exists(self, uri: str) -> bool:
         fs, path = self._path(uri)
@@ -112,7 +112,7 @@ def executor_copy(spark: Any, local: Path, scratch: str | None) -> Iterator[str]
     """The URI executors read `local` (a file the driver wrote) at: itself, or,
     when the job writes to a Hadoop filesystem, a copy in `scratch` (deleted after)."""
     if scratch is None:
-        yield local.resolve().as_uri()
+        yield local_file_uri(local, glob=True)  # read by spark.read
         return
     fs = HadoopFS(spark)
     uri = f"{scratch}/{local.name}"
@@ -142,7 +142,7 @@ def executor_output(spark: Any, local: Path, scratch: str | None) -> Iterator[tu
     or, when the job writes to a Hadoop filesystem, a download of its copy in
     `scratch` (deleted after)."""
     if scratch is None:
-        yield local.resolve().as_uri(), lambda: local
+        yield local_file_uri(local), lambda: local  # written by the executors: no glob
         return
     fs = HadoopFS(spark)
     uri = f"{scratch}/{local.name}"

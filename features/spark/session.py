@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -105,12 +105,48 @@ def spark_session(cfg: SparkConfig, app: str) -> Iterator[Any]:
             spark = SparkSession(sc)
         except Exception as e:  # no Java, a bad master URL: before any work
             raise UsageError(f"cannot start Spark (master {cfg.master!r}): {one_line(e)}") from None
+        interrupted: list[bool] = []
+        restore = _note_interrupts(interrupted)
         try:
             sc.setLogLevel(cfg.log_level)
-            with worker_errors():
+            with worker_errors(interrupted):
                 yield spark
         finally:
+            restore()
             spark.stop()
+
+
+def _note_interrupts(interrupted: list[bool]) -> Callable[[], None]:
+    """Record a Ctrl-C in `interrupted`, then run PySpark's own handler
+    (which cancels the running jobs). The cancelled job fails with a py4j
+    error that may reach us before the KeyboardInterrupt: `worker_errors`
+    reads the record to report an interruption (exit 130), not a failed
+    task (exit 1). Returns the function that puts the old handler back."""
+    import logging
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+    root = logging.getLogger()
+    level = root.level
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted.append(True)
+        # py4j logs each call the cancel cut short, with its traceback, on the
+        # root logger: noise after a Ctrl-C, whose one line is "interrupted"
+        root.setLevel(logging.CRITICAL)
+        if callable(previous):
+            previous(signum, frame)
+        raise KeyboardInterrupt
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, previous)
+        root.setLevel(level)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return restore
 
 
 def default_buckets(spark: Any, cfg: SparkConfig, rows: int) -> int:
@@ -138,15 +174,19 @@ def one_line(e: BaseException) -> str:
 
 
 @contextmanager
-def worker_errors() -> Iterator[None]:
+def worker_errors(interrupted: list[bool] | None = None) -> Iterator[None]:
     """Failures of Spark jobs -> one DataError (exit 1) naming the cause, not a
-    JVM stack trace. Our own typed errors raised on the driver pass through."""
+    JVM stack trace. Our own typed errors raised on the driver pass through;
+    a failure after a Ctrl-C (`interrupted`, see `_note_interrupts`) is the
+    interruption (KeyboardInterrupt: exit 130)."""
     try:
         yield
     except (RecsysError, KeyboardInterrupt):
         raise
     except Exception as e:
         mod = type(e).__module__ or ""
+        if interrupted and mod.startswith(("pyspark", "py4j")):
+            raise KeyboardInterrupt from None
         if mod.startswith(("pyspark", "py4j")):
             line = one_line(e)
             m = re.match(r"^(?:DataError|SchemaError): (.+)$", line)

@@ -62,8 +62,9 @@ def synth_cfg():
 
 @pytest.fixture(scope="module")
 def synth_pair(tmp_path_factory, synth_cfg):
-    """The synthetic build by both engines."""
-    root = tmp_path_factory.mktemp("spark_synth")
+    """The synthetic build by both engines, under a folder name with a space:
+    Spark read `Path.as_uri()`'s %20 literally and failed there (before 2026-11-30)."""
+    root = tmp_path_factory.mktemp("spark_synth") / "my data"
     build_features(synth_cfg, root / "polars", **QUIET)
     spark = build_features(dataclasses.replace(synth_cfg, engine="spark"), root / "spark", **QUIET)
     return root / "polars", root / "spark", spark
@@ -223,3 +224,28 @@ def test_bench_rows_carry_the_engine_and_keep_other_rows(tmp_path):
     assert {r["engine"] for r in rows} == {"polars"} and len(rows) == 2  # the old one-row file is kept as a row
     new = [r for r in rows if r["users"] == 20][0]
     assert {"engine", "events", "seconds", "events_per_s", "peak_mb"} <= set(new)
+
+
+def test_paths_with_glob_characters_are_refused_before_any_work(tmp_path, capsys):
+    """polars and Spark read `b[1]` as a pattern: the build failed half-way
+    with "expanded paths were empty" (both engines) before 2026-11-30."""
+    out = tmp_path / "b[1]" / "f"
+    rc = main(["features", "build", "--source", "synthetic", "--users", "20", "--max-events", "30", "--out", str(out)])
+    assert rc == 2 and "which polars and Spark read as a file-name pattern" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_task_failure_after_ctrl_c_is_the_interruption():
+    """Ctrl-C cancels the Spark jobs; the cancelled call's py4j error could
+    reach the driver first and exit 1 as a failed task (seen at 16 s and 20 s
+    into a build): after a Ctrl-C it is the interruption (exit 130)."""
+    from features.core.errors import DataError
+    from features.spark.session import worker_errors
+
+    Py4JError = type("Py4JError", (Exception,), {"__module__": "py4j.protocol"})
+    with pytest.raises(DataError, match="a Spark task failed"):
+        with worker_errors([]):
+            raise Py4JError("An error occurred while calling o81.getResult")
+    with pytest.raises(KeyboardInterrupt):
+        with worker_errors([True]):
+            raise Py4JError("An error occurred while calling o81.getResult")
