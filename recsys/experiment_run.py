@@ -232,6 +232,13 @@ def load_experiment_predictions(tracking_cfg: TrackingConfig, name: str) -> tupl
     (`check_recorded`)."""
     from recsys.tracking import connect
 
+    from recsys.tracking.store import resolve_uri, sqlite_path
+
+    uri = resolve_uri(tracking_cfg)
+    db = sqlite_path(uri) if uri.startswith("sqlite:") else None
+    if db is not None and not db.is_file():  # opening it would create an empty store at a mistyped path
+        raise UsageError(f"no finished run of experiment {name!r}: the tracking store {uri} does not exist "
+                         "(check tracking.uri / MLFLOW_TRACKING_URI, or run the experiment first)")
     store = connect(tracking_cfg)
     parents = [r for r in store.search_runs(name, stage="pipeline") if r["tags"].get("kind") == "experiment"]
     if not parents:

@@ -213,3 +213,11 @@ def test_fail_on_regression_exit_status(monkeypatch, capsys):
     preds.reverse()
     preds[:] = [ArmPredictions("control", 0, frame(good)), ArmPredictions("same", 0, frame(good))]
     assert main(["experiment", "compare", "x", "--fail-on-regression", "auc"]) == 0
+
+
+def test_compare_on_a_missing_sqlite_store_creates_nothing(tmp_path, monkeypatch, capsys):
+    """A mistyped tracking URI made `compare` create an empty store before saying "no finished run" (2026-11-30)."""
+    db = tmp_path / "typo.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    assert main(["experiment", "compare", "debug_ab"]) == 2
+    assert "does not exist" in capsys.readouterr().err and not db.exists()
