@@ -304,8 +304,8 @@ def _as_field_dtype(dtype: pl.DataType) -> pl.DataType | None:
         return pl.Float64
     if dtype in (pl.String, pl.List(pl.String)) or dtype.is_numeric():
         return dtype
-    if isinstance(dtype, (pl.Categorical, pl.Enum)) or dtype == pl.Boolean:
-        return pl.String  # a category per value ("true"/"false" for a flag)
+    if isinstance(dtype, (pl.Categorical, pl.Enum)) or dtype in (pl.Boolean, pl.Null):
+        return pl.String  # a category per value ("true"/"false" for a flag; an all-null column: only the null token)
     if isinstance(dtype, pl.List) and (dtype.inner.is_integer() or _as_field_dtype(dtype.inner) == pl.String):
         return pl.List(pl.String)  # tag ids or categories: a multi-valued field
     return None
@@ -377,6 +377,9 @@ def split_multi_valued(items: pl.DataFrame, sep: str) -> tuple[pl.DataFrame, dic
     ), found
 
 
+MISSING_TEXT = ("na", "n/a", "none", "null", "nan")  # spellings of a missing number (R, pandas, SQL), any case
+
+
 def parse_numeric_strings(items: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
     """Items with every String field that holds numbers only as Int64/Float64.
 
@@ -392,6 +395,7 @@ def parse_numeric_strings(items: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]
     converted, cols = [], []
     for name in _string_fields(items):
         raw = items[name].str.strip_chars()
+        raw = pl.Series(name, raw).set(raw.str.to_lowercase().is_in(MISSING_TEXT).fill_null(False), None)  # "NA": missing
         present = raw.is_not_null() & (raw != "")
         if not present.any() or raw.filter(present).str.contains(r"^[+-]?0\d").any():
             continue

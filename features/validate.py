@@ -39,8 +39,8 @@ def _parse_int(col: str, dtype: pl.DataType) -> pl.Expr:
         return pl.coalesce(as_int, _exact_integral(as_float))
     if dtype.is_integer():
         return c.cast(pl.Int64, strict=False)  # UInt64 beyond Int64: null, reported with its row
-    if isinstance(dtype, pl.Decimal):  # Decimal(10, 0) ids from a database export
-        return pl.coalesce(c.cast(pl.Int64, strict=False), _exact_integral(c.cast(pl.Float64)))
+    if isinstance(dtype, pl.Decimal):  # Decimal(10, 0) ids from a database export (a cast to Int64 would truncate 1.5)
+        return _exact_integral(c.cast(pl.Float64))
     if dtype.is_float():
         return _exact_integral(c)
     raise TypeError
@@ -51,6 +51,25 @@ def _exact_integral(x: pl.Expr) -> pl.Expr:
     (|x| <= 2^53); null elsewhere. "1000.0" is a pandas id; 1.2345678901234568e16
     stands for every integer around it, so it is no id at all."""
     return pl.when(x.is_finite() & (x == x.floor()) & (x.abs() <= _EXACT_FLOAT)).then(x.cast(pl.Int64))
+
+
+def _parse_time(dtype: pl.DataType) -> pl.Expr:
+    """Epoch times: integers, or numbers with a fraction (`time.time()`,
+    pandas `.timestamp()`), floored to whole units like finer units are."""
+    if dtype.is_integer():
+        return _parse_int(S.TIMESTAMP, dtype)
+    x = pl.col(S.TIMESTAMP).str.strip_chars().cast(pl.Float64, strict=False) if dtype == pl.String else pl.col(S.TIMESTAMP).cast(pl.Float64)
+    whole = _parse_int(S.TIMESTAMP, dtype) if dtype == pl.String else None
+    floored = pl.when(x.is_finite() & (x.abs() <= _EXACT_FLOAT)).then(x.floor().cast(pl.Int64))
+    return floored if whole is None else pl.coalesce(whole, floored)
+
+
+def _parse_label(dtype: pl.DataType) -> pl.Expr:
+    """A label as 0.0/1.0 (checked later); text true/false (pandas, polars CSVs) in any case."""
+    if dtype != pl.String:
+        return _parse_float(S.LABEL, dtype)
+    low = pl.col(S.LABEL).str.strip_chars().str.to_lowercase()
+    return pl.when(low == "true").then(1.0).when(low == "false").then(0.0).otherwise(_parse_float(S.LABEL, dtype))
 
 
 def _parse_float(col: str, dtype: pl.DataType) -> pl.Expr:
@@ -65,12 +84,22 @@ def _not_int_message(dtype: pl.DataType) -> str:
         return f"value is larger than the largest id this project stores ({_INT64_MAX}, Int64)"
     if dtype.is_integer():
         return "value is not an integer"
-    return f"value is not an integer (or is a float beyond 2^53 = {_EXACT_FLOAT}, which holds no exact integer: write it as integer text)"
+    if dtype == pl.String:
+        return ("value is not an integer id: ids are integers, so map text ids (such as 'A2SUAM1J3GNN3B' or an ISBN "
+                f"ending in X) to integers first; a decimal id must be a whole number up to 2^53 = {_EXACT_FLOAT}")
+    return f"value is not a whole number up to 2^53 = {_EXACT_FLOAT} (a float holds no exact integer id beyond it)"
+
+
+def _not_time_message(dtype: pl.DataType) -> str:
+    if dtype.is_unsigned_integer():
+        return f"value is larger than the largest time this project stores ({_INT64_MAX}, Int64)"
+    return ("value is not an epoch time (a number in --timestamp-unit): convert date-time text such as "
+            "'2009-05-04T23:08:57Z' to epoch seconds, or write the column as a parquet datetime, which is read as is")
 
 
 def _check_dtype(table: RawTable, col: str, dtype: pl.DataType, kind: str) -> None:
     ok = dtype == pl.String or dtype.is_numeric() or (kind == "float" and dtype == pl.Null)
-    ok = ok or (col == S.TIMESTAMP and isinstance(dtype, pl.Datetime)) or (col == S.LABEL and dtype == pl.Boolean)
+    ok = ok or (col == S.TIMESTAMP and isinstance(dtype, (pl.Datetime, pl.Date))) or (col == S.LABEL and dtype == pl.Boolean)
     if not ok:
         raise SchemaError(f"wrong dtype {dtype}, expected {kind} (or text holding numbers)", file=table.file, column=col)
 
@@ -129,12 +158,13 @@ def validate_interactions(
         S.USER_ID: _parse_int(S.USER_ID, schema[S.USER_ID]),
         S.ITEM_ID: _parse_int(S.ITEM_ID, schema[S.ITEM_ID]),
         S.TIMESTAMP: (
-            pl.col(S.TIMESTAMP).dt.epoch(timestamp_unit)  # a datetime says its own unit
-            if isinstance(ts_dtype, pl.Datetime)
-            else _parse_int(S.TIMESTAMP, ts_dtype)
+            # a datetime says its own unit; a date is its midnight, UTC
+            (pl.col(S.TIMESTAMP) if isinstance(ts_dtype, pl.Datetime) else pl.col(S.TIMESTAMP).cast(pl.Datetime("us"))).dt.epoch(timestamp_unit)
+            if isinstance(ts_dtype, (pl.Datetime, pl.Date))
+            else _parse_time(ts_dtype)
         ),
         S.RATING: _parse_float(S.RATING, schema[S.RATING]) if S.RATING in schema else pl.lit(None, pl.Float64),
-        S.LABEL: _parse_float(S.LABEL, schema[S.LABEL]) if S.LABEL in schema else pl.lit(None, pl.Float64),
+        S.LABEL: _parse_label(schema[S.LABEL]) if S.LABEL in schema else pl.lit(None, pl.Float64),
     }
     typed = lf.with_row_index(ROW).select(pl.col(ROW), *(e.alias(k) for k, e in parsed.items()), *(
         pl.col(c).alias(f"__raw_{c}") for c in parsed if c in schema
@@ -151,7 +181,8 @@ def validate_interactions(
         unparsed = raw.is_not_null() & pl.col(col).is_null()
         if schema[col].is_float() and col == S.RATING:
             unparsed = pl.lit(False)  # NaN ratings get their own message
-        message = _not_int_message(schema[col]) if col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP) else "value is not a number"
+        message = (_not_time_message(schema[col]) if col == S.TIMESTAMP else _not_int_message(schema[col])
+                   if col in (S.USER_ID, S.ITEM_ID) else "value is not a number")
         aggs += _first_rows(unparsed, f"{col}_parse")
         checks.append((f"{col}_parse", col, message))
         nulls = raw.is_null()
@@ -176,7 +207,7 @@ def validate_interactions(
     for col in merged_ids:  # text ids: distinct strings that parse to one id ("007" and "7")
         parsed_ok = pl.col(col).is_not_null()
         aggs += [
-            pl.col(f"__raw_{col}").str.strip_chars().filter(parsed_ok).n_unique().alias(f"{col}__n_text"),
+            _id_text(col).filter(parsed_ok).n_unique().alias(f"{col}__n_text"),
             pl.col(col).filter(parsed_ok).n_unique().alias(f"{col}__n_ids"),
         ]
     if S.LABEL in schema:
@@ -209,9 +240,16 @@ def validate_interactions(
     return typed_rows.lazy(), bounds
 
 
+def _id_text(col: str) -> pl.Expr:
+    """An id's text as written, less surrounding blanks and a ".0" (pandas
+    writes the id 33 as "33.0" when the column also held a NaN): the form two
+    ids must share to be one id."""
+    return pl.col(f"__raw_{col}").str.strip_chars().str.replace(r"\.0+$", "")
+
+
 def _raise_merged_ids(frame: pl.DataFrame, table: RawTable, col: str) -> None:
     """Error path: two different id strings that read as one integer id."""
-    text = pl.col(f"__raw_{col}").str.strip_chars()
+    text = _id_text(col)
     clash = (
         frame.filter(pl.col(col).is_not_null())
         .group_by(col)

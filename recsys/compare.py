@@ -160,6 +160,7 @@ def compare_arms(
     out: list[CompareRow] = []
     for name, expr in segs.items():
         family: list[CompareRow] = []
+        seg_rows = arms[control][0].frame.height if name == ALL else arms[control][0].frame.filter(expr).height
         for metric in metrics:
             m = METRICS[metric]
             for arm in order:
@@ -167,7 +168,7 @@ def compare_arms(
                 # one generator per (segment, metric, arm) from the same seed: every arm
                 # is resampled on the same users, and the order of arms is moot
                 ci = paired_bootstrap(m, users, y, st, sc, n_boot=n_boot, rng=np.random.default_rng(seed))
-                reason = why_not_computable(m, users, y) if math.isnan(ci.treatment) or math.isnan(ci.control) else ""
+                reason = why_not_computable(m, users, y, seg_rows) if math.isnan(ci.treatment) or math.isnan(ci.control) else ""
                 family.append(CompareRow(
                     arm=arm, metric=metric, value=ci.treatment, delta=ci.delta, ci_low=ci.ci_low,
                     ci_high=ci.ci_high, control_value=ci.control, significant=ci.significant,
@@ -203,9 +204,12 @@ def holm_resolution_note(rows: Sequence[CompareRow], n_boot: int, alpha: float =
             f"rerun the compare with --n-boot {need} or more (the raw marks are unaffected)")
 
 
-def why_not_computable(m: Any, users: np.ndarray, y: np.ndarray) -> str:
-    """Why metric `m` is NaN on these rows, in words."""
+def why_not_computable(m: Any, users: np.ndarray, y: np.ndarray, segment_rows: int | None = None) -> str:
+    """Why metric `m` is NaN on these rows, in words (`segment_rows`: test
+    impressions in the segment, any label: 0 says the segment is empty)."""
     if len(y) == 0:
+        if segment_rows == 0:
+            return "no test impressions"
         if m.label != "label":
             return "no test impression has an observed long-term label"
         return "no test impressions"

@@ -33,14 +33,14 @@ def _nothing_written(out):
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,,200,4\n", "item_id", 2, "null"),
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n-2,11,200,4\n", "user_id", 2, "negative"),
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,11,200,NaN\n", "rating", 2, "NaN"),
-        ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,11,20x0,4\n", "timestamp", 2, "not an integer"),
+        ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,11,20x0,4\n", "timestamp", 2, "not an epoch time"),
         ("user_id,item_id,timestamp,label\n1,10,100,1\n2,11,200,3\n", "label", 2, "0 or 1"),
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n1,10,100,2\n", "user_id,item_id,timestamp", 2, "disagree"),
         # before 2026-11-30 each of these exited 0 with a wrong table
         ("user_id,item_id,timestamp,rating,label\n1,10,100,4,\n1,11,200,,\n2,10,300,,1\n", "rating|label", 2, "no rating and no label"),
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n007,11,200,4\n7,12,300,4\n", "user_id", None, "rows 2, 3: different ids read as one: '007' and '7' are both id 7"),
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n1e3,11,200,4\n1000,12,300,4\n", "user_id", None, "rows 2, 3: different ids read as one: '1e3' and '1000'"),
-        ("user_id,item_id,timestamp,rating\n123456789012345678.0,10,100,5\n123456789012345679.0,11,200,4\n", "user_id", None, "rows 1, 2: value is not an integer (or is a float beyond 2^53"),
+        ("user_id,item_id,timestamp,rating\n123456789012345678.0,10,100,5\n123456789012345679.0,11,200,4\n", "user_id", None, "rows 1, 2: value is not an integer id"),
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,11,200,inf\n", "rating", 2, "infinite rating"),
         ("user_id,item_id,timestamp,rating\n1,10,1600000000,5\n2,11,0,4\n", "timestamp", 2, "within January 1970"),
     ],
@@ -164,6 +164,33 @@ def test_timestamps_in_the_wrong_unit_are_refused(tmp_path, capsys, text, unit, 
     rc, err, out = _run(tmp_path, capsys, text, extra=["--timestamp-unit", unit])
     assert rc == 1 and "'timestamp'" in err and rows in err and needle in err, err
     assert _nothing_written(out)
+
+
+def test_common_real_formats_are_read(tmp_path, capsys):
+    """Refused before (second probe, 2026-11-30): text true/false labels
+    (pandas, polars CSVs), fractional epoch seconds (time.time()), "33.0"
+    beside "33" (two pandas exports), and a parquet date column."""
+    import datetime as dt
+
+    text = "user_id,item_id,timestamp,label\n33.0,10,1600000000.75,True\n33,11,1600000100.25,false\n2,10,1600000200,TRUE\n"
+    rc, err, out = _run(tmp_path, capsys, text)
+    assert rc == 0, err
+    df = pl.read_parquet(out / "interactions.parquet").sort("timestamp")
+    assert df["user_id"].to_list() == [33, 33, 2] and df["timestamp"].to_list() == [1600000000, 1600000100, 1600000200]
+    assert df["label"].to_list() == [1, 0, 1]
+    path = tmp_path / "dates.parquet"
+    pl.DataFrame({"user_id": [1, 1, 2], "item_id": [10, 11, 10], "rating": [5, 3, 4],
+                  "timestamp": [dt.date(2009, 5, 4), dt.date(2009, 5, 5), dt.date(2009, 5, 6)]}).write_parquet(path)
+    rc, err, out = _run(tmp_path, capsys, inter_path=path, extra=["--force"])
+    assert rc == 0, err
+    assert sorted(pl.read_parquet(out / "interactions.parquet")["timestamp"].to_list()) == [1241395200, 1241481600, 1241568000]
+
+
+def test_text_ids_and_date_text_get_messages_that_say_what_to_do(tmp_path, capsys):
+    rc, err, _ = _run(tmp_path, capsys, "user_id,item_id,timestamp,rating\nA2SUAM1J3GNN3B,10,100,5\n")
+    assert rc == 1 and "map text ids" in err and "2^53" in err
+    rc, err, _ = _run(tmp_path, capsys, "user_id,item_id,timestamp,rating\n1,10,2009-05-04T23:08:57Z,5\n")
+    assert rc == 1 and "not an epoch time" in err and "parquet datetime" in err
 
 
 def test_relative_times_and_plain_text_ids_are_accepted(tmp_path, capsys):

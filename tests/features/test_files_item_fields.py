@@ -154,12 +154,19 @@ def test_item_columns_that_cannot_be_used_are_refused(tmp_path, capsys):
 
 def test_csv_numbers_keep_their_values(tmp_path, capsys):
     """17-digit codes stay distinct (a float parse merged them); NaN is a missing value."""
-    items = "item_id,text,sku,score\n10,a,12345678901234567,1.5\n11,b,12345678901234568,nan\n12,c,12345678901234569,\n"
+    items = ("item_id,text,sku,score,year\n10,a,12345678901234567,1.5,1991\n11,b,12345678901234568,nan,NA\n"
+             "12,c,12345678901234569,,None\n")
     rc, log, out = _build(tmp_path, capsys, items=items)
     assert rc == 0, log
     got = pl.read_parquet(out / "items.parquet").sort(S.ITEM_ID)
     assert got["sku"].dtype == pl.Int64 and got["sku"].n_unique() == 3
-    assert got["score"].to_list() == [1.5, None, None] and "'score': 1 NaN values read as missing" in log
+    assert got["score"].to_list() == [1.5, None, None] and "'score' holds numbers only" in log  # "nan" text: missing
+    # a float NaN in a parquet field is a missing value too (logged)
+    parquet = pl.DataFrame({"item_id": [10, 11, 12], "text": ["a", "b", "c"], "w": [0.5, float("nan"), 2.0]})
+    rc, log, out = _build(tmp_path, capsys, items=parquet, out="out_nan")
+    assert rc == 0 and "'w': 1 NaN values read as missing" in log, log
+    assert pl.read_parquet(out / "items.parquet").sort(S.ITEM_ID)["w"].to_list() == [0.5, None, 2.0]
+    assert got["year"].to_list() == [1991, None, None]  # R's NA and pandas' None are missing numbers, not categories
 
 
 def test_a_mistyped_text_column_is_a_usage_error_and_paths_do_not_key_the_build(tmp_path, capsys, monkeypatch):

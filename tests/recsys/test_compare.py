@@ -187,3 +187,17 @@ def test_holm_resolution_note_names_the_replicates_needed():
     note = holm_resolution_note(rows(30), 1000)
     assert note and "--n-boot 1200" in note
     assert holm_resolution_note(rows(30), 1200) is None
+
+
+def test_an_empty_segment_says_so_for_long_term_metrics_too():
+    """An empty segment's lt_auc read "no test impression has an observed
+    long-term label" (a labelling problem that is not there), 2026-11-30."""
+    import numpy as np
+
+    from recsys.compare import why_not_computable
+    from recsys.eval.metrics import METRICS
+
+    none = np.zeros(0)
+    assert why_not_computable(METRICS["lt_auc"], none, none, 0) == "no test impressions"
+    assert "observed long-term label" in why_not_computable(METRICS["lt_auc"], none, none, 12)
+    assert why_not_computable(METRICS["auc"], none, none, 0) == "no test impressions"
