@@ -171,7 +171,9 @@ def read_sections(model: str, cfg: PipelineConfig) -> set[str]:
         uses_emb = cfg.ranker.use_distilled_embeddings != "off"
     if uses_match:
         read.add("match")
-    if (uses_match or uses_emb) and not cfg.paths.embeddings:  # the distill stage makes the embeddings
+    # the distill stage makes the embeddings (unless paths.embeddings names a file), and out-of-fold
+    # match features (match.folds >= 2) train a student per fold whatever the embeddings
+    if ((uses_match or uses_emb) and not cfg.paths.embeddings) or (uses_match and cfg.match.folds >= 2):
         read |= {"teachers", "distill"}
     return read | {"paths", "tracking", "name"}
 

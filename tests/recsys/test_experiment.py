@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from features.core.errors import ConfigError
 from recsys.cli import main
 from recsys.config import SECTIONS, PipelineConfig, field_docs
 from recsys.experiment import load_experiment
@@ -221,3 +222,15 @@ def test_compare_on_a_missing_sqlite_store_creates_nothing(tmp_path, monkeypatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     assert main(["experiment", "compare", "debug_ab"]) == 2
     assert "does not exist" in capsys.readouterr().err and not db.exists()
+
+
+def test_distill_keys_count_where_out_of_fold_match_features_train_students(tmp_path):
+    """match.folds >= 2 trains a student per fold even when paths.embeddings names a file: a distill key is read there."""
+    spec = json.loads(json.dumps(GOOD))
+    spec["arms"][1]["delta"] = {"data": {"use_match_features": True}, "match": {"folds": 2}, "distill": {"epochs": 2}}
+    path = _write(tmp_path, spec, baseline={"seed": 0, "paths": {"embeddings": "emb.parquet"}})
+    assert load_experiment(path).arm_configs["b"].distill.epochs == 2
+    spec["arms"][1]["delta"]["match"] = {"folds": 0}  # in-sample: the file's embeddings, no student
+    path = _write(tmp_path, spec, baseline={"seed": 0, "paths": {"embeddings": "emb.parquet"}})
+    with pytest.raises(ConfigError, match="'distill.epochs' cannot take effect"):
+        load_experiment(path)
