@@ -200,3 +200,15 @@ def test_relative_times_and_plain_text_ids_are_accepted(tmp_path, capsys):
     assert rc == 0, err
     df = pl.read_parquet(out / "interactions.parquet")
     assert sorted(df["user_id"].unique().to_list()) == [2, 7, 1000] and df["timestamp"].max() == 300
+
+
+def test_a_decimal_id_with_a_fraction_is_refused_not_truncated(tmp_path, capsys):
+    """A non-strict cast to Int64 would read Decimal 1.5 as id 1."""
+    import decimal
+
+    path = tmp_path / "dec.parquet"
+    ids = pl.Series([decimal.Decimal("1.5"), decimal.Decimal("2"), decimal.Decimal("3")], dtype=pl.Decimal(10, 1))
+    pl.DataFrame({"user_id": [1, 2, 3], "item_id": ids, "timestamp": [100, 200, 300], "rating": [4, 5, 3]}).write_parquet(path)
+    rc, err, out = _run(tmp_path, capsys, inter_path=path)
+    assert rc == 1 and "'item_id', row 1" in err and "whole number" in err, err
+    assert _nothing_written(out)

@@ -77,6 +77,8 @@ def test_ranker_refuses_requests_it_would_score_wrongly(in_experiment):
         "different lengths": a.with_columns(history_timestamps=pl.col("history_timestamps").list.head(1)),
         "strictly before": a.with_columns(timestamp=pl.lit(0, pl.Int64)),
         "hist_len disagrees": a.with_columns(hist_len=pl.lit(0, pl.Int64), pos_hist_len=pl.lit(0, pl.Int64)),  # dropped the history
+        "request column 'history': 1 item id(s) not in the ranker's vocabulary": a.with_columns(  # read as a candidate's
+            history=pl.concat_list(pl.col("history").list.head(pl.col("history").list.len() - 1), pl.lit([10**12], pl.List(pl.Int64)))),
     }
     for needle, frame in cases.items():
         with pytest.raises(Exception) as e:
