@@ -180,6 +180,7 @@ def build_features(
     # one chunk per column: the parquet row groups follow the chunks, and the
     # engines chunk differently; single-chunk frames give the same bytes
     outputs = {name: df.rechunk() for name, df in outputs.items()}
+    earlier = set(((read_manifest(out) or {}).get("outputs") or {})) - set(outputs)
     with atomic_outputs(out) as tmp:
 
         def write(name: str, df: pl.DataFrame) -> tuple[str, dict]:
@@ -203,6 +204,11 @@ def build_features(
                 "stats": stats,
             },
         )
+    # an earlier build's outputs this one did not write (users.parquet of a
+    # source with user fields, say) would be read as this build's: removed
+    for name in earlier:
+        if "/" not in name and name.endswith(".parquet"):
+            (out / name).unlink(missing_ok=True)
     secs = time.perf_counter() - t0
     log(f"features: wrote {out} [{cfg.engine}] ({frame.height:,} events, {sequences.height:,} users, {items_out.height:,} items) in {secs:.1f}s")
     return BuildResult(out, False, manifest, secs)

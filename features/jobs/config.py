@@ -77,6 +77,11 @@ class FeaturesConfig:
                 if getattr(self, key) is not None:
                     raise ValueError(f"{key} applies to the files source only (source {self.source!r} reads its own data); "
                                      "set source: files to read your files")
+        if self.source != "files" and self.text_column != S.TEXT:
+            raise ValueError(f"text_column applies to the files source only (source {self.source!r} names its own text)")
+        if self.source != "synthetic" and self.synthetic != SyntheticConfig():
+            raise ValueError(f"synthetic (--users, --n-items, --max-events, --seed) applies to the synthetic source only; "
+                             f"source {self.source!r} reads its own data")
         if self.source != "files" and self.timestamp_unit != "s":
             raise ValueError(f"timestamp_unit applies to the files source only (source {self.source!r} is in seconds)")
 

@@ -159,7 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny smoke run (tests)")
     p.add_argument("--out", default="bench/results", help="folder for features.json")
     args = p.parse_args(argv)
-    sizes = [args.users] if args.users else [max(1, round(float(e) * 1e6 / EVENTS_PER_USER)) for e in args.events.split(",")]
+    try:
+        millions = [float(e) for e in args.events.split(",")]
+    except ValueError:
+        p.error(f"--events {args.events!r}: comma-separated numbers of millions of events, e.g. 1,10,50")
+    if any(not m > 0 for m in millions) or (args.users is not None and args.users < 1):
+        p.error("--events and --users must be positive: a run of another size would be reported as this one")
+    sizes = [args.users] if args.users else [max(1, round(m * 1e6 / EVENTS_PER_USER)) for m in millions]
     if args.quick:
         sizes, args.items, args.max_history, args.repeats = [20], 200, 500, 1
     engines = ["polars", "spark"] if args.engine == "both" else [args.engine]

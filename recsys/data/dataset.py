@@ -36,6 +36,7 @@ from torch import Tensor
 
 from features import schemas as S
 from features.core.errors import DataError
+from features.core.manifest import read_manifest
 from features.reader import check_manifest, check_match_upstream, existing_match_file, read_table
 from recsys.data.batch import FeatureSpec, RankBatch, build_batch, concat_ranges
 from recsys.data.content import Csr, content_fields
@@ -100,7 +101,10 @@ class RankingData:
         seqs = read_table(root / S.FILES["sequences"], "sequences", SEQUENCE_COLUMNS)
         items = read_table(root / S.FILES["items"], "items", (S.ITEM_ID,))
         users_path = root / S.FILES["users"]
-        users = read_table(users_path, "users", (S.USER_ID,)) if users_path.exists() else None
+        listed = (read_manifest(root) or {}).get("outputs")
+        # a users.parquet the build did not write (a stray file of another build) is not this folder's
+        has_users = users_path.exists() and (listed is None or S.FILES["users"] in listed)
+        users = read_table(users_path, "users", (S.USER_ID,)) if has_users else None
 
         self._index_entities(inter, seqs, items, users)
         self._load_requests(inter, seqs, root)

@@ -192,3 +192,27 @@ def test_leave_last_out_split(tmp_path):
     assert inter.filter(pl.col(S.SPLIT) == "test").height == 943
     users = {s["split"]: s["users"] for s in describe(tmp_path / "f")["splits"]}
     assert users == dict(inter.group_by(S.SPLIT).agg(pl.col(S.USER_ID).n_unique()).iter_rows())
+
+
+def test_a_rebuild_removes_the_earlier_builds_outputs_it_does_not_write(tmp_path):
+    """A synthetic build's users.parquet and planted_truth.parquet stayed beside
+    a later files build into the same folder, and the ranker read the users
+    (2026-11-30)."""
+    from features.sources import SyntheticConfig
+
+    out = tmp_path / "f"
+    build_features(FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=30, items=40, max_events=30, seed=1)),
+                   out, log=lambda _m: None)
+    assert (out / "users.parquet").exists() and (out / "planted_truth.parquet").exists()
+    (tmp_path / "ev.csv").write_text("user_id,item_id,timestamp,rating\n1,10,100,5\n1,11,200,3\n2,10,150,4\n2,12,300,1\n")
+    build_features(FeaturesConfig(source="files", interactions=str(tmp_path / "ev.csv")), out, log=lambda _m: None)
+    assert not (out / "users.parquet").exists() and not (out / "planted_truth.parquet").exists()
+
+
+def test_source_specific_keys_are_refused_for_other_sources():
+    from features.sources import SyntheticConfig
+
+    with pytest.raises(ValueError, match="applies to the synthetic source only"):
+        FeaturesConfig(source="movielens100k", synthetic=SyntheticConfig(users=100))
+    with pytest.raises(ValueError, match="text_column applies to the files source only"):
+        FeaturesConfig(source="movielens100k", text_column="title")
