@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 BENCHMARKS = {
     "features": "feature jobs on >=10M synthetic events: events/s, peak memory",
@@ -23,6 +24,22 @@ def main(argv: list[str] | None = None) -> int:
         print("\nEach writes bench/results/NAME.json; `NAME --help` lists its options.")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
+    if name == "all" and any(a in {"-h", "--help"} for a in rest):
+        print("usage: python -m recsys.bench all [--quick] [--out DIR]\n\nRuns every benchmark in turn with these "
+              "two options; run a benchmark by name for its own options.")
+        return 0
+    if name == "all":  # one set of options for every benchmark: only those they all take, checked before any run
+        extra = [a for i, a in enumerate(rest) if a != "--quick" and not a.startswith("--out")
+                 and not (i and rest[i - 1] == "--out")]
+        if extra:
+            print(f"error: bench all takes --quick and --out DIR only (got {' '.join(extra)}); "
+                  "run a benchmark by name for its options", file=sys.stderr)
+            return 2
+    out = next((a.split("=", 1)[1] for a in rest if a.startswith("--out=")), None) or next(
+        (rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--out"), None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():  # found before the run, not after it
+        print(f"error: --out {out} is an existing file; expected a folder for the results JSON", file=sys.stderr)
+        return 2
     names = list(BENCHMARKS) if name == "all" else [name]
     for n in names:
         if n not in BENCHMARKS:
