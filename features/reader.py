@@ -19,6 +19,8 @@ import polars as pl
 
 from features import schemas as S
 from features.core.errors import DataError, SchemaError, UsageError
+from features.core.fingerprint import file_fingerprint
+from features.core.manifest import read_manifest
 
 # declared columns of each file a reader may ask for; match features are the
 # keys plus any number of numeric `mf_` columns
@@ -113,15 +115,10 @@ def check_manifest(path: str | Path) -> None:
     its job would otherwise be read as if the job had written it (and a job
     keyed on the manifest's fingerprints would even skip). A DataError naming
     the file and the job to rerun."""
-    import json
-
-    from features.core.fingerprint import file_fingerprint
-
     path = Path(path)
-    try:
-        manifest = json.loads((path.parent / "manifest.json").read_text())
-        info = manifest["outputs"][path.name]
-    except (OSError, ValueError, KeyError, TypeError):
+    manifest = read_manifest(path.parent) or {}
+    info = (manifest.get("outputs") or {}).get(path.name)
+    if info is None:
         return  # a file of the user's own, outside a job's folder: nothing to check against
     if path.is_file() and file_fingerprint(path) != info.get("fingerprint"):
         job = manifest.get("job", "the job that wrote it")
@@ -136,15 +133,10 @@ def check_match_upstream(match_file: str | Path, features_dir: str | Path) -> No
     interactions (the fingerprint their manifest keyed on), when both
     folders have manifests: match features of another build (another label
     threshold, say) can line up row by row and still be wrong."""
-    import json
-
     match_file, features_dir = Path(match_file), Path(features_dir)
-    try:
-        used = json.loads((match_file.parent / "manifest.json").read_text())["key"]["upstream"]["interactions"]
-        have = json.loads((features_dir / "manifest.json").read_text())["outputs"][S.FILES["interactions"]]["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if used != have:
+    used = ((read_manifest(match_file.parent) or {}).get("key") or {}).get("upstream", {}).get("interactions")
+    have = ((read_manifest(features_dir) or {}).get("outputs") or {}).get(S.FILES["interactions"], {}).get("fingerprint")
+    if used is not None and have is not None and used != have:
         raise DataError(f"built from other features than {features_dir} (interactions fingerprint {used}, this "
                         f"folder's {have}): rerun `recsys features match --features {features_dir}`", file=str(match_file))
 

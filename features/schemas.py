@@ -138,6 +138,11 @@ FILES = {
 }
 
 
+def text_columns(items: pl.Schema) -> list[str]:
+    """The String columns of an items file but the id: the candidates `--text-column` is pointed at."""
+    return [c for c, t in items.items() if t == pl.String and c != ITEM_ID]
+
+
 def item_field_kinds(items: pl.Schema) -> dict[str, list[str]]:
     """Classify the extra item columns: categorical, multi-valued, numeric, image.
 

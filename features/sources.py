@@ -273,7 +273,7 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
         lf, from_csv = _scan(Path(items))
         cols = lf.collect_schema().names()
         if text_column != S.TEXT and text_column not in cols:
-            strings = [c for c, t in lf.collect_schema().items() if t == pl.String and c != S.ITEM_ID]
+            strings = S.text_columns(lf.collect_schema())
             raise UsageError(f"--text-column {text_column}: {items} has no such column"
                              + (f"; its string columns: {', '.join(strings)}" if strings else ""))
         if text_column != S.TEXT:

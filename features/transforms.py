@@ -395,7 +395,7 @@ def parse_numeric_strings(items: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]
     converted, cols = [], []
     for name in _string_fields(items):
         raw = items[name].str.strip_chars()
-        raw = pl.Series(name, raw).set(raw.str.to_lowercase().is_in(MISSING_TEXT).fill_null(False), None)  # "NA": missing
+        raw = raw.set(raw.str.to_lowercase().is_in(MISSING_TEXT).fill_null(False), None)  # "NA": a missing number
         present = raw.is_not_null() & (raw != "")
         if not present.any() or raw.filter(present).str.contains(r"^[+-]?0\d").any():
             continue

@@ -58,10 +58,10 @@ def _parse_time(dtype: pl.DataType) -> pl.Expr:
     pandas `.timestamp()`), floored to whole units like finer units are."""
     if dtype.is_integer():
         return _parse_int(S.TIMESTAMP, dtype)
-    x = pl.col(S.TIMESTAMP).str.strip_chars().cast(pl.Float64, strict=False) if dtype == pl.String else pl.col(S.TIMESTAMP).cast(pl.Float64)
-    whole = _parse_int(S.TIMESTAMP, dtype) if dtype == pl.String else None
+    text = pl.col(S.TIMESTAMP).str.strip_chars() if dtype == pl.String else None
+    x = pl.col(S.TIMESTAMP).cast(pl.Float64) if text is None else text.cast(pl.Float64, strict=False)
     floored = pl.when(x.is_finite() & (x.abs() <= _EXACT_FLOAT)).then(x.floor().cast(pl.Int64))
-    return floored if whole is None else pl.coalesce(whole, floored)
+    return floored if text is None else pl.coalesce(text.cast(pl.Int64, strict=False), floored)  # integer text: exact
 
 
 def _parse_label(dtype: pl.DataType) -> pl.Expr:
@@ -377,7 +377,7 @@ def validate_items(table: RawTable) -> pl.DataFrame:
             column=S.ITEM_ID,
         )
     if S.TEXT not in schema:
-        strings = [c for c, t in schema.items() if t == pl.String and c != S.ITEM_ID]
+        strings = S.text_columns(schema)
         hint = f"; its string columns: {', '.join(strings)} (e.g. --text-column {strings[0]})" if strings else ""
         raise SchemaError(
             f"missing the item text column (name it 'text' or pass --text-column){hint}",
