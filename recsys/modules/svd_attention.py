@@ -80,6 +80,14 @@ Gradients: truncated through `svd_kernels._GramEigh`, compact through
 repeated-singular-value inputs. An empty history gives a zero output (never
 NaN) in every mode.
 
+Jagged histories: compact depends on a history only through its Gram, so
+`forward_jagged` takes the B histories' rows back to back (sum lengths, D),
+as the ranker's TorchRec lookup returns them, and forms each Gram (and, in
+backward, each X W) with one GEMM per history: no padded (B, L, D) copy, no
+mask pass, no padded gradient. Same numbers as `forward` on the zero-padded
+history; the ranker uses it for long histories (`JAGGED_MIN_MEAN_LENGTH`).
+Truncated mode needs the per-event logits and has no jagged form.
+
 Serving (per-user factor cache, windowed incremental state, requests served
 from it) lives in `recsys.modules.svd_serving`; the plain reference twins in
 `recsys.modules.reference_attention`.
@@ -108,6 +116,7 @@ from recsys.modules.svd_kernels import (
     compact_tokens,
     factorize,
     gram_matrix,
+    jagged_segments,
     rank_tolerance,
     taper_weights,
     tokens_from_spectrum,
@@ -117,7 +126,8 @@ from recsys.modules.svd_kernels import (
 # The op's public names; the kernels re-exported here keep their old import path.
 __all__ = [
     "GRAM_DTYPES", "MODES", "RENAMED_MODES", "GramDtype", "Mode", "SVDAttention", "SVDAttentionConfig",
-    "SVDFactorizationError", "SVDFactors", "check_inputs", "compact_tokens", "gram_matrix", "rank_tolerance",
+    "SVDFactorizationError", "SVDFactors", "check_inputs", "check_jagged_inputs", "compact_tokens", "gram_matrix",
+    "rank_tolerance",
     "resolve_gram_dtype", "svd_factors", "taper_weights", "tokens_from_spectrum", "top_eigh",
 ]
 
@@ -197,6 +207,22 @@ def check_inputs(history: Tensor, lengths: Tensor, queries: Tensor | None, dim: 
             f"lengths must satisfy 0 <= length <= L={length} (the padded history length); "
             f"got {bad[:5].tolist()} ({bad.numel()} of {b} out of range)"
         )
+
+
+def check_jagged_inputs(values: Tensor, lengths: Tensor, queries: Tensor, dim: int) -> None:
+    """ValueError unless values is (sum lengths, dim), queries (B, C, dim) and lengths int64 (B,) >= 0."""
+    if values.dim() != 2 or values.shape[-1] != dim:
+        raise ValueError(f"jagged history values must be (sum lengths, {dim}), got {tuple(values.shape)}")
+    if not isinstance(lengths, Tensor) or lengths.dtype != torch.int64 or lengths.dim() != 1:
+        got = f"{lengths.dtype} {tuple(lengths.shape)}" if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise ValueError(f"lengths must be an int64 tensor of shape (B,), got {got}")
+    b = lengths.shape[0]
+    if queries.dim() != 3 or queries.shape[0] != b or queries.shape[-1] != dim:
+        raise ValueError(f"queries must be (B={b}, C, {dim}), got {tuple(queries.shape)}")
+    if b and bool((lengths < 0).any()):
+        raise ValueError(f"lengths must be >= 0, got {lengths[lengths < 0][:5].tolist()}")
+    if int(lengths.sum()) != values.shape[0]:
+        raise ValueError(f"lengths sum to {int(lengths.sum())} but the jagged history has {values.shape[0]} rows")
 
 
 def _valid_mask(lengths: Tensor, length: int) -> Tensor:
@@ -325,6 +351,27 @@ class SVDAttention(nn.Module):
         if self.config.mode == "truncated":
             return self._truncated(x, lengths, queries, factors)
         return self.attend_tokens(queries, self._compact_tokens(x, lengths, factors))
+
+    def forward_jagged(self, values: Tensor, lengths: Tensor, queries: Tensor) -> Tensor:
+        """Compact mode on jagged histories: values (sum lengths, D), the B
+        histories' rows back to back, lengths int64 (B,), queries (B, C, D) ->
+        (B, C, D), equal to `forward` on the zero-padded history.
+
+        No padded (B, L, D) copy, no mask pass, and the backward returns the
+        jagged gradient directly: each history's Gram and its gradient X W are
+        one GEMM each (`svd_kernels.gram_matrix` with lengths). For long
+        histories (the ranker's `JAGGED_MIN_MEAN_LENGTH`) these passes over
+        B L D cost more than the factorisation itself; for short ones the
+        per-history loop costs more than padding. Truncated mode needs the
+        per-event logits and has no jagged form.
+        """
+        if self.config.mode != "compact":
+            raise ValueError(f"forward_jagged is compact mode only; this op is {self.config.mode!r}")
+        check_jagged_inputs(values, lengths, queries, self.config.dim)
+        cfg = self.config
+        m = compact_tokens(values, cfg.rank, cfg.taper, resolve_gram_dtype(cfg.gram_dtype),
+                           jagged_segments(lengths))  # (B, D, D)
+        return self.attend_tokens(queries, self.scale_tokens(m, lengths.to(m.device)).to(values.dtype))
 
     def _truncated(self, x: Tensor, lengths: Tensor, queries: Tensor, factors: SVDFactors | None) -> Tensor:
         b, length, d = x.shape

@@ -7,8 +7,11 @@ Shape legend:
     D  embedding dim
     K  singular directions returned (the rank R, or D)
 
-Every kernel takes a masked history X (B, L, D); input checks and masking
-live in `recsys.modules.svd_attention`, the op built on these kernels.
+Every kernel takes a masked history X (B, L, D); the Gram and compact's
+factorisation also take jagged rows (sum lengths, D) with the per-history
+`lengths` as Python ints (`jagged_segments`), one GEMM per history and no
+padding. Input checks and masking live in `recsys.modules.svd_attention`, the
+op built on these kernels.
 
 Gram (`gram_matrix`): G = X^T X, O(L D^2). "float64" forms it in float64
 (float32 histories are converted chunk by chunk through one reused buffer);
@@ -116,12 +119,19 @@ def top_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
 _CHUNK_ELEMS = 1 << 18
 
 
-def gram_matrix(x: Tensor, gram_dtype: ResolvedGramDtype) -> Tensor:
-    """G = X^T X (B, D, D) float64 for X (B, L, D); gram_dtype "float64" or "input" (resolved).
+def gram_matrix(x: Tensor, gram_dtype: ResolvedGramDtype, lengths: list[int] | None = None) -> Tensor:
+    """G = X^T X (B, D, D) float64; gram_dtype "float64" or "input" (resolved).
+
+    X is a padded history (B, L, D), or, with `lengths` (B Python ints), the
+    jagged rows (sum lengths, D) of B histories back to back (no padding
+    exists, so none is masked, copied or multiplied: the ranker's long-history
+    path, `jagged_segments`).
 
     "float64": products in float64, chunk by chunk through one reused buffer.
-    "input": one GEMM in X's dtype, then cast.
+    "input": one GEMM (per history when jagged) in X's dtype, then cast.
     """
+    if lengths is not None:
+        return _jagged_gram(x, gram_dtype, lengths)
     if x.dtype == torch.float64 or gram_dtype == "input":
         return (x.mT @ x).to(torch.float64)
     b, length, d = x.shape
@@ -133,6 +143,30 @@ def gram_matrix(x: Tensor, gram_dtype: ResolvedGramDtype) -> Tensor:
         c.copy_(x[:, lo : lo + step])
         gram.baddbmm_(c.mT, c)
     return gram
+
+
+def _jagged_gram(x: Tensor, gram_dtype: ResolvedGramDtype, lengths: list[int]) -> Tensor:
+    """Jagged rows (sum lengths, D) -> G (B, D, D) float64, one history at a time."""
+    d = x.shape[-1]
+    gram = torch.zeros(len(lengths), d, d, dtype=torch.float64, device=x.device)  # (B, D, D)
+    if x.dtype == torch.float64 or gram_dtype == "input":
+        for b, seg in enumerate(torch.split(x, lengths)):
+            if seg.shape[0]:
+                gram[b] = seg.mT @ seg  # cast on assignment
+        return gram
+    step = max(256, _CHUNK_ELEMS // max(1, d))
+    buf = torch.empty(min(step, max(lengths, default=0)), d, dtype=torch.float64, device=x.device)  # (chunk, D)
+    for b, seg in enumerate(torch.split(x, lengths)):
+        for lo in range(0, seg.shape[0], step):
+            c = buf[: min(step, seg.shape[0] - lo)]  # (n, D)
+            c.copy_(seg[lo : lo + step])
+            gram[b].addmm_(c.mT, c)
+    return gram
+
+
+def jagged_segments(lengths: Tensor) -> list[int]:
+    """int64 lengths (B,) -> the Python ints `gram_matrix` and `compact_tokens` take for jagged rows."""
+    return [int(n) for n in lengths.tolist()]
 
 
 class _GramEigh(torch.autograd.Function):
@@ -179,14 +213,21 @@ class _GramEigh(torch.autograd.Function):
         return _times(x, g_gram + g_gram.mT), None, None, None, None  # (B, L, D)
 
 
-def _times(x: Tensor, w: Tensor) -> Tensor:
-    """X (B, L, D) @ W (B, D, D) float64 -> (B, L, D) in X's dtype.
+def _times(x: Tensor, w: Tensor, lengths: list[int] | None = None) -> Tensor:
+    """X (B, L, D) @ W (B, D, D) float64 -> (B, L, D) in X's dtype; with
+    `lengths`, jagged rows (sum lengths, D), each history times its own W.
 
     A float64 X is multiplied in float64. A float32 X is multiplied by W
     rounded to float32: the gradient is returned in float32 anyway, and this
     skips a float64 copy of the whole history (the O(L D) part of backward).
     """
-    return x @ w.to(x.dtype)
+    w = w.to(x.dtype)
+    if lengths is None:
+        return x @ w
+    out = torch.empty_like(x)  # (sum lengths, D)
+    for b, (seg, dst) in enumerate(zip(torch.split(x, lengths), torch.split(out, lengths))):
+        torch.mm(seg, w[b], out=dst)
+    return out
 
 
 def taper_weights(s_all: Tensor, rank: int, taper: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -221,13 +262,14 @@ class _TaperedRoot(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, rank: int, taper: float, tols: _Tolerances, gram_dtype: str):  # type: ignore[override]
-        lam, e = top_eigh(gram_matrix(x, gram_dtype))  # (B, D), (B, D, D)
+    def forward(ctx, x: Tensor, rank: int, taper: float, tols: _Tolerances, gram_dtype: str,  # type: ignore[override]
+                lengths: list[int] | None):
+        lam, e = top_eigh(gram_matrix(x, gram_dtype, lengths))  # (B, D), (B, D, D)
         lam = lam.clamp_min(0)
         s_all = lam.sqrt()  # (B, D)
         h, w, in_ramp, mid = taper_weights(s_all, rank, taper)  # (B, D) x 3, (B, 1)
         ctx.save_for_backward(x, lam, e, s_all, h, w, in_ramp, mid)
-        ctx.rank, ctx.taper, ctx.tols = rank, taper, tols
+        ctx.rank, ctx.taper, ctx.tols, ctx.lengths = rank, taper, tols, lengths
         return (e * h[:, None, :]) @ e.mT  # (B, D, D)
 
     @staticmethod
@@ -254,7 +296,7 @@ class _TaperedRoot(torch.autograd.Function):
         # summed first and X is touched once (one (L, D) x (D, D) product)
         w_x = 2 * (e @ (k * a) @ e.mT)  # (B, D, D)
         if r >= d:
-            return _times(x, w_x), None, None, None, None
+            return _times(x, w_x, ctx.lengths), None, None, None, None, None
         # through m and s_1: dh_i/dm = -s_i [ramp] / scale; dh_i/ds_1 = -s_i [ramp] (s_i - m) 2 taper / scale^2
         a_diag = a.diagonal(dim1=1, dim2=2)  # (B, D)
         c_mid = -(a_diag * ramp * s_all).sum(-1) * inv_scale[:, 0]  # (B,)
@@ -266,7 +308,7 @@ class _TaperedRoot(torch.autograd.Function):
             ok = sk > tol * s1[:, 0]  # a zero singular value's subgradient: 0
             coef = torch.where(ok, c / torch.where(ok, sk, torch.ones((), dtype=sk.dtype)), 0.0)  # (B,)
             w_x = w_x + coef[:, None, None] * vk[:, :, None] * vk[:, None, :]  # X v_k v_k^T = s_k u_k v_k^T
-        return _times(x, w_x), None, None, None, None
+        return _times(x, w_x, ctx.lengths), None, None, None, None, None
 
 
 def factorize(
@@ -277,10 +319,13 @@ def factorize(
     return _GramEigh.apply(x, rank, tols, subspace_only, gram_dtype)
 
 
-def compact_tokens(x: Tensor, rank: int, taper: float, gram_dtype: ResolvedGramDtype) -> Tensor:
-    """M (B, D, D) float64 of a masked history (B, L, D); gram_dtype resolved. Differentiable in X."""
+def compact_tokens(x: Tensor, rank: int, taper: float, gram_dtype: ResolvedGramDtype,
+                   lengths: list[int] | None = None) -> Tensor:
+    """M (B, D, D) float64 of a masked history (B, L, D), or of jagged rows
+    (sum lengths, D) with `lengths` (`jagged_segments`); gram_dtype resolved.
+    Differentiable in X."""
     tols = _tolerances(x.dtype, x.shape[-1], gram_dtype)
-    return _TaperedRoot.apply(x, rank, taper, tols, gram_dtype)
+    return _TaperedRoot.apply(x, rank, taper, tols, gram_dtype, lengths)
 
 
 def tokens_from_spectrum(s_all: Tensor, v_all: Tensor, rank: int, taper: float) -> Tensor:

@@ -249,3 +249,35 @@ def test_constructors_take_at_most_five_arguments():
     for cls in (Ranker, RankerTrain):
         params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
         assert len(params) <= 5, cls
+
+
+@pytest.mark.parametrize("gram", ["float64", "input"])
+def test_compact_reads_long_histories_jagged_with_the_padded_numbers(monkeypatch, gram):
+    """Long histories take SVDAttention.forward_jagged (no padded copy); the
+    logits and every gradient equal the padded path's."""
+    from recsys.models import ranker as ranker_mod
+    from recsys.modules.svd_attention import SVDAttention
+
+    rng = np.random.default_rng(5)
+    requests = [(list(rng.integers(0, 60, n)), list(rng.integers(0, 60, c)), u)
+                for u, (n, c) in enumerate([(40, 3), (0, 2), (25, 5), (33, 1)])]
+    batch = batch_of(requests)
+    calls = []
+    real = SVDAttention.forward_jagged
+    monkeypatch.setattr(SVDAttention, "forward_jagged", lambda self, *a: calls.append(1) or real(self, *a))
+
+    def run(threshold):
+        monkeypatch.setattr(ranker_mod, "JAGGED_MIN_MEAN_LENGTH", threshold)
+        model = model_for(small(history_encoder="svd_compact", history_mean=True, svd_gram_dtype=gram))
+        loss, parts = RankerTrain(model)(batch)
+        loss.backward()
+        return parts.logits.click, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    padded_logits, padded_grads = run(10**9)
+    assert not calls
+    jagged_logits, jagged_grads = run(20)  # mean length 24.5 >= 20
+    assert calls
+    torch.testing.assert_close(jagged_logits, padded_logits, rtol=1e-5, atol=1e-6)
+    assert padded_grads.keys() == jagged_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(jagged_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

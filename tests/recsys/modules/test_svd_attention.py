@@ -608,9 +608,9 @@ def test_auto_gram_dtype_is_float64_with_autograd_and_input_without(monkeypatch)
     seen = []
     real = kernels.gram_matrix
 
-    def spy(x, gram_dtype):
+    def spy(x, gram_dtype, lengths=None):
         seen.append(gram_dtype)
-        return real(x, gram_dtype)
+        return real(x, gram_dtype, lengths)
 
     monkeypatch.setattr(kernels, "gram_matrix", spy)
     g = gen(10)
@@ -669,3 +669,86 @@ def test_bench_goals_read_the_stream_timings_and_the_fused_baseline():
     sdpa = goals["info: compact serving L=10k C=1000 R=32 vs fused exact attention (SDPA)/SDPA"]
     assert sdpa["value"] == 15.0 and sdpa["status"] == "MISS"
     assert goals["compact_incremental (windowed state) L=50k C=1000 R=32 speedup"]["status"] == "n/a"
+
+
+# --------------------------------------------------------------------------- jagged histories
+
+
+def _jagged(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Padded (B, L, D) -> the valid rows back to back (sum lengths, D)."""
+    return torch.cat([x[i, : int(n)] for i, n in enumerate(lengths)])
+
+
+@FAST
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    b=st.integers(1, 4),
+    length=st.integers(1, 12),
+    d=st.integers(2, 7),
+    rank_frac=st.floats(0.0, 1.0),
+    normalize=st.booleans(),
+    gram=st.sampled_from(["float64", "input"]),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_jagged_compact_equals_padded_outputs_and_gradients(seed, b, length, d, rank_frac, normalize, gram, dtype):
+    """forward_jagged (no padding, per-history Gram and backward) computes what
+    forward computes on the zero-padded history, including empty histories."""
+    g = gen(seed)
+    rank = 1 + int(rank_frac * (d - 1))
+    lengths = random_lengths(g, b, length)
+    x = randn(g, b, length, d, dtype=dtype)
+    x = torch.where(torch.arange(length)[None, :, None] < lengths[:, None, None], x, torch.zeros((), dtype=dtype))
+    q = randn(g, b, 3, d, dtype=dtype)
+    m = make_module(d, rank, "compact", g, dtype, normalize=normalize, gram=gram)
+    xp = x.clone().requires_grad_()
+    xj = _jagged(x, lengths).requires_grad_()
+    out_p, out_j = m(xp, lengths, q), m.forward_jagged(xj, lengths, q)
+    tol = TOL[dtype] if gram == "float64" or dtype == torch.float64 else 1e-3
+    assert rel(out_j, out_p) < tol
+    cot = randn(g, *out_p.shape, dtype=dtype)
+    (gp,) = grads(out_p, cot, [xp])
+    (gj,) = grads(out_j, cot, [xj])
+    assert rel(gj, _jagged(gp, lengths)) < tol
+
+
+def test_jagged_compact_passes_gradcheck():
+    g = gen(11)
+    lengths = torch.tensor([7, 0, 5])
+    x = randn(g, 12, 4).requires_grad_()
+    q = randn(g, 3, 3, 4).requires_grad_()
+    m = make_module(4, 2, "compact", g)
+    assert torch.autograd.gradcheck(lambda x_, q_: m.forward_jagged(x_, lengths, q_), (x, q))
+
+
+def test_jagged_float64_gram_chunks_long_histories(monkeypatch):
+    """A float32 history longer than one conversion chunk gives the one-GEMM float64 Gram."""
+    monkeypatch.setattr(kernels, "_CHUNK_ELEMS", 64)  # chunks of the 256-row floor: 3 for the 700-row history
+    g = gen(12)
+    lengths = [700, 0, 300]
+    x = randn(g, sum(lengths), 4, dtype=torch.float32)
+    got = kernels.gram_matrix(x, "float64", lengths)
+    x64 = x.double()
+    want = torch.stack([s.mT @ s for s in torch.split(x64, lengths)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "values, lengths, queries, match",
+    [
+        (torch.zeros(5, 3), torch.tensor([2, 3]), torch.zeros(2, 1, 4), r"values must be \(sum lengths, 4\)"),
+        (torch.zeros(5, 4), torch.tensor([2, 2]), torch.zeros(2, 1, 4), "sum to 4 but the jagged history has 5 rows"),
+        (torch.zeros(5, 4), torch.tensor([6, -1]), torch.zeros(2, 1, 4), "must be >= 0"),
+        (torch.zeros(5, 4), torch.tensor([2.0, 3.0]), torch.zeros(2, 1, 4), "int64 tensor"),
+        (torch.zeros(5, 4), torch.tensor([2, 3]), torch.zeros(3, 1, 4), r"queries must be \(B=2"),
+    ],
+)
+def test_jagged_inputs_are_checked(values, lengths, queries, match):
+    m = make_module(4, 2, "compact", gen(13), torch.float32)
+    with pytest.raises(ValueError, match=match):
+        m.forward_jagged(values, lengths, queries)
+
+
+def test_jagged_is_compact_only():
+    m = make_module(4, 2, "truncated", gen(14), torch.float32)
+    with pytest.raises(ValueError, match="compact mode only"):
+        m.forward_jagged(torch.zeros(3, 4), torch.tensor([3]), torch.zeros(1, 2, 4))
