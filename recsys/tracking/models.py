@@ -100,10 +100,17 @@ def _find(client: Any, name: str, key: str) -> ModelRef | None:
 
 
 def _register(tr: MLflowTracker, name: str, python_model: Any, bundle: Path, example: Any, output: Any,
-              tags: Mapping[str, str]) -> ModelRef:
-    """Save the pyfunc model, log it under the run's `model/<name>`, register it."""
+              tags: Mapping[str, str], every_column_required: bool = False) -> ModelRef:
+    """Save the pyfunc model, log it under the run's `model/<name>`, register it.
+
+    every_column_required: mark every input column required in the signature.
+    MLflow infers a column holding a missing value in the example as optional,
+    so a request without it would pass MLflow's check and fail later inside
+    the model; a required column may still hold missing values (NaN)."""
     import mlflow.pyfunc
     from mlflow.models import infer_signature
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
 
     from recsys.tracking.pyfunc import BUNDLE
 
@@ -115,6 +122,9 @@ def _register(tr: MLflowTracker, name: str, python_model: Any, bundle: Path, exa
     with warnings.catch_warnings():  # the hint about integer columns: ids are never missing
         warnings.simplefilter("ignore", UserWarning)
         signature = infer_signature(example, output)
+    if every_column_required:
+        inputs = Schema([ColSpec(c.type, c.name, required=True) for c in signature.inputs.inputs])
+        signature = ModelSignature(inputs, signature.outputs, signature.params)
     with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
         path = Path(tmp) / name
         mlflow.pyfunc.save_model(
@@ -179,7 +189,9 @@ def log_ranker(tracker: Any, job: Any, out: Path, key: Mapping[str, Any], log: L
                 example = requests_from_features(job.features, "train", job.match, scorer.match_columns, limit=5)
             output = scorer.score(example).to_pandas()
             meta = {"reuse_key": h, "outputs": str(out.resolve()), **_lineage(tags)}
-            ref = _register(tr, RANKER, RankerModel(), bundle, example.to_pandas(), output, meta)
+            # the scorer needs every request column, match features included (their values may be missing)
+            ref = _register(tr, RANKER, RankerModel(), bundle, example.to_pandas(), output, meta,
+                            every_column_required=True)
         log(f"rank: registered {RANKER} version {ref.version}")
     _ranker_aliases(tr.client, ref, tags, seeds, parent)
     return ref

@@ -54,9 +54,18 @@ def test_ranker_pyfunc_scores_equal_rank_train_predictions(in_experiment):
         assert len(got) == want.height > 0
         np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-6)
         np.testing.assert_allclose(got["lt_score"].to_numpy(), want["lt_score"].to_numpy(), rtol=0, atol=1e-6)
-    sig = model.metadata.get_input_schema().input_names()
+    schema = model.metadata.get_input_schema()
+    sig = schema.input_names()
     assert {"user_id", "item_id", "timestamp", "history", "history_timestamps", "item_pop"} <= set(sig)
-    assert any(n.startswith("mf_") for n in sig)
+    mf = [n for n in sig if n.startswith("mf_")]
+    assert mf
+    # every column the scorer reads is required (MLflow inferred mf_* optional: a missing value in the example)
+    assert all(c.required for c in schema.inputs), [c.name for c in schema.inputs if not c.required]
+    with pytest.raises(Exception, match=f"missing inputs.*{mf[0]}"):
+        model.predict(requests.to_pandas().drop(columns=[mf[0]]))
+    with_missing = requests.head(3).to_pandas()
+    with_missing.loc[:, mf[0]] = np.nan  # a missing match feature is a value the scorer reads
+    assert model.predict(with_missing)["score"].notna().all()
 
 
 def test_ranker_refuses_requests_it_would_score_wrongly(in_experiment):
