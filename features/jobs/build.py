@@ -41,7 +41,7 @@ from features.jobs.steps import (
 from features.jobs.uri import is_remote, local_path
 from features.jobs.stats import summarize
 from features.sources import RawSource, RawTable, generate_synthetic, load_files, load_movielens1m, load_movielens100k
-from features.validate import validate_interactions, validate_items, validate_users
+from features.validate import ROW, validate_interactions, validate_items, validate_users
 
 
 @dataclass
@@ -112,7 +112,8 @@ def _interactions(
     flagged = events.filter(pl.col("__dup"))
     check_duplicates(flagged, cfg, source.interactions.file, log)
     events = (events.filter(~pl.col("__dup")) if flagged.height else events).drop(DUP_FLAGS)
-    check_known_items(events[S.ITEM_ID], items, source.interactions.file, source.items and source.items.file)
+    check_known_items(events[S.ITEM_ID], items, source.interactions.file, source.items and source.items.file,
+                      events[ROW])
     plan = plan_split(cfg, bounds[S.TIMESTAMP][1], FrameOrder(events))
     frame = user_features(events.lazy(), plan, cfg)
     return collect(item_features(frame.lazy()).pipe(interactions_table))

@@ -64,8 +64,11 @@ def check_duplicates(flagged: pl.DataFrame, cfg: FeaturesConfig, file: str, log:
         log(f"warning: {file}: dropped {flagged.height} exact duplicate rows (first rows {rows})")
 
 
-def check_known_items(event_items: pl.Series, items: pl.DataFrame | None, inter_file: str, items_file: str | None) -> None:
-    """Every item id of the interactions must be in the items file (when given)."""
+def check_known_items(event_items: pl.Series, items: pl.DataFrame | None, inter_file: str, items_file: str | None,
+                      event_rows: pl.Series | None = None) -> None:
+    """Every item id of the interactions must be in the items file (when given).
+    event_rows: the events' 0-based input rows (`ROW`), when known, so the
+    error names the first rows holding an unknown id."""
     if items is None:
         return
     # a membership test of every event (a small hash set: fast) rather than
@@ -73,11 +76,13 @@ def check_known_items(event_items: pl.Series, items: pl.DataFrame | None, inter_
     unknown = ~event_items.is_in(items[S.ITEM_ID].implode())
     if unknown.any():
         ids = sorted(event_items.filter(unknown).unique().to_list())
+        rows = None if event_rows is None else (event_rows.filter(unknown).sort().head(5) + 1).to_list()
         raise DataError(
             f"{len(ids)} item ids of the interactions are missing from the items file "
             f"{items_file}: {ids[:10]}{' ...' if len(ids) > 10 else ''}",
             file=inter_file,
             column=S.ITEM_ID,
+            rows=rows,
         )
 
 

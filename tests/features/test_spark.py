@@ -109,6 +109,17 @@ def test_conflicting_duplicates_and_unknown_items_fail_the_same_way(tmp_path):
         messages.append(str(e.value))
         assert not (tmp_path / engine).exists()
     assert messages[0] == messages[1] and "disagree" in messages[0]
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,text\n10,a\n")
+    bad.write_text("user_id,item_id,timestamp,rating\n1,10,100,5\n1,12,200,2\n2,11,50,4\n2,12,60,4\n")
+    cfg = FeaturesConfig(source="files", interactions=str(bad), items=str(items))
+    messages = []
+    for engine in ("polars", "spark"):
+        with pytest.raises(DataError) as e:
+            build_features(dataclasses.replace(cfg, engine=engine), tmp_path / f"items_{engine}", **QUIET)
+        messages.append(str(e.value))
+        assert not (tmp_path / f"items_{engine}").exists()
+    assert messages[0] == messages[1] and "rows 2, 3, 4" in messages[0] and "[11, 12]" in messages[0]
 
 
 def test_a_folder_built_by_one_engine_is_up_to_date_for_the_other(synth_pair, synth_cfg):
