@@ -316,9 +316,14 @@ def build_match_features(
         bar.close()
 
     dirs = [match_shard_dir(out, i, n) for i in range(n)]
-    if not all(is_up_to_date(d, shard_key(i), verify_outputs=False) for i, d in enumerate(dirs)):
+    not_done = [i for i, d in enumerate(dirs) if not is_up_to_date(d, shard_key(i), verify_outputs=False)]
+    if not_done:
         secs = time.perf_counter() - t0
-        log(f"match: wrote shard(s) {computed} of {n} under {out / SHARDS_DIR} in {secs:.1f}s")
+        why = ", ".join(f"{i}/{n} ({'not run yet' if read_manifest(dirs[i]) is None else 'built from other inputs or config'})"
+                        for i in not_done[:10]) + (" ..." if len(not_done) > 10 else "")
+        log(f"match: wrote shard(s) {computed} of {n} under {out / SHARDS_DIR} in {secs:.1f}s; "
+            f"not merged until every shard is done with these inputs and config: run {why} "
+            f"(--shard i/{n}, same inputs and config)")
         return MatchResult(out, False, False, {}, computed, secs)
     parts = [read_manifest(d) or {} for d in dirs]
     total = {k: sum(p["stats"][k] for p in parts) for k in parts[0]["stats"] if k not in ("items_missing", "dim")}

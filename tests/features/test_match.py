@@ -310,6 +310,18 @@ def test_shards_concatenate_to_the_unsharded_output(synthetic_features, synth_em
     expect = pl.read_parquet(full / MATCH_FILE)
     assert_frame_equal(concat_match_shards(dirs), expect, check_exact=True)
     assert_frame_equal(pl.read_parquet(out / MATCH_FILE), expect, check_exact=True)
+    # shards of another config are never merged, and the message names what is left to run
+    other = tmp_path / "mixed"
+    logs: list[str] = []
+    build_match_features(synthetic_features, synth_emb, other, FAST, shard=(0, 3), log=logs.append, progress=False)
+    assert "run 1/3 (not run yet), 2/3 (not run yet)" in logs[-1]
+    changed = dataclasses.replace(FAST, faiss_k=21)
+    for i in (1, 2):
+        logs.clear()
+        r = build_match_features(synthetic_features, synth_emb, other, changed, shard=(i, 3), log=logs.append,
+                                 progress=False)
+    assert not r.complete and not (other / MATCH_FILE).exists()
+    assert "run 0/3 (built from other inputs or config)" in logs[-1] and "--shard i/3" in logs[-1]
     assert parse_shard("2/3") == (2, 3)
     for bad in ("3/3", "x", "1/0"):
         with pytest.raises(UsageError):
