@@ -91,6 +91,7 @@ def spark_session(cfg: SparkConfig, app: str) -> Iterator[Any]:
         .set("spark.executorEnv.PYTHONWARNINGS", env["PYTHONWARNINGS"])
         .setAll(sorted((str(k), str(v)) for k, v in cfg.conf.items()))
     )
+    outer = _sigint_handler()  # before PySpark installs its own for the context
     with _env(env):
         try:
             if SparkContext._gateway is None and cfg.log_level == "OFF":
@@ -106,22 +107,46 @@ def spark_session(cfg: SparkConfig, app: str) -> Iterator[Any]:
         except Exception as e:  # no Java, a bad master URL: before any work
             raise UsageError(f"cannot start Spark (master {cfg.master!r}): {one_line(e)}") from None
         interrupted: list[bool] = []
-        restore = _note_interrupts(interrupted)
+        restore = _note_interrupts(interrupted, outer)
         try:
             sc.setLogLevel(cfg.log_level)
             with worker_errors(interrupted):
                 yield spark
         finally:
-            restore()
-            spark.stop()
+            _stop(spark, restore)
 
 
-def _note_interrupts(interrupted: list[bool]) -> Callable[[], None]:
+def _sigint_handler() -> Any:
+    """The current SIGINT handler (None off the main thread, where none can be set)."""
+    import signal
+    import threading
+
+    return signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+
+
+def _stop(spark: Any, restore: Callable[[], None]) -> None:
+    """Stop the session with Ctrl-C ignored, then put back the handler from
+    before the session. A second Ctrl-C during the stop used to run PySpark's
+    handler, a py4j call inside the stop's own, which printed py4j tracebacks;
+    and PySpark leaves its handler installed after the context stopped."""
+    import signal
+
+    if _sigint_handler() is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        spark.stop()
+    finally:
+        restore()
+
+
+def _note_interrupts(interrupted: list[bool], outer: Any = None) -> Callable[[], None]:
     """Record a Ctrl-C in `interrupted`, then run PySpark's own handler
     (which cancels the running jobs). The cancelled job fails with a py4j
     error that may reach us before the KeyboardInterrupt: `worker_errors`
     reads the record to report an interruption (exit 130), not a failed
-    task (exit 1). Returns the function that puts the old handler back."""
+    task (exit 1). Returns the function that installs `outer` (the handler
+    from before the Spark context; the current one when None) and puts the
+    root logger's level back."""
     import logging
     import signal
     import threading
@@ -129,6 +154,7 @@ def _note_interrupts(interrupted: list[bool]) -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = signal.getsignal(signal.SIGINT)
+    after = previous if outer is None else outer
     root = logging.getLogger()
     level = root.level
 
@@ -142,7 +168,7 @@ def _note_interrupts(interrupted: list[bool]) -> Callable[[], None]:
         raise KeyboardInterrupt
 
     def restore() -> None:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, after)
         root.setLevel(level)
 
     signal.signal(signal.SIGINT, on_sigint)
