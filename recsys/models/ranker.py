@@ -242,9 +242,7 @@ class Ranker(nn.Module):
             w.copy_(_pca_init(item_embeddings, w.shape[1], self.config.init_std))
 
     def _item_vectors(self, learned: Tensor, ids: Tensor) -> Tensor:
-        """Item vectors (n, D) from the learned lookups (n, D) and their table rows (n,)."""
-        if self.distilled_mode != "concat":
-            return learned  # (n, D)
+        """Concat mode's item vectors (n, D) from the learned lookups (n, D) and their table rows (n,)."""
         uniq, inverse = torch.unique(ids, return_inverse=True)  # (U,), (n,)
         frozen = self.distilled_projection(self.distilled[uniq])  # (U, D)
         return self.learned_projection(learned) + frozen[inverse]  # (n, D)
@@ -261,9 +259,12 @@ class Ranker(nn.Module):
         hist_jt, cand_jt = emb[HIST_KEY], emb[CAND_KEY]
         hist_lengths, cand_lengths = batch.hist_lengths, batch.cand_lengths  # (B,), (B,)
         n_hist = hist_jt.values().shape[0]
-        items = self._item_vectors(torch.cat([hist_jt.values(), cand_jt.values()]),
-                                   torch.cat([seq[HIST_KEY].values(), seq[CAND_KEY].values()]))  # (sum L + N, D)
-        hist, cand = items[:n_hist], items[n_hist:]  # (sum L, D), (N, D)
+        if self.distilled_mode == "concat":  # one projection pass over history and candidates
+            items = self._item_vectors(torch.cat([hist_jt.values(), cand_jt.values()]),
+                                       torch.cat([seq[HIST_KEY].values(), seq[CAND_KEY].values()]))  # (sum L + N, D)
+            hist, cand = items[:n_hist], items[n_hist:]  # (sum L, D), (N, D)
+        else:  # the lookups as they are: no copy of a long history
+            hist, cand = hist_jt.values(), cand_jt.values()  # (sum L, D), (N, D)
         b, n = cand_lengths.shape[0], cand.shape[0]
         max_l = int(hist_lengths.max()) if b else 0
         max_c = int(cand_lengths.max()) if b else 0
