@@ -119,5 +119,8 @@ def write_results(out: Path, test_pred: pl.DataFrame, metrics: Mapping[str, Any]
         tmp_metrics.write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n")
     tracker.log_metrics({f"test_{k}": float(metrics[k]) for k in CONTRACT_METRICS
                          if metrics[k] is not None and np.isfinite(metrics[k])})
+    speed = metrics.get("train_samples_per_s")
+    if speed is not None and np.isfinite(speed):
+        tracker.log_metrics({"train_samples_per_s": float(speed)})
     tracker.log_artifact(metrics_path)
     tracker.log_artifact(pred_path)

@@ -68,6 +68,7 @@ def _train_epoch(tr: Trainable, data: RankingData, cfg: TrainConfig, seed: int, 
                                 world_size=ctx.world_size, max_batches=cfg.max_batches_per_epoch)
     sums = np.zeros(3)
     n = 0
+    samples = 0  # candidates trained on (the samples of samples/s)
     bar = _progress(batches, total, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and ctx.is_main)
     for step, batch in enumerate(bar, start=1):
         batch = batch.to(ctx.device)
@@ -86,16 +87,18 @@ def _train_epoch(tr: Trainable, data: RankingData, cfg: TrainConfig, seed: int, 
             tr.sparse_opt.step()
         sums += [float(parts.loss), float(parts.click_loss), float(parts.lt_loss)]
         n += 1
+        samples += batch.n_candidates
         if n % 20 == 0:
             bar.set_postfix(loss=f"{sums[0] / n:.4f}")
     if ctx.distributed:
         import torch.distributed as dist
 
-        t = torch.tensor([*sums, n], dtype=torch.float64)
+        t = torch.tensor([*sums, n, samples], dtype=torch.float64)
         dist.all_reduce(t)
-        sums, n = t[:3].numpy(), int(t[3])
+        sums, n, samples = t[:3].numpy(), int(t[3]), int(t[4])
     n = max(n, 1)
-    return {"train_loss": sums[0] / n, "train_click_loss": sums[1] / n, "train_lt_loss": sums[2] / n}
+    return {"train_loss": sums[0] / n, "train_click_loss": sums[1] / n, "train_lt_loss": sums[2] / n,
+            "train_samples": samples}
 
 
 def _check_step(tr: Trainable, loss: Tensor, where: str, ctx: WorkerContext, cfg: TrainConfig) -> None:
@@ -182,7 +185,7 @@ def _fit(data: RankingData, ranker: RankerConfig, train: TrainConfig, out_dir: s
     best_path = ckpt_dir / checkpoint.checkpoint_name("best", ctx)
     state = checkpoint.resume(last_path, best_path, tr, key, ctx, train.resume) or {
         "epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "stopped": False, "history": [],
-        "train_seconds": 0.0}
+        "train_seconds": 0.0, "train_samples": 0}
 
     while state["epoch"] < train.epochs and not state["stopped"]:
         epoch = state["epoch"]
@@ -198,6 +201,7 @@ def _fit(data: RankingData, ranker: RankerConfig, train: TrainConfig, out_dir: s
                "epoch_seconds": seconds}
         state["history"].append(row)
         state["train_seconds"] += seconds
+        state["train_samples"] = state.get("train_samples", 0) + losses["train_samples"]  # (a resumed older state has none)
         score = valid[EARLY_STOP_METRIC]
         if _better(score, state["best"], train.min_delta):
             state.update(best=float(score), best_epoch=epoch + 1, bad_epochs=0)
@@ -225,6 +229,9 @@ def _fit(data: RankingData, ranker: RankerConfig, train: TrainConfig, out_dir: s
         stopped_early=state["stopped"],
         history=state["history"],
         train_seconds=state["train_seconds"],
+        # candidates trained on per second of epoch time (training and the valid pass that ends each epoch)
+        train_samples=state.get("train_samples", 0),
+        train_samples_per_s=state.get("train_samples", 0) / state["train_seconds"] if state["train_seconds"] > 0 else None,
         seconds=time.perf_counter() - t_start,
         history_encoder=ranker.history_encoder,
         world_size=ctx.world_size,

@@ -68,6 +68,9 @@ def test_contract_files(synthetic_features, tmp_path):
     inter = pl.read_parquet(synthetic_features / S.FILES["interactions"])
     test = inter.filter(pl.col(S.SPLIT) == "test")
     assert pred.height == test.height == metrics["n_test"]
+    # one epoch over every train impression: the samples of samples/s
+    assert saved["train_samples"] == inter.filter(pl.col(S.SPLIT) == "train").height
+    assert saved["train_samples_per_s"] == pytest.approx(saved["train_samples"] / saved["train_seconds"])
     assert pred.select(S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.LABEL).equals(
         test.select(S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.LABEL))
     for col in ("score", "lt_score"):
