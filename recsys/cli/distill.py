@@ -69,6 +69,10 @@ def _plan(args: argparse.Namespace):
     from recsys.plan import plan_distill
 
     check_output(args.out, {"--features": args.features, "--config": args.config})
+    if getattr(args, "seed", None) is not None:
+        from recsys.experiment import check_seeds
+
+        check_seeds((args.seed,), "--seed")  # the range --seeds and config seeds are held to
     cfg = load_pipeline_config(args.config)
     ablations = cfg.distill.ablations and not getattr(args, "no_ablations", False)
     job = plan_distill(cfg, features=args.features, seed=getattr(args, "seed", None), ablations=ablations)

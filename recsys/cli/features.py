@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from features.core.errors import UsageError
 from recsys.cli import command, group
 
 BUILD_EPILOG = """\
@@ -34,7 +35,14 @@ key does not, so a folder built by one engine is up to date for the other.
 """
 
 
-def _add_source_args(p: argparse.ArgumentParser) -> None:
+def _add_source_args(p: argparse.ArgumentParser) -> list[str]:
+    """Add the source and build flags; returns their option strings."""
+    before = len(p._actions)
+    _source_args(p)
+    return [a.option_strings[0] for a in p._actions[before:]]
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/JSON with feature keys (or a pipeline config with a `features:` section)")
     p.add_argument(
         "--source",
@@ -142,6 +150,12 @@ def _describe(args: argparse.Namespace) -> int:
     from features.jobs import describe, format_stats
 
     if args.features:
+        given = [o for o in args.source_flags if getattr(args, o[2:].replace("-", "_")) is not None]
+        if given:  # they shape a build; a built folder is described as it was built
+            raise UsageError(
+                f"--features describes a built folder as it was built: {', '.join(given)} would be ignored. "
+                "Drop --features to describe a source built with them (in a temp folder), or rebuild the folder"
+            )
         stats = describe(args.features)
     else:
         from recsys.plan import plan_features
@@ -185,6 +199,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n  recsys data describe --features artifacts/ml100k/features\n  recsys data describe --source movielens100k",
         handler=_describe,
     )
-    d.add_argument("--features", help="a folder written by `recsys features build`")
-    _add_source_args(d)
+    d.add_argument("--features", help="a folder written by `recsys features build` (then no source or build flags)")
+    d.set_defaults(source_flags=_add_source_args(d))
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")

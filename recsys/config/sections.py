@@ -77,6 +77,9 @@ class DataConfig:
         bad = [c for c in self.match_columns if not c.startswith(S.MATCH_PREFIX)]
         if bad:
             raise ValueError(f"match_columns must start with {S.MATCH_PREFIX!r}, got {bad[0]!r}")
+        dups = sorted({c for c in self.match_columns if self.match_columns.count(c) > 1})
+        if dups:
+            raise ValueError(f"match_columns lists {dups} more than once")
 
 
 @dataclass(frozen=True)

@@ -82,3 +82,6 @@ def test_seed_is_deterministic_and_seeds_report(synthetic_features, small_config
         with pytest.raises(SystemExit) as e:  # a usage error: exit 2
             run_cli(["distill", "eval", "--features", f, "--out", str(tmp_path / "x"), "--seeds", bad])
         assert e.value.code == 2
+    for bad in ("-1", "4294967296"):  # --seed: "unexpected ValueError", exit 1, before 2026-11-30
+        assert run_cli(["distill", "eval", "--features", f, "--out", str(tmp_path / "x"), "--seed", bad]) == 2
+        assert "--seed: seeds must be integers in 0..2**32-1" in capsys.readouterr().out

@@ -409,6 +409,10 @@ def test_day_offset_default_per_source_and_describe_shows_both_rates(cli, tiny_d
     assert set(stats["next_day_return_rate_by_day_offset_s"]) == {"0", "-21600"}
     rc, table, _ = cli("data", "describe", "--features", tmp_path / "f")
     assert "UTC midnight -6 h" in table and "days at UTC +0 h" in table
+    # build flags beside --features were ignored (exit 0, the folder's numbers): refused
+    for flags in (["--day-offset-s", "0"], ["--label-threshold", "5", "--split", "leave_last_out"]):
+        rc, _, err = cli("data", "describe", "--features", tmp_path / "f", *flags)
+        assert rc == 2 and "would be ignored" in err and all(f in err for f in flags if f.startswith("--"))
 
 
 # --- kill and rerun, concurrent runs ----------------------------------------------

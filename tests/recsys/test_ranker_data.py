@@ -331,6 +331,8 @@ def test_data_config_validation():
         DataConfig(negatives_per_request=-1)
     with pytest.raises(ValueError):
         DataConfig(match_columns=("pop",))
+    with pytest.raises(ValueError, match=r"lists \['mf_a'\] more than once"):  # read as a bad parquet file before
+        DataConfig(match_columns=("mf_a", "mf_b", "mf_a"))
 
 
 @settings(max_examples=50, deadline=None)
