@@ -40,10 +40,12 @@ class PrefixedTracker(ForwardingTracker):
         self.tracker.log_metrics({f"{self.prefix}/{k.split('/', 1)[-1]}": v for k, v in metrics.items()}, step=step)
 
 
-def _why_null(metrics: Mapping[str, Any], data: E.ColdStartData, known: Mapping[str, int]) -> dict[str, str]:
+def _why_null(metrics: Mapping[str, Any], data: E.ColdStartData, known: Mapping[str, int],
+              clusters: int) -> dict[str, str]:
     """{metric: reason} for every metric that could not be computed (None):
     an empty target group, a split without impressions, a teacher that knows
-    too few items for neighbourhoods. `known`: teacher name -> items it knows."""
+    too few items for neighbourhoods or for `clusters` k-means clusters
+    (distill.diag_clusters). `known`: teacher name -> items it knows."""
     splits = {"test": data.test, "valid": data.valid}
     out = {}
     for key, v in metrics.items():
@@ -64,6 +66,9 @@ def _why_null(metrics: Mapping[str, Any], data: E.ColdStartData, known: Mapping[
         teacher = next((t for t in known if key.endswith(f"_vs_{t}")), None)
         if teacher is not None and known[teacher] < 3:
             out[key] = f"{teacher} knows {known[teacher]} item(s): neighbourhoods need at least 3"
+        elif teacher is not None and key.startswith("nmi_") and known[teacher] <= clusters:
+            out[key] = (f"{teacher} knows {known[teacher]} items, not more than distill.diag_clusters={clusters}: "
+                        "k-means would give each item its own cluster (NMI 1 by construction)")
         elif key.startswith("kendall_tau"):
             out[key] = "every neighbour score is tied (tau-b undefined)"
         else:
@@ -158,8 +163,12 @@ def _compare(
         metrics[f"topk_overlap_chance_vs_{ref_name}"] = min(cfg.diag_k, n_known - 1) / (n_known - 1) if n_known >= 2 else math.nan
         if n_known < 2:  # no item has a neighbour: every diagnostic is undefined (null, with the reason)
             metrics.update({f"{d}_{name}_vs_{ref_name}": math.nan for name in models for d in ("nmi", "topk_overlap", "kendall_tau")})
+            metrics[f"nmi_chance_vs_{ref_name}"] = math.nan
             continue
         ref_labels = E.kmeans_labels(teacher.item_embeddings_[known], cfg.diag_clusters, cfg.seed)
+        # NMI of two partitions that share nothing but their cluster sizes: its chance level
+        perm = np.random.default_rng(cfg.seed)
+        metrics[f"nmi_chance_vs_{ref_name}"] = float(np.mean([E.nmi(ref_labels, perm.permutation(ref_labels)) for _ in range(5)]))
         for name, (student, emb) in models.items():
             projected = None
             if student is not None and any(k.startswith(f"{head}@") for k in student.heads):
@@ -171,6 +180,8 @@ def _compare(
                     k=cfg.diag_k, n_clusters=cfg.diag_clusters, seed=cfg.seed, projected=projected, ref_labels=ref_labels,
                 )
             )  # fmt: skip
+        if n_known <= cfg.diag_clusters:  # k-means gives every item its own cluster: NMI 1 by construction
+            metrics.update({f"nmi_{name}_vs_{ref_name}": math.nan for name in models} | {f"nmi_chance_vs_{ref_name}": math.nan})
     metrics.update({k: float(v) for k, v in data.counts.items()})
     return metrics, hits
 
@@ -234,7 +245,7 @@ def evaluate(
         metrics, hits = _compare(ctx, tobjs, students, cfg)
         metrics = json_safe(metrics)
     known = {"id_teacher": int(tobjs["id2item"].known_items_.sum()), "seq_teacher": int(tobjs["seq2item"].known_items_.sum())}
-    metrics[REASONS] = _why_null(metrics, ctx.data, known)
+    metrics[REASONS] = _why_null(metrics, ctx.data, known, cfg.diag_clusters)
     timings["compare_s"] = time.perf_counter() - t_cmp
     timings.update(ctx.timings)
     timings["total_s"] = time.perf_counter() - t0

@@ -168,3 +168,28 @@ def test_cli_help_lists_commands():
     cli_distill.register(parser.add_subparsers(dest="command"))
     with pytest.raises(SystemExit):
         parser.parse_args(["distill", "eval", "--help"])
+
+
+def test_nmi_is_null_when_the_teacher_knows_no_more_items_than_clusters(syn_eval, small_config, encoder_cache, tmp_path,
+                                                                        monkeypatch):
+    """Found by a probe (2026-11-30): k-means clipped k to the items, so with
+    9 known items and 20 clusters every NMI read 1.0 (perfect agreement)."""
+    from features.jobs import FeaturesConfig, build_features
+    from features.sources import SyntheticConfig
+
+    monkeypatch.setenv("RECSYS_CACHE_DIR", str(encoder_cache))
+    feats = tmp_path / "features"
+    build_features(FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=100, items=12, max_events=40, seed=0)),
+                   feats, log=lambda _m: None)
+    out = tmp_path / "eval"
+    assert run_cli(["distill", "eval", "--features", str(feats), "--out", str(out), "--config", str(small_config),
+                    "--no-ablations", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    nmi_keys = [k for k in metrics if k.startswith("nmi_")]
+    assert nmi_keys and all(metrics[k] is None for k in nmi_keys)
+    assert all("not more than distill.diag_clusters=20" in metrics["reasons"][k] for k in nmi_keys)
+    # a catalog with more items than clusters reports NMI beside its chance level
+    full = json.loads((syn_eval / "metrics.json").read_text())
+    for teacher in ("id_teacher", "seq_teacher"):
+        chance = full[f"nmi_chance_vs_{teacher}"]
+        assert 0 <= chance < 0.5 and full[f"nmi_student_vs_{teacher}"] > chance
