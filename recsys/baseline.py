@@ -186,6 +186,14 @@ def run_lightgbm(
     metrics = _metrics(te, score, lt_score, reasons, lt_missing=lt_missing)
     metrics |= _metrics(va, prob(click, va), prob(lt, va) if lt is not None else None, reasons, prefix="valid_",
                         lt_missing=lt_missing)
+    if cfg.objective == "lambdarank":  # a ranking score, squashed: no probability to take a logloss of
+        from recsys.eval.metrics import METRICS as ALL
+
+        for prefix in ("", "valid_"):
+            for name in (n for n, m in ALL.items() if m.kind == "logloss"):
+                metrics[f"{prefix}{name}"] = float("nan")
+                reasons[f"{prefix}{name}"] = ("lightgbm.objective lambdarank ranks each user's impressions: its scores "
+                                              "are not probabilities")
     metrics |= {"best_iteration": click.best_iteration_, "lt_best_iteration": lt.best_iteration_ if lt is not None else 0}
 
     preds = te.select(S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.LABEL).with_columns(

@@ -158,6 +158,13 @@ def load_experiment(path: str | Path, seeds: tuple[int, ...] | None = None) -> L
         arm_configs[arm.name] = cfg = PipelineConfig.from_mapping(merged, where=where)
         for key, why in unread_delta_keys(arm, cfg).items():
             raise ConfigError(f"{path}: arm {arm.name!r}: delta key {key!r} cannot take effect: {why}")
+        probability_metrics = [m for m in spec.metrics if METRICS[m].kind == "logloss"]
+        if arm.model == "lightgbm" and cfg.lightgbm.objective == "lambdarank" and probability_metrics:
+            raise ConfigError(
+                f"{path}: arm {arm.name!r} (lightgbm.objective lambdarank) scores rank within a user, they are not "
+                f"probabilities: {probability_metrics} would be computed on a squashed ranking score; drop it from "
+                "`metrics` or use objective binary"
+            )
     return LoadedExperiment(spec, path, baseline_path, baseline, arm_configs)
 
 

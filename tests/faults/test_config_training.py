@@ -361,3 +361,25 @@ def test_lightgbm_n_boot_below_2_exits_2(cli, features_dir, tmp_path):
                      "--lift", "--n-boot", "1", "--out", tmp_path / "lgb")
     assert rc == 2 and "--n-boot" in err
     assert not (tmp_path / "lgb").exists()
+
+
+def test_lambdarank_reports_no_logloss(cli, features_dir, tmp_path):
+    """Found by a probe (2026-11-30): logloss was taken of sigmoid(ranking
+    score), which looks like a probability and is not one."""
+    cfg = tmp_path / "rank.yaml"
+    cfg.write_text("lightgbm: {objective: lambdarank}\ntracking: {enabled: false}\n")
+    rc, out, err = cli("baseline", "lightgbm", "--features", features_dir, "--no-match", "--out", tmp_path / "lgb",
+                       "--config", cfg)
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "lgb" / "metrics.json").read_text())
+    assert metrics["logloss"] is None and metrics["valid_logloss"] is None and metrics["auc"] is not None
+    assert "not probabilities" in metrics["reasons"]["logloss"]
+    assert "logloss n/a" in out + err
+    # an A/B with such an arm and a probability metric is refused before any work
+    exp = tmp_path / "ab.yaml"
+    (tmp_path / "base.yaml").write_text(f"paths: {{features: {features_dir}}}\ntracking: {{enabled: false}}\n")
+    exp.write_text("experiment: rank_ab\nbaseline: base.yaml\ncontrol: c\nmetrics: [auc, logloss]\narms:\n"
+                   "  - {name: c, model: lightgbm}\n"
+                   "  - {name: t, model: lightgbm, delta: {lightgbm: {objective: lambdarank}}}\n")
+    rc, _, err = cli("experiment", "run", exp)
+    assert rc == 2 and "arm 't' (lightgbm.objective lambdarank)" in err and "['logloss']" in err
