@@ -164,7 +164,7 @@ class TrainConfig:
     optimizer: Optimizer = "adam"  # dense part
     weight_decay: float = 0.0  # dense part
     sparse_lr: float = 0.05  # row-wise Adagrad learning rate of the embedding tables
-    patience: int = 2  # stop after this many epochs without a valid-GAUC gain > min_delta (0: never)
+    patience: int = 2  # stop after this many epochs without a valid-GAUC gain > min_delta (valid AUC where GAUC is n/a, as under leave_last_out; 0: never)
     min_delta: float = 0.0  # smallest valid-GAUC gain that counts as better
     seed: int | None = None  # null: the pipeline's top-level seed
     checkpoint_dir: str = ""  # "": OUT/checkpoints

@@ -48,6 +48,10 @@ from recsys.train.distributed import Trainable, WorkerContext, build_trainable, 
 from recsys.train.evaluate import metrics_line, predict, run_metrics, write_results
 
 EARLY_STOP_METRIC = "gauc"
+# when valid GAUC cannot be computed (no valid user has both a positive and a
+# negative label: one valid impression per user under --split leave_last_out),
+# early stopping reads valid AUC; the labels are fixed, so the first epoch decides
+EARLY_STOP_FALLBACK = "auc"
 
 
 def _progress(it: Iterator, total: int, desc: str, enabled: bool) -> Iterator:
@@ -134,13 +138,23 @@ def _check_splits(data: RankingData) -> None:
                         "(check the label threshold of `recsys features build`)", file=file, column=S.LABEL)
 
 
-def _better(new: float, best: float | None, min_delta: float) -> bool:
+def _better(new: float, best: float | None, min_delta: float, metric: str = EARLY_STOP_METRIC) -> bool:
     if best is None:
         return bool(np.isfinite(new))
     if not np.isfinite(new):
         return False
-    sign = 1.0 if METRICS[EARLY_STOP_METRIC].higher_is_better else -1.0
+    sign = 1.0 if METRICS[metric].higher_is_better else -1.0
     return sign * (new - best) > min_delta
+
+
+def _stop_metric(valid: dict[str, Any]) -> str | None:
+    """The valid metric early stopping reads (module constants): GAUC, else
+    AUC, else None (every epoch runs and the last is kept)."""
+    for name in (EARLY_STOP_METRIC, EARLY_STOP_FALLBACK):
+        v = valid.get(name)
+        if v is not None and np.isfinite(v):
+            return name
+    return None
 
 
 def fit(
@@ -202,8 +216,15 @@ def _fit(data: RankingData, ranker: RankerConfig, train: TrainConfig, out_dir: s
         state["history"].append(row)
         state["train_seconds"] += seconds
         state["train_samples"] = state.get("train_samples", 0) + losses["train_samples"]  # (a resumed older state has none)
-        score = valid[EARLY_STOP_METRIC]
-        if _better(score, state["best"], train.min_delta):
+        if "stop_metric" not in state:  # chosen once, on the first epoch's valid metrics
+            state["stop_metric"] = _stop_metric(valid)
+            if ctx.is_main and state["stop_metric"] != EARLY_STOP_METRIC:
+                why = (valid.get("reasons") or {}).get(EARLY_STOP_METRIC, "n/a")
+                print(f"early stopping on valid {state['stop_metric'] or 'nothing: every epoch runs, the last is kept'}"
+                      f" (valid {EARLY_STOP_METRIC} is n/a: {why})", file=sys.stderr)
+        metric = state["stop_metric"]
+        score = valid[metric] if metric is not None else float("nan")
+        if _better(score, state["best"], train.min_delta, metric or EARLY_STOP_METRIC):
             state.update(best=float(score), best_epoch=epoch + 1, bad_epochs=0)
             checkpoint.save_best(best_path, tr, epoch + 1)
         elif np.isfinite(score):  # an n/a valid GAUC is no evidence either way: no early stop on it
@@ -218,6 +239,10 @@ def _fit(data: RankingData, ranker: RankerConfig, train: TrainConfig, out_dir: s
                   f"({seconds:.1f}s)", file=sys.stderr)
         checkpoint.save_last(last_path, tr, key, state)
 
+    if state["best_epoch"] < 0 and state["epoch"]:  # no valid score to choose on: the last epoch is the model kept
+        state["best_epoch"] = state["epoch"]
+        if not ctx.distributed:  # (a scorer, and the MLflow model, read best.pt)
+            checkpoint.save_best(best_path, tr, state["epoch"])
     if best_path.exists():
         checkpoint.load_best(best_path, tr)
     valid_pred = predict(tr.module, data, "valid", train.eval_batch_size, ctx)
@@ -225,6 +250,7 @@ def _fit(data: RankingData, ranker: RankerConfig, train: TrainConfig, out_dir: s
     metrics = run_metrics(
         evaluate_predictions(test_pred), evaluate_predictions(valid_pred),
         best_epoch=state["best_epoch"],
+        early_stop_metric=state.get("stop_metric"),
         epochs_run=state["epoch"],
         stopped_early=state["stopped"],
         history=state["history"],

@@ -212,3 +212,35 @@ def test_results_pair_is_replaced_together_or_not_at_all(tmp_path, monkeypatch):
         write_results(tmp_path, pl.DataFrame({"a": [2]}), {k: 0.9 for k in CONTRACT_KEYS}, RecordingTracker())
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
+
+
+def test_leave_last_out_stops_on_valid_auc(tmp_path):
+    """Found by a probe (2026-11-30): one valid impression per user leaves
+    valid GAUC n/a on every epoch, so early stopping never chose a model, no
+    best.pt was written and the ranker was not registered."""
+    from features.jobs import FeaturesConfig, build_features
+    from features.sources import SyntheticConfig
+
+    feats = tmp_path / "features"
+    build_features(FeaturesConfig(source="synthetic", split="leave_last_out",
+                                  synthetic=SyntheticConfig(users=150, items=240, max_events=80, seed=0)),
+                   feats, log=lambda _m: None)
+    m = train_ranker(pipeline(feats, train={"epochs": 6, "patience": 1, "min_delta": 1.0}), tmp_path / "r")
+    assert m["early_stop_metric"] == "auc" and m["stopped_early"] and m["epochs_run"] == 2 and m["best_epoch"] == 1
+    assert (tmp_path / "r" / "checkpoints" / "best.pt").is_file()
+
+
+def test_without_a_valid_score_the_last_epoch_is_kept(synthetic_features, tmp_path, monkeypatch):
+    from recsys.train import loop
+
+    real = loop.evaluate_predictions
+
+    def no_score(pred):
+        out = real(pred)
+        return out | {"auc": float("nan"), "gauc": float("nan")}
+
+    monkeypatch.setattr(loop, "evaluate_predictions", no_score)
+    m = train_ranker(pipeline(synthetic_features, train={"epochs": 3, "patience": 1}), tmp_path / "r")
+    assert m["early_stop_metric"] is None and not m["stopped_early"]
+    assert m["epochs_run"] == m["best_epoch"] == 3
+    assert (tmp_path / "r" / "checkpoints" / "best.pt").is_file()  # the scorer and the MLflow model read it
