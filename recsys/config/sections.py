@@ -109,7 +109,7 @@ class RankerConfig:
     svd_gram_dtype: SvdGramDtype = "auto"  # SVD encoders' Gram X^T X: auto = float64 in training, float32 under no_grad (evaluation, serving); input = float32 always (faster training); float64 = always
     history_mean: bool = False  # attention encoders also pass the mean pool's own block [mean, candidate * mean] to the over-arch
     use_user_id: bool = False  # a user-id table (see the class docstring for why it is off)
-    use_distilled_embeddings: DistilledMode = "off"  # init: the item table starts as a PCA of the distilled vectors; concat: they are a frozen second item table
+    use_distilled_embeddings: DistilledMode = "off"  # init: the item table starts as a PCA of the distilled vectors; concat: they are a frozen second item table (L2-normalised)
     over_arch: OverArch = "mlp"  # dcn: DCN-v2 full-rank cross layers before the MLP
     dcn_layers: int = 2  # cross layers for over_arch dcn
     dense_arch_layer_sizes: tuple[int, ...] = (16,)  # MLP over the dense features (last size = its output)
