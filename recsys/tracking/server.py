@@ -234,7 +234,10 @@ def serve(cfg: TrackingConfig, host: str = "127.0.0.1", port: int = 5000, *, out
         raise _Stop()
 
     old_term = signal.signal(signal.SIGTERM, on_term)
-    old_int = signal.getsignal(signal.SIGINT)
+    # Python's own SIGINT handler, installed afresh: polars' runtime replaces the
+    # C-level one with a handler flagged SA_RESTART, under which the blocking
+    # wait below was restarted on Ctrl-C and never raised (found 2026-11-30)
+    old_int = signal.signal(signal.SIGINT, on_term)
     try:
         server.start()
         try:

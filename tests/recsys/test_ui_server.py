@@ -163,3 +163,32 @@ def test_ui_round_trip(tmp_path):
                 os.killpg(server_pid, signal.SIGKILL)  # the server's own group, started by this test
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+@pytest.mark.slow
+def test_ui_stops_on_ctrl_c_with_polars_loaded(tmp_path):
+    """Found 2026-11-30: polars' runtime replaces the SIGINT handler with one
+    flagged SA_RESTART, so the wait on the server was restarted and Ctrl-C did
+    nothing (`recsys ui` imports polars through the store checks)."""
+    port = _free_port()
+    log = tmp_path / "ui.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    code = "import polars as pl\npl.DataFrame({'a': [1]}).sum()\n" + RUN_UI
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, "ui", "--port", str(port), "--store", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+            cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_health(f"http://127.0.0.1:{port}", proc, log)
+        deadline = time.monotonic() + 10
+        while "Ctrl-C stops it" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+        assert "stopping the MLflow UI" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
