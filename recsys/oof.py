@@ -104,7 +104,7 @@ def oof_match_features(job: Any, tracker: Tracker | None, out: Path, *, force: b
         seconds[f"fold{k}_distill_s"] = time.perf_counter() - t
         t = time.perf_counter()
         build_match_features(job.features, fold_dir / "distill" / "item_embeddings.parquet", fold_dir / "match",
-                             job.config, shard=(k, folds), force=force, log=log, progress=progress)
+                             job.config, shard=(k, folds), force=force, log=log, progress=progress, only_this_shard=True)
         part = pl.read_parquet(match_shard_dir(fold_dir / "match", k, folds) / S.MATCH_FILE)
         part = part.join(split, on=list(S.MATCH_KEYS), how="left").filter(pl.col(S.SPLIT) == "train").drop(S.SPLIT)
         parts.append(part)

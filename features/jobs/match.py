@@ -259,6 +259,7 @@ def build_match_features(
     force: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    only_this_shard: bool = False,
 ) -> MatchResult:
     """Match features of every impression of `features_dir` -> `out_dir/match_features.parquet`.
 
@@ -268,6 +269,8 @@ def build_match_features(
     killed run resumes after the last finished shard; once every shard of n
     is there, they are merged (interactions order) into the final file and
     manifest. Skipped when up to date (same config, features and embeddings).
+    `only_this_shard`: the caller needs shard i alone (out-of-fold match
+    features, one embeddings file per fold): no note about the other shards.
     """
     from tqdm import tqdm
 
@@ -321,9 +324,9 @@ def build_match_features(
         secs = time.perf_counter() - t0
         why = ", ".join(f"{i}/{n} ({'not run yet' if read_manifest(dirs[i]) is None else 'built from other inputs or config'})"
                         for i in not_done[:10]) + (" ..." if len(not_done) > 10 else "")
-        log(f"match: wrote shard(s) {computed} of {n} under {out / SHARDS_DIR} in {secs:.1f}s; "
-            f"not merged until every shard is done with these inputs and config: run {why} "
-            f"(--shard i/{n}, same inputs and config)")
+        log(f"match: wrote shard(s) {computed} of {n} under {out / SHARDS_DIR} in {secs:.1f}s" + ("" if only_this_shard else
+            f"; not merged until every shard is done with these inputs and config: run {why} "
+            f"(--shard i/{n}, same inputs and config)"))
         return MatchResult(out, False, False, {}, computed, secs)
     parts = [read_manifest(d) or {} for d in dirs]
     total = {k: sum(p["stats"][k] for p in parts) for k in parts[0]["stats"] if k not in ("items_missing", "dim")}

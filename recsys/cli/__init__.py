@@ -47,7 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for group_parser in sub.choices.values():
+        _group_examples(group_parser)
     return parser
+
+
+def _group_examples(p: argparse.ArgumentParser) -> None:
+    """A group's help (`recsys features --help`) ends with the first example of
+    each of its subcommands, so every help page shows examples."""
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs or p.epilog:
+        return
+    lines = []
+    for child in subs[0].choices.values():
+        examples = (child.epilog or "").split("examples:", 1)
+        body = [ln.rstrip() for ln in examples[1].splitlines() if ln.strip()] if len(examples) > 1 else []
+        for ln in body:  # the first example, with its "\" continuation lines
+            lines.append(ln if ln.startswith("  ") else f"  {ln}")
+            if not ln.endswith("\\"):
+                break
+    if lines:
+        p.epilog = "examples (each subcommand's --help has more):\n" + "\n".join(lines)
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def seed_everything(seed: int) -> None:

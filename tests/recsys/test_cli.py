@@ -31,6 +31,19 @@ def test_every_command_has_help(capsys):
         assert "usage: recsys " + " ".join(cmd) in out
 
 
+def test_every_group_help_shows_examples(capsys):
+    """The group pages (`recsys features --help`) had none (found 2026-11-30)."""
+    parser = build_parser()
+    groups = [name for name, child in next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.items()
+              if any(isinstance(a, argparse._SubParsersAction) for a in child._actions)]
+    assert "features" in groups and "experiment" in groups
+    for name in groups:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        assert "examples" in out and f"recsys {name} " in out.split("examples", 1)[1], name
+
+
 def test_bare_group_prints_help_and_exits_2(capsys):
     assert main([]) == 2
     assert main(["features"]) == 2
