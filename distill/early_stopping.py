@@ -26,6 +26,13 @@ def check_finite_table(table: np.ndarray, what: str, epoch: int, hint: str) -> N
         raise TrainingDiverged(f"{what}: the learned table holds NaN or infinite values after epoch {epoch}: training diverged; {hint}")
 
 
+def best_score(curve: list[float]) -> float | None:
+    """The best valid score of a curve; NaN epochs (a valid split with nothing
+    to score) are left out, None when no epoch had a score."""
+    scored = [v for v in curve if not math.isnan(v)]
+    return max(scored) if scored else None
+
+
 class BestOnValid:
     """Keeps the state of the best epoch by a higher-is-better valid score and
     says when `patience` epochs passed without a better one (0: never stop).

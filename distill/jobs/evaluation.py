@@ -166,9 +166,13 @@ def _compare(
             metrics[f"nmi_chance_vs_{ref_name}"] = math.nan
             continue
         ref_labels = E.kmeans_labels(teacher.item_embeddings_[known], cfg.diag_clusters, cfg.seed)
+        # k-means gives every item its own cluster when there are no more items than clusters: NMI 1 by construction
+        nmi_defined = n_known > cfg.diag_clusters
         # NMI of two partitions that share nothing but their cluster sizes: its chance level
         perm = np.random.default_rng(cfg.seed)
-        metrics[f"nmi_chance_vs_{ref_name}"] = float(np.mean([E.nmi(ref_labels, perm.permutation(ref_labels)) for _ in range(5)]))
+        metrics[f"nmi_chance_vs_{ref_name}"] = (
+            float(np.mean([E.nmi(ref_labels, perm.permutation(ref_labels)) for _ in range(5)])) if nmi_defined else math.nan
+        )
         for name, (student, emb) in models.items():
             projected = None
             if student is not None and any(k.startswith(f"{head}@") for k in student.heads):
@@ -180,8 +184,8 @@ def _compare(
                     k=cfg.diag_k, n_clusters=cfg.diag_clusters, seed=cfg.seed, projected=projected, ref_labels=ref_labels,
                 )
             )  # fmt: skip
-        if n_known <= cfg.diag_clusters:  # k-means gives every item its own cluster: NMI 1 by construction
-            metrics.update({f"nmi_{name}_vs_{ref_name}": math.nan for name in models} | {f"nmi_chance_vs_{ref_name}": math.nan})
+        if not nmi_defined:
+            metrics.update({f"nmi_{name}_vs_{ref_name}": math.nan for name in models})
     metrics.update({k: float(v) for k, v in data.counts.items()})
     return metrics, hits
 

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from distill import evaluate as E
-from distill.early_stopping import check_finite_table
+from distill.early_stopping import best_score, check_finite_table
 from distill.encoders import IMAGE_MODEL, TEXT_MODEL
 from distill.jobs.artifacts import (
     EMBEDDINGS,
@@ -135,8 +135,8 @@ def ensure_student(
                 "seconds": secs,
             },
         )
-    scored = [v for v in fit.valid_curve if v == v]  # NaN: no valid target to score
-    chosen = f"valid score {max(scored):.4f} at epoch {fit.best_epoch}" if scored else \
+    best = best_score(fit.valid_curve)
+    chosen = f"valid score {best:.4f} at epoch {fit.best_epoch}" if best is not None else \
         f"no valid impressions to choose on: the last epoch, {fit.best_epoch}"
     log(f"{folder.name}: trained in {secs:.1f}s ({chosen}, {fit.samples_per_s:,.0f} samples/s) -> {folder}")
     return JobResult(folder, False, manifest, secs), fit.student, emb

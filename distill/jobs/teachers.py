@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import evaluate as E
+from distill.early_stopping import best_score
 from distill.jobs.artifacts import (
     JOB_TEACHERS,
     VERSION,
@@ -88,9 +89,9 @@ def ensure_teachers(
                 "seconds": secs,
             },
         )
-    def best(curve: list[float]) -> str:  # NaN: a valid split with nothing to score (every epoch ran)
-        scored = [v for v in curve if v == v]
-        return f"{max(scored):.4f}" if scored else "n/a"
+    def best(curve: list[float]) -> str:  # n/a: a valid split with nothing to score (every epoch ran)
+        score = best_score(curve)
+        return "n/a" if score is None else f"{score:.4f}"
 
     log(
         f"teachers: fitted in {secs:.1f}s (id2item valid R@{d.select_k} {best(idt.valid_curve_)} at epoch {idt.best_epoch_}, "

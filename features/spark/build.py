@@ -124,11 +124,11 @@ def interactions_on_spark(
         if items is not None:
             seen = pl.from_arrow(raw.select(S.ITEM_ID).distinct().toArrow())[S.ITEM_ID]
             if not seen.is_in(items[S.ITEM_ID].implode()).all():
-                # an error: the staged events (on this machine) give its input rows, as on the polars engine
+                # an error: the staged events (on this machine) hold every event, so the check on them
+                # raises, naming the input rows as the polars engine does
                 staged = pl.read_parquet(staging / "events.parquet", columns=[S.ITEM_ID, ROW])
                 check_known_items(staged[S.ITEM_ID], items, source.interactions.file,
                                   source.items and source.items.file, staged[ROW])
-            check_known_items(seen, items, source.interactions.file, source.items and source.items.file)
         order = SparkOrder(raw, bounds[S.TIMESTAMP], flagged) if cfg.split == "global_time" else None
         plan = plan_split(cfg, bounds[S.TIMESTAMP][1], order)
 

@@ -116,12 +116,18 @@ def spark_session(cfg: SparkConfig, app: str) -> Iterator[Any]:
             _stop(spark, restore)
 
 
-def _sigint_handler() -> Any:
-    """The current SIGINT handler (None off the main thread, where none can be set)."""
-    import signal
+def _on_main_thread() -> bool:
+    """Signal handlers can be read and set on the main thread only."""
     import threading
 
-    return signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    return threading.current_thread() is threading.main_thread()
+
+
+def _sigint_handler() -> Any:
+    """The current SIGINT handler (None off the main thread)."""
+    import signal
+
+    return signal.getsignal(signal.SIGINT) if _on_main_thread() else None
 
 
 def _stop(spark: Any, restore: Callable[[], None]) -> None:
@@ -131,7 +137,7 @@ def _stop(spark: Any, restore: Callable[[], None]) -> None:
     and PySpark leaves its handler installed after the context stopped."""
     import signal
 
-    if _sigint_handler() is not None:
+    if _on_main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         spark.stop()
@@ -149,9 +155,8 @@ def _note_interrupts(interrupted: list[bool], outer: Any = None) -> Callable[[],
     root logger's level back."""
     import logging
     import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if not _on_main_thread():
         return lambda: None
     previous = signal.getsignal(signal.SIGINT)
     after = previous if outer is None else outer

@@ -281,14 +281,13 @@ class Ranker(nn.Module):
                                            cand_lengths, dim=0)  # (N, D)
         if self.history_encoder is None:
             summary = mean  # (N, D)
-        elif self._jagged_history(n_hist, b):
-            queries, cmask = _pad(cand, cand_lengths, max_c)  # (B, C, D)
-            out = self.history_encoder.forward_jagged(hist, hist_lengths, queries)  # (B, C, D)
-            summary = out.reshape(b * max_c, -1)[cmask.reshape(-1)]  # (N, D) jagged order
         else:
-            history, _ = _pad(hist, hist_lengths, max_l)  # (B, L, D), padding zero
             queries, cmask = _pad(cand, cand_lengths, max_c)  # (B, C, D)
-            out = self.history_encoder(history, hist_lengths, queries)  # (B, C, D)
+            if self._jagged_history(n_hist, b):
+                out = self.history_encoder.forward_jagged(hist, hist_lengths, queries)  # (B, C, D)
+            else:
+                history, _ = _pad(hist, hist_lengths, max_l)  # (B, L, D), padding zero
+                out = self.history_encoder(history, hist_lengths, queries)  # (B, C, D)
             summary = out.reshape(b * max_c, -1)[cmask.reshape(-1)]  # (N, D) jagged order
 
         parts = [cand, summary, cand * summary]  # 3 x (N, D)
