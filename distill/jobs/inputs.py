@@ -17,9 +17,9 @@ from distill.encoders import ContentFeatures, build_content, default_cache_dir, 
 from distill.jobs.artifacts import FEATURES_JOB
 from distill.config import DistillConfig
 from features import schemas as S
-from features.core.errors import ConfigError, DataError, SchemaError, UsageError
+from features.core.errors import ConfigError, DataError, UsageError
 from features.core.manifest import read_manifest
-from features.reader import check_manifest
+from features.reader import read_features_table
 
 REQUIRED = {
     "interactions": [S.USER_ID, S.ITEM_ID, S.LABEL, S.SPLIT, S.HIST_END, S.POS_HIST_END, S.POS_HIST_LEN],
@@ -71,21 +71,6 @@ class DistillInputs:
         return self._content
 
 
-def _read_table(folder: Path, name: str) -> pl.DataFrame:
-    path = folder / S.FILES[name]
-    if not path.is_file():
-        raise DataError("missing from the features folder (rebuild it with `recsys features build`)", file=str(path))
-    check_manifest(path)
-    try:
-        df = pl.read_parquet(path)
-    except Exception as e:  # polars raises several types for corrupt files
-        raise DataError(f"not a readable parquet file ({type(e).__name__}: {e})", file=str(path)) from e
-    missing = [c for c in REQUIRED[name] if c not in df.columns]
-    if missing:
-        raise SchemaError(f"missing required column(s) {missing}", file=str(path), column=missing[0])
-    return df
-
-
 def _check_text(items: pl.DataFrame, file: Path, max_share: float, log: Callable[[str], None]) -> None:
     """Refuse items whose text is missing or mostly empty (the "content"
     student would learn from nothing); warn, with counts, when some are."""
@@ -131,7 +116,7 @@ def load_inputs(features_dir: str | Path, cfg: DistillConfig, seed: int, log: Ca
         raise UsageError(f"{folder} has no readable manifest.json, so it is not a features folder: run `recsys features build --out {folder}`")
     if manifest.get("job") != FEATURES_JOB:
         raise UsageError(f"{folder} holds the output of {manifest.get('job')!r}, not of `recsys features build`")
-    inter, seqs, items = (_read_table(folder, n) for n in ("interactions", "sequences", "items"))
+    inter, seqs, items = (read_features_table(folder, n, REQUIRED[n]) for n in ("interactions", "sequences", "items"))
     if cfg.student.use_text:
         _check_text(items, folder / S.FILES["items"], cfg.max_empty_text_share, log)
         _check_cache_dir(cfg.cache_dir)

@@ -442,3 +442,22 @@ def test_full_chain_on_a_20_user_files_dataset(cli, tmp_path):
     assert {r["metric"] for r in rows} >= {"auc", "gauc", "logloss", "lt_auc", "lt_spearman"}
     # a metric that cannot be computed on 20 users is null, and says why
     assert all(r["reason"] for r in rows if r["value"] is None)
+
+
+def test_a_column_of_the_wrong_dtype_names_file_and_column(cli, tmp_path, features):
+    # a folder edited by hand (the file is no longer one its manifest lists):
+    # distill reads it with the features' reader, which checks dtypes, not only names
+    import shutil
+
+    folder = tmp_path / "features"
+    shutil.copytree(features, folder)
+    inter = folder / "interactions.parquet"
+    pl.read_parquet(inter).with_columns(pl.col("label").cast(pl.String)).write_parquet(inter)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["outputs"]["interactions.parquet"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "eval"
+    rc, _, err = cli("distill", "eval", "--features", folder, "--out", out, "--config", _config(tmp_path))
+    assert rc == 1, err
+    assert str(inter) in err and "column 'label'" in err and "dtype String" in err
+    assert not out.exists()
