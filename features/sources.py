@@ -28,6 +28,7 @@ class RawTable:
     fingerprint: str  # content hash of the file(s) it was read from
     row_offset: int = 1  # row numbers in messages are 1-based data rows
     from_csv: bool = False  # read from CSV: every column arrived as String (see `scan_table`)
+    categories: tuple[str, ...] = ()  # parquet columns pandas wrote as `category` (see `pandas_categories`)
 
 
 @dataclass
@@ -227,6 +228,21 @@ def scan_table(path: str | Path) -> pl.LazyFrame:
     return _scan(Path(path))[0]
 
 
+def pandas_categories(p: Path) -> tuple[str, ...]:
+    """The columns of parquet file `p` that pandas wrote from a `category`
+    dtype (its schema metadata says so). Polars reads a category of numbers
+    (zip codes, say) as a plain number column: only this metadata tells that
+    the user meant one category per value."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(p).pandas_metadata or {}
+    except Exception:  # noqa: BLE001 - no or unreadable pandas metadata: nothing declared
+        return ()
+    return tuple(str(c["name"]) for c in meta.get("columns", [])
+                 if isinstance(c, dict) and c.get("pandas_type") == "categorical" and c.get("name") is not None)
+
+
 def _scan(p: Path) -> tuple[pl.LazyFrame, bool]:
     """`scan_table`'s frame and whether it was read from CSV."""
     if not p.exists():
@@ -280,7 +296,10 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
             if S.TEXT in cols:
                 lf = lf.drop(S.TEXT)
             lf = lf.rename({text_column: S.TEXT})
-        item_table = RawTable(lf, str(items), file_fingerprint(items), from_csv=from_csv)
+        categories = () if from_csv else pandas_categories(Path(items))
+        if text_column != S.TEXT:
+            categories = tuple(c for c in categories if c not in (S.TEXT, text_column))
+        item_table = RawTable(lf, str(items), file_fingerprint(items), from_csv=from_csv, categories=categories)
     return RawSource(name="files", interactions=inter, items=item_table)
 
 

@@ -8,6 +8,8 @@ order breaks the many timestamp ties of real logs deterministically.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import polars as pl
 
@@ -309,6 +311,17 @@ def _as_field_dtype(dtype: pl.DataType) -> pl.DataType | None:
     if isinstance(dtype, pl.List) and (dtype.inner.is_integer() or _as_field_dtype(dtype.inner) == pl.String):
         return pl.List(pl.String)  # tag ids or categories: a multi-valued field
     return None
+
+
+def numeric_categories(items: pl.DataFrame, categories: Sequence[str]) -> tuple[pl.DataFrame, list[str]]:
+    """Items whose `categories` columns (declared categorical by their
+    writer, e.g. a pandas `category` of zip codes) that arrived as numbers
+    are cast to String: one category per value, where `field_dtypes` would
+    keep a number column a numeric field. Returns the items and the columns
+    cast. The id, text, title and image path are never retyped."""
+    cast = [n for n in categories if n in items.columns and n not in _NOT_FIELDS and n not in S.ITEMS_COMPUTED
+            and items.schema[n].is_numeric()]
+    return (items.with_columns(pl.col(n).cast(pl.String) for n in cast) if cast else items), cast
 
 
 def field_dtypes(items: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, str], dict[str, pl.DataType]]:

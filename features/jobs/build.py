@@ -78,7 +78,12 @@ def _typed_item_fields(items: pl.DataFrame, table: RawTable, cfg: FeaturesConfig
     strings) that hold numbers only become numeric fields; columns holding
     `multi_value_sep` become multi-valued fields; NaN in a float field is a
     missing value. A column no field type fits, or an infinite number, is
-    refused, naming the file, the column (and the rows)."""
+    refused, naming the file, the column (and the rows). A pandas `category`
+    of numbers is one category per value, as its writer meant."""
+    items, numbered = T.numeric_categories(items, table.categories)
+    for name in numbered:
+        log(f"features: items column {name!r} is a pandas category of numbers: read as a categorical field "
+            "(one category per value), not as a number")
     items, casts, unfit = T.field_dtypes(items)
     for name, dtype in unfit.items():
         raise SchemaError(f"item column of type {dtype} is no content field type (text, number, list of text): "

@@ -13,7 +13,7 @@ from features.sources import SyntheticConfig
 from features.spark.config import Engine, SparkConfig
 
 JOB = "features.build"
-JOB_VERSION = 2  # bump when the output of the same inputs and config changes
+JOB_VERSION = 3  # bump when the output of the same inputs and config changes
 
 
 SourceName = Literal["movielens100k", "movielens1m", "files", "synthetic"]

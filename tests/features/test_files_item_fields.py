@@ -179,3 +179,36 @@ def test_a_mistyped_text_column_is_a_usage_error_and_paths_do_not_key_the_build(
     monkeypatch.chdir(tmp_path)
     rc = main(["features", "build", "--source", "files", "--interactions", "events.csv", "--items", "items.csv", "--out", "out"])
     assert rc == 0 and "up to date" in capsys.readouterr().out
+
+
+def test_a_pandas_category_of_numbers_is_a_categorical_field(tmp_path, capsys):
+    # polars reads a pandas `category` of numbers as a number column; the
+    # parquet's pandas metadata says the writer meant one category per value
+    import pandas as pd
+
+    (tmp_path / "events.csv").write_text(EVENTS)
+    items = pd.DataFrame({
+        "item_id": [10, 11, 12], "text": ["Heat", "Toy Story", "Up"],
+        "zip": pd.Categorical([2134, 90210, 2134]), "label_code": pd.Categorical(["x", "y", "x"]),
+        "year": [1995, 1995, 2009],
+    })
+    items.to_parquet(tmp_path / "items.parquet")
+    assert pl.read_parquet(tmp_path / "items.parquet")["zip"].dtype == pl.Int64  # the reading this fixes
+    rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
+               "--items", str(tmp_path / "items.parquet"), "--out", str(tmp_path / "out")])
+    cap = capsys.readouterr()
+    log = cap.out + cap.err
+    assert rc == 0, log
+    assert "'zip' is a pandas category of numbers: read as a categorical field" in log
+    out = pl.read_parquet(tmp_path / "out" / "items.parquet").sort(S.ITEM_ID)
+    assert out["zip"].to_list() == ["2134", "90210", "2134"]
+    assert out["year"].dtype == pl.Int64 and out[S.ITEM_ID].dtype.is_integer()  # plain numbers stay numbers
+    kinds = S.item_field_kinds(out.schema)
+    assert "zip" in kinds["categorical"] and "year" in kinds["numeric"]
+
+
+def test_numeric_categories_never_retype_the_id_or_text():
+    items = pl.DataFrame({"item_id": [1, 2], "text": ["a", "b"], "zip": [1, 2], "n": [3.5, 4.0]})
+    out, cast = T.numeric_categories(items, ["item_id", "zip", "text", "absent"])
+    assert cast == ["zip"] and out["zip"].to_list() == ["1", "2"]
+    assert out["item_id"].dtype == pl.Int64 and out["n"].dtype == pl.Float64
