@@ -98,9 +98,10 @@ def _key_before(cut: tuple[int, int, int]) -> pl.Expr:
 
 def add_split_global_time(lf: pl.LazyFrame, train_cut: tuple | None, valid_cut: tuple | None) -> pl.LazyFrame:
     """train: rows before `train_cut` in global (time, user, item) order; valid:
-    before `valid_cut`; test: the rest. A cut of None means "no rows before"."""
-    before_train = _key_before(train_cut) if train_cut else pl.lit(False)
-    before_valid = _key_before(valid_cut) if valid_cut else pl.lit(False)
+    before `valid_cut`; test: the rest. A cut of None is past the last row
+    (every row is before it): `plan_split`'s cut when a split reaches the end."""
+    before_train = _key_before(train_cut) if train_cut is not None else pl.lit(True)
+    before_valid = _key_before(valid_cut) if valid_cut is not None else pl.lit(True)
     split = pl.when(before_train).then(pl.lit("train")).when(before_valid).then(pl.lit("valid")).otherwise(pl.lit("test"))
     return lf.with_columns(split.alias(S.SPLIT))
 

@@ -120,6 +120,8 @@ def _interactions(
     check_known_items(events[S.ITEM_ID], items, source.interactions.file, source.items and source.items.file,
                       events[ROW])
     plan = plan_split(cfg, bounds[S.TIMESTAMP][1], FrameOrder(events))
+    if (warning := plan.empty_splits_warning(cfg)) is not None:
+        log(warning)
     frame = user_features(events.lazy(), plan, cfg)
     return collect(item_features(frame.lazy()).pipe(interactions_table))
 

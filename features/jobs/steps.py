@@ -99,6 +99,20 @@ class SplitPlan:
     train_cut: tuple | None = None
     valid_cut: tuple | None = None
     limits: dict | None = None  # split -> last usable day (global_time)
+    sizes: dict | None = None  # split -> events (global_time)
+
+    def empty_splits_warning(self, cfg: FeaturesConfig) -> str | None:
+        """A warning naming the global time split's empty splits (few events,
+        small fractions: the shares round to 0), else None."""
+        if not self.sizes:
+            return None
+        empty = [k for k, v in self.sizes.items() if v == 0]
+        if not empty:
+            return None
+        n = sum(self.sizes.values())
+        shares = f"valid_frac {cfg.valid_frac:g}, test_frac {cfg.test_frac:g}"
+        return (f"warning: the global time split of {n:,} events ({shares}) leaves {' and '.join(empty)} empty "
+                f"(train/valid/test: {self.sizes['train']:,}/{self.sizes['valid']:,}/{self.sizes['test']:,})")
 
 
 class EventOrder(Protocol):
@@ -127,10 +141,9 @@ def plan_split(cfg: FeaturesConfig, ts_max: int, order: EventOrder) -> SplitPlan
     n_valid = round(n * cfg.valid_frac)
     positions = [p for p in (n_train, n_train + n_valid) if p < n]
     cuts = order.cuts(positions)
+    # a cut is the key of the first row after the split; None: the split reaches the last row
     train_cut = cuts[0] if n_train < n else None
     valid_cut = cuts[-1] if n_train + n_valid < n else None
-    if n_train == 0:
-        train_cut = (-1, -1, -1)
 
     def day_before(cut: tuple | None) -> int:
         # the cutoff instant lies inside its day: the day before is the last full one
@@ -138,7 +151,8 @@ def plan_split(cfg: FeaturesConfig, ts_max: int, order: EventOrder) -> SplitPlan
 
     valid_limit = day_before(valid_cut)
     limits = {"train": min(day_before(train_cut), valid_limit), "valid": valid_limit, "test": last_full_day}
-    return SplitPlan("global_time", train_cut, valid_cut, limits)
+    sizes = {"train": min(n_train, n), "valid": max(0, min(n_valid, n - n_train)), "test": max(0, n - n_train - n_valid)}
+    return SplitPlan("global_time", train_cut, valid_cut, limits, sizes)
 
 
 class FrameOrder:

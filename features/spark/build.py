@@ -131,6 +131,8 @@ def interactions_on_spark(
                                   source.items and source.items.file, staged[ROW])
         order = SparkOrder(raw, bounds[S.TIMESTAMP], flagged) if cfg.split == "global_time" else None
         plan = plan_split(cfg, bounds[S.TIMESTAMP][1], order)
+        if (warning := plan.empty_splits_warning(cfg)) is not None:
+            log(warning)
 
         def per_user(df: pl.DataFrame) -> pl.DataFrame:
             # the rows arrive in any order: sorted on the input row to break ties (never the packed sort)
