@@ -8,6 +8,8 @@ All checks of a table run as one aggregation over its rows, read once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import polars as pl
 
 from features import schemas as S
@@ -121,7 +123,7 @@ def _raise_first(table: RawTable, stats: dict, checks: list[tuple[str, str, str]
 
 
 def validate_interactions(
-    table: RawTable, timestamp_unit: str = "s"
+    table: RawTable, timestamp_unit: str = "s", log: Callable[[str], None] = print,
 ) -> tuple[pl.LazyFrame, dict[str, tuple[int, int]]]:
     """Check raw interactions; return them typed, with (min, max) of the id and
     timestamp columns.
@@ -130,7 +132,9 @@ def validate_interactions(
     `timestamp_unit`, floored to whole seconds), rating (Float64, null when the
     input has only labels), label (Int8, null when the input has only ratings)
     and `__row`. Timestamps implausible for the unit are refused, naming the
-    unit they look like.
+    unit they look like. Events of one user and item that only flooring to
+    seconds makes share a timestamp are announced with `log` (the features
+    keep whole seconds: the duplicate check then drops or refuses them).
     """
     lf = table.frame
     schema = lf.collect_schema()
@@ -227,6 +231,8 @@ def validate_interactions(
     bounds = {c: (stats[f"{c}__min"], stats[f"{c}__max"]) for c in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP)}
     _check_timestamp_unit(frame.lazy(), table, bounds[S.TIMESTAMP], timestamp_unit)
     per_s = UNIT_PER_S[timestamp_unit]
+    if per_s > 1:
+        _warn_merged_by_flooring(frame, table, per_s, timestamp_unit, log)
     lo, hi = bounds[S.TIMESTAMP]
     bounds[S.TIMESTAMP] = (lo // per_s, hi // per_s)
     typed_rows = frame.select(  # selected now: the raw (text) columns are let go
@@ -238,6 +244,22 @@ def validate_interactions(
         pl.col(S.LABEL).cast(pl.Int8),
     )
     return typed_rows.lazy(), bounds
+
+
+def _warn_merged_by_flooring(frame: pl.DataFrame, table: RawTable, per_s: int, unit: str,
+                             log: Callable[[str], None]) -> None:
+    """Warn, naming rows, when events of one user and item at different
+    times in `unit` fall in one second: floored to whole seconds they become
+    duplicates of each other (one kept, or refused when their labels
+    differ), which the input did not hold."""
+    second = pl.col(S.TIMESTAMP) // per_s
+    merged = frame.filter(pl.col(S.TIMESTAMP).n_unique().over(S.USER_ID, S.ITEM_ID, second) > 1)
+    if merged.height:
+        rows = (merged[ROW].sort().head(_SHOW) + table.row_offset).to_list()
+        log(f"warning: {table.file}: column {S.TIMESTAMP!r}: {merged.height:,} events of the same user and item lie "
+            f"within one second of each other at different times in {unit} (rows {', '.join(map(str, rows))}"
+            f"{' ...' if merged.height > len(rows) else ''}): the features keep whole seconds, so they become "
+            "duplicates (one is kept; differing ratings or labels are refused)")
 
 
 def _id_text(col: str) -> pl.Expr:

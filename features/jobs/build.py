@@ -153,7 +153,7 @@ def build_features(
         return BuildResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0)
 
     # validation runs once, here, before either engine starts
-    inter, bounds = validate_interactions(source.interactions, cfg.timestamp_unit)
+    inter, bounds = validate_interactions(source.interactions, cfg.timestamp_unit, log)
     items = validate_items(source.items) if source.items is not None else None
     if items is not None and cfg.source == "files":
         items = _typed_item_fields(items, source.items, cfg, log)

@@ -46,8 +46,8 @@ def check_duplicates(flagged: pl.DataFrame, cfg: FeaturesConfig, file: str, log:
     if conflicts.height:
         rows = (conflicts[ROW] + 1).head(5).to_list()
         raise DataError(
-            f"{conflicts.height} duplicate (user_id, item_id, timestamp) rows disagree on rating/label; "
-            "fix the source (these cannot be dropped safely)",
+            f"{conflicts.height} duplicate (user_id, item_id, timestamp) rows disagree on rating/label "
+            "(timestamps in whole seconds); fix the source (these cannot be dropped safely)",
             file=file,
             column="user_id,item_id,timestamp",
             rows=rows,
@@ -61,7 +61,8 @@ def check_duplicates(flagged: pl.DataFrame, cfg: FeaturesConfig, file: str, log:
                 column="user_id,item_id,timestamp",
                 rows=rows,
             )
-        log(f"warning: {file}: dropped {flagged.height} exact duplicate rows (first rows {rows})")
+        log(f"warning: {file}: dropped {flagged.height} duplicate rows (same user_id, item_id, rating/label and "
+            f"timestamp in whole seconds; first rows {rows})")
 
 
 def check_known_items(event_items: pl.Series, items: pl.DataFrame | None, inter_file: str, items_file: str | None,

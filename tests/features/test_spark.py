@@ -98,7 +98,7 @@ def test_leave_last_out_and_duplicates_same_on_both_engines(tmp_path):
         build_features(dataclasses.replace(cfg, engine=engine), tmp_path / engine, log=logs[engine].append)
     assert_same_folders(tmp_path / "polars", tmp_path / "spark", FILES)
     warn = [[m for m in logs[e] if m.startswith("warning")] for e in logs]
-    assert warn[0] == warn[1] and "dropped 7 exact duplicate rows" in warn[0][0]
+    assert warn[0] == warn[1] and "dropped 7 duplicate rows" in warn[0][0]
 
 
 def test_conflicting_duplicates_and_unknown_items_fail_the_same_way(tmp_path):
