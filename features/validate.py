@@ -151,6 +151,8 @@ def validate_interactions(
             file=table.file,
             column="rating|label",
         )
+    # only the columns read: an extra column is ignored, whatever its name (`__row` included)
+    lf = lf.select(c for c in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.RATING, S.LABEL) if c in schema)
     for col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP):
         _check_dtype(table, col, schema[col], "integer")
     for col in (S.RATING, S.LABEL):
@@ -414,6 +416,14 @@ def validate_items(table: RawTable) -> pl.DataFrame:
             raise SchemaError(f"reserved column name: the build computes {', '.join(S.ITEMS_COMPUTED)} itself "
                               "(and names starting with '__' are internal): rename the column", file=table.file, column=name)
     _check_dtype(table, S.ITEM_ID, schema[S.ITEM_ID], "integer")
+    for col in (S.TEXT, S.TITLE, S.IMAGE_PATH):
+        dtype = schema.get(col)
+        if dtype is not None and not (dtype in (pl.String, pl.Null) or isinstance(dtype, (pl.Categorical, pl.Enum))
+                                      or dtype.is_numeric()):
+            what = "join the values into one string" if isinstance(dtype, (pl.List, pl.Array)) else "convert it to text"
+            raise SchemaError(f"dtype {dtype} is not text: {what}"
+                              + (", or pick another column with --text-column" if col == S.TEXT else ""),
+                              file=table.file, column=col)
     df = collect_or_raise(lf.with_row_index(ROW).with_columns(_parse_int(S.ITEM_ID, schema[S.ITEM_ID]).alias("__id")), table)
     if df.height == 0:
         raise DataError("the file has no rows", file=table.file)
