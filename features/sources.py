@@ -268,6 +268,8 @@ def _scan(p: Path) -> tuple[pl.LazyFrame, bool]:
         sep = "\t" if suffix == ".tsv" else ","
         if p.stat().st_size == 0:
             raise DataError("the file is empty (no header, no rows)", file=str(p))
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark (Excel's "Unicode text")
+            raise DataError("the file is UTF-16 text, not UTF-8: save it as UTF-8", file=str(p))
         try:
             lf = pl.scan_csv(p, separator=sep, infer_schema=False)
             names = lf.collect_schema().names()

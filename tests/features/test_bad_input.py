@@ -212,3 +212,20 @@ def test_a_decimal_id_with_a_fraction_is_refused_not_truncated(tmp_path, capsys)
     rc, err, out = _run(tmp_path, capsys, inter_path=path)
     assert rc == 1 and "'item_id', row 1" in err and "whole number" in err, err
     assert _nothing_written(out)
+
+
+def test_a_utf16_csv_is_named_as_such(tmp_path, capsys):
+    path = tmp_path / "events.csv"
+    path.write_bytes(GOOD.encode("utf-16"))  # with its byte-order mark (Excel's "Unicode text")
+    rc, err, out = _run(tmp_path, capsys, inter_path=path)
+    assert rc == 1 and "events.csv" in err and "UTF-16 text, not UTF-8: save it as UTF-8" in err
+    assert _nothing_written(out)
+
+
+def test_interaction_columns_the_build_does_not_read_are_ignored_whatever_their_name(tmp_path, capsys):
+    # `__row` is the build's own row-number column: a user's extra column of that name once collided with it
+    lines = GOOD.splitlines()
+    text = lines[0] + ",__row,__raw_user_id\n" + "".join(f"{line},x,y\n" for line in lines[1:])
+    rc, err, out = _run(tmp_path, capsys, text)
+    assert rc == 0, err
+    assert pl.read_parquet(out / "interactions.parquet").height == len(lines) - 1

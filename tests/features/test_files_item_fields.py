@@ -221,13 +221,3 @@ def test_a_text_column_of_lists_is_a_schema_error_naming_file_and_column(tmp_pat
     assert "items.parquet" in log and "column 'text'" in log and "is not text: join the values into one string" in log
     assert "unexpected" not in log and not out.exists()
 
-
-def test_interaction_columns_the_build_does_not_read_are_ignored_whatever_their_name(tmp_path, capsys):
-    # `__row` is the build's own row-number column: a user's extra column of that name once collided with it
-    (tmp_path / "events.csv").write_text("user_id,item_id,timestamp,rating,__row,__raw_user_id\n"
-                                         + "".join(f"{line},x,y\n" for line in EVENTS.splitlines()[1:]))
-    rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
-               "--out", str(tmp_path / "out")])
-    cap = capsys.readouterr()
-    assert rc == 0, cap.err
-    assert pl.read_parquet(tmp_path / "out" / S.FILES["interactions"]).height == len(EVENTS.splitlines()) - 1
