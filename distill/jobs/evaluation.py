@@ -25,6 +25,7 @@ from distill.config import LOSSES, DistillConfig
 from features.core.config import config_hash, flatten, to_dict
 from features.core.manifest import is_up_to_date, read_manifest
 from features.core.numeric import json_safe, torch_threads
+from features.core.provenance import stage_key
 from features.core.tracker import ForwardingTracker, NullTracker, Tracker
 
 
@@ -211,15 +212,9 @@ def evaluate(
     tracker = tracker or NullTracker()
     ctx = load_inputs(features_dir, cfg, seed, log)
     cfg, tcfg = ctx.distill, with_seed(teachers, seed)
-    key = {
-        "job": JOB_EVAL,
-        "version": VERSION,
-        "config_hash": config_hash(cfg),
-        "teachers_hash": config_hash(tcfg),
-        "ablations": ablations,
-        "protocol": ctx.protocol,
-        "upstream": ctx.upstream,
-    }
+    params = {"version": VERSION, "config_hash": config_hash(cfg), "teachers_hash": config_hash(tcfg),
+              "ablations": ablations, "protocol": ctx.protocol}
+    key = stage_key(JOB_EVAL, params, ctx.upstream)
     if not force and is_up_to_date(out, key) and (out / METRICS).is_file():
         log(f"distill eval: {out} is up to date; skipping")
         return JobResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0, json.loads((out / METRICS).read_text()))

@@ -35,6 +35,7 @@ from features.core.config import config_hash, flatten, to_dict
 from features.core.fingerprint import file_fingerprint
 from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
 from features.core.numeric import torch_threads
+from features.core.provenance import stage_key
 from features.core.tracker import NullTracker, Tracker
 
 
@@ -72,15 +73,9 @@ def ensure_student(
     from distill.student import ContentSpec, ContentTensors
 
     t0 = time.perf_counter()
-    key = {
-        "job": JOB_STUDENT,
-        "version": VERSION,
-        "config_hash": config_hash(cfg.training_key()),
-        "protocol": ctx.protocol,
-        "teachers": dict(teacher_fps),
-        "encoders": [TEXT_MODEL, IMAGE_MODEL],
-        "upstream": ctx.upstream,
-    }
+    params = {"version": VERSION, "config_hash": config_hash(cfg.training_key()), "protocol": ctx.protocol,
+              "teachers": dict(teacher_fps), "encoders": [TEXT_MODEL, IMAGE_MODEL]}
+    key = stage_key(JOB_STUDENT, params, ctx.upstream)
     if not force and is_up_to_date(folder, key) and (folder / "student.pt").is_file():
         with foreign_checkpoint(folder / "student.pt"):
             student = _build_student(load_pt(folder / "student.pt"))
@@ -160,14 +155,9 @@ def train_student(
     tracker = tracker or NullTracker()
     ctx = load_inputs(features_dir, cfg, seed, log)
     tcfg = with_seed(teachers, seed)
-    key = {
-        "job": JOB_TRAIN,
-        "version": VERSION,
-        "config_hash": config_hash(ctx.distill.training_key()),
-        "teachers_hash": config_hash(tcfg),
-        "protocol": ctx.protocol,
-        "upstream": ctx.upstream,
-    }
+    params = {"version": VERSION, "config_hash": config_hash(ctx.distill.training_key()),
+              "teachers_hash": config_hash(tcfg), "protocol": ctx.protocol}
+    key = stage_key(JOB_TRAIN, params, ctx.upstream)
     if not force and is_up_to_date(out, key):
         log(f"distill train: {out} is up to date; skipping")
         return JobResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0)

@@ -27,6 +27,7 @@ from features.core.config import config_hash, flatten, to_dict
 from features.core.fingerprint import file_fingerprint
 from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
 from features.core.numeric import torch_threads
+from features.core.provenance import stage_key
 from features.core.tracker import NullTracker, Tracker
 
 
@@ -44,7 +45,7 @@ def ensure_teachers(
     """(result, {"id2item": teacher, "seq2item": teacher}), fitted into `folder`,
     or read back from it when its manifest key matches (and not `force`)."""
     t0 = time.perf_counter()
-    key = {"job": JOB_TEACHERS, "version": VERSION, "config_hash": config_hash(cfg), "protocol": ctx.protocol, "upstream": ctx.upstream}
+    key = stage_key(JOB_TEACHERS, {"version": VERSION, "config_hash": config_hash(cfg), "protocol": ctx.protocol}, ctx.upstream)
     if not force and is_up_to_date(folder, key) and (folder / "teachers.pt").is_file():
         state = load_pt(folder / "teachers.pt")
         with foreign_checkpoint(folder / "teachers.pt"):

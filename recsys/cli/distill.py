@@ -140,6 +140,8 @@ def _eval(args: argparse.Namespace) -> int:
     with tracked_command(cfg.tracking, "distill", _params(job, args) | {"ablations": job.ablations}, outputs=args.out) as st:
         res = run_distill(job, st, args.out, force=args.force, log=lambda _m: None)
         st.log_artifact(res.out / "metrics.json")
+    if res.reused:
+        print(f"distill eval: {res.out} is up to date (same config, inputs and code); reusing its metrics (--force recomputes)")
     metrics = json.loads((res.out / "metrics.json").read_text())
     if not args.quiet:
         print(format_metrics(metrics, tuple(job.distill.eval_ks)))

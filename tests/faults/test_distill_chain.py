@@ -461,3 +461,21 @@ def test_a_column_of_the_wrong_dtype_names_file_and_column(cli, tmp_path, featur
     assert rc == 1, err
     assert str(inter) in err and "column 'label'" in err and "dtype String" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [("teachers", "fit"), ("distill", "train"), ("distill", "eval")])
+def test_distill_stages_rerun_when_the_plugin_code_changes(cli, tmp_path, features, monkeypatch, command):
+    # every stage's reuse key holds the plugin's source hash (features.core.provenance.stage_key):
+    # the distill stages once keyed on their config and inputs only, and skipped after a code change
+    from features.core import provenance
+
+    out, cfg = tmp_path / "out", _config(tmp_path)
+    rc, _, err = cli(*command, "--features", features, "--out", out, "--config", cfg)
+    assert rc == 0, err
+    rc, outp, err = cli(*command, "--features", features, "--out", out, "--config", cfg)
+    assert rc == 0 and "up to date" in outp + err
+    version, source_hash = provenance._plugin_code()
+    monkeypatch.setattr(provenance, "_plugin_code", lambda: (version, source_hash + "-edited"))
+    rc, outp, err = cli(*command, "--features", features, "--out", out, "--config", cfg)
+    assert rc == 0, err
+    assert "up to date" not in outp + err
