@@ -75,7 +75,9 @@ def _match_key(features_dir: Path, embeddings: Path, cfg: MatchConfig) -> dict[s
     if fm is None or any(n not in fm.get("outputs", {}) for n in names):
         raise UsageError(f"{features_dir} is not a features folder (no manifest); run `recsys features build` first")
     if not embeddings.is_file():
-        raise UsageError(f"embeddings file {embeddings} does not exist")
+        raise UsageError(f"embeddings file {embeddings} does not exist" if not embeddings.exists()
+                         else f"--embeddings {embeddings} is not a file (a parquet file of item_id, embedding)")
+    check_manifest(embeddings)  # a distill output edited after its job is not the vectors it claims to be
     for name in names:  # the key trusts the manifest's fingerprints: the files must still be those
         path = features_dir / name
         if not path.is_file():

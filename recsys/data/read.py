@@ -13,7 +13,7 @@ from torch import Tensor
 
 from features import schemas as S
 from features.core.errors import DataError, SchemaError
-from features.reader import check_columns, parquet_schema, read_parquet
+from features.reader import check_columns, check_manifest, parquet_schema, read_parquet
 
 
 def load_item_embeddings(path: Path, item_ids: np.ndarray) -> tuple[Tensor, float]:
@@ -30,6 +30,7 @@ def load_item_embeddings(path: Path, item_ids: np.ndarray) -> tuple[Tensor, floa
     file = str(path)
     if not path.exists():
         raise DataError("item embeddings file does not exist", file=file)
+    check_manifest(path)  # a distill output edited after its job is refused, as every job's output is
     schema = parquet_schema(path)
     check_columns(schema, {S.ITEM_ID: "int"}, file)
     if "embedding" not in schema:

@@ -479,3 +479,35 @@ def test_distill_stages_rerun_when_the_plugin_code_changes(cli, tmp_path, featur
     rc, outp, err = cli(*command, "--features", features, "--out", out, "--config", cfg)
     assert rc == 0, err
     assert "up to date" not in outp + err
+
+
+def test_match_refuses_distilled_vectors_edited_after_their_job(cli, tmp_path, features):
+    out = tmp_path / "distill"
+    rc, _, err = cli("distill", "train", "--features", features, "--out", out, "--config", _config(tmp_path))
+    assert rc == 0, err
+    emb = out / "item_embeddings.parquet"
+    pl.read_parquet(emb).with_columns(pl.col("embedding").list.eval(-pl.element())).write_parquet(emb)
+    match = tmp_path / "match"
+    rc, _, err = cli("features", "match", "--features", features, "--embeddings", emb, "--out", match)
+    assert rc == 1 and str(emb) in err and "changed since `distill.train` wrote it" in err
+    assert "recsys distill train" in err and not match.exists()
+    rc, _, err = cli("features", "match", "--features", features, "--embeddings", out, "--out", match)
+    assert rc == 2 and "is not a file" in err
+
+
+def test_the_ranker_refuses_distilled_vectors_edited_after_their_job(tmp_path, features):
+    import shutil
+
+    from features.core.errors import DataError
+    from recsys.data.read import load_item_embeddings
+
+    out = tmp_path / "distill"
+    _quiet_main("distill", "train", "--features", features, "--out", out, "--config", _config(tmp_path))
+    ids = np.sort(pl.read_parquet(Path(features) / "items.parquet")["item_id"].to_numpy())
+    load_item_embeddings(out / "item_embeddings.parquet", ids)  # intact: read
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    emb = edited / "item_embeddings.parquet"
+    pl.read_parquet(emb).with_columns(pl.col("embedding").list.eval(pl.element() * 2)).write_parquet(emb)
+    with pytest.raises(DataError, match="changed since `distill.train` wrote it"):
+        load_item_embeddings(emb, ids)
