@@ -31,7 +31,7 @@ from features.schemas import MATCH_FILE
 from features.reader import check_manifest, read_parquet
 
 MATCH_JOB = "features.match"
-MATCH_JOB_VERSION = 2  # bump when the output of the same inputs and config changes
+MATCH_JOB_VERSION = 3  # bump when the output of the same inputs and config changes
 SHARDS_DIR = "shards"
 
 
@@ -346,9 +346,23 @@ def build_match_features(
 def item_space(feats_dir: Path, emb_path: Path, cfg: MatchConfig, log: Callable[[str], None]) -> tuple[ItemSpace, np.ndarray]:
     """The checked item vectors, their semantic IDs and faiss index (a global
     step: built once, on the driver, for either engine) and the ids of the
-    interactions' items without a vector."""
+    interactions' items without a vector.
+
+    The item universe is the features folder's items file: vectors of other
+    ids (a larger catalogue's file) are left out, with a warning, so that they
+    neither enter the faiss index (mf_faiss_rank) nor the semantic-ID k-means."""
     emb_df = read_parquet(emb_path)  # an unreadable file is a DataError naming it
     ids, vec = M.validate_embeddings(emb_df, str(emb_path), cfg.dim)
+    catalogue = read_parquet(feats_dir / S.FILES["items"], [S.ITEM_ID])[S.ITEM_ID].to_numpy()
+    known = np.isin(ids, catalogue)
+    if not known.all():
+        extra = np.sort(ids[~known])
+        log(f"warning: {emb_path}: {len(extra):,} vectors of item ids not in {feats_dir / S.FILES['items']} are left "
+            f"out of the index (ids {', '.join(map(str, extra[:5].tolist()))}{' ...' if len(extra) > 5 else ''})")
+        ids, vec = ids[known], vec[known]
+        if not len(ids):
+            raise DataError(f"no vector is of an item of {feats_dir / S.FILES['items']}: embeddings of another "
+                            "catalogue?", file=str(emb_path), column=S.ITEM_ID)
     needed = pl.scan_parquet(feats_dir / S.FILES["interactions"]).select(pl.col(S.ITEM_ID).unique()).collect()
     missing = M.check_missing_items(ids, needed[S.ITEM_ID].to_numpy(), str(emb_path), cfg.missing_items)
     if len(missing):

@@ -436,6 +436,28 @@ def test_missing_items_null_policy_gives_null_rows_and_counts_them(synthetic_fea
     assert (got["mf_hist_len"].to_numpy() < inter[S.POS_HIST_END].to_numpy()).any()
 
 
+def test_vectors_of_items_outside_the_features_folder_are_left_out_with_a_warning(
+        synthetic_features, synth_emb, synth_full, tmp_path):
+    # a larger catalogue's file: its extra vectors would join the faiss index and the semantic-ID k-means
+    ids = item_ids(synthetic_features)
+    emb = pl.read_parquet(synth_emb)
+    extra = pl.DataFrame({"item_id": pl.Series([-1, 10_000_000], dtype=pl.Int64),
+                          "embedding": pl.Series([[1.0] * 16, [0.5] * 16], dtype=pl.List(pl.Float32))})
+    path = tmp_path / "bigger.parquet"
+    pl.concat([extra, emb]).write_parquet(path)
+    logs: list[str] = []
+    build_match_features(synthetic_features, path, tmp_path / "out", FAST, log=logs.append, progress=False)
+    assert any("2 vectors of item ids not in" in m and "(ids -1, 10000000)" in m for m in logs), logs
+    assert_frame_equal(pl.read_parquet(tmp_path / "out" / MATCH_FILE), pl.read_parquet(synth_full[0] / MATCH_FILE))
+    assert len(ids) == emb.height  # the fixture's file holds exactly the folder's items
+    none = tmp_path / "none.parquet"
+    extra.write_parquet(none)
+    with pytest.raises(DataError, match="no vector is of an item of"):
+        build_match_features(synthetic_features, none, tmp_path / "out2", dataclasses.replace(FAST, missing_items="null"),
+                             log=lambda _m: None, progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
 # --- CLI ------------------------------------------------------------------------
 
 
