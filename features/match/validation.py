@@ -73,7 +73,8 @@ def validate_embeddings(df: pl.DataFrame, file: str, dim: int = 0) -> tuple[np.n
             column=EMBEDDING,
         )
     flat = df[EMBEDDING].explode() if isinstance(etype, pl.List) else df[EMBEDDING].arr.explode()
-    vec = flat.cast(pl.Float64).to_numpy().reshape(df.height, common).astype(np.float32)  # (N, D)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below with their rows
+        vec = flat.cast(pl.Float64).to_numpy().reshape(df.height, common).astype(np.float32)  # (N, D)
     ids = df[EMB_ITEM_ID].cast(pl.Int64).to_numpy()
     for what, bad_mask in (
         ("NaN, inf or null values (or values beyond float32)", ~np.isfinite(vec).all(axis=1)),
