@@ -56,6 +56,10 @@ def _log_default(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _log_err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def read_predictions(path: Path, arm: str, seed: int, metrics: tuple[str, ...] = DEFAULT_METRICS) -> pl.DataFrame:
     """An arm's predictions table, checked: readable parquet, the columns
     `metrics` need, no NaN score. DataError naming the file otherwise."""
@@ -147,7 +151,8 @@ def run_experiment(
                 f = arm_outputs[key] / PREDICTIONS
                 frame = read_predictions(f, arm.name, seed, exp.spec.metrics)
                 arm_runs.append({"arm": arm.name, "seed": seed, "outputs": str(arm_outputs[key]),
-                                 "rows": frame.height, "fingerprint": file_fingerprint(f), "features": str(done.features)})
+                                 "rows": frame.height, "fingerprint": file_fingerprint(f), "features": str(done.features),
+                                 "features_fingerprint": segments_fingerprint(done.features)})
                 predictions.append(ArmPredictions(arm.name, seed, with_segments(frame, done.features, segment_tables)))
         run.log_dict(arm_runs, ARM_RUNS)
         with run.stage("eval", {"n_boot": exp.spec.n_boot, "metrics": list(exp.spec.metrics), "control": exp.spec.control},
@@ -161,21 +166,43 @@ def run_experiment(
     return ExperimentOutcome(name, exp.spec.control, rows, arm_outputs, time.perf_counter() - t0)
 
 
+def segments_fingerprint(features: Path | None) -> str | None:
+    """The fingerprint of the features folder's interactions (its manifest's),
+    which the segments are read from; None when unknown."""
+    if features is None:
+        return None
+    from features.core.manifest import read_manifest
+
+    info = ((read_manifest(features) or {}).get("outputs") or {}).get(S.FILES["interactions"]) or {}
+    return info.get("fingerprint")
+
+
 def with_segments(frame: pl.DataFrame, features: Path | None,
-                  cache: dict[Path, pl.DataFrame | None] | None = None) -> pl.DataFrame:
+                  cache: dict[Path, pl.DataFrame | None] | None = None, *, recorded: str | None = None,
+                  log: Log | None = None) -> pl.DataFrame:
     """The predictions with the columns compare segments by, from the features
     folder: cold_item and hist_len of each test impression, and new_user (the
-    user has no train event). Unchanged when the folder is unknown or gone.
-    `cache`: segment tables by features folder, so arms and seeds that share
-    a features folder read it once."""
+    user has no train event). Unchanged when the folder is unknown or gone,
+    and (`recorded`: the fingerprint of its interactions when the run read
+    it) when it has been rebuilt since, e.g. by another experiment sharing
+    its path: its rows would not be the run's, so no segment rows are given
+    (`log` says why). `cache`: segment tables by features folder, so arms
+    and seeds that share a features folder read it once."""
     if features is None:
         return frame
     cache = {} if cache is None else cache
     if features not in cache:
-        cache[features] = _segment_table(features)
+        now = segments_fingerprint(features)
+        if recorded is not None and now != recorded:
+            if log is not None:
+                log(f"warning: {features} was rebuilt after the run (interactions fingerprint {now}, the run read "
+                    f"{recorded}): no rows by segment; rerun the experiment for them")
+            cache[features] = None
+        else:
+            cache[features] = _segment_table(features)
     seg = cache[features]
     if seg is None:
-        return frame
+        return frame.drop([c for c in (S.COLD_ITEM, S.HIST_LEN, NEW_USER) if c in frame.columns])
     keep = [c for c in frame.columns if c not in (S.COLD_ITEM, S.HIST_LEN, NEW_USER)]
     return frame.select(keep).join(seg, on=KEY, how="left", maintain_order="left")
 
@@ -225,7 +252,8 @@ def log_compare(rows: list[CompareRow], tracker: Tracker, out: Path, *, control:
         tracker.log_artifact(f, "compare")
 
 
-def load_experiment_predictions(tracking_cfg: TrackingConfig, name: str) -> tuple[list[ArmPredictions], dict[str, Any]]:
+def load_experiment_predictions(tracking_cfg: TrackingConfig, name: str,
+                                log: Log = _log_err) -> tuple[list[ArmPredictions], dict[str, Any]]:
     """Predictions of the newest finished invocation of experiment `name`,
     each checked for the columns of the experiment's metrics
     (`read_predictions`) and matched against what its run recorded
@@ -257,7 +285,8 @@ def load_experiment_predictions(tracking_cfg: TrackingConfig, name: str) -> tupl
             raise DataError(f"predictions of arm {entry['arm']!r} (seed {entry['seed']}) are missing: {f}", file=str(f))
         frame = read_predictions(f, entry["arm"], int(entry["seed"]), metrics)
         check_recorded(entry, frame, f)
-        frame = with_segments(frame, Path(entry["features"]) if entry.get("features") else None, segment_tables)
+        frame = with_segments(frame, Path(entry["features"]) if entry.get("features") else None, segment_tables,
+                              recorded=entry.get("features_fingerprint"), log=log)
         preds.append(ArmPredictions(entry["arm"], int(entry["seed"]), frame))
     return preds, parent
 
