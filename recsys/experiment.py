@@ -31,6 +31,7 @@ from recsys.eval.metrics import METRICS
 # the tracking store: no separators, no `..`.
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 MIN_BOOT = 100  # fewer bootstrap replicates give no usable 95% interval
+MAX_BOOT = 10_000  # a replicate costs a row of (replicates x users) counts; 10k resolve p = 1e-4 (Holm over 500 tests)
 
 
 def check_experiment_name(name: str, what: str = "experiment") -> str:
@@ -92,8 +93,8 @@ class ExperimentSpec:
             raise ValueError(f"metrics: metric(s) {repeated} repeated")
         if not self.seeds:
             raise ValueError("seeds: at least one seed is needed")
-        if self.n_boot < MIN_BOOT:
-            raise ValueError(f"n_boot must be >= {MIN_BOOT}")
+        if not MIN_BOOT <= self.n_boot <= MAX_BOOT:
+            raise ValueError(f"n_boot must be in [{MIN_BOOT}, {MAX_BOOT}], got {self.n_boot}")
 
 
 def check_seeds(seeds: tuple[int, ...], what: str) -> tuple[int, ...]:

@@ -32,7 +32,7 @@ from features.core.tracker import Tracker
 from recsys.compare import ALL, KEY, NEW_USER, ArmPredictions, CompareRow, compare_arms, format_rows
 from recsys.config import PipelineConfig
 from recsys.eval.metrics import METRICS
-from recsys.experiment import MIN_BOOT, LoadedExperiment, load_experiment
+from recsys.experiment import MAX_BOOT, MIN_BOOT, LoadedExperiment, load_experiment
 from recsys.pipeline import Pipeline
 from recsys.tracking.config import TrackingConfig
 
@@ -304,8 +304,8 @@ def compare_experiment(
     predictions; log it (plot included) to a new run. Returns rows and control."""
     from recsys.tracking import open_pipeline_run
 
-    if n_boot is not None and n_boot < MIN_BOOT:
-        raise UsageError(f"n_boot {n_boot}: need at least {MIN_BOOT} bootstrap replicates for a 95% interval")
+    if n_boot is not None and not MIN_BOOT <= n_boot <= MAX_BOOT:
+        raise UsageError(f"n_boot {n_boot}: need {MIN_BOOT} to {MAX_BOOT} bootstrap replicates")
     preds, parent = load_experiment_predictions(tracking_cfg, name)
     spec = _parent_spec(tracking_cfg, parent)
     metrics = metrics or tuple(spec.get("metrics", DEFAULT_METRICS))

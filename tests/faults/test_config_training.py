@@ -355,11 +355,13 @@ def test_lightgbm_wrong_schema_or_garbage_parquet_exits_1_naming_file_and_column
     assert not (tmp_path / "lgb").exists() and not (tmp_path / "out").exists()
 
 
-def test_lightgbm_n_boot_below_2_exits_2(cli, features_dir, tmp_path):
+@pytest.mark.parametrize("n_boot", ["1", "2", "99", "10001"])
+def test_lightgbm_n_boot_out_of_range_exits_2(cli, features_dir, tmp_path, n_boot):
+    # as `experiment compare`: 2 replicates once marked a noise-level lift significant
     (tmp_path / "m").mkdir()
     rc, _, err = cli("baseline", "lightgbm", "--features", features_dir, "--match-features", tmp_path / "m",
-                     "--lift", "--n-boot", "1", "--out", tmp_path / "lgb")
-    assert rc == 2 and "--n-boot" in err
+                     "--lift", "--n-boot", n_boot, "--out", tmp_path / "lgb")
+    assert rc == 2 and f"--n-boot {n_boot}: need 100 to 10000" in err
     assert not (tmp_path / "lgb").exists()
 
 

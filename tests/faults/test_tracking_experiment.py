@@ -309,10 +309,18 @@ def test_repeated_seeds_in_the_file_exit_2(cli, tmp_path, monkeypatch):
     assert rc == 2 and "seed(s) [1] repeated" in err and "exp.yaml" in err
 
 
-@pytest.mark.parametrize("n_boot", ["1", "0", "-3", "99"])
-def test_n_boot_too_small_exits_2(cli, in_store, n_boot):
+@pytest.mark.parametrize("n_boot", [99, 10_001, 10**12])
+def test_n_boot_out_of_range_in_the_file_exits_2_before_any_work(cli, tmp_path, monkeypatch, n_boot):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli("experiment", "run", _experiment_file(tmp_path, n_boot=n_boot))
+    assert rc == 2 and f"n_boot must be in [100, 10000], got {n_boot}" in err and "exp.yaml" in err
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("n_boot", ["1", "0", "-3", "99", "10001", "100000000000000000000"])
+def test_n_boot_out_of_range_exits_2(cli, in_store, n_boot):
     rc, _, err = cli("experiment", "compare", "whatever", "--n-boot", n_boot)
-    assert rc == 2 and f"--n-boot {n_boot}: need at least 100" in err
+    assert rc == 2 and f"--n-boot {n_boot}: need 100 to 10000 bootstrap replicates" in err
 
 
 def test_compare_name_with_a_path_exits_2(cli, in_store):
