@@ -163,6 +163,11 @@ def run_experiment(
             values = {f"{r.metric}.{r.arm}": r.value for r in whole} | {f"{r.metric}.{r.arm}.delta": r.delta for r in whole}
             values |= {f"{r.metric}.{r.arm}.delta.{r.segment}": r.delta for r in rows if r.segment != ALL}
             st.log_metrics({k: v for k, v in values.items() if not math.isnan(v)})  # n/a is not a number
+        from recsys.tracking.models import claim_champion
+
+        # champion moves only now, when every arm has finished (a killed run moves none)
+        arms = [exp.spec.control] + [a.name for a in exp.spec.arms if a.name != exp.spec.control]
+        claim_champion(run, [arm_outputs[f"{a}/seed{exp.spec.seeds[0]}"] for a in arms])
     return ExperimentOutcome(name, exp.spec.control, rows, arm_outputs, time.perf_counter() - t0)
 
 
@@ -252,14 +257,10 @@ def log_compare(rows: list[CompareRow], tracker: Tracker, out: Path, *, control:
         tracker.log_artifact(f, "compare")
 
 
-def load_experiment_predictions(tracking_cfg: TrackingConfig, name: str,
-                                log: Log = _log_err) -> tuple[list[ArmPredictions], dict[str, Any]]:
-    """Predictions of the newest finished invocation of experiment `name`,
-    each checked for the columns of the experiment's metrics
-    (`read_predictions`) and matched against what its run recorded
-    (`check_recorded`)."""
+def newest_run(tracking_cfg: TrackingConfig, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The newest finished run of experiment `name` and what it recorded of
+    each arm and seed (`arm_runs.json`: arm, seed, outputs, fingerprints)."""
     from recsys.tracking import connect
-
     from recsys.tracking.store import resolve_uri, sqlite_path
 
     uri = resolve_uri(tracking_cfg)
@@ -267,6 +268,7 @@ def load_experiment_predictions(tracking_cfg: TrackingConfig, name: str,
     if db is not None and not db.is_file():  # opening it would create an empty store at a mistyped path
         raise UsageError(f"no finished run of experiment {name!r}: the tracking store {uri} does not exist "
                          "(check tracking.uri / MLFLOW_TRACKING_URI, or run the experiment first)")
+
     store = connect(tracking_cfg)
     parents = [r for r in store.search_runs(name, stage="pipeline") if r["tags"].get("kind") == "experiment"]
     if not parents:
@@ -275,11 +277,20 @@ def load_experiment_predictions(tracking_cfg: TrackingConfig, name: str,
             f"run `recsys experiment run experiments/{name}.yaml` first"
         )
     parent = parents[0]
+    return parent, json.loads(Path(store.artifact_path(parent["run_id"], ARM_RUNS)).read_text())
+
+
+def load_experiment_predictions(tracking_cfg: TrackingConfig, name: str,
+                                log: Log = _log_err) -> tuple[list[ArmPredictions], dict[str, Any]]:
+    """Predictions of the newest finished invocation of experiment `name`,
+    each checked for the columns of the experiment's metrics
+    (`read_predictions`) and matched against what its run recorded
+    (`check_recorded`)."""
+    parent, entries = newest_run(tracking_cfg, name)
     metrics = tuple(_parent_spec(tracking_cfg, parent).get("metrics", DEFAULT_METRICS))
-    path = store.artifact_path(parent["run_id"], ARM_RUNS)
     preds = []
     segment_tables: dict[Path, pl.DataFrame | None] = {}
-    for entry in json.loads(Path(path).read_text()):
+    for entry in entries:
         f = Path(entry["outputs"]) / PREDICTIONS
         if not f.is_file():
             raise DataError(f"predictions of arm {entry['arm']!r} (seed {entry['seed']}) are missing: {f}", file=str(f))

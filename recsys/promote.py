@@ -14,6 +14,7 @@ names: `recsys.tracking.models`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from features.core.errors import RecsysError, UsageError
@@ -40,7 +41,7 @@ def promote_arm(tracking: TrackingConfig, experiment: str, arm: str, guard: str 
     """Set `champion` on `arm`'s models of `experiment` unless `guard` regresses."""
     from recsys.eval.metrics import METRICS
     from recsys.experiment import check_experiment_name
-    from recsys.experiment_run import compare_experiment
+    from recsys.experiment_run import compare_experiment, newest_run
     from recsys.tracking import connect
     from recsys.tracking.models import promote
 
@@ -61,7 +62,12 @@ def promote_arm(tracking: TrackingConfig, experiment: str, arm: str, guard: str 
             r = bad[0]
             raise Regression(f"not promoted: arm {arm!r} regresses on {guard} vs {control!r}: "
                              f"{r.delta:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]: the 95% interval lies on the worse side of zero")
-    moved = promote(connect(tracking).client, experiment, arm)
+    # the arm's models of the run the guard judged (its first seed), not whatever its aliases point at now
+    parent, entries = newest_run(tracking, experiment)
+    first = next((int(x) for x in json.loads((parent.get("params") or {}).get("seeds", "[]"))), None)
+    mine = [e for e in entries if e["arm"] == arm]
+    entry = next((e for e in mine if int(e["seed"]) == first), mine[0] if mine else None)
+    moved = promote(connect(tracking).client, experiment, arm, entry["outputs"] if entry else None)
     if not moved:
         raise UsageError(f"arm {arm!r} of {experiment!r} has no registered recsys-ranker (alias "
                          f"{experiment}-{arm}): a LightGBM arm, or a run that was not tracked")

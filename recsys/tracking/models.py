@@ -18,12 +18,15 @@ Aliases (all set on the registered model by the experiment that trained it):
     <experiment>                 student: the experiment's student of its first seed
     champion                     what `load_model("models:/<name>@champion")` serves
 
-`champion` is set by an experiment until someone promotes: the ranker of the
-control arm (first seed), and the student the control arm read, or, when the
-control reads none (the demo's control has no match features), the first
-student the experiment trained. `recsys experiment promote <experiment> --arm
-<arm>` moves `champion` to that arm's models; from then on experiments leave
-it alone (the registered model's tag `champion_set_by` says who set it).
+`champion` is set by an experiment run when it finishes (a killed run sets
+none; `claim_champion`), until someone promotes: the ranker of the control
+arm (first seed), and the student the control arm read, or, when the control
+reads none (the demo's control has no match features), the student the
+first arm that reads one read (else the experiment's first-seed student).
+`recsys experiment promote <experiment> --arm <arm>` moves `champion` to
+that arm's models of the run it compared (found from that run's output
+folders, not from the aliases a later run moves); from then on experiments
+leave it alone (the registered model's tag `champion_set_by` says who set it).
 """
 
 from __future__ import annotations
@@ -151,14 +154,13 @@ def _run_context(tr: MLflowTracker) -> tuple[dict[str, str], list[int], str | No
     return tags, seeds, parent
 
 
-def _set_champion(client: Any, ref: ModelRef, parent: str, *, strong: bool) -> bool:
-    """Set `champion` for an experiment run `parent`: never over a promotion;
-    a weak claim never over an earlier claim of the same experiment run."""
+def _set_champion(client: Any, ref: ModelRef, parent: str) -> bool:
+    """Set `champion` for the finished experiment run `parent`, never over a promotion."""
     try:
         set_by = client.get_registered_model(ref.name).tags.get(SET_BY, "")
     except Exception:  # noqa: BLE001
         set_by = ""
-    if set_by.startswith("promote:") or (not strong and set_by == f"experiment:{parent}"):
+    if set_by.startswith("promote:"):
         return False
     client.set_registered_model_alias(ref.name, CHAMPION, ref.version)
     client.set_registered_model_tag(ref.name, SET_BY, f"experiment:{parent}")
@@ -212,10 +214,6 @@ def _ranker_aliases(client: Any, ref: ModelRef, tags: Mapping[str, str], seeds: 
         client.set_registered_model_alias(RANKER, a, ref.version)
         if student is not None:
             client.set_registered_model_alias(STUDENT, a, student.version)
-    if arm == tags.get("control") and seed == first:
-        _set_champion(client, ref, parent, strong=True)
-        if student is not None:
-            _set_champion(client, student, parent, strong=True)
 
 
 def _student_of(client: Any, embeddings_fp: str | None) -> ModelRef | None:
@@ -270,7 +268,6 @@ def log_student(tracker: Any, features: Path, out: Path, key: Mapping[str, Any],
         tr.client.set_registered_model_alias(STUDENT, alias(exp, f"seed{seed}"), ref.version)
         if seed == first:
             tr.client.set_registered_model_alias(STUDENT, alias(exp), ref.version)
-            _set_champion(tr.client, ref, parent, strong=False)
     return ref
 
 
@@ -282,22 +279,66 @@ def version_by_alias(client: Any, name: str, alias_name: str) -> ModelRef | None
     return ModelRef(name, str(v.version), v.source)
 
 
-def promote(client: Any, experiment: str, arm: str) -> dict[str, ModelRef]:
-    """Set `champion` on the models of `arm` of `experiment` (aliases
-    `<experiment>-<arm>`): the ranker, and the student its chain read, if any.
-    Returns {registered model: version}; empty when the arm has no ranker."""
-    a = alias(experiment, arm)
-    moved: dict[str, ModelRef] = {}
-    ranker = version_by_alias(client, RANKER, a)
+def arm_models(client: Any, outputs: str | Path | None) -> dict[str, ModelRef]:
+    """The models of the ranker trained into `outputs` (a rank stage's
+    folder): the version registered for its manifest's key (tag `reuse_key`),
+    and the student its chain read (the rank run's `upstream.embeddings`), if
+    any. Found from the outputs, not from aliases, which a later (even a
+    killed) run of the same experiment moves. Empty when there is no ranker."""
+    from features.core.manifest import read_manifest
+
+    manifest = read_manifest(Path(outputs)) if outputs is not None else None
+    if not manifest or "key" not in manifest:
+        return {}
+    ranker = _find(client, RANKER, key_hash(manifest["key"]))
     if ranker is None:
-        return moved
-    for ref in (ranker, version_by_alias(client, STUDENT, a)):
-        if ref is not None:
-            client.set_registered_model_alias(ref.name, CHAMPION, ref.version)
-            client.set_registered_model_tag(ref.name, SET_BY, f"promote:{experiment}/{arm}")
-            moved[ref.name] = ref
+        return {}
+    out = {RANKER: ranker}
+    try:
+        run_id = client.get_model_version(RANKER, ranker.version).run_id
+        embeddings = client.get_run(run_id).data.tags.get("upstream.embeddings")
+    except Exception:  # noqa: BLE001 - a deleted run: the ranker alone
+        embeddings = None
+    student = _student_of(client, embeddings)
+    if student is not None:
+        out[STUDENT] = student
+    return out
+
+
+def claim_champion(tracker: Any, first_seed_outputs: list[Path]) -> None:
+    """At the end of a finished experiment run (`tracker`: its parent run):
+    `champion` on the control's ranker and on the student the control read,
+    or else the first student an arm's ranker read (`first_seed_outputs`:
+    each arm's first-seed folder, control first), else the experiment's
+    first-seed student (alias `<experiment>`). Never over a promotion. A run
+    killed before its end claims nothing."""
+    tr = _mlflow_tracker(tracker)
+    if tr is None:
+        return
+    client, parent = tr.client, tr.run_id
+    models = [arm_models(client, o) for o in first_seed_outputs]
+    if models and RANKER in models[0]:
+        _set_champion(client, models[0][RANKER], parent)
+    student = next((m[STUDENT] for m in models if STUDENT in m), None)
+    if student is None:
+        exp = dict(client.get_run(parent).data.tags).get("experiment")
+        student = version_by_alias(client, STUDENT, alias(exp)) if exp else None
+    if student is not None:
+        _set_champion(client, student, parent)
+
+
+def promote(client: Any, experiment: str, arm: str, outputs: str | Path | None) -> dict[str, ModelRef]:
+    """Set `champion` on the models of `arm` of `experiment`: the ranker
+    trained into `outputs` (the arm's first-seed folder of the compared run)
+    and the student its chain read, if any (`arm_models`). Returns
+    {registered model: version}; empty when the arm has no ranker."""
+    moved: dict[str, ModelRef] = {}
+    for ref in arm_models(client, outputs).values():
+        client.set_registered_model_alias(ref.name, CHAMPION, ref.version)
+        client.set_registered_model_tag(ref.name, SET_BY, f"promote:{experiment}/{arm}")
+        moved[ref.name] = ref
     return moved
 
 
-__all__ = ["RANKER", "STUDENT", "CHAMPION", "SET_BY", "ModelRef", "alias", "log_ranker", "log_student", "promote",
-           "version_by_alias"]
+__all__ = ["RANKER", "STUDENT", "CHAMPION", "SET_BY", "ModelRef", "alias", "arm_models", "claim_champion", "log_ranker",
+           "log_student", "promote", "version_by_alias"]

@@ -187,3 +187,17 @@ def test_student_embeds_items_on_spark_through_spark_udf(in_experiment):
         rows = frame.withColumn("embedding", embed(*cols)).select("item_id", "embedding").toPandas()
     got = np.asarray(rows.sort_values("item_id")["embedding"].tolist(), dtype=np.float64)
     np.testing.assert_allclose(got, np.asarray(want["embedding"].to_list()), atol=1e-5)
+
+
+def test_promote_takes_the_compared_runs_models_not_aliases_a_later_run_moved(in_experiment, capsys):
+    c = _client()
+    aliases = c.get_registered_model("recsys-ranker").aliases
+    want, other = aliases["debug_ab-match_svd"], aliases["debug_ab-control"]
+    # a later run of the experiment, killed before it finished, moved the arm's alias to its own model
+    c.set_registered_model_alias("recsys-ranker", "debug_ab-match_svd", other)
+    try:
+        assert main(["experiment", "promote", "debug_ab", "--arm", "match_svd", "--no-guard"]) == 0
+        assert f"recsys-ranker@champion -> version {want}" in capsys.readouterr().out
+        assert c.get_registered_model("recsys-ranker").aliases["champion"] == want
+    finally:
+        c.set_registered_model_alias("recsys-ranker", "debug_ab-match_svd", want)

@@ -29,7 +29,10 @@ def fake_compare(monkeypatch):
     rows = [_row("control", 0.0, 0.0, 0.0), _row("worse", -0.05, -0.08, -0.02), _row("better", 0.03, 0.01, 0.05)]
     monkeypatch.setattr(E, "compare_experiment", lambda *a, **k: (rows, "control"))
     promoted = []
-    monkeypatch.setattr(M, "promote", lambda client, exp, arm: promoted.append(arm) or {"recsys-ranker": M.ModelRef("recsys-ranker", "7", "x")})
+    monkeypatch.setattr(E, "newest_run", lambda *a, **k: ({"params": {"seeds": "[0]"}}, [
+        {"arm": a, "seed": 0, "outputs": f"/runs/{a}/seed0"} for a in ("control", "worse", "better")]))
+    monkeypatch.setattr(M, "promote", lambda client, exp, arm, outputs: promoted.append((arm, outputs))
+                        or {"recsys-ranker": M.ModelRef("recsys-ranker", "7", "x")})
     return promoted
 
 
@@ -41,7 +44,7 @@ def test_promote_refuses_a_significant_regression_with_exit_1(fake_compare, caps
     assert main(["experiment", "promote", "ab", "--arm", "better"]) == 0
     assert "recsys-ranker@champion -> version 7" in capsys.readouterr().out
     assert main(["experiment", "promote", "ab", "--arm", "missing"]) == 2
-    assert fake_compare == ["worse", "better"]
+    assert fake_compare == [("worse", "/runs/worse/seed0"), ("better", "/runs/better/seed0")]  # the compared run's folders
 
 
 def test_promote_help_has_examples(capsys):
