@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +102,9 @@ def _scale(raw: np.ndarray, stats: list[list[float]]) -> np.ndarray:
     return np.where(np.isnan(raw), 0.0, (raw - mean) / std)
 
 
+_MATCH_COUNT = re.compile(r"_(count_gt|faiss_rank|hist_len|sid_l\d+)$")  # match columns that count (>= 0)
+
+
 class RankerScorer:
     """A bundle loaded for scoring: `.score(requests)` -> DataFrame(score, lt_score)."""
 
@@ -151,6 +155,12 @@ class RankerScorer:
         if missing:
             raise ValueError(f"request rows lack column(s) {missing}; expected {list(request_schema(self.match_columns))}")
         check_requests(frame)
+        for c in self.match_columns:  # training read finite values or null; a count is never negative
+            v = frame[c].cast(pl.Float64)
+            for bad, what in ((v.is_infinite(), "infinite value (a missing value is null or NaN)"),
+                              ((v < 0) if _MATCH_COUNT.search(c) else None, "negative count")):
+                if bad is not None and bad.fill_null(False).any():
+                    raise DataError(f"request rows: {what}", column=c, rows=np.flatnonzero(bad.fill_null(False).to_numpy())[:5].tolist())
 
     def dense(self, frame: pl.DataFrame) -> np.ndarray:
         """Impression-level dense block (n, F1) in the ranker's column order."""
@@ -176,6 +186,8 @@ class RankerScorer:
         from recsys.models.ranker import probabilities
 
         frame = requests if isinstance(requests, pl.DataFrame) else pl.from_pandas(requests)
+        if frame.height == 0:  # nothing to score (pandas gives an empty list column no list dtype to check)
+            return pl.DataFrame({"score": [], "lt_score": []}, schema={"score": pl.Float64, "lt_score": pl.Float64})
         self._check(frame)
         n = frame.height
         frame = frame.with_row_index("_in")

@@ -54,6 +54,8 @@ def test_ranker_pyfunc_scores_equal_rank_train_predictions(in_experiment):
         assert len(got) == want.height > 0
         np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-6)
         np.testing.assert_allclose(got["lt_score"].to_numpy(), want["lt_score"].to_numpy(), rtol=0, atol=1e-6)
+        empty = model.predict(requests.head(0).to_pandas())  # was a polars list-dtype error
+        assert len(empty) == 0 and list(empty.columns) == ["score", "lt_score"]
     schema = model.metadata.get_input_schema()
     sig = schema.input_names()
     assert {"user_id", "item_id", "timestamp", "history", "history_timestamps", "item_pop"} <= set(sig)
@@ -93,6 +95,19 @@ def test_ranker_refuses_requests_it_would_score_wrongly(in_experiment):
         with pytest.raises(Exception) as e:
             model.predict(frame.to_pandas())
         assert needle in str(e.value), (needle, str(e.value))
+    # match features (a model that reads them): inf is no missing value, a count is never negative
+    model = mlflow.pyfunc.load_model("models:/recsys-ranker@debug_ab-match_svd")
+    req_m = requests_from_features(in_experiment.artifacts / "features", "test", in_experiment.artifacts / "match")
+    m = req_m.filter(pl.col("hist_len") > 5).head(2)
+    for needle, frame in {
+        "column 'mf_cos_max'": m.with_columns(mf_cos_max=pl.lit(float("inf"))),
+        "column 'mf_hist_len'": m.with_columns(mf_hist_len=pl.lit(-1.0)),
+    }.items():
+        with pytest.raises(Exception) as e:
+            model.predict(frame.to_pandas())
+        assert needle in str(e.value) and ("infinite value" in str(e.value) or "negative count" in str(e.value))
+    assert model.predict(m.with_columns(mf_cos_max=pl.lit(None, pl.Float64)).to_pandas())["score"].notna().all()
+    model = mlflow.pyfunc.load_model("models:/recsys-ranker@debug_ab-control")
     # a filtered pandas frame keeps its labels: assigning the scores back lines up
     df = req.to_pandas()
     sub = df[df["hist_len"] > 10]
