@@ -215,7 +215,7 @@ def annotated_pipeline_yaml(cfg: PipelineConfig) -> str:
     lines = [f"name: {_yaml_scalar(cfg.name)}  # str: {docs['name']}", f"seed: {cfg.seed}  # int: {docs['seed']}"]
     for name in SECTIONS:
         section = getattr(cfg, name)
-        doc = (type(section).__doc__ or "").strip().splitlines()[0]
+        doc = " ".join((type(section).__doc__ or "").strip().split("\n\n")[0].split())  # its first paragraph, whole
         lines += ["", f"{name}:  # {doc}"]
         lines += annotated_yaml(section, 1)
     return "\n".join(lines) + "\n"

@@ -114,8 +114,8 @@ class RankerConfig:
     dcn_layers: int = 2  # cross layers for over_arch dcn
     dense_arch_layer_sizes: tuple[int, ...] = (16,)  # MLP over the dense features (last size = its output)
     over_arch_layer_sizes: tuple[int, ...] = (64, 32)  # MLP after the interaction (last size = H)
-    click_weight: float = 1.0  # multi-task loss weight of the click head
-    lt_weight: float = 0.5  # multi-task loss weight of the LT-proxy head (returned_1d)
+    click_weight: float = 1.0  # multi-task loss weight of the click head (> 0)
+    lt_weight: float = 0.5  # multi-task loss weight of the LT-proxy head (returned_1d; > 0)
     lt_tower: LtTower = "dense"  # what the LT head sees (class docstring)
     init_std: float = 0.1  # std of the normal init of the embedding tables
 
@@ -142,8 +142,10 @@ class RankerConfig:
             sizes = getattr(self, name)
             if not sizes or any(s < 1 for s in sizes):
                 raise ValueError(f"{name} must be a non-empty list of positive sizes, got {list(sizes)}")
-        if self.click_weight < 0 or self.lt_weight < 0 or self.click_weight + self.lt_weight == 0:
-            raise ValueError("click_weight and lt_weight must be >= 0 and not both 0")
+        for name in ("click_weight", "lt_weight"):  # a 0 weight leaves its head untrained, yet scored and reported
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 (both heads are trained and evaluated: a head with weight 0 "
+                                 f"would report an untrained head's metrics), got {getattr(self, name)}")
         if not self.init_std > 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
 

@@ -171,14 +171,14 @@ def test_svd_truncated_full_rank_equals_reference():
 
 
 def test_lt_loss_only_on_masked_rows():
-    model = model_for(small(lt_weight=1.0, click_weight=0.0)).eval()
+    model = model_for(small(lt_weight=1.0)).eval()
     batch = batch_of([([1, 2], [3, 4, 5], 0), ([6], [7, 8], 1)])
-    loss1, _ = RankerTrain(model)(batch)
+    _, parts1 = RankerTrain(model)(batch)
     flipped = batch.lt_labels.clone()
     flipped[~batch.lt_mask] = 1 - flipped[~batch.lt_mask]
     batch.lt_labels = flipped
-    loss2, _ = RankerTrain(model)(batch)
-    torch.testing.assert_close(loss1, loss2)
+    _, parts2 = RankerTrain(model)(batch)
+    torch.testing.assert_close(parts1.lt_loss, parts2.lt_loss)
     batch.lt_mask = torch.zeros_like(batch.lt_mask)
     loss3, parts = RankerTrain(model)(batch)
     assert float(parts.lt_loss) == 0.0
@@ -240,6 +240,8 @@ def test_use_user_id_off_drops_the_user_table():
         ({"over_arch_layer_sizes": ()}, "over_arch_layer_sizes"),
         ({"dense_arch_layer_sizes": (8, 0)}, "dense_arch_layer_sizes"),
         ({"click_weight": 0.0, "lt_weight": 0.0}, "weight"),
+        ({"click_weight": 0.0}, "click_weight must be > 0"),  # an untrained head's metrics were reported
+        ({"lt_weight": 0.0}, "lt_weight must be > 0"),
         ({"lt_tower": "tower"}, "lt_tower"),
     ],
 )
