@@ -15,8 +15,10 @@ an unknown scheme, a sqlite folder that cannot be written, or a server that
 does not answer within 3 s raises `UsageError` (exit 2) naming the URI.
 
 A sqlite store is created under a file lock beside the database (two first
-runs would otherwise race on MLflow's migrations), and a sqlite file that is
-not an MLflow store is refused, never migrated.
+runs would otherwise race on MLflow's migrations), on a temporary file that
+is renamed into place once the migrations finish (an interrupted creation
+leaves no store), and a sqlite file that is not an MLflow store is refused,
+never migrated.
 """
 
 from __future__ import annotations
@@ -199,6 +201,11 @@ def _refuse_foreign_sqlite(uri: str, db: Path, todo: str) -> None:
             con.close()
     except sqlite3.Error as e:
         raise UsageError(f"tracking URI {uri!r}: cannot read the sqlite database {db}: {e}; {todo}") from e
+    if any(t.startswith("_alembic_tmp") for t in tables):  # a migration stopped half-way
+        raise UsageError(
+            f"tracking URI {uri!r}: {db} is a half-created MLflow store (its first creation was interrupted, before "
+            f"this version created stores atomically): if it holds no runs you need, delete it and rerun; {todo}"
+        )
     if tables and not MLFLOW_TABLES <= tables:
         shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
         raise UsageError(
@@ -217,8 +224,31 @@ def _opening_store(uri: str, source: str) -> Iterator[None]:
         yield
         return
     with _store_lock(db):
+        if not db.exists() or db.stat().st_size == 0:
+            _create_sqlite_store(db)
         _refuse_foreign_sqlite(uri, db, _what_to_do(uri, source))
         yield
+
+
+def _create_sqlite_store(db: Path) -> None:
+    """Create a fresh sqlite store atomically: MLflow's migrations run on a
+    temporary file beside it, which is renamed into place once they finish.
+    Interrupted on the database itself, they left a half-migrated store that
+    no later run could open ("table ... already exists"); now an interrupted
+    creation leaves no store, and the next run creates it again."""
+    import uuid
+
+    # a new name each time: MLflow caches a store (and its engine) per URI
+    tmp = db.with_name(f".{db.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        mlflow = _mlflow()
+        tmp_uri = f"sqlite:///{tmp}"
+        client = mlflow.MlflowClient(tracking_uri=tmp_uri, registry_uri=tmp_uri)
+        client.search_experiments(max_results=1)  # runs every migration (the registry's tables too)
+        client.search_registered_models(max_results=1)
+        os.replace(tmp, db)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _http_get(url: str, timeout: float) -> int:
@@ -271,5 +301,8 @@ def prepare_store(uri: str, source: str = "the tracking URI") -> None:
     except RecsysError:
         raise
     except Exception as e:
-        raise UsageError(f"tracking store {uri!r} (from {source}) cannot be opened: {e}; {_what_to_do(uri, source)}") from e
+        half = " (a half-created store: its first creation was interrupted; if it holds no runs you need, delete it " \
+               "and rerun)" if "already exists" in str(e) and uri.startswith("sqlite:") else ""
+        raise UsageError(f"tracking store {uri!r} (from {source}) cannot be opened: {e}{half}; "
+                         f"{_what_to_do(uri, source)}") from e
 

@@ -458,3 +458,41 @@ def test_paired_bootstrap_on_no_rows_is_nan_not_a_crash():
     with pytest.raises(ValueError, match="n_boot must be >= 2"):
         paired_bootstrap(METRICS["auc"], np.arange(4), np.array([0, 1, 0, 1.0]), np.ones(4), np.ones(4), n_boot=1,
                          rng=np.random.default_rng(0))
+
+
+def test_a_store_creation_interrupted_leaves_no_store_and_the_next_run_creates_it(tmp_path, monkeypatch):
+    # MLflow's migrations once ran on the database itself: a Ctrl-C among them left a half-migrated
+    # store that every later run refused ("table ... already exists")
+    from recsys.tracking import store as st
+
+    db = tmp_path / "m" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    st.check_store(uri)
+    real_replace = os.replace
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(st.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        st.prepare_store(uri)
+    assert not db.exists() and not list(db.parent.glob(".mlflow.db.tmp-*"))  # no store, no temporary file
+    monkeypatch.setattr(st.os, "replace", real_replace)
+    st.prepare_store(uri)
+    tables = {r[0] for r in sqlite3.connect(db).execute("select name from sqlite_master where type = 'table'")}
+    assert {"experiments", "runs", "registered_models", "alembic_version"} <= tables
+    assert not any(t.startswith("_alembic_tmp") for t in tables)
+
+
+def test_a_half_migrated_store_is_named_as_such(tmp_path):
+    from recsys.tracking import store as st
+
+    db = tmp_path / "mlflow.db"
+    con = sqlite3.connect(db)
+    con.execute("create table experiments (x int)")
+    con.execute("create table runs (x int)")
+    con.execute("create table _alembic_tmp_tags (x int)")
+    con.commit()
+    con.close()
+    with pytest.raises(UsageError, match="half-created MLflow store"):
+        st.prepare_store(f"sqlite:///{db}")
