@@ -131,7 +131,7 @@ def run_match(job: MatchJob, tracker: Tracker | None, out: str | Path, *, force:
     return StageResult(Path(out), res.skipped, res.manifest)
 
 
-def _rank_upstream(job: RankJob) -> dict[str, str]:
+def rank_upstream(job: RankJob) -> dict[str, str]:
     up = {"features": folder_fingerprint(job.features)}
     if job.match is not None:
         up["match_features"] = file_fingerprint(S.match_file(job.match))
@@ -144,7 +144,7 @@ def rank_key(job: RankJob) -> dict[str, Any]:
     train = {k: v for k, v in to_dict(job.train).items() if k not in RANK_FREE}
     params = {"version": RANK_VERSION, "data": to_dict(job.data), "model": to_dict(job.model), "train": train,
               "seed": job.seed}
-    return stage_key(RANK_JOB, params, _rank_upstream(job))
+    return stage_key(RANK_JOB, params, rank_upstream(job))
 
 
 def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: bool = False,

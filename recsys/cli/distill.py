@@ -84,14 +84,22 @@ def _params(job, args: argparse.Namespace) -> dict:
     return {"teachers": job.teachers, "distill": job.distill, "seed": job.distill.seed, "features": args.features}
 
 
+def _upstream(job) -> dict[str, str]:
+    """The command's input fingerprint (its runs' data_fingerprint)."""
+    from features.core.manifest import folder_fingerprint
+
+    return {"features": folder_fingerprint(job.features)}
+
+
 def _fit_teachers(args: argparse.Namespace) -> int:
     from distill.jobs import fit_teachers
     from recsys.tracking import tracked_command
 
     cfg, job = _plan(args)
-    with tracked_command(cfg.tracking, "teachers", _params(job, args), outputs=args.out) as st:
+    with tracked_command(cfg.tracking, "teachers", _params(job, args), outputs=args.out, upstream=_upstream(job)) as st:
         res = fit_teachers(job.features, args.out, job.teachers, st, distill=job.distill, seed=job.distill.seed,
                            force=args.force)
+        st.record_key(res.manifest.get("key", {}), reused=res.skipped)
     print(f"output: {res.out_dir}")
     return 0
 
@@ -101,9 +109,10 @@ def _train(args: argparse.Namespace) -> int:
     from recsys.tracking import tracked_command
 
     cfg, job = _plan(args)
-    with tracked_command(cfg.tracking, "distill", _params(job, args), outputs=args.out) as st:
+    with tracked_command(cfg.tracking, "distill", _params(job, args), outputs=args.out, upstream=_upstream(job)) as st:
         res = train_student(job.features, args.out, job.distill, st, teachers=job.teachers, seed=job.distill.seed,
                             force=args.force)
+        st.record_key(res.manifest.get("key", {}), reused=res.skipped)
         st.log_artifact(res.out_dir / "item_embeddings.parquet")
     print(f"output: {res.out_dir / 'item_embeddings.parquet'}")
     return 0
@@ -137,8 +146,10 @@ def _eval(args: argparse.Namespace) -> int:
             print(format_seeds(report))
         print(f"output: {args.out}/seeds.json")
         return 0
-    with tracked_command(cfg.tracking, "distill", _params(job, args) | {"ablations": job.ablations}, outputs=args.out) as st:
+    with tracked_command(cfg.tracking, "distill", _params(job, args) | {"ablations": job.ablations}, outputs=args.out,
+                         upstream=_upstream(job)) as st:
         res = run_distill(job, st, args.out, force=args.force, log=lambda _m: None)
+        st.record_key(res.key, reused=res.reused)
         st.log_artifact(res.out / "metrics.json")
     if res.reused:
         print(f"distill eval: {res.out} is up to date (same config, inputs and code); reusing its metrics (--force recomputes)")

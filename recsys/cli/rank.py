@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
     from recsys.cli import seed_everything
     from recsys.config import load_pipeline_config
     from recsys.plan import check_inputs, plan_rank
-    from recsys.stages import run_rank
+    from recsys.stages import rank_upstream, run_rank
     from recsys.tracking import tracked_command
     from recsys.train import check_launch_env, metrics_line
 
@@ -56,9 +56,12 @@ def _train(args: argparse.Namespace) -> int:
         check_output(job.train.checkpoint_dir, inputs, flag="train.checkpoint_dir")
     seed_everything(job.seed)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    with tracked_command(cfg.tracking, "rank", job, tags={"model": "ranker"}, enabled=rank0, outputs=args.out) as st:
+    with tracked_command(cfg.tracking, "rank", job, tags={"model": "ranker"}, enabled=rank0, outputs=args.out,
+                         upstream=rank_upstream(job)) as st:
         result = run_rank(job, st, args.out, force=args.no_resume or not cfg.tracking.reuse,
                           log=lambda m: print(m, file=sys.stderr))
+        if rank0 and result.key:
+            st.record_key(result.key, reused=result.reused)
     if rank0:
         import json
 

@@ -116,7 +116,7 @@ class PipelineRun(MLflowTracker):
             run_tags["outputs"] = str(Path(outputs).resolve())
         tracker = self.store.create_run(name, run_tags)
         self.set_tags({f"stage.{name}.run_id": tracker.run_id})
-        st = StageRun(name, tracker.run_id, False, tracker, None, run_tags.get("outputs"))
+        st = StageRun(name, tracker.run_id, False, tracker, None, run_tags.get("outputs"), owner=self)
         with _terminate_on_exit(self.client, tracker.run_id):
             tracker.log_params(params)
             yield st
@@ -213,13 +213,15 @@ def tracked_command(
     tags: Mapping[str, Any] | None = None,
     enabled: bool = True,
     outputs: str | Path | None = None,
+    upstream: Mapping[str, str] | None = None,
 ) -> Iterator[StageRun]:
     """One CLI command = a parent run (holding the command's params) with one
-    stage run, never reused (the command was asked to run). The stage run's
-    params are left to the library code it is passed to. `enabled=False`
-    (e.g. torchrun ranks > 0) logs nothing."""
+    stage run (`upstream`: {input: fingerprint}, its data fingerprint). The
+    stage run's params are left to the library code it is passed to; the
+    command tags it with its job's key (`st.record_key(key, reused=...)`).
+    `enabled=False` (e.g. torchrun ranks > 0) logs nothing."""
     if not enabled:
         cfg = dataclasses.replace(cfg, enabled=False)
-    with open_pipeline_run(cfg, stage, tags=tags, params=params) as run:
-        with run.stage(stage, outputs=outputs) as st:
+    with open_pipeline_run(cfg, stage, tags=tags, params=params, upstream=upstream) as run:
+        with run.stage(stage, outputs=outputs, upstream=upstream) as st:
             yield st

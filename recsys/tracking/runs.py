@@ -214,6 +214,13 @@ class StageRun(ForwardingTracker):
     tracker: Tracker = field(default_factory=NullTracker)
     info: RunInfo | None = None  # the reused run
     outputs: str | None = None
+    owner: Any = None  # the PipelineRun that opened it (None untracked)
+
+    def record_key(self, key: Mapping[str, Any], *, reused: bool) -> None:
+        """Tag this stage run with its job's manifest key and whether the job
+        reused its outputs (`PipelineRun.record_key`); untracked: nothing."""
+        if self.owner is not None:
+            self.owner.record_key(self, key, reused=reused)
 
     def set_outputs(self, path: str | Path) -> None:
         """Record where this stage wrote its outputs (the `outputs` tag), so a

@@ -385,3 +385,22 @@ def test_lambdarank_reports_no_logloss(cli, features_dir, tmp_path):
                    "  - {name: t, model: lightgbm, delta: {lightgbm: {objective: lambdarank}}}\n")
     rc, _, err = cli("experiment", "run", exp)
     assert rc == 2 and "arm 't' (lightgbm.objective lambdarank)" in err and "['logloss']" in err
+
+
+def test_rank_train_runs_carry_their_reuse_key_and_data_fingerprint(cli, features_dir, tmp_path):
+    # the command's MLflow runs once had no reuse_key / reused tags and data_fingerprint "none"
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    cfg = rank_config(tmp_path, features_dir, {"tracking": {"enabled": True, "uri": uri}})
+    for _ in range(2):
+        rc, _, err = cli("rank", "train", "--config", cfg, "--out", tmp_path / "out")
+        assert rc == 0, err
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.stage = 'rank'", order_by=["attributes.start_time ASC"])
+    assert len(runs) == 2
+    first, second = (r.data.tags for r in runs)
+    assert first["reused"] == "false" and second["reused"] == "true"
+    assert first["reuse_key"] == second["reuse_key"] and second["reused_from"] == runs[0].info.run_id
+    assert first["data_fingerprint"] != "none" and "upstream.features" in first
