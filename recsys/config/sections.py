@@ -10,9 +10,10 @@ they agree).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from features import schemas as S
 
@@ -32,6 +33,14 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 DEVICES: tuple[str, ...] = get_args(Device)
 # old names refused with a pointer to the new one
 RENAMED_HISTORY_ENCODERS = {"svd_exact": "svd_truncated"}
+
+
+def _need(section: Any, names: tuple[str, ...], ok: Callable[[Any], bool], what: str) -> None:
+    """ValueError naming the first of `names` whose value fails `ok`, and the value."""
+    for name in names:
+        value = getattr(section, name)
+        if not ok(value):
+            raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -179,10 +188,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("batch_size and eval_batch_size must be >= 1")
-        if not (self.lr > 0 and self.sparse_lr > 0):
-            raise ValueError("lr and sparse_lr must be > 0")
+        _need(self, ("batch_size", "eval_batch_size"), lambda v: v >= 1, ">= 1")
+        _need(self, ("lr", "sparse_lr"), lambda v: v > 0, "> 0")
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -191,8 +198,7 @@ class TrainConfig:
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
         _one_of("device", self.device, DEVICES)
-        if self.max_batches_per_epoch < 0:
-            raise ValueError("max_batches_per_epoch must be >= 0")
+        _need(self, ("max_batches_per_epoch",), lambda v: v >= 0, ">= 0")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
 
@@ -229,18 +235,10 @@ class LightGBMConfig:
     seed: int | None = None  # null: the pipeline's top-level seed (the experiment runner sets it per seed)
 
     def __post_init__(self) -> None:
-        if self.num_leaves < 2:
-            raise ValueError("num_leaves must be >= 2")
-        if not 0 < self.learning_rate <= 1:
-            raise ValueError("learning_rate must be in (0, 1]")
-        if self.n_estimators < 1 or self.early_stopping_rounds < 1:
-            raise ValueError("n_estimators and early_stopping_rounds must be >= 1")
-        if self.min_child_samples < 1:
-            raise ValueError("min_child_samples must be >= 1")
-        if not (0 < self.feature_fraction <= 1 and 0 < self.bagging_fraction <= 1):
-            raise ValueError("feature_fraction and bagging_fraction must be in (0, 1]")
-        if self.bagging_freq < 0 or self.lambda_l2 < 0 or self.num_threads < 0:
-            raise ValueError("bagging_freq, lambda_l2 and num_threads must be >= 0")
+        _need(self, ("num_leaves",), lambda v: v >= 2, ">= 2")
+        _need(self, ("learning_rate", "feature_fraction", "bagging_fraction"), lambda v: 0 < v <= 1, "in (0, 1]")
+        _need(self, ("n_estimators", "early_stopping_rounds", "min_child_samples"), lambda v: v >= 1, ">= 1")
+        _need(self, ("bagging_freq", "lambda_l2", "num_threads"), lambda v: v >= 0, ">= 0")
 
     def base_features(self) -> list[str]:
         """The interactions columns this config uses."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,20 @@ def test_match_missing_items_takes_yaml_null_as_documented(tmp_path):
     (tmp_path / "c.yaml").write_text("match:\n  missing_items: null\n")
     assert load_pipeline_config(tmp_path / "c.yaml").match.missing_items == "null"
     assert PipelineConfig.from_mapping({"match": {"missing_items": "null"}}).match.missing_items == "null"
+
+
+@pytest.mark.parametrize(("section", "key", "value", "needle"), [
+    ("train", "sparse_lr", -0.1, "sparse_lr must be > 0, got -0.1"),
+    ("train", "eval_batch_size", 0, "eval_batch_size must be >= 1, got 0"),
+    ("lightgbm", "early_stopping_rounds", 0, "early_stopping_rounds must be >= 1, got 0"),
+    ("lightgbm", "lambda_l2", -1.0, "lambda_l2 must be >= 0, got -1.0"),
+    ("lightgbm", "bagging_fraction", 1.5, "bagging_fraction must be in (0, 1], got 1.5"),
+])
+def test_a_range_error_names_its_key_and_value(tmp_path, section, key, value, needle):
+    # the messages once named every key of a group ("lr and sparse_lr must be > 0") and no value
+    from features.core.errors import ConfigError
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_pipeline_config(path)
