@@ -122,8 +122,9 @@ def check_manifest(path: str | Path) -> None:
         return  # a file of the user's own, outside a job's folder: nothing to check against
     if path.is_file() and file_fingerprint(path) != info.get("fingerprint"):
         job = manifest.get("job", "the job that wrote it")
-        command = {"features.build": "recsys features build", "features.match": "recsys features match",
-                   "distill.train": "recsys distill train", "distill.eval": "recsys distill eval"}.get(job)
+        # the jobs whose name is their command (spelt in parts: features never names a distill module)
+        commands = {("features", "build"), ("features", "match"), ("distill", "train"), ("distill", "eval")}
+        command = f"recsys {' '.join(tuple(job.split('.')))}" if tuple(job.split(".")) in commands else None
         rerun = f"`{command} ... --force`" if command else "that job"
         raise DataError(f"changed since `{job}` wrote it (its bytes differ from {path.parent / 'manifest.json'}): "
                         f"rerun {rerun} into this folder rather than editing its outputs", file=str(path))

@@ -248,12 +248,9 @@ def validate_interactions(
     return typed_rows.lazy(), bounds
 
 
-def _warn_merged_by_flooring(frame: pl.DataFrame, table: RawTable, per_s: int, unit: str,
-                             log: Callable[[str], None]) -> None:
-    """Warn, naming rows, when events of one user and item at different
-    times in `unit` fall in one second: floored to whole seconds they become
-    duplicates of each other (one kept, or refused when their labels
-    differ), which the input did not hold."""
+def _warn_merged_by_flooring(frame: pl.DataFrame, table: RawTable, per_s: int, unit: str, log: Callable[[str], None]) -> None:
+    """Warn, naming rows, when events of one user and item at different times
+    in `unit` fall in one second: in whole seconds they become duplicates."""
     second = pl.col(S.TIMESTAMP) // per_s
     merged = frame.filter(pl.col(S.TIMESTAMP).n_unique().over(S.USER_ID, S.ITEM_ID, second) > 1)
     if merged.height:
@@ -416,10 +413,8 @@ def validate_items(table: RawTable) -> pl.DataFrame:
             raise SchemaError(f"reserved column name: the build computes {', '.join(S.ITEMS_COMPUTED)} itself "
                               "(and names starting with '__' are internal): rename the column", file=table.file, column=name)
     _check_dtype(table, S.ITEM_ID, schema[S.ITEM_ID], "integer")
-    for col in (S.TEXT, S.TITLE, S.IMAGE_PATH):
-        dtype = schema.get(col)
-        if dtype is not None and not (dtype in (pl.String, pl.Null) or isinstance(dtype, (pl.Categorical, pl.Enum))
-                                      or dtype.is_numeric()):
+    for col, dtype in ((c, schema[c]) for c in (S.TEXT, S.TITLE, S.IMAGE_PATH) if c in schema):
+        if not (dtype in (pl.String, pl.Null) or isinstance(dtype, (pl.Categorical, pl.Enum)) or dtype.is_numeric()):
             what = "join the values into one string" if isinstance(dtype, (pl.List, pl.Array)) else "convert it to text"
             raise SchemaError(f"dtype {dtype} is not text: {what}"
                               + (", or pick another column with --text-column" if col == S.TEXT else ""),
