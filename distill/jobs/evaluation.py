@@ -210,7 +210,7 @@ def evaluate(
     t0 = time.perf_counter()
     out = Path(out_dir)
     tracker = tracker or NullTracker()
-    ctx = load_inputs(features_dir, cfg, seed, log)
+    ctx = load_inputs(features_dir, cfg, seed, log, out_dir)
     cfg, tcfg = ctx.distill, with_seed(teachers, seed)
     params = {"version": VERSION, "config_hash": config_hash(cfg), "teachers_hash": config_hash(tcfg),
               "ablations": ablations, "protocol": ctx.protocol}

@@ -19,6 +19,7 @@ from distill.config import DistillConfig
 from features import schemas as S
 from features.core.errors import ConfigError, DataError, UsageError
 from features.core.manifest import read_manifest
+from features.core.paths import check_output
 from features.reader import read_features_table
 
 REQUIRED = {
@@ -105,9 +106,14 @@ def _check_cache_dir(cache_dir: str) -> None:
     check_output(cache_dir or default_cache_dir(), {}, flag=where)
 
 
-def load_inputs(features_dir: str | Path, cfg: DistillConfig, seed: int, log: Callable[[str], None] = print) -> DistillInputs:
+def load_inputs(features_dir: str | Path, cfg: DistillConfig, seed: int, log: Callable[[str], None] = print,
+                out_dir: str | Path | None = None) -> DistillInputs:
     """The features folder's tables, checked, and the cold-start split of
-    them; the seed of `cfg` filled in from `seed` when None."""
+    them; the seed of `cfg` filled in from `seed` when None. `out_dir`, the
+    job's output, may not overlap the features folder (UsageError: writing
+    there would destroy the input), as the CLI checks for --out."""
+    if out_dir is not None:
+        check_output(out_dir, {"features_dir": features_dir})
     folder = Path(features_dir)
     if not folder.is_dir():
         raise UsageError(f"features folder {folder} does not exist: run `recsys features build --out {folder}` first")

@@ -153,7 +153,7 @@ def train_student(
     t0 = time.perf_counter()
     out = Path(out_dir)
     tracker = tracker or NullTracker()
-    ctx = load_inputs(features_dir, cfg, seed, log)
+    ctx = load_inputs(features_dir, cfg, seed, log, out_dir)
     tcfg = with_seed(teachers, seed)
     params = {"version": VERSION, "config_hash": config_hash(ctx.distill.training_key()),
               "teachers_hash": config_hash(tcfg), "protocol": ctx.protocol}

@@ -118,7 +118,7 @@ def fit_teachers(
     from `distill`, so the teachers match the student trained with it. Seeds
     left at None take `seed`.
     """
-    ctx = load_inputs(features_dir, distill, seed, log)
+    ctx = load_inputs(features_dir, distill, seed, log, out_dir)
     res, _ = ensure_teachers(ctx, Path(out_dir), with_seed(cfg, seed), tracker or NullTracker(), force, log)
     return res
 

@@ -106,6 +106,8 @@ def check_requests(frame: pl.DataFrame) -> None:
     first problem. Each of these gave a score before 2026-11-30, silently
     wrong or NaN:
       - a null id, time or count, or a negative count (log1p(-1) is NaN);
+      - a float id, time or count that is NaN, inf or not whole (1.5 was
+        read as item 1; a NaN count gave a NaN score);
       - pos_hist_len above hist_len;
       - `history` and `history_timestamps` of different lengths, an event not
         strictly before the request's time, or a hist_len the history cannot
@@ -127,6 +129,9 @@ def check_requests(frame: pl.DataFrame) -> None:
 
     for col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.HIST_LEN, S.POS_HIST_LEN, S.ITEM_POP):
         refuse(pl.col(col).is_null(), col, "null value")
+        if frame.schema[col].is_float():  # a float column (MLflow's schema refuses one; a direct caller may pass it)
+            refuse(~pl.col(col).is_finite() | (pl.col(col) != pl.col(col).floor()), col,
+                   "not a whole number (ids, times and counts are integers; NaN and inf are no values)")
     for col in (S.HIST_LEN, S.POS_HIST_LEN, S.ITEM_POP):
         refuse(pl.col(col) < 0, col, "negative count")
     refuse(pl.col(S.POS_HIST_LEN) > pl.col(S.HIST_LEN), S.POS_HIST_LEN, "more positive events before the request than events")

@@ -511,3 +511,19 @@ def test_the_ranker_refuses_distilled_vectors_edited_after_their_job(tmp_path, f
     pl.read_parquet(emb).with_columns(pl.col("embedding").list.eval(pl.element() * 2)).write_parquet(emb)
     with pytest.raises(DataError, match="changed since `distill.train` wrote it"):
         load_item_embeddings(emb, ids)
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_the_api_refuses_an_output_that_overlaps_the_features_folder(tmp_path, features, where):
+    # the CLI refused it; distill.train_student wrote its manifest over the features folder's
+    import shutil
+
+    from distill import DistillConfig, train_student
+    from features.core.errors import UsageError
+
+    folder = Path(shutil.copytree(features, tmp_path / "features"))
+    before = (folder / "manifest.json").read_bytes()
+    out = folder if where == "same" else folder / "distill"
+    with pytest.raises(UsageError, match="features_dir"):
+        train_student(folder, out, DistillConfig(epochs=1), log=lambda _m: None)
+    assert (folder / "manifest.json").read_bytes() == before and not (folder / "distill").exists()

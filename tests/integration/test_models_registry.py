@@ -95,6 +95,14 @@ def test_ranker_refuses_requests_it_would_score_wrongly(in_experiment):
         with pytest.raises(Exception) as e:
             model.predict(frame.to_pandas())
         assert needle in str(e.value), (needle, str(e.value))
+    # a direct caller may pass float columns (MLflow's schema refuses them): NaN, inf and 1.5 are no ids or counts
+    from features.core.errors import DataError
+    from recsys.serving.requests import check_requests
+
+    for col, value in (("item_pop", float("nan")), ("item_pop", float("inf")), ("item_id", 1.5)):
+        with pytest.raises(DataError, match=f"column '{col}'.*not a whole number"):
+            check_requests(a.with_columns(pl.lit(value, pl.Float64).alias(col)))
+    check_requests(a.with_columns(pl.col("item_pop").cast(pl.Float64)))  # whole floats are read
     # match features (a model that reads them): inf is no missing value, a count is never negative
     model = mlflow.pyfunc.load_model("models:/recsys-ranker@debug_ab-match_svd")
     req_m = requests_from_features(in_experiment.artifacts / "features", "test", in_experiment.artifacts / "match")
