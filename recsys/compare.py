@@ -66,6 +66,10 @@ class ArmPredictions:
     seed: int
     frame: pl.DataFrame  # user_id, item_id, timestamp, label, score, lt_score, returned_1d, active_days_7, lt_observed
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.frame, pl.DataFrame):  # a pandas frame, say
+            object.__setattr__(self, "frame", pl.DataFrame(self.frame))
+
 
 @dataclass(frozen=True)
 class CompareRow:
@@ -91,16 +95,40 @@ class CompareRow:
         return not self.reason
 
 
-def _check_scores(p: ArmPredictions, column: str) -> None:
-    """DataError naming the arm, seed, column and rows when scores are NaN."""
-    col = p.frame[column]
-    if col.dtype.is_float():
-        bad = np.flatnonzero(np.isnan(col.to_numpy().astype(np.float64)))
-        if bad.size:
-            raise DataError(
-                f"predictions of arm {p.arm!r} (seed {p.seed}): {bad.size} NaN score(s); the model diverged or the file is corrupt",
-                column=column, rows=bad.tolist(),
-            )
+def _check_arm(p: ArmPredictions, m: Any) -> None:
+    """DataError naming the arm, seed, column and rows when the scores of
+    metric `m` are NaN or infinite (or, for logloss, no probabilities), or
+    when its labels are null or not 0/1 where it needs binary ones."""
+    where = f"predictions of arm {p.arm!r} (seed {p.seed})"
+    score = p.frame[m.score].cast(pl.Float64).to_numpy()
+    checks = [(~np.isfinite(score), m.score, "NaN or infinite score(s); the model diverged or the file is corrupt")]
+    if m.kind == "logloss":
+        checks.append(((score < 0) | (score > 1), m.score, "score(s) outside [0, 1]: logloss needs probabilities"))
+    if m.kind in ("auc", "gauc", "logloss") and m.label in p.frame.columns:
+        keep = np.ones(p.frame.height, bool) if m.rows is None or m.rows not in p.frame.columns \
+            else p.frame[m.rows].fill_null(False).to_numpy().astype(bool)
+        label = p.frame[m.label].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        checks.append((keep & ~np.isin(label, (0.0, 1.0)), m.label, "label(s) null or not 0/1"))
+    for bad, column, message in checks:
+        rows = np.flatnonzero(bad)
+        if rows.size:
+            raise DataError(f"{where}: {rows.size} {message}", column=column, rows=rows[:5].tolist())
+
+
+def _check_same_truth(arms: Sequence[ArmPredictions], base: ArmPredictions, label: str) -> None:
+    """Every arm's predictions carry the control's labels for the impressions
+    both scored: compare reads the truth from the control, so an arm with
+    other labels (another features build) would be scored on the wrong truth."""
+    ref = base.frame.select(KEY + [label])
+    for p in arms:
+        if p is base or label not in p.frame.columns:
+            continue
+        both = ref.join(p.frame.select(KEY + [pl.col(label).alias("_other")]), on=KEY, how="inner")
+        bad = both.filter(pl.col(label).ne_missing(pl.col("_other"))).height
+        if bad:
+            raise DataError(f"predictions of arm {p.arm!r} (seed {p.seed}) and of the control {base.arm!r} (seed "
+                            f"{base.seed}) disagree on {label} of {bad} impressions: arms compared on one test set "
+                            "carry one truth (were they built from the same features?)", column=label)
 
 
 def _aligned(treat: list[ArmPredictions], ctrl: list[ArmPredictions], metric: str,
@@ -123,7 +151,9 @@ def _aligned(treat: list[ArmPredictions], ctrl: list[ArmPredictions], metric: st
             raise DataError(f"predictions of arm {name!r} lack column(s) {missing}", column=missing[0])
     for p in treat + ctrl:
         if p.seed in seeds:
-            _check_scores(p, m.score)
+            _check_arm(p, m)
+    if segment is None:
+        _check_same_truth([p for p in treat + ctrl if p.seed in seeds], next(p for p in ctrl if p.seed == seeds[0]), m.label)
     lt = m.rows is not None and m.rows in base.columns
     rows = base if segment is None else base.filter(segment)
     rows = rows.select(KEY + [m.label] + ([m.rows] if lt else []))
@@ -150,6 +180,8 @@ def compare_arms(
     by_segment: bool = True,
 ) -> list[CompareRow]:
     """Rows for every segment ("all" first), metric and arm (control first)."""
+    if isinstance(metrics, str) or any(m not in METRICS for m in metrics):
+        raise ValueError(f"metrics: a sequence of metric names among {', '.join(METRICS)}, got {metrics!r}")
     arms: dict[str, list[ArmPredictions]] = {}
     for p in predictions:
         arms.setdefault(p.arm, []).append(p)

@@ -7,6 +7,7 @@ and that nothing (or the old content) is left under the final name.
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import signal
@@ -337,11 +338,11 @@ def test_compare_of_an_unknown_experiment_exits_2(cli, in_store):
 
 
 def _frame(n_users: int = 40, per_user: int = 5, seed: int = 0, *, label=None, observed=True) -> pl.DataFrame:
-    rng = np.random.default_rng(seed)
     users = np.repeat(np.arange(n_users), per_user)
     n = len(users)
-    y = rng.integers(0, 2, n) if label is None else np.full(n, label)
-    score = 1 / (1 + np.exp(-(y + rng.normal(size=n))))
+    # one truth for every arm (compare refuses arms whose labels disagree); `seed` draws the scores
+    y = np.random.default_rng(12345).integers(0, 2, n) if label is None else np.full(n, label)
+    score = 1 / (1 + np.exp(-(y + np.random.default_rng(seed).normal(size=n))))
     return pl.DataFrame({
         "user_id": users, "item_id": np.arange(n), "timestamp": np.zeros(n, dtype=np.int64),
         "label": y, "score": score, "lt_score": score, "returned_1d": y, "active_days_7": y,
@@ -496,3 +497,32 @@ def test_a_half_migrated_store_is_named_as_such(tmp_path):
     con.close()
     with pytest.raises(UsageError, match="half-created MLflow store"):
         st.prepare_store(f"sqlite:///{db}")
+
+
+@pytest.mark.parametrize(("edit", "metric", "needle"), [
+    (pl.col("label") * 2, "logloss", "label(s) null or not 0/1"),  # logloss was -0.54, "significant"
+    (pl.when(pl.int_range(pl.len()) == 4).then(None).otherwise(pl.col("label")), "auc", "label(s) null or not 0/1"),
+    (1 - pl.col("label"), "auc", "disagree on label of 200 impressions"),  # was scored on the control's labels
+])
+def test_compare_arms_refuses_labels_it_would_score_wrongly(edit, metric, needle):
+    from features.core.errors import DataError
+
+    bad = _frame(seed=1).with_columns(edit.alias("label"))
+    frames = [ArmPredictions("control", 0, _frame()), ArmPredictions("b", 0, bad)]
+    with pytest.raises(DataError, match=re.escape(needle)):
+        compare_arms(frames, control="control", metrics=[metric], n_boot=100)
+
+
+def test_compare_arms_refuses_infinite_scores_and_unknown_metrics_and_reads_pandas():
+    from features.core.errors import DataError
+
+    inf = _frame(seed=1).with_columns(pl.when(pl.int_range(pl.len()) == 2).then(float("inf")).otherwise(pl.col("score")).alias("score"))
+    with pytest.raises(DataError, match="NaN or infinite score"):
+        compare_arms([ArmPredictions("control", 0, _frame()), ArmPredictions("b", 0, inf)], control="control",
+                     metrics=["auc"], n_boot=100)
+    frames = [ArmPredictions("control", 0, _frame().to_pandas()), ArmPredictions("b", 0, _frame(seed=1).to_pandas())]
+    for metrics in ("auc", ["aucc"]):
+        with pytest.raises(ValueError, match="metric names among"):
+            compare_arms(frames, control="control", metrics=metrics, n_boot=100)
+    rows = compare_arms(frames, control="control", metrics=["auc"], n_boot=100)  # pandas frames are read
+    assert {r.arm for r in rows} == {"control", "b"}
