@@ -92,6 +92,11 @@ def spark_session(cfg: SparkConfig, app: str) -> Iterator[Any]:
         .setAll(sorted((str(k), str(v)) for k, v in cfg.conf.items()))
     )
     outer = _sigint_handler()  # before PySpark installs its own for the context
+    # Ctrl-C while the JVM starts is held until the session exists, then
+    # stops it: raised inside the start it left a JVM running (PySpark starts
+    # it ignoring SIGINT) and printed py4j tracebacks
+    held: list[bool] = []
+    pyspark_handler = _hold_sigint(held)
     with _env(env):
         try:
             if SparkContext._gateway is None and cfg.log_level == "OFF":
@@ -103,17 +108,68 @@ def spark_session(cfg: SparkConfig, app: str) -> Iterator[Any]:
                 SparkContext._gateway = launch_gateway(conf, popen_kwargs={"stdout": null, "stderr": null})
                 SparkContext._jvm = SparkContext._gateway.jvm
             sc = SparkContext.getOrCreate(conf)
+            pyspark_handler = _hold_sigint(held)  # the context installed PySpark's handler: held again
             spark = SparkSession(sc)
-        except Exception as e:  # no Java, a bad master URL: before any work
-            raise UsageError(f"cannot start Spark (master {cfg.master!r}): {one_line(e)}") from None
+        except BaseException as e:  # no Java, a bad master URL: before any work
+            _kill_jvm()
+            _restore_sigint(outer)
+            if isinstance(e, Exception):
+                raise UsageError(f"cannot start Spark (master {cfg.master!r}): {one_line(e)}") from None
+            raise
+        _restore_sigint(pyspark_handler)
         interrupted: list[bool] = []
         restore = _note_interrupts(interrupted, outer)
         try:
+            if held:
+                interrupted.append(True)
+                raise KeyboardInterrupt
             sc.setLogLevel(cfg.log_level)
             with worker_errors(interrupted):
                 yield spark
         finally:
             _stop(spark, restore)
+
+
+def _hold_sigint(held: list[bool]) -> Any:
+    """Record Ctrl-C in `held` instead of raising; returns the handler it
+    replaces (None off the main thread, where nothing changes)."""
+    import signal
+
+    if not _on_main_thread():
+        return None
+    return signal.signal(signal.SIGINT, lambda *_: held.append(True))
+
+
+def _restore_sigint(handler: Any) -> None:
+    import signal
+
+    if _on_main_thread() and handler is not None:
+        signal.signal(signal.SIGINT, handler)
+
+
+def _kill_jvm() -> None:
+    """After a failed or interrupted start: stop what exists of the context
+    and kill the JVM PySpark launched (it ignores SIGINT and could outlive
+    us), so the next session starts afresh."""
+    from pyspark import SparkContext
+
+    try:
+        if SparkContext._active_spark_context is not None:
+            SparkContext._active_spark_context.stop()
+    except Exception:  # noqa: BLE001 - half-started: the kill below is what counts
+        pass
+    gateway = SparkContext._gateway
+    proc = getattr(gateway, "proc", None)
+    try:
+        if gateway is not None:
+            gateway.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+    SparkContext._gateway = None
+    SparkContext._jvm = None
 
 
 def _on_main_thread() -> bool:

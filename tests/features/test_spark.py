@@ -289,3 +289,46 @@ def test_a_task_failure_after_ctrl_c_is_the_interruption():
     with pytest.raises(KeyboardInterrupt):
         with worker_errors([True]):
             raise Py4JError("An error occurred while calling o81.getResult")
+
+
+def test_ctrl_c_while_spark_starts_stops_the_session_and_leaves_no_jvm(monkeypatch):
+    """Found by a probe (2026-11-30): Ctrl-C 3 s into a job, while PySpark
+    launched the JVM, left that JVM running (PySpark starts it ignoring
+    SIGINT), and 6-12 s in it printed py4j tracebacks. A Ctrl-C during the
+    start is held until the session exists, then stops it; an interruption
+    raised inside the start kills the JVM."""
+    from pyspark import SparkContext
+
+    from features.spark.session import spark_session
+
+    before = signal.getsignal(signal.SIGINT)
+    real = SparkContext.getOrCreate
+
+    def ctrl_c_while_starting(conf):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered while the context starts
+        time.sleep(0.05)
+        return real(conf)
+
+    monkeypatch.setattr(SparkContext, "getOrCreate", staticmethod(ctrl_c_while_starting))
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        with spark_session(SparkConfig(master="local[1]"), "t"):
+            ran.append(True)
+    assert not ran and SparkContext._active_spark_context is None
+    assert signal.getsignal(signal.SIGINT) is before
+
+    def interrupted_start(conf):
+        real(conf)
+        raise KeyboardInterrupt  # e.g. raised by a handler PySpark installed
+
+    monkeypatch.setattr(SparkContext, "getOrCreate", staticmethod(interrupted_start))
+    proc = SparkContext._gateway.proc if SparkContext._gateway is not None else None
+    with pytest.raises(KeyboardInterrupt):
+        with spark_session(SparkConfig(master="local[1]"), "t"):
+            ran.append(True)
+    assert not ran and SparkContext._gateway is None and SparkContext._active_spark_context is None
+    assert proc is None or proc.poll() is not None  # the JVM is gone
+    assert signal.getsignal(signal.SIGINT) is before
+    monkeypatch.setattr(SparkContext, "getOrCreate", real)
+    with spark_session(SparkConfig(master="local[1]"), "t") as spark:  # a fresh JVM starts afterwards
+        assert spark.range(3).count() == 3
