@@ -3,10 +3,13 @@ Light: imports neither pyspark nor polars."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 Engine = Literal["polars", "spark"]
+# the master URL forms Spark parses (SparkContext.createTaskScheduler)
+_MASTER = re.compile(r"local(\[(\d+|\*)(,\s*\d+)?\])?|local-cluster\[.+\]|(spark|k8s|mesos)://.+|yarn")
 
 
 @dataclass(frozen=True)
@@ -22,10 +25,16 @@ class SparkConfig:
     conf: dict[str, str] = field(default_factory=dict, hash=False)  # more Spark settings, e.g. a Hadoop filesystem's: {spark.hadoop.fs.s3a.endpoint: ...} (hdfs://, s3a://... paths need engine spark)
 
     def __post_init__(self) -> None:
-        if not self.master.strip():
-            raise ValueError("spark.master must be a Spark master URL, e.g. local[2] or spark://host:7077")
+        if not _MASTER.fullmatch(self.master.strip()):
+            # Spark would say only that its gateway exited
+            raise ValueError(f"spark.master must be a Spark master URL: local, local[N], local[*], spark://host:7077, "
+                             f"yarn, k8s://..., got {self.master!r}")
         bad = [k for k in self.conf if not str(k).startswith("spark.")]
         if bad:
             raise ValueError(f"spark.conf keys are Spark settings and start with 'spark.', got {bad[:3]}")
         if self.partitions < 0:
-            raise ValueError("spark.partitions must be >= 0 (0: automatic)")
+            raise ValueError(f"spark.partitions must be >= 0 (0: automatic), got {self.partitions}")
+        if not re.fullmatch(r"\d+[kmgt]?b?", self.driver_memory.strip().lower()) or not int(
+                re.match(r"\d+", self.driver_memory.strip())[0]):
+            # the JVM would not start, and Spark says only that its gateway exited
+            raise ValueError(f"spark.driver_memory must be a JVM memory size such as 4g or 512m, got {self.driver_memory!r}")

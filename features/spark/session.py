@@ -110,11 +110,13 @@ def spark_session(cfg: SparkConfig, app: str) -> Iterator[Any]:
             sc = SparkContext.getOrCreate(conf)
             pyspark_handler = _hold_sigint(held)  # the context installed PySpark's handler: held again
             spark = SparkSession(sc)
-        except BaseException as e:  # no Java, a bad master URL: before any work
+            spark.range(0)  # instantiates the SQL session state: a bad spark.sql.* setting fails here, not in the job
+        except BaseException as e:  # no Java, a bad master URL or setting: before any work
+            cause = one_line(e) if isinstance(e, Exception) else ""  # read first: py4j asks the JVM for it
             _kill_jvm()
             _restore_sigint(outer)
             if isinstance(e, Exception):
-                raise UsageError(f"cannot start Spark (master {cfg.master!r}): {one_line(e)}") from None
+                raise UsageError(f"cannot start Spark (master {cfg.master!r}): {cause}") from None
             raise
         _restore_sigint(pyspark_handler)
         interrupted: list[bool] = []
@@ -245,17 +247,23 @@ def default_buckets(spark: Any, cfg: SparkConfig, rows: int) -> int:
     return max(2 * spark.sparkContext.defaultParallelism, math.ceil(rows / 2_000_000), 1)
 
 
-_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+# "SomeError: message", also as py4j writes a Java cause: ": org.apache.x.SomeException: message"
+_ERROR_LINE = re.compile(r"^\s*(?::\s*)?(?:[\w$.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+_WRAPPERS = ("Py4JJavaError", "PythonException", "SparkException")
 
 
 def one_line(e: BaseException) -> str:
     """The meaningful line of a (JVM or Python worker) error: the last
-    `SomethingError: message` line, else the first line."""
+    `SomethingError: message` line that is not a wrapper (the Python error
+    raised in a worker, the Java cause), else the last wrapper's ("Asked to
+    run locally with 0 threads"), else the first line."""
     text = str(e)
     hits = [m for m in map(_ERROR_LINE.match, text.splitlines()) if m]
-    for m in reversed(hits):  # the Python error raised in the worker, if any
-        if m.group(1) not in ("Py4JJavaError", "PythonException", "SparkException"):
-            return f"{m.group(1)}: {m.group(2).strip()}"
+    for m in reversed(hits):
+        if m.group(1) not in _WRAPPERS:
+            return f"{m.group(1)}: {m.group(2).strip()}"[:500]
+    if hits:
+        return f"{hits[-1].group(1)}: {hits[-1].group(2).strip()}"[:500]
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return first[:500]
 

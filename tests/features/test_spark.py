@@ -332,3 +332,28 @@ def test_ctrl_c_while_spark_starts_stops_the_session_and_leaves_no_jvm(monkeypat
     monkeypatch.setattr(SparkContext, "getOrCreate", real)
     with spark_session(SparkConfig(master="local[1]"), "t") as spark:  # a fresh JVM starts afterwards
         assert spark.range(3).count() == 3
+
+
+def test_start_up_errors_name_their_cause_and_key(tmp_path, capsys):
+    """Found by a probe (2026-11-30): the cause of a failed start was cut
+    ("An error occurred while calling None.org...JavaSparkContext."), a bad
+    driver_memory said only that the gateway exited, and a bad spark.sql.*
+    setting failed the job later as a task failure (exit 1)."""
+    from features.spark.session import one_line
+
+    java = Exception("An error occurred while calling o45.getFileSystem.\n: org.apache.hadoop.fs."
+                     "UnsupportedFileSystemException: No FileSystem for scheme \"nosuch\"\n\tat org.x")
+    assert one_line(java) == 'UnsupportedFileSystemException: No FileSystem for scheme "nosuch"'
+    base = ["features", "build", "--source", "synthetic", "--users", "20", "--max-events", "30", "--engine", "spark"]
+    rc = main([*base, "--spark-master", "local[0]", "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Asked to run locally with 0 threads" in err and not (tmp_path / "a").exists()
+    rc = main([*base, "--spark-master", "bogus", "--out", str(tmp_path / "a")])  # no JVM started for it
+    assert rc == 2 and "spark.master must be a Spark master URL" in capsys.readouterr().err
+    for section, needle in (({"driver_memory": "lots"}, "spark.driver_memory must be a JVM memory size"),
+                            ({"conf": {"spark.sql.shuffle.partitions": "abc"}}, "cannot start Spark")):
+        (tmp_path / "cfg.yaml").write_text(json.dumps({"features": {"spark": section}}))
+        rc = main([*base, "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "b")])
+        err = capsys.readouterr().err
+        assert rc == 2 and needle in err, err
+        assert not (tmp_path / "b").exists()
