@@ -42,7 +42,8 @@ def _ui(args: argparse.Namespace) -> int:
 
     if not args.ready_timeout > 0:
         raise UsageError(f"--ready-timeout {args.ready_timeout}: must be a positive number of seconds")
-    return serve(_tracking_config(args), host=args.host, port=args.port, ready_timeout=args.ready_timeout)
+    return serve(_tracking_config(args), host=args.host, port=args.port, ready_timeout=args.ready_timeout,
+                 uri_source="--store" if args.store else None)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

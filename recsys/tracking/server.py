@@ -201,7 +201,8 @@ class _Stop(Exception):
     pass
 
 
-def server_for(cfg: TrackingConfig, host: str = "127.0.0.1", port: int = 5000, *, warn: Log = _stderr) -> MlflowServer:
+def server_for(cfg: TrackingConfig, host: str = "127.0.0.1", port: int = 5000, *, warn: Log = _stderr,
+               uri_source: str | None = None) -> MlflowServer:
     """An (unstarted) UI server over the configured embedded store; checks
     the port and host first, and creates the store (under its lock) so the
     server never races a pipeline on a fresh one."""
@@ -213,6 +214,7 @@ def server_for(cfg: TrackingConfig, host: str = "127.0.0.1", port: int = 5000, *
             "artifact. Use --host 127.0.0.1 (and an SSH tunnel) unless this network is trusted."
         )
     uri, source = _resolve(cfg)
+    source = uri_source or source  # `recsys ui --store` names its flag, not the config
     if not uri.startswith("sqlite:") and urllib.parse.urlparse(uri).scheme not in SQL_SCHEMES:
         raise UsageError(
             f"`recsys ui` serves a database store; {uri!r} (from {source}) is not one "
@@ -226,9 +228,10 @@ def server_for(cfg: TrackingConfig, host: str = "127.0.0.1", port: int = 5000, *
 
 
 def serve(cfg: TrackingConfig, host: str = "127.0.0.1", port: int = 5000, *, out: Log = _stdout,
-          ready_timeout: float = 60.0) -> int:
-    """Run the MLflow UI over the configured store until Ctrl-C or SIGTERM."""
-    server = server_for(cfg, host, port)
+          ready_timeout: float = 60.0, uri_source: str | None = None) -> int:
+    """Run the MLflow UI over the configured store until Ctrl-C or SIGTERM
+    (`uri_source`: where cfg.uri came from, for messages; default: the config)."""
+    server = server_for(cfg, host, port, uri_source=uri_source)
 
     def on_term(signum: int, frame: Any) -> None:
         raise _Stop()

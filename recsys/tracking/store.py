@@ -110,6 +110,8 @@ def local_path(uri: str | None) -> Path | None:
 
 
 def _what_to_do(uri: str, source: str) -> str:
+    if source == "--store":  # `recsys ui`: there is nothing to run without tracking
+        return "fix --store"
     fix = {
         "env MLFLOW_TRACKING_URI": "fix or unset MLFLOW_TRACKING_URI",
         "tracking.uri in the config": "fix tracking.uri in the config",

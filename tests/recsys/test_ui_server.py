@@ -48,7 +48,17 @@ def test_ui_refuses_a_server_uri(capsys):
     from features.core.errors import UsageError
 
     args = _parser().parse_args(["ui", "--store", "http://127.0.0.1:1"])
-    with pytest.raises(UsageError, match="http://127.0.0.1:1"):
+    with pytest.raises(UsageError, match="http://127.0.0.1:1") as e:
+        args.handler(args)
+    assert "(from --store)" in str(e.value)  # not "from tracking.uri in the config": there was no config
+
+
+def test_ui_names_its_flag_for_a_bad_store_file(tmp_path):
+    from features.core.errors import UsageError
+
+    (tmp_path / "notdb.db").write_text("hello")
+    args = _parser().parse_args(["ui", "--port", str(_free_port()), "--store", f"sqlite:///{tmp_path / 'notdb.db'}"])
+    with pytest.raises(UsageError, match="fix --store$"):
         args.handler(args)
 
 
