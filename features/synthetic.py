@@ -66,32 +66,39 @@ class SyntheticConfig:
     seed: int = 0  # generator seed (same seed, same data)
 
     def __post_init__(self) -> None:
-        if self.users < 1 or self.items < 2:
-            raise ValueError("synthetic: need users >= 1 and items >= 2")
+        if self.users < 1:
+            raise ValueError(f"users must be >= 1, got {self.users}")
+        if self.items < 2:
+            raise ValueError(f"items must be >= 2, got {self.items}")
         if self.max_events < 1:
-            raise ValueError("synthetic: max_events must be >= 1")
+            raise ValueError(f"max_events must be >= 1, got {self.max_events}")
         if self.min_events < 0 or self.min_events > self.max_events:
-            raise ValueError("synthetic: need 0 <= min_events <= max_events")
+            raise ValueError(f"need 0 <= min_events <= max_events, got min_events {self.min_events}, "
+                             f"max_events {self.max_events}")
         if self.rank < 1 or self.rank > len(_WORDS) // 2:
-            raise ValueError(f"synthetic: rank must be in 1..{len(_WORDS) // 2}")
+            raise ValueError(f"rank must be in 1..{len(_WORDS) // 2}, got {self.rank}")
         if self.days < 2:
-            raise ValueError("synthetic: days must be >= 2")
-        if self.popularity_exponent < 0 or self.preference_strength < 0:
-            raise ValueError("synthetic: popularity_exponent and preference_strength must be >= 0")
+            raise ValueError(f"days must be >= 2, got {self.days}")
+        for name in ("popularity_exponent", "preference_strength"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.kind == "interests":
             self._check_interests()
 
     def _check_interests(self) -> None:
         if not 1 <= self.interests < self.topics <= self.items:
-            raise ValueError("synthetic: interests: need 1 <= interests < topics <= items")
+            raise ValueError(f"kind interests: need 1 <= interests < topics <= items, got interests {self.interests}, "
+                             f"topics {self.topics}, items {self.items}")
         if not 0.0 <= self.interest_share <= self.session_focus <= 1.0 or self.session_focus == 0:
-            raise ValueError("synthetic: interests: need 0 <= interest_share <= session_focus <= 1, session_focus > 0")
+            raise ValueError("kind interests: need 0 <= interest_share <= session_focus <= 1, session_focus > 0, got "
+                             f"interest_share {self.interest_share}, session_focus {self.session_focus}")
         if not 0.0 <= self.label_noise < 0.5:
-            raise ValueError("synthetic: interests: need 0 <= label_noise < 0.5")
+            raise ValueError(f"kind interests: need 0 <= label_noise < 0.5, got {self.label_noise}")
         if self.session_size < 1:
-            raise ValueError("synthetic: interests: session_size must be >= 1")
+            raise ValueError(f"kind interests: session_size must be >= 1, got {self.session_size}")
         if -(-self.max_events // self.session_size) > self.days * 1440:
-            raise ValueError("synthetic: interests: more sessions than minutes in `days`; raise days or session_size")
+            raise ValueError(f"kind interests: more sessions than minutes in `days` ({self.days}); raise days or "
+                             f"session_size ({self.session_size})")
 
 
 def generate_synthetic(cfg: SyntheticConfig) -> tuple[RawSource, pl.DataFrame]:

@@ -60,14 +60,15 @@ class FeaturesConfig:
         if not math.isfinite(self.label_threshold):
             raise ValueError(f"label_threshold must be a finite number, got {self.label_threshold}")
         if not (0 <= self.valid_frac < 1 and 0 <= self.test_frac < 1 and self.valid_frac + self.test_frac < 1):
-            raise ValueError("valid_frac and test_frac must be in [0, 1) and sum to less than 1")
+            raise ValueError("valid_frac and test_frac must be in [0, 1) and sum to less than 1, got "
+                             f"valid_frac {self.valid_frac}, test_frac {self.test_frac}")
         if self.split == "global_time" and self.test_frac == 0:
             # with no test share the later rows would still be called "test"
             raise ValueError("test_frac must be > 0 for split global_time (there is no split without a test part)")
         if self.history_cap < 1:
-            raise ValueError("history_cap must be >= 1")
+            raise ValueError(f"history_cap must be >= 1, got {self.history_cap}")
         if self.day_offset_s is not None and not -86_400 < self.day_offset_s < 86_400:
-            raise ValueError("day_offset_s must be within one day (-86400, 86400)")
+            raise ValueError(f"day_offset_s must be within one day (-86400, 86400), got {self.day_offset_s}")
         if self.source == "files" and not self.interactions:
             raise ValueError("source 'files' needs `interactions` (--interactions PATH)")
         if self.multi_value_sep is not None and (not isinstance(self.multi_value_sep, str) or not self.multi_value_sep.strip()):

@@ -13,7 +13,7 @@ import polars as pl
 from features import schemas as S
 from features import transforms as T
 from features.core.errors import UsageError
-from features.core.manifest import read_manifest
+from features.core.manifest import MANIFEST, read_manifest
 from features.jobs.config import JOB
 
 
@@ -84,7 +84,14 @@ def describe(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     m = read_manifest(folder)
     if m is None or m.get("job") != JOB:
-        raise UsageError(f"{folder} is not a features folder (no features manifest): run `recsys features build` first")
+        if not folder.is_dir():
+            why = "does not exist" if not folder.exists() else "is not a folder"
+        elif (folder / MANIFEST).is_file():
+            why = ("holds a manifest.json that is not valid JSON" if m is None else
+                   f"holds the output of {m.get('job')!r}, not of `recsys features build`")
+        else:
+            why = "is not a features folder (no manifest.json)"
+        raise UsageError(f"{folder} {why}: run `recsys features build --out {folder}` first")
     from features.reader import read_features_table
 
     # each file checked against the manifest: an edited file would be described as if the build had written it

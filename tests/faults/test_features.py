@@ -287,10 +287,12 @@ def test_non_finite_label_threshold_is_a_usage_error(cli, tiny_dataset, tmp_path
     ("yaml", "needle"),
     [
         ("features:\n  test_frac: 0\n", "test_frac must be > 0"),
-        ("features:\n  day_offset_s: 90000\n", "day_offset_s must be within one day"),
+        ("features:\n  day_offset_s: 90000\n", "day_offset_s must be within one day (-86400, 86400), got 90000"),
         ("features:\n  timestamp_unit: minutes\n", "timestamp_unit: expected one of"),
+        ("features:\n  valid_frac: 0.6\n  test_frac: 0.5\n", "got valid_frac 0.6, test_frac 0.5"),
+        ("features:\n  synthetic:\n    users: 0\n", "users must be >= 1, got 0"),
     ],
-    ids=["test-frac-0", "day-offset-range", "unknown-unit"],
+    ids=["test-frac-0", "day-offset-range", "unknown-unit", "fracs-sum", "synthetic-users"],
 )
 def test_impossible_feature_config_is_a_usage_error(cli, tiny_dataset, tmp_path, yaml, needle):
     cfg = tmp_path / "c.yaml"

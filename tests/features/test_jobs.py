@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import polars as pl
 import pytest
@@ -216,3 +217,21 @@ def test_source_specific_keys_are_refused_for_other_sources():
         FeaturesConfig(source="movielens100k", synthetic=SyntheticConfig(users=100))
     with pytest.raises(ValueError, match="text_column applies to the files source only"):
         FeaturesConfig(source="movielens100k", text_column="title")
+
+
+def test_describe_says_why_a_folder_is_not_a_features_folder(tmp_path):
+    from features.core.errors import UsageError
+
+    cases = {"does not exist": tmp_path / "absent", "no manifest.json": tmp_path / "empty"}
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{")
+    cases["manifest.json that is not valid JSON"] = broken
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"job": "features.match"}')
+    cases["holds the output of 'features.match'"] = other
+    for needle, folder in cases.items():
+        with pytest.raises(UsageError, match=re.escape(needle)):
+            describe(folder)
