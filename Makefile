@@ -19,8 +19,16 @@ unexport PYTHONDONTWRITEBYTECODE
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+# the faiss flavour is part of the install: `make install FAISS=gpu` on an
+# installed venv swaps it (a marker per flavour makes the stamp stale)
+FAISS_MARK := $(VENV)/.faiss-$(FAISS)
+
+$(FAISS_MARK):
+	@mkdir -p $(VENV) && rm -f $(VENV)/.faiss-* && touch $@
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml $(FAISS_MARK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if [ "$(FAISS)" != "gpu" ]; then $(PY) -m pip uninstall -y -q faiss-gpu 2>/dev/null || true; fi
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
