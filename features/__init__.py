@@ -44,6 +44,7 @@ def build_features(config: Any, out: str | Path, *, force: bool = False, log: Ca
 
     Example (a tiny synthetic catalog, a second or two):
         >>> import tempfile
+        >>> from pathlib import Path
         >>> from features import FeaturesConfig, SyntheticConfig, build_features
         >>> out = tempfile.mkdtemp() + "/features"
         >>> cfg = FeaturesConfig(source="synthetic", synthetic=SyntheticConfig(users=30, items=40, max_events=20))

@@ -140,10 +140,20 @@ def rank_upstream(job: RankJob) -> dict[str, str]:
     return up
 
 
+def _world_size() -> int:
+    """torchrun's WORLD_SIZE (1 without it; a bad value is refused before training by check_launch_env)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return 1
+
+
 def rank_key(job: RankJob) -> dict[str, Any]:
     train = {k: v for k, v in to_dict(job.train).items() if k not in RANK_FREE}
+    # the world size is part of it: a torchrun run shards batches (other numbers) and
+    # writes per-rank checkpoints only, which a single-process run must not reuse
     params = {"version": RANK_VERSION, "data": to_dict(job.data), "model": to_dict(job.model), "train": train,
-              "seed": job.seed}
+              "seed": job.seed, "world_size": _world_size()}
     return stage_key(RANK_JOB, params, rank_upstream(job))
 
 

@@ -23,7 +23,9 @@ ranker, train, seed. Writes DIR/metrics.json (test auc, gauc,
 logloss, lt_auc, lt_spearman, valid metrics, per-activity AUC) and
 DIR/predictions.parquet (one row per test impression) and DIR/manifest.json.
 A rerun with the same config, inputs and code is skipped; an interrupted run
-resumes from DIR/checkpoints/last.pt (--no-resume starts over).
+resumes from DIR/checkpoints/last.pt (--no-resume starts over). Under torchrun
+the checkpoints are per rank, so no recsys-ranker is registered in MLflow
+(a single-process run registers it; the world size is part of the reuse key).
 A metric that cannot be computed (e.g. no observed LT rows) is null in
 metrics.json with its reason under "reasons", and printed as n/a.
 

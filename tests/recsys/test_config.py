@@ -184,3 +184,17 @@ def test_a_range_error_names_its_key_and_value(tmp_path, section, key, value, ne
     path.write_text(f"{section}:\n  {key}: {value}\n")
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_pipeline_config(path)
+
+
+def test_the_rank_key_holds_the_world_size(monkeypatch):
+    # a torchrun run writes per-rank checkpoints and other numbers: a single-process run
+    # into the same --out reused it (reporting world_size 2, registering no model)
+    from recsys.stages import rank_key
+
+    job = plan_rank(PipelineConfig())
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    single = rank_key(job)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert rank_key(job)["params_hash"] != single["params_hash"]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert rank_key(job) == single
