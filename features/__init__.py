@@ -37,8 +37,25 @@ def _quiet(_msg: str) -> None:
     pass
 
 
+def _as_config(config: Any, cls: type, what: str) -> Any:
+    """`config` as a `cls`: one already, None (the defaults) or a mapping of
+    its keys (checked as a config file's section is); else a TypeError."""
+    from collections.abc import Mapping
+
+    from features.core.config import from_dict
+
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, Mapping):
+        return from_dict(cls, dict(config), where=what)
+    raise TypeError(f"{what}: a {cls.__name__} or a mapping of its keys, got {type(config).__name__}")
+
+
 def build_features(config: Any, out: str | Path, *, force: bool = False, log: Callable[[str], None] = print) -> Any:
-    """Build the features folder `out` from `config` (a `FeaturesConfig`):
+    """Build the features folder `out` from `config` (a `FeaturesConfig`, or a
+    mapping of its keys such as {"source": "synthetic"}):
     interactions, sequences, items, users and manifest.json. Skipped when
     `out` is up to date (same config and inputs); `force` rebuilds.
 
@@ -54,9 +71,10 @@ def build_features(config: Any, out: str | Path, *, force: bool = False, log: Ca
         >>> build_features(cfg, out, log=lambda m: None).skipped
         True
     """
+    from features.jobs import FeaturesConfig as _Config
     from features.jobs import build_features as _build
 
-    return _build(config, out, force=force, log=log)
+    return _build(_as_config(config, _Config, "config"), out, force=force, log=log)
 
 
 def match_features(features: str | Path, embeddings: str | Path, out: str | Path, config: Any = None, *,
@@ -82,8 +100,10 @@ def match_features(features: str | Path, embeddings: str | Path, out: str | Path
         (True, True)
     """
     from features.jobs import build_match_features
+    from features.match import MatchConfig as _Config
 
-    return build_match_features(features, embeddings, out, config, force=force, log=log, progress=False)
+    return build_match_features(features, embeddings, out, _as_config(config, _Config, "config"), force=force, log=log,
+                                progress=False)
 
 
 __all__ = ["FeaturesConfig", "SyntheticConfig", "MatchConfig", "build_features", "match_features"]

@@ -123,8 +123,19 @@ def encode_items(distill_out: str | Path, features: str | Path, items: Any) -> A
     """
     import tempfile
 
+    import polars as pl
+
+    from features.core.errors import UsageError
     from recsys.serving import StudentEncoder, export_student
 
+    if not (isinstance(items, pl.DataFrame) or type(items).__name__ == "DataFrame"):  # polars or pandas
+        raise TypeError(f"items: a polars or pandas DataFrame of the content columns, got {type(items).__name__}")
+    for name, folder in (("distill_out", distill_out), ("features", features)):
+        if not Path(folder).is_dir():
+            raise UsageError(f"{name} {folder} is not a folder (a `recsys distill train` output and the features "
+                             "folder it trained on)")
+    if not (Path(distill_out) / "student" / "student.pt").is_file():
+        raise UsageError(f"distill_out {distill_out} holds no student/student.pt: is it a `recsys distill train` output?")
     with tempfile.TemporaryDirectory(prefix="recsys-student-") as tmp:
         return StudentEncoder.load(export_student(distill_out, features, Path(tmp) / "bundle")).embed(items)
 

@@ -235,3 +235,18 @@ def test_describe_says_why_a_folder_is_not_a_features_folder(tmp_path):
     for needle, folder in cases.items():
         with pytest.raises(UsageError, match=re.escape(needle)):
             describe(folder)
+
+
+def test_the_api_takes_a_config_mapping_and_names_a_bad_one(tmp_path):
+    # build_features({"source": ...}) once failed with "'dict' object has no attribute ..."
+    from features import build_features as api_build
+    from features.core.errors import ConfigError
+
+    res = api_build({"source": "synthetic", "synthetic": {"users": 20, "items": 30, "max_events": 20}}, tmp_path / "f",
+                    log=lambda _m: None)
+    assert not res.skipped and (tmp_path / "f" / "interactions.parquet").is_file()
+    with pytest.raises(ConfigError, match="did you mean 'source'"):
+        api_build({"sourc": "synthetic"}, tmp_path / "g")
+    with pytest.raises(TypeError, match="a FeaturesConfig or a mapping of its keys, got int"):
+        api_build(5, tmp_path / "g")
+    assert not (tmp_path / "g").exists()

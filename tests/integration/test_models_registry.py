@@ -164,6 +164,15 @@ def test_encode_items_matches_the_published_embeddings(in_experiment):
     want = pl.read_parquet(a / "distill" / "item_embeddings.parquet").sort("item_id")
     np.testing.assert_allclose(encode_items(a / "distill", a / "features", items),
                                np.asarray(want["embedding"].to_list()), atol=1e-5)
+    from features.core.errors import UsageError
+
+    for bad in (None, {"text": ["a"]}, items.lazy()):  # once polars' "expected pandas DataFrame"
+        with pytest.raises(TypeError, match="items: a polars or pandas DataFrame"):
+            encode_items(a / "distill", a / "features", bad)
+    with pytest.raises(UsageError, match="distill_out .* is not a folder"):  # once torch's FileNotFoundError
+        encode_items(a / "nope", a / "features", items)
+    with pytest.raises(UsageError, match="holds no student/student.pt"):
+        encode_items(a / "features", a / "features", items)
 
 
 def test_rerun_reuses_the_registered_versions(in_experiment):
