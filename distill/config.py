@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from features.core.config import need
+
 LOSSES = ("s2i", "id2i", "i2i")  # the student's losses, each with a use_* switch
 TEACHER_NAMES = ("id2item", "seq2item")
 
@@ -29,10 +31,9 @@ class ID2ItemConfig:
     init_std: float = 0.05  # std of the normal initial table rows
 
     def __post_init__(self) -> None:
-        if self.dim < 1 or self.epochs < 1 or self.batch_size < 1 or self.num_negatives < 1:
-            raise ValueError("id2item: dim, epochs, batch_size, num_negatives must be >= 1")
-        if self.lr <= 0 or self.l2 < 0 or self.init_std <= 0 or self.patience < 0:
-            raise ValueError("id2item: need lr > 0, l2 >= 0, init_std > 0, patience >= 0")
+        need(self, ("dim", "epochs", "batch_size", "num_negatives"), lambda v: v >= 1, ">= 1")
+        need(self, ("lr", "init_std"), lambda v: v > 0, "> 0")
+        need(self, ("l2", "patience"), lambda v: v >= 0, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,12 @@ class Seq2ItemConfig:
     tie_weights: bool = False  # share input and output item tables
 
     def __post_init__(self) -> None:
-        if min(self.dim, self.n_layers, self.n_heads, self.max_len, self.num_negatives, self.epochs, self.batch_size) < 1:
-            raise ValueError("seq2item: dim, n_layers, n_heads, max_len, num_negatives, epochs, batch_size must be >= 1")
+        need(self, ("dim", "n_layers", "n_heads", "max_len", "num_negatives", "epochs", "batch_size"), lambda v: v >= 1, ">= 1")
         if self.dim % self.n_heads:
             raise ValueError(f"seq2item: dim {self.dim} must be divisible by n_heads {self.n_heads}")
-        if not 0 <= self.dropout < 1 or self.lr <= 0 or self.patience < 0 or self.init_std <= 0:
-            raise ValueError("seq2item: need dropout in [0, 1), lr > 0, patience >= 0, init_std > 0")
+        need(self, ("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")
+        need(self, ("lr", "init_std"), lambda v: v > 0, "> 0")
+        need(self, ("patience",), lambda v: v >= 0, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -191,8 +192,10 @@ class DistillConfig:
             raise ValueError("distill: eval_ks and select_k must be >= 1")
         if self.threads < 0:
             raise ValueError("distill: threads must be >= 0 (0: torch default)")
-        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.patience < 0 or self.i2i_window < 1:
-            raise ValueError("distill: need epochs >= 1, batch_size >= 2, lr > 0, patience >= 0, i2i_window >= 1")
+        need(self, ("epochs", "i2i_window"), lambda v: v >= 1, ">= 1")
+        need(self, ("batch_size",), lambda v: v >= 2, ">= 2")
+        need(self, ("lr",), lambda v: v > 0, "> 0")  # NaN fails too: it once reached torch after the teachers trained
+        need(self, ("patience",), lambda v: v >= 0, ">= 0")
         if not 0.01 <= self.temperature <= 1.0:
             raise ValueError("distill: temperature must be in [0.01, 1]")
         if self.weight_decay < 0:

@@ -21,7 +21,7 @@ import json
 import math
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -145,6 +145,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "config") -
         return cls(**kwargs)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+def need(section: Any, names: tuple[str, ...], ok: Callable[[Any], bool], what: str) -> None:
+    """A config section's range check: ValueError naming the first of
+    `names` whose value fails `ok` (NaN fails every check), and the value."""
+    for name in names:
+        value = getattr(section, name)
+        if not ok(value):
+            raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -10,12 +10,12 @@ they agree).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 from features import schemas as S
+from features.core.config import need
 
 HistoryEncoder = Literal["mean", "reference", "svd_truncated", "svd_compact"]
 DistilledMode = Literal["off", "init", "concat"]
@@ -33,14 +33,6 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 DEVICES: tuple[str, ...] = get_args(Device)
 # old names refused with a pointer to the new one
 RENAMED_HISTORY_ENCODERS = {"svd_exact": "svd_truncated"}
-
-
-def _need(section: Any, names: tuple[str, ...], ok: Callable[[Any], bool], what: str) -> None:
-    """ValueError naming the first of `names` whose value fails `ok`, and the value."""
-    for name in names:
-        value = getattr(section, name)
-        if not ok(value):
-            raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -188,8 +180,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        _need(self, ("batch_size", "eval_batch_size"), lambda v: v >= 1, ">= 1")
-        _need(self, ("lr", "sparse_lr"), lambda v: v > 0, "> 0")
+        need(self, ("batch_size", "eval_batch_size"), lambda v: v >= 1, ">= 1")
+        need(self, ("lr", "sparse_lr"), lambda v: v > 0, "> 0")
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -198,7 +190,7 @@ class TrainConfig:
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
         _one_of("device", self.device, DEVICES)
-        _need(self, ("max_batches_per_epoch",), lambda v: v >= 0, ">= 0")
+        need(self, ("max_batches_per_epoch",), lambda v: v >= 0, ">= 0")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
 
@@ -235,10 +227,10 @@ class LightGBMConfig:
     seed: int | None = None  # null: the pipeline's top-level seed (the experiment runner sets it per seed)
 
     def __post_init__(self) -> None:
-        _need(self, ("num_leaves",), lambda v: v >= 2, ">= 2")
-        _need(self, ("learning_rate", "feature_fraction", "bagging_fraction"), lambda v: 0 < v <= 1, "in (0, 1]")
-        _need(self, ("n_estimators", "early_stopping_rounds", "min_child_samples"), lambda v: v >= 1, ">= 1")
-        _need(self, ("bagging_freq", "lambda_l2", "num_threads"), lambda v: v >= 0, ">= 0")
+        need(self, ("num_leaves",), lambda v: v >= 2, ">= 2")
+        need(self, ("learning_rate", "feature_fraction", "bagging_fraction"), lambda v: 0 < v <= 1, "in (0, 1]")
+        need(self, ("n_estimators", "early_stopping_rounds", "min_child_samples"), lambda v: v >= 1, ">= 1")
+        need(self, ("bagging_freq", "lambda_l2", "num_threads"), lambda v: v >= 0, ">= 0")
 
     def base_features(self) -> list[str]:
         """The interactions columns this config uses."""

@@ -198,3 +198,13 @@ def test_the_rank_key_holds_the_world_size(monkeypatch):
     assert rank_key(job)["params_hash"] != single["params_hash"]
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert rank_key(job) == single
+
+
+def test_distill_configs_refuse_nan_and_name_the_key():
+    # DistillConfig(lr=nan) passed (nan <= 0 is False) and failed in torch after the teachers trained
+    from distill import DistillConfig
+    from distill.config import ID2ItemConfig, Seq2ItemConfig
+
+    for cls, key in ((DistillConfig, "lr"), (ID2ItemConfig, "lr"), (Seq2ItemConfig, "init_std")):
+        with pytest.raises(ValueError, match=f"^{key} must be > 0, got nan$"):
+            cls(**{key: float("nan")})
