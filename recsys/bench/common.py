@@ -251,6 +251,18 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def apply_quick(parser: Any, args: Any, values: dict[str, Any]) -> None:
+    """`--quick`: set `values` (dest -> value) on `args`; an option among them
+    that the user also gave (a value other than its default) is a usage
+    error, never silently overridden (the JSON would record the quick value)."""
+    given = [k for k in values if getattr(args, k) != parser.get_default(k)]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        parser.error(f"--quick sets {flags} itself: drop --quick or {flags}")
+    for k, v in values.items():
+        setattr(args, k, v)
+
+
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     """Print rows as an aligned text table (floats with 4 significant digits)."""
 

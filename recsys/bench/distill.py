@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from recsys.bench.common import machine_info, print_table, write_json
+from recsys.bench.common import apply_quick, machine_info, print_table, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results", help="folder for distill.json")
     args = p.parse_args(argv)
     if args.quick:
-        args.source, args.epochs, args.repeats, args.encode_items = "synthetic", 1, 1, 32
+        apply_quick(p, args, {"source": "synthetic", "epochs": 1, "repeats": 1, "encode_items": 32})
 
     import dataclasses
 

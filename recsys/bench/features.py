@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from recsys.bench.common import loadavg, machine_info, print_table, write_json
+from recsys.bench.common import apply_quick, loadavg, machine_info, print_table, write_json
 
 GOAL_EVENTS_PER_S = 2_000_000
 SPARK_GOAL_RATIO = 3.0  # spark's time per event within 3x of polars' at 10M events
@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--events and --users must be positive: a run of another size would be reported as this one")
     sizes = [args.users] if args.users else [max(1, round(m * 1e6 / EVENTS_PER_USER)) for m in millions]
     if args.quick:
-        sizes, args.items, args.max_history, args.repeats = [20], 200, 500, 1
+        apply_quick(p, args, {"items": 200, "max_history": 500, "repeats": 1, "events": p.get_default("events"),
+                              "users": p.get_default("users")})
+        sizes = [20]
     engines = ["polars", "spark"] if args.engine == "both" else [args.engine]
     startup = _spark_startup_s(args.spark_driver_memory) if "spark" in engines else None
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.bench.common import machine_info, matmul_gflops, median_ms, print_table, write_json
+from recsys.bench.common import apply_quick, machine_info, matmul_gflops, median_ms, print_table, write_json
 
 GOAL_FRACTION_OF_MATMUL = 0.25
 GOAL_SPEEDUP_VS_NAIVE = 100.0
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     lengths = {"1k": (1000, args.users_1k, 50), "10k": (10_000, args.users_10k, 10)}
     if args.quick:
-        args.items, args.dim, args.cands, args.repeats = 2000, 32, 64, 1
+        apply_quick(p, args, {"items": 2000, "dim": 32, "cands": 64, "repeats": 1, "users_1k": 2, "users_10k": 1})
         lengths = {"1k": (1000, 2, 8), "10k": (10_000, 1, 2)}
 
     cfg = MatchConfig()

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys.bench.common import RESULTS_DIR, PeakRSS, machine_info, print_table, write_json
+from recsys.bench.common import RESULTS_DIR, PeakRSS, apply_quick, machine_info, print_table, write_json
 
 ENCODERS = {"mean": "mean", "reference": "reference", "truncated": "svd_truncated", "compact": "svd_compact"}
 COLUMNS = ["L", "C", "encoder", "samples_per_s", "ms_per_step", "peak_mb", "speedup_vs_reference", "skipped"]
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default; --quick uses 1)")
     args = p.parse_args(argv)
     if args.quick:
-        args.lengths, args.candidates, args.requests = [50, 200], [1, 20], 4
-        args.dim, args.rank, args.items, args.repeats = 16, 8, 500, 1
+        apply_quick(p, args, {"lengths": [50, 200], "candidates": [1, 20], "requests": 4, "dim": 16, "rank": 8,
+                              "items": 500, "repeats": 1})
         args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)  # a CLI entry point: the one place global state is set
