@@ -38,7 +38,7 @@ from features.jobs.steps import (
     plan_split,
     user_features,
 )
-from features.jobs.uri import is_remote, local_path
+from features.jobs.uri import is_remote, local_path, shown
 from features.jobs.stats import summarize
 from features.sources import RawSource, RawTable, generate_synthetic, load_files, load_movielens1m, load_movielens100k
 from features.validate import ROW, validate_interactions, validate_items, validate_users
@@ -149,7 +149,7 @@ def build_features(
     key = stage_key(JOB, {"version": JOB_VERSION, "config": keyed},
                     {k: t.fingerprint for k, t in tables.items() if t is not None})
     if not force and is_up_to_date(out, key):
-        log(f"features: {out} is up to date (same config, inputs and code); skipping")
+        log(f"features: {shown(out)} is up to date (same config, inputs and code); skipping")
         return BuildResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0)
 
     # validation runs once, here, before either engine starts
@@ -218,6 +218,6 @@ def build_features(
         if "/" not in name and name.endswith(".parquet"):
             (out / name).unlink(missing_ok=True)
     secs = time.perf_counter() - t0
-    log(f"features: wrote {out} [{cfg.engine}] ({frame.height:,} events, {sequences.height:,} users, {items_out.height:,} items) in {secs:.1f}s")
+    log(f"features: wrote {shown(out)} [{cfg.engine}] ({frame.height:,} events, {sequences.height:,} users, {items_out.height:,} items) in {secs:.1f}s")
     return BuildResult(out, False, manifest, secs)
 

@@ -24,7 +24,7 @@ from features.core.fingerprint import file_fingerprint
 from features.core.provenance import stage_key
 from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
 from features.core.paths import check_output
-from features.jobs.uri import local_path
+from features.jobs.uri import local_path, shown
 from features.match import ItemSpace, MatchConfig
 from features.match.config import NEGATIVE_FROM
 from features.schemas import MATCH_FILE
@@ -287,7 +287,7 @@ def build_match_features(
     key = _match_key(feats_dir, emb_path, cfg)
     n = _shard_count(feats_dir, shard, cfg.shards, log)
     if not force and is_up_to_date(out, key):
-        log(f"match: {out} is up to date (same config, features and embeddings); skipping")
+        log(f"match: {shown(out)} is up to date (same config, features and embeddings); skipping")
         return MatchResult(out, True, True, read_manifest(out) or {}, [], time.perf_counter() - t0)
     if cfg.engine == "spark":
         return _match_spark(feats_dir, emb_path, out, key, cfg, log, t0)
@@ -339,7 +339,7 @@ def build_match_features(
     # parts are redundant too
     _remove_shards(out, keep=set() if shard is None else {d.name for d in dirs})
     secs = time.perf_counter() - t0
-    log(f"match: wrote {out / MATCH_FILE} [polars] ({total['rows']:,} rows, {total['users']:,} users) in {secs:.1f}s")
+    log(f"match: wrote {shown(out / MATCH_FILE)} [polars] ({total['rows']:,} rows, {total['users']:,} users) in {secs:.1f}s")
     return MatchResult(out, False, True, manifest, computed, secs)
 
 
@@ -409,5 +409,5 @@ def _match_spark(feats_dir: Path, emb_path: Path, out: Path, key: dict[str, Any]
     manifest = _write_final(out, key, frame, total, cfg, 1, feats_dir, emb_path)
     _remove_shards(out, keep=set())  # parts of earlier polars runs are stale now
     secs = time.perf_counter() - t0
-    log(f"match: wrote {out / MATCH_FILE} [spark] ({frame.height:,} rows, {total['users']:,} users) in {secs:.1f}s")
+    log(f"match: wrote {shown(out / MATCH_FILE)} [spark] ({frame.height:,} rows, {total['users']:,} users) in {secs:.1f}s")
     return MatchResult(out, False, True, manifest, [], secs)

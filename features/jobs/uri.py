@@ -120,6 +120,17 @@ def staged(mapping: Mapping[str, Path], scratch_uri: str | None = None) -> Itera
             _SCRATCH.remove(scratch_uri)
 
 
+def shown(path: str | Path) -> str:
+    """`path` as messages name it: the user's URI for the local copy of a
+    staged Hadoop location (or a path under it), else the path itself."""
+    p = Path(path)
+    for uri, local in _STAGED.items():
+        if p == local or local in p.parents:
+            rest = p.relative_to(local).as_posix()
+            return uri if rest == "." else f"{uri}/{rest}"
+    return str(path)
+
+
 def run_at(engine: str, spark: Any, inputs: Mapping[str, str | None], out: str, run: Callable[[], R]) -> R:
     """`run()` on local paths; through `features.spark.hadoop.on_hadoop` when
     `out` or an input ({flag: location}) is a Hadoop URI (engine spark only)."""

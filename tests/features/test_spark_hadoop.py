@@ -93,6 +93,17 @@ def test_rerun_of_an_unchanged_remote_build_is_skipped(remote_build):
     assert after_second == after_first
 
 
+def test_messages_name_the_uri_not_the_local_copy(mount, remote_build, capsys):
+    # they named /tmp/recsys-hadoop-.../out/features (found by a probe, 2026-11-30)
+    _, uri, config = mount
+    capsys.readouterr()
+    assert main(["features", "build", "--engine", "spark", "--source", "files", "--config", str(config),
+                 "--interactions", f"{uri}/events.parquet", "--items", f"{uri}/items.parquet", "--out", f"{uri}/features"]) == 0
+    cap = capsys.readouterr()
+    assert f"features: {uri}/features is up to date" in cap.out + cap.err
+    assert "recsys-hadoop-" not in cap.out + cap.err
+
+
 def test_match_through_hadoop_equals_local_polars(mount, remote_build, tmp_path):
     data, uri, config = mount
     args = ["features", "match", "--engine", "spark", "--config", str(config), "--quiet",
