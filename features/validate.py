@@ -99,6 +99,13 @@ def _not_time_message(dtype: pl.DataType) -> str:
             "'2009-05-04T23:08:57Z' to epoch seconds, or write the column as a parquet datetime, which is read as is")
 
 
+def _as_text(lf: pl.LazyFrame, columns: tuple[str, ...] | None = None) -> pl.LazyFrame:
+    """Dictionary-encoded (pandas `category`) `columns` (default: all) as their text, which is then parsed."""
+    schema = lf.collect_schema()
+    cats = [c for c in (columns or schema.names()) if isinstance(schema.get(c), (pl.Categorical, pl.Enum))]
+    return lf.with_columns(pl.col(c).cast(pl.String) for c in cats) if cats else lf
+
+
 def _check_dtype(table: RawTable, col: str, dtype: pl.DataType, kind: str) -> None:
     ok = dtype == pl.String or dtype.is_numeric() or (kind == "float" and dtype == pl.Null)
     ok = ok or (col == S.TIMESTAMP and isinstance(dtype, (pl.Datetime, pl.Date))) or (col == S.LABEL and dtype == pl.Boolean)
@@ -140,19 +147,17 @@ def validate_interactions(
     schema = lf.collect_schema()
     for col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP):
         if col not in schema:
-            raise SchemaError(
-                f"missing required column; found columns: {', '.join(schema.names()) or '(none)'}",
-                file=table.file,
-                column=col,
-            )
+            raise SchemaError(f"missing required column; found columns: {', '.join(schema.names()) or '(none)'}",
+                              file=table.file, column=col)
     if S.RATING not in schema and S.LABEL not in schema:
         raise SchemaError(
             f"need a 'rating' or a 'label' column; found columns: {', '.join(schema.names())}",
             file=table.file,
             column="rating|label",
         )
-    # only the columns read: an extra column is ignored, whatever its name (`__row` included)
-    lf = lf.select(c for c in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.RATING, S.LABEL) if c in schema)
+    # only the columns read (an extra one is ignored, whatever its name: `__row` included), categories as text
+    lf = _as_text(lf.select(c for c in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.RATING, S.LABEL) if c in schema))
+    schema = lf.collect_schema()
     for col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP):
         _check_dtype(table, col, schema[col], "integer")
     for col in (S.RATING, S.LABEL):
@@ -238,13 +243,8 @@ def validate_interactions(
     lo, hi = bounds[S.TIMESTAMP]
     bounds[S.TIMESTAMP] = (lo // per_s, hi // per_s)
     typed_rows = frame.select(  # selected now: the raw (text) columns are let go
-        ROW,
-        S.USER_ID,
-        S.ITEM_ID,
-        (pl.col(S.TIMESTAMP) // per_s) if per_s > 1 else pl.col(S.TIMESTAMP),
-        pl.col(S.RATING),
-        pl.col(S.LABEL).cast(pl.Int8),
-    )
+        ROW, S.USER_ID, S.ITEM_ID, (pl.col(S.TIMESTAMP) // per_s) if per_s > 1 else pl.col(S.TIMESTAMP),
+        pl.col(S.RATING), pl.col(S.LABEL).cast(pl.Int8))
     return typed_rows.lazy(), bounds
 
 
@@ -392,11 +392,8 @@ def validate_items(table: RawTable) -> pl.DataFrame:
     lf = table.frame
     schema = lf.collect_schema()
     if S.ITEM_ID not in schema:
-        raise SchemaError(
-            f"missing required column; found columns: {', '.join(schema.names()) or '(none)'}",
-            file=table.file,
-            column=S.ITEM_ID,
-        )
+        raise SchemaError(f"missing required column; found columns: {', '.join(schema.names()) or '(none)'}",
+                          file=table.file, column=S.ITEM_ID)
     if S.TEXT not in schema:
         strings = S.text_columns(schema)
         hint = f"; its string columns: {', '.join(strings)} (e.g. --text-column {strings[0]})" if strings else ""
@@ -412,6 +409,8 @@ def validate_items(table: RawTable) -> pl.DataFrame:
         if name in S.ITEMS_COMPUTED or name.startswith("__"):
             raise SchemaError(f"reserved column name: the build computes {', '.join(S.ITEMS_COMPUTED)} itself "
                               "(and names starting with '__' are internal): rename the column", file=table.file, column=name)
+    lf = _as_text(lf, (S.ITEM_ID,))
+    schema = lf.collect_schema()
     _check_dtype(table, S.ITEM_ID, schema[S.ITEM_ID], "integer")
     for col, dtype in ((c, schema[c]) for c in (S.TEXT, S.TITLE, S.IMAGE_PATH) if c in schema):
         if not (dtype in (pl.String, pl.Null) or isinstance(dtype, (pl.Categorical, pl.Enum)) or dtype.is_numeric()):

@@ -229,3 +229,20 @@ def test_interaction_columns_the_build_does_not_read_are_ignored_whatever_their_
     rc, err, out = _run(tmp_path, capsys, text)
     assert rc == 0, err
     assert pl.read_parquet(out / "interactions.parquet").height == len(lines) - 1
+
+
+def test_dictionary_encoded_id_columns_are_read_as_their_text(tmp_path, capsys):
+    # a pandas `category` of id strings was refused as "wrong dtype Categorical"
+    import pandas as pd
+
+    df = pl.read_csv(GOOD.encode()).to_pandas()
+    for col in ("user_id", "item_id"):
+        df[col] = pd.Categorical(df[col].astype(str))
+    df.to_parquet(tmp_path / "events.parquet")
+    items = pd.DataFrame({"item_id": pd.Categorical(["10", "11", "12"]), "text": ["a", "b", "c"]})
+    items.to_parquet(tmp_path / "items.parquet")
+    rc, err, out = _run(tmp_path, capsys, inter_path=tmp_path / "events.parquet",
+                        extra=("--items", str(tmp_path / "items.parquet")))
+    assert rc == 0, err
+    inter = pl.read_parquet(out / "interactions.parquet")
+    assert inter["user_id"].dtype == pl.Int64 and sorted(inter["item_id"].unique().to_list()) == [10, 11, 12]
