@@ -44,7 +44,7 @@ def check_duplicates(flagged: pl.DataFrame, cfg: FeaturesConfig, file: str, log:
     else warn. `flagged`: the rows with `__dup` set, in the stable order."""
     conflicts = flagged.filter(pl.col("__conflict"))
     if conflicts.height:
-        rows = (conflicts[ROW] + 1).head(5).to_list()
+        rows = (conflicts[ROW] + 1).sort().head(5).to_list()
         raise DataError(
             f"{conflicts.height} duplicate (user_id, item_id, timestamp) rows disagree on rating/label "
             "(timestamps in whole seconds); fix the source (these cannot be dropped safely)",
@@ -53,7 +53,7 @@ def check_duplicates(flagged: pl.DataFrame, cfg: FeaturesConfig, file: str, log:
             rows=rows,
         )
     if flagged.height:
-        rows = (flagged[ROW] + 1).head(5).to_list()
+        rows = (flagged[ROW] + 1).sort().head(5).to_list()
         if cfg.on_duplicate == "error":
             raise DataError(
                 f"{flagged.height} exact duplicate rows (set on_duplicate: drop to drop them)",
