@@ -22,7 +22,7 @@ class SparkConfig:
     driver_memory: str = "4g"  # JVM heap of the driver (local[N]: of the whole embedded Spark); it receives the result rows
     ui: bool = False  # open the Spark web UI (a listening port); off unless asked for
     log_level: Literal["OFF", "ERROR", "WARN", "INFO"] = "OFF"  # Spark's own console log (worker failures become one `error:` line either way)
-    conf: dict[str, str] = field(default_factory=dict, hash=False)  # more Spark settings, e.g. a Hadoop filesystem's: {spark.hadoop.fs.s3a.endpoint: ...} (hdfs://, s3a://... paths need engine spark)
+    conf: dict[str, str | int | float | bool] = field(default_factory=dict, hash=False)  # more Spark settings, e.g. a Hadoop filesystem's: {spark.hadoop.fs.s3a.endpoint: ...} (hdfs://, s3a://... paths need engine spark)
 
     def __post_init__(self) -> None:
         if not _MASTER.fullmatch(self.master.strip()):

@@ -89,7 +89,7 @@ def spark_session(cfg: SparkConfig, app: str) -> Iterator[Any]:
         # embedded master fail at once; a cluster keeps Spark's retries
         .set("spark.task.maxFailures", "1" if cfg.master.startswith("local") else "4")
         .set("spark.executorEnv.PYTHONWARNINGS", env["PYTHONWARNINGS"])
-        .setAll(sorted((str(k), str(v)) for k, v in cfg.conf.items()))
+        .setAll(sorted((str(k), str(v).lower() if isinstance(v, bool) else str(v)) for k, v in cfg.conf.items()))
     )
     outer = _sigint_handler()  # before PySpark installs its own for the context
     # Ctrl-C while the JVM starts is held until the session exists, then

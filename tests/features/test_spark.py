@@ -357,3 +357,12 @@ def test_start_up_errors_name_their_cause_and_key(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and needle in err, err
         assert not (tmp_path / "b").exists()
+
+
+def test_conf_numbers_and_booleans_reach_spark_as_its_text():
+    from features.spark.session import spark_session
+
+    cfg = SparkConfig(master="local[1]", conf={"spark.sql.shuffle.partitions": 3, "spark.sql.adaptive.enabled": False})
+    with spark_session(cfg, "t") as spark:
+        assert spark.conf.get("spark.sql.shuffle.partitions") == "3"
+        assert spark.conf.get("spark.sql.adaptive.enabled") == "false"  # not Python's "False"

@@ -140,3 +140,9 @@ def test_spark_conf_takes_spark_settings_and_stays_out_of_the_key():
     conf = SparkConfig(conf={"spark.hadoop.fs.s3a.endpoint": "http://minio:9000"})
     assert FeaturesConfig().relevant() == FeaturesConfig(engine="spark", spark=conf).relevant()
     hash(FeaturesConfig(spark=conf))  # configs stay hashable (stage plans are cached by config)
+    # YAML numbers and booleans are read as Spark reads their text (a number was refused: "expected str, got int")
+    from recsys.config import PipelineConfig
+
+    cfg = PipelineConfig.from_mapping({"features": {"spark": {"conf": {"spark.sql.shuffle.partitions": 8,
+                                                                       "spark.sql.adaptive.enabled": False}}}})
+    assert cfg.features.spark.conf == {"spark.sql.shuffle.partitions": 8, "spark.sql.adaptive.enabled": False}
