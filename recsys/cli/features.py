@@ -118,7 +118,19 @@ def resolve_features_config(args: argparse.Namespace):
         merged["synthetic"] = {**merged["synthetic"], **synth}
     if spark:
         merged["spark"] = {**merged["spark"], **spark}
-    return PipelineConfig.from_mapping({"features": merged}, where="flags")
+    cfg = PipelineConfig.from_mapping({"features": merged}, where="flags")
+    check_spark_flags(cfg.features.engine, spark)
+    return cfg
+
+
+def check_spark_flags(engine: str, flags: dict) -> None:
+    """--spark-master / --spark-ui with the polars engine were silently ignored: a forgotten --engine spark."""
+    if flags and engine != "spark":
+        from features.core.errors import UsageError
+
+        given = " and ".join(f"--spark-{k}" for k in flags)
+        raise UsageError(f"{given} {'apply' if len(flags) > 1 else 'applies'} to --engine spark (this run's engine is "
+                         f"{engine}): add --engine spark, or drop {'them' if len(flags) > 1 else 'it'}")
 
 
 def _build(args: argparse.Namespace) -> int:

@@ -51,6 +51,9 @@ def _match(args: argparse.Namespace) -> int:
     if engine or spark:
         match = dataclasses.replace(cfg.match, **engine, spark=dataclasses.replace(cfg.match.spark, **spark))
         cfg = dataclasses.replace(cfg, match=match)
+    from recsys.cli.features import check_spark_flags
+
+    check_spark_flags(cfg.match.engine, spark)
     inputs = {f"--{k}": getattr(args, k) for k in ("features", "embeddings")}
     return run_at(cfg.match.engine, cfg.match.spark, inputs, args.out, lambda: _run_match(args, cfg, shard))
 

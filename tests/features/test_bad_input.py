@@ -246,3 +246,10 @@ def test_dictionary_encoded_id_columns_are_read_as_their_text(tmp_path, capsys):
     assert rc == 0, err
     inter = pl.read_parquet(out / "interactions.parquet")
     assert inter["user_id"].dtype == pl.Int64 and sorted(inter["item_id"].unique().to_list()) == [10, 11, 12]
+
+
+def test_spark_flags_without_the_spark_engine_are_a_usage_error(tmp_path, capsys):
+    # they were silently ignored: a forgotten --engine spark ran polars
+    rc, err, out = _run(tmp_path, capsys, GOOD, extra=("--spark-master", "local[2]"))
+    assert rc == 2 and "--spark-master applies to --engine spark (this run's engine is polars)" in err
+    assert not out.exists()
