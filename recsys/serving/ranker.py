@@ -157,10 +157,13 @@ class RankerScorer:
         check_requests(frame)
         for c in self.match_columns:  # training read finite values or null; a count is never negative
             v = frame[c].cast(pl.Float64)
-            for bad, what in ((v.is_infinite(), "infinite value (a missing value is null or NaN)"),
-                              ((v < 0) if _MATCH_COUNT.search(c) else None, "negative count")):
-                if bad is not None and bad.fill_null(False).any():
-                    raise DataError(f"request rows: {what}", column=c, rows=np.flatnonzero(bad.fill_null(False).to_numpy())[:5].tolist())
+            checks = [(v.is_infinite(), "infinite value (a missing value is null or NaN)")]
+            if _MATCH_COUNT.search(c):
+                checks.append((v < 0, "negative count"))
+            for bad, what in checks:
+                rows = np.flatnonzero(bad.fill_null(False).to_numpy())
+                if rows.size:
+                    raise DataError(f"request rows: {what}", column=c, rows=rows[:5].tolist())
 
     def dense(self, frame: pl.DataFrame) -> np.ndarray:
         """Impression-level dense block (n, F1) in the ranker's column order."""
