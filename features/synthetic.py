@@ -52,16 +52,16 @@ class SyntheticConfig:
     users: int = 1000  # number of users
     items: int = 2000  # number of items
     max_events: int = 200  # longest per-user event sequence
-    min_events: int = 0  # shortest; 0 means max(5, max_events // 10) (uniform) or max_events (interests)
+    min_events: int = 0  # shortest; 0 means max(5, max_events // 10) (uniform) or max_events (interests; drawn: an item repeated within a session is dropped, the build says how many)
     rank: int = 16  # uniform: planted factor dimension
     days: int = 120  # time span of the data
     popularity_exponent: float = 1.0  # uniform: Zipf exponent of item popularity
     preference_strength: float = 2.0  # uniform: weight of user . item in the choice logits
     topics: int = 32  # interests: item topics (items split evenly among them at random)
     interests: int = 4  # interests: planted interest topics per user (label 1 = the item's topic is one of them)
-    interest_share: float = 0.1  # interests: share of a user's events drawn from their interests (the rest: uniform over all items)
+    interest_share: float = 0.1  # interests: share of a user's drawn events from their interests (the rest: uniform over all items; repeats dropped, mostly interest events)
     session_focus: float = 0.4  # interests: share of an interest session's events drawn from its one interest; interest sessions, spread evenly over the history, are interest_share / session_focus of all sessions
-    session_size: int = 50  # interests: events per session; a session's events share one timestamp (one request)
+    session_size: int = 50  # interests: events drawn per session (repeats dropped); a session's events share one timestamp (one request)
     label_noise: float = 0.05  # interests: probability that a label is flipped from the planted truth
     seed: int = 0  # generator seed (same seed, same data)
 
@@ -262,8 +262,19 @@ def generate_interests(cfg: SyntheticConfig) -> tuple[RawSource, pl.DataFrame]:
     )
     # An item drawn twice in one session would be an exact duplicate: keep one
     # (about 8% of the events of experiments/configs/long_history.yaml, most
-    # of them in interest sessions, whose topic has few items).
+    # of them in interest sessions, whose topic has few items). So the kept
+    # events are fewer than drawn: a user may end below min_events, a session
+    # below session_size, and the kept share of interest events below
+    # interest_share. The build says by how much (`RawSource.notes`).
+    drawn = inter.height
     inter = inter.unique(subset=[S.USER_ID, S.ITEM_ID, S.TIMESTAMP], keep="first", maintain_order=True)
+    notes = ()
+    if inter.height < drawn:
+        per_user = inter.group_by(S.USER_ID).len()["len"]
+        notes = (f"synthetic interests: {drawn - inter.height:,} of {drawn:,} drawn events ({(drawn - inter.height) / drawn:.1%}) "
+                 f"repeated an item within its session and were dropped: kept events per user {per_user.min():,}-"
+                 f"{per_user.max():,} (drawn: {lo:,}-{cfg.max_events:,}): min_events, session_size and interest_share "
+                 "bound what is drawn, not what is kept (more items per topic drop fewer)",)
     words = np.array(_WORDS)
     items = pl.DataFrame(
         {
@@ -287,5 +298,6 @@ def generate_interests(cfg: SyntheticConfig) -> tuple[RawSource, pl.DataFrame]:
         name="synthetic",
         interactions=RawTable(inter.lazy(), name + "/interactions", fp + "-inter"),
         items=RawTable(items.lazy(), name + "/items", fp + "-items"),
+        notes=notes,
     )
     return source, truth

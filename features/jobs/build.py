@@ -142,6 +142,8 @@ def build_features(
     out = Path(local_path(str(out_dir), "--out"))
     check_output(out, {"interactions": local_path(cfg.interactions), "items": local_path(cfg.items)})
     source, truth = loaded if loaded is not None else load_source(cfg)
+    for note in source.notes:
+        log(f"warning: {note}")
     tables = {"interactions": source.interactions, "items": source.items, "users": source.users}
     # the input files enter the key by content (their fingerprints), not by
     # path: the same file named relatively, absolutely or after a move skips

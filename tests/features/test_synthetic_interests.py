@@ -137,3 +137,19 @@ def test_bad_interest_settings_are_refused(bad, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(SyntheticConfig, {"kind": "interests", "items": 400, **bad}, where="features.synthetic")
     from_dict(SyntheticConfig, {"items": 400, **bad}, where="features.synthetic")  # unused by kind uniform
+
+
+def test_events_dropped_as_repeats_within_a_session_are_announced(tmp_path, capsys):
+    # min_events, session_size and interest_share bound what is drawn: with 2 items, a 50-event
+    # session keeps 2 events, silently before (found by a probe, 2026-11-30)
+    from recsys.cli import main
+
+    (tmp_path / "c.yaml").write_text("features:\n  source: synthetic\n  synthetic:\n    kind: interests\n    users: 5\n"
+                                     "    items: 2\n    topics: 2\n    interests: 1\n    session_size: 50\n"
+                                     "    max_events: 100\n    min_events: 100\n")
+    rc = main(["features", "build", "--out", str(tmp_path / "f"), "--config", str(tmp_path / "c.yaml")])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    log = cap.out + cap.err
+    assert "warning: synthetic interests:" in log and "repeated an item within its session and were dropped" in log
+    assert "kept events per user 4-4 (drawn: 100-100)" in log
