@@ -20,7 +20,7 @@ import polars as pl
 from features import schemas as S
 from features.core.errors import DataError, SchemaError, UsageError
 from features.core.fingerprint import file_fingerprint
-from features.core.manifest import read_manifest
+from features.core.manifest import folder_fingerprint, read_manifest
 
 # declared columns of each file a reader may ask for; match features are the
 # keys plus any number of numeric `mf_` columns
@@ -136,8 +136,12 @@ def check_match_upstream(match_file: str | Path, features_dir: str | Path) -> No
     folders have manifests: match features of another build (another label
     threshold, say) can line up row by row and still be wrong."""
     match_file, features_dir = Path(match_file), Path(features_dir)
-    used = ((read_manifest(match_file.parent) or {}).get("key") or {}).get("upstream", {}).get("interactions")
+    upstream = ((read_manifest(match_file.parent) or {}).get("key") or {}).get("upstream", {})
+    used = upstream.get("interactions")
     have = ((read_manifest(features_dir) or {}).get("outputs") or {}).get(S.FILES["interactions"], {}).get("fingerprint")
+    if used is None and upstream.get("features"):
+        # an out-of-fold folder keys on the whole features folder's fingerprint (it was not checked before 2026-11-30)
+        used, have = upstream["features"], folder_fingerprint(features_dir)
     if used is not None and have is not None and used != have:
         raise DataError(f"built from other features than {features_dir} (interactions fingerprint {used}, this "
                         f"folder's {have}): rerun `recsys features match --features {features_dir}`", file=str(match_file))

@@ -65,3 +65,17 @@ def test_rerun_is_skipped(oof_run, tmp_path):
     cfg = load_pipeline_config(DEBUG, {"match": {"folds": 2}, "tracking": {"enabled": False}})
     job = plan_match(cfg, features=feats, embeddings=root / "distill" / "item_embeddings.parquet")
     assert run_match(job, None, root / "match", log=lambda _m: None, progress=False).reused
+
+
+def test_an_out_of_fold_folder_is_refused_with_other_features(oof_run, tmp_path):
+    # its manifest keys on the features folder, not on interactions.parquet: the check that refuses an
+    # in-sample match folder built on other features skipped it (a probe trained LightGBM that way)
+    from features.core.errors import DataError
+    from features.reader import check_match_upstream
+
+    root, feats, _ = oof_run
+    check_match_upstream(root / "match" / S.MATCH_FILE, feats)  # its own features: fine
+    cfg = load_pipeline_config(DEBUG, {"features": {"label_threshold": 3.0}, "tracking": {"enabled": False}})
+    other = run_features(plan_features(cfg), None, tmp_path / "other", log=lambda _m: None).out
+    with pytest.raises(DataError, match="built from other features than"):
+        check_match_upstream(root / "match" / S.MATCH_FILE, other)
