@@ -30,6 +30,7 @@ import polars as pl
 
 from features import schemas as S
 from features.core.config import to_dict
+from features.core.errors import UsageError
 from features.core.manifest import (
     atomic_outputs,
     folder_fingerprint,
@@ -78,6 +79,10 @@ def oof_match_features(job: Any, tracker: Tracker | None, out: Path, *, force: b
 
     tracker = tracker or NullTracker()
     folds = job.config.folds
+    users = int(((read_manifest(job.features) or {}).get("outputs") or {}).get(S.FILES["sequences"], {}).get("rows", 0))
+    if users and folds > users:  # checked before any work: each fold holds whole users
+        raise UsageError(f"match.folds (--folds) {folds}: more folds than the {users:,} users of {job.features}; "
+                         f"use at most {users:,}")
     distill = job.oof
     key = stage_key(JOB, {"match": job.config.relevant(), "teachers": to_dict(distill.teachers),
                           "distill": to_dict(distill.distill)},

@@ -79,3 +79,16 @@ def test_an_out_of_fold_folder_is_refused_with_other_features(oof_run, tmp_path)
     other = run_features(plan_features(cfg), None, tmp_path / "other", log=lambda _m: None).out
     with pytest.raises(DataError, match="built from other features than"):
         check_match_upstream(root / "match" / S.MATCH_FILE, other)
+
+
+def test_more_folds_than_users_is_refused_before_any_work(oof_run, tmp_path):
+    # it failed after the in-sample match and a fold's distillation, blaming --shard
+    from features.core.errors import UsageError
+
+    root, feats, _ = oof_run
+    users = pl.read_parquet(feats / S.FILES["sequences"]).height
+    cfg = load_pipeline_config(DEBUG, {"match": {"folds": users + 1}, "tracking": {"enabled": False}})
+    job = plan_match(cfg, features=feats, embeddings=root / "distill" / "item_embeddings.parquet")
+    with pytest.raises(UsageError, match=rf"match.folds \(--folds\) {users + 1}: more folds than the"):
+        run_match(job, None, tmp_path / "m", log=lambda _m: None, progress=False)
+    assert not (tmp_path / "m").exists()
