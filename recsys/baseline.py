@@ -164,8 +164,8 @@ def run_lightgbm(
             file=inter_file, column=S.LABEL,
         )
 
-    def fit(train: pl.DataFrame, valid: pl.DataFrame, label: str) -> LightGBMRanker:
-        return LightGBMRanker(cfg).fit(
+    def fit(train: pl.DataFrame, valid: pl.DataFrame, label: str, model_cfg: LightGBMConfig = cfg) -> LightGBMRanker:
+        return LightGBMRanker(model_cfg).fit(
             train.select(features), train[label].to_numpy(), eval_set=(valid.select(features), valid[label].to_numpy()),
             groups=train[S.USER_ID].to_numpy(), eval_groups=valid[S.USER_ID].to_numpy(),
         )
@@ -180,7 +180,9 @@ def run_lightgbm(
         elif tr_lt[S.RETURNED_1D].n_unique() < 2:
             lt_missing = f"no LT model: {S.RETURNED_1D} has one class only on the observed train rows"
         else:
-            lt = fit(tr_lt, va_lt, S.RETURNED_1D)
+            # always binary: the LT proxy is the user's return, mostly one class within a user, where lambdarank
+            # (which ranks within a user) learns nothing; and lt_auc / lt_spearman pool users
+            lt = fit(tr_lt, va_lt, S.RETURNED_1D, dataclasses.replace(cfg, objective="binary"))
     score, lt_score = prob(click, te), (prob(lt, te) if lt is not None else None)
     reasons: dict[str, str] = {}
     metrics = _metrics(te, score, lt_score, reasons, lt_missing=lt_missing)

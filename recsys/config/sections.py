@@ -205,7 +205,7 @@ class LightGBMConfig:
 
     # "binary": click probability; "lambdarank": ranks each user's impressions
     # (score = sigmoid(raw), not calibrated: its logloss is not meaningful)
-    objective: Literal["binary", "lambdarank"] = "binary"  # binary log-loss, or lambdarank grouped by user
+    objective: Literal["binary", "lambdarank"] = "binary"  # click model: binary log-loss, or lambdarank grouped by user (the LT model is always binary)
     num_leaves: int = 15  # leaves per tree (chosen on valid AUC)
     learning_rate: float = 0.05  # shrinkage per tree
     n_estimators: int = 1000  # upper bound; early stopping on valid picks the number

@@ -404,3 +404,19 @@ def test_rank_train_runs_carry_their_reuse_key_and_data_fingerprint(cli, feature
     assert first["reused"] == "false" and second["reused"] == "true"
     assert first["reuse_key"] == second["reuse_key"] and second["reused_from"] == runs[0].info.run_id
     assert first["data_fingerprint"] != "none" and "upstream.features" in first
+
+
+def test_lambdarank_trains_the_lt_model_binary(cli, features_dir, tmp_path):
+    """Found by a probe (2026-11-30): the LT model used lambdarank too, which
+    ranks within a user where the LT proxy is mostly one class (lt_auc 0.48
+    vs 0.55 binary): the LT model is now binary whatever the click objective."""
+    scores = {}
+    for objective in ("binary", "lambdarank"):
+        cfg = tmp_path / f"{objective}.yaml"
+        cfg.write_text(f"lightgbm: {{objective: {objective}}}\ntracking: {{enabled: false}}\n")
+        rc, _, err = cli("baseline", "lightgbm", "--features", features_dir, "--no-match", "--out", tmp_path / objective,
+                         "--config", cfg)
+        assert rc == 0, err
+        scores[objective] = pl.read_parquet(tmp_path / objective / "predictions.parquet")
+    assert scores["binary"]["lt_score"].equals(scores["lambdarank"]["lt_score"])  # one LT model
+    assert not scores["binary"]["score"].equals(scores["lambdarank"]["score"])  # two click models
