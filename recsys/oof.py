@@ -21,6 +21,7 @@ final table), OUT/full/ (in-sample, for valid and test), OUT/folds/kK/.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -124,6 +125,9 @@ def oof_match_features(job: Any, tracker: Tracker | None, out: Path, *, force: b
         manifest = write_manifest(tmp, job=JOB, key=key, outputs=[S.MATCH_FILE],
                                   extra={"folds": folds, "seconds": seconds, "full": str(full.out_dir),
                                          "train_rows_out_of_fold": oof.height})
+    for stale in (out / "folds").glob("k*"):  # folds of an earlier run into `out` with more folds
+        if stale.name[1:].isdigit() and int(stale.name[1:]) >= folds:
+            shutil.rmtree(stale, ignore_errors=True)
     tracker.log_metrics({f"oof_{k}": v for k, v in seconds.items()})
     log(f"match (out-of-fold, {folds} folds): {oof.height:,} train rows from fold students in "
         f"{seconds['total_s']:.1f}s -> {out / S.MATCH_FILE}")

@@ -92,3 +92,16 @@ def test_more_folds_than_users_is_refused_before_any_work(oof_run, tmp_path):
     with pytest.raises(UsageError, match=rf"match.folds \(--folds\) {users + 1}: more folds than the"):
         run_match(job, None, tmp_path / "m", log=lambda _m: None, progress=False)
     assert not (tmp_path / "m").exists()
+
+
+def test_fewer_folds_into_the_same_folder_remove_the_stale_folds(oof_run, tmp_path):
+    import shutil
+
+    root, feats, _ = oof_run
+    out = tmp_path / "match"
+    shutil.copytree(root / "match", out)
+    (out / "folds" / "k2").mkdir()  # as an earlier --folds 3 run leaves it
+    cfg = load_pipeline_config(DEBUG, {"match": {"folds": 2}, "tracking": {"enabled": False}})
+    job = plan_match(cfg, features=feats, embeddings=root / "distill" / "item_embeddings.parquet")
+    run_match(job, None, out, log=lambda _m: None, progress=False, force=True)
+    assert sorted(p.name for p in (out / "folds").iterdir()) == ["k0", "k1"]
