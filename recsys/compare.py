@@ -149,11 +149,6 @@ def _aligned(treat: list[ArmPredictions], ctrl: list[ArmPredictions], metric: st
         missing = [c for c in KEY + need if c not in frame.columns]
         if missing:
             raise DataError(f"predictions of arm {name!r} lack column(s) {missing}", column=missing[0])
-    for p in treat + ctrl:
-        if p.seed in seeds:
-            _check_arm(p, m)
-    if segment is None:
-        _check_same_truth([p for p in treat + ctrl if p.seed in seeds], next(p for p in ctrl if p.seed == seeds[0]), m.label)
     lt = m.rows is not None and m.rows in base.columns
     rows = base if segment is None else base.filter(segment)
     rows = rows.select(KEY + [m.label] + ([m.rows] if lt else []))
@@ -187,6 +182,16 @@ def compare_arms(
         arms.setdefault(p.arm, []).append(p)
     if control not in arms:
         raise DataError(f"no predictions for the control arm {control!r} (arms found: {sorted(arms)})")
+    # each prediction table checked once per metric (not per segment and arm): those paired with a control seed
+    ctrl_seeds = {p.seed for p in arms[control]}
+    base = min(arms[control], key=lambda p: p.seed)
+    paired = [p for p in predictions if p.seed in ctrl_seeds]
+    for m in (METRICS[metric] for metric in metrics):
+        for p in paired:
+            if m.score in p.frame.columns:  # a missing column is named by `_aligned`
+                _check_arm(p, m)
+        if m.label in base.frame.columns:
+            _check_same_truth(paired, base, m.label)
     order = [control] + [a for a in arms if a != control]
     segs = segments(arms[control][0].frame.columns) if by_segment else {ALL: pl.lit(True)}
     out: list[CompareRow] = []
