@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from features import schemas as S
-from features.core.config import config_hash, to_dict
+from features.core.config import config_hash, need, to_dict
 
 if TYPE_CHECKING:
     from features.sources import RawSource
@@ -66,22 +66,15 @@ class SyntheticConfig:
     seed: int = 0  # generator seed (same seed, same data)
 
     def __post_init__(self) -> None:
-        if self.users < 1:
-            raise ValueError(f"users must be >= 1, got {self.users}")
-        if self.items < 2:
-            raise ValueError(f"items must be >= 2, got {self.items}")
-        if self.max_events < 1:
-            raise ValueError(f"max_events must be >= 1, got {self.max_events}")
+        need(self, ("users",), lambda v: v >= 1, ">= 1")
+        need(self, ("items",), lambda v: v >= 2, ">= 2")
+        need(self, ("max_events",), lambda v: v >= 1, ">= 1")
         if self.min_events < 0 or self.min_events > self.max_events:
             raise ValueError(f"need 0 <= min_events <= max_events, got min_events {self.min_events}, "
                              f"max_events {self.max_events}")
-        if self.rank < 1 or self.rank > len(_WORDS) // 2:
-            raise ValueError(f"rank must be in 1..{len(_WORDS) // 2}, got {self.rank}")
-        if self.days < 2:
-            raise ValueError(f"days must be >= 2, got {self.days}")
-        for name in ("popularity_exponent", "preference_strength"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self, ("rank",), lambda v: 1 <= v <= len(_WORDS) // 2, f"in 1..{len(_WORDS) // 2}")
+        need(self, ("days",), lambda v: v >= 2, ">= 2")
+        need(self, ("popularity_exponent", "preference_strength"), lambda v: v >= 0, ">= 0")
         if self.kind == "interests":
             self._check_interests()
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from features import schemas as S
-from features.core.config import to_dict
+from features.core.config import need, to_dict
 from features.sources import SyntheticConfig
 from features.spark.config import Engine, SparkConfig
 
@@ -65,8 +65,7 @@ class FeaturesConfig:
         if self.split == "global_time" and self.test_frac == 0:
             # with no test share the later rows would still be called "test"
             raise ValueError("test_frac must be > 0 for split global_time (there is no split without a test part)")
-        if self.history_cap < 1:
-            raise ValueError(f"history_cap must be >= 1, got {self.history_cap}")
+        need(self, ("history_cap",), lambda v: v >= 1, ">= 1")
         if self.day_offset_s is not None and not -86_400 < self.day_offset_s < 86_400:
             raise ValueError(f"day_offset_s must be within one day (-86400, 86400), got {self.day_offset_s}")
         if self.source == "files" and not self.interactions:
