@@ -34,7 +34,6 @@ class SparkConfig:
             raise ValueError(f"spark.conf keys are Spark settings and start with 'spark.', got {bad[:3]}")
         if self.partitions < 0:
             raise ValueError(f"spark.partitions must be >= 0 (0: automatic), got {self.partitions}")
-        if not re.fullmatch(r"\d+[kmgt]?b?", self.driver_memory.strip().lower()) or not int(
-                re.match(r"\d+", self.driver_memory.strip())[0]):
-            # the JVM would not start, and Spark says only that its gateway exited
+        size = re.fullmatch(r"(\d+)[kmgt]?b?", self.driver_memory.strip().lower())
+        if size is None or not int(size[1]):  # the JVM would not start, and Spark says only that its gateway exited
             raise ValueError(f"spark.driver_memory must be a JVM memory size such as 4g or 512m, got {self.driver_memory!r}")
