@@ -2,10 +2,9 @@
 
 The polars engine (`features.jobs.build`) runs each step once over all
 events; the Spark engine (`features.spark.build`) runs the per-user steps on
-one bucket of users at a time and the per-item step on one bucket of items at
-a time (`groupBy(bucket).applyInArrow`), and computes the global values the
-steps take as arguments (event count, time-split cut points) with Spark
-aggregations. Each step is a function of its group's rows and those
+one file of whole users at a time (a Spark task each) and computes the global
+values the steps take as arguments (event count, time-split cut points) from
+what those tasks return; its driver runs the per-item step. Each step is a function of its group's rows and those
 arguments only, so both engines produce the same rows.
 """
 
@@ -34,8 +33,8 @@ def order_and_flag(events: pl.LazyFrame, cfg: FeaturesConfig, bounds: dict | Non
     """Labels, the stable (user, time, item, input row) order, duplicate flags.
 
     `bounds` enables the packed one-key sort, which breaks ties by input
-    order: only the polars engine, whose rows arrive in file order, may pass
-    it; a Spark group arrives in any order and sorts on the input row."""
+    order: pass it only for rows in input order (`ROW` ascending); rows in
+    any other order sort on the input row."""
     return events.pipe(T.add_label, cfg.label_threshold).pipe(T.sort_events, bounds).pipe(T.flag_duplicates)
 
 

@@ -4,19 +4,23 @@ One implementation of the logic, two engines: the per-user and per-item
 steps are the polars functions of `features.jobs` (`features.jobs.steps`,
 `features.jobs.match.match_rows`). The polars engine runs them over the whole
 data in one process; this package runs the very same functions in Spark's
-Python workers on Arrow data, each call on rows of whole users (or items),
-and computes the few global values they need (event count, time-split cut
-points, distinct item ids) as Spark aggregations. Nothing here re-implements
-a feature.
+Python workers, each call on the rows of whole users, and computes the few
+global values they need (event count, time-split cut points) from what the
+Spark tasks return (per-file histograms, summed on the driver). Nothing here
+re-implements a feature.
 
-How a call gets whole users: the build repartitions by user_id (item_id) and
-runs the step per partition with `mapInArrow` (`arrow.partition_step`): the
-steps accept any set of whole users, and `groupBy(bucket).applyInArrow`
-would first sort every partition by the bucket in the JVM, which cost more
-than the steps (1M events, warm JVM, loaded 2-core machine: 37 s with
-groupBy, 17-22 s with mapInArrow). The match job
-needs two inputs per bucket of users (impressions and positive sequences) and
-uses `groupBy(bucket).cogroup(...).applyInArrow`.
+How a call gets whole users: the driver, which holds the validated events,
+writes them as parquet files that each hold a range of users
+(`staged.stage_by_user`), and a pass over users is one Spark task per file
+(`staged.StagedUsers`, `mapInArrow` over a `binaryFile` frame). Workers read
+the files (or get their bytes from the JVM on a Hadoop filesystem) and
+return parquet, so no value goes through Spark's row format. The first
+version repartitioned the events by user_id and exchanged Arrow batches with
+the JVM: 31 s for the 10M-event bench build against 11 s this way (warm JVM,
+2 cores), most of it the shuffle and the row conversions; before that,
+`groupBy(bucket).applyInArrow` first sorted every partition in the JVM. The
+match job needs two inputs per bucket of users (impressions and positive
+sequences) and uses `groupBy(bucket).cogroup(...).applyInArrow`.
 
 Outputs: the driver collects the result and writes the same single parquet
 files as the polars engine, with the same writer: the same bytes, so the
@@ -26,7 +30,8 @@ result must therefore fit in the driver's memory, as it does for the polars
 engine; input validation also runs once on the driver, before the job.
 
 - `config`: `SparkConfig` (light; the `spark:` key of `features` and `match`);
-- `arrow`: polars <-> Arrow for Spark, a step as a `mapInArrow` function;
+- `arrow`: polars <-> Arrow for Spark (the match job);
+- `staged`: events staged as files of whole users, and steps run on them;
 - `session`: the session (always stopped, Ctrl-C included; no UI port unless
   asked) and the translation of worker failures into one `error:` line;
 - `build`: the feature build on Spark; `match`: the match job on Spark;

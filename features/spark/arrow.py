@@ -1,5 +1,5 @@
 """Polars frames <-> the Arrow tables Spark exchanges with Python workers,
-and a polars step as the function `mapInArrow` calls.
+and the output schema of a polars step.
 
 `applyInArrow` checks the returned schema exactly (an Int64 where Spark
 declared an int fails the task), so every step's output is cast to the Arrow
@@ -51,22 +51,3 @@ def with_bucket(df: Any, column: str, n: int) -> Any:
     from pyspark.sql import functions as F
 
     return df.withColumn("__bucket", F.pmod(F.xxhash64(F.col(column)), F.lit(n)))
-
-
-def partition_step(df: Any, step: Callable[[pl.DataFrame], pl.DataFrame], example: pl.DataFrame) -> Any:
-    """`step` on each partition of `df` as one polars frame (`mapInArrow`).
-
-    The partitions come from `repartition(n, id)`: each holds whole users
-    (items), which is all the steps need, so no per-group sort is asked of
-    the JVM (`groupBy().applyInArrow` sorts every partition by the group key
-    first, which cost more than the steps themselves)."""
-    struct = spark_schema(output_schema(step, example))
-
-    def run(batches):
-        batches = list(batches)
-        if not batches:
-            return
-        out = cast_to(to_arrow(step(pl.from_arrow(pa.Table.from_batches(batches)))), struct)
-        yield from out.to_batches()
-
-    return df.mapInArrow(run, struct)

@@ -123,6 +123,14 @@ def test_conflicting_duplicates_and_unknown_items_fail_the_same_way(tmp_path):
         messages.append(str(e.value))
         assert not (tmp_path / f"items_{engine}").exists()
     assert messages[0] == messages[1] and "rows 2, 3, 4" in messages[0] and "[11, 12]" in messages[0]
+    # both faults in one file: the same one is reported first (duplicates, then item ids)
+    bad.write_text("user_id,item_id,timestamp,rating\n1,10,100,5\n1,10,100,2\n2,11,50,4\n")
+    messages = []
+    for engine in ("polars", "spark"):
+        with pytest.raises(DataError) as e:
+            build_features(dataclasses.replace(cfg, engine=engine), tmp_path / f"both_{engine}", **QUIET)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1] and "disagree" in messages[0]
 
 
 def test_a_folder_built_by_one_engine_is_up_to_date_for_the_other(synth_pair, synth_cfg):
