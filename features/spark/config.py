@@ -19,7 +19,7 @@ class SparkConfig:
 
     master: str = "local[2]"  # Spark master URL: local[N] (embedded, the default) or a cluster (spark://host:7077, yarn, k8s://...)
     partitions: int = 0  # user/item buckets per shuffle (0: twice the cluster's default parallelism, at least one per 2M events)
-    driver_memory: str = "4g"  # JVM heap of the driver (local[N]: of the whole embedded Spark); it receives the result rows
+    driver_memory: str = "4g"  # JVM heap of the driver (local[N]: of the whole embedded Spark); it receives the match job's rows
     ui: bool = False  # open the Spark web UI (a listening port); off unless asked for
     log_level: Literal["OFF", "ERROR", "WARN", "INFO"] = "OFF"  # Spark's own console log (worker failures become one `error:` line either way)
     conf: dict[str, str | int | float | bool] = field(default_factory=dict, hash=False)  # more Spark settings, e.g. a Hadoop filesystem's: {spark.hadoop.fs.s3a.endpoint: ...} (hdfs://, s3a://... paths need engine spark)

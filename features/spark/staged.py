@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +110,11 @@ class StagedUsers:
                 contents = batch.column("content").to_pylist() if local is None else [None] * len(paths)
                 for path, content in zip(paths, contents):
                     name = path.rsplit("/", 1)[1]
+                    if local is not None and not (local / name).is_file():
+                        raise FileNotFoundError(
+                            f"an executor on {socket.gethostname()} cannot read the staged file {local / name}: "
+                            "with a cluster master, --out must be on a filesystem every executor sees "
+                            "(a shared folder, or a Hadoop one such as hdfs://)")
                     out = step(pl.read_parquet(local / name if local is not None else io.BytesIO(content)))
                     frames = out if isinstance(out, tuple) else (out,)
                     number = int(name.removeprefix("part-").split(".")[0])

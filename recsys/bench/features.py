@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-history", type=int, default=20_000)
     p.add_argument("--repeats", type=int, default=3, help="timed builds per engine and size; the median is reported")
     p.add_argument("--spark-driver-memory", default="4g",
-                   help="JVM heap of the embedded Spark (it receives every output row: 50M events need ~12g)")
+                   help="JVM heap of the embedded Spark (the build's rows do not pass through it: 4g runs 50M events)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (tests)")
     p.add_argument("--out", default="bench/results", help="folder for features.json")
     args = p.parse_args(argv)

@@ -94,3 +94,22 @@ def test_a_step_gives_the_same_frames_from_the_folder_and_from_bytes(tmp_path):
     assert local[1][S.USER_ID].is_sorted() and local[1]["len"].sum() == events.height
     assert [f.height for f in empty] == [0, 0] and [f.schema for f in empty] == schemas
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev", "none"]  # the results were read, then removed
+
+
+@pytest.mark.slow
+def test_executors_that_cannot_read_the_staged_folder_fail_with_one_clear_line(tmp_path):
+    """On a cluster whose executors do not see the driver's folder, the
+    task fails with one line saying so, not a bare FileNotFoundError."""
+    pytest.importorskip("pyspark")
+    from features.core.errors import DataError
+    from features.jobs.uri import local_file_uri
+    from features.spark.config import SparkConfig
+    from features.spark.session import spark_session
+    from features.spark.staged import StagedUsers, stage_by_user
+
+    stage_by_user(events_frame(1, 100, 5), 2, tmp_path / "ev")
+    with pytest.raises(DataError) as e:
+        with spark_session(SparkConfig(), "test staged") as spark:  # the executors "see" another folder
+            StagedUsers(spark, local_file_uri(tmp_path / "ev", glob=True), tmp_path / "elsewhere").run(lambda df: df)
+    msg = str(e.value)
+    assert "cannot read the staged file" in msg and "every executor sees" in msg and "\n" not in msg, msg
