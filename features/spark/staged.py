@@ -117,6 +117,8 @@ class StagedUsers:
                             "(a shared folder, or a Hadoop one such as hdfs://)")
                     out = step(pl.read_parquet(local / name if local is not None else io.BytesIO(content)))
                     frames = out if isinstance(out, tuple) else (out,)
+                    if len(frames) != k:
+                        raise ValueError(f"the step returned {len(frames)} frames for {k} schemas")
                     number = int(name.removeprefix("part-").split(".")[0])
                     if results is None:
                         parts = [_parquet_bytes(f) for f in frames]
@@ -127,20 +129,22 @@ class StagedUsers:
                             f.write_parquet(tmp, compression="lz4", statistics=False)
                             os.replace(tmp, results / f"{number:05d}-{i}.parquet")
                         parts = [b""] * k
-                    yield pa.RecordBatch.from_pydict({"file": [number]} | dict(zip(names, [[p] for p in parts])),
-                                                     schema=schema)
+                    row = {"file": [number]} | {n: [p] for n, p in zip(names, parts, strict=True)}
+                    yield pa.RecordBatch.from_pydict(row, schema=schema)
 
         columns = ["path"] if local is not None else ["path", "content"]  # binaryFile reads no bytes unless asked
         query = self._files.select(*columns).mapInArrow(task, ", ".join(["file long"] + [f"{n} binary" for n in names]))
-        with one_task_per_file(self._spark):
-            table = query.toArrow().sort_by("file")
         out = []
-        for i, schema in enumerate(schemas):
-            if results is None:
-                frames = [pl.read_parquet(io.BytesIO(b)) for b in table.column(names[i]).to_pylist()]
-            else:
-                frames = [pl.read_parquet(results / f"{n:05d}-{i}.parquet") for n in table.column("file").to_pylist()]
-            out.append(pl.concat(frames, rechunk=False) if frames else pl.DataFrame(schema=schema))
-        if results is not None:
-            shutil.rmtree(results, ignore_errors=True)
+        try:
+            with one_task_per_file(self._spark):
+                table = query.toArrow().sort_by("file")
+            for i, schema in enumerate(schemas):
+                if results is None:
+                    frames = [pl.read_parquet(io.BytesIO(b)) for b in table.column(names[i]).to_pylist()]
+                else:
+                    frames = [pl.read_parquet(results / f"{n:05d}-{i}.parquet") for n in table.column("file").to_pylist()]
+                out.append(pl.concat(frames, rechunk=False) if frames else pl.DataFrame(schema=schema))
+        finally:
+            if results is not None:
+                shutil.rmtree(results, ignore_errors=True)
         return out

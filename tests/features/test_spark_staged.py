@@ -110,6 +110,6 @@ def test_executors_that_cannot_read_the_staged_folder_fail_with_one_clear_line(t
     stage_by_user(events_frame(1, 100, 5), 2, tmp_path / "ev")
     with pytest.raises(DataError) as e:
         with spark_session(SparkConfig(), "test staged") as spark:  # the executors "see" another folder
-            StagedUsers(spark, local_file_uri(tmp_path / "ev", glob=True), tmp_path / "elsewhere").run(lambda df: df)
+            StagedUsers(spark, local_file_uri(tmp_path / "ev", glob=True), tmp_path / "elsewhere").run(lambda df: df, pl.Schema())
     msg = str(e.value)
     assert "cannot read the staged file" in msg and "every executor sees" in msg and "\n" not in msg, msg
