@@ -68,8 +68,8 @@ class SparkOrder:
     duplicates: `hist`, the histogram of their timestamps (`time_bin`;
     columns b, count, summed here over the files of users), locates the bin
     holding each position; that bin's rows alone come to the driver (one
-    pass over the files: `run` is a `file_step` collected), where
-    `global_time_cuts` picks the key."""
+    pass over the staged files: `run`, a `StagedUsers.run` with the step's
+    schema), where `global_time_cuts` picks the key."""
 
     def __init__(self, run: Callable, ts_range: tuple[int, int], hist: pl.DataFrame, dropped: pl.DataFrame) -> None:
         self._run, self._range, self._dropped = run, ts_range, dropped[ROW]

@@ -109,7 +109,7 @@ def scratch_uri(out: str) -> str:
 
 @contextmanager
 def executor_copy(spark: Any, local: Path, scratch: str | None) -> Iterator[str]:
-    """The URI executors read `local` (a file the driver wrote) at: itself, or,
+    """The URI executors read `local` (a file or folder the driver wrote) at: itself, or,
     when the job writes to a Hadoop filesystem, a copy in `scratch` (deleted after)."""
     if scratch is None:
         yield local_file_uri(local, glob=True)  # read by spark.read
@@ -133,28 +133,6 @@ def _named(flag: str, uri: str) -> Iterator[None]:
         if (type(e).__module__ or "").startswith(("py4j", "pyspark")):
             raise UsageError(f"{flag} {uri}: the filesystem failed: {one_line(e)}") from None
         raise
-
-
-@contextmanager
-def executor_output(spark: Any, local: Path, scratch: str | None) -> Iterator[tuple[str, Callable[[], Path]]]:
-    """A folder for the executors to write (its URI) and a function that
-    returns it as the local folder `local` for the driver: the folder itself,
-    or, when the job writes to a Hadoop filesystem, a download of its copy in
-    `scratch` (deleted after)."""
-    if scratch is None:
-        yield local_file_uri(local), lambda: local  # written by the executors: no glob
-        return
-    fs = HadoopFS(spark)
-    uri = f"{scratch}/{local.name}"
-
-    def fetch() -> Path:
-        fs.download(uri, local)
-        return local
-
-    try:
-        yield uri, fetch
-    finally:
-        fs.delete(uri)
 
 
 def _manifest_text(folder: Path) -> str | None:
