@@ -9,6 +9,7 @@ import dataclasses
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -165,11 +166,19 @@ def build_features(
 
         # staged input for the executors, beside the output (a path they can
         # read); named like a temp folder so a killed run's copy is cleaned up
-        staging = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-spark"
+        staging = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}-spark"
+        missing = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # made for the staging
+        done = False
         try:
             frame = interactions_on_spark(inter, bounds, items, source, cfg, log, staging)
+            done = True
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            for p in missing if not done else []:  # a failed run leaves no folder it made (deepest first)
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
     else:
         frame = _interactions(inter, bounds, items, source, cfg, log)
     sequences = collect(frame.lazy().pipe(T.to_sequences))

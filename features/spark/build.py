@@ -134,8 +134,11 @@ def interactions_on_spark(
         staged = StagedUsers(spark, uri, local)
         flagged, hist = staged.run(scan, *(f.schema for f in scan(example)))
         check_duplicates(flagged, cfg, source.interactions.file, log)
-        check_known_items(event_items, items, source.interactions.file, source.items and source.items.file, event_rows)
-        del event_items, event_rows
+        # of the kept events, as on polars (a dropped duplicate's row is not named)
+        kept = ~event_rows.is_in(flagged[ROW].implode())
+        check_known_items(event_items.filter(kept), items, source.interactions.file, source.items and source.items.file,
+                          event_rows.filter(kept))
+        del event_items, event_rows, kept
 
         def run(step: Callable[[pl.DataFrame], pl.DataFrame]) -> pl.DataFrame:
             return staged.run(step, output_schema(step, example))[0]

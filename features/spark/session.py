@@ -247,8 +247,9 @@ def default_buckets(spark: Any, cfg: SparkConfig, rows: int) -> int:
     return max(2 * spark.sparkContext.defaultParallelism, math.ceil(rows / 2_000_000), 1)
 
 
-# "SomeError: message", also as py4j writes a Java cause: ": org.apache.x.SomeException: message"
-_ERROR_LINE = re.compile(r"^\s*(?::\s*)?(?:[\w$.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+# "SomeError: message", also as py4j writes a Java exception (": org.apache.x.SomeException: message")
+# and its cause ("Caused by: org.apache.x.SomeException: message")
+_ERROR_LINE = re.compile(r"^\s*(?::\s*|Caused by:\s*)?(?:[\w$.]+\.)?(\w*(?:Error|Exception)): (.+)$")
 _WRAPPERS = ("Py4JJavaError", "PythonException", "SparkException")
 
 

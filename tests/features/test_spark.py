@@ -123,6 +123,14 @@ def test_conflicting_duplicates_and_unknown_items_fail_the_same_way(tmp_path):
         messages.append(str(e.value))
         assert not (tmp_path / f"items_{engine}").exists()
     assert messages[0] == messages[1] and "rows 2, 3, 4" in messages[0] and "[11, 12]" in messages[0]
+    # an exact duplicate of an unknown item's row: the dropped copy is not named (it was on Spark)
+    bad.write_text("user_id,item_id,timestamp,rating\n1,12,100,5\n2,10,50,4\n1,12,100,5\n3,13,70,4\n")
+    messages = []
+    for engine in ("polars", "spark"):
+        with pytest.raises(DataError) as e:
+            build_features(dataclasses.replace(cfg, engine=engine), tmp_path / f"dup_{engine}", **QUIET)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1] and "rows 1, 4" in messages[0] and "[12, 13]" in messages[0], messages
     # both faults in one file: the same one is reported first (duplicates, then item ids)
     bad.write_text("user_id,item_id,timestamp,rating\n1,10,100,5\n1,10,100,2\n2,11,50,4\n")
     messages = []
@@ -352,6 +360,9 @@ def test_start_up_errors_name_their_cause_and_key(tmp_path, capsys):
     java = Exception("An error occurred while calling o45.getFileSystem.\n: org.apache.hadoop.fs."
                      "UnsupportedFileSystemException: No FileSystem for scheme \"nosuch\"\n\tat org.x")
     assert one_line(java) == 'UnsupportedFileSystemException: No FileSystem for scheme "nosuch"'
+    caused = Exception("java.lang.IllegalArgumentException: Error while instantiating 'X':\n\tat a.b\n"
+                       "Caused by: org.apache.spark.SparkIllegalArgumentException: bad value 'abc'\n\tat c.d")
+    assert one_line(caused) == "SparkIllegalArgumentException: bad value 'abc'"
     base = ["features", "build", "--source", "synthetic", "--users", "20", "--max-events", "30", "--engine", "spark"]
     rc = main([*base, "--spark-master", "local[0]", "--out", str(tmp_path / "a")])
     err = capsys.readouterr().err
@@ -359,7 +370,10 @@ def test_start_up_errors_name_their_cause_and_key(tmp_path, capsys):
     rc = main([*base, "--spark-master", "bogus", "--out", str(tmp_path / "a")])  # no JVM started for it
     assert rc == 2 and "spark.master must be a Spark master URL" in capsys.readouterr().err
     for section, needle in (({"driver_memory": "lots"}, "spark.driver_memory must be a JVM memory size"),
-                            ({"conf": {"spark.sql.shuffle.partitions": "abc"}}, "cannot start Spark")):
+                            ({"conf": {"spark.sql.shuffle.partitions": "abc"}}, "cannot start Spark"),
+                            # the Java cause names the key and value (it was cut at "SessionStateBuilder':")
+                            ({"conf": {"spark.sql.files.maxPartitionBytes": "abc"}},
+                             "The value 'abc' in the config \"spark.sql.files.maxPartitionBytes\" is invalid")):
         (tmp_path / "cfg.yaml").write_text(json.dumps({"features": {"spark": section}}))
         rc = main([*base, "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "b")])
         err = capsys.readouterr().err
@@ -374,3 +388,21 @@ def test_conf_numbers_and_booleans_reach_spark_as_its_text():
     with spark_session(cfg, "t") as spark:
         assert spark.conf.get("spark.sql.shuffle.partitions") == "3"
         assert spark.conf.get("spark.sql.adaptive.enabled") == "false"  # not Python's "False"
+
+
+def test_a_failed_spark_build_leaves_no_folder_and_ignores_a_stale_staging_of_its_pid(tmp_path):
+    """Found by a probe (2026-11-30): the staging folder made the output's
+    missing parents, which a failed run left behind; and a stale staging
+    folder named with this process's pid (a killed run whose pid came back)
+    failed the build with "File exists"."""
+    bad = tmp_path / "events.csv"
+    bad.write_text("user_id,item_id,timestamp,rating\n1,10,100,5\n1,10,100,2\n")
+    cfg = FeaturesConfig(source="files", interactions=str(bad), engine="spark")
+    with pytest.raises(DataError):
+        build_features(cfg, tmp_path / "new" / "deep" / "out", **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.csv"]
+    good = tmp_path / "good.csv"
+    good.write_text("user_id,item_id,timestamp,rating\n1,10,100,5\n2,11,200,2\n")
+    (tmp_path / f".out.tmp-{os.getpid()}-spark" / "events").mkdir(parents=True)  # the older name, our pid
+    res = build_features(dataclasses.replace(cfg, interactions=str(good)), tmp_path / "out", **QUIET)
+    assert not res.skipped and (tmp_path / "out" / "interactions.parquet").exists()
