@@ -101,43 +101,35 @@ def test_leave_last_out_and_duplicates_same_on_both_engines(tmp_path):
     assert warn[0] == warn[1] and "dropped 7 duplicate rows" in warn[0][0]
 
 
-def test_conflicting_duplicates_and_unknown_items_fail_the_same_way(tmp_path):
-    bad = tmp_path / "events.csv"
-    bad.write_text("user_id,item_id,timestamp,rating\n1,10,100,5\n1,10,100,2\n2,11,50,4\n")
-    cfg = FeaturesConfig(source="files", interactions=str(bad))
+def errors_of_both_engines(cfg, out):
+    """The DataError message of each engine's build of `cfg` (polars, spark); no output left."""
     messages = []
     for engine in ("polars", "spark"):
         with pytest.raises(DataError) as e:
-            build_features(dataclasses.replace(cfg, engine=engine), tmp_path / engine, **QUIET)
+            build_features(dataclasses.replace(cfg, engine=engine), out / engine, **QUIET)
         messages.append(str(e.value))
-        assert not (tmp_path / engine).exists()
+        assert not (out / engine).exists()
+    return messages
+
+
+def test_conflicting_duplicates_and_unknown_items_fail_the_same_way(tmp_path):
+    bad = tmp_path / "events.csv"
+    bad.write_text("user_id,item_id,timestamp,rating\n1,10,100,5\n1,10,100,2\n2,11,50,4\n")
+    messages = errors_of_both_engines(FeaturesConfig(source="files", interactions=str(bad)), tmp_path / "conflict")
     assert messages[0] == messages[1] and "disagree" in messages[0]
     items = tmp_path / "items.csv"
     items.write_text("item_id,text\n10,a\n")
     bad.write_text("user_id,item_id,timestamp,rating\n1,10,100,5\n1,12,200,2\n2,11,50,4\n2,12,60,4\n")
     cfg = FeaturesConfig(source="files", interactions=str(bad), items=str(items))
-    messages = []
-    for engine in ("polars", "spark"):
-        with pytest.raises(DataError) as e:
-            build_features(dataclasses.replace(cfg, engine=engine), tmp_path / f"items_{engine}", **QUIET)
-        messages.append(str(e.value))
-        assert not (tmp_path / f"items_{engine}").exists()
+    messages = errors_of_both_engines(cfg, tmp_path / "items")
     assert messages[0] == messages[1] and "rows 2, 3, 4" in messages[0] and "[11, 12]" in messages[0]
     # an exact duplicate of an unknown item's row: the dropped copy is not named (it was on Spark)
     bad.write_text("user_id,item_id,timestamp,rating\n1,12,100,5\n2,10,50,4\n1,12,100,5\n3,13,70,4\n")
-    messages = []
-    for engine in ("polars", "spark"):
-        with pytest.raises(DataError) as e:
-            build_features(dataclasses.replace(cfg, engine=engine), tmp_path / f"dup_{engine}", **QUIET)
-        messages.append(str(e.value))
+    messages = errors_of_both_engines(cfg, tmp_path / "dup")
     assert messages[0] == messages[1] and "rows 1, 4" in messages[0] and "[12, 13]" in messages[0], messages
     # both faults in one file: the same one is reported first (duplicates, then item ids)
     bad.write_text("user_id,item_id,timestamp,rating\n1,10,100,5\n1,10,100,2\n2,11,50,4\n")
-    messages = []
-    for engine in ("polars", "spark"):
-        with pytest.raises(DataError) as e:
-            build_features(dataclasses.replace(cfg, engine=engine), tmp_path / f"both_{engine}", **QUIET)
-        messages.append(str(e.value))
+    messages = errors_of_both_engines(cfg, tmp_path / "both")
     assert messages[0] == messages[1] and "disagree" in messages[0]
 
 
