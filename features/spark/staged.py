@@ -43,7 +43,7 @@ def stage_by_user(events: pl.DataFrame, n: int, folder: Path) -> None:
     folder.mkdir(parents=True)
     if not events.height:
         return
-    per_user = events.group_by(S.USER_ID).len().sort(S.USER_ID)
+    per_user = events.group_by(S.USER_ID).agg(pl.len().cast(pl.Int64).alias("len")).sort(S.USER_ID)  # no UInt32 wrap
     before = per_user["len"].cum_sum() - per_user["len"]  # the events of the users before each user
     first = per_user.filter((before * n // events.height).is_first_distinct())[S.USER_ID]  # each range's first user
     bucket = (first.search_sorted(events[S.USER_ID], side="right") - 1).alias("__bucket")

@@ -24,7 +24,7 @@ def events_frame(seed: int, n: int, users: int) -> pl.DataFrame:
     })
 
 
-@pytest.mark.parametrize("n", [1, 3, 7, 60])
+@pytest.mark.parametrize("n", [1, 3, 7, 60, 10**7])
 @pytest.mark.parametrize("users", [1, 5, 40])
 def test_staged_files_hold_whole_users_in_ranges_and_input_order(tmp_path, n, users):
     pytest.importorskip("pyarrow")
