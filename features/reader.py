@@ -20,7 +20,7 @@ import polars as pl
 from features import schemas as S
 from features.core.errors import DataError, SchemaError, UsageError
 from features.core.fingerprint import file_fingerprint
-from features.core.manifest import folder_fingerprint, read_manifest
+from features.core.manifest import folder_fingerprint, output_info, read_manifest
 
 # declared columns of each file a reader may ask for; match features are the
 # keys plus any number of numeric `mf_` columns
@@ -124,7 +124,8 @@ def check_manifest(path: str | Path) -> None:
         job = manifest.get("job", "the job that wrote it")
         # the jobs whose name is their command (spelt in parts: features never names a distill module)
         commands = {("features", "build"), ("features", "match"), ("distill", "train"), ("distill", "eval")}
-        command = f"recsys {' '.join(tuple(job.split('.')))}" if tuple(job.split(".")) in commands else None
+        parts = tuple(job.split("."))
+        command = f"recsys {' '.join(parts)}" if parts in commands else None
         rerun = f"`{command} ... --force`" if command else "that job"
         raise DataError(f"changed since `{job}` wrote it (its bytes differ from {path.parent / 'manifest.json'}): "
                         f"rerun {rerun} into this folder rather than editing its outputs", file=str(path))
@@ -138,7 +139,7 @@ def check_match_upstream(match_file: str | Path, features_dir: str | Path) -> No
     match_file, features_dir = Path(match_file), Path(features_dir)
     upstream = ((read_manifest(match_file.parent) or {}).get("key") or {}).get("upstream", {})
     used = upstream.get("interactions")
-    have = ((read_manifest(features_dir) or {}).get("outputs") or {}).get(S.FILES["interactions"], {}).get("fingerprint")
+    have = output_info(features_dir, S.FILES["interactions"]).get("fingerprint")
     if used is None and upstream.get("features"):
         # an out-of-fold folder keys on the whole features folder's fingerprint (it was not checked before 2026-11-30)
         used, have = upstream["features"], folder_fingerprint(features_dir)

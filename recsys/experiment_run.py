@@ -176,10 +176,9 @@ def segments_fingerprint(features: Path | None) -> str | None:
     which the segments are read from; None when unknown."""
     if features is None:
         return None
-    from features.core.manifest import read_manifest
+    from features.core.manifest import output_info
 
-    info = ((read_manifest(features) or {}).get("outputs") or {}).get(S.FILES["interactions"]) or {}
-    return info.get("fingerprint")
+    return output_info(features, S.FILES["interactions"]).get("fingerprint")
 
 
 def with_segments(frame: pl.DataFrame, features: Path | None,

@@ -36,6 +36,7 @@ from features.core.manifest import (
     atomic_outputs,
     folder_fingerprint,
     is_up_to_date,
+    output_info,
     read_manifest,
     write_manifest,
     write_parquet,
@@ -80,7 +81,7 @@ def oof_match_features(job: Any, tracker: Tracker | None, out: Path, *, force: b
 
     tracker = tracker or NullTracker()
     folds = job.config.folds
-    users = int(((read_manifest(job.features) or {}).get("outputs") or {}).get(S.FILES["sequences"], {}).get("rows", 0))
+    users = int(output_info(job.features, S.FILES["sequences"]).get("rows", 0))
     if users and folds > users:  # checked before any work: each fold holds whole users
         raise UsageError(f"match.folds (--folds) {folds}: more folds than the {users:,} users of {job.features}; "
                          f"use at most {users:,}")

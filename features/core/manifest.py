@@ -56,6 +56,12 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def output_info(folder: str | Path, name: str) -> dict[str, Any]:
+    """What the manifest of `folder` records of its output file `name`
+    (rows, fingerprint, schema); {} when there is no such record."""
+    return ((read_manifest(folder) or {}).get("outputs") or {}).get(name) or {}
+
+
 def outputs_fingerprint(manifest: Mapping[str, Any] | None) -> str:
     """One fingerprint of a manifest's outputs ("" when it lists none)."""
     outputs = (manifest or {}).get("outputs") or {}
