@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from features.core.config import deep_merge, from_dict, load_mapping
-from features.core.errors import ConfigError
+from features.core.errors import ConfigError, UsageError
 from recsys.config import PipelineConfig
 from recsys.eval.metrics import METRICS
 
@@ -32,6 +32,13 @@ from recsys.eval.metrics import METRICS
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 MIN_BOOT = 100  # fewer bootstrap replicates give no usable 95% interval
 MAX_BOOT = 10_000  # a replicate costs a row of (replicates x users) counts; 10k resolve p = 1e-4 (Holm over 500 tests)
+
+
+def check_n_boot(n_boot: int, name: str = "--n-boot") -> None:
+    """UsageError unless MIN_BOOT <= n_boot <= MAX_BOOT (`name`: how the caller spells it)."""
+    if not MIN_BOOT <= n_boot <= MAX_BOOT:
+        raise UsageError(f"{name} {n_boot}: need {MIN_BOOT} to {MAX_BOOT} bootstrap replicates "
+                         "(fewer give no usable 95% interval; more only cost memory)")
 
 
 def check_experiment_name(name: str, what: str = "experiment") -> str:

@@ -32,7 +32,7 @@ from features.core.tracker import Tracker
 from recsys.compare import ALL, KEY, NEW_USER, ArmPredictions, CompareRow, compare_arms, format_rows
 from recsys.config import PipelineConfig
 from recsys.eval.metrics import METRICS
-from recsys.experiment import MAX_BOOT, MIN_BOOT, LoadedExperiment, load_experiment
+from recsys.experiment import LoadedExperiment, check_n_boot, load_experiment
 from recsys.pipeline import Pipeline
 from recsys.tracking.config import TrackingConfig
 
@@ -314,8 +314,8 @@ def compare_experiment(
     predictions; log it (plot included) to a new run. Returns rows and control."""
     from recsys.tracking import open_pipeline_run
 
-    if n_boot is not None and not MIN_BOOT <= n_boot <= MAX_BOOT:
-        raise UsageError(f"n_boot {n_boot}: need {MIN_BOOT} to {MAX_BOOT} bootstrap replicates")
+    if n_boot is not None:
+        check_n_boot(n_boot, "n_boot")
     preds, parent = load_experiment_predictions(tracking_cfg, name)
     spec = _parent_spec(tracking_cfg, parent)
     metrics = metrics or tuple(spec.get("metrics", DEFAULT_METRICS))

@@ -42,11 +42,9 @@ def _lightgbm(args: argparse.Namespace) -> int:
     from recsys.stages import run_lightgbm
     from recsys.tracking import open_pipeline_run
 
-    from recsys.experiment import MAX_BOOT, MIN_BOOT
+    from recsys.experiment import check_n_boot
 
-    if not MIN_BOOT <= args.n_boot <= MAX_BOOT:  # as `experiment compare`: a handful of replicates marks noise significant
-        raise UsageError(f"--n-boot {args.n_boot}: need {MIN_BOOT} to {MAX_BOOT} bootstrap replicates "
-                         "(fewer give no usable 95% interval; more only cost memory)")
+    check_n_boot(args.n_boot)  # as `experiment compare`: a handful of replicates marks noise significant
     if args.lift and (args.match_features is None or args.no_match):
         raise UsageError("--lift compares with and without match features: give --match-features (and no --no-match)")
     overrides: dict = {"paths": {"features": args.features}}

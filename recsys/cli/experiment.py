@@ -62,15 +62,14 @@ def _compare(args: argparse.Namespace) -> int:
     from recsys.config import load_pipeline_config
     from features.core.errors import UsageError
     from recsys.eval.metrics import METRICS
-    from recsys.experiment import MAX_BOOT, MIN_BOOT, check_experiment_name
+    from recsys.experiment import check_experiment_name, check_n_boot
     from recsys.experiment_run import compare_experiment
 
     check_experiment_name(args.name, "experiment compare")
     if args.fail_on_regression and args.fail_on_regression not in METRICS:
         raise UsageError(f"--fail-on-regression: unknown metric {args.fail_on_regression!r}; known: {', '.join(METRICS)}")
-    if args.n_boot is not None and not MIN_BOOT <= args.n_boot <= MAX_BOOT:
-        raise UsageError(f"--n-boot {args.n_boot}: need {MIN_BOOT} to {MAX_BOOT} bootstrap replicates "
-                         f"(fewer give no usable 95% interval; more only cost memory)")
+    if args.n_boot is not None:
+        check_n_boot(args.n_boot)
     tracking = load_pipeline_config(args.config).tracking
     rows, control = compare_experiment(tracking, args.name, control=args.control, n_boot=args.n_boot)
     gate = rows
