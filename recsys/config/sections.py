@@ -143,10 +143,9 @@ class RankerConfig:
             sizes = getattr(self, name)
             if not sizes or any(s < 1 for s in sizes):
                 raise ValueError(f"{name} must be a non-empty list of positive sizes, got {list(sizes)}")
-        for name in ("click_weight", "lt_weight"):  # a 0 weight leaves its head untrained, yet scored and reported
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 (both heads are trained and evaluated: a head with weight 0 "
-                                 f"would report an untrained head's metrics), got {getattr(self, name)}")
+        # a 0 weight leaves its head untrained, yet scored and reported
+        need(self, ("click_weight", "lt_weight"), lambda v: v > 0,
+             "> 0 (both heads are trained and evaluated: a head with weight 0 would report an untrained head's metrics)")
         if not self.init_std > 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
 
