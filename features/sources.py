@@ -229,6 +229,38 @@ def scan_table(path: str | Path) -> pl.LazyFrame:
     return _scan(Path(path))[0]
 
 
+# bytes read from a CSV's end to count its trailing blank lines
+_TAIL_BYTES = 1 << 16
+
+
+def trailing_blank_lines(p: Path) -> int:
+    """Empty lines ("" or a lone CR) at the end of CSV file `p`, after its
+    last record's line end. polars reads each as a row of nulls (pandas
+    skips them); editors and exports often leave a few. 0 when the file's
+    last 64 KiB hold nothing but blank lines (then the rows stay, and a
+    null-value error names them)."""
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        f.seek(max(0, size - _TAIL_BYTES))
+        tail = f.read()
+    lines = tail.split(b"\n")
+    if lines[-1] in (b"", b"\r"):  # the last line's end (or a final blank line without one)
+        lines.pop()
+    n = 0
+    while n < len(lines) and lines[-1 - n] in (b"", b"\r"):
+        n += 1
+    return 0 if n == len(lines) else n
+
+
+def _drop_blank_tail(lf: pl.LazyFrame, p: Path) -> tuple[pl.LazyFrame, str | None]:
+    """`lf` without the rows of `p`'s trailing blank lines, and a note saying so (None if none)."""
+    n = trailing_blank_lines(p)
+    if not n:
+        return lf, None
+    keep = pl.int_range(pl.len(), dtype=pl.Int64) < pl.len().cast(pl.Int64) - n
+    return lf.filter(keep), f"{p}: {n:,} blank line{'s' if n > 1 else ''} at the end of the file skipped (no values)"
+
+
 def pandas_categories(p: Path) -> tuple[str, ...]:
     """The columns of parquet file `p` that pandas wrote from a `category`
     dtype (its schema metadata says so). Polars reads a category of numbers
@@ -244,8 +276,9 @@ def pandas_categories(p: Path) -> tuple[str, ...]:
                  if isinstance(c, dict) and c.get("pandas_type") == "categorical" and c.get("name") is not None)
 
 
-def _scan(p: Path) -> tuple[pl.LazyFrame, bool]:
-    """`scan_table`'s frame and whether it was read from CSV."""
+def _scan(p: Path) -> tuple[pl.LazyFrame, bool, str | None]:
+    """`scan_table`'s frame, whether it was read from CSV, and a note for the
+    user (trailing blank CSV lines skipped) or None."""
     if not p.exists():
         raise UsageError(f"input file {p} does not exist")
     if p.is_dir():
@@ -264,7 +297,7 @@ def _scan(p: Path) -> tuple[pl.LazyFrame, bool]:
             lf.head(1).collect()
         except Exception as e:  # polars raises several types for corrupt files
             raise DataError(f"not a readable parquet file ({type(e).__name__}: {e})", file=str(p)) from e
-        return lf, False
+        return lf, False, None
     if suffix in {".csv", ".tsv", ".txt"}:
         sep = "\t" if suffix == ".tsv" else ","
         if p.stat().st_size == 0:
@@ -281,15 +314,19 @@ def _scan(p: Path) -> tuple[pl.LazyFrame, bool]:
         repeated = sorted({n.split("_duplicated_")[0] for n in names if "_duplicated_" in n} & set(names))
         if repeated:
             raise DataError(f"the header names a column more than once: {', '.join(repeated)}", file=str(p), column=repeated[0])
-        return lf, True
+        lf, note = _drop_blank_tail(lf, p)
+        return lf, True, note
     raise UsageError(f"input file {p}: unsupported extension {suffix!r} (use .parquet or .csv)")
 
 
 def load_files(interactions: str | Path, items: str | Path | None = None, text_column: str = S.TEXT) -> RawSource:
-    inter = RawTable(scan_table(interactions), str(interactions), file_fingerprint(interactions))
+    inter_lf, _, inter_note = _scan(Path(interactions))
+    inter = RawTable(inter_lf, str(interactions), file_fingerprint(interactions))
+    notes = [inter_note]
     item_table = None
     if items is not None:
-        lf, from_csv = _scan(Path(items))
+        lf, from_csv, items_note = _scan(Path(items))
+        notes.append(items_note)
         cols = lf.collect_schema().names()
         if text_column != S.TEXT and text_column not in cols:
             strings = S.text_columns(lf.collect_schema())
@@ -303,7 +340,7 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
         if text_column != S.TEXT:
             categories = tuple(c for c in categories if c not in (S.TEXT, text_column))
         item_table = RawTable(lf, str(items), file_fingerprint(items), from_csv=from_csv, categories=categories)
-    return RawSource(name="files", interactions=inter, items=item_table)
+    return RawSource(name="files", interactions=inter, items=item_table, notes=tuple(n for n in notes if n))
 
 
 __all__ = [

@@ -253,3 +253,27 @@ def test_spark_flags_without_the_spark_engine_are_a_usage_error(tmp_path, capsys
     rc, err, out = _run(tmp_path, capsys, GOOD, extra=("--spark-master", "local[2]"))
     assert rc == 2 and "--spark-master applies to --engine spark (this run's engine is polars)" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("tail", ["\n\n", "\n\n\n", "\r\n\r\n", "\n\r\n"], ids=["one", "two", "crlf", "mixed"])
+def test_trailing_blank_csv_lines_are_skipped_with_a_note(tmp_path, capsys, tail):
+    """Refused before (2026-12-01) as "null value" rows: polars reads each
+    blank line as a row of nulls, and exports often leave some at the end."""
+    body = GOOD.rstrip("\n").replace("\n", "\r\n" if tail.startswith("\r") else "\n")
+    inter = tmp_path / "events.csv"
+    inter.write_bytes((body + tail).encode())
+    items = tmp_path / "items.csv"
+    items.write_bytes(b"item_id,text\n10,a\n11,b\n12,c\n\n")
+    out = tmp_path / "out"
+    rc = main(["features", "build", "--source", "files", "--interactions", str(inter), "--items", str(items), "--out", str(out)])
+    said = "".join(capsys.readouterr())
+    assert rc == 0, said
+    n_blank = tail.count("\n") - 1
+    assert f"{n_blank} blank line" in said and "events.csv" in said and "items.csv: 1 blank line" in said
+    assert pl.read_parquet(out / "interactions.parquet").height == 5
+    assert pl.read_parquet(out / "items.parquet").height == 3
+
+
+def test_a_blank_line_between_rows_is_still_refused_with_its_row(tmp_path, capsys):
+    rc, err, out = _run(tmp_path, capsys, GOOD.replace("\n1,11", "\n\n1,11", 1))
+    assert rc == 1 and "row 2" in err and "null value" in err and _nothing_written(out)
