@@ -236,7 +236,7 @@ def validate_interactions(
         if stats[f"{col}__n_text"] > stats[f"{col}__n_ids"]:
             _raise_merged_ids(frame, table, col)
     bounds = {c: (stats[f"{c}__min"], stats[f"{c}__max"]) for c in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP)}
-    _check_timestamp_unit(frame.lazy(), table, bounds[S.TIMESTAMP], timestamp_unit)
+    _check_timestamp_unit(frame.lazy(), table, bounds[S.TIMESTAMP], timestamp_unit, isinstance(ts_dtype, (pl.Datetime, pl.Date)))
     per_s = UNIT_PER_S[timestamp_unit]
     if per_s > 1:
         _warn_merged_by_flooring(frame, table, per_s, timestamp_unit, log)
@@ -340,23 +340,25 @@ def first_non_utf8_line(path: str) -> int | None:
     return None
 
 
-def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int, int], unit: str) -> None:
+def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int, int], unit: str, dated: bool) -> None:
     """Refuse timestamps that are implausible in `unit`: after 2200; all of
     them within January 1970 while a coarser unit puts them in 1980..2200;
     or some within January 1970 beside others from 1980 on (a row in another
     unit, or a 0 standing for a missing time). The message names the unit
     they look like when there is one. (Relative times, all of them small,
-    pass: only the mix with calendar times is refused.)"""
+    pass: only the mix with calendar times is refused.) A `dated` column (a
+    parquet datetime or date) has its own unit: no other unit is suggested."""
     lo, hi = bounds
     per_s = UNIT_PER_S[unit]
     guess: str | None = None
     hint: str | None = None
     if hi > MAX_TS_S * per_s:
         finer = [u for u, f in UNIT_PER_S.items() if f > per_s and hi <= MAX_TS_S * f]
-        guess = finer[0] if finer else None
+        guess = finer[0] if finer and not dated else None
         bad = pl.col(S.TIMESTAMP) > MAX_TS_S * per_s
-        what = f"timestamps after the year 2200 when read as {UNIT_NAMES[unit]}"
-    elif per_s > 1 and hi < JANUARY_1970_S * per_s:
+        what = "dates after the year 2200" if dated else f"timestamps after the year 2200 when read as {UNIT_NAMES[unit]}"
+        hint = "fix or drop those rows (a placeholder such as 9999-12-31 for a missing date?)" if dated else None
+    elif not dated and per_s > 1 and hi < JANUARY_1970_S * per_s:
         coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and lo >= YEAR_1980_S * f and hi <= MAX_TS_S * f]
         if not coarser:
             return
@@ -369,12 +371,8 @@ def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[in
         hint = "fix or drop those rows (a row in another unit, or 0 written for a missing time?)"
     else:
         return
-    found = (
-        typed.filter(bad)
-        .select(pl.len().alias("n"), pl.col(ROW).head(_SHOW).implode(), pl.col(S.TIMESTAMP).first())
-        .collect()
-        .row(0, named=True)
-    )
+    found = typed.filter(bad).select(pl.len().alias("n"), pl.col(ROW).head(_SHOW).implode(), pl.col(
+        f"__raw_{S.TIMESTAMP}" if dated else S.TIMESTAMP).first().alias(S.TIMESTAMP)).collect().row(0, named=True)
     rows = [r + table.row_offset for r in found[ROW]]
     first = found[S.TIMESTAMP]
     more = f" ({found['n']} rows in all)" if found["n"] > len(rows) else ""
@@ -384,7 +382,7 @@ def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[in
             f"(config features.timestamp_unit: {guess})"
         )
     hint = hint or "no unit (s, ms, us, ns) makes them plausible dates: check the column"
-    raise DataError(f"{what} (e.g. {first}, unit {unit}){more}; {hint}", file=table.file, column=S.TIMESTAMP, rows=rows)
+    raise DataError(f"{what} (e.g. {first}{'' if dated else f', unit {unit}'}){more}; {hint}", file=table.file, column=S.TIMESTAMP, rows=rows)
 
 
 def validate_items(table: RawTable) -> pl.DataFrame:

@@ -277,3 +277,16 @@ def test_trailing_blank_csv_lines_are_skipped_with_a_note(tmp_path, capsys, tail
 def test_a_blank_line_between_rows_is_still_refused_with_its_row(tmp_path, capsys):
     rc, err, out = _run(tmp_path, capsys, GOOD.replace("\n1,11", "\n\n1,11", 1))
     assert rc == 1 and "row 2" in err and "null value" in err and _nothing_written(out)
+
+
+def test_a_parquet_date_past_2200_is_named_as_a_date_without_a_unit_hint(tmp_path, capsys):
+    """Before (2026-12-01) the message said the dates "look like
+    milliseconds: use --timestamp-unit ms", which a datetime column ignores."""
+    import datetime as dt
+
+    path = tmp_path / "dates.parquet"
+    pl.DataFrame({"user_id": [1, 1, 2], "item_id": [10, 11, 10], "rating": [5, 3, 4],
+                  "timestamp": [dt.datetime(2009, 5, 4), dt.datetime(9999, 12, 31), dt.datetime(2009, 5, 6)]}).write_parquet(path)
+    rc, err, out = _run(tmp_path, capsys, inter_path=path)
+    assert rc == 1 and "row 2" in err and "dates after the year 2200" in err and "9999-12-31" in err, err
+    assert "timestamp-unit" not in err and _nothing_written(out)
