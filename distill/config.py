@@ -223,9 +223,16 @@ class DistillConfig:
         """The keys that change the trained student (eval-only keys dropped)."""
         from features.core.config import to_dict
 
-        d = to_dict(self)
-        for k in ("eval_ks", "index", "diag_k", "diag_clusters", "cache_dir", "progress", "threads", "max_empty_text_share", "two_tower"):
-            d.pop(k)
-        if not self.w_geo:  # L_geo off: the key (hence cached students) as before it existed
-            del d["w_geo"], d["geo_temperature"]
-        return d
+        return training_key_of(to_dict(self))
+
+
+EVAL_ONLY_KEYS = ("eval_ks", "index", "diag_k", "diag_clusters", "cache_dir", "progress", "threads",
+                  "max_empty_text_share", "two_tower")
+
+
+def training_key_of(d: dict) -> dict:
+    """`DistillConfig.training_key` of a config dict (as a manifest records it)."""
+    d = {k: v for k, v in d.items() if k not in EVAL_ONLY_KEYS}
+    if not d.get("w_geo"):  # L_geo off: the key (hence cached students) as before it existed
+        d.pop("w_geo", None), d.pop("geo_temperature", None)
+    return d

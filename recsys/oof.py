@@ -30,7 +30,7 @@ from typing import Any
 import polars as pl
 
 from features import schemas as S
-from features.core.config import to_dict
+from features.core.config import flatten, to_dict
 from features.core.errors import UsageError
 from features.core.manifest import (
     atomic_outputs,
@@ -72,6 +72,49 @@ def fold_view(features: Path, k: int, folds: int, out: Path) -> Path:
     return out
 
 
+def _differences(want: dict[str, Any], got: dict[str, Any], section: str) -> list[str]:
+    want, got = flatten(want), flatten(got)
+    return [f"{section}.{k}: {got.get(k, '(unset)')!r}, the config says {want.get(k, '(unset)')!r}"
+            for k in sorted(set(want) | set(got)) if k.split(".")[-1] != "seed" and want.get(k) != got.get(k)]
+
+
+def check_embeddings_provenance(job: Any, log: Callable[[str], None] = print) -> None:
+    """UsageError unless `job.embeddings` came from `distill eval` on
+    `job.features` with the student and teachers the config describes (seeds
+    aside): valid and test rows take their features from those embeddings,
+    train rows from fold students trained per the config, so any other
+    student shifts train rows against valid/test. Embeddings without a
+    distill manifest beside them (a file of your own) cannot be checked: a
+    warning says so."""
+    from distill.config import training_key_of
+    from distill.jobs.artifacts import JOB_EVAL, JOB_TRAIN
+
+    emb = Path(job.embeddings)
+    made = read_manifest(emb.parent) or {}
+    if made.get("job") not in (JOB_EVAL, JOB_TRAIN) or made.get("outputs", {}).get(emb.name) is None:
+        log(f"warning: {emb}: no distill manifest beside it, so out-of-fold match cannot check that it came from "
+            "the config's distill and teachers sections; the fold students follow the config, and another "
+            "student would shift train rows against valid/test")
+        return
+    if made["job"] == JOB_TRAIN:
+        raise UsageError(f"--embeddings {emb} came from `recsys distill train` (every item trained on), but the fold "
+                         "students follow `recsys distill eval`'s protocol (test-cold and pseudo-cold items held "
+                         "out): pass the item_embeddings.parquet of `recsys distill eval` with the same config")
+    wanted = {S.FILES[n] for n in ("interactions", "sequences", "items")}
+    ours = {k: v.get("fingerprint") for k, v in (read_manifest(job.features) or {}).get("outputs", {}).items() if k in wanted}
+    theirs = {k: v for k, v in made.get("key", {}).get("upstream", {}).items() if k in wanted}
+    if ours != theirs:
+        raise UsageError(f"--embeddings {emb} was distilled from other features than {job.features}: out-of-fold "
+                         "train rows would come from students of these features, valid/test rows from that one")
+    diffs = _differences(training_key_of(to_dict(job.oof.distill)), training_key_of(made.get("config", {})), "distill")
+    diffs += _differences(to_dict(job.oof.teachers), made.get("teachers", {}), "teachers")
+    if diffs:
+        shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+        raise UsageError(f"--embeddings {emb} came from a student trained otherwise than the config's (--config) "
+                         f"fold students would be ({shown}): valid/test rows would take features from one student, "
+                         "train rows from another; rerun `recsys distill eval` with this config, or pass its config")
+
+
 def oof_match_features(job: Any, tracker: Tracker | None, out: Path, *, force: bool = False,
                        log: Callable[[str], None] = print, progress: bool = True) -> tuple[dict[str, Any], bool]:
     """Run the out-of-fold match job `job` (a MatchJob with `oof` set) into
@@ -86,6 +129,7 @@ def oof_match_features(job: Any, tracker: Tracker | None, out: Path, *, force: b
         raise UsageError(f"match.folds (--folds) {folds}: more folds than the {users:,} users of {job.features}; "
                          f"use at most {users:,}")
     distill = job.oof
+    check_embeddings_provenance(job, log)
     key = stage_key(JOB, {"match": job.config.relevant(), "teachers": to_dict(distill.teachers),
                           "distill": to_dict(distill.distill)},
                     {"features": folder_fingerprint(job.features), "embeddings": folder_fingerprint(job.embeddings)})
@@ -135,4 +179,4 @@ def oof_match_features(job: Any, tracker: Tracker | None, out: Path, *, force: b
     return manifest, False
 
 
-__all__ = ["JOB", "fold_view", "oof_match_features"]
+__all__ = ["JOB", "check_embeddings_provenance", "fold_view", "oof_match_features"]

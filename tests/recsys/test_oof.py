@@ -105,3 +105,40 @@ def test_fewer_folds_into_the_same_folder_remove_the_stale_folds(oof_run, tmp_pa
     job = plan_match(cfg, features=feats, embeddings=root / "distill" / "item_embeddings.parquet")
     run_match(job, None, out, log=lambda _m: None, progress=False, force=True)
     assert sorted(p.name for p in (out / "folds").iterdir()) == ["k0", "k1"]
+
+
+def test_embeddings_of_another_student_are_refused(oof_run, tmp_path):
+    """Before (2026-12-01) --folds took any embeddings: valid/test rows then
+    came from one student, train rows from fold students of another config."""
+    import json
+    import shutil
+
+    from features.core.errors import UsageError
+    from recsys.oof import check_embeddings_provenance
+
+    root, feats, _ = oof_run
+    emb = root / "distill" / "item_embeddings.parquet"
+    plan = lambda over, e=emb: plan_match(  # noqa: E731
+        load_pipeline_config(DEBUG, {"match": {"folds": 2}, "tracking": {"enabled": False}, **over}), features=feats, embeddings=e)
+    said: list[str] = []
+    check_embeddings_provenance(plan({}), said.append)  # its own config: fine, silent
+    check_embeddings_provenance(plan({"seed": 7}), said.append)  # another seed: same student recipe
+    check_embeddings_provenance(plan({"distill": {"progress": False}}), said.append)  # an eval-only key
+    assert said == []
+    with pytest.raises(UsageError, match=r"distill\.w_id2i: 3\.0, the config says 1\.0"):
+        check_embeddings_provenance(plan({"distill": {"w_id2i": 1.0}}))
+    with pytest.raises(UsageError, match=r"teachers\.id2item\.epochs: 3, the config says 9"):
+        check_embeddings_provenance(plan({"teachers": {"id2item": {"epochs": 9}}}))
+    # a file of your own (no manifest beside it): a warning, not a refusal
+    own = tmp_path / "own" / "vectors.parquet"
+    own.parent.mkdir()
+    shutil.copyfile(emb, own)
+    check_embeddings_provenance(plan({}, own), said.append)
+    assert len(said) == 1 and "cannot check" in said[0]
+    # `distill train`'s embeddings: every item trained on, unlike the fold students
+    copied = tmp_path / "train"
+    shutil.copytree(root / "distill", copied, ignore=shutil.ignore_patterns("teachers", "student"))
+    manifest = json.loads((copied / "manifest.json").read_text())
+    (copied / "manifest.json").write_text(json.dumps(manifest | {"job": "distill.train"}))
+    with pytest.raises(UsageError, match="came from `recsys distill train`"):
+        check_embeddings_provenance(plan({}, copied / "item_embeddings.parquet"))
