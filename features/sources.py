@@ -208,7 +208,7 @@ def _check_keys(frame: pl.LazyFrame, file: str, checks: list[tuple[pl.Expr, str,
     try:
         found = frame.with_row_index("__row").select(aggs).collect().row(0, named=True)
     except (pl.exceptions.ComputeError, OSError) as e:  # not UTF-8, ragged lines
-        raise DataError(f"cannot be read ({str(e).strip().splitlines()[0]})", file=file) from e
+        raise DataError(f"cannot be read ({str(e).strip().splitlines()[0]}){quote_hint(e)}", file=file) from e
     for i, (_, column, message) in enumerate(checks):
         n, rows = found[f"n{i}"], found[f"rows{i}"]
         if n:
@@ -227,6 +227,54 @@ def scan_table(path: str | Path) -> pl.LazyFrame:
     fails to parse instead of a parser error without a row.
     """
     return _scan(Path(path))[0]
+
+
+# what most malformed CSVs hold; polars names neither the line nor the column
+QUOTE_HINT = ('; a common cause: a " inside a field that is not quoted (12" vinyl), or a quoted field '
+              'not closed: quote the whole field and double the quotes inside ("12"" vinyl")')
+
+
+def quote_hint(e: Exception) -> str:
+    """QUOTE_HINT for a CSV parser error that looks like a quoting problem, else ""."""
+    text = str(e).lower()
+    return QUOTE_HINT if "malformed" in text or "quot" in text else ""
+
+
+def check_short_rows(p: Path) -> None:
+    """DataError naming the first record of CSV `p` with fewer fields than its
+    header. polars reads the missing trailing fields as null, so "88,c3"
+    under "item_id,text,category" gives item 88 the text "c3": the values
+    after a dropped field land in the wrong columns. One pass of Python's csv
+    reader (quotes and embedded newlines handled); blank lines are left to
+    the other checks. A file the csv module cannot parse is left to polars."""
+    import csv
+
+    try:
+        with open(p, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.reader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+            header = next(reader, [])
+            for number, row in enumerate(reader, start=1):
+                if row and len(row) < len(header):
+                    raise DataError(
+                        f"{len(row)} fields (line {reader.line_num} of the file), the header has {len(header)}: the "
+                        "values after a missing field would land in the wrong columns; write an empty field for a "
+                        "missing value (88,,c3)", file=str(p), column=header[len(row)], rows=[number])
+    except (OSError, csv.Error):
+        return
+
+
+def found_columns(names: list[str]) -> str:
+    """"found columns: ..." for a missing-column message, with a hint when the
+    header looks like another separator's or holds spaces around names."""
+    shown = ", ".join(repr(n) if n != n.strip() else n for n in names) or "(none)"
+    seps = [sep for sep in (";", "\t", "|") if any(sep in n for n in names)]
+    if len(names) == 1 and seps:
+        return (f"found one column {names[0]!r}: the file looks separated by {seps[0]!r}, not ','; save it "
+                "comma-separated (or tab-separated as .tsv)")
+    spaced = [n for n in names if n != n.strip()]
+    if spaced:
+        return f"found columns: {shown}; names with spaces around them ({spaced[0]!r}) do not match: remove the spaces"
+    return f"found columns: {shown}"
 
 
 # bytes read from a CSV's end to count its trailing blank lines
@@ -308,7 +356,7 @@ def _scan(p: Path) -> tuple[pl.LazyFrame, bool, str | None]:
             lf = pl.scan_csv(p, separator=sep, infer_schema=False)
             names = lf.collect_schema().names()
         except Exception as e:
-            raise DataError(f"not a readable CSV file ({type(e).__name__}: {e})", file=str(p)) from e
+            raise DataError(f"not a readable CSV file ({type(e).__name__}: {e}){quote_hint(e)}", file=str(p)) from e
         # polars renames a repeated header name to NAME_duplicated_K: which
         # of the two columns is meant cannot be guessed
         repeated = sorted({n.split("_duplicated_")[0] for n in names if "_duplicated_" in n} & set(names))
@@ -316,7 +364,8 @@ def _scan(p: Path) -> tuple[pl.LazyFrame, bool, str | None]:
             raise DataError(f"the header names a column more than once: {', '.join(repeated)}", file=str(p), column=repeated[0])
         lf, note = _drop_blank_tail(lf, p)
         return lf, True, note
-    raise UsageError(f"input file {p}: unsupported extension {suffix!r} (use .parquet or .csv)")
+    raise UsageError(f"input file {p}: unsupported extension {suffix!r} (use .parquet, .csv or .txt "
+                     "(comma-separated), or .tsv (tab-separated); a compressed file: decompress it first)")
 
 
 def load_files(interactions: str | Path, items: str | Path | None = None, text_column: str = S.TEXT) -> RawSource:
@@ -336,6 +385,8 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
             if S.TEXT in cols:
                 lf = lf.drop(S.TEXT)
             lf = lf.rename({text_column: S.TEXT})
+        if from_csv:
+            check_short_rows(Path(items))
         categories = () if from_csv else pandas_categories(Path(items))
         if text_column != S.TEXT:
             categories = tuple(c for c in categories if c not in (S.TEXT, text_column))
@@ -344,6 +395,6 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
 
 
 __all__ = [
-    "RawSource", "RawTable", "SyntheticConfig", "generate_interests", "generate_synthetic", "load_files",
+    "RawSource", "RawTable", "SyntheticConfig", "check_short_rows", "found_columns", "quote_hint", "generate_interests", "generate_synthetic", "load_files",
     "load_movielens100k", "load_movielens1m", "movielens100k_dir", "movielens1m_dir", "ml1m_item_ids", "scan_table",
 ]

@@ -14,7 +14,7 @@ import polars as pl
 
 from features import schemas as S
 from features.core.errors import DataError, SchemaError
-from features.sources import RawTable
+from features.sources import RawTable, found_columns, quote_hint
 
 ROW = "__row"  # 0-based position in the input file; reported 1-based
 _SHOW = 5  # rows shown per problem
@@ -147,7 +147,7 @@ def validate_interactions(
     schema = lf.collect_schema()
     for col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP):
         if col not in schema:
-            raise SchemaError(f"missing required column; found columns: {', '.join(schema.names()) or '(none)'}",
+            raise SchemaError(f"missing required column; {found_columns(schema.names())}",
                               file=table.file, column=col)
     if S.RATING not in schema and S.LABEL not in schema:
         raise SchemaError(
@@ -304,7 +304,7 @@ def collect_or_raise(lf: pl.LazyFrame, table: RawTable) -> pl.DataFrame:
             where = f" (line {line} of the file, the header being line 1)" if line else ""
             raise DataError(f"the file is not UTF-8 text{where}: save it as UTF-8", file=table.file) from e
         line = first_ragged_line(table.file) if "more fields" in msg.lower() else None
-        where = f" (line {line} of the file has more fields than the header)" if line else ""
+        where = f" (line {line} of the file has more fields than the header)" if line else quote_hint(e)
         raise DataError(f"cannot be read ({msg}){where}", file=table.file) from e
 
 
@@ -390,7 +390,7 @@ def validate_items(table: RawTable) -> pl.DataFrame:
     lf = table.frame
     schema = lf.collect_schema()
     if S.ITEM_ID not in schema:
-        raise SchemaError(f"missing required column; found columns: {', '.join(schema.names()) or '(none)'}",
+        raise SchemaError(f"missing required column; {found_columns(schema.names())}",
                           file=table.file, column=S.ITEM_ID)
     if S.TEXT not in schema:
         strings = S.text_columns(schema)

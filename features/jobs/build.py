@@ -72,6 +72,16 @@ def load_source(cfg: FeaturesConfig) -> tuple[RawSource, pl.DataFrame | None]:
     raise UsageError(f"unknown source {cfg.source!r}")
 
 
+def _say_which_label(inter: pl.LazyFrame, file: str, threshold: float, log: Callable[[str], None]) -> None:
+    """With both a label and a rating column, say which one each row's label comes from."""
+    n = inter.select(pl.col(S.LABEL).is_not_null().sum().alias("label"), pl.col(S.RATING).is_not_null().sum().alias(
+        "rating"), (pl.col(S.LABEL).is_null() & pl.col(S.RATING).is_not_null()).sum().alias("from_rating")).collect().row(0, named=True)
+    if n["label"] and n["rating"]:
+        log(f"features: {file} has both {S.LABEL!r} and {S.RATING!r}: {n['label']:,} rows take their {S.LABEL!r} "
+            f"(features.label_threshold does not apply to them), {n['from_rating']:,} rows without one take "
+            f"{S.RATING} >= {threshold}")
+
+
 def _typed_item_fields(items: pl.DataFrame, table: RawTable, cfg: FeaturesConfig, log: Callable[[str], None]) -> pl.DataFrame:
     """Files source: every content field gets a type the encoders read, and
     each conversion is logged (see the transforms): parquet Categorical,
@@ -157,6 +167,7 @@ def build_features(
 
     # validation runs once, here, before either engine starts
     inter, bounds = validate_interactions(source.interactions, cfg.timestamp_unit, log)
+    _say_which_label(inter, source.interactions.file, cfg.label_threshold, log)
     items = validate_items(source.items) if source.items is not None else None
     if items is not None and cfg.source == "files":
         items = _typed_item_fields(items, source.items, cfg, log)
@@ -228,6 +239,11 @@ def build_features(
     for name in earlier:
         if "/" not in name and name.endswith(".parquet"):
             (out / name).unlink(missing_ok=True)
+    labels = frame.filter(pl.col(S.SPLIT) == "train")[S.LABEL].unique().to_list()
+    if len(labels) == 1:
+        log(f"warning: every train event has {S.LABEL} {labels[0]}: `rank train` and `baseline lightgbm` need both "
+            f"labels (ratings: check features.label_threshold, now {cfg.label_threshold}; implicit data: add the "
+            "impressions that were not clicked, label 0); the distillation reads positives only")
     secs = time.perf_counter() - t0
     log(f"features: wrote {shown(out)} [{cfg.engine}] ({frame.height:,} events, {sequences.height:,} users, {items_out.height:,} items) in {secs:.1f}s")
     return BuildResult(out, False, manifest, secs)

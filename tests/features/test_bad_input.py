@@ -290,3 +290,37 @@ def test_a_parquet_date_past_2200_is_named_as_a_date_without_a_unit_hint(tmp_pat
     rc, err, out = _run(tmp_path, capsys, inter_path=path)
     assert rc == 1 and "row 2" in err and "dates after the year 2200" in err and "9999-12-31" in err, err
     assert "timestamp-unit" not in err and _nothing_written(out)
+
+
+def test_csv_shapes_a_user_gets_wrong_are_named(tmp_path, capsys):
+    """Found by a probe (2026-12-01): an items row with a field missing put
+    its values in the wrong columns (exit 0); a ';'-separated file, spaces
+    around header names and an unescaped quote got messages without a cause."""
+    items = tmp_path / "items.csv"
+    items.write_text('item_id,text,genre\n10,"a, quoted\nline",x\n11,b\n12,c,z\n')
+    rc, err, out = _run(tmp_path, capsys, GOOD, extra=["--items", str(items)])
+    assert rc == 1 and "column 'genre', row 2: 2 fields (line 4 of the file), the header has 3" in err, err
+    assert _nothing_written(out)
+    rc, err, _ = _run(tmp_path, capsys, GOOD.replace(",", ";"))
+    assert rc == 1 and "looks separated by ';'" in err, err
+    rc, err, _ = _run(tmp_path, capsys, GOOD.replace(",", ", ", 3))
+    assert rc == 1 and "' item_id'" in err and "remove the spaces" in err, err
+    rows = [f"{i},item {i},c{i % 5}" for i in range(10, 100)]
+    rows[2] = '12,12" vinyl record,c2'  # polars cannot split the rest of the file
+    items.write_text("item_id,text,genre\n" + "\n".join(rows) + "\n")
+    rc, err, _ = _run(tmp_path, capsys, GOOD, extra=["--items", str(items)])
+    assert rc == 1 and 'a " inside a field that is not quoted' in err, err
+
+
+def test_both_label_and_rating_say_which_each_row_takes(tmp_path, capsys):
+    text = "user_id,item_id,timestamp,rating,label\n1,10,100,5,\n1,11,200,1,1\n2,10,150,4,0\n2,12,300,2,\n3,11,400,5,\n"
+    inter = tmp_path / "events.csv"
+    inter.write_text(text)
+    rc = main(["features", "build", "--source", "files", "--interactions", str(inter), "--out", str(tmp_path / "out")])
+    said = "".join(capsys.readouterr())
+    assert rc == 0 and "2 rows take their 'label'" in said and "3 rows without one take rating >= 4.0" in said, said
+    assert "every train event has label" not in said
+    inter.write_text(text.replace(",1,1\n", ",1,\n").replace(",4,0\n", ",4,\n").replace(",2,\n", ",5,\n").replace(",1,\n", ",5,\n"))
+    rc = main(["features", "build", "--source", "files", "--interactions", str(inter), "--out", str(tmp_path / "out2")])
+    said = "".join(capsys.readouterr())
+    assert rc == 0 and "every train event has label 1" in said and "both 'label' and" not in said, said
