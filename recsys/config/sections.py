@@ -170,7 +170,7 @@ class TrainConfig:
     min_delta: float = 0.0  # smallest valid-GAUC gain that counts as better
     seed: int | None = None  # null: the pipeline's top-level seed
     checkpoint_dir: str = ""  # "": OUT/checkpoints
-    resume: bool = True  # continue from checkpoint_dir/last.pt when its config matches
+    resume: bool = True  # continue from checkpoint_dir/last.pt when its config matches and it has run at most `epochs` (else start fresh)
     device: Device = "auto"  # auto picks cuda when available
     progress: bool = True  # tqdm bars
     max_batches_per_epoch: int = 0  # 0: all (a positive value makes smoke runs)

@@ -135,14 +135,29 @@ def load_best(path: Path, tr: Trainable) -> None:
         raise _bad_checkpoint(path, f"does not match this model ({type(e).__name__})") from e
 
 
+def _saved_epoch(ck: Mapping[str, Any]) -> int | None:
+    """The epochs a checkpoint's loop state has run (None if unreadable: resume() then names the file)."""
+    try:
+        return int(json.loads(ck["state"])["epoch"])
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def resume(last_path: Path, best_path: Path, tr: Trainable, key: str, ctx: WorkerContext,
-           enabled: bool) -> dict[str, Any] | None:
-    """Restore `tr` from last.pt when `enabled` and its key matches, and
-    return the loop state saved with it; otherwise remove a stale best.pt
-    (never evaluate the best of an earlier run) and return None."""
+           enabled: bool, epochs: int) -> dict[str, Any] | None:
+    """Restore `tr` from last.pt when `enabled`, its key matches and it is
+    not past `epochs` (train.epochs, which the key leaves out so that a run
+    can be extended), and return the loop state saved with it; otherwise
+    remove a stale best.pt (never evaluate the best of an earlier run) and
+    return None."""
     ck = _load(last_path) if enabled and last_path.exists() else None
     if ck is not None and ck.get("key") != key:
         print(f"checkpoint {last_path} is from another config; starting fresh", file=sys.stderr)
+        ck = None
+    done = _saved_epoch(ck) if ck is not None else None
+    if done is not None and done > epochs:  # a model trained longer than asked: its numbers are not this run's
+        if ctx.is_main:
+            print(f"checkpoint {last_path} is past train.epochs ({done} > {epochs}); starting fresh", file=sys.stderr)
         ck = None
     if ck is None:
         best_path.unlink(missing_ok=True)

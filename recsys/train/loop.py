@@ -197,7 +197,7 @@ def _fit(data: RankingData, ranker: RankerConfig, train: TrainConfig, out_dir: s
     key = checkpoint.resume_key(ranker, train, seed, data, ctx.world_size)
     last_path = ckpt_dir / checkpoint.checkpoint_name("last", ctx)
     best_path = ckpt_dir / checkpoint.checkpoint_name("best", ctx)
-    state = checkpoint.resume(last_path, best_path, tr, key, ctx, train.resume) or {
+    state = checkpoint.resume(last_path, best_path, tr, key, ctx, train.resume, train.epochs) or {
         "epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "stopped": False, "history": [],
         "train_seconds": 0.0, "train_samples": 0}
 

@@ -113,6 +113,19 @@ def test_resume_continues_and_equals_uninterrupted(synthetic_features, tmp_path)
     assert again["auc"] == full["auc"]
 
 
+def test_a_checkpoint_past_the_configured_epochs_is_not_resumed(synthetic_features, tmp_path, capsys):
+    """Before (2026-12-01, a probe) lowering train.epochs resumed the longer
+    run's checkpoint: it trained nothing and reported that model, exit 0."""
+    train_ranker(pipeline(synthetic_features, train={"epochs": 2}), tmp_path / "out")
+    one = train_ranker(pipeline(synthetic_features, train={"epochs": 1}), tmp_path / "fresh")
+    tracker = RecordingTracker()
+    lowered = train_ranker(pipeline(synthetic_features, train={"epochs": 1}), tmp_path / "out", tracker)
+    assert "is past train.epochs (2 > 1); starting fresh" in capsys.readouterr().err
+    assert lowered["epochs_run"] == 1 and [s for k, _, s in tracker.metrics if k == "train_loss"] == [1]
+    for k in CONTRACT_KEYS:
+        assert lowered[k] == one[k], k
+
+
 def test_a_finished_checkpoint_trained_on_other_inputs_is_not_resumed(synthetic_features, tmp_path):
     """Same config, other match features (a rerun after the embeddings changed): train afresh."""
     make_match_standin(synthetic_features, tmp_path / "match", seed=0)
