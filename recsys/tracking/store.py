@@ -148,8 +148,9 @@ def check_store(uri: str, *, source: str = "the tracking URI", timeout: float = 
 
 def _check_sqlite(uri: str, todo: str) -> None:
     db = sqlite_path(uri)
-    if db is None:
-        return
+    if db is None:  # each MLflow client opens its own empty database: every run, metric and model is lost
+        raise UsageError(f"tracking URI {uri!r} is an in-memory sqlite database, gone when the command ends (runs, "
+                         f"metrics and registered models included); use a file, sqlite:///path/to/mlflow.db; {todo}")
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
         # Really write: os.access says yes to root on read-only mounts.

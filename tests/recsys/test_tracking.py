@@ -111,10 +111,12 @@ def _bad_uris(tmp_path: Path) -> list[str]:
         f"http://127.0.0.1:{_closed_port()}",
         "file:///tmp/mlruns",
         "mlruns",
+        "sqlite:///",  # in memory: accepted before 2026-12-01, and every run and model was lost
+        "sqlite:///:memory:",
     ]
 
 
-@pytest.mark.parametrize("i", range(6))
+@pytest.mark.parametrize("i", range(8))
 def test_invalid_uri_fails_fast_with_the_uri(tmp_path, i):
     uri = _bad_uris(tmp_path)[i]
     t0 = time.monotonic()
