@@ -50,6 +50,7 @@ class ExperimentOutcome:
     rows: list[CompareRow]
     arm_outputs: dict[str, Path]
     seconds: float
+    store_flag: str = ""  # " --config BASELINE" when the baseline names its own store (tracking.uri)
 
 
 def _log_default(msg: str) -> None:
@@ -126,7 +127,11 @@ def run_experiment(
     tracking = base.tracking
     for arm, cfg in exp.arm_configs.items():
         if cfg.tracking != tracking:
-            raise UsageError(f"arm {arm!r} changes `tracking`: all arms of an experiment log to one store")
+            raise UsageError(f"{exp.path}: arm {arm!r} changes `tracking`: all arms of an experiment log to one store")
+        if cfg.paths.root != base.paths.root:
+            raise UsageError(f"{exp.path}: arm {arm!r} changes `paths.root`: every arm writes under the baseline's "
+                             f"root ({base.paths.root}/experiments/{exp.name}); to give an arm other inputs set "
+                             "paths.features or paths.embeddings")
     name = exp.name
     root = experiment_root(exp)
     tags = {"experiment": name, "control": exp.spec.control, "kind": "experiment"}
@@ -168,7 +173,8 @@ def run_experiment(
         # champion moves only now, when every arm has finished (a killed run moves none)
         arms = [exp.spec.control] + [a.name for a in exp.spec.arms if a.name != exp.spec.control]
         claim_champion(run, [arm_outputs[f"{a}/seed{exp.spec.seeds[0]}"] for a in arms])
-    return ExperimentOutcome(name, exp.spec.control, rows, arm_outputs, time.perf_counter() - t0)
+    return ExperimentOutcome(name, exp.spec.control, rows, arm_outputs, time.perf_counter() - t0,
+                             f" --config {exp.baseline_path}" if tracking.uri else "")
 
 
 def segments_fingerprint(features: Path | None) -> str | None:

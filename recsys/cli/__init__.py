@@ -71,8 +71,9 @@ def _group_examples(p: argparse.ArgumentParser) -> None:
         p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
-def seed_everything(seed: int) -> None:
-    """The one place that seeds global RNGs (library code takes generators)."""
+def seed_everything(seed: int, announce: bool = True) -> None:
+    """The one place that seeds global RNGs (library code takes generators);
+    `announce`: print "seed: N" (not where each run names its own seed)."""
     import random
 
     import numpy as np
@@ -85,7 +86,8 @@ def seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
     except ImportError:  # pragma: no cover - torch is a hard dependency
         pass
-    print(f"seed: {seed}", file=sys.stderr)
+    if announce:
+        print(f"seed: {seed}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

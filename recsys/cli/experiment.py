@@ -47,13 +47,14 @@ def _run(args: argparse.Namespace) -> int:
     from recsys.experiment_run import run_experiment
 
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    seed_everything(seeds[0] if seeds else 0)
+    seed_everything(seeds[0] if seeds else 0, announce=False)  # the arms run under the experiment's seeds
     outcome = run_experiment(args.file, seeds=seeds, progress=not args.quiet)
     print()
     print(f"experiment {outcome.name}: {len(outcome.arm_outputs)} arm runs in {outcome.seconds:.0f}s")
     print(format_rows(outcome.rows, "table", control=outcome.control))
     print(f"\noutputs: {', '.join(sorted({str(p.parent) for p in outcome.arm_outputs.values()}))}")
-    print(f"compare again: recsys experiment compare {outcome.name}    open the UI: recsys ui")
+    print(f"compare again: recsys experiment compare {outcome.name}{outcome.store_flag}    "
+          f"open the UI: recsys ui{outcome.store_flag}")
     return 0
 
 

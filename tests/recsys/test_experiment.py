@@ -59,6 +59,9 @@ GOOD = {
         (lambda s: s["arms"][1].update(model="lightgbm"), "delta key 'ranker.history_encoder' cannot take effect: a lightgbm arm"),
         (lambda s: s["arms"][1]["delta"].update(lightgbm={"num_leaves": 4}), "'lightgbm.num_leaves' cannot take effect: a ranker arm"),
         (lambda s: s["arms"][1]["delta"].update(distill={"epochs": 2}), "'distill.epochs' cannot take effect: a ranker arm with this config"),
+        (lambda s: s["arms"][1]["delta"].update(tracking={"reuse": False}), "arm 'b' changes `tracking`"),
+        # before 2026-12-01 it rebuilt the arm's inputs under the new root but wrote its outputs under the old one
+        (lambda s: s["arms"][1]["delta"].update(paths={"root": "elsewhere"}), "arm 'b' changes `paths.root`"),
     ],
 )
 def test_bad_experiment_files_exit_2(tmp_path, capsys, mutate, needle):
@@ -153,6 +156,9 @@ def test_debug_chain_end_to_end_with_throwaway_store(tmp_path, monkeypatch, caps
     assert main(["experiment", "run", "experiments/debug_ab.yaml", "--quiet"]) == 0
     out = capsys.readouterr()
     assert "match_svd" in out.out and "95% CI" in out.out
+    # the store comes from MLFLOW_TRACKING_URI, not the baseline: the hint needs no --config
+    assert "compare again: recsys experiment compare debug_ab    open the UI: recsys ui\n" in out.out
+    assert "seed: 0" not in out.err.splitlines()[:1]  # the experiment's seeds name themselves
     for arm in ("control", "match", "match_svd", "lightgbm"):
         folder = tmp_path / "artifacts" / "debug" / "experiments" / "debug_ab" / arm / "seed0"
         metrics = json.loads((folder / "metrics.json").read_text())
