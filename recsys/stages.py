@@ -87,7 +87,8 @@ def run_features(job: FeaturesJob, tracker: Tracker | None, out: str | Path, *, 
 
 
 def run_distill(job: DistillJob, tracker: Tracker | None, out: str | Path, *, force: bool = False,
-                log: Log = _print) -> StageResult:
+                log: Log = _print, show_metrics: bool = True) -> StageResult:
+    """`show_metrics`: log the metrics table (False where the caller prints it itself)."""
     from distill import jobs as D
 
     tracker = tracker or NullTracker()
@@ -95,7 +96,7 @@ def run_distill(job: DistillJob, tracker: Tracker | None, out: str | Path, *, fo
     res = D.evaluate(job.features, out, job.distill, tracker, teachers=job.teachers, ablations=job.ablations,
                      seed=job.distill.seed, force=force, log=log)
     if not res.skipped:
-        if res.metrics:
+        if res.metrics and show_metrics:
             log(D.format_metrics(res.metrics, job.distill.eval_ks))
         tracker.log_artifact(out / "item_embeddings.parquet")
     result = StageResult(out, res.skipped, res.manifest)

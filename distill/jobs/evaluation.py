@@ -216,7 +216,7 @@ def evaluate(
               "ablations": ablations, "protocol": ctx.protocol}
     key = stage_key(JOB_EVAL, params, ctx.upstream)
     if not force and is_up_to_date(out, key) and (out / METRICS).is_file():
-        log(f"distill eval: {out} is up to date; skipping")
+        log(f"distill eval: {out} is up to date (same config, inputs and code); reusing its metrics (--force recomputes)")
         return JobResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0, json.loads((out / METRICS).read_text()))
     tracker.log_params({f"distill.{k}": v for k, v in flatten(to_dict(cfg)).items()})
     tracker.log_params({"distill.ablations": ablations})

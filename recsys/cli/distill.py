@@ -131,8 +131,13 @@ def _seed_list(text: str) -> list[int]:
 
 def _eval(args: argparse.Namespace) -> int:
     from distill.jobs import evaluate_seeds, format_metrics, format_seeds
+    from distill.jobs.artifacts import log_default
     from recsys.stages import run_distill
     from recsys.tracking import tracked_command
+
+    def _warnings_only(msg: str) -> None:  # --quiet
+        if msg.startswith("warning:"):
+            log_default(msg)
 
     cfg, job = _plan(args)
     if args.seeds:
@@ -148,11 +153,12 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     with tracked_command(cfg.tracking, "distill", _params(job, args) | {"ablations": job.ablations}, outputs=args.out,
                          upstream=_upstream(job)) as st:
-        res = run_distill(job, st, args.out, force=args.force, log=lambda _m: None)
+        # its progress and warnings (empty texts, a valid split with nothing to select on) reach the user;
+        # the metrics table is printed below (not with --quiet)
+        res = run_distill(job, st, args.out, force=args.force, log=_warnings_only if args.quiet else log_default,
+                          show_metrics=False)
         st.record_key(res.key, reused=res.reused)
         st.log_artifact(res.out / "metrics.json")
-    if res.reused:
-        print(f"distill eval: {res.out} is up to date (same config, inputs and code); reusing its metrics (--force recomputes)")
     metrics = json.loads((res.out / "metrics.json").read_text())
     if not args.quiet:
         print(format_metrics(metrics, tuple(job.distill.eval_ks)))

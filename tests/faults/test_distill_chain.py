@@ -285,6 +285,8 @@ def test_eval_without_cold_items_gives_null_with_reasons(cli, tmp_path, features
     assert metrics["recall@1000_warm_student"] == 1.0 and 0 <= metrics["recall@5_warm_student"] <= 1
     assert metrics["topk_overlap_chance_vs_id_teacher"] == 1.0  # top-100 of 30 items: every other item
     assert "n/a" in outp and "no cold target among the" in outp
+    # --seed runs said nothing but the table before 2026-12-01 (warnings included): now the progress, one table
+    assert "student: trained" in outp and "distill eval: wrote" in outp and outp.count("cold@5") == 1, outp
 
 
 def test_eval_without_test_positives_gives_null_with_reasons(cli, tmp_path):
