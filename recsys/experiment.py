@@ -176,6 +176,24 @@ def load_experiment(path: str | Path, seeds: tuple[int, ...] | None = None) -> L
     return LoadedExperiment(spec, path, baseline_path, baseline, arm_configs)
 
 
+def identical_arms(exp: LoadedExperiment) -> list[tuple[str, str]]:
+    """Pairs (earlier arm, later arm) of the same model whose configs differ
+    in the run name only: a delta that changes nothing, so their difference
+    is zero by construction (reported as a warning, not refused)."""
+    import dataclasses
+
+    seen: list[tuple[str, PipelineConfig, str]] = []  # (model, config without its name, arm); configs hold lists
+    pairs = []
+    for arm in exp.spec.arms:
+        cfg = dataclasses.replace(exp.arm_configs[arm.name], name="")
+        first = next((name for model, other, name in seen if model == arm.model and other == cfg), None)
+        if first is not None:
+            pairs.append((first, arm.name))
+        else:
+            seen.append((arm.model, cfg, arm.name))
+    return pairs
+
+
 def read_sections(model: str, cfg: PipelineConfig) -> set[str]:
     """The config sections an arm of `model` reads, given its merged config
     (`recsys.plan`: the model's job and the stages upstream of it)."""

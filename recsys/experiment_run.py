@@ -32,7 +32,7 @@ from features.core.tracker import Tracker
 from recsys.compare import ALL, KEY, NEW_USER, ArmPredictions, CompareRow, compare_arms, format_rows
 from recsys.config import PipelineConfig
 from recsys.eval.metrics import METRICS
-from recsys.experiment import LoadedExperiment, check_n_boot, load_experiment
+from recsys.experiment import LoadedExperiment, check_n_boot, identical_arms, load_experiment
 from recsys.pipeline import Pipeline
 from recsys.tracking.config import TrackingConfig
 
@@ -132,6 +132,9 @@ def run_experiment(
             raise UsageError(f"{exp.path}: arm {arm!r} changes `paths.root`: every arm writes under the baseline's "
                              f"root ({base.paths.root}/experiments/{exp.name}); to give an arm other inputs set "
                              "paths.features or paths.embeddings")
+    for first, same in identical_arms(exp):
+        log(f"warning: {exp.path}: arm {same!r} is configured exactly like arm {first!r} (its delta changes nothing "
+            "the baseline does not already set): their difference is zero by construction")
     name = exp.name
     root = experiment_root(exp)
     tags = {"experiment": name, "control": exp.spec.control, "kind": "experiment"}

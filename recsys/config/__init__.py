@@ -84,6 +84,9 @@ class PipelineConfig:
         if unknown:
             close = difflib.get_close_matches(str(unknown[0]), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if {"experiment", "arms"} <= set(data):
+                hint = (f" (an A/B experiment file, not a pipeline config: run it with `recsys experiment run`, "
+                        f"or pass its baseline, {data.get('baseline')!r}, relative to the experiment file)")
             raise ConfigError(f"{where}: unknown section {unknown[0]!r}{hint}; sections: {', '.join(names)}")
         for old, new in RENAMED.items():
             *parents, leaf = old.split(".")

@@ -52,6 +52,8 @@ def test_none_is_no_longer_a_match_switch():
 def test_unknown_section_and_key_name_the_place():
     with pytest.raises(ConfigError, match="unknown section 'rankr'.*did you mean 'ranker'"):
         PipelineConfig.from_mapping({"rankr": {}})
+    with pytest.raises(ConfigError, match="an A/B experiment file, not a pipeline config.*pass its baseline, 'configs/b.yaml'"):
+        PipelineConfig.from_mapping({"experiment": "x", "baseline": "configs/b.yaml", "arms": []})
     with pytest.raises(ConfigError, match=r"config.data: unknown key 'history'"):
         PipelineConfig.from_mapping({"data": {"history": 3}})
     with pytest.raises(ConfigError, match=r"ranker.history_encoder: expected one of"):

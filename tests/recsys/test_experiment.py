@@ -81,6 +81,23 @@ def test_duplicate_yaml_keys_in_an_experiment_exit_2(tmp_path, capsys):
     assert "duplicate key 'experiment'" in capsys.readouterr().err
 
 
+def test_arms_that_differ_in_nothing_are_found():
+    """A probe (2026-12-01): a delta restating the baseline trained a copy of
+    the control and reported +0.0000 [+0.0000, +0.0000] without a word."""
+    import tempfile
+
+    from recsys.experiment import identical_arms
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = json.loads(json.dumps(GOOD))
+        spec["arms"] += [{"name": "c", "delta": {"train": {"epochs": 1}}},  # the baseline's value
+                         {"name": "d", "delta": {"name": "renamed"}},
+                         {"name": "e", "model": "lightgbm", "delta": {}},  # same config, another model
+                         {"name": "f", "delta": {"ranker": {"history_encoder": "svd_compact"}}}]
+        path = _write(Path(tmp), spec, baseline={"seed": 0, "train": {"epochs": 1}})
+        assert identical_arms(load_experiment(path)) == [("control", "c"), ("control", "d"), ("b", "f")]
+
+
 def test_an_empty_section_in_a_delta_keeps_the_baseline(tmp_path):
     """`train:` with every key commented out parses as null: it replaced the
     baseline's whole section with the defaults before 2026-11-30 (epochs 1 -> 6)."""
