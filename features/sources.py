@@ -263,6 +263,24 @@ def check_short_rows(p: Path) -> None:
         return
 
 
+def text_candidates(lf: pl.LazyFrame) -> list[str]:
+    """The items' string columns that could be the text (`--text-column`),
+    most distinct values first (a title or description before a genre),
+    judged on the first 1,000 rows; columns of numbers only (every CSV column
+    arrives as a string) are left out."""
+    cols = S.text_columns(lf.collect_schema())
+    if not cols:
+        return []
+    sample = lf.select(cols).head(1_000).collect()
+
+    def numbers_only(c: str) -> bool:
+        v = sample[c].drop_nulls().str.strip_chars()
+        v = v.filter(v != "")
+        return v.len() > 0 and bool(v.cast(pl.Float64, strict=False).is_not_null().all())
+
+    return sorted((c for c in cols if not numbers_only(c)), key=lambda c: -sample[c].n_unique())
+
+
 def found_columns(names: list[str]) -> str:
     """"found columns: ..." for a missing-column message, with a hint when the
     header looks like another separator's or holds spaces around names."""
@@ -378,9 +396,9 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
         notes.append(items_note)
         cols = lf.collect_schema().names()
         if text_column != S.TEXT and text_column not in cols:
-            strings = S.text_columns(lf.collect_schema())
+            strings = text_candidates(lf)
             raise UsageError(f"--text-column {text_column}: {items} has no such column"
-                             + (f"; its string columns: {', '.join(strings)}" if strings else ""))
+                             + (f"; its text columns: {', '.join(strings)}" if strings else ""))
         if text_column != S.TEXT:
             if S.TEXT in cols:
                 lf = lf.drop(S.TEXT)
@@ -395,6 +413,6 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
 
 
 __all__ = [
-    "RawSource", "RawTable", "SyntheticConfig", "check_short_rows", "found_columns", "quote_hint", "generate_interests", "generate_synthetic", "load_files",
+    "RawSource", "RawTable", "SyntheticConfig", "check_short_rows", "found_columns", "quote_hint", "text_candidates", "generate_interests", "generate_synthetic", "load_files",
     "load_movielens100k", "load_movielens1m", "movielens100k_dir", "movielens1m_dir", "ml1m_item_ids", "scan_table",
 ]

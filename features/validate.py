@@ -14,7 +14,7 @@ import polars as pl
 
 from features import schemas as S
 from features.core.errors import DataError, SchemaError
-from features.sources import RawTable, found_columns, quote_hint
+from features.sources import RawTable, found_columns, quote_hint, text_candidates
 
 ROW = "__row"  # 0-based position in the input file; reported 1-based
 _SHOW = 5  # rows shown per problem
@@ -393,8 +393,8 @@ def validate_items(table: RawTable) -> pl.DataFrame:
         raise SchemaError(f"missing required column; {found_columns(schema.names())}",
                           file=table.file, column=S.ITEM_ID)
     if S.TEXT not in schema:
-        strings = S.text_columns(schema)
-        hint = f"; its string columns: {', '.join(strings)} (e.g. --text-column {strings[0]})" if strings else ""
+        strings = text_candidates(lf)
+        hint = f"; its text columns: {', '.join(strings)} (e.g. --text-column {strings[0]})" if strings else ""
         raise SchemaError(
             f"missing the item text column (name it 'text' or pass --text-column){hint}",
             file=table.file,

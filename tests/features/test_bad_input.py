@@ -133,9 +133,10 @@ def test_items_file_problems(tmp_path, capsys):
     items.write_text("item_id,text\n10,a\n11,b\n12,c\n11,d\n")
     rc, err, out = _run(tmp_path, capsys, GOOD, extra=["--items", str(items)])
     assert rc == 1 and "duplicate item id" in err and "rows 2, 4" in err and "items.csv" in err
-    items.write_text("item_id,name\n10,a\n11,b\n12,c\n")
+    items.write_text("item_id,year,genre,name\n10,1995,x,a\n11,1996,x,b\n12,1995,y,c\n")
     rc, err, out = _run(tmp_path, capsys, GOOD, extra=["--items", str(items)])
-    assert rc == 1 and "'text'" in err and "--text-column" in err
+    # a column of numbers is no text (every CSV column arrives as a string); most distinct values first
+    assert rc == 1 and "'text'" in err and "its text columns: name, genre (e.g. --text-column name)" in err, err
     rc, err, out = _run(tmp_path, capsys, GOOD, extra=["--items", str(items), "--text-column", "name"])
     assert rc == 0
     assert pl.read_parquet(out / "items.parquet")["text"].to_list() == ["a", "b", "c"]
