@@ -218,7 +218,7 @@ def lt_limit_leave_last_out() -> pl.Expr:
 
 def next_day_return_rate(user: np.ndarray, timestamp: np.ndarray, day_offset_s: int) -> float | None:
     """Share of events whose user has an event on the next calendar day (days
-    start at UTC midnight + `day_offset_s`), over events whose next day is
+    start at local midnight, local time = UTC + `day_offset_s`), over events whose next day is
     fully in the data; None when there are none. Input sorted by user, time."""
     day = (timestamp + day_offset_s) // DAY_S
     if len(day) == 0:

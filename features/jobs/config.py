@@ -50,7 +50,7 @@ class FeaturesConfig:
     valid_frac: float = 0.1  # global_time: share of events (by count) in valid
     test_frac: float = 0.1  # global_time: share of events (by count) in test (> 0)
     history_cap: int = 10_000  # hist_len = min(events strictly earlier, history_cap): the longest history an impression records
-    day_offset_s: int | None = None  # calendar days start at UTC midnight + offset; null: the source's default (movielens100k and movielens1m -36000, else 0)
+    day_offset_s: int | None = None  # calendar days start at local midnight, local time = UTC + offset (-36000: days start at 10:00 UTC); null: the source's default (movielens100k and movielens1m -36000, else 0)
     on_duplicate: Literal["drop", "error"] = "drop"  # exact duplicate rows
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # synthetic source: generator settings
     engine: Engine = "polars"  # polars (one process) or spark (the same per-user code in Spark tasks); identical outputs, so not part of the manifest key

@@ -17,6 +17,12 @@ from features.core.manifest import MANIFEST, read_manifest
 from features.jobs.config import JOB
 
 
+def _day_start(offset_s: int) -> str:
+    """"HH:MM" (UTC) at which days start: day = (t + offset) // 86400 turns over at t = -offset (mod a day)."""
+    start = -offset_s % 86_400
+    return f"{start // 3600:02d}:{start % 3600 // 60:02d}"
+
+
 def summarize(
     inter: pl.DataFrame, sequences: pl.DataFrame, items: pl.DataFrame, *, day_offset_s: int | None = None
 ) -> dict[str, Any]:
@@ -127,9 +133,9 @@ def format_stats(stats: dict[str, Any]) -> str:
     offset = stats.get("day_offset_s")
     if offset is not None:
         rates = stats.get("next_day_return_rate_by_day_offset_s") or {}
-        rows.append(("day boundary (day_offset_s)", f"UTC midnight {offset / 3600:+g} h ({offset} s)"))
+        rows.append(("day boundary (day_offset_s)", f"{_day_start(offset)} UTC: local midnight at UTC{offset / 3600:+g} h ({offset} s)"))
         rows += [
-            (f"next-day return rate, days at UTC {int(o) / 3600:+g} h", _fmt(r))
+            (f"next-day return rate, days from {_day_start(int(o))} UTC", _fmt(r))
             for o, r in rates.items()
         ]
     w = max(len(k) for k, _ in rows)

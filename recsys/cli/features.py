@@ -70,7 +70,8 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--day-offset-s",
         type=int,
-        help="calendar days start at UTC midnight + this many seconds (default: per source, see `data describe`)",
+        help="calendar days start at local midnight, local time = UTC + this many seconds (-36000: days start at "
+             "10:00 UTC; default: per source, see `data describe`)",
     )
 
 

@@ -410,7 +410,9 @@ def test_day_offset_default_per_source_and_describe_shows_both_rates(cli, tiny_d
     assert stats["day_offset_s"] == -21600
     assert set(stats["next_day_return_rate_by_day_offset_s"]) == {"0", "-21600"}
     rc, table, _ = cli("data", "describe", "--features", tmp_path / "f")
-    assert "UTC midnight -6 h" in table and "days at UTC +0 h" in table
+    # days turn over where t - 21600 is a multiple of a day: at 06:00 UTC (until 2026-12-01 the table said
+    # "UTC midnight -6 h", 18:00 the day before: the sign was the opposite of the formula's)
+    assert "06:00 UTC: local midnight at UTC-6 h" in table and "days from 00:00 UTC" in table and "days from 06:00 UTC" in table
     # build flags beside --features were ignored (exit 0, the folder's numbers): refused
     for flags in (["--day-offset-s", "0"], ["--label-threshold", "5", "--split", "leave_last_out"]):
         rc, _, err = cli("data", "describe", "--features", tmp_path / "f", *flags)
