@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from typing import Any
 
 from recsys.cli import command
@@ -68,11 +69,17 @@ def _run_match(args: argparse.Namespace, cfg: Any, shard: Any) -> int:
     check_output(out, {"--features": feats, "--embeddings": emb, "--config": args.config})
     job = plan_match(cfg, features=feats, embeddings=emb)
     result = run_match(job, None, out, shard=shard, force=args.force, progress=not args.quiet,
-                       log=(lambda _m: None) if args.quiet else print)
+                       log=_warnings_to_stderr if args.quiet else print)
     if not args.quiet:
         shown = args.out if str(args.out) != str(out) else result.out
         print(f"output: {shown}" + ("" if result.manifest else " (shards pending)"))
     return 0
+
+
+def _warnings_to_stderr(msg: str) -> None:
+    """--quiet: warnings still reach the user (a vector file with foreign ids, missing items)."""
+    if msg.startswith("warning:"):
+        print(msg, file=sys.stderr, flush=True)
 
 
 def register(features_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -102,5 +109,5 @@ def register(features_subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="out-of-fold features for train rows (match.folds): K >= 2 refits teachers and student K "
                         "times, each without one fold of users, per the config's teachers/distill sections; 0: in-sample")
     p.add_argument("--force", action="store_true", help="recompute even when up to date")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary (warnings still print)")
     return p

@@ -437,7 +437,7 @@ def test_missing_items_null_policy_gives_null_rows_and_counts_them(synthetic_fea
 
 
 def test_vectors_of_items_outside_the_features_folder_are_left_out_with_a_warning(
-        synthetic_features, synth_emb, synth_full, tmp_path):
+        synthetic_features, synth_emb, synth_full, tmp_path, capsys):
     # a larger catalogue's file: its extra vectors would join the faiss index and the semantic-ID k-means
     ids = item_ids(synthetic_features)
     emb = pl.read_parquet(synth_emb)
@@ -450,6 +450,15 @@ def test_vectors_of_items_outside_the_features_folder_are_left_out_with_a_warnin
     assert any("2 vectors of item ids not in" in m and "(ids -1, 10000000)" in m for m in logs), logs
     assert_frame_equal(pl.read_parquet(tmp_path / "out" / MATCH_FILE), pl.read_parquet(synth_full[0] / MATCH_FILE))
     assert len(ids) == emb.height  # the fixture's file holds exactly the folder's items
+    # --quiet drops the progress and the summary, not the warning (it dropped both before 2026-12-01)
+    from recsys.cli import main
+
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text("match: {faiss_k: 20, sid_codebook_size: 8, sid_niter: 5, shards: 3}\n")
+    assert main(["features", "match", "--features", str(synthetic_features), "--embeddings", str(path),
+                 "--out", str(tmp_path / "quiet"), "--config", str(cfg), "--quiet"]) == 0
+    said = capsys.readouterr()
+    assert "2 vectors of item ids not in" in said.err and "match:" not in said.out.replace("output:", ""), said
     none = tmp_path / "none.parquet"
     extra.write_parquet(none)
     with pytest.raises(DataError, match="no vector is of an item of"):
