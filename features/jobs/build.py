@@ -243,7 +243,8 @@ def build_features(
     if len(labels) == 1:
         log(f"warning: every train event has {S.LABEL} {labels[0]}: `rank train` and `baseline lightgbm` need both "
             f"labels (ratings: check features.label_threshold, now {cfg.label_threshold}; implicit data: add the "
-            "impressions that were not clicked, label 0); the distillation reads positives only")
+            "impressions that were not clicked, label 0)" + ("; the distillation reads positives only" if labels[0] == 1
+                                                              else "; the distillation learns from positives: it has none"))
     secs = time.perf_counter() - t0
     log(f"features: wrote {shown(out)} [{cfg.engine}] ({frame.height:,} events, {sequences.height:,} users, {items_out.height:,} items) in {secs:.1f}s")
     return BuildResult(out, False, manifest, secs)

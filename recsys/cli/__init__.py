@@ -90,6 +90,12 @@ def seed_everything(seed: int, announce: bool = True) -> None:
         print(f"seed: {seed}", file=sys.stderr)
 
 
+def warnings_only(msg: str) -> None:
+    """The log of a --quiet command: its "warning:" lines still reach the user (on stderr), nothing else."""
+    if msg.startswith("warning:"):
+        print(msg, file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

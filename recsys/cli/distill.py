@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from recsys.cli import command, group
+from recsys.cli import command, group, warnings_only
 
 COMMON_EPILOG = """\
 --config FILE is a pipeline YAML: its `teachers:` and `distill:` sections and
@@ -135,10 +135,6 @@ def _eval(args: argparse.Namespace) -> int:
     from recsys.stages import run_distill
     from recsys.tracking import tracked_command
 
-    def _warnings_only(msg: str) -> None:  # --quiet
-        if msg.startswith("warning:"):
-            log_default(msg)
-
     cfg, job = _plan(args)
     if args.seeds:
         with tracked_command(cfg.tracking, "distill", _params(job, args) | {"ablations": job.ablations, "seeds": args.seeds},
@@ -155,7 +151,7 @@ def _eval(args: argparse.Namespace) -> int:
                          upstream=_upstream(job)) as st:
         # its progress and warnings (empty texts, a valid split with nothing to select on) reach the user;
         # the metrics table is printed below (not with --quiet)
-        res = run_distill(job, st, args.out, force=args.force, log=_warnings_only if args.quiet else log_default,
+        res = run_distill(job, st, args.out, force=args.force, log=warnings_only if args.quiet else log_default,
                           show_metrics=False)
         st.record_key(res.key, reused=res.reused)
         st.log_artifact(res.out / "metrics.json")

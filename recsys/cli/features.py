@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from features.core.errors import UsageError
-from recsys.cli import command, group
+from recsys.cli import command, group, warnings_only
 
 BUILD_EPILOG = """\
 examples:
@@ -153,7 +153,7 @@ def _run_build(args: argparse.Namespace, job: Any) -> int:
     args.out = local_path(args.out, "--out")
     check_output(args.out, {"--interactions": local_path(job.config.interactions, "--interactions"),
                             "--items": local_path(job.config.items, "--items"), "--config": args.config})
-    result = run_features(job, None, args.out, force=args.force, log=(lambda _m: None) if args.quiet else print)
+    result = run_features(job, None, args.out, force=args.force, log=warnings_only if args.quiet else print)
     if not args.quiet:
         print(f"output: {uri if uri != args.out else result.out}")
     return 0
@@ -176,7 +176,7 @@ def _describe(args: argparse.Namespace) -> int:
 
         job = plan_features(resolve_features_config(args))
         with tempfile.TemporaryDirectory() as tmp:
-            run_features(job, None, Path(tmp) / "features", log=lambda _m: None)
+            run_features(job, None, Path(tmp) / "features", log=warnings_only)  # the build's warnings apply
             stats = describe(Path(tmp) / "features")
             stats["folder"] = f"(source {job.config.source}, not saved)"
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from typing import Any
 
-from recsys.cli import command
+from recsys.cli import command, warnings_only
 
 MATCH_EPILOG = """\
 examples:
@@ -69,17 +68,11 @@ def _run_match(args: argparse.Namespace, cfg: Any, shard: Any) -> int:
     check_output(out, {"--features": feats, "--embeddings": emb, "--config": args.config})
     job = plan_match(cfg, features=feats, embeddings=emb)
     result = run_match(job, None, out, shard=shard, force=args.force, progress=not args.quiet,
-                       log=_warnings_to_stderr if args.quiet else print)
+                       log=warnings_only if args.quiet else print)
     if not args.quiet:
         shown = args.out if str(args.out) != str(out) else result.out
         print(f"output: {shown}" + ("" if result.manifest else " (shards pending)"))
     return 0
-
-
-def _warnings_to_stderr(msg: str) -> None:
-    """--quiet: warnings still reach the user (a vector file with foreign ids, missing items)."""
-    if msg.startswith("warning:"):
-        print(msg, file=sys.stderr, flush=True)
 
 
 def register(features_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
