@@ -166,7 +166,7 @@ def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: b
 
     out = Path(out)
     key = rank_key(job)
-    if not force and is_up_to_date(out, key):
+    if not force and is_up_to_date(out, key) and _checkpoint_intact(out, log):
         log(f"rank: {out} is up to date (same config, inputs and code); skipping")
         result = StageResult(out, True, read_manifest(out) or {})
         if int(os.environ.get("RANK", "0")) == 0:
@@ -182,12 +182,37 @@ def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: b
             "key": json.loads(json.dumps(key, sort_keys=True, default=str)),
             "outputs": {S.PREDICTIONS_FILE: describe_parquet(out / S.PREDICTIONS_FILE)},
             "files": [S.METRICS_FILE],
+            # the model registered from this folder, and the one a scorer loads: another run into the same
+            # --out can replace it while leaving these outputs, so a reuse checks it (`_checkpoint_intact`)
+            BEST_KEY: file_fingerprint(_best(out)) if _best(out).is_file() else None,
             "seconds": time.perf_counter() - t0,
             "test": {k: metrics.get(k) for k in ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")},
         }
         atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
         _register_ranker(job, tracker, out, manifest["key"], log)
     return StageResult(out, False, manifest)
+
+
+BEST_KEY = "best_checkpoint"  # the manifest's fingerprint of checkpoints/best.pt
+
+
+def _best(out: Path) -> Path:
+    return out / "checkpoints" / "best.pt"
+
+
+def _checkpoint_intact(out: Path, log: Log) -> bool:
+    """Whether OUT/checkpoints/best.pt is still the one this folder's run
+    wrote (its manifest's fingerprint; a distributed run records none). A run
+    of another config into the same folder, interrupted or failed, replaces
+    or removes it and leaves the outputs: reusing them would register (and
+    serve) the other run's model beside this run's metrics."""
+    want = (read_manifest(out) or {}).get(BEST_KEY)
+    if want is None:
+        return True
+    if _best(out).is_file() and file_fingerprint(_best(out)) == want:
+        return True
+    log(f"rank: {_best(out)} is no longer the model of {out}'s run (another run wrote into this folder); retraining")
+    return False
 
 
 def _register_ranker(job: RankJob, tracker: Tracker | None, out: Path, key: dict[str, Any], log: Log) -> None:

@@ -84,13 +84,14 @@ class RankerOutput(NamedTuple):
 
 def _pad(values: Tensor, lengths: Tensor, max_len: int) -> tuple[Tensor, Tensor]:
     """Jagged (sum lengths, D) -> padded (B, max_len, D) (zeros) and its mask (B, max_len)."""
-    b = lengths.shape[0]
+    b, d = lengths.shape[0], values.shape[-1]
     mask = torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # (B, M)
+    # D spelled out, not -1: a batch whose histories are all empty has 0 elements (max_len 0)
     if values.shape[0] == b * max_len:  # every length is max_len: a view, no copy
-        return values.view(b, max_len, -1), mask
-    padded = values.new_zeros(b * max_len, values.shape[-1])  # (B M, D)
+        return values.view(b, max_len, d), mask
+    padded = values.new_zeros(b * max_len, d)  # (B M, D)
     padded = padded.index_copy(0, mask.reshape(-1).nonzero().squeeze(1), values)  # (B M, D)
-    return padded.view(b, max_len, -1), mask
+    return padded.view(b, max_len, d), mask
 
 
 def _in_order(pooled: KeyedTensor, keys: list[str]) -> Tensor:

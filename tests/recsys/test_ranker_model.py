@@ -82,6 +82,23 @@ def test_jagged_batch_with_empty_history_and_varying_candidates(encoder):
 
 
 @pytest.mark.parametrize("encoder", HISTORY_ENCODERS)
+def test_a_batch_of_empty_histories_scores_as_in_a_mixed_batch(encoder):
+    """A probe (2026-12-01): every attention encoder raised "cannot reshape
+    tensor of 0 elements" on a batch where no request had a history (a new
+    user's first request, served alone)."""
+    model = model_for(small(history_encoder=encoder)).eval()
+    new = ([], [1, 2], 0)
+    with torch.no_grad():
+        alone = model(batch_of([new]))
+        both = model(batch_of([new, ([], [4], 2)]))
+        mixed = model(batch_of([new, ([5, 6, 7], [3], 1)]))
+    assert torch.isfinite(alone.click).all() and torch.isfinite(alone.lt).all()
+    torch.testing.assert_close(both.click[:2], alone.click, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed.click[:2], alone.click, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed.lt[:2], alone.lt, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("encoder", HISTORY_ENCODERS)
 def test_padding_masked_in_ranker(encoder):
     """A request's logits do not depend on the padding its batch needs: batched
     alone vs. next to a request with a much longer history / more candidates."""

@@ -257,3 +257,27 @@ def test_without_a_valid_score_the_last_epoch_is_kept(synthetic_features, tmp_pa
     assert m["early_stop_metric"] is None and not m["stopped_early"]
     assert m["epochs_run"] == m["best_epoch"] == 3
     assert (tmp_path / "r" / "checkpoints" / "best.pt").is_file()  # the scorer and the MLflow model read it
+
+
+def test_a_folder_whose_best_checkpoint_another_run_replaced_is_retrained(synthetic_features, tmp_path):
+    """A probe (2026-12-01): a run of another config into the same --out,
+    interrupted, replaced checkpoints/best.pt and left the outputs; the rerun
+    of the first config then reused its outputs and registered (and served)
+    the other run's model beside them."""
+    import shutil
+
+    from recsys.stages import run_rank
+
+    a, b = pipeline(synthetic_features, train={"epochs": 1}), pipeline(synthetic_features, train={"epochs": 1}, seed=3)
+    said: list[str] = []
+    assert not run_rank(a, None, tmp_path / "a", log=said.append).reused
+    assert run_rank(a, None, tmp_path / "a", log=said.append).reused
+    run_rank(b, None, tmp_path / "b", log=said.append)
+    best = tmp_path / "a" / "checkpoints" / "best.pt"
+    shutil.copyfile(tmp_path / "b" / "checkpoints" / "best.pt", best)
+    said.clear()
+    assert not run_rank(a, None, tmp_path / "a", log=said.append).reused
+    assert any("is no longer the model of" in m for m in said), said
+    assert run_rank(a, None, tmp_path / "a", log=said.append).reused  # retrained: its own model again
+    best.unlink()  # a failed run of another config removes it
+    assert not run_rank(a, None, tmp_path / "a", log=said.append).reused
