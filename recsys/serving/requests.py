@@ -110,8 +110,9 @@ def check_requests(frame: pl.DataFrame) -> None:
         read as item 1; a NaN count gave a NaN score);
       - pos_hist_len above hist_len;
       - `history` and `history_timestamps` of different lengths, an event not
-        strictly before the request's time, or a hist_len the history cannot
-        hold (above its length, or 0 with events in it);
+        strictly before the request's time, or a hist_len other than the
+        history's length (a shorter one silently cut the history to its last
+        hist_len events until 2026-12-01);
       - rows of one request (same user_id and timestamp) with different
         histories or counts: the request is scored once, so all but the first
         row would have been scored with another row's history."""
@@ -137,9 +138,8 @@ def check_requests(frame: pl.DataFrame) -> None:
     refuse(pl.col(S.POS_HIST_LEN) > pl.col(S.HIST_LEN), S.POS_HIST_LEN, "more positive events before the request than events")
     refuse(pl.col("_h") != pl.col("_ht"), HISTORY_TS, f"{HISTORY} and {HISTORY_TS} have different lengths")
     refuse(pl.col("_last") >= pl.col(S.TIMESTAMP), HISTORY_TS, "a history event is not strictly before the request's timestamp")
-    refuse((pl.col(S.HIST_LEN) > pl.col("_h")) | ((pl.col(S.HIST_LEN) == 0) & (pl.col("_h") > 0)), S.HIST_LEN,
-           f"hist_len disagrees with {HISTORY} (it counts the events before the request, at most the history's length, "
-           "and at least 1 when there is one)")
+    refuse(pl.col(S.HIST_LEN) != pl.col("_h"), S.HIST_LEN,
+           f"hist_len disagrees with {HISTORY} (it counts the events before the request: the history's length)")
     keys = [S.USER_ID, S.TIMESTAMP]
     same = [HISTORY, HISTORY_TS, S.HIST_LEN, S.POS_HIST_LEN]
     split = pl.any_horizontal([pl.col(c).n_unique().over(keys) > 1 for c in same])

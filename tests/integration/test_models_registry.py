@@ -88,6 +88,8 @@ def test_ranker_refuses_requests_it_would_score_wrongly(in_experiment):
         "different lengths": a.with_columns(history_timestamps=pl.col("history_timestamps").list.head(1)),
         "strictly before": a.with_columns(timestamp=pl.lit(0, pl.Int64)),
         "hist_len disagrees": a.with_columns(hist_len=pl.lit(0, pl.Int64), pos_hist_len=pl.lit(0, pl.Int64)),  # dropped the history
+        # shorter than the history: scored with its last hist_len events, silently (until 2026-12-01)
+        "disagrees with history": a.with_columns(hist_len=pl.lit(2, pl.Int64), pos_hist_len=pl.lit(0, pl.Int64)),
         "request column 'history': 1 item id(s) not in the ranker's vocabulary": a.with_columns(  # read as a candidate's
             history=pl.concat_list(pl.col("history").list.head(pl.col("history").list.len() - 1), pl.lit([10**12], pl.List(pl.Int64)))),
     }
