@@ -225,7 +225,7 @@ def run_lightgbm(
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
     for name in (METRICS_FILE, PREDICTIONS, IMPORTANCE_PNG):
         tracker.log_artifact(out / name)
-    from recsys.eval.metrics import format_metric
+    from recsys.eval.metrics import constant_scores_warning, format_metric
 
     shown = " ".join(
         f"{m} {format_metric(metrics[m])}" + (f" ({reasons[m]})" if m in reasons else "")
@@ -233,6 +233,8 @@ def run_lightgbm(
     )
     log(f"lightgbm: test {shown} ({len(features)} features, {click.best_iteration_} trees) -> {out} "
         f"in {time.perf_counter() - t0:.1f}s")
+    if (note := constant_scores_warning(score, "lightgbm")) is not None:
+        log(note)
     return metrics | {"reasons": reasons}
 
 

@@ -174,6 +174,17 @@ def nan_reason(kind: str, y_true: np.ndarray, score: np.ndarray, label: str = "l
     return "undefined on these rows"
 
 
+def constant_scores_warning(score: np.ndarray, model: str) -> str | None:
+    """A warning when every test score is the same (a collapsed model: too
+    high a learning rate, a LightGBM without a split): its AUC reads 0.5 and
+    its GAUC n/a, numbers that look like results. None otherwise."""
+    s = np.asarray(score, dtype=np.float64)
+    if s.size < 2 or not np.isfinite(s).all() or s.min() != s.max():
+        return None
+    return (f"warning: {model}: every test score is {s[0]:.6g}: the model learned nothing a candidate can be told "
+            "apart by (a collapsed model: check the learning rate, the epochs, or LightGBM's min_child_samples)")
+
+
 def format_metric(value: float | None, digits: int = 4) -> str:
     """`0.7312`, or `n/a` for a metric that could not be computed (None/NaN)."""
     if value is None or not np.isfinite(value):

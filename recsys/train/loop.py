@@ -39,7 +39,7 @@ from features.core.errors import DataError, TrainingDiverged
 from features.core.numeric import torch_threads
 from features.core.tracker import NullTracker, Tracker
 from recsys.data import RankingData
-from recsys.eval.metrics import METRICS, evaluate_predictions
+from recsys.eval.metrics import METRICS, constant_scores_warning, evaluate_predictions
 from recsys.config.sections import RankerConfig, TrainConfig
 from recsys.models.ranker import Ranker
 from recsys.modules.svd_attention import SVDFactorizationError
@@ -268,6 +268,8 @@ def _fit(data: RankingData, ranker: RankerConfig, train: TrainConfig, out_dir: s
     )
     if ctx.is_main:
         write_results(out, test_pred, metrics, tracker)
+        if (note := constant_scores_warning(test_pred["score"].to_numpy(), "rank train")) is not None:
+            print(note, file=sys.stderr)
     if ctx.owns_group:
         import torch.distributed as dist
 

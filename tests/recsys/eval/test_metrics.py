@@ -176,3 +176,11 @@ def test_evaluate_predictions_says_why_a_metric_is_nan():
         assert out["reasons"][name] == "no observed LT rows (lt_observed is false on all 4 rows)"
     assert math.isnan(out["auc"]) and "one class only" in out["reasons"]["auc"]
     assert "logloss" not in out["reasons"]
+
+
+def test_constant_scores_are_named():
+    from recsys.eval.metrics import constant_scores_warning
+
+    assert "every test score is 0.25" in constant_scores_warning(np.full(5, 0.25), "m")
+    assert constant_scores_warning(np.array([0.25, 0.26]), "m") is None
+    assert constant_scores_warning(np.array([0.25]), "m") is None  # one row: nothing to tell apart
