@@ -236,7 +236,8 @@ def holm_resolution_note(rows: Sequence[CompareRow], n_boot: int, alpha: float =
     if not m or floor <= alpha / m:
         return None
     need = math.ceil(2 * m / alpha)
-    return (f"Holm's correction cannot mark any of the {m} tests of a segment with {n_boot} bootstrap replicates "
+    return (f"Holm's correction cannot mark any of the {m} tests (treatment arms x metrics) of the whole test set "
+            f"or of a segment with {n_boot} bootstrap replicates "
             f"(the smallest bootstrap p-value, {floor:.4f}, is above {alpha}/{m} = {alpha / m:.4f}); "
             f"rerun the compare with --n-boot {need} or more (the raw marks are unaffected)")
 
