@@ -20,9 +20,14 @@ there, even NaN, reaches neither outputs nor gradients.
 Gram dtype: "float64" forms G in float64; "input" forms it with one GEMM in
 the history's dtype (faster, less exact); "auto" (the default) uses "input"
 when autograd is off (torch.no_grad / inference_mode: serving, evaluation)
-and "float64" when it is on (training). eigh always runs in float64. The
-Gram, eigh and the two differentiable factorisations, with their backward
-passes, live in `recsys.modules.svd_kernels`.
+and "float64" when it is on (training). eigh always runs in float64. Either
+Gram resolves singular values only down to its rounding (~1e-8 s_1 in
+float64, ~3e-4 s_1 in float32): compact gives no weight to those under the
+route's rank tolerance (`svd_kernels.rank_floor`; 1e-3 s_1 for a float32
+Gram), fading in linearly up to twice it, so a history of rank below R (one
+shorter than R, say) serves on the float32 Gram within ~1e-6 of the float64
+path. The Gram, eigh and the two differentiable factorisations, with their
+backward passes, live in `recsys.modules.svd_kernels`.
 
 Modes, with Qp = Q W_Q:
 - "truncated" (formerly "exact", renamed because it is exact only when
@@ -117,6 +122,7 @@ from recsys.modules.svd_kernels import (
     factorize,
     gram_matrix,
     jagged_segments,
+    rank_floor,
     rank_tolerance,
     taper_weights,
     tokens_from_spectrum,
@@ -165,9 +171,9 @@ class SVDAttentionConfig:
     taper: float = 0.05
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dim, int) or self.dim < 1:
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
             raise ValueError(f"dim must be a positive int, got {self.dim!r}")
-        if not isinstance(self.rank, int) or not 1 <= self.rank <= self.dim:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or not 1 <= self.rank <= self.dim:
             raise ValueError(f"rank must be an int with 1 <= rank <= dim={self.dim}, got {self.rank!r}")
         if self.mode in RENAMED_MODES:
             raise ValueError(
@@ -346,6 +352,9 @@ class SVDAttention(nn.Module):
         then reach X only through whatever graph the factors carry.
         """
         check_inputs(history, lengths, queries, self.config.dim)
+        if factors is not None and factors.S.shape[0] != history.shape[0]:
+            raise ValueError(f"factors are of {factors.S.shape[0]} users but the history batch has {history.shape[0]} "
+                             "(they would broadcast: every user would get the first user's factors)")
         lengths = lengths.to(history.device)
         x = _masked_history(history, lengths)  # (B, L, D)
         if self.config.mode == "truncated":
@@ -403,7 +412,9 @@ class SVDAttention(nn.Module):
         else:
             if factors.S_all is None or factors.V_all is None:
                 raise ValueError("compact needs the full spectrum in SVDFactors (S_all, V_all); use svd_factors")
-            m = tokens_from_spectrum(factors.S_all, factors.V_all, cfg.rank, cfg.taper)  # (B, D, D)
+            # factors come from the float64 Gram (svd_factors, FactorCache)
+            m = tokens_from_spectrum(factors.S_all, factors.V_all, cfg.rank, cfg.taper,
+                                     rank_floor(x.dtype, cfg.dim, "float64"))  # (B, D, D)
         return self.scale_tokens(m, lengths).to(x.dtype)
 
     def scale_tokens(self, m: Tensor, counts: Tensor) -> Tensor:

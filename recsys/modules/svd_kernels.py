@@ -80,6 +80,11 @@ class _Tolerances(NamedTuple):
     sigma_gap: float  # |S_i - S_j| <= sigma_gap * S_max: degenerate (input rounding)
 
 
+def rank_floor(dtype: torch.dtype, dim: int, gram_dtype: ResolvedGramDtype) -> float:
+    """The rank tolerance (relative to s_1) of a Gram route: inputs of `dtype`, Gram `gram_dtype`."""
+    return _tolerances(dtype, dim, gram_dtype).rank
+
+
 def _tolerances(dtype: torch.dtype, dim: int, gram_dtype: ResolvedGramDtype = "float64") -> _Tolerances:
     """Thresholds of a Gram route for inputs of `dtype` (gram_dtype already resolved).
 
@@ -105,8 +110,9 @@ def top_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     except torch.linalg.LinAlgError as err:
         if not bool(torch.isfinite(gram).all()):
             raise SVDFactorizationError(
-                "SVD-attention got history embeddings with NaN or inf values (eigh cannot factor them): "
-                "the model diverged; lower train.lr / train.sparse_lr"
+                "SVD-attention: a history's Gram matrix holds NaN or inf values (eigh cannot factor it): the history "
+                "embeddings hold NaN or inf (in training: the model diverged; lower train.lr / train.sparse_lr), or "
+                "they are too large for a float32 Gram (entries past ~1e19 overflow: gram_dtype float64)"
             ) from err
         raise SVDFactorizationError(f"SVD-attention: eigh did not converge on a history Gram matrix ({err})") from err
     return lam.flip(-1), e.flip(-1)
@@ -230,24 +236,42 @@ def _times(x: Tensor, w: Tensor, lengths: list[int] | None = None) -> Tensor:
     return out
 
 
-def taper_weights(s_all: Tensor, rank: int, taper: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _noise_weights(s_all: Tensor, floor: float | Tensor) -> Tensor:
+    """clip(s / (floor s_1) - 1, 0, 1) (B, D): 0 for singular values at or
+    under `floor` s_1 (the Gram's rounding, not the history), 1 from twice it,
+    linear between (continuous); all 1 when floor is 0. `floor`: a number, or
+    one per user (B, 1)."""
+    if not isinstance(floor, Tensor) and floor <= 0:
+        return torch.ones_like(s_all)
+    unit = floor * s_all[:, :1]  # (B, 1)
+    ok = unit > 0
+    return torch.where(ok, (s_all / torch.where(ok, unit, torch.ones((), dtype=s_all.dtype)) - 1).clamp(0.0, 1.0), 1.0)
+
+
+def taper_weights(s_all: Tensor, rank: int, taper: float, floor: float | Tensor = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Compact's spectrum h_i = s_i w_i over ALL D singular values s_all (B, D), descending.
 
     R < D: w_i = clip(1/2 + (s_i - m) / (2 taper s_1), 0, 1) with m = (s_R +
     s_{R+1}) / 2, the midpoint of the cutoff gap: directions above the gap by
     taper s_1 keep weight 1, below it by as much get 0, and at a crossing
     (s_R = s_{R+1}) both get 1/2, so the swap is continuous. R = D: w = 1
-    (M = (X^T X)^(1/2)). Returns h, w, the ramp mask (0 < w < 1) and m (B, 1).
+    (M = (X^T X)^(1/2)). `floor` (relative to s_1, the Gram route's rank
+    tolerance): w is also multiplied by `_noise_weights`, so directions the
+    history lacks, whose singular values are the Gram's rounding (~3e-4 s_1
+    for a float32 Gram, ~1e-8 for float64), get no weight; without it a
+    history of rank below R served on the float32 Gram differed from the
+    float64 path by ~1e-4 relative. Returns h, w, the ramp mask (0 < w < 1 of
+    the taper) and m (B, 1).
     """
     d = s_all.shape[-1]
+    noise = _noise_weights(s_all, floor)  # (B, D)
     if rank >= d:
-        ones = torch.ones_like(s_all)
-        return s_all, ones, torch.zeros_like(s_all, dtype=torch.bool), s_all.new_zeros(s_all.shape[0], 1)
+        return s_all * noise, noise, torch.zeros_like(s_all, dtype=torch.bool), s_all.new_zeros(s_all.shape[0], 1)
     mid = (s_all[:, rank - 1 : rank] + s_all[:, rank : rank + 1]) / 2  # (B, 1)
     scale = 2 * taper * s_all[:, :1]  # (B, 1)
     ramp = 0.5 + (s_all - mid) / torch.where(scale > 0, scale, torch.ones((), dtype=s_all.dtype))  # (B, D)
     ramp = torch.where(scale > 0, ramp, torch.zeros((), dtype=s_all.dtype))
-    w = ramp.clamp(0.0, 1.0)  # (B, D)
+    w = ramp.clamp(0.0, 1.0) * noise  # (B, D)
     return s_all * w, w, (ramp > 0) & (ramp < 1), mid
 
 
@@ -267,7 +291,7 @@ class _TaperedRoot(torch.autograd.Function):
         lam, e = top_eigh(gram_matrix(x, gram_dtype, lengths))  # (B, D), (B, D, D)
         lam = lam.clamp_min(0)
         s_all = lam.sqrt()  # (B, D)
-        h, w, in_ramp, mid = taper_weights(s_all, rank, taper)  # (B, D) x 3, (B, 1)
+        h, w, in_ramp, mid = taper_weights(s_all, rank, taper, tols.rank)  # (B, D) x 3, (B, 1)
         ctx.save_for_backward(x, lam, e, s_all, h, w, in_ramp, mid)
         ctx.rank, ctx.taper, ctx.tols, ctx.lengths = rank, taper, tols, lengths
         return (e * h[:, None, :]) @ e.mT  # (B, D, D)
@@ -328,7 +352,8 @@ def compact_tokens(x: Tensor, rank: int, taper: float, gram_dtype: ResolvedGramD
     return _TaperedRoot.apply(x, rank, taper, tols, gram_dtype, lengths)
 
 
-def tokens_from_spectrum(s_all: Tensor, v_all: Tensor, rank: int, taper: float) -> Tensor:
-    """M = V diag(h(S)) V^T (B, D, D) from all singular values S (B, D) and vectors V (B, D, D)."""
-    h, _, _, _ = taper_weights(s_all, rank, taper)  # (B, D)
+def tokens_from_spectrum(s_all: Tensor, v_all: Tensor, rank: int, taper: float, floor: float | Tensor = 0.0) -> Tensor:
+    """M = V diag(h(S)) V^T (B, D, D) from all singular values S (B, D) and vectors V (B, D, D);
+    `floor`: the rank tolerance of the route that produced S (`taper_weights`)."""
+    h, _, _, _ = taper_weights(s_all, rank, taper, floor)  # (B, D)
     return (v_all * h[:, None, :]) @ v_all.mT  # (B, D, D)

@@ -24,7 +24,13 @@ means here: serving runs without autograd, like the batch path's "auto" under
 torch.no_grad) sums in the event dtype, like the batch path's float32 GEMM.
 Down-dates subtract, so rounding would drift; every W events the state
 recomputes G from its ring buffer of the window's events (O(W D^2) every W
-events: O(D^2) per event amortised), which bounds the drift.
+events: O(D^2) per event amortised), which bounds the drift. A down-date
+also cancels: an event much larger than the rest leaves G with the rounding
+error of its own square (in float32, 1e-7 of an event 1e4 times the others
+was 50% of what remained), so the state also recomputes G once the energy
+it has subtracted since the last recompute exceeds `CANCEL_RATIO` times
+what G holds. Events must be finite: a NaN or inf one is refused (once in
+G, subtraction cannot take it out again).
 
 Example:
     >>> from recsys.modules.svd_attention import SVDAttention, SVDAttentionConfig
@@ -44,9 +50,13 @@ import torch
 from torch import Tensor
 
 from recsys.modules.svd_attention import SVDAttention, SVDFactors, svd_factors
-from recsys.modules.svd_kernels import GRAM_DTYPES, GramDtype, tokens_from_spectrum, top_eigh
+from recsys.modules.svd_kernels import GRAM_DTYPES, GramDtype, rank_floor, tokens_from_spectrum, top_eigh
 
 STATE_GRAM_DTYPES: tuple[GramDtype, ...] = GRAM_DTYPES
+# recompute G when the energy down-dated since the last recompute passes this
+# multiple of trace(G): the cancellation error then stays near 16 x the
+# accumulator's epsilon of trace(G) (2e-6 in float32)
+CANCEL_RATIO = 16.0
 
 
 def history_fingerprint(history: Tensor, length: int) -> tuple[int, str]:
@@ -159,6 +169,7 @@ class IncrementalSVDState:
         self._buf = torch.zeros(window, dim, dtype=dtype)  # (W, D) ring buffer; unfilled rows are zero
         self._head = 0  # next row of the ring buffer to overwrite (the oldest event once full)
         self._since_refresh = 0
+        self._removed = 0.0  # energy (sum of squares) down-dated since the last recompute
         self.count = 0
 
     @property
@@ -182,6 +193,10 @@ class IncrementalSVDState:
         n = events.shape[0]
         with torch.no_grad():
             e = events.detach().to(device="cpu", dtype=self.dtype)  # (n, D)
+            if n and not bool(torch.isfinite(e).all()):
+                bad = (~torch.isfinite(e)).any(dim=1).nonzero()[:5, 0].tolist()
+                raise ValueError(f"events hold NaN or inf values (rows {bad} of this append, in {self.dtype}): "
+                                 "the state refuses them, since a down-date cannot remove them from G")
             if n >= self.window:
                 self._buf.copy_(e[n - self.window :])
                 self._head = 0
@@ -194,7 +209,8 @@ class IncrementalSVDState:
                 self._buf[idx] = e
                 self._head = (self._head + n) % self.window
                 self._since_refresh += n
-                if self._since_refresh >= self.window:
+                self._removed += float(old.to(torch.float64).square().sum())
+                if self._since_refresh >= self.window or self._removed > CANCEL_RATIO * max(float(self.gram.trace()), 0.0):
                     self._refresh()
         self.count += n
         return self
@@ -204,6 +220,7 @@ class IncrementalSVDState:
         buf = self._buf.to(self.acc_dtype)  # (W, D)
         self.gram = buf.mT @ buf
         self._since_refresh = 0
+        self._removed = 0.0
 
     def events(self) -> Tensor:
         """The window's events (length, D), oldest first."""
@@ -230,7 +247,10 @@ def state_tokens(attention: SVDAttention, states: Sequence[IncrementalSVDState])
         counts = torch.tensor([st.length for st in states], device=device)  # (B,)
         lam, e = top_eigh(gram)  # (B, D), (B, D, D)
         s_all = lam.clamp_min(0).sqrt()  # (B, D)
-        m = tokens_from_spectrum(s_all, e, cfg.rank, cfg.taper)  # (B, D, D)
+        # each state's route (event dtype, accumulator) has its own rank tolerance: (B, 1)
+        floor = torch.tensor([[rank_floor(st.dtype, st.dim, st.gram_dtype)] for st in states], dtype=torch.float64,
+                             device=device).reshape(-1, 1)
+        m = tokens_from_spectrum(s_all, e, cfg.rank, cfg.taper, floor)  # (B, D, D)
         return attention.scale_tokens(m, counts)
 
 
@@ -247,6 +267,11 @@ def forward_from_state(
         states = [states]
     if queries.dim() == 2:
         queries = queries[None]
+    d = attention.config.dim
+    if queries.dim() != 3 or queries.shape[-1] != d:
+        raise ValueError(f"queries must be (B, C, {d}) or (C, {d}), got {tuple(queries.shape)}")
     if len(states) != queries.shape[0]:
         raise ValueError(f"{len(states)} states but queries batch is {queries.shape[0]}")
+    if not states:  # no request: nothing to factor
+        return queries.new_zeros(queries.shape)
     return attention.attend_tokens(queries, state_tokens(attention, states))

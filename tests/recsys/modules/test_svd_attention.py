@@ -107,6 +107,23 @@ def test_config_validation():
         SVDAttentionConfig(dim=0, rank=1)
     with pytest.raises(ValueError, match="gram_dtype"):
         SVDAttentionConfig(dim=8, rank=4, gram_dtype="float16")
+    for dim, rank in ((True, 1), (4, True)):  # bool passes isinstance(x, int)
+        with pytest.raises(ValueError, match="dim|rank"):
+            SVDAttentionConfig(dim=dim, rank=rank)
+
+
+def test_factors_of_another_batch_size_are_refused():
+    """They broadcast silently before 2026-12-01: every user got user 0's tokens."""
+    from recsys.modules.svd_attention import svd_factors
+
+    g = torch.Generator().manual_seed(0)
+    att = SVDAttention(SVDAttentionConfig(dim=4, rank=2))
+    x, q = torch.randn(5, 6, 4, generator=g), torch.randn(5, 3, 4, generator=g)
+    lengths = torch.full((5,), 6)
+    one = svd_factors(x[:1], lengths[:1], 2)
+    with pytest.raises(ValueError, match="factors are of 1 users but the history batch has 5"):
+        att(x, lengths, q, factors=one)
+    assert att(x, lengths, q, factors=svd_factors(x, lengths, 2)).shape == (5, 3, 4)
 
 
 def test_literal_annotations_list_exactly_the_accepted_values():
@@ -752,3 +769,21 @@ def test_jagged_is_compact_only():
     m = make_module(4, 2, "truncated", gen(14), torch.float32)
     with pytest.raises(ValueError, match="compact mode only"):
         m.forward_jagged(torch.zeros(3, 4), torch.tensor([3]), torch.zeros(1, 2, 4))
+
+
+@pytest.mark.parametrize(("d", "r", "length"), [(16, 8, 3), (16, 16, 4), (32, 16, 5)])
+def test_float32_serving_matches_training_on_histories_of_rank_below_r(d, r, length):
+    """A probe (2026-12-01): the float32 Gram's rounding gives the directions
+    a short history lacks singular values ~3e-4 s_1, which the taper then
+    weighted: served (no_grad) output differed from the float64 training
+    path by 1e-4..6e-4 relative. They now count as zero (the route's rank
+    tolerance), as the backward already treated them."""
+    g = torch.Generator().manual_seed(d + length)
+    att = SVDAttention(SVDAttentionConfig(dim=d, rank=r))
+    for _ in range(10):
+        x, q = torch.randn(1, length, d, generator=g) * 3, torch.randn(1, 20, d, generator=g)
+        lengths = torch.tensor([length])
+        with torch.no_grad():
+            served = att(x, lengths, q)
+        trained = att(x, lengths, q).detach()
+        assert float((served - trained).norm() / trained.norm()) < 1e-5

@@ -93,6 +93,32 @@ def test_float32_down_dates_do_not_drift():
     assert rel(state.gram, kept.mT @ kept) <= 1e-6
 
 
+def test_a_large_event_leaving_the_window_does_not_leave_its_rounding_behind():
+    """A probe (2026-12-01): one event 1e4 times the others, once down-dated
+    from a float32 Gram, left 50% relative error in G (71% in the output)
+    until the periodic refresh, up to W appends later."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(200, 8, generator=g)
+    x[30] *= 1e4
+    state = IncrementalSVDState(8, 50, gram_dtype="input")
+    for i, row in enumerate(x):
+        state.append(row)
+        if 81 <= i <= 120:  # the big event (row 30) left the window at row 80
+            kept = x[i - 49 : i + 1].double()
+            assert rel(state.gram, kept.mT @ kept) <= 1e-5, i
+
+
+def test_non_finite_events_are_refused_and_leave_the_state_as_it_was():
+    g = torch.Generator().manual_seed(8)
+    state = IncrementalSVDState(4, 10).append(torch.randn(6, 4, generator=g))
+    before, count = state.gram.clone(), state.count
+    bad = torch.randn(3, 4, generator=g)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf values \(rows \[1\]"):
+        state.append(bad)
+    assert torch.equal(state.gram, before) and state.count == count
+
+
 @pytest.mark.parametrize("gram", ["auto", "float64"])
 def test_ranker_encoder_batch_forward_and_state_agree_on_the_same_window(gram):
     """The data layer keeps the last `history_cap` events; a state with window = history_cap serves the same."""
@@ -123,6 +149,10 @@ def test_serving_rejects_truncated_mode_and_mismatched_batches():
         forward_from_state(module(4, 2, g), [state, state], torch.randn(1, 3, 4, dtype=torch.float64))
     empty = forward_from_state(module(4, 2, g), [IncrementalSVDState(4, 10)], torch.randn(1, 3, 4, dtype=torch.float64))
     assert torch.all(empty == 0)
+    # no request at all, and queries of the wrong width (a raw RuntimeError before 2026-12-01)
+    assert forward_from_state(module(4, 2, g), [], torch.randn(0, 3, 4)).shape == (0, 3, 4)
+    with pytest.raises(ValueError, match=r"queries must be \(B, C, 4\)"):
+        forward_from_state(module(4, 2, g), state, torch.randn(1, 3, 5))
 
 
 # --------------------------------------------------------------------------- factor cache
