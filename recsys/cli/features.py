@@ -178,7 +178,7 @@ def _describe(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             run_features(job, None, Path(tmp) / "features", log=warnings_only)  # the build's warnings apply
             stats = describe(Path(tmp) / "features")
-            stats["folder"] = f"(source {job.config.source}, not saved)"
+            stats["folder"] = "(built in a temporary folder, not saved)"
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
