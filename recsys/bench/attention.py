@@ -124,6 +124,7 @@ from recsys.bench.common import (
     matmul_gflops,
     peak_mb,
     print_table,
+    quick_out,
     timed_quietly,
     write_json,
 )
@@ -372,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     if (args.checkpoint is None) != (args.features is None):
         print("error: --checkpoint and --features go together", file=sys.stderr)
         return 2
+    for flag, path, want in (("--checkpoint", args.checkpoint, Path.is_file), ("--features", args.features, Path.is_dir)):
+        if path is not None and not want(path):  # found before the run, not after it
+            print(f"error: {flag} {path}: no such {'file' if want is Path.is_file else 'folder'}", file=sys.stderr)
+            return 2
+    if args.quick:
+        args.out = quick_out(parser, args.out)
     if args.trained_epochs < 1:
         print("error: --trained-epochs must be >= 1", file=sys.stderr)
         return 2

@@ -254,13 +254,44 @@ def machine_info() -> dict[str, Any]:
 def apply_quick(parser: Any, args: Any, values: dict[str, Any]) -> None:
     """`--quick`: set `values` (dest -> value) on `args`; an option among them
     that the user also gave (a value other than its default) is a usage
-    error, never silently overridden (the JSON would record the quick value)."""
+    error, never silently overridden (the JSON would record the quick value).
+    Without --out the smoke run writes under `quick_out` (RESULTS_DIR/quick,
+    not committed), never over the committed results."""
     given = [k for k in values if getattr(args, k) != parser.get_default(k)]
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         parser.error(f"--quick sets {flags} itself: drop --quick or {flags}")
     for k, v in values.items():
         setattr(args, k, v)
+    args.out = quick_out(parser, args.out)
+
+
+def quick_out(parser: Any, out: Any) -> Any:
+    """`out` unless it is the parser's default results folder: then its `quick` subfolder (same type)."""
+    default = parser.get_default("out")
+    return type(default)(Path(default) / "quick") if out == default else out
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a size or a count of runs)."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:

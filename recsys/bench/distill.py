@@ -20,15 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from recsys.bench.common import apply_quick, machine_info, print_table, write_json
+from recsys.bench.common import apply_quick, machine_info, nonnegative_int, positive_int, print_table, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recsys.bench distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=["movielens100k", "synthetic"], default="movielens100k")
-    p.add_argument("--epochs", type=int, default=2, help="student epochs per timed run")
-    p.add_argument("--repeats", type=int, default=3, help="timed student runs; the median is reported")
-    p.add_argument("--encode-items", type=int, default=0, help="texts to encode (0: the whole catalog)")
+    p.add_argument("--epochs", type=positive_int, default=2, help="student epochs per timed run")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed student runs; the median is reported")
+    p.add_argument("--encode-items", type=nonnegative_int, default=0, help="texts to encode (0: the whole catalog)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (tests): synthetic, 32 texts, 1 epoch, 1 repeat")
     p.add_argument("--out", default="bench/results", help="folder for distill.json")
     args = p.parse_args(argv)

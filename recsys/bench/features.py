@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from recsys.bench.common import apply_quick, loadavg, machine_info, print_table, write_json
+from recsys.bench.common import apply_quick, loadavg, machine_info, positive_int, print_table, write_json
 
 GOAL_EVENTS_PER_S = 2_000_000
 SPARK_GOAL_RATIO = 3.0  # spark's time per event within 3x of polars' at 10M events
@@ -150,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recsys.bench features", description=__doc__)
     p.add_argument("--engine", choices=["polars", "spark", "both"], default="polars")
     p.add_argument("--events", default="10", help="sizes in millions of events, comma-separated (e.g. 1,10,50)")
-    p.add_argument("--users", type=int, help="one size given as a number of users (overrides --events)")
-    p.add_argument("--items", type=int, default=20_000)
-    p.add_argument("--max-history", type=int, default=20_000)
-    p.add_argument("--repeats", type=int, default=3, help="timed builds per engine and size; the median is reported")
+    p.add_argument("--users", type=positive_int, help="one size given as a number of users (overrides --events)")
+    p.add_argument("--items", type=positive_int, default=20_000, help="synthetic catalogue size (default: %(default)s)")
+    p.add_argument("--max-history", type=positive_int, default=20_000,
+                   help="most events a synthetic user has (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed builds per engine and size; the median is reported")
     p.add_argument("--spark-driver-memory", default="4g",
                    help="JVM heap of the embedded Spark (the build's rows do not pass through it: 4g runs 50M events)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (tests)")
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(engines) > 1:
             r["identical_to_other_engine"] = same[r["users"]] == {fingerprint}
     path = Path(args.out) / "features.json"
-    payload = {"machine": machine_info(), "quick": args.quick, "rows": _merge(path, rows)}
+    # a full run merges its rows with earlier sizes; a smoke run's rows stand alone (never beside real ones)
+    payload = {"machine": machine_info(), "quick": args.quick, "rows": rows if args.quick else _merge(path, rows)}
     print(f"wrote {write_json('features', payload, Path(args.out))}")
     if not args.quick:
         from recsys.plots import cost_vs_size

@@ -31,7 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from recsys.bench.common import apply_quick, machine_info, matmul_gflops, median_ms, print_table, write_json
+from recsys.bench.common import (
+    apply_quick,
+    machine_info,
+    matmul_gflops,
+    median_ms,
+    positive_int,
+    print_table,
+    write_json,
+)
 
 GOAL_FRACTION_OF_MATMUL = 0.25
 GOAL_SPEEDUP_VS_NAIVE = 100.0
@@ -170,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m recsys.bench match", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--items", type=int, default=20_000, help="catalogue size N")
-    p.add_argument("--dim", type=int, default=64, help="embedding dimension D")
-    p.add_argument("--cands", type=int, default=1000, help="candidates per user C")
-    p.add_argument("--users-1k", type=int, default=16)
-    p.add_argument("--users-10k", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
+    p.add_argument("--items", type=positive_int, default=20_000, help="catalogue size N")
+    p.add_argument("--dim", type=positive_int, default=64, help="embedding dimension D")
+    p.add_argument("--cands", type=positive_int, default=1000, help="candidates per user C")
+    p.add_argument("--users-1k", type=positive_int, default=16, help="users with 1k-event histories (default: %(default)s)")
+    p.add_argument("--users-10k", type=positive_int, default=4, help="users with 10k-event histories (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs; the median is reported")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (tests)")
     p.add_argument("--out", default="bench/results", help="folder for match.json")
     args = p.parse_args(argv)

@@ -37,7 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys.bench.common import RESULTS_DIR, PeakRSS, apply_quick, machine_info, print_table, write_json
+from recsys.bench.common import (
+    RESULTS_DIR,
+    PeakRSS,
+    apply_quick,
+    machine_info,
+    nonnegative_int,
+    positive_int,
+    print_table,
+    write_json,
+)
 
 ENCODERS = {"mean": "mean", "reference": "reference", "truncated": "svd_truncated", "compact": "svd_compact"}
 COLUMNS = ["L", "C", "encoder", "samples_per_s", "ms_per_step", "peak_mb", "speedup_vs_reference", "skipped"]
@@ -141,22 +150,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recsys.bench ranker", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds), for tests")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for ranker.json (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lengths", type=int, nargs="+", default=[1_000, 10_000, 50_000])
-    p.add_argument("--candidates", type=int, nargs="+", default=[1, 100, 1_000])
+    p.add_argument("--seed", type=int, default=0, help="seed for data and weights (default: %(default)s)")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[1_000, 10_000, 50_000],
+                   help="history lengths L (default: %(default)s)")
+    p.add_argument("--candidates", type=positive_int, nargs="+", default=[1, 100, 1_000],
+                   help="candidates per request C (default: %(default)s)")
     p.add_argument("--encoders", nargs="+", choices=list(ENCODERS), default=list(ENCODERS))
-    p.add_argument("--requests", type=int, default=32, help="requests per batch (default: %(default)s)")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--items", type=int, default=20_000, help="item table rows")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per row; the median is reported")
+    p.add_argument("--requests", type=positive_int, default=32, help="requests per batch (default: %(default)s)")
+    p.add_argument("--dim", type=positive_int, default=64, help="embedding dim D (default: %(default)s)")
+    p.add_argument("--rank", type=positive_int, default=32, help="SVD rank R, at most --dim (default: %(default)s)")
+    p.add_argument("--items", type=positive_int, default=20_000, help="item table rows")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed steps per row; the median is reported")
     p.add_argument("--slow-s", type=float, default=5.0, help="rows whose warm-up step exceeds this get 1 timed step")
     p.add_argument("--mem-budget-gb", type=float, default=16.0, help="skip rows estimated above this")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default; --quick uses 1)")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0 = torch default; --quick uses 1)")
     args = p.parse_args(argv)
     if args.quick:
         apply_quick(p, args, {"lengths": [50, 200], "candidates": [1, 20], "requests": 4, "dim": 16, "rank": 8,
                               "items": 500, "repeats": 1})
+    if args.rank > args.dim:
+        p.error(f"--rank {args.rank} must be at most --dim {args.dim}")
         args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)  # a CLI entry point: the one place global state is set

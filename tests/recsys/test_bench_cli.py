@@ -25,3 +25,35 @@ def test_bench_refuses_before_running(tmp_path, capsys, monkeypatch):
         assert rc == 2, bad
     assert ran == []
     assert main(["all", "--help"]) == 0 and "all [--quick] [--out DIR]" in capsys.readouterr().out
+
+
+def test_sizes_and_counts_below_one_and_missing_paths_are_usage_errors(tmp_path, capsys):
+    """A probe (2026-12-01): `ranker --repeats 0` wrote NaN into ranker.json
+    (exit 0); negative sizes ended in numpy tracebacks; a missing
+    --checkpoint failed after the whole attention run."""
+    bad = [["ranker", "--repeats", "0"], ["ranker", "--rank", "99", "--dim", "8"], ["ranker", "--requests", "0"],
+           ["ranker", "--threads", "-1"], ["match", "--items", "-5"], ["match", "--cands", "0"],
+           ["distill", "--repeats", "0"], ["distill", "--encode-items", "-1"], ["features", "--items", "0"],
+           ["attention", "--checkpoint", str(tmp_path / "none.pt"), "--features", str(tmp_path)]]
+    for argv in bad:
+        try:
+            rc = main([*argv, "--out", str(tmp_path)])
+        except SystemExit as e:  # argparse's usage error
+            rc = e.code
+        assert rc == 2, argv
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_a_quick_run_without_out_writes_beside_not_over_the_committed_results():
+    import argparse
+    from pathlib import Path
+
+    from recsys.bench.common import RESULTS_DIR, quick_out
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    assert quick_out(p, RESULTS_DIR) == RESULTS_DIR / "quick"
+    assert quick_out(p, Path("elsewhere")) == Path("elsewhere")
+    q = argparse.ArgumentParser()
+    q.add_argument("--out", default="bench/results")
+    assert quick_out(q, "bench/results") == str(Path("bench/results") / "quick")

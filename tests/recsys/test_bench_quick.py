@@ -8,8 +8,8 @@ import pytest
 
 
 @pytest.mark.parametrize(("bench", "flag"), [
-    ("ranker", ["--requests", "0"]), ("match", ["--repeats", "0"]), ("features", ["--events", "1"]),
-    ("distill", ["--epochs", "0"]),
+    ("ranker", ["--requests", "2"]), ("match", ["--repeats", "2"]), ("features", ["--events", "1"]),
+    ("distill", ["--epochs", "3"]),
 ])
 def test_quick_refuses_an_option_it_sets(tmp_path, capsys, bench, flag):
     import importlib
