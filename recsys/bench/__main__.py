@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown benchmark {n!r}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
             return 2
         module = importlib.import_module(f"recsys.bench.{n}")
-        rc = module.main(rest)
+        try:
+            rc = module.main(rest)
+        except KeyboardInterrupt:  # results files are written atomically: the previous one stays
+            print(f"interrupted: {n} stopped; its previous {n}.json, if any, is unchanged", file=sys.stderr)
+            return 130
         if rc:
             return rc
     return 0
