@@ -77,6 +77,11 @@ def check_output(
         anc = anc.parent
     if not anc.is_dir():
         raise UsageError(f"{flag} {out}: {anc} is a file, so nothing can be created under it")
-    if not os.access(anc, os.W_OK | os.X_OK):
+    if not os.access(anc, os.W_OK | os.X_OK) or _virtual(anc):
         raise UsageError(f"{flag} {out}: {anc} is not writable")
     return out_r
+
+
+def _virtual(p: Path) -> bool:
+    """Under /proc or /sys: kernel filesystems that say writable to root (os.access) but hold no new files."""
+    return p.parts[:2] in (("/", "proc"), ("/", "sys"))

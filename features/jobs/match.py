@@ -91,6 +91,23 @@ def _match_key(features_dir: Path, embeddings: Path, cfg: MatchConfig) -> dict[s
     return stage_key(MATCH_JOB, {"version": MATCH_JOB_VERSION, "config": cfg.relevant()}, upstream)
 
 
+def _check_inputs_unchanged(features_dir: Path, embeddings: Path, key: dict[str, Any]) -> None:
+    """DataError unless the inputs still hold the bytes the key was computed
+    from. The job checks them when it starts, then reads them again (each
+    shard part reopens the features files): an input replaced meanwhile gave
+    wrong features under a key of the original bytes, which every rerun
+    then reused (a probe, 2026-12-01). Checked after each shard part and
+    before the final write; an input swapped away and back between two
+    checks is not caught."""
+    up = key["upstream"]
+    for name, path in ((S.FILES["interactions"], features_dir / S.FILES["interactions"]),
+                       (S.FILES["sequences"], features_dir / S.FILES["sequences"]), ("embeddings", embeddings)):
+        label = "embeddings" if name == "embeddings" else name.split(".")[0]
+        if not path.is_file() or file_fingerprint(path) != up[label]:
+            raise DataError("changed while this job read it (replaced or rewritten during the run): the features "
+                            "computed would mix its old and new contents; rerun once the inputs are final", file=str(path))
+
+
 def _match_part(
     features_dir: Path, users: np.ndarray, space: ItemSpace, cfg: MatchConfig, on_user: Callable[[int], None]
 ) -> tuple[pl.DataFrame, dict[str, int]]:
@@ -308,6 +325,7 @@ def build_match_features(
         bar = tqdm(total=int(np.isin(of, pending).sum()), unit="user", desc="match", disable=None if progress else True)
         for i in pending:
             frame, stats = _match_part(feats_dir, users[of == i], space, cfg, bar.update)
+            _check_inputs_unchanged(feats_dir, emb_path, key)
             with atomic_outputs(match_shard_dir(out, i, n)) as tmp:
                 write_parquet(frame, tmp / MATCH_FILE)
                 write_manifest(
@@ -372,7 +390,8 @@ def item_space(feats_dir: Path, emb_path: Path, cfg: MatchConfig, log: Callable[
 
 def _write_final(out: Path, key: dict[str, Any], frame: pl.DataFrame, total: dict[str, int], cfg: MatchConfig,
                  shards: int, feats_dir: Path, emb_path: Path) -> dict[str, Any]:
-    """Check the row count, then write match_features.parquet and its manifest atomically."""
+    """Check the row count and the inputs, then write match_features.parquet and its manifest atomically."""
+    _check_inputs_unchanged(feats_dir, emb_path, key)
     expected = (read_manifest(feats_dir) or {})["outputs"][S.FILES["interactions"]]["rows"]
     if frame.height != expected:  # e.g. users of the interactions missing from sequences.parquet
         raise DataError(

@@ -325,3 +325,11 @@ def test_both_label_and_rating_say_which_each_row_takes(tmp_path, capsys):
     rc = main(["features", "build", "--source", "files", "--interactions", str(inter), "--out", str(tmp_path / "out2")])
     said = "".join(capsys.readouterr())
     assert rc == 0 and "every train event has label 1" in said and "both 'label' and" not in said, said
+
+
+@pytest.mark.parametrize("out", ["/proc/recsys-probe/out", "/sys/recsys-probe"])
+def test_an_output_under_a_kernel_filesystem_is_refused_before_any_work(capsys, out):
+    """Root passes os.access there; the job then failed late, exit 1, as an
+    "unexpected" error (a probe, 2026-12-01)."""
+    rc = main(["features", "build", "--source", "synthetic", "--users", "20", "--max-events", "30", "--out", out])
+    assert rc == 2 and "is not writable" in capsys.readouterr().err

@@ -604,3 +604,29 @@ def test_unreadable_or_oversized_embedding_ids_name_the_file(synthetic_features,
                   "embedding": pl.Series(list(vec), dtype=pl.List(pl.Float32))}).write_parquet(big)
     with pytest.raises(DataError, match=f"row {len(ids)}: 1 item ids larger than the largest Int64 id"):
         build_match_features(synthetic_features, big, tmp_path / "b", FAST, log=lambda _m: None, progress=False)
+
+
+def test_an_input_replaced_while_the_job_reads_it_is_refused(synthetic_features, synth_emb, tmp_path, monkeypatch):
+    """A probe (2026-12-01): interactions.parquet swapped during a run gave
+    exit 0, features of the swapped file under a key of the original bytes,
+    and every rerun reused them."""
+    import shutil
+
+    import features.jobs.match as J
+
+    feats = tmp_path / "features"
+    shutil.copytree(synthetic_features, feats)
+    real, calls = J._match_part, []
+
+    def part_then_swap(*args, **kwargs):
+        calls.append(1)
+        result = real(*args, **kwargs)
+        if len(calls) == 1:  # another process rewrites the file after the first shard read it
+            inter = pl.read_parquet(feats / S.FILES["interactions"])
+            inter.with_columns(pl.col(S.ITEM_ID).shuffle(seed=1)).write_parquet(feats / S.FILES["interactions"])
+        return result
+
+    monkeypatch.setattr(J, "_match_part", part_then_swap)
+    with pytest.raises(DataError, match="changed while this job read it"):
+        build_match_features(feats, synth_emb, tmp_path / "out", FAST, log=lambda _m: None, progress=False)
+    assert not (tmp_path / "out" / MATCH_FILE).exists() and not list((tmp_path / "out").glob("shards/*/" + MATCH_FILE))
