@@ -12,6 +12,7 @@ declared is fine): "int", "float", "str", "bool", "list_int".
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import polars as pl
 
 from features import schemas as S
 from features.core.errors import DataError, SchemaError, UsageError
-from features.core.fingerprint import file_fingerprint
+from features.core.fingerprint import bytes_fingerprint, file_fingerprint
 from features.core.manifest import folder_fingerprint, output_info, read_manifest
 
 # declared columns of each file a reader may ask for; match features are the
@@ -108,19 +109,22 @@ def read_parquet(path: str | Path, columns: Sequence[str] | None = None) -> pl.D
         raise DataError(f"not a readable parquet file: {e}", file=str(path)) from e
 
 
-def check_manifest(path: str | Path) -> None:
+def check_manifest(path: str | Path, fingerprint: str | None = None) -> None:
     """When `path` is an output listed in its folder's manifest.json (a
     features or match-features folder), check that it still holds the bytes
     the manifest fingerprinted. A file rewritten, swapped or truncated after
     its job would otherwise be read as if the job had written it (and a job
     keyed on the manifest's fingerprints would even skip). A DataError naming
-    the file and the job to rerun."""
+    the file and the job to rerun. `fingerprint`: that of the bytes the caller
+    already read (`read_table`), instead of reading the file again."""
     path = Path(path)
     manifest = read_manifest(path.parent) or {}
     info = (manifest.get("outputs") or {}).get(path.name)
     if info is None:
         return  # a file of the user's own, outside a job's folder: nothing to check against
-    if path.is_file() and file_fingerprint(path) != info.get("fingerprint"):
+    if fingerprint is None and path.is_file():
+        fingerprint = file_fingerprint(path)
+    if fingerprint is not None and fingerprint != info.get("fingerprint"):
         job = manifest.get("job", "the job that wrote it")
         # the jobs whose name is their command (spelt in parts: features never names a distill module)
         commands = {("features", "build"), ("features", "match"), ("distill", "train"), ("distill", "eval")}
@@ -152,9 +156,22 @@ def read_table(path: str | Path, name: str, columns: Sequence[str]) -> pl.DataFr
     """The whole parquet file at `path` (a file of kind `name`), after
     checking that it holds `columns` with their declared kinds of dtype, and
     that it is the file its folder's manifest describes (`check_manifest`)."""
-    check_manifest(path)  # first: a damaged output is named as such, with the job to rerun
-    check_columns(parquet_schema(path), needed_kinds(name, columns), str(path))
-    return read_parquet(path)
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file does not exist", file=str(path))
+    # the bytes are read once, and those are checked and parsed: a file replaced between a check and a
+    # later read was read as the bytes the check had passed (a probe, 2026-12-01)
+    data = path.read_bytes()
+    check_manifest(path, bytes_fingerprint(data))  # first: a damaged output is named as such, with the job to rerun
+    try:
+        schema = pl.Schema(pl.read_parquet_schema(io.BytesIO(data)))
+    except Exception as e:  # noqa: BLE001 - polars raises several types for a broken file
+        raise DataError(f"not a readable parquet file: {e}", file=str(path)) from e
+    check_columns(schema, needed_kinds(name, columns), str(path))
+    try:
+        return pl.read_parquet(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - a damaged data page after a readable footer
+        raise DataError(f"not a readable parquet file: {e}", file=str(path)) from e
 
 
 def read_features_table(folder: str | Path, name: str, columns: Sequence[str]) -> pl.DataFrame:

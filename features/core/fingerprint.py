@@ -17,6 +17,11 @@ def file_fingerprint(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def bytes_fingerprint(data: bytes) -> str:
+    """`file_fingerprint` of a file whose bytes are `data` (already read)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def frame_fingerprint(df: pl.DataFrame) -> str:
     """Content hash of an in-memory frame (row hashes, order-sensitive)."""
     h = hashlib.blake2b(digest_size=16)

@@ -62,3 +62,28 @@ def test_match_file_takes_its_keys_and_prefixed_columns(tmp_path):
     pl.DataFrame(keys | {f"{S.MATCH_PREFIX}cos_max": [0.5]}).write_parquet(tmp_path / S.MATCH_FILE)
     df = read_table(tmp_path / S.MATCH_FILE, "match", [*S.MATCH_KEYS, f"{S.MATCH_PREFIX}cos_max"])
     assert df.height == 1
+
+
+def test_the_bytes_checked_are_the_bytes_parsed(tmp_path, monkeypatch):
+    """A probe (2026-12-01): the manifest check read the file, then the
+    parse read it again; a file replaced in between was read unchecked. Now
+    one read serves both: a swap right after the check cannot reach the parse."""
+    import features.reader as R
+    from features.core.fingerprint import file_fingerprint
+
+    folder = _interactions(tmp_path)
+    path = folder / S.FILES["interactions"]
+    (folder / "manifest.json").write_text(
+        '{"job": "features.build", "outputs": {"%s": {"fingerprint": "%s"}}}' % (path.name, file_fingerprint(path)))
+    real = R.check_manifest
+
+    def check_then_swap(p, fingerprint=None):
+        real(p, fingerprint)
+        pl.DataFrame({S.USER_ID: [9], S.ITEM_ID: [9], S.LABEL: pl.Series([1], dtype=pl.Int8)}).write_parquet(path)
+
+    monkeypatch.setattr(R, "check_manifest", check_then_swap)
+    df = read_table(path, "interactions", [S.USER_ID])
+    assert df[S.USER_ID].to_list() == [1, 2]  # what was checked, not what lies there now
+    monkeypatch.setattr(R, "check_manifest", real)
+    with pytest.raises(DataError, match="changed since"):
+        read_table(path, "interactions", [S.USER_ID])
