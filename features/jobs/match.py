@@ -114,18 +114,16 @@ def _match_part(
     """Match features of the impressions of `users` (interactions order)."""
     inter_file = features_dir / S.FILES["interactions"]
     users_s = pl.Series(S.USER_ID, users, dtype=pl.Int64)
-    inter = (
-        pl.scan_parquet(inter_file)
-        .filter(pl.col(S.USER_ID).is_in(users_s.implode()))
-        .select(inter_columns(cfg))
-        .collect()
-    )
-    seqs = (
-        pl.scan_parquet(features_dir / S.FILES["sequences"])
-        .filter(pl.col(S.USER_ID).is_in(users_s.implode()))
-        .select(seq_columns(cfg))
-        .collect()
-    )
+
+    def rows_of(path: Path, columns: list[str]) -> pl.DataFrame:
+        try:
+            return pl.scan_parquet(path).filter(pl.col(S.USER_ID).is_in(users_s.implode())).select(columns).collect()
+        except (pl.exceptions.ComputeError, OSError) as e:  # checked at the start: damaged or replaced since
+            raise DataError(f"cannot be read ({str(e).strip().splitlines()[0]}): it was readable when this job "
+                            "started; was it replaced or rewritten during the run?", file=str(path)) from e
+
+    inter = rows_of(inter_file, inter_columns(cfg))
+    seqs = rows_of(features_dir / S.FILES["sequences"], seq_columns(cfg))
     return match_rows(inter, seqs, space, cfg, on_user, str(inter_file))
 
 

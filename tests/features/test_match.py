@@ -630,3 +630,26 @@ def test_an_input_replaced_while_the_job_reads_it_is_refused(synthetic_features,
     with pytest.raises(DataError, match="changed while this job read it"):
         build_match_features(feats, synth_emb, tmp_path / "out", FAST, log=lambda _m: None, progress=False)
     assert not (tmp_path / "out" / MATCH_FILE).exists() and not list((tmp_path / "out").glob("shards/*/" + MATCH_FILE))
+
+
+def test_an_input_that_breaks_during_the_run_is_named(synthetic_features, synth_emb, tmp_path, monkeypatch):
+    """A probe (2026-12-01): a swap mid-read surfaced as "unexpected
+    ComputeError: ... page size", naming no file."""
+    import shutil
+
+    import features.jobs.match as J
+
+    feats = tmp_path / "features"
+    shutil.copytree(synthetic_features, feats)
+    real_scan = pl.scan_parquet
+
+    def scan_broken(path, *a, **k):
+        if str(path).endswith(S.FILES["interactions"]):
+            (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+            return real_scan(tmp_path / "junk.parquet", *a, **k)
+        return real_scan(path, *a, **k)
+
+    monkeypatch.setattr(J.pl, "scan_parquet", scan_broken)
+    with pytest.raises(DataError, match="replaced or rewritten during the run") as e:
+        J._match_part(feats, np.array([1, 2], dtype=np.int64), None, FAST, lambda _n: None)
+    assert S.FILES["interactions"] in str(e.value)
