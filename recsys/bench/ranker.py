@@ -168,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         apply_quick(p, args, {"lengths": [50, 200], "candidates": [1, 20], "requests": 4, "dim": 16, "rank": 8,
                               "items": 500, "repeats": 1})
+        args.threads = args.threads or 1
     if args.rank > args.dim:
         p.error(f"--rank {args.rank} must be at most --dim {args.dim}")
-        args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)  # a CLI entry point: the one place global state is set
     t0 = time.perf_counter()

@@ -57,3 +57,22 @@ def test_a_quick_run_without_out_writes_beside_not_over_the_committed_results():
     q = argparse.ArgumentParser()
     q.add_argument("--out", default="bench/results")
     assert quick_out(q, "bench/results") == str(Path("bench/results") / "quick")
+
+
+def test_ranker_quick_runs_on_one_thread(tmp_path, monkeypatch):
+    """A misplaced --rank check (2026-12-01) had made `--quick`'s one thread dead code."""
+    import recsys.bench.ranker as R
+
+    seen = {}
+
+    def stop(args):
+        seen["threads"] = args.threads
+        raise SystemExit(0)
+
+    monkeypatch.setattr(R, "run", stop)
+    monkeypatch.setattr(R.torch, "set_num_threads", lambda n: None)
+    try:
+        R.main(["--quick", "--out", str(tmp_path)])
+    except SystemExit:
+        pass
+    assert seen == {"threads": 1}
