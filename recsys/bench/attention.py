@@ -123,6 +123,7 @@ from recsys.bench.common import (
     malloc_keep,
     matmul_gflops,
     peak_mb,
+    positive_int,
     print_table,
     quick_out,
     timed_quietly,
@@ -345,12 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds), for tests")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for attention.json (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data and weights (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="truncation_trained: a ranker checkpoint (best.pt) instead of training one on ML-100K")
     parser.add_argument("--features", type=Path, default=None,
                         help="truncation_trained: the features folder --checkpoint was trained on (required with it)")
-    parser.add_argument("--trained-epochs", type=int, default=1,
+    parser.add_argument("--trained-epochs", type=positive_int, default=1,
                         help="truncation_trained: epochs of the ML-100K ranker trained here (default: %(default)s)")
     parser.add_argument("--no-trained", action="store_true",
                         help="skip truncation_trained (the default with --quick unless --checkpoint is given)")
@@ -379,13 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.quick:
         args.out = quick_out(parser, args.out)
-    if args.trained_epochs < 1:
-        print("error: --trained-epochs must be >= 1", file=sys.stderr)
-        return 2
     if args.threads is not None:
-        if args.threads < 1:
-            print("error: --threads must be >= 1", file=sys.stderr)
-            return 2
         torch.set_num_threads(args.threads)
     # the CLI is the one place that seeds globally: the modules' xavier init draws from it
     torch.manual_seed(args.seed)

@@ -34,7 +34,8 @@ def test_sizes_and_counts_below_one_and_missing_paths_are_usage_errors(tmp_path,
     bad = [["ranker", "--repeats", "0"], ["ranker", "--rank", "99", "--dim", "8"], ["ranker", "--requests", "0"],
            ["ranker", "--threads", "-1"], ["match", "--items", "-5"], ["match", "--cands", "0"],
            ["distill", "--repeats", "0"], ["distill", "--encode-items", "-1"], ["features", "--items", "0"],
-           ["attention", "--checkpoint", str(tmp_path / "none.pt"), "--features", str(tmp_path)]]
+           ["attention", "--checkpoint", str(tmp_path / "none.pt"), "--features", str(tmp_path)],
+           ["attention", "--threads", "0"], ["attention", "--trained-epochs", "0"]]
     for argv in bad:
         try:
             rc = main([*argv, "--out", str(tmp_path)])
