@@ -65,13 +65,14 @@ def kind_ok(dtype: pl.DataType, kind: str) -> bool:
     raise ValueError(kind)
 
 
-def parquet_schema(path: str | Path) -> pl.Schema:
-    """The schema of a parquet file; a DataError naming it when it is absent or unreadable."""
+def parquet_schema(path: str | Path, data: bytes | None = None) -> pl.Schema:
+    """The schema of a parquet file; a DataError naming it when it is absent or
+    unreadable. `data`: its bytes, already read (then parsed from them)."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise DataError("file does not exist", file=str(path))
     try:
-        return pl.Schema(pl.read_parquet_schema(path))
+        return pl.Schema(pl.read_parquet_schema(path if data is None else io.BytesIO(data)))
     except Exception as e:  # noqa: BLE001 - polars raises several types for a broken file
         raise DataError(f"not a readable parquet file: {e}", file=str(path)) from e
 
@@ -101,10 +102,11 @@ def needed_kinds(name: str, columns: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def read_parquet(path: str | Path, columns: Sequence[str] | None = None) -> pl.DataFrame:
-    """`pl.read_parquet`, failing with a DataError naming the file."""
+def read_parquet(path: str | Path, columns: Sequence[str] | None = None, data: bytes | None = None) -> pl.DataFrame:
+    """`pl.read_parquet`, failing with a DataError naming the file. `data`: its
+    bytes, already read (then parsed from them)."""
     try:
-        return pl.read_parquet(path, columns=list(columns) if columns is not None else None)
+        return pl.read_parquet(path if data is None else io.BytesIO(data), columns=list(columns) if columns is not None else None)
     except Exception as e:  # noqa: BLE001 - a damaged data page after a readable footer
         raise DataError(f"not a readable parquet file: {e}", file=str(path)) from e
 
@@ -163,15 +165,8 @@ def read_table(path: str | Path, name: str, columns: Sequence[str]) -> pl.DataFr
     # later read was read as the bytes the check had passed (a probe, 2026-12-01)
     data = path.read_bytes()
     check_manifest(path, bytes_fingerprint(data))  # first: a damaged output is named as such, with the job to rerun
-    try:
-        schema = pl.Schema(pl.read_parquet_schema(io.BytesIO(data)))
-    except Exception as e:  # noqa: BLE001 - polars raises several types for a broken file
-        raise DataError(f"not a readable parquet file: {e}", file=str(path)) from e
-    check_columns(schema, needed_kinds(name, columns), str(path))
-    try:
-        return pl.read_parquet(io.BytesIO(data))
-    except Exception as e:  # noqa: BLE001 - a damaged data page after a readable footer
-        raise DataError(f"not a readable parquet file: {e}", file=str(path)) from e
+    check_columns(parquet_schema(path, data), needed_kinds(name, columns), str(path))
+    return read_parquet(path, data=data)
 
 
 def read_features_table(folder: str | Path, name: str, columns: Sequence[str]) -> pl.DataFrame:
