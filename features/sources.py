@@ -240,27 +240,40 @@ def quote_hint(e: Exception) -> str:
     return QUOTE_HINT if "malformed" in text or "quot" in text else ""
 
 
-def check_short_rows(p: Path) -> None:
-    """DataError naming the first record of CSV `p` with fewer fields than its
-    header. polars reads the missing trailing fields as null, so "88,c3"
-    under "item_id,text,category" gives item 88 the text "c3": the values
-    after a dropped field land in the wrong columns. One pass of Python's csv
-    reader (quotes and embedded newlines handled); blank lines are left to
-    the other checks. A file the csv module cannot parse is left to polars."""
+def first_ragged_row(p: str | Path, shorter: bool) -> tuple[int, int, int, list[str]] | None:
+    """The first record of CSV `p` with fewer (`shorter`) or more fields than
+    its header, as (1-based data row, 1-based line of the file where it ends,
+    its field count, the header); None if none, or when Python's csv reader
+    cannot parse the file (then polars names the problem). Quotes and
+    embedded newlines are handled; blank lines are left to the other checks."""
     import csv
 
+    p = Path(p)
     try:
         with open(p, newline="", encoding="utf-8", errors="replace") as f:
             reader = csv.reader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
             header = next(reader, [])
             for number, row in enumerate(reader, start=1):
-                if row and len(row) < len(header):
-                    raise DataError(
-                        f"{len(row)} fields (line {reader.line_num} of the file), the header has {len(header)}: the "
-                        "values after a missing field would land in the wrong columns; write an empty field for a "
-                        "missing value (88,,c3)", file=str(p), column=header[len(row)], rows=[number])
+                if row and (len(row) < len(header) if shorter else len(row) > len(header)):
+                    return number, reader.line_num, len(row), header
     except (OSError, csv.Error):
-        return
+        return None
+    return None
+
+
+def check_short_rows(p: Path) -> None:
+    """DataError naming the first record of CSV `p` with fewer fields than its
+    header. polars reads the missing trailing fields as null, so "88,c3"
+    under "item_id,text,category" gives item 88 the text "c3": the values
+    after a dropped field land in the wrong columns. One pass of Python's csv
+    reader (`first_ragged_row`)."""
+    found = first_ragged_row(p, shorter=True)
+    if found is not None:
+        number, line, fields, header = found
+        raise DataError(
+            f"{fields} fields (line {line} of the file), the header has {len(header)}: the values after a missing "
+            "field would land in the wrong columns; write an empty field for a missing value (88,,c3)",
+            file=str(p), column=header[fields], rows=[number])
 
 
 def text_candidates(lf: pl.LazyFrame) -> list[str]:
@@ -413,6 +426,6 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
 
 
 __all__ = [
-    "RawSource", "RawTable", "SyntheticConfig", "check_short_rows", "found_columns", "quote_hint", "text_candidates", "generate_interests", "generate_synthetic", "load_files",
+    "RawSource", "RawTable", "SyntheticConfig", "check_short_rows", "first_ragged_row", "found_columns", "quote_hint", "text_candidates", "generate_interests", "generate_synthetic", "load_files",
     "load_movielens100k", "load_movielens1m", "movielens100k_dir", "movielens1m_dir", "ml1m_item_ids", "scan_table",
 ]

@@ -14,7 +14,7 @@ import polars as pl
 
 from features import schemas as S
 from features.core.errors import DataError, SchemaError
-from features.sources import RawTable, found_columns, quote_hint, text_candidates
+from features.sources import RawTable, first_ragged_row, found_columns, quote_hint, text_candidates
 
 ROW = "__row"  # 0-based position in the input file; reported 1-based
 _SHOW = 5  # rows shown per problem
@@ -303,26 +303,10 @@ def collect_or_raise(lf: pl.LazyFrame, table: RawTable) -> pl.DataFrame:
             line = first_non_utf8_line(table.file)
             where = f" (line {line} of the file, the header being line 1)" if line else ""
             raise DataError(f"the file is not UTF-8 text{where}: save it as UTF-8", file=table.file) from e
-        line = first_ragged_line(table.file) if "more fields" in msg.lower() else None
+        found = first_ragged_row(table.file, shorter=False) if "more fields" in msg.lower() else None
+        line = found[1] if found else None
         where = f" (line {line} of the file has more fields than the header)" if line else quote_hint(e)
         raise DataError(f"cannot be read ({msg}){where}", file=table.file) from e
-
-
-def first_ragged_line(path: str) -> int | None:
-    """1-based number of the first CSV line with more fields than the header
-    (None if none, or not a readable CSV). Error path only."""
-    import csv
-
-    try:
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.reader(f, delimiter="\t" if path.endswith(".tsv") else ",")
-            width = len(next(reader, []))
-            for row in reader:
-                if len(row) > width:
-                    return reader.line_num
-    except (OSError, csv.Error):
-        return None
-    return None
 
 
 def first_non_utf8_line(path: str) -> int | None:
