@@ -333,3 +333,9 @@ def test_an_output_under_a_kernel_filesystem_is_refused_before_any_work(capsys, 
     "unexpected" error (a probe, 2026-12-01)."""
     rc = main(["features", "build", "--source", "synthetic", "--users", "20", "--max-events", "30", "--out", out])
     assert rc == 2 and "is not writable" in capsys.readouterr().err
+
+
+def test_a_row_with_more_fields_than_the_header_names_its_line(tmp_path, capsys):
+    rc, err, out = _run(tmp_path, capsys, GOOD.replace("\n2,10,150,4\n", "\n2,10,150,4,9\n"))
+    assert rc == 1 and "line 4 of the file has more fields than the header" in err, err
+    assert _nothing_written(out)
