@@ -27,7 +27,7 @@ class RawTable:
     file: str  # shown in error messages
     fingerprint: str  # content hash of the file(s) it was read from
     row_offset: int = 1  # row numbers in messages are 1-based data rows
-    from_csv: bool = False  # read from CSV: every column arrived as String (see `scan_table`)
+    from_csv: bool = False  # read from CSV: every column arrived as String (see `_scan`)
     categories: tuple[str, ...] = ()  # parquet columns pandas wrote as `category` (see `pandas_categories`)
 
 
@@ -220,15 +220,6 @@ def _check_keys(frame: pl.LazyFrame, file: str, checks: list[tuple[pl.Expr, str,
 # --- bring your own files ----------------------------------------------------
 
 
-def scan_table(path: str | Path) -> pl.LazyFrame:
-    """Lazily read a parquet or CSV file; CSV columns are read as String.
-
-    Strings are cast later by validation, which then names the first row that
-    fails to parse instead of a parser error without a row.
-    """
-    return _scan(Path(path))[0]
-
-
 # what most malformed CSVs hold; polars names neither the line nor the column
 QUOTE_HINT = ('; a common cause: a " inside a field that is not quoted (12" vinyl), or a quoted field '
               'not closed: quote the whole field and double the quotes inside ("12"" vinyl")')
@@ -356,8 +347,10 @@ def pandas_categories(p: Path) -> tuple[str, ...]:
 
 
 def _scan(p: Path) -> tuple[pl.LazyFrame, bool, str | None]:
-    """`scan_table`'s frame, whether it was read from CSV, and a note for the
-    user (trailing blank CSV lines skipped) or None."""
+    """A parquet or CSV file, lazily (CSV columns read as String: validation
+    casts them later and then names the first row that fails to parse, not a
+    parser error without a row), whether it was read from CSV, and a note for
+    the user (trailing blank CSV lines skipped) or None."""
     if not p.exists():
         raise UsageError(f"input file {p} does not exist")
     if p.is_dir():
@@ -427,5 +420,5 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
 
 __all__ = [
     "RawSource", "RawTable", "SyntheticConfig", "check_short_rows", "first_ragged_row", "found_columns", "quote_hint", "text_candidates", "generate_interests", "generate_synthetic", "load_files",
-    "load_movielens100k", "load_movielens1m", "movielens100k_dir", "movielens1m_dir", "ml1m_item_ids", "scan_table",
+    "load_movielens100k", "load_movielens1m", "movielens100k_dir", "movielens1m_dir", "ml1m_item_ids",
 ]

@@ -397,7 +397,7 @@ MISSING_TEXT = ("na", "n/a", "none", "null", "nan")  # spellings of a missing nu
 def parse_numeric_strings(items: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
     """Items with every String field that holds numbers only as Int64/Float64.
 
-    CSV columns arrive as String (`scan_table`), so a year or price column
+    CSV columns arrive as String (`sources._scan`), so a year or price column
     would be a categorical field with one unrelated category per value; as
     a number it is a numeric field (quantile buckets plus the standardised
     value). A column converts when every non-empty value parses as a number
