@@ -99,11 +99,10 @@ def _check_inputs_unchanged(features_dir: Path, embeddings: Path, key: dict[str,
     then reused (a probe, 2026-12-01). Checked after each shard part and
     before the final write; an input swapped away and back between two
     checks is not caught."""
-    up = key["upstream"]
-    for name, path in ((S.FILES["interactions"], features_dir / S.FILES["interactions"]),
-                       (S.FILES["sequences"], features_dir / S.FILES["sequences"]), ("embeddings", embeddings)):
-        label = "embeddings" if name == "embeddings" else name.split(".")[0]
-        if not path.is_file() or file_fingerprint(path) != up[label]:
+    paths = {"interactions": features_dir / S.FILES["interactions"], "sequences": features_dir / S.FILES["sequences"],
+             "embeddings": embeddings}  # the upstream entries of `_match_key`
+    for label, path in paths.items():
+        if not path.is_file() or file_fingerprint(path) != key["upstream"][label]:
             raise DataError("changed while this job read it (replaced or rewritten during the run): the features "
                             "computed would mix its old and new contents; rerun once the inputs are final", file=str(path))
 
