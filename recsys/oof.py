@@ -44,36 +44,19 @@ from features.core.manifest import (
 from features.core.provenance import stage_key
 from features.core.tracker import NullTracker, Tracker
 from features.match.space import stable_shard
-from features.transforms import item_stats
 
 JOB = "features.match.oof"
 
 
-def view_item_stats(items: pl.DataFrame, interactions: pl.DataFrame) -> pl.DataFrame:
-    """`items` with the columns the build derives from the interactions
-    (first_ts, n_train_events, cold_item) recomputed from `interactions`:
-    an item whose train events all came from removed users has none in the
-    view, as a build of the view's events would say (the fold student draws
-    its held-out and warm items from n_train_events)."""
-    computed = [c for c in S.ITEMS_COMPUTED if c in items.columns]
-    if not computed:
-        return items
-    stats = item_stats(interactions.lazy()).collect()
-    out = items.drop(computed).join(stats, on=S.ITEM_ID, how="left", maintain_order="left").with_columns(
-        pl.col(S.N_TRAIN).fill_null(0), pl.col(S.COLD_ITEM).fill_null(True))
-    return out.select(items.columns).cast(items.schema)
-
-
 def fold_view(features: Path, k: int, folds: int, out: Path) -> Path:
-    """A features folder without the users of fold k (items all kept, their
-    build-derived stats recomputed for the view: `view_item_stats`), with a
+    """A features folder without the users of fold k (items all kept), with a
     manifest like the source's (so distillation reads it as a features folder)."""
     source = read_manifest(features) or {}
     key = stage_key("features.fold", {"fold": k, "folds": folds}, {"features": folder_fingerprint(features)})
     if is_up_to_date(out, key):
         return out
     with atomic_outputs(out) as tmp:
-        written, interactions = [], None
+        written = []
         for name in ("interactions", "sequences", "items", "users"):
             path = features / S.FILES[name]
             if not path.is_file():
@@ -81,10 +64,6 @@ def fold_view(features: Path, k: int, folds: int, out: Path) -> Path:
             frame = pl.read_parquet(path)
             if S.USER_ID in frame.columns:
                 frame = frame.filter(stable_shard(frame[S.USER_ID].to_numpy(), folds) != k)
-            if name == "interactions":
-                interactions = frame
-            elif name == "items" and interactions is not None:
-                frame = view_item_stats(frame, interactions)
             write_parquet(frame, tmp / S.FILES[name])
             written.append(S.FILES[name])
         extra = {k2: v for k2, v in source.items() if k2 not in ("job", "created", "key", "outputs")}

@@ -60,29 +60,6 @@ def test_a_fold_student_never_sees_its_fold(oof_run):
         assert pl.read_parquet(view / S.FILES["items"]).height == items.height  # every item still embedded
 
 
-def test_a_fold_view_counts_only_its_own_train_events(oof_run):
-    """The fold student draws its held-out and warm items from items'
-    n_train_events: an item whose train events all came from the fold's users
-    has none in the view (it read the whole data's counts before)."""
-    root, feats, _ = oof_run
-    full = pl.read_parquet(feats / S.FILES["items"])
-    changed = 0
-    for k in range(2):
-        view = root / "match" / "folds" / f"k{k}" / "features"
-        inter = pl.read_parquet(view / S.FILES["interactions"])
-        items = pl.read_parquet(view / S.FILES["items"])
-        assert items.schema == full.schema and items[S.ITEM_ID].equals(full[S.ITEM_ID])
-        counts = inter.filter(pl.col(S.SPLIT) == "train").group_by(S.ITEM_ID).len()
-        want = full.select(S.ITEM_ID).join(counts, on=S.ITEM_ID, how="left")["len"].fill_null(0).to_numpy()
-        first = full.select(S.ITEM_ID).join(inter.group_by(S.ITEM_ID).agg(pl.col(S.TIMESTAMP).min()),
-                                            on=S.ITEM_ID, how="left")[S.TIMESTAMP]
-        np.testing.assert_array_equal(items[S.N_TRAIN].to_numpy(), want)
-        np.testing.assert_array_equal(items[S.COLD_ITEM].to_numpy(), want == 0)
-        assert items[S.FIRST_TS].equals(first.cast(items[S.FIRST_TS].dtype), null_equal=True)
-        changed += int((items[S.N_TRAIN] != full[S.N_TRAIN]).sum())
-    assert changed  # the debug data has items whose counts the fold changes
-
-
 def test_rerun_is_skipped(oof_run, tmp_path):
     root, feats, _ = oof_run
     cfg = load_pipeline_config(DEBUG, {"match": {"folds": 2}, "tracking": {"enabled": False}})
