@@ -49,8 +49,20 @@ JOB = "features.match.oof"
 
 
 def fold_view(features: Path, k: int, folds: int, out: Path) -> Path:
-    """A features folder without the users of fold k (items all kept), with a
-    manifest like the source's (so distillation reads it as a features folder)."""
+    """A features folder without the users of fold k, with a manifest like
+    the source's (so distillation reads it as a features folder).
+
+    The items table is kept as it is, whole-data columns included
+    (n_train_events, cold_item, first_ts): the student draws its test-cold
+    and pseudo-cold items from n_train_events, so every fold student hides
+    the same items as the student of valid/test rows, and an item's
+    features are content-only (or collaborative) on train and test rows
+    alike. Recomputing the counts per view changed that draw, and the leak
+    check (tests/recsys/test_leak.py) then found train rows' cosines
+    significantly weaker than test rows' (mf_cos_max -0.033 [-0.058,
+    -0.003]). An item whose train events all came from fold k's users is
+    therefore "warm" in the view without a train event there; its
+    embedding is the student's content map, as for a hidden item."""
     source = read_manifest(features) or {}
     key = stage_key("features.fold", {"fold": k, "folds": folds}, {"features": folder_fingerprint(features)})
     if is_up_to_date(out, key):
