@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from recsys.eval import rank_pairs
-from recsys.eval.metrics import Metric, compute, per_group_auc
+from recsys.eval.metrics import Metric, compute, per_group_auc, weighted_avg_ranks
 
 
 @dataclass(frozen=True)
@@ -108,19 +108,6 @@ def replicate_values(metric: Metric, users_idx: np.ndarray, y: np.ndarray, score
     return np.array([compute(metric, users_idx, y, score, counts[b, users_idx]) for b in range(n_boot)])
 
 
-def _weighted_avg_ranks(x: np.ndarray, rw: np.ndarray) -> np.ndarray:
-    """(b, n) average ranks of x when row i is repeated rw[:, i] times (ties share their mean rank)."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    group = np.cumsum(np.r_[True, xs[1:] != xs[:-1]]) - 1  # (n,) tie group of each sorted row
-    w = np.add.reduceat(rw[:, order], starts, axis=1)  # (b, G)
-    avg = np.cumsum(w, axis=1) - w + (w + 1) / 2  # (b, G)
-    ranks = np.empty_like(rw)
-    ranks[:, order] = avg[:, group]
-    return ranks
-
-
 def _replicate_spearman(x: np.ndarray, y: np.ndarray, users_idx: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(B,) Spearman correlations with rows repeated by their user's multiplicity
     (the same value `spearman(x, y, weights)` gives), vectorised over replicates."""
@@ -131,7 +118,7 @@ def _replicate_spearman(x: np.ndarray, y: np.ndarray, users_idx: np.ndarray, cou
     chunk = max(1, 2_000_000 // n)
     for b0 in range(0, n_boot, chunk):
         rw = counts[b0:b0 + chunk][:, users_idx].astype(np.float64)  # (b, n)
-        rx, ry = _weighted_avg_ranks(x, rw), _weighted_avg_ranks(y, rw)
+        rx, ry = weighted_avg_ranks(x, rw), weighted_avg_ranks(y, rw)
         tot = rw.sum(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             dx = rx - (rw * rx).sum(axis=1, keepdims=True) / tot

@@ -43,12 +43,28 @@ def _check(y: np.ndarray, s: np.ndarray, w: np.ndarray | None) -> tuple[np.ndarr
     w = np.ones_like(y) if w is None else np.asarray(w, dtype=np.float64).ravel()
     if w.shape != y.shape:
         raise ValueError("weights must have one value per row")
+    bad = ~(np.isfinite(w) & (w >= 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"weights must be finite and non-negative: row {i} is {float(w[i]):g} ({int(bad.sum())} such rows)")
     return y, s, w
+
+
+def _binary(y: np.ndarray, what: str = "labels") -> np.ndarray:
+    """`y` when every value is 0 or 1; a ValueError naming the first other
+    value's row otherwise (a NaN label, a rating, a -1/1 coding: auc, gauc
+    and logloss would each read it their own way)."""
+    bad = (y != 0) & (y != 1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{what} must be 0 or 1: row {i} is {float(y[i]):g} ({int(bad.sum())} such rows)")
+    return y
 
 
 def auc(y_true: np.ndarray, score: np.ndarray, weights: np.ndarray | None = None) -> float:
     """ROC AUC with ties counted 1/2; NaN when a class is absent."""
     y, s, w = _check(y_true, score, weights)
+    _binary(y)
     if y.size == 0 or not np.isfinite(s).all():
         return float("nan")
     order = np.argsort(s, kind="mergesort")
@@ -68,6 +84,7 @@ def per_group_auc(groups: np.ndarray, y_true: np.ndarray, score: np.ndarray) -> 
 
     Returns (group values, auc per group, rows per group)."""
     y, s, _ = _check(y_true, score, None)
+    _binary(y)
     g_vals, g = np.unique(np.asarray(groups).ravel(), return_inverse=True)
     if len(g) != len(y):
         raise ValueError(f"groups and labels differ in length: {len(g)} vs {len(y)}")
@@ -104,9 +121,14 @@ def gauc(
         return float("nan")
     g_vals, a, n = per_group_auc(groups, y_true, score)
     if weights is not None:
-        w = np.asarray(weights, dtype=np.float64).ravel()
+        _, _, w = _check(y_true, score, weights)
         _, g = np.unique(np.asarray(groups).ravel(), return_inverse=True)
         n = np.bincount(g, weights=w, minlength=len(g_vals))
+        mean = n / np.maximum(np.bincount(g, minlength=len(g_vals)), 1)
+        varying = np.bincount(g, weights=np.abs(w - mean[g]), minlength=len(g_vals)) > 1e-9 * np.maximum(n, 1)
+        if varying.any():
+            raise ValueError("gauc weights must be constant within a user (the user's multiplicity): "
+                             f"{int(varying.sum())} users have varying weights")
     ok = ~np.isnan(a) & (n > 0)
     if not ok.any():
         return float("nan")
@@ -116,6 +138,7 @@ def gauc(
 def logloss(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray | None = None) -> float:
     """Mean binary cross-entropy of probabilities (clipped to [1e-7, 1-1e-7])."""
     y, p, w = _check(y_true, prob, weights)
+    _binary(y)
     if y.size == 0 or not np.isfinite(p).all() or w.sum() <= 0:
         return float("nan")
     if ((p < 0) | (p > 1)).any():
@@ -136,19 +159,38 @@ def _avg_rank(x: np.ndarray) -> np.ndarray:
     return r
 
 
+def weighted_avg_ranks(x: np.ndarray, rw: np.ndarray) -> np.ndarray:
+    """(b, n) average ranks of x when row i counts rw[:, i] times (ties share
+    their mean rank); integer weights give the ranks of the repeated rows."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    group = np.cumsum(np.r_[True, xs[1:] != xs[:-1]]) - 1  # (n,) tie group of each sorted row
+    w = np.add.reduceat(rw[:, order], starts, axis=1)  # (b, G)
+    avg = np.cumsum(w, axis=1) - w + (w + 1) / 2  # (b, G)
+    ranks = np.empty_like(rw)
+    ranks[:, order] = avg[:, group]
+    return ranks
+
+
 def spearman(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """Spearman rank correlation; integer `weights` repeat rows. NaN if constant."""
+    """Spearman rank correlation; row i counts `weights[i]` times (integer
+    weights: the rows repeated; any non-negative weight: the weighted
+    Pearson correlation of the weighted average ranks). NaN if constant or
+    fewer than 2 rows of positive weight."""
     x, y, w = _check(x, y, weights)
-    if weights is not None:
-        reps = np.rint(w).astype(np.int64)
-        x, y = np.repeat(x, reps), np.repeat(y, reps)
+    keep = w > 0
+    x, y, w = x[keep], y[keep], w[keep]
     if len(x) < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
         return float("nan")
-    rx, ry = _avg_rank(x), _avg_rank(y)
-    rx -= rx.mean()
-    ry -= ry.mean()
-    den = np.sqrt((rx * rx).sum() * (ry * ry).sum())
-    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+    if weights is None:
+        rx, ry = _avg_rank(x), _avg_rank(y)
+    else:
+        rx, ry = weighted_avg_ranks(x, w[None])[0], weighted_avg_ranks(y, w[None])[0]
+    rx = rx - (w * rx).sum() / w.sum()
+    ry = ry - (w * ry).sum() / w.sum()
+    den = np.sqrt((w * rx * rx).sum() * (w * ry * ry).sum())
+    return float((w * rx * ry).sum() / den) if den > 0 else float("nan")
 
 
 def nan_reason(kind: str, y_true: np.ndarray, score: np.ndarray, label: str = "label") -> str:
@@ -262,8 +304,14 @@ def evaluate_predictions(frame: pl.DataFrame) -> dict[str, Any]:
     for name, metric in METRICS.items():
         keep = np.ones(frame.height, bool) if metric.rows is None \
             else frame[metric.rows].fill_null(False).to_numpy().astype(bool)  # (n,)
-        y = frame[metric.label].to_numpy().astype(np.float64)[keep]
-        s = frame[metric.score].to_numpy()[keep]
+        y = frame[metric.label].to_numpy().astype(np.float64)
+        if metric.kind != "spearman":
+            bad = keep & (y != 0) & (y != 1)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"predictions column {metric.label}: row {i} is {y[i]:g} ({int(bad.sum())} such rows), "
+                                 f"but {name} needs labels 0 or 1")
+        y, s = y[keep], frame[metric.score].to_numpy()[keep]
         out[name] = compute(metric, users[keep], y, s)
         if np.isfinite(out[name]):
             continue

@@ -51,6 +51,38 @@ def test_spearman_golden():
     assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)
 
 
+def test_labels_other_than_0_and_1_are_refused_naming_the_row():
+    """A NaN label was a negative for gauc and dropped by auc; a 2 or -1 gave
+    logloss a negative cross-entropy."""
+    for call in (lambda: auc([0, np.nan, 1, 0], [0.1, 0.95, 0.9, 0.2]),
+                 lambda: gauc([1, 1, 1, 1], [0, np.nan, 1, 0], [0.1, 0.95, 0.9, 0.2]),
+                 lambda: logloss([2, 0], [0.9, 0.1]),
+                 lambda: logloss([-1, 0], [0.1, 0.1])):
+        with pytest.raises(ValueError, match="must be 0 or 1: row [01] is"):
+            call()
+    assert auc([True, False], [0.3, 0.2]) == 1.0  # booleans are 0/1
+
+
+def test_weights_must_be_finite_non_negative_and_per_user_for_gauc():
+    for w in ([np.nan, 1, 1, 1], [1, 1, -0.5, 1]):
+        for call in (auc, logloss, spearman):
+            with pytest.raises(ValueError, match="finite and non-negative"):
+                call([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], w)
+    with pytest.raises(ValueError, match="constant within a user"):
+        gauc([1, 1, 2, 2], [0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], [1, 2, 1, 1])
+
+
+def test_spearman_takes_fractional_weights():
+    """Weights were rounded to integers: 0.4 everywhere gave NaN, 2.5 read as 2."""
+    x, y = np.array([1.0, 2, 3, 4, 5]), np.array([2.0, 1, 4, 3, 5])
+    assert spearman(x, y, np.full(5, 0.4)) == pytest.approx(spearman(x, y))
+    rep = [2, 1, 1, 1, 1]
+    assert spearman(x, y, rep) == pytest.approx(spearmanr(np.repeat(x, rep), np.repeat(y, rep))[0])
+    w = np.array([2.5, 1, 1, 1, 1])  # between the repeats 2 and 3, as a weight should be
+    lo, hi = sorted((spearman(x, y, [2, 1, 1, 1, 1]), spearman(x, y, [3, 1, 1, 1, 1])))
+    assert lo < spearman(x, y, w) < hi
+
+
 def test_cross_check_with_sklearn_scipy():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 2000)
@@ -176,6 +208,13 @@ def test_evaluate_predictions_says_why_a_metric_is_nan():
         assert out["reasons"][name] == "no observed LT rows (lt_observed is false on all 4 rows)"
     assert math.isnan(out["auc"]) and "one class only" in out["reasons"]["auc"]
     assert "logloss" not in out["reasons"]
+
+
+def test_evaluate_predictions_names_the_column_of_a_label_not_0_or_1():
+    from recsys.eval.metrics import evaluate_predictions
+
+    with pytest.raises(ValueError, match="predictions column label: row 2 is 2 .*auc needs labels 0 or 1"):
+        evaluate_predictions(_predictions(label=[1, 0, 2, 0]))
 
 
 def test_constant_scores_are_named():
