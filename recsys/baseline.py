@@ -217,7 +217,8 @@ def run_lightgbm(
             job=JOB,
             key=key,
             outputs=[PREDICTIONS],
-            extra={"config": to_dict(cfg), "features": features, "importance_gain": imp, "metrics": json_safe(metrics)},
+            extra={"config": to_dict(cfg), "features": features, "importance_gain": imp, "metrics": json_safe(metrics),
+                   "files": {name: file_fingerprint(tmp / name) for name in (METRICS_FILE, IMPORTANCE_PNG)}},
         )
     tracker.set_tags({"model": "lightgbm", "config_hash": config_hash(cfg), "match_features": str(bool(mcols)).lower()})
     tracker.log_params(flatten({"lightgbm": to_dict(cfg)}) | {"n_features": len(features), "features": ",".join(features)})

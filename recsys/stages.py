@@ -181,7 +181,7 @@ def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: b
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "key": json.loads(json.dumps(key, sort_keys=True, default=str)),
             "outputs": {S.PREDICTIONS_FILE: describe_parquet(out / S.PREDICTIONS_FILE)},
-            "files": [S.METRICS_FILE],
+            "files": {S.METRICS_FILE: file_fingerprint(out / S.METRICS_FILE)},
             # the model registered from this folder, and the one a scorer loads: another run into the same
             # --out can replace it while leaving these outputs, so a reuse checks it (`_checkpoint_intact`)
             BEST_KEY: file_fingerprint(_best(out)) if _best(out).is_file() else None,

@@ -96,6 +96,15 @@ def is_up_to_date(folder: str | Path, key: Mapping[str, Any], *, verify_outputs:
             return False
         if verify_outputs and file_fingerprint(p) != info.get("fingerprint"):
             return False
+    # side files (a teachers.pt, a metrics.json): a stage's reuse serves them too, so a deleted or
+    # replaced one reruns the stage (a mapping carries fingerprints; a list, names only)
+    files = m.get("files") or {}
+    for name, fingerprint in (files.items() if isinstance(files, Mapping) else ((f, None) for f in files)):
+        p = Path(folder) / name
+        if not p.is_file():
+            return False
+        if verify_outputs and fingerprint is not None and file_fingerprint(p) != fingerprint:
+            return False
     return True
 
 

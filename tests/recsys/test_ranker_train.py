@@ -281,3 +281,7 @@ def test_a_folder_whose_best_checkpoint_another_run_replaced_is_retrained(synthe
     assert run_rank(a, None, tmp_path / "a", log=said.append).reused  # retrained: its own model again
     best.unlink()  # a failed run of another config removes it
     assert not run_rank(a, None, tmp_path / "a", log=said.append).reused
+    metrics = tmp_path / "a" / "metrics.json"  # a side file the manifest fingerprints (a probe, 2026-12-01:
+    metrics.unlink()  # a deleted one stayed missing after a "reused" rerun)
+    assert not run_rank(a, None, tmp_path / "a", log=said.append).reused and metrics.is_file()
+    assert run_rank(a, None, tmp_path / "a", log=said.append).reused

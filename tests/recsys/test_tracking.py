@@ -338,6 +338,34 @@ def test_a_changed_key_is_not_up_to_date(tmp_path, change):
     assert not is_up_to_date(tmp_path / "out", key(**change))
 
 
+def test_a_deleted_or_replaced_side_file_is_not_up_to_date(tmp_path):
+    """A probe (2026-12-01): a teachers.pt of another run copied in was
+    "reused" (the student trained against the wrong teachers), and a deleted
+    metrics.json stayed missing: the manifest's `files` were never checked."""
+    from features.core.fingerprint import file_fingerprint
+    from features.core.manifest import atomic_outputs, is_up_to_date, write_manifest
+
+    key = stage_key("teachers", {"dim": 8}, {"features": "fp1"}, CODE)
+    with atomic_outputs(tmp_path / "out") as tmp:
+        (tmp / "teachers.pt").write_bytes(b"weights of this run")
+        (tmp / "metrics.json").write_text("{}")
+        write_manifest(tmp, job="teachers", key=key, outputs=[], extra={
+            "files": {"teachers.pt": file_fingerprint(tmp / "teachers.pt")}})
+    out = tmp_path / "out"
+    assert is_up_to_date(out, key)
+    (out / "teachers.pt").write_bytes(b"weights of another run")
+    assert not is_up_to_date(out, key)
+    assert is_up_to_date(out, key, verify_outputs=False)  # existence only
+    (out / "teachers.pt").unlink()
+    assert not is_up_to_date(out, key, verify_outputs=False)
+    with atomic_outputs(tmp_path / "listed") as tmp:  # names only: existence is checked
+        (tmp / "metrics.json").write_text("{}")
+        write_manifest(tmp, job="rank", key=key, outputs=[], extra={"files": ["metrics.json"]})
+    assert is_up_to_date(tmp_path / "listed", key)
+    (tmp_path / "listed" / "metrics.json").unlink()
+    assert not is_up_to_date(tmp_path / "listed", key)
+
+
 def test_git_state_and_unknown_code_in_the_key(tmp_path):
     """The git tags are informational: the key covers the plugin's own code.
     Unknown code is never up to date."""
