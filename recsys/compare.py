@@ -115,6 +115,14 @@ def _check_arm(p: ArmPredictions, m: Any) -> None:
             raise DataError(f"{where}: {rows.size} {message}", column=column, rows=rows[:5].tolist())
 
 
+def _headless(p: ArmPredictions, m: Any) -> bool:
+    """Whether the arm's score column of metric `m` (not the click score) is
+    NaN on every row: a model without that head (LightGBM trains no LT model
+    when valid has no observed LT rows). Its metric is n/a, not an error."""
+    return (m.score != METRICS["auc"].score and m.score in p.frame.columns and p.frame.height > 0
+            and bool(p.frame[m.score].cast(pl.Float64).is_nan().all()))
+
+
 def _check_same_truth(arms: Sequence[ArmPredictions], base: ArmPredictions, label: str) -> None:
     """Every arm's predictions carry the control's labels for the impressions
     both scored: compare reads the truth from the control, so an arm with
@@ -188,7 +196,7 @@ def compare_arms(
     paired = [p for p in predictions if p.seed in ctrl_seeds]
     for m in (METRICS[metric] for metric in metrics):
         for p in paired:
-            if m.score in p.frame.columns:  # a missing column is named by `_aligned`
+            if m.score in p.frame.columns and not _headless(p, m):  # a missing column is named by `_aligned`
                 _check_arm(p, m)
         if m.label in base.frame.columns:
             _check_same_truth(paired, base, m.label)
@@ -205,7 +213,14 @@ def compare_arms(
                 # one generator per (segment, metric, arm) from the same seed: every arm
                 # is resampled on the same users, and the order of arms is moot
                 ci = paired_bootstrap(m, users, y, st, sc, n_boot=n_boot, rng=np.random.default_rng(seed))
-                reason = why_not_computable(m, users, y, seg_rows) if math.isnan(ci.treatment) or math.isnan(ci.control) else ""
+                headless = sorted({p.arm for p in arms[arm] + arms[control] if _headless(p, m)})
+                if headless:
+                    ci = replace(ci, treatment=float("nan"), control=float("nan"), delta=float("nan"),
+                                 ci_low=float("nan"), ci_high=float("nan"), p_value=float("nan"))
+                    reason = (f"arm {headless[0]!r} has no model for {m.score} (NaN on every row, e.g. LightGBM "
+                              "without observed LT rows in valid)")
+                else:
+                    reason = why_not_computable(m, users, y, seg_rows) if math.isnan(ci.treatment) or math.isnan(ci.control) else ""
                 family.append(CompareRow(
                     arm=arm, metric=metric, value=ci.treatment, delta=ci.delta, ci_low=ci.ci_low,
                     ci_high=ci.ci_high, control_value=ci.control, significant=ci.significant,

@@ -201,3 +201,32 @@ def test_an_empty_segment_says_so_for_long_term_metrics_too():
     assert why_not_computable(METRICS["lt_auc"], none, none, 0) == "no test impressions"
     assert "observed long-term label" in why_not_computable(METRICS["lt_auc"], none, none, 12)
     assert why_not_computable(METRICS["auc"], none, none, 0) == "no test impressions"
+
+
+def test_an_arm_without_an_lt_model_gets_n_a_lt_metrics_not_an_error(tmp_path):
+    """A probe (2026-12-01): LightGBM trains no LT model when valid has no
+    observed LT rows and writes lt_score NaN on every row; `experiment run`
+    then failed at its compare ("150 NaN score(s)", exit 1)."""
+    from recsys.experiment_run import read_predictions
+
+    users = np.repeat(np.arange(20), 2)
+    labels = np.tile([1, 0], 20)
+    rng = np.random.default_rng(0)
+    ctrl = _preds(rng.random(40), labels, users)
+    lgb = _preds(rng.random(40), labels, users, lt=np.full(40, np.nan))
+    lgb.write_parquet(tmp_path / "p.parquet")
+    assert read_predictions(tmp_path / "p.parquet", "lgb", 0).height == 40
+    rows = compare_arms([ArmPredictions("control", 0, ctrl), ArmPredictions("lgb", 0, lgb)], control="control",
+                        metrics=["auc", "lt_auc", "lt_spearman"], n_boot=100, by_segment=False)
+    got = {(r.arm, r.metric): r for r in rows}
+    assert np.isfinite(got[("lgb", "auc")].delta) and np.isfinite(got[("control", "lt_auc")].value)
+    for metric in ("lt_auc", "lt_spearman"):
+        r = got[("lgb", metric)]
+        assert np.isnan(r.value) and np.isnan(r.delta) and not r.significant and "no model for lt_score" in r.reason
+    partly = lgb.with_columns(pl.Series("lt_score", np.r_[np.nan, rng.random(39)]))
+    with pytest.raises(Exception, match="NaN or infinite score"):  # a NaN among scores is still an error
+        compare_arms([ArmPredictions("control", 0, ctrl), ArmPredictions("lgb", 0, partly)], control="control",
+                     metrics=["lt_auc"], n_boot=100, by_segment=False)
+    partly.write_parquet(tmp_path / "q.parquet")
+    with pytest.raises(Exception, match="1 NaN score"):
+        read_predictions(tmp_path / "q.parquet", "lgb", 0)
