@@ -29,6 +29,7 @@ import torch
 from features import schemas as S
 from features.core.config import to_dict
 from features.core.errors import DataError
+from features.core.manifest import read_manifest
 from recsys.data.content import Csr
 from recsys.serving.requests import (
     HISTORY,
@@ -86,6 +87,8 @@ def export_ranker(job: RankJob, run_dir: str | Path, dest: str | Path) -> Path:
         "ranker": to_dict(job.model),
         "spec": dataclasses.asdict(data.spec),
         "history_cap": job.data.history_cap,
+        # the features build's cap on hist_len/pos_hist_len (the encoders read min(hist_len, history_cap) events)
+        "features_history_cap": (read_manifest(job.features) or {}).get("config", {}).get("history_cap"),
         "match_columns": list(data.match_columns),
         "stats": {name: _stats(data.dense_stats.get(name)) for name in ("count", "activity", "match")},
         "request_columns": {c: str(t) for c, t in request_schema(data.match_columns).items()},
@@ -154,7 +157,7 @@ class RankerScorer:
         missing = [c for c in request_schema(self.match_columns) if c not in frame.columns]
         if missing:
             raise ValueError(f"request rows lack column(s) {missing}; expected {list(request_schema(self.match_columns))}")
-        check_requests(frame)
+        check_requests(frame, self.config.get("features_history_cap"))
         for c in self.match_columns:  # training read finite values or null; a count is never negative
             v = frame[c].cast(pl.Float64)
             checks = [(v.is_infinite(), "infinite value (a missing value is null or NaN)")]

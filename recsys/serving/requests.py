@@ -7,7 +7,7 @@ match columns when it was trained with match features):
     user_id             Int64         the user (in the ranker's vocabulary)
     item_id             Int64         the candidate
     timestamp           Int64         request time (seconds)
-    hist_len            Int64         the user's events strictly before it (as features.schemas.HIST_LEN)
+    hist_len            Int64         the user's events strictly before it, at most the features' history_cap (as features.schemas.HIST_LEN)
     pos_hist_len        Int64         ... of them positive (as POS_HIST_LEN)
     item_pop            Int64         events on the candidate strictly before it, any user (as ITEM_POP)
     history             List(Int64)   item ids of the user's events strictly before it, oldest first
@@ -100,7 +100,7 @@ def counts_raw(frame: pl.DataFrame) -> np.ndarray:
     ).to_numpy()
 
 
-def check_requests(frame: pl.DataFrame) -> None:
+def check_requests(frame: pl.DataFrame, features_cap: int | None = None) -> None:
     """Request rows the ranker can score as `recsys rank train` would have:
     a DataError naming the column and the rows (0-based positions) of the
     first problem. Each of these gave a score before 2026-11-30, silently
@@ -111,8 +111,10 @@ def check_requests(frame: pl.DataFrame) -> None:
       - pos_hist_len above hist_len;
       - `history` and `history_timestamps` of different lengths, an event not
         strictly before the request's time, or a hist_len other than the
-        history's length (a shorter one silently cut the history to its last
-        hist_len events until 2026-12-01);
+        history's length capped at `features_cap` (the features build's
+        `history_cap`, as features.schemas.HIST_LEN is; a shorter one
+        silently cut the history to its last hist_len events until
+        2026-12-01);
       - rows of one request (same user_id and timestamp) with different
         histories or counts: the request is scored once, so all but the first
         row would have been scored with another row's history."""
@@ -138,8 +140,14 @@ def check_requests(frame: pl.DataFrame) -> None:
     refuse(pl.col(S.POS_HIST_LEN) > pl.col(S.HIST_LEN), S.POS_HIST_LEN, "more positive events before the request than events")
     refuse(pl.col("_h") != pl.col("_ht"), HISTORY_TS, f"{HISTORY} and {HISTORY_TS} have different lengths")
     refuse(pl.col("_last") >= pl.col(S.TIMESTAMP), HISTORY_TS, "a history event is not strictly before the request's timestamp")
-    refuse(pl.col(S.HIST_LEN) != pl.col("_h"), S.HIST_LEN,
-           f"hist_len disagrees with {HISTORY} (it counts the events before the request: the history's length)")
+    if features_cap is None:
+        refuse(pl.col(S.HIST_LEN) != pl.col("_h"), S.HIST_LEN,
+               f"hist_len disagrees with {HISTORY} (it counts the events before the request: the history's length)")
+    else:
+        refuse(pl.col(S.HIST_LEN) != pl.min_horizontal(pl.col("_h"), pl.lit(features_cap)), S.HIST_LEN,
+               f"hist_len disagrees with {HISTORY} (it counts the events before the request, capped as in the "
+               f"features build: min(length of {HISTORY}, features.history_cap {features_cap}); pass the whole "
+               "history: the recent-activity features count every event)")
     keys = [S.USER_ID, S.TIMESTAMP]
     same = [HISTORY, HISTORY_TS, S.HIST_LEN, S.POS_HIST_LEN]
     split = pl.any_horizontal([pl.col(c).n_unique().over(keys) > 1 for c in same])

@@ -285,3 +285,32 @@ def test_a_folder_whose_best_checkpoint_another_run_replaced_is_retrained(synthe
     metrics.unlink()  # a deleted one stayed missing after a "reused" rerun)
     assert not run_rank(a, None, tmp_path / "a", log=said.append).reused and metrics.is_file()
     assert run_rank(a, None, tmp_path / "a", log=said.append).reused
+
+
+def test_a_ranker_on_capped_histories_serves_its_own_predictions(tmp_path):
+    """A probe (2026-12-01): with features.history_cap below a user's history,
+    hist_len = min(events before, cap), and serving required hist_len ==
+    len(history): registration failed ("request rows: hist_len disagrees")
+    and no request could reproduce the job's scores (the activity features
+    count every event, the encoders the last min(hist_len, cap))."""
+    from features.jobs import FeaturesConfig, build_features
+    from features.sources import SyntheticConfig
+    from recsys.serving import requests_from_features
+    from recsys.serving.ranker import RankerScorer, export_ranker
+
+    feats = tmp_path / "features"
+    build_features(FeaturesConfig(source="synthetic", history_cap=5,
+                                  synthetic=SyntheticConfig(users=60, items=80, max_events=40, seed=1)),
+                   feats, log=lambda _m: None)
+    job = pipeline(feats, train={"epochs": 1})
+    train_ranker(job, tmp_path / "r")
+    scorer = RankerScorer.load(export_ranker(job, tmp_path / "r", tmp_path / "bundle"))
+    req = requests_from_features(feats, "test")
+    assert (req["history"].list.len() > req["hist_len"]).any()  # the cap bites
+    got = scorer.score(req)
+    want = pl.read_parquet(tmp_path / "r" / "predictions.parquet")
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got["lt_score"].to_numpy(), want["lt_score"].to_numpy(), rtol=0, atol=1e-6)
+    row = req.filter(pl.col("history").list.len() > 5).head(1)
+    with pytest.raises(Exception, match="features.history_cap 5"):  # uncapped hist_len: not what training read
+        scorer.score(row.with_columns(hist_len=pl.col("history").list.len().cast(pl.Int64)))
