@@ -30,6 +30,7 @@ import polars as pl
 from features import schemas as S
 from features.core.errors import DataError
 from features.reader import existing_match_file
+from features.validate import MAX_TS_S
 from recsys.data.dense import recent_activity
 
 HISTORY = "history"
@@ -109,8 +110,10 @@ def check_requests(frame: pl.DataFrame, features_cap: int | None = None) -> None
       - a float id, time or count that is NaN, inf or not whole (1.5 was
         read as item 1; a NaN count gave a NaN score);
       - pos_hist_len above hist_len;
-      - `history` and `history_timestamps` of different lengths, an event not
-        strictly before the request's time, or a hist_len other than the
+      - `history` and `history_timestamps` of different lengths, a history
+        out of time order, a time past 2200 read as seconds (milliseconds
+        shifted the activity windows silently), an event not strictly before
+        the request's time, or a hist_len other than the
         history's length capped at `features_cap` (the features build's
         `history_cap`, as features.schemas.HIST_LEN is; a shorter one
         silently cut the history to its last hist_len events until
@@ -139,6 +142,11 @@ def check_requests(frame: pl.DataFrame, features_cap: int | None = None) -> None
         refuse(pl.col(col) < 0, col, "negative count")
     refuse(pl.col(S.POS_HIST_LEN) > pl.col(S.HIST_LEN), S.POS_HIST_LEN, "more positive events before the request than events")
     refuse(pl.col("_h") != pl.col("_ht"), HISTORY_TS, f"{HISTORY} and {HISTORY_TS} have different lengths")
+    for col, last in ((S.TIMESTAMP, pl.col(S.TIMESTAMP)), (HISTORY_TS, pl.col("_last"))):
+        refuse(last > MAX_TS_S, col, "a time after the year 2200 read as seconds: request times are seconds since "
+                                     "1970, as in the features (milliseconds or microseconds? divide by 1000 or 10^6)")
+    refuse(pl.col(HISTORY_TS).list.diff().list.min() < 0, HISTORY_TS,
+           f"{HISTORY_TS} is not in time order (the history lists the user's events oldest first)")
     refuse(pl.col("_last") >= pl.col(S.TIMESTAMP), HISTORY_TS, "a history event is not strictly before the request's timestamp")
     if features_cap is None:
         refuse(pl.col(S.HIST_LEN) != pl.col("_h"), S.HIST_LEN,

@@ -87,6 +87,10 @@ def test_ranker_refuses_requests_it_would_score_wrongly(in_experiment):
         "negative count": a.with_columns(item_pop=pl.lit(-1, pl.Int64)),  # log1p(-1): NaN
         "different lengths": a.with_columns(history_timestamps=pl.col("history_timestamps").list.head(1)),
         "strictly before": a.with_columns(timestamp=pl.lit(0, pl.Int64)),
+        # milliseconds: scored with shifted activity windows (a frame spanning 2^33 ms said "not in time order")
+        "after the year 2200 read as seconds": a.with_columns(pl.col("timestamp") * 1000,
+                                                              pl.col("history_timestamps").list.eval(pl.element() * 1000)),
+        "is not in time order": a.with_columns(pl.col("history_timestamps").list.reverse()),  # named no row before
         "hist_len disagrees": a.with_columns(hist_len=pl.lit(0, pl.Int64), pos_hist_len=pl.lit(0, pl.Int64)),  # dropped the history
         # shorter than the history: scored with its last hist_len events, silently (until 2026-12-01)
         "disagrees with history": a.with_columns(hist_len=pl.lit(2, pl.Int64), pos_hist_len=pl.lit(0, pl.Int64)),
