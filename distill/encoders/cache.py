@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,19 +56,40 @@ class EmbeddingCache:
         self.path = Path(folder) / f"{safe}.parquet"
 
     def _read(self) -> pl.DataFrame:
+        empty = pl.DataFrame(schema={"key": pl.String, "embedding": pl.List(pl.Float32)})
         if not self.path.is_file():
-            return pl.DataFrame(schema={"key": pl.String, "embedding": pl.List(pl.Float32)})
+            return empty
         try:
-            return pl.read_parquet(self.path)
+            df = pl.read_parquet(self.path)
         except Exception:  # a corrupt cache is only a cache: start over
-            return pl.DataFrame(schema={"key": pl.String, "embedding": pl.List(pl.Float32)})
+            return empty
+        if df.schema.get("key") != pl.String or not (isinstance(df.schema.get("embedding"), pl.List)
+                                                     and df.schema["embedding"].inner.is_numeric()):
+            _warn(f"{self.path}: not an embedding cache (columns {dict(df.schema)}); starting it over")
+            return empty
+        return df.select("key", pl.col("embedding").cast(pl.List(pl.Float32)))
 
-    def get(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """(found mask (n,), vectors (n, dim) with zeros where not found, or None if nothing found)."""
+    def get(self, keys: Sequence[str], dim: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(found mask (n,), vectors (n, dim) with zeros where not found, or None if nothing found).
+
+        A cached row that is null, of another length than `dim` (the
+        encoder's, where known; else the file's usual length), or holds
+        NaN/inf is no vector: its input counts as not found (and is encoded
+        again), with a warning naming the file. Each was fed to the student
+        before: a NaN as a NaN embedding, a file of 100-long rows as a
+        100-dimensional text input."""
         df = self._read()
         found = np.zeros(len(keys), dtype=bool)
         if df.height == 0:
             return found, None
+        lengths = df["embedding"].list.len()
+        if dim is None and lengths.null_count() < df.height:
+            dim = lengths.drop_nulls().mode().max()
+        ok = (lengths == dim).fill_null(False) & df["embedding"].list.eval(pl.element().is_finite().all()).list.first().fill_null(False)
+        if not ok.all():
+            _warn(f"{self.path}: {int((~ok).sum())} of {df.height} cached vectors are null, of another length than "
+                  f"{dim}, or not finite; their inputs are encoded again")
+            df = df.filter(ok)
         pos = {k: i for i, k in enumerate(df["key"].to_list())}
         rows = np.array([pos.get(k, -1) for k in keys], dtype=np.int64)
         found = rows >= 0
@@ -106,6 +128,10 @@ class EncodeStats:
 
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def cached_encode(
     inputs: list,
     keys: list[str],
@@ -114,15 +140,17 @@ def cached_encode(
     batch_size: int,
     progress: bool,
     desc: str,
+    dim: int | None = None,
 ) -> tuple[np.ndarray, EncodeStats]:
     """Vectors (n, dim) of `inputs` (cache key `keys[i]` each): cached rows
     read, the rest encoded in batches of `batch_size` (each distinct key
-    once) and added to the cache."""
+    once) and added to the cache. `dim`: the encoder's output length where
+    known (cached rows of another length are encoded again)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     if cache is not None:
-        found, vectors = cache.get(keys)
+        found, vectors = cache.get(keys, dim)
     else:
         found, vectors = np.zeros(len(keys), dtype=bool), None
     todo = np.flatnonzero(~found)

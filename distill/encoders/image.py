@@ -18,6 +18,7 @@ from features import schemas as S
 from features.core.errors import DataError
 
 IMAGE_MODEL = "efficientnet-lite0"
+IMAGE_DIM = 1280  # its output length (a cached vector of another length is encoded again)
 IMAGE_SIZE = 224
 
 
@@ -90,7 +91,8 @@ def encode_images(
             lazy["fn"] = encoder or efficientnet_encoder()
         return lazy["fn"](batch)
 
-    vecs, stats = cached_encode(present, keys, encode, cache, batch_size, progress, "encode images")
+    vecs, stats = cached_encode(present, keys, encode, cache, batch_size, progress, "encode images",
+                                dim=IMAGE_DIM if model == IMAGE_MODEL and encoder is None else None)
     out = np.zeros((len(paths), vecs.shape[1] if len(present) else 0), dtype=np.float32)  # (I, G)
     if len(present):
         out[has] = vecs

@@ -17,6 +17,7 @@ import numpy as np
 from distill.encoders.cache import EmbeddingCache, EncodeFn, EncodeStats, cached_encode, content_key, default_cache_dir
 
 TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+TEXT_DIM = 384  # its output length (a cached vector of another length is encoded again)
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,7 +66,8 @@ def encode_texts(
             lazy["fn"] = encoder or minilm_encoder(batch_size)
         return lazy["fn"](batch)
 
-    return cached_encode(texts, keys, encode, cache, batch_size, progress, "encode texts")
+    return cached_encode(texts, keys, encode, cache, batch_size, progress, "encode texts",
+                         dim=TEXT_DIM if model == TEXT_MODEL and encoder is None else None)
 
 
 def empty_texts(texts: Sequence[str | None]) -> tuple[int, int]:

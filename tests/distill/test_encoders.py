@@ -47,6 +47,38 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     assert stats.n_encoded == 1 and vecs.shape == (1, 3)
 
 
+def _cache_rows(tmp_path, rows: dict) -> None:
+    pl.DataFrame({"key": list(rows), "embedding": pl.Series(list(rows.values()), dtype=pl.List(pl.Float32))}) \
+        .write_parquet(EmbeddingCache(tmp_path, "fake").path)
+
+
+def test_cached_rows_that_are_no_vectors_are_encoded_again(tmp_path, capsys):
+    """A probe (2026-12-01): a NaN row in the cache gave the student (and the
+    registered model) a NaN vector, a row of another length crashed with an
+    unexpected ValueError, a file of another schema with a KeyError."""
+    from distill.encoders.cache import content_key
+
+    enc = CountingEncoder()
+    good, _ = encode_texts(["ab", "cd", "ef", "gh"], cache_dir=tmp_path, model="fake", encoder=enc, progress=False)
+    key = {t: content_key("fake", t) for t in ("ab", "cd", "ef", "gh")}
+    _cache_rows(tmp_path, {key["ab"]: [np.nan, 1.0, 1.0], key["cd"]: [1.0, 2.0], key["ef"]: None, key["gh"]: [2.0, 0.0, 1.0]})
+    enc.seen.clear()
+    vecs, stats = encode_texts(["ab", "cd", "ef", "gh"], cache_dir=tmp_path, model="fake", encoder=enc, progress=False)
+    np.testing.assert_array_equal(vecs, good)
+    assert sorted(enc.seen) == ["ab", "cd", "ef"] and stats.n_encoded == 3  # gh's row was fine
+    assert "3 of 4 cached vectors are null, of another length" in capsys.readouterr().err
+    # a known encoder length: rows of another one, even all of them, are encoded again
+    _cache_rows(tmp_path, {key["ab"]: [1.0, 2.0]})
+    from distill.encoders.cache import cached_encode
+
+    enc.seen.clear()
+    vecs, _ = cached_encode(["ab"], [key["ab"]], enc, EmbeddingCache(tmp_path, "fake"), 8, False, "t", dim=3)
+    assert enc.seen == ["ab"] and vecs.shape == (1, 3)
+    pl.DataFrame({"k": ["x"]}).write_parquet(EmbeddingCache(tmp_path, "fake").path)  # another file under its name
+    vecs, stats = encode_texts(["ab"], cache_dir=tmp_path, model="fake", encoder=enc, progress=False)
+    assert stats.n_encoded == 1 and "not an embedding cache" in capsys.readouterr().err
+
+
 def test_minilm_vectors_and_second_run_hits_cache(syn_content, synthetic_features, encoder_cache):
     assert syn_content.text.shape == (400, 384)
     np.testing.assert_allclose(np.linalg.norm(syn_content.text, axis=1), 1.0, atol=1e-4)
