@@ -500,6 +500,20 @@ def test_match_refuses_distilled_vectors_edited_after_their_job(cli, tmp_path, f
     assert rc == 2 and "is not a file" in err
 
 
+def test_match_warns_when_the_embeddings_describe_another_items_file(cli, tmp_path, features):
+    """A probe (2026-12-01): features rebuilt with edited item texts (same ids)
+    took the old student's vectors silently."""
+    out = tmp_path / "distill"
+    rc, _, err = cli("distill", "train", "--features", features, "--out", out, "--config", _config(tmp_path))
+    assert rc == 0, err
+    emb = out / "item_embeddings.parquet"
+    rc, said, err = cli("features", "match", "--features", features, "--embeddings", emb, "--out", tmp_path / "m1")
+    assert rc == 0 and "distilled from another" not in said + err
+    edited = _features_with(tmp_path / "edited", edit_items=lambda df: df.with_columns(pl.col("text") + " (new cut)"))
+    rc, said, err = cli("features", "match", "--features", edited, "--embeddings", emb, "--out", tmp_path / "m2")
+    assert rc == 0 and f"distilled from another items.parquet than {edited / 'items.parquet'}" in said + err
+
+
 def test_the_ranker_refuses_distilled_vectors_edited_after_their_job(tmp_path, features):
     import shutil
 
