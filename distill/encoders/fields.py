@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from features.core.errors import DataError
+
 
 @dataclass
 class FieldFeatures:
@@ -119,6 +121,10 @@ class FieldEncoder:
             edges_l, mean, std = self.numeric[name]
             edges = np.asarray(edges_l, dtype=np.float64)
             x = items[name].cast(pl.Float64).to_numpy() if name in items.columns else np.full(n, np.nan)
+            inf = np.isinf(x)
+            if inf.any():  # the features build refuses them: a new item's inf is no missing value either
+                raise DataError(f"an infinite value in numeric field {name!r} (a missing value is null or NaN)",
+                                column=name, rows=np.flatnonzero(inf)[:5].tolist())
             null = ~np.isfinite(x)
             bucket = np.where(null, 0, 1 + np.searchsorted(edges, np.where(null, 0, x), side="right"))
             tokens.append((next_id + bucket).astype(np.int64)[:, None])

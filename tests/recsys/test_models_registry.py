@@ -79,6 +79,11 @@ def test_field_encoder_freezes_the_training_catalog():
     new = frozen.transform(items.head(1).with_columns(pl.lit("zzz").alias("category"), pl.lit(["q"]).alias("tags")))
     null_cat, null_tags = 1, 1 + len(frozen.values["category"]) + 1
     assert new.tokens[0][0, 0] == null_cat and new.tokens[1][0, 0] == null_tags
+    # a new item's inf is refused, naming the field (it was read as missing, silently; the build refuses it)
+    from features.core.errors import DataError
+
+    with pytest.raises(DataError, match="infinite value in numeric field 'year'"):
+        frozen.transform(items.head(2).with_columns(pl.Series("year", [1990.0, float("-inf")])))
 
 
 def test_conflicting_promote_flags_and_bad_request_arguments_are_refused(tmp_path):
