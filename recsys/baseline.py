@@ -183,6 +183,10 @@ def run_lightgbm(
             # always binary: the LT proxy is the user's return, mostly one class within a user, where lambdarank
             # (which ranks within a user) learns nothing; and lt_auc / lt_spearman pool users
             lt = fit(tr_lt, va_lt, S.RETURNED_1D, dataclasses.replace(cfg, objective="binary"))
+    for model, what in ((click, S.LABEL), (lt, S.RETURNED_1D)):
+        if model is not None and model.no_early_stop_:
+            log(f"warning: lightgbm: {model.no_early_stop_} ({what}): valid cannot tell iterations apart, so there is "
+                f"no early stopping; all {model.best_iteration_} trees are kept (lightgbm.n_estimators)")
     score, lt_score = prob(click, te), (prob(lt, te) if lt is not None else None)
     reasons: dict[str, str] = {}
     metrics = _metrics(te, score, lt_score, reasons, lt_missing=lt_missing)

@@ -208,7 +208,7 @@ class LightGBMConfig:
     num_leaves: int = 15  # leaves per tree (chosen on valid AUC)
     learning_rate: float = 0.05  # shrinkage per tree
     n_estimators: int = 1000  # upper bound; early stopping on valid picks the number
-    early_stopping_rounds: int = 50  # stop when valid loss has not improved for this many trees
+    early_stopping_rounds: int = 50  # stop when valid AUC (lambdarank: NDCG@10) has not improved for this many trees (a valid split with one label class: every tree is kept)
     min_child_samples: int = 100  # rows per leaf: ML-100K is small, keep leaves stable
     feature_fraction: float = 0.9  # share of features sampled per tree
     bagging_fraction: float = 0.8  # share of rows sampled per bagging round

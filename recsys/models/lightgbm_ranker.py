@@ -69,7 +69,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 class LightGBMRanker:
     """scikit-learn style wrapper: `__init__` stores the config, `fit` returns
     self, learned state ends in `_` (booster_, best_iteration_, feature_names_,
-    n_features_in_, evals_result_)."""
+    n_features_in_, evals_result_, no_early_stop_: why the eval set could not
+    early-stop, when it could not: every tree is then kept)."""
 
     def __init__(self, config: LightGBMConfig | None = None) -> None:
         self.config = config
@@ -127,6 +128,9 @@ class LightGBMRanker:
             group=_group_sizes(groups) if c.objective == "lambdarank" else None,
         )
         valid_sets, callbacks, evals = [], [], {}
+        self.no_early_stop_ = None if eval_set is None else _unmeasurable(eval_set[1], eval_groups, c.objective)
+        if self.no_early_stop_:  # its metric is the same at every iteration: early stopping would keep 1 tree
+            eval_set = None
         if eval_set is not None:
             Xv, yv = eval_set
             valid_sets = [
@@ -165,6 +169,21 @@ class LightGBMRanker:
     def feature_importance(self, kind: Literal["gain", "split"] = "gain") -> dict[str, float]:
         values = self.booster_.feature_importance(importance_type=kind, iteration=self.best_iteration_)
         return dict(zip(self.feature_names_, (float(v) for v in values)))
+
+
+def _unmeasurable(y: np.ndarray, groups: np.ndarray | None, objective: str) -> str | None:
+    """Why a valid set cannot rank iterations (None when it can): one label
+    class (AUC is undefined, LightGBM reads 1.0 at every iteration) or, for
+    lambdarank, no user with two label values (NDCG is 1 throughout)."""
+    y = np.asarray(y)
+    if len(np.unique(y)) < 2:
+        return f"every valid label is {y[0]:g}" if len(y) else "the valid set is empty"
+    if objective == "lambdarank" and groups is not None:
+        g = np.asarray(groups)
+        frame = pl.DataFrame({"g": g, "y": y})
+        if frame.group_by("g").agg(pl.col("y").n_unique()).get_column("y").max() < 2:
+            return "no valid user has impressions of two label values"
+    return None
 
 
 def _matrix(X: np.ndarray | pl.DataFrame) -> np.ndarray:

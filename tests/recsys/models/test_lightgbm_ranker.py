@@ -62,6 +62,23 @@ def test_lambdarank_groups_by_user():
     assert np.isfinite(s).all()
 
 
+def test_a_valid_set_that_cannot_rank_iterations_keeps_every_tree():
+    """A probe (2026-12-01): a one-class valid split reads AUC 1.0 at every
+    iteration, so early stopping kept 1 tree, silently."""
+    X, y = toy(2)
+    m = LightGBMRanker(FEW_TREES).fit(X[:400], y[:400], eval_set=(X[400:], np.zeros(200, int)))
+    assert m.no_early_stop_ == "every valid label is 0" and m.best_iteration_ == FEW_TREES.n_estimators
+    ok = LightGBMRanker(FEW_TREES).fit(X[:400], y[:400], eval_set=(X[400:], y[400:]))
+    assert ok.no_early_stop_ is None
+    users = np.repeat(np.arange(60), 10)
+    one_label_each = np.repeat(np.arange(20) % 2, 10)  # every valid user has a single label value
+    cfg = dataclasses.replace(FEW_TREES, objective="lambdarank")
+    lr = LightGBMRanker(cfg).fit(X[:400], y[:400], groups=users[:400], eval_set=(X[400:], one_label_each),
+                                 eval_groups=users[400:])
+    assert lr.no_early_stop_ == "no valid user has impressions of two label values"
+    assert lr.best_iteration_ == cfg.n_estimators
+
+
 def test_config_validation():
     for bad in ({"num_leaves": 1}, {"learning_rate": 0.0}, {"n_estimators": 0}, {"bagging_fraction": 1.5}):
         with pytest.raises(ValueError):
