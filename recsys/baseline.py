@@ -154,6 +154,13 @@ def run_lightgbm(
         raise ConfigError("lightgbm: every feature switch is off and no match features are given")
     split = frame[S.SPLIT]
     tr, va, te = (frame.filter(split == s) for s in S.SPLITS)
+    if mcols:
+        from recsys.data.dense import empty_match_warning
+
+        note = empty_match_warning(mcols, tr.select(pl.col(c).cast(pl.Float64).fill_null(np.nan) for c in mcols).to_numpy(),
+                                   str(S.match_file(match_dir)))
+        if note:
+            log(note)
     inter_file = str(Path(features_dir) / S.FILES["interactions"])
     if min(tr.height, va.height, te.height) == 0:
         raise DataError("lightgbm needs rows in train, valid and test", file=inter_file, column=S.SPLIT)

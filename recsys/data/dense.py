@@ -16,6 +16,9 @@ Dense input of a batch (N, F), in this column order:
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +54,10 @@ def standardize_stats(values: np.ndarray, fit_rows: np.ndarray) -> tuple[np.ndar
     """Per-column NaN-ignoring mean and std over `fit_rows` (std 1 where it is
     0 or undefined)."""
     fit = values[fit_rows]
-    mean = np.nanmean(fit, axis=0) if fit.size else np.zeros(values.shape[1])
-    std = np.nanstd(fit, axis=0) if fit.size else np.ones(values.shape[1])
+    with warnings.catch_warnings():  # an all-NaN column (warned about by the caller) gives mean 0, std 1
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(fit, axis=0) if fit.size else np.zeros(values.shape[1])
+        std = np.nanstd(fit, axis=0) if fit.size else np.ones(values.shape[1])
     mean = np.where(np.isnan(mean), 0.0, mean)
     std = np.where(np.isnan(std) | (std < 1e-12), 1.0, std)
     return mean, std
@@ -125,6 +130,18 @@ def activity_features(
     return np.where(np.isnan(raw), 0.0, (raw - mean) / std).astype(np.float32), (mean, std)
 
 
+def empty_match_warning(names: list[str], train_values: np.ndarray, file: str) -> str | None:
+    """A warning naming the match columns with no value on any train row
+    (train_values (n_train, M), NaN = missing), or None: such a column can
+    teach a model nothing (every item missing from the embeddings, say), and
+    a lift measured with it reads exactly 0 (a probe, 2026-12-01)."""
+    empty = [n for n, col in zip(names, np.asarray(train_values).T) if np.isnan(col).all()]
+    if not empty:
+        return None
+    return (f"warning: {file}: match feature(s) {', '.join(empty)} hold no value on any train row (every item missing "
+            "from the embeddings?): they cannot help the model")
+
+
 def match_features(
     inter: pl.DataFrame, path: Path, columns: tuple[str, ...], train_rows: np.ndarray
 ) -> tuple[np.ndarray, list[str], tuple[np.ndarray, np.ndarray]]:
@@ -159,6 +176,9 @@ def match_features(
                 raise DataError("duplicate (user_id, item_id, timestamp) keys", file=file, column=S.USER_ID)
     values = frame.select(pl.col(c).cast(pl.Float64) for c in wanted).to_numpy()  # (n, M)
     values = np.where(np.isfinite(values), values, np.nan)
+    note = empty_match_warning(wanted, values[train_rows], file)
+    if note:
+        print(note, file=sys.stderr)
     missing = np.isnan(values).astype(np.float32)  # (n, M)
     mean, std = standardize_stats(values, train_rows)
     scaled = np.where(np.isnan(values), 0.0, (values - mean) / std)  # (n, M)

@@ -259,6 +259,18 @@ def test_match_features_joined_by_keys_in_any_order(ml100k_features, tmp_path):
     np.testing.assert_array_equal(a.imp_dense, b.imp_dense)
 
 
+def test_a_match_column_without_any_train_value_is_warned_about(ml100k_features, tmp_path, capsys):
+    """A probe (2026-12-01): all-null match columns (embeddings of 2 items out
+    of 1,682) were used silently, and a lift measured with them read 0."""
+    path = make_match_standin(ml100k_features, tmp_path / "m")
+    RankingData.load(ml100k_features, DataConfig(history_cap=10), match_path=tmp_path / "m")
+    assert "hold no value" not in capsys.readouterr().err
+    pl.read_parquet(path).with_columns(pl.lit(None, pl.Float32).alias("mf_noise")).write_parquet(path)
+    RankingData.load(ml100k_features, DataConfig(history_cap=10), match_path=tmp_path / "m")
+    err = capsys.readouterr().err
+    assert "match feature(s) mf_noise hold no value on any train row" in err and "mf_pop_hist" not in err
+
+
 def test_no_match_features_only_when_not_given(ml100k_features, tmp_path):
     (tmp_path / "empty").mkdir()
     data = RankingData.load(ml100k_features, DataConfig(), match_path=None)
