@@ -176,6 +176,11 @@ def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: b
     metrics = train_ranker(job, out, tracker=tracker)
     manifest: dict[str, Any] = {}
     if int(os.environ.get("RANK", "0")) == 0:
+        if _world_size() > 1 and _best(out).is_file():
+            # a single-process run's model left in this folder is not this run's: registering (or serving) it
+            # beside this run's metrics would be wrong (a probe, 2026-12-01)
+            _best(out).unlink()
+            log(f"rank: removed {_best(out)}: a single-process run's model, not this distributed run's")
         manifest = {
             "job": RANK_JOB,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

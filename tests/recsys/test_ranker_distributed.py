@@ -41,10 +41,11 @@ def _worker(rank: int, world: int, port: int, features: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
     try:
-        from recsys.train import train_ranker
+        from recsys.stages import run_rank
 
-        metrics = train_ranker(_config(features), out)
-        if rank == 0:
+        run_rank(_config(features), None, out, log=lambda _m: None)  # the stage: training, manifest, registration
+        if rank == 0:  # only rank 0 writes the outputs
+            metrics = json.loads(Path(out, "metrics.json").read_text())
             Path(out, "dist.json").write_text(json.dumps({"valid_auc": metrics["valid"]["auc"],
                                                           "world_size": metrics["world_size"],
                                                           "sharding": metrics["sharding"]}))
@@ -62,6 +63,9 @@ def test_dmp_two_processes_matches_single_process(synthetic_features, tmp_path):
     from recsys.train import train_ranker
 
     out = tmp_path / "dist"
+    stale = out / "checkpoints" / "best.pt"  # a single-process run's model left in the folder
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"another run's model")
     ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(synthetic_features), str(out)),
                              nprocs=WORLD, start_method="spawn", join=False)
     deadline = time.monotonic() + TIMEOUT_S
@@ -84,6 +88,8 @@ def test_dmp_two_processes_matches_single_process(synthetic_features, tmp_path):
     assert (out / "metrics.json").exists() and (out / "predictions.parquet").exists()
     assert (out / "checkpoints" / f"last.rank0of{WORLD}.pt").exists()
     assert (out / "checkpoints" / f"last.rank1of{WORLD}.pt").exists()
+    # a probe (2026-12-01): the stale best.pt was recorded in the manifest and registered as this run's model
+    assert not stale.exists() and json.loads((out / "manifest.json").read_text())["best_checkpoint"] is None
 
     single = train_ranker(_config(str(synthetic_features)), tmp_path / "single")
     assert single["world_size"] == 1
