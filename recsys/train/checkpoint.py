@@ -143,6 +143,15 @@ def _saved_epoch(ck: Mapping[str, Any]) -> int | None:
         return None
 
 
+def _ranks_agree(epoch: int) -> bool:
+    """Whether every rank passes the same `epoch` (-1: no checkpoint to resume)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([epoch, -epoch], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t[0]) == -int(t[1])
+
+
 def resume(last_path: Path, best_path: Path, tr: Trainable, key: str, ctx: WorkerContext,
            enabled: bool, epochs: int) -> dict[str, Any] | None:
     """Restore `tr` from last.pt when `enabled`, its key matches and it is
@@ -158,6 +167,13 @@ def resume(last_path: Path, best_path: Path, tr: Trainable, key: str, ctx: Worke
     if done is not None and done > epochs:  # a model trained longer than asked: its numbers are not this run's
         if ctx.is_main:
             print(f"checkpoint {last_path} is past train.epochs ({done} > {epochs}); starting fresh", file=sys.stderr)
+        ck = None
+    if ctx.distributed and not _ranks_agree(-1 if ck is None else int(done if done is not None else -1)):
+        # a rank killed between two ranks' saves, or a deleted rank file: resuming some ranks and not others
+        # trains them on different epochs, and the run hangs at the first collective that only some reach
+        if ctx.is_main:
+            print(f"the ranks' checkpoints ({last_path.parent}) are not all after the same epoch; starting fresh",
+                  file=sys.stderr)
         ck = None
     if ck is None:
         best_path.unlink(missing_ok=True)

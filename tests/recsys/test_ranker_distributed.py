@@ -21,14 +21,14 @@ TIMEOUT_S = 150
 WORLD = 2
 
 
-def _config(features: str, world_batch: int = 128) -> RankJob:
+def _config(features: str, world_batch: int = 128, epochs: int = 2, resume: bool = False) -> RankJob:
     return plan_rank(PipelineConfig.from_mapping({
         "seed": 0,
         "paths": {"features": features},
         "data": {"history_cap": 50},
         "ranker": {"embedding_dim": 8, "svd_rank": 4, "history_encoder": "svd_compact",
                    "dense_arch_layer_sizes": [8], "over_arch_layer_sizes": [16, 8]},
-        "train": {"epochs": 2, "batch_size": world_batch, "progress": False, "patience": 0, "resume": False},
+        "train": {"epochs": epochs, "batch_size": world_batch, "progress": False, "patience": 0, "resume": resume},
     }))
 
 
@@ -51,6 +51,48 @@ def _worker(rank: int, world: int, port: int, features: str, out: str) -> None:
                                                           "sharding": metrics["sharding"]}))
     finally:
         dist.destroy_process_group()
+
+
+def _train_worker(rank: int, world: int, port: int, features: str, out: str, epochs: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+    try:
+        from recsys.train import train_ranker
+
+        train_ranker(_config(features, epochs=epochs, resume=True), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, *args) -> None:
+    ctx = mp.start_processes(fn, args=(WORLD, _free_port(), *args), nprocs=WORLD, start_method="spawn", join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed training did not finish in {TIMEOUT_S}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
+def test_ranks_whose_checkpoints_disagree_start_fresh_instead_of_hanging(synthetic_features, tmp_path, capfd):
+    """A probe (2026-12-01): rank 1's last checkpoint deleted (or a rank killed
+    between two ranks' saves): rank 0 resumed, rank 1 started fresh, and the
+    run hung at the first collective only one rank reached."""
+    out = tmp_path / "dist"
+    _spawn(_train_worker, str(synthetic_features), str(out), 1)
+    (out / "checkpoints" / f"last.rank1of{WORLD}.pt").unlink()
+    _spawn(_train_worker, str(synthetic_features), str(out), 2)
+    err = capfd.readouterr().err
+    assert "not all after the same epoch; starting fresh" in err and "resumed from" not in err
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
 
 
 def _free_port() -> int:
