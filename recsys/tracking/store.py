@@ -196,14 +196,28 @@ def _refuse_foreign_sqlite(uri: str, db: Path, todo: str) -> None:
         magic = fh.read(len(SQLITE_MAGIC))
     if magic != SQLITE_MAGIC:
         raise UsageError(f"tracking URI {uri!r}: {db} is not a sqlite database; refusing to use it as a store; {todo}")
-    try:
-        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+    def table_names(mode: str) -> set[str]:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode={mode}", uri=True)
         try:
-            tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+            return {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
         finally:
             con.close()
+
+    try:
+        tables = table_names("ro")
     except sqlite3.Error as e:
-        raise UsageError(f"tracking URI {uri!r}: cannot read the sqlite database {db}: {e}; {todo}") from e
+        journal = db.with_name(db.name + "-journal")
+        if not (journal.is_file() and journal.stat().st_size and "readonly" in str(e)):
+            raise UsageError(f"tracking URI {uri!r}: cannot read the sqlite database {db}: {e}; {todo}") from e
+        # a hot journal: a process was killed while writing (a torchrun worker, say); a read-only connection
+        # cannot roll it back, a read-write one does, as sqlite would on MLflow's own next write (a probe,
+        # 2026-12-01: every later command refused the store as "a readonly database")
+        try:
+            tables = table_names("rw")
+        except sqlite3.Error as e2:
+            raise UsageError(f"tracking URI {uri!r}: cannot read the sqlite database {db} (an interrupted write left "
+                             f"{journal.name}, which sqlite could not roll back: {e2}); {todo}") from e2
+        print(f"note: {db}: rolled back a write a killed process left unfinished ({journal.name})", file=sys.stderr)
     if any(t.startswith("_alembic_tmp") for t in tables):  # a migration stopped half-way
         raise UsageError(
             f"tracking URI {uri!r}: {db} is a half-created MLflow store (its first creation was interrupted, before "

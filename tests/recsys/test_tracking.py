@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -152,6 +153,33 @@ def test_read_only_store_folder(tmp_path):
             check_store(f"sqlite:///{ro}/mlflow.db")
     finally:
         ro.chmod(0o700)
+
+
+def test_a_store_left_with_a_hot_journal_is_rolled_back(tmp_path, capsys):
+    """A probe (2026-12-01): a torchrun worker killed while writing to the
+    store left a hot journal; every later command refused the store as "an
+    attempt to write a readonly database" until it was opened by hand."""
+    import subprocess
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    from recsys.tracking.store import prepare_store
+
+    prepare_store(uri)  # creates an MLflow store
+    killer = ("import os, sqlite3, sys\n"
+              "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+              "c.execute('PRAGMA cache_size=1')\n"  # pages reach the file during the transaction
+              "c.execute('BEGIN IMMEDIATE')\n"
+              "c.execute('create table zz_probe(x)')\n"
+              "c.executemany('insert into zz_probe values (?)', [(os.urandom(500),) for _ in range(2000)])\n"
+              "os.kill(os.getpid(), 9)\n")
+    subprocess.run([sys.executable, "-c", killer, str(db)], check=False)
+    assert (tmp_path / "mlflow.db-journal").stat().st_size > 0
+    prepare_store(uri)
+    assert "rolled back a write a killed process left unfinished" in capsys.readouterr().err
+    tables = {r[0] for r in sqlite3.connect(db).execute("select name from sqlite_master where type = 'table'")}
+    assert "zz_probe" not in tables and "runs" in tables
 
 
 def test_disabled_logs_nothing(tmp_path):
