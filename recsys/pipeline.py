@@ -183,7 +183,7 @@ def _rank_plots(out: Path, job: Any, tracker: Tracker) -> None:
         png = plots.training_curves(curves, out / "training_curves.png", best_epoch=metrics.get("best_epoch"))
         tracker.log_artifact(png, "figures")
     if job.model.history_encoder.startswith("svd"):
-        spectrum = history_spectrum(job.features, out / "checkpoints" / "best.pt")
+        spectrum = history_spectrum(job.features, job.train.checkpoints(out) / "best.pt")
         if spectrum is not None:
             png = plots.singular_spectrum(
                 spectrum, out / "history_spectrum.png", rank=job.model.svd_rank,

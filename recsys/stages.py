@@ -166,21 +166,25 @@ def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: b
 
     out = Path(out)
     key = rank_key(job)
-    if not force and is_up_to_date(out, key) and _checkpoint_intact(out, log):
+    current = not force and is_up_to_date(out, key)
+    if current and _checkpoint_intact(job, out, log):
         log(f"rank: {out} is up to date (same config, inputs and code); skipping")
         result = StageResult(out, True, read_manifest(out) or {})
         if int(os.environ.get("RANK", "0")) == 0:
             _register_ranker(job, tracker, out, result.key, log)
         return result
+    if current:  # the outputs are this config's but best.pt is not its model: train afresh, not resume from last.pt
+        for name in ("best.pt", "last.pt"):  # (its last.pt is at train.epochs: a resume would train nothing and
+            (job.train.checkpoints(out) / name).unlink(missing_ok=True)  # evaluate the foreign best.pt)
     t0 = time.perf_counter()
     metrics = train_ranker(job, out, tracker=tracker)
     manifest: dict[str, Any] = {}
     if int(os.environ.get("RANK", "0")) == 0:
-        if _world_size() > 1 and _best(out).is_file():
+        if _world_size() > 1 and _best(job, out).is_file():
             # a single-process run's model left in this folder is not this run's: registering (or serving) it
             # beside this run's metrics would be wrong (a probe, 2026-12-01)
-            _best(out).unlink()
-            log(f"rank: removed {_best(out)}: a single-process run's model, not this distributed run's")
+            _best(job, out).unlink()
+            log(f"rank: removed {_best(job, out)}: a single-process run's model, not this distributed run's")
         manifest = {
             "job": RANK_JOB,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -189,7 +193,7 @@ def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: b
             "files": {S.METRICS_FILE: file_fingerprint(out / S.METRICS_FILE)},
             # the model registered from this folder, and the one a scorer loads: another run into the same
             # --out can replace it while leaving these outputs, so a reuse checks it (`_checkpoint_intact`)
-            BEST_KEY: file_fingerprint(_best(out)) if _best(out).is_file() else None,
+            BEST_KEY: file_fingerprint(_best(job, out)) if _best(job, out).is_file() else None,
             "seconds": time.perf_counter() - t0,
             "test": {k: metrics.get(k) for k in ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")},
         }
@@ -201,22 +205,23 @@ def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: b
 BEST_KEY = "best_checkpoint"  # the manifest's fingerprint of checkpoints/best.pt
 
 
-def _best(out: Path) -> Path:
-    return out / "checkpoints" / "best.pt"
+def _best(job: RankJob, out: Path) -> Path:
+    """The run's best.pt: under train.checkpoint_dir when set, else OUT/checkpoints."""
+    return job.train.checkpoints(out) / "best.pt"
 
 
-def _checkpoint_intact(out: Path, log: Log) -> bool:
-    """Whether OUT/checkpoints/best.pt is still the one this folder's run
-    wrote (its manifest's fingerprint; a distributed run records none). A run
-    of another config into the same folder, interrupted or failed, replaces
-    or removes it and leaves the outputs: reusing them would register (and
-    serve) the other run's model beside this run's metrics."""
+def _checkpoint_intact(job: RankJob, out: Path, log: Log) -> bool:
+    """Whether the run's best.pt is still the one this folder's run wrote
+    (its manifest's fingerprint; a distributed run records none). A run of
+    another config into the same folder (or checkpoint_dir), interrupted or
+    failed, replaces or removes it and leaves the outputs: reusing them would
+    register (and serve) the other run's model beside this run's metrics."""
     want = (read_manifest(out) or {}).get(BEST_KEY)
     if want is None:
         return True
-    if _best(out).is_file() and file_fingerprint(_best(out)) == want:
+    if _best(job, out).is_file() and file_fingerprint(_best(job, out)) == want:
         return True
-    log(f"rank: {_best(out)} is no longer the model of {out}'s run (another run wrote into this folder); retraining")
+    log(f"rank: {_best(job, out)} is no longer the model of {out}'s run (another run wrote there); retraining")
     return False
 
 
@@ -226,8 +231,8 @@ def _register_ranker(job: RankJob, tracker: Tracker | None, out: Path, key: dict
     single-process run has the full best.pt a scorer needs."""
     from recsys.tracking.models import log_ranker
 
-    if not (out / "checkpoints" / "best.pt").is_file():
-        log(f"rank: no {out / 'checkpoints' / 'best.pt'} (distributed run?); recsys-ranker not registered")
+    if not _best(job, out).is_file():
+        log(f"rank: no {_best(job, out)} (distributed run?); recsys-ranker not registered")
         return
     log_ranker(tracker, job, out, key, log)
 

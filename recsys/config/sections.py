@@ -176,6 +176,10 @@ class TrainConfig:
     max_batches_per_epoch: int = 0  # 0: all (a positive value makes smoke runs)
     num_threads: int = 1  # torch intra-op threads while training (0: leave torch's setting)
 
+    def checkpoints(self, out: str | Path) -> Path:
+        """The folder of last.pt and best.pt: checkpoint_dir, or OUT/checkpoints."""
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(out) / "checkpoints"
+
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")

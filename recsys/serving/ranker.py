@@ -62,11 +62,12 @@ def _stats(stats: tuple[np.ndarray, np.ndarray] | None) -> list[list[float]]:
 
 def export_ranker(job: RankJob, run_dir: str | Path, dest: str | Path) -> Path:
     """Write the scoring bundle of the ranker trained into `run_dir`
-    (OUT/checkpoints/best.pt) by `job` into `dest` (created)."""
+    (best.pt under `job.train.checkpoints(run_dir)`: OUT/checkpoints, or
+    train.checkpoint_dir) by `job` into `dest` (created)."""
     from recsys.data import RankingData
 
     run_dir, dest = Path(run_dir), Path(dest)
-    best = run_dir / "checkpoints" / "best.pt"
+    best = job.train.checkpoints(run_dir) / "best.pt"
     if not best.is_file():
         raise DataError("no best.pt (a single-process run writes it): nothing to export", file=str(best))
     data = RankingData.load(job.features, job.data, job.match, job.embeddings)

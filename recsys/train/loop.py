@@ -187,7 +187,7 @@ def _fit(data: RankingData, ranker: RankerConfig, train: TrainConfig, out_dir: s
     _check_splits(data)
     ctx = worker_context(train)
     out = Path(out_dir)
-    ckpt_dir = Path(train.checkpoint_dir) if train.checkpoint_dir else out / "checkpoints"
+    ckpt_dir = train.checkpoints(out)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         tracker.log_params(flatten({"ranker": to_dict(ranker), "train": to_dict(train), "seed": seed}))

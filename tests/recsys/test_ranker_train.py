@@ -14,6 +14,7 @@ import torch
 from features import schemas as S
 from features.core.config import from_dict
 from features.core.errors import ConfigError
+from features.core.fingerprint import file_fingerprint
 from features.core.tracker import RecordingTracker
 from recsys.config import PipelineConfig
 from recsys.config.sections import TrainConfig
@@ -274,10 +275,14 @@ def test_a_folder_whose_best_checkpoint_another_run_replaced_is_retrained(synthe
     assert run_rank(a, None, tmp_path / "a", log=said.append).reused
     run_rank(b, None, tmp_path / "b", log=said.append)
     best = tmp_path / "a" / "checkpoints" / "best.pt"
+    own = file_fingerprint(best)
     shutil.copyfile(tmp_path / "b" / "checkpoints" / "best.pt", best)
     said.clear()
     assert not run_rank(a, None, tmp_path / "a", log=said.append).reused
     assert any("is no longer the model of" in m for m in said), said
+    # trained afresh: a probe (2026-12-01) found it "resumed" from last.pt, already at train.epochs, trained
+    # nothing and evaluated (and recorded) the foreign best.pt
+    assert file_fingerprint(best) == own
     assert run_rank(a, None, tmp_path / "a", log=said.append).reused  # retrained: its own model again
     best.unlink()  # a failed run of another config removes it
     assert not run_rank(a, None, tmp_path / "a", log=said.append).reused
@@ -285,6 +290,31 @@ def test_a_folder_whose_best_checkpoint_another_run_replaced_is_retrained(synthe
     metrics.unlink()  # a deleted one stayed missing after a "reused" rerun)
     assert not run_rank(a, None, tmp_path / "a", log=said.append).reused and metrics.is_file()
     assert run_rank(a, None, tmp_path / "a", log=said.append).reused
+
+
+def test_checkpoint_dir_holds_the_model_the_stage_records_and_exports(synthetic_features, tmp_path):
+    """A probe (2026-12-01): with train.checkpoint_dir set, the manifest and
+    the registered model took OUT/checkpoints/best.pt, a stale file of an
+    earlier run (or none)."""
+    import shutil
+
+    from recsys.serving.ranker import RankerScorer, export_ranker
+    from recsys.serving import requests_from_features
+    from recsys.stages import run_rank
+
+    out, ck = tmp_path / "r", tmp_path / "ck"
+    stale = pipeline(synthetic_features, train={"epochs": 1}, seed=3)
+    run_rank(stale, None, out, log=lambda _m: None)  # leaves OUT/checkpoints/best.pt of another model
+    job = pipeline(synthetic_features, train={"epochs": 1, "checkpoint_dir": str(ck)})
+    assert not run_rank(job, None, out, log=lambda _m: None).reused
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["best_checkpoint"] == file_fingerprint(ck / "best.pt")
+    scorer = RankerScorer.load(export_ranker(job, out, tmp_path / "bundle"))
+    got = scorer.score(requests_from_features(synthetic_features, "test"))
+    want = pl.read_parquet(out / "predictions.parquet")
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-6)
+    shutil.rmtree(ck)  # its best.pt gone: the outputs are not reused
+    assert not run_rank(job, None, out, log=lambda _m: None).reused
 
 
 def test_a_ranker_on_capped_histories_serves_its_own_predictions(tmp_path):
