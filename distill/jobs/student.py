@@ -33,7 +33,7 @@ from distill.teachers import TeachersConfig
 from distill.train import DistillConfig, TeacherTarget, fit_student
 from features.core.config import config_hash, flatten, to_dict
 from features.core.fingerprint import file_fingerprint
-from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
+from features.core.manifest import atomic_outputs, is_up_to_date, outputs_intact, read_manifest, write_manifest, write_parquet
 from features.core.numeric import torch_threads
 from features.core.provenance import stage_key
 from features.core.tracker import NullTracker, Tracker
@@ -158,7 +158,7 @@ def train_student(
     params = {"version": VERSION, "config_hash": config_hash(ctx.distill.training_key()),
               "teachers_hash": config_hash(tcfg), "protocol": ctx.protocol}
     key = stage_key(JOB_TRAIN, params, ctx.upstream)
-    if not force and is_up_to_date(out, key):
+    if not force and is_up_to_date(out, key) and all(outputs_intact(out / sub) for sub in ("teachers", "student")):
         log(f"distill train: {out} is up to date; skipping")
         return JobResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0)
     tracker.log_params({f"distill.{k}": v for k, v in flatten(to_dict(ctx.distill)).items()})

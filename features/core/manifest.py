@@ -108,6 +108,15 @@ def is_up_to_date(folder: str | Path, key: Mapping[str, Any], *, verify_outputs:
     return True
 
 
+def outputs_intact(folder: str | Path) -> bool:
+    """Whether `folder` holds a manifest whose outputs and side files are all
+    there with the bytes it recorded (`is_up_to_date` against its own key): a
+    nested stage folder (a distill output's student/ and teachers/) that the
+    outer stage's reuse serves from."""
+    m = read_manifest(folder)
+    return m is not None and is_up_to_date(folder, m.get("key") or {})
+
+
 TMP_MARK = ".tmp-"
 
 

@@ -362,6 +362,27 @@ def test_a_corrupt_or_replaced_teachers_checkpoint_is_refitted(cli, tmp_path, fe
     assert (out / "item_embeddings.parquet").is_file()
 
 
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_a_deleted_or_replaced_student_checkpoint_reruns_the_stage(cli, tmp_path, features, command):
+    """A probe (2026-12-01): `distill eval` was "up to date" with another
+    run's student/student.pt copied in (and registered it as recsys-student),
+    and a deleted one was never rebuilt: only the top-level manifest was checked."""
+    out = tmp_path / "distill"
+    argv = ("distill", command, "--features", features, "--out", out, "--config", _config(tmp_path),
+            *(("--no-ablations",) if command == "eval" else ()))
+    assert cli(*argv).rc == 0
+    student = out / "student" / "student.pt"
+    own, reused = student.read_bytes(), f"distill {command}: {out} is up to date"
+    student.write_bytes(b"another run's student")
+    rc, said, err = cli(*argv)
+    assert rc == 0 and reused not in said + err and "student: trained" in said + err and student.read_bytes() == own
+    student.unlink()
+    rc, said, err = cli(*argv)
+    assert rc == 0 and reused not in said + err and student.read_bytes() == own
+    rc, said, err = cli(*argv)
+    assert rc == 0 and reused in said + err
+
+
 def test_killed_run_is_cleaned_and_rerun_gives_identical_output(cli, tmp_path, features):
     cfg = _config(tmp_path)
     clean = tmp_path / "clean"
