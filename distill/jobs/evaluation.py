@@ -23,7 +23,7 @@ from distill.jobs.teachers import ensure_teachers
 from distill.teachers import TeachersConfig
 from distill.config import LOSSES, DistillConfig
 from features.core.config import config_hash, flatten, to_dict
-from features.core.manifest import is_up_to_date, outputs_intact, read_manifest
+from features.core.manifest import is_up_to_date, nested_fingerprints, nested_intact, read_manifest
 from features.core.numeric import json_safe, torch_threads
 from features.core.provenance import stage_key
 from features.core.tracker import ForwardingTracker, NullTracker, Tracker
@@ -191,10 +191,7 @@ def _compare(
     return metrics, hits
 
 
-def _nested_intact(out: Path) -> bool:
-    """Whether OUT/teachers and OUT/student still hold what their manifests recorded."""
-    return all(outputs_intact(out / sub) for sub in ("teachers", "student"))
-
+NESTED = ("teachers", "student")  # the stage folders inside a distill output that its reuse serves from
 
 def evaluate(
     features_dir: str | Path,
@@ -222,7 +219,7 @@ def evaluate(
     key = stage_key(JOB_EVAL, params, ctx.upstream)
     # the nested teachers/ and student/ too: registration serves student/student.pt (a probe, 2026-12-01: a
     # replaced one was registered, a deleted one never rebuilt)
-    if not force and is_up_to_date(out, key) and (out / METRICS).is_file() and _nested_intact(out):
+    if not force and is_up_to_date(out, key) and (out / METRICS).is_file() and nested_intact(out, NESTED):
         log(f"distill eval: {out} is up to date (same config, inputs and code); reusing its metrics (--force recomputes)")
         return JobResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0, json.loads((out / METRICS).read_text()))
     tracker.log_params({f"distill.{k}": v for k, v in flatten(to_dict(cfg)).items()})
@@ -257,7 +254,8 @@ def evaluate(
     timings["total_s"] = time.perf_counter() - t0
     manifest = publish(
         out, key, JOB_EVAL, out / "student" / EMBEDDINGS, metrics,
-        {"config": to_dict(cfg), "teachers": to_dict(tcfg), "features": str(ctx.folder), "timings": timings, "hits_k": hits_k(cfg)},
+        {"config": to_dict(cfg), "teachers": to_dict(tcfg), "features": str(ctx.folder), "timings": timings, "hits_k": hits_k(cfg),
+         "nested": nested_fingerprints(out, NESTED)},
         tables={TEST_HITS: hits},
     )  # fmt: skip
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

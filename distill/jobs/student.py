@@ -33,7 +33,15 @@ from distill.teachers import TeachersConfig
 from distill.train import DistillConfig, TeacherTarget, fit_student
 from features.core.config import config_hash, flatten, to_dict
 from features.core.fingerprint import file_fingerprint
-from features.core.manifest import atomic_outputs, is_up_to_date, outputs_intact, read_manifest, write_manifest, write_parquet
+from features.core.manifest import (
+    atomic_outputs,
+    is_up_to_date,
+    nested_fingerprints,
+    nested_intact,
+    read_manifest,
+    write_manifest,
+    write_parquet,
+)
 from features.core.numeric import torch_threads
 from features.core.provenance import stage_key
 from features.core.tracker import NullTracker, Tracker
@@ -158,14 +166,15 @@ def train_student(
     params = {"version": VERSION, "config_hash": config_hash(ctx.distill.training_key()),
               "teachers_hash": config_hash(tcfg), "protocol": ctx.protocol}
     key = stage_key(JOB_TRAIN, params, ctx.upstream)
-    if not force and is_up_to_date(out, key) and all(outputs_intact(out / sub) for sub in ("teachers", "student")):
+    if not force and is_up_to_date(out, key) and nested_intact(out, ("teachers", "student")):
         log(f"distill train: {out} is up to date; skipping")
         return JobResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0)
     tracker.log_params({f"distill.{k}": v for k, v in flatten(to_dict(ctx.distill)).items()})
     tres, tobjs = ensure_teachers(ctx, out / "teachers", tcfg, tracker, force, log)
     sres, _, _ = ensure_student(ctx, out / "student", ctx.distill, tobjs, teacher_fingerprints(tres), tracker, force, log)
     manifest = publish(
-        out, key, JOB_TRAIN, out / "student" / EMBEDDINGS, None, {"student": str(out / "student"), "seconds": time.perf_counter() - t0}
+        out, key, JOB_TRAIN, out / "student" / EMBEDDINGS, None, {"student": str(out / "student"), "seconds": time.perf_counter() - t0,
+                                                                  "nested": nested_fingerprints(out, ("teachers", "student"))}
     )
     return JobResult(out, False, manifest, time.perf_counter() - t0)
 

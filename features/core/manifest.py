@@ -110,11 +110,32 @@ def is_up_to_date(folder: str | Path, key: Mapping[str, Any], *, verify_outputs:
 
 def outputs_intact(folder: str | Path) -> bool:
     """Whether `folder` holds a manifest whose outputs and side files are all
-    there with the bytes it recorded (`is_up_to_date` against its own key): a
-    nested stage folder (a distill output's student/ and teachers/) that the
-    outer stage's reuse serves from."""
+    there with the bytes it recorded (`is_up_to_date` against its own key)."""
     m = read_manifest(folder)
     return m is not None and is_up_to_date(folder, m.get("key") or {})
+
+
+def nested_fingerprints(folder: str | Path, subs: tuple[str, ...]) -> dict[str, str]:
+    """Fingerprints of the manifests of `folder`'s nested stage folders (a
+    distill output's teachers/ and student/), for the outer manifest's
+    `nested` entry (see `nested_intact`)."""
+    return {sub: file_fingerprint(Path(folder) / sub / MANIFEST) for sub in subs
+            if (Path(folder) / sub / MANIFEST).is_file()}
+
+
+def nested_intact(folder: str | Path, subs: tuple[str, ...]) -> bool:
+    """Whether each nested stage folder is still the one the outer stage was
+    published with (its manifest's fingerprint in the outer `nested` entry)
+    and intact (`outputs_intact`): an outer stage's reuse serves from them (a
+    distill output registers student/student.pt), and another run's folder
+    copied in, self-consistent as it is, is not this run's (a probe,
+    2026-12-01)."""
+    recorded = (read_manifest(folder) or {}).get("nested") or {}
+    for sub in subs:
+        manifest = Path(folder) / sub / MANIFEST
+        if not manifest.is_file() or recorded.get(sub) != file_fingerprint(manifest) or not outputs_intact(manifest.parent):
+            return False
+    return True
 
 
 TMP_MARK = ".tmp-"

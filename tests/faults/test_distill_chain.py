@@ -381,6 +381,18 @@ def test_a_deleted_or_replaced_student_checkpoint_reruns_the_stage(cli, tmp_path
     assert rc == 0 and reused not in said + err and student.read_bytes() == own
     rc, said, err = cli(*argv)
     assert rc == 0 and reused in said + err
+    # another run's whole folders, self-consistent manifests included (a probe of the fix): not this run's
+    import shutil
+
+    other = tmp_path / "other"
+    (tmp_path / "other_cfg").mkdir()
+    assert cli("distill", "train", "--features", features, "--out", other, "--config",
+               _config(tmp_path / "other_cfg", seed=1)).rc == 0
+    for sub in ("teachers", "student"):
+        shutil.rmtree(out / sub)
+        shutil.copytree(other / sub, out / sub)
+    rc, said, err = cli(*argv)
+    assert rc == 0 and reused not in said + err and student.read_bytes() == own
 
 
 def test_killed_run_is_cleaned_and_rerun_gives_identical_output(cli, tmp_path, features):
