@@ -231,8 +231,10 @@ def _register_ranker(job: RankJob, tracker: Tracker | None, out: Path, key: dict
     single-process run has the full best.pt a scorer needs."""
     from recsys.tracking.models import log_ranker
 
-    if not _best(job, out).is_file():
-        log(f"rank: no {_best(job, out)} (distributed run?); recsys-ranker not registered")
+    # the model the run recorded (a distributed run records none): a best.pt found beside a distributed run's
+    # outputs (a single-process run's, copied or left there) is not its model (a probe, 2026-12-01)
+    if (read_manifest(out) or {}).get(BEST_KEY) is None or not _best(job, out).is_file():
+        log(f"rank: no best.pt recorded for {out} (distributed run?); recsys-ranker not registered")
         return
     log_ranker(tracker, job, out, key, log)
 

@@ -317,6 +317,25 @@ def test_checkpoint_dir_holds_the_model_the_stage_records_and_exports(synthetic_
     assert not run_rank(job, None, out, log=lambda _m: None).reused
 
 
+def test_outputs_that_recorded_no_best_checkpoint_register_no_model(synthetic_features, tmp_path, monkeypatch):
+    """A probe (2026-12-01): a single-process best.pt copied beside a
+    distributed run's outputs (which record none) was registered on reuse."""
+    import recsys.tracking.models as models
+    from recsys.stages import _register_ranker, run_rank
+
+    job = pipeline(synthetic_features, train={"epochs": 1})
+    res = run_rank(job, None, tmp_path / "r", log=lambda _m: None)
+    registered: list = []
+    monkeypatch.setattr(models, "log_ranker", lambda *a, **k: registered.append(a))
+    said: list[str] = []
+    _register_ranker(job, None, tmp_path / "r", res.key, said.append)
+    assert len(registered) == 1  # its own model
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    (tmp_path / "r" / "manifest.json").write_text(json.dumps(manifest | {"best_checkpoint": None}))  # as torchrun's
+    _register_ranker(job, None, tmp_path / "r", res.key, said.append)
+    assert len(registered) == 1 and "recsys-ranker not registered" in said[-1]
+
+
 def test_a_ranker_on_capped_histories_serves_its_own_predictions(tmp_path):
     """A probe (2026-12-01): with features.history_cap below a user's history,
     hist_len = min(events before, cap), and serving required hist_len ==
