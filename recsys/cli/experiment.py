@@ -102,7 +102,8 @@ examples:
 
 Sets the registry alias `champion` on the arm's models: recsys-ranker (the
 arm's ranker of the experiment's first seed, alias <experiment>-<arm>) and
-recsys-student (the student the arm's chain read, if any). Exit 1, and no
+recsys-student (the student the arm's chain read, if any; an arm that reads
+no student leaves recsys-student@champion where it was). Exit 1, and no
 alias moves, when `recsys experiment compare` marks a significant regression
 of the arm vs control on the guarded metric over the whole test set; exit 2
 for an unknown experiment, arm or metric, or an arm without a registered
