@@ -326,7 +326,7 @@ def first_non_utf8_line(path: str) -> int | None:
 
 def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int, int], unit: str, dated: bool) -> None:
     """Refuse timestamps that are implausible in `unit`: after 2200; all of
-    them within January 1970 while a coarser unit puts them in 1980..2200;
+    them before 1980 while a coarser unit puts the earliest in 1980..2200;
     or some within January 1970 beside others from 1980 on (a row in another
     unit, or a 0 standing for a missing time). The message names the unit
     they look like when there is one. (Relative times, all of them small,
@@ -337,18 +337,22 @@ def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[in
     guess: str | None = None
     hint: str | None = None
     if hi > MAX_TS_S * per_s:
-        finer = [u for u, f in UNIT_PER_S.items() if f > per_s and hi <= MAX_TS_S * f]
+        # a finer unit only when it fits the earliest time too: else a few rows are wrong, not the unit
+        finer = [u for u, f in UNIT_PER_S.items() if f > per_s and hi <= MAX_TS_S * f and lo >= YEAR_1980_S * f]
         guess = finer[0] if finer and not dated else None
         bad = pl.col(S.TIMESTAMP) > MAX_TS_S * per_s
         what = "dates after the year 2200" if dated else f"timestamps after the year 2200 when read as {UNIT_NAMES[unit]}"
-        hint = "fix or drop those rows (a placeholder such as 9999-12-31 for a missing date?)" if dated else None
-    elif not dated and per_s > 1 and hi < JANUARY_1970_S * per_s:
-        coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and lo >= YEAR_1980_S * f and hi <= MAX_TS_S * f]
+        hint = "fix or drop those rows (a placeholder such as 9999-12-31 for a missing date?)" if dated or (
+            lo >= YEAR_1980_S * per_s) else None
+    elif not dated and per_s > 1 and hi < YEAR_1980_S * per_s:
+        # all before 1980 while a coarser unit makes the earliest a date from 1980 on (one outlier row may
+        # keep the latest from fitting: it let seconds read as milliseconds through, a probe, 2026-12-01)
+        coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and YEAR_1980_S * f <= lo <= MAX_TS_S * f]
         if not coarser:
             return
         guess = coarser[-1]
         bad = pl.lit(True)
-        what = f"every timestamp falls in January 1970 when read as {UNIT_NAMES[unit]}"
+        what = f"every timestamp falls before 1980 when read as {UNIT_NAMES[unit]}"
     elif lo < JANUARY_1970_S * per_s and hi >= YEAR_1980_S * per_s:
         bad = pl.col(S.TIMESTAMP) < JANUARY_1970_S * per_s
         what = f"timestamps within January 1970 when read as {UNIT_NAMES[unit]}, beside others from 1980 on"
