@@ -101,12 +101,12 @@ def _check_arm(p: ArmPredictions, m: Any) -> None:
     when its labels are null or not 0/1 where it needs binary ones."""
     where = f"predictions of arm {p.arm!r} (seed {p.seed})"
     score = p.frame[m.score].cast(pl.Float64).to_numpy()
-    checks = [(~np.isfinite(score), m.score, "NaN or infinite score(s); the model diverged or the file is corrupt")]
+    keep = np.ones(p.frame.height, bool) if m.rows is None or m.rows not in p.frame.columns \
+        else p.frame[m.rows].fill_null(False).to_numpy().astype(bool)  # the rows the metric reads
+    checks = [(keep & ~np.isfinite(score), m.score, "NaN or infinite score(s); the model diverged or the file is corrupt")]
     if m.kind == "logloss":
         checks.append(((score < 0) | (score > 1), m.score, "score(s) outside [0, 1]: logloss needs probabilities"))
     if m.kind in ("auc", "gauc", "logloss") and m.label in p.frame.columns:
-        keep = np.ones(p.frame.height, bool) if m.rows is None or m.rows not in p.frame.columns \
-            else p.frame[m.rows].fill_null(False).to_numpy().astype(bool)
         label = p.frame[m.label].cast(pl.Float64).fill_null(np.nan).to_numpy()
         checks.append((keep & ~np.isin(label, (0.0, 1.0)), m.label, "label(s) null or not 0/1"))
     for bad, column, message in checks:

@@ -79,10 +79,15 @@ def read_predictions(path: Path, arm: str, seed: int, metrics: tuple[str, ...] =
         raise DataError(f"{where} lack column(s) {missing}", file=str(path), column=missing[0])
     for c in {METRICS[m].score for m in metrics}:
         if frame[c].dtype.is_float():
-            bad = np.flatnonzero(np.isnan(frame[c].to_numpy().astype(np.float64)))
+            read = np.zeros(frame.height, bool)  # the rows a metric of this score reads (lt_*: the observed ones)
+            for m in (METRICS[n] for n in metrics if METRICS[n].score == c):
+                read |= True if m.rows is None or m.rows not in frame.columns \
+                    else frame[m.rows].fill_null(False).to_numpy().astype(bool)
+            nan = np.isnan(frame[c].to_numpy().astype(np.float64))
+            bad = np.flatnonzero(nan & read)
             # an LT column that is NaN on every row is a model without an LT head (LightGBM when valid had
             # no observed LT rows): its LT metrics are n/a with that reason; a NaN among scores is an error
-            if bad.size and not (c != METRICS["auc"].score and bad.size == frame.height):
+            if bad.size and not (c != METRICS["auc"].score and nan.all()):
                 raise DataError(f"{where}: {bad.size} NaN score(s)", file=str(path), column=c, rows=bad.tolist())
     return frame
 

@@ -117,6 +117,7 @@ def gauc(
     """Group (user) AUC: mean of per-user AUC weighted by the user's
     impressions (times `weights`, constant within a user), over users with
     both a positive and a negative. NaN when no user qualifies."""
+    _binary(np.asarray(y_true, dtype=np.float64).ravel())
     if not np.isfinite(np.asarray(score, dtype=np.float64)).all():
         return float("nan")
     g_vals, a, n = per_group_auc(groups, y_true, score)

@@ -138,6 +138,12 @@ def check_requests(frame: pl.DataFrame, features_cap: int | None = None) -> None
         if frame.schema[col].is_float():  # a float column (MLflow's schema refuses one; a direct caller may pass it)
             refuse(~pl.col(col).is_finite() | (pl.col(col) != pl.col(col).floor()), col,
                    "not a whole number (ids, times and counts are integers; NaN and inf are no values)")
+    for col in (HISTORY, HISTORY_TS):  # the lists' elements: ids and times as the columns above
+        refuse(pl.col(col).list.eval(pl.element().is_null()).list.any(), col, "a null element")
+        if isinstance(frame.schema[col], pl.List) and frame.schema[col].inner.is_float():
+            whole = pl.element().is_finite() & (pl.element() == pl.element().floor())
+            refuse(~pl.col(col).list.eval(whole).list.all(), col,
+                   "an element that is not a whole number (12.9 was read as item 12; NaN and inf are no values)")
     for col in (S.HIST_LEN, S.POS_HIST_LEN, S.ITEM_POP):
         refuse(pl.col(col) < 0, col, "negative count")
     refuse(pl.col(S.POS_HIST_LEN) > pl.col(S.HIST_LEN), S.POS_HIST_LEN, "more positive events before the request than events")

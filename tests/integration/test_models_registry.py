@@ -109,6 +109,14 @@ def test_ranker_refuses_requests_it_would_score_wrongly(in_experiment):
         with pytest.raises(DataError, match=f"column '{col}'.*not a whole number"):
             check_requests(a.with_columns(pl.lit(value, pl.Float64).alias(col)))
     check_requests(a.with_columns(pl.col("item_pop").cast(pl.Float64)))  # whole floats are read
+    # and inside the history lists (a probe, 2026-12-01: 12.9 was read as item 12; a null crashed)
+    as_float = pl.col("history").list.eval(pl.element().cast(pl.Float64))
+    with pytest.raises(DataError, match="column 'history'.*not a whole number"):
+        check_requests(a.with_columns(as_float.list.eval(pl.element() + 0.9)))
+    with pytest.raises(DataError, match="column 'history_timestamps'.*a null element"):
+        check_requests(a.with_columns(pl.concat_list(pl.col("history_timestamps").list.head(
+            pl.col("history_timestamps").list.len() - 1), pl.lit(None, pl.Int64)).alias("history_timestamps")))
+    check_requests(a.with_columns(as_float))
     # match features (a model that reads them): inf is no missing value, a count is never negative
     model = mlflow.pyfunc.load_model("models:/recsys-ranker@debug_ab-match_svd")
     req_m = requests_from_features(in_experiment.artifacts / "features", "test", in_experiment.artifacts / "match")

@@ -223,6 +223,12 @@ def test_an_arm_without_an_lt_model_gets_n_a_lt_metrics_not_an_error(tmp_path):
     for metric in ("lt_auc", "lt_spearman"):
         r = got[("lgb", metric)]
         assert np.isnan(r.value) and np.isnan(r.delta) and not r.significant and "no model for lt_score" in r.reason
+    unobserved = lgb.with_columns(pl.Series("lt_score", np.r_[np.nan, rng.random(39)]),
+                                  pl.Series("lt_observed", np.r_[False, np.ones(39, bool)]))
+    compare_arms([ArmPredictions("control", 0, ctrl), ArmPredictions("lgb", 0, unobserved)], control="control",
+                 metrics=["lt_auc"], n_boot=100, by_segment=False)  # a NaN the LT metrics never read is fine
+    unobserved.write_parquet(tmp_path / "u.parquet")
+    assert read_predictions(tmp_path / "u.parquet", "lgb", 0).height == 40
     partly = lgb.with_columns(pl.Series("lt_score", np.r_[np.nan, rng.random(39)]))
     with pytest.raises(Exception, match="NaN or infinite score"):  # a NaN among scores is still an error
         compare_arms([ArmPredictions("control", 0, ctrl), ArmPredictions("lgb", 0, partly)], control="control",

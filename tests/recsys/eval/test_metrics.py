@@ -61,6 +61,8 @@ def test_labels_other_than_0_and_1_are_refused_naming_the_row():
         with pytest.raises(ValueError, match="must be 0 or 1: row [01] is"):
             call()
     assert auc([True, False], [0.3, 0.2]) == 1.0  # booleans are 0/1
+    with pytest.raises(ValueError, match="must be 0 or 1"):  # checked before a non-finite score gives NaN
+        gauc([1, 1], [2, 0], [np.inf, 0.1])
 
 
 def test_weights_must_be_finite_non_negative_and_per_user_for_gauc():
