@@ -392,6 +392,8 @@ def validate_items(table: RawTable) -> pl.DataFrame:
         if not name.strip():
             raise SchemaError(f"column {i + 1} has no name (a pandas index written without index=False?): "
                               "name it or drop it", file=table.file, column=repr(name))
+        if name.startswith("__index_level_"):
+            raise SchemaError("a pandas index (written without index=False?): drop it", file=table.file, column=name)
         if name in S.ITEMS_COMPUTED or name.startswith("__"):
             raise SchemaError(f"reserved column name: the build computes {', '.join(S.ITEMS_COMPUTED)} itself "
                               "(and names starting with '__' are internal): rename the column", file=table.file, column=name)

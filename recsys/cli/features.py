@@ -197,7 +197,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (a path, a file:// URI, or with --engine spark an hdfs://, s3a://... URI)")
     add_engine_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
 
     from recsys.cli import match
 

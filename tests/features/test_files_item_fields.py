@@ -145,6 +145,8 @@ def test_item_columns_that_cannot_be_used_are_refused(tmp_path, capsys):
         ("item_id,text,score\n10,a,1.5\n11,b,2\n12,c,-inf\n", "'score', row 3", "infinite"),
         ("item_id,text,first_ts\n10,a,5\n11,b,6\n12,c,7\n", "'first_ts'", "reserved column name"),  # was: overwrote the stats
         (",item_id,text\n0,10,a\n1,11,b\n2,12,c\n", "column 1 has no name", "index=False"),  # was: a field named ''
+        # pandas' index in a parquet file (a probe, 2026-12-01: read as a "reserved column name")
+        (pl.DataFrame(base | {"__index_level_0__": [5, 7, 9]}), "'__index_level_0__'", "a pandas index"),
     ]
     for i, (items, where, needle) in enumerate(cases):
         rc, log, out = _build(tmp_path, capsys, items=items, out=f"out{i}")
