@@ -326,7 +326,7 @@ def first_non_utf8_line(path: str) -> int | None:
 
 def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int, int], unit: str, dated: bool) -> None:
     """Refuse timestamps that are implausible in `unit`: after 2200; all of
-    them before 1980 while a coarser unit puts the earliest in 1980..2200;
+    them before 1980 while a coarser unit puts the first percentile in 1980..2200;
     or some within January 1970 beside others from 1980 on (a row in another
     unit, or a 0 standing for a missing time). The message names the unit
     they look like when there is one. (Relative times, all of them small,
@@ -345,14 +345,16 @@ def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[in
         hint = "fix or drop those rows (a placeholder such as 9999-12-31 for a missing date?)" if dated or (
             lo >= YEAR_1980_S * per_s) else None
     elif not dated and per_s > 1 and hi < YEAR_1980_S * per_s:
-        # all before 1980 while a coarser unit makes the earliest a date from 1980 on (one outlier row may
-        # keep the latest from fitting: it let seconds read as milliseconds through, a probe, 2026-12-01)
-        coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and YEAR_1980_S * f <= lo <= MAX_TS_S * f]
+        # all before 1980 while a coarser unit makes the first percentile a date from 1980 on (an outlier row,
+        # late or 0, let seconds read as milliseconds through: a probe, 2026-12-01; relative times start near 0)
+        low = typed.select(pl.col(S.TIMESTAMP).quantile(0.01, "lower")).collect().item()
+        coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and YEAR_1980_S * f <= low <= MAX_TS_S * f]
         if not coarser:
             return
         guess = coarser[-1]
         bad = pl.lit(True)
-        what = f"every timestamp falls before 1980 when read as {UNIT_NAMES[unit]}"
+        what = (f"every timestamp falls {'in January 1970' if hi < JANUARY_1970_S * per_s else 'before 1980'} when "
+                f"read as {UNIT_NAMES[unit]}")
     elif lo < JANUARY_1970_S * per_s and hi >= YEAR_1980_S * per_s:
         bad = pl.col(S.TIMESTAMP) < JANUARY_1970_S * per_s
         what = f"timestamps within January 1970 when read as {UNIT_NAMES[unit]}, beside others from 1980 on"
