@@ -133,17 +133,30 @@ def check_requests(frame: pl.DataFrame, features_cap: int | None = None) -> None
             raise DataError(f"request rows: {message} ({bad.len()} row{'s' if bad.len() > 1 else ''}; rows are 0-based "
                             "positions)", column=column, rows=bad.head(5).to_list())
 
+    def numbers(col: str, dtype: pl.DataType) -> bool:
+        """DataError unless `dtype` holds numbers; True when they may be fractional (float, decimal: MLflow's
+        schema refuses them, a direct caller may pass them, and 12.9 was read as item 12, True as item 1)."""
+        if dtype == pl.Null:  # lists that are all empty (a first request from pandas): no element to check
+            return False
+        if not (dtype.is_integer() or dtype.is_float() or isinstance(dtype, pl.Decimal)):
+            raise DataError(f"request rows: type {dtype}: ids, times and counts are integers", column=col)
+        return not dtype.is_integer()
+
     for col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.HIST_LEN, S.POS_HIST_LEN, S.ITEM_POP):
         refuse(pl.col(col).is_null(), col, "null value")
-        if frame.schema[col].is_float():  # a float column (MLflow's schema refuses one; a direct caller may pass it)
-            refuse(~pl.col(col).is_finite() | (pl.col(col) != pl.col(col).floor()), col,
+        if numbers(col, frame.schema[col]):
+            v = pl.col(col).cast(pl.Float64)
+            refuse(~v.is_finite() | (v != v.floor()), col,
                    "not a whole number (ids, times and counts are integers; NaN and inf are no values)")
     for col in (HISTORY, HISTORY_TS):  # the lists' elements: ids and times as the columns above
+        dtype = frame.schema[col]
+        if not isinstance(dtype, pl.List):
+            raise DataError(f"request rows: type {dtype}: a list of integers per row", column=col)
         refuse(pl.col(col).list.eval(pl.element().is_null()).list.any(), col, "a null element")
-        if isinstance(frame.schema[col], pl.List) and frame.schema[col].inner.is_float():
-            whole = pl.element().is_finite() & (pl.element() == pl.element().floor())
-            refuse(~pl.col(col).list.eval(whole).list.all(), col,
-                   "an element that is not a whole number (12.9 was read as item 12; NaN and inf are no values)")
+        if numbers(col, dtype.inner):
+            e = pl.element().cast(pl.Float64)
+            refuse(~pl.col(col).list.eval(e.is_finite() & (e == e.floor())).list.all(), col,
+                   "an element that is not a whole number (NaN and inf are no values)")
     for col in (S.HIST_LEN, S.POS_HIST_LEN, S.ITEM_POP):
         refuse(pl.col(col) < 0, col, "negative count")
     refuse(pl.col(S.POS_HIST_LEN) > pl.col(S.HIST_LEN), S.POS_HIST_LEN, "more positive events before the request than events")

@@ -117,6 +117,12 @@ def test_ranker_refuses_requests_it_would_score_wrongly(in_experiment):
         check_requests(a.with_columns(pl.concat_list(pl.col("history_timestamps").list.head(
             pl.col("history_timestamps").list.len() - 1), pl.lit(None, pl.Int64)).alias("history_timestamps")))
     check_requests(a.with_columns(as_float))
+    for frame, needle in ((a.with_columns(pl.col("history").list.eval(pl.element().cast(pl.Decimal(20, 1)) + 0.9)),
+                           "not a whole number"),  # a decimal 121.9 was read as item 121 (a probe of the fix)
+                          (a.with_columns(pl.lit(True).alias("item_id")), "type Boolean"),  # was item 1
+                          (a.with_columns(pl.col("history").list.eval(pl.element().cast(pl.String))), "type String")):
+        with pytest.raises(DataError, match=needle):
+            check_requests(frame)
     # match features (a model that reads them): inf is no missing value, a count is never negative
     model = mlflow.pyfunc.load_model("models:/recsys-ranker@debug_ab-match_svd")
     req_m = requests_from_features(in_experiment.artifacts / "features", "test", in_experiment.artifacts / "match")
