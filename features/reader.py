@@ -154,6 +154,21 @@ def check_match_upstream(match_file: str | Path, features_dir: str | Path) -> No
                         f"folder's {have}): rerun `recsys features match --features {features_dir}`", file=str(match_file))
 
 
+def other_items_note(features_dir: str | Path, embeddings: str | Path) -> str | None:
+    """A warning when the job that wrote `embeddings` (its manifest beside
+    them) read another items file than the features folder's: same ids, other
+    content (edited texts or fields), so the vectors describe other items (a
+    probe, 2026-12-01: used silently by match and the ranker). Embeddings of
+    a build with other interactions but the same items pass silently."""
+    items = S.FILES["items"]
+    theirs = ((read_manifest(Path(embeddings).parent) or {}).get("key") or {}).get("upstream", {}).get(items)
+    ours = ((read_manifest(features_dir) or {}).get("outputs") or {}).get(items, {}).get("fingerprint")
+    if theirs is None or ours is None or theirs == ours:
+        return None
+    return (f"warning: {embeddings}: distilled from another {items} than {Path(features_dir) / items} (same ids, other "
+            "content?): the vectors may not describe these items; rerun `recsys distill eval` on these features")
+
+
 def read_table(path: str | Path, name: str, columns: Sequence[str]) -> pl.DataFrame:
     """The whole parquet file at `path` (a file of kind `name`), after
     checking that it holds `columns` with their declared kinds of dtype, and

@@ -28,7 +28,7 @@ from features.jobs.uri import local_path, shown
 from features.match import ItemSpace, MatchConfig
 from features.match.config import NEGATIVE_FROM
 from features.schemas import MATCH_FILE
-from features.reader import check_manifest, read_parquet
+from features.reader import check_manifest, other_items_note, read_parquet
 
 MATCH_JOB = "features.match"
 MATCH_JOB_VERSION = 3  # bump when the output of the same inputs and config changes
@@ -358,20 +358,6 @@ def build_match_features(
     return MatchResult(out, False, True, manifest, computed, secs)
 
 
-def _warn_other_items(feats_dir: Path, emb_path: Path, log: Callable[[str], None]) -> None:
-    """A warning when the job that wrote the embeddings (its manifest beside
-    them) read another items file than the features folder's: same ids, other
-    content (edited texts or fields), so the vectors describe other items (a
-    probe, 2026-12-01: used silently). Embeddings of a features build with
-    other interactions but the same items are fine and pass silently."""
-    items = S.FILES["items"]
-    theirs = ((read_manifest(emb_path.parent) or {}).get("key") or {}).get("upstream", {}).get(items)
-    ours = ((read_manifest(feats_dir) or {}).get("outputs") or {}).get(items, {}).get("fingerprint")
-    if theirs is not None and ours is not None and theirs != ours:
-        log(f"warning: {emb_path}: distilled from another {items} than {feats_dir / items} (same ids, other content?): "
-            "the vectors may not describe these items; rerun `recsys distill eval` on these features")
-
-
 def item_space(feats_dir: Path, emb_path: Path, cfg: MatchConfig, log: Callable[[str], None]) -> tuple[ItemSpace, np.ndarray]:
     """The checked item vectors, their semantic IDs and faiss index (a global
     step: built once, on the driver, for either engine) and the ids of the
@@ -382,7 +368,9 @@ def item_space(feats_dir: Path, emb_path: Path, cfg: MatchConfig, log: Callable[
     neither enter the faiss index (mf_faiss_rank) nor the semantic-ID k-means."""
     emb_df = read_parquet(emb_path)  # an unreadable file is a DataError naming it
     ids, vec = M.validate_embeddings(emb_df, str(emb_path), cfg.dim)
-    _warn_other_items(feats_dir, emb_path, log)
+    note = other_items_note(feats_dir, emb_path)
+    if note:
+        log(note)
     catalogue = read_parquet(feats_dir / S.FILES["items"], [S.ITEM_ID])[S.ITEM_ID].to_numpy()
     known = np.isin(ids, catalogue)
     if not known.all():

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from torch import Tensor
 from features import schemas as S
 from features.core.errors import DataError
 from features.core.manifest import read_manifest
-from features.reader import check_manifest, check_match_upstream, existing_match_file, read_table
+from features.reader import check_manifest, check_match_upstream, existing_match_file, other_items_note, read_table
 from recsys.data.batch import FeatureSpec, RankBatch, build_batch, concat_ranges
 from recsys.data.content import Csr, content_fields
 from recsys.data.dense import (
@@ -148,6 +149,9 @@ class RankingData:
         if embeddings_path is not None and str(embeddings_path).strip().lower() not in ("", "none"):
             self.item_embeddings, self.embedding_coverage = load_item_embeddings(Path(embeddings_path), self.item_ids)
             self.input_files["embeddings"] = str(embeddings_path)
+            note = other_items_note(root, embeddings_path)
+            if note:
+                print(note, file=sys.stderr)
         self.input_files.update({name: str(root / S.FILES[name]) for name in ("interactions", "sequences", "items")})
         if users is not None:
             self.input_files["users"] = str(users_path)

@@ -545,6 +545,13 @@ def test_match_warns_when_the_embeddings_describe_another_items_file(cli, tmp_pa
     edited = _features_with(tmp_path / "edited", edit_items=lambda df: df.with_columns(pl.col("text") + " (new cut)"))
     rc, said, err = cli("features", "match", "--features", edited, "--embeddings", emb, "--out", tmp_path / "m2")
     assert rc == 0 and f"distilled from another items.parquet than {edited / 'items.parquet'}" in said + err
+    # the ranker's own read of the vectors (ranker.use_distilled_embeddings) says the same (a probe of the fix)
+    from recsys.config.sections import DataConfig
+    from recsys.data import RankingData
+
+    with contextlib.redirect_stderr(io.StringIO()) as warned:
+        RankingData.load(edited, DataConfig(), embeddings_path=emb)
+    assert "distilled from another items.parquet" in warned.getvalue()
 
 
 def test_the_ranker_refuses_distilled_vectors_edited_after_their_job(tmp_path, features):
