@@ -69,12 +69,13 @@ class EmbeddingCache:
             return empty
         return df.select("key", pl.col("embedding").cast(pl.List(pl.Float32)))
 
-    def get(self, keys: Sequence[str], dim: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def get(self, keys: Sequence[str], dim: int | None = None, unit_norm: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(found mask (n,), vectors (n, dim) with zeros where not found, or None if nothing found).
 
         A cached row that is null, of another length than `dim` (the
         encoder's, where known; else the file's usual length), or holds
-        NaN/inf is no vector: its input counts as not found (and is encoded
+        NaN/inf, or (`unit_norm`: an L2-normalising encoder) whose norm is
+        not 1, is no vector: its input counts as not found (and is encoded
         again), with a warning naming the file. Each was fed to the student
         before: a NaN as a NaN embedding, a file of 100-long rows as a
         100-dimensional text input."""
@@ -86,9 +87,12 @@ class EmbeddingCache:
         if dim is None and lengths.null_count() < df.height:
             dim = lengths.drop_nulls().mode().max()
         ok = (lengths == dim).fill_null(False) & df["embedding"].list.eval(pl.element().is_finite().all()).list.first().fill_null(False)
+        if unit_norm:  # a zero row, or one of 1e30, is not what the encoder gives
+            norm = df["embedding"].list.eval(pl.element().cast(pl.Float64).pow(2).sum().sqrt()).list.first()
+            ok = ok & ((norm - 1).abs() < 1e-3).fill_null(False)
         if not ok.all():
             _warn(f"{self.path}: {int((~ok).sum())} of {df.height} cached vectors are null, of another length than "
-                  f"{dim}, or not finite; their inputs are encoded again")
+                  f"{dim}, not finite{', or not of norm 1' if unit_norm else ''}; their inputs are encoded again")
             df = df.filter(ok)
         pos = {k: i for i, k in enumerate(df["key"].to_list())}
         rows = np.array([pos.get(k, -1) for k in keys], dtype=np.int64)
@@ -141,16 +145,18 @@ def cached_encode(
     progress: bool,
     desc: str,
     dim: int | None = None,
+    unit_norm: bool = False,
 ) -> tuple[np.ndarray, EncodeStats]:
     """Vectors (n, dim) of `inputs` (cache key `keys[i]` each): cached rows
     read, the rest encoded in batches of `batch_size` (each distinct key
     once) and added to the cache. `dim`: the encoder's output length where
-    known (cached rows of another length are encoded again)."""
+    known (cached rows of another length are encoded again); `unit_norm`:
+    the encoder L2-normalises (cached rows of another norm are encoded again)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     if cache is not None:
-        found, vectors = cache.get(keys, dim)
+        found, vectors = cache.get(keys, dim, unit_norm)
     else:
         found, vectors = np.zeros(len(keys), dtype=bool), None
     todo = np.flatnonzero(~found)

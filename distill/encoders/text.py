@@ -66,8 +66,9 @@ def encode_texts(
             lazy["fn"] = encoder or minilm_encoder(batch_size)
         return lazy["fn"](batch)
 
+    ours = model == TEXT_MODEL and encoder is None  # MiniLM: 384-d, L2-normalised
     return cached_encode(texts, keys, encode, cache, batch_size, progress, "encode texts",
-                         dim=TEXT_DIM if model == TEXT_MODEL and encoder is None else None)
+                         dim=TEXT_DIM if ours else None, unit_norm=ours)
 
 
 def empty_texts(texts: Sequence[str | None]) -> tuple[int, int]:

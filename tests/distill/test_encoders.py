@@ -74,6 +74,12 @@ def test_cached_rows_that_are_no_vectors_are_encoded_again(tmp_path, capsys):
     enc.seen.clear()
     vecs, _ = cached_encode(["ab"], [key["ab"]], enc, EmbeddingCache(tmp_path, "fake"), 8, False, "t", dim=3)
     assert enc.seen == ["ab"] and vecs.shape == (1, 3)
+    # an L2-normalising encoder: a zero row, or one of 1e30, is no vector of it (a probe of the fix)
+    unit = lambda texts: np.array([[0.6, 0.8, 0.0] for _ in texts], np.float32)  # noqa: E731
+    _cache_rows(tmp_path, {key["ab"]: [0.0, 0.0, 0.0], key["cd"]: [1e30, 0.0, 0.0], key["ef"]: [0.0, 1.0, 0.0]})
+    vecs, stats = cached_encode(["ab", "cd", "ef"], [key[t] for t in ("ab", "cd", "ef")], unit,
+                                EmbeddingCache(tmp_path, "fake"), 8, False, "t", dim=3, unit_norm=True)
+    assert stats.n_encoded == 2 and vecs[2].tolist() == [0.0, 1.0, 0.0] and "or not of norm 1" in capsys.readouterr().err
     pl.DataFrame({"k": ["x"]}).write_parquet(EmbeddingCache(tmp_path, "fake").path)  # another file under its name
     vecs, stats = encode_texts(["ab"], cache_dir=tmp_path, model="fake", encoder=enc, progress=False)
     assert stats.n_encoded == 1 and "not an embedding cache" in capsys.readouterr().err
