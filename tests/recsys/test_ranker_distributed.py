@@ -108,17 +108,7 @@ def test_dmp_two_processes_matches_single_process(synthetic_features, tmp_path):
     stale = out / "checkpoints" / "best.pt"  # a single-process run's model left in the folder
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"another run's model")
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(synthetic_features), str(out)),
-                             nprocs=WORLD, start_method="spawn", join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed training did not finish in {TIMEOUT_S}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    _spawn(_worker, str(synthetic_features), str(out))
     dist_metrics = json.loads((out / "dist.json").read_text())
     assert dist_metrics["world_size"] == WORLD
     # every table sharded by the planner, with a sharding type that works on CPU
