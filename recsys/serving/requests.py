@@ -121,6 +121,21 @@ def check_requests(frame: pl.DataFrame, features_cap: int | None = None) -> None
       - rows of one request (same user_id and timestamp) with different
         histories or counts: the request is scored once, so all but the first
         row would have been scored with another row's history."""
+    def numbers(col: str, dtype: pl.DataType) -> bool:
+        """DataError unless `dtype` holds numbers; True when they may be fractional (float, decimal: MLflow's
+        schema refuses them, a direct caller may pass them, and 12.9 was read as item 12, True as item 1)."""
+        if dtype == pl.Null:  # lists that are all empty (a first request from pandas): no element to check
+            return False
+        if not (dtype.is_integer() or dtype.is_float() or isinstance(dtype, pl.Decimal)):
+            raise DataError(f"request rows: type {dtype}: ids, times and counts are integers", column=col)
+        return not dtype.is_integer()
+
+    fractional = {col: numbers(col, frame.schema[col])
+                  for col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.HIST_LEN, S.POS_HIST_LEN, S.ITEM_POP)}
+    for col in (HISTORY, HISTORY_TS):  # the lists' elements: ids and times as the columns above
+        if not isinstance(frame.schema[col], pl.List):
+            raise DataError(f"request rows: type {frame.schema[col]}: a list of integers per row", column=col)
+        fractional[col] = numbers(col, frame.schema[col].inner)
     f = frame.with_row_index("_pos").with_columns(
         pl.col(HISTORY).list.len().fill_null(0).alias("_h"),
         pl.col(HISTORY_TS).list.len().fill_null(0).alias("_ht"),
@@ -133,27 +148,15 @@ def check_requests(frame: pl.DataFrame, features_cap: int | None = None) -> None
             raise DataError(f"request rows: {message} ({bad.len()} row{'s' if bad.len() > 1 else ''}; rows are 0-based "
                             "positions)", column=column, rows=bad.head(5).to_list())
 
-    def numbers(col: str, dtype: pl.DataType) -> bool:
-        """DataError unless `dtype` holds numbers; True when they may be fractional (float, decimal: MLflow's
-        schema refuses them, a direct caller may pass them, and 12.9 was read as item 12, True as item 1)."""
-        if dtype == pl.Null:  # lists that are all empty (a first request from pandas): no element to check
-            return False
-        if not (dtype.is_integer() or dtype.is_float() or isinstance(dtype, pl.Decimal)):
-            raise DataError(f"request rows: type {dtype}: ids, times and counts are integers", column=col)
-        return not dtype.is_integer()
-
     for col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.HIST_LEN, S.POS_HIST_LEN, S.ITEM_POP):
         refuse(pl.col(col).is_null(), col, "null value")
-        if numbers(col, frame.schema[col]):
+        if fractional[col]:
             v = pl.col(col).cast(pl.Float64)
             refuse(~v.is_finite() | (v != v.floor()), col,
                    "not a whole number (ids, times and counts are integers; NaN and inf are no values)")
-    for col in (HISTORY, HISTORY_TS):  # the lists' elements: ids and times as the columns above
-        dtype = frame.schema[col]
-        if not isinstance(dtype, pl.List):
-            raise DataError(f"request rows: type {dtype}: a list of integers per row", column=col)
+    for col in (HISTORY, HISTORY_TS):
         refuse(pl.col(col).list.eval(pl.element().is_null()).list.any(), col, "a null element")
-        if numbers(col, dtype.inner):
+        if fractional[col]:
             e = pl.element().cast(pl.Float64)
             refuse(~pl.col(col).list.eval(e.is_finite() & (e == e.floor())).list.all(), col,
                    "an element that is not a whole number (NaN and inf are no values)")

@@ -168,7 +168,7 @@ def resume(last_path: Path, best_path: Path, tr: Trainable, key: str, ctx: Worke
         if ctx.is_main:
             print(f"checkpoint {last_path} is past train.epochs ({done} > {epochs}); starting fresh", file=sys.stderr)
         ck = None
-    if ctx.distributed and not _ranks_agree(-1 if ck is None else int(done if done is not None else -1)):
+    if ctx.distributed and not _ranks_agree(-1 if ck is None or done is None else done):
         # a rank killed between two ranks' saves, or a deleted rank file: resuming some ranks and not others
         # trains them on different epochs, and the run hangs at the first collective that only some reach
         if ctx.is_main:
