@@ -193,6 +193,7 @@ def _compare(
 
 NESTED = ("teachers", "student")  # the stage folders inside a distill output that its reuse serves from
 
+
 def evaluate(
     features_dir: str | Path,
     out_dir: str | Path,
