@@ -347,7 +347,8 @@ def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[in
     elif not dated and per_s > 1 and hi < YEAR_1980_S * per_s:
         # all before 1980 while a coarser unit makes the first percentile a date from 1980 on (an outlier row,
         # late or 0, let seconds read as milliseconds through: a probe, 2026-12-01; relative times start near 0)
-        low = typed.select(pl.col(S.TIMESTAMP).quantile(0.01, "lower")).collect().item()
+        ts = pl.col(S.TIMESTAMP)  # zeros left out: a block of 0 placeholders (2% of rows) let them through
+        low = typed.select(ts.filter(ts > 0).quantile(0.01, "lower")).collect().item() or 0
         coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and YEAR_1980_S * f <= low <= MAX_TS_S * f]
         if not coarser:
             return
@@ -359,6 +360,11 @@ def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[in
         bad = pl.col(S.TIMESTAMP) < JANUARY_1970_S * per_s
         what = f"timestamps within January 1970 when read as {UNIT_NAMES[unit]}, beside others from 1980 on"
         hint = "fix or drop those rows (a row in another unit, or 0 written for a missing time?)"
+        # most rows there, a coarser unit making them dates: the unit is wrong, not the few others
+        most = typed.select((bad.sum() * 2 > pl.len()).alias("most"),
+                            pl.col(S.TIMESTAMP).filter(bad).median().alias("mid")).collect().row(0)
+        coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and YEAR_1980_S * f <= (most[1] or 0) <= MAX_TS_S * f]
+        guess = coarser[-1] if most[0] and coarser and not dated else None
     else:
         return
     found = typed.filter(bad).select(pl.len().alias("n"), pl.col(ROW).head(_SHOW).implode(), pl.col(

@@ -152,14 +152,14 @@ def check_requests(frame: pl.DataFrame, features_cap: int | None = None) -> None
         refuse(pl.col(col).is_null(), col, "null value")
         if fractional[col]:
             v = pl.col(col).cast(pl.Float64)
-            refuse(~v.is_finite() | (v != v.floor()), col,
-                   "not a whole number (ids, times and counts are integers; NaN and inf are no values)")
+            refuse(~v.is_finite() | (v != v.floor()) | (v.abs() >= 2.0**63), col,
+                   "not a whole number in the int64 range (ids, times and counts are integers; NaN and inf are no values)")
     for col in (HISTORY, HISTORY_TS):
         refuse(pl.col(col).list.eval(pl.element().is_null()).list.any(), col, "a null element")
         if fractional[col]:
             e = pl.element().cast(pl.Float64)
-            refuse(~pl.col(col).list.eval(e.is_finite() & (e == e.floor())).list.all(), col,
-                   "an element that is not a whole number (NaN and inf are no values)")
+            refuse(~pl.col(col).list.eval(e.is_finite() & (e == e.floor()) & (e.abs() < 2.0**63)).list.all(), col,
+                   "an element that is not a whole number in the int64 range (NaN and inf are no values)")
     for col in (S.HIST_LEN, S.POS_HIST_LEN, S.ITEM_POP):
         refuse(pl.col(col) < 0, col, "negative count")
     refuse(pl.col(S.POS_HIST_LEN) > pl.col(S.HIST_LEN), S.POS_HIST_LEN, "more positive events before the request than events")

@@ -165,12 +165,18 @@ def test_missing_required_flag_is_usage_error(capsys):
         # the same with a 0 as the outlier
         ("user_id,item_id,timestamp,rating\n1,10,880000000,5\n2,11,880000300,4\n3,12,0,4\n" + "".join(
             f"{4 + i},13,{880000400 + i},4\n" for i in range(120)), "ms", "rows 1, 2, 3", "use --timestamp-unit s"),
+        # ... and with a block of 0 placeholders (3%: the first percentile was 0)
+        ("user_id,item_id,timestamp,rating\n" + "".join(f"{i},10,0,4\n" for i in range(1, 5)) + "".join(
+            f"{5 + i},13,{880000400 + i},4\n" for i in range(120)), "ms", "rows 1, 2, 3, 4, 5", "use --timestamp-unit s"),
+        # ... and with one row that is a plausible millisecond time (it said to drop all the others)
+        ("user_id,item_id,timestamp,rating\n1,10,880000000,5\n2,11,880000300,4\n3,12,2000000000000,4\n", "ms",
+         "rows 1, 2", "use --timestamp-unit s"),
         # the same file in seconds: the outlier row is named, not the unit (it said "use --timestamp-unit ms")
         ("user_id,item_id,timestamp,rating\n1,10,1600000000,5\n2,11,1600000300,4\n3,12,8000000000,4\n", "s",
          "row 3", "fix or drop those rows"),
     ],
     ids=["seconds-as-ms-1997", "one-row-in-seconds", "seconds-as-ms-with-an-outlier", "seconds-as-ms-with-a-0",
-         "one-row-past-2200"],
+         "seconds-as-ms-with-zeros", "seconds-as-ms-with-one-ms-row", "one-row-past-2200"],
 )
 def test_timestamps_in_the_wrong_unit_are_refused(tmp_path, capsys, text, unit, rows, needle):
     rc, err, out = _run(tmp_path, capsys, text, extra=["--timestamp-unit", unit])

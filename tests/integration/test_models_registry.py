@@ -120,6 +120,7 @@ def test_ranker_refuses_requests_it_would_score_wrongly(in_experiment):
     for frame, needle in ((a.with_columns(pl.col("history").list.eval(pl.element().cast(pl.Decimal(20, 1)) + 0.9)),
                            "not a whole number"),  # a decimal 121.9 was read as item 121 (a probe of the fix)
                           (a.with_columns(pl.lit(True).alias("item_id")), "type Boolean"),  # was item 1
+                          (a.with_columns(pl.lit(1e30).alias("item_id")), "int64 range"),  # was item -2^63
                           (a.with_columns(pl.col("history").list.eval(pl.element().cast(pl.String))), "type String")):
         with pytest.raises(DataError, match=needle):
             check_requests(frame)
