@@ -101,8 +101,7 @@ def _check_arm(p: ArmPredictions, m: Any) -> None:
     when its labels are null or not 0/1 where it needs binary ones."""
     where = f"predictions of arm {p.arm!r} (seed {p.seed})"
     score = p.frame[m.score].cast(pl.Float64).to_numpy()
-    keep = np.ones(p.frame.height, bool) if m.rows is None or m.rows not in p.frame.columns \
-        else p.frame[m.rows].fill_null(False).to_numpy().astype(bool)  # the rows the metric reads
+    keep = metric_rows(p.frame, m)
     checks = [(keep & ~np.isfinite(score), m.score, "NaN or infinite score(s); the model diverged or the file is corrupt")]
     if m.kind == "logloss":
         checks.append(((score < 0) | (score > 1), m.score, "score(s) outside [0, 1]: logloss needs probabilities"))
@@ -115,12 +114,20 @@ def _check_arm(p: ArmPredictions, m: Any) -> None:
             raise DataError(f"{where}: {rows.size} {message}", column=column, rows=rows[:5].tolist())
 
 
-def _headless(p: ArmPredictions, m: Any) -> bool:
-    """Whether the arm's score column of metric `m` (not the click score) is
-    NaN on every row: a model without that head (LightGBM trains no LT model
-    when valid has no observed LT rows). Its metric is n/a, not an error."""
-    return (m.score != METRICS["auc"].score and m.score in p.frame.columns and p.frame.height > 0
-            and bool(p.frame[m.score].cast(pl.Float64).is_nan().all()))
+def metric_rows(frame: pl.DataFrame, m: Any) -> np.ndarray:
+    """(n,) the rows of a predictions table metric `m` reads (lt_*: the
+    observed ones; every row when the table lacks its rows column)."""
+    if m.rows is None or m.rows not in frame.columns:
+        return np.ones(frame.height, bool)
+    return frame[m.rows].fill_null(False).to_numpy().astype(bool)
+
+
+def headless(frame: pl.DataFrame, m: Any) -> bool:
+    """Whether the score column of metric `m` (not the click score) is NaN on
+    every row: a model without that head (LightGBM trains no LT model when
+    valid has no observed LT rows). Its metric is n/a, not an error."""
+    return (m.score != METRICS["auc"].score and m.score in frame.columns and frame.height > 0
+            and bool(frame[m.score].cast(pl.Float64).is_nan().all()))
 
 
 def _check_same_truth(arms: Sequence[ArmPredictions], base: ArmPredictions, label: str) -> None:
@@ -196,7 +203,7 @@ def compare_arms(
     paired = [p for p in predictions if p.seed in ctrl_seeds]
     for m in (METRICS[metric] for metric in metrics):
         for p in paired:
-            if m.score in p.frame.columns and not _headless(p, m):  # a missing column is named by `_aligned`
+            if m.score in p.frame.columns and not headless(p.frame, m):  # a missing column is named by `_aligned`
                 _check_arm(p, m)
         if m.label in base.frame.columns:
             _check_same_truth(paired, base, m.label)
@@ -213,11 +220,11 @@ def compare_arms(
                 # one generator per (segment, metric, arm) from the same seed: every arm
                 # is resampled on the same users, and the order of arms is moot
                 ci = paired_bootstrap(m, users, y, st, sc, n_boot=n_boot, rng=np.random.default_rng(seed))
-                headless = sorted({p.arm for p in arms[arm] + arms[control] if _headless(p, m)})
-                if headless:
+                headless_arms = sorted({p.arm for p in arms[arm] + arms[control] if headless(p.frame, m)})
+                if headless_arms:
                     ci = replace(ci, treatment=float("nan"), control=float("nan"), delta=float("nan"),
                                  ci_low=float("nan"), ci_high=float("nan"), p_value=float("nan"))
-                    reason = (f"arm {headless[0]!r} has no model for {m.score} (NaN on every row, e.g. LightGBM "
+                    reason = (f"arm {headless_arms[0]!r} has no model for {m.score} (NaN on every row, e.g. LightGBM "
                               "without observed LT rows in valid)")
                 else:
                     reason = why_not_computable(m, users, y, seg_rows) if math.isnan(ci.treatment) or math.isnan(ci.control) else ""

@@ -29,7 +29,7 @@ from features import schemas as S
 from features.core.errors import DataError, UsageError
 from features.core.fingerprint import file_fingerprint
 from features.core.tracker import Tracker
-from recsys.compare import ALL, KEY, NEW_USER, ArmPredictions, CompareRow, compare_arms, format_rows
+from recsys.compare import ALL, KEY, NEW_USER, ArmPredictions, CompareRow, compare_arms, format_rows, headless, metric_rows
 from recsys.config import PipelineConfig
 from recsys.eval.metrics import METRICS
 from recsys.experiment import LoadedExperiment, check_n_boot, identical_arms, load_experiment
@@ -77,18 +77,13 @@ def read_predictions(path: Path, arm: str, seed: int, metrics: tuple[str, ...] =
     missing = [c for c in need if c not in frame.columns]
     if missing:
         raise DataError(f"{where} lack column(s) {missing}", file=str(path), column=missing[0])
-    for c in {METRICS[m].score for m in metrics}:
-        if frame[c].dtype.is_float():
-            read = np.zeros(frame.height, bool)  # the rows a metric of this score reads (lt_*: the observed ones)
-            for m in (METRICS[n] for n in metrics if METRICS[n].score == c):
-                read |= True if m.rows is None or m.rows not in frame.columns \
-                    else frame[m.rows].fill_null(False).to_numpy().astype(bool)
-            nan = np.isnan(frame[c].to_numpy().astype(np.float64))
-            bad = np.flatnonzero(nan & read)
-            # an LT column that is NaN on every row is a model without an LT head (LightGBM when valid had
-            # no observed LT rows): its LT metrics are n/a with that reason; a NaN among scores is an error
-            if bad.size and not (c != METRICS["auc"].score and nan.all()):
-                raise DataError(f"{where}: {bad.size} NaN score(s)", file=str(path), column=c, rows=bad.tolist())
+    for m in (METRICS[n] for n in metrics):
+        # an LT column that is NaN on every row is a model without an LT head (LightGBM when valid had no observed
+        # LT rows): its LT metrics are n/a with that reason; a NaN among the scores a metric reads is an error
+        if frame[m.score].dtype.is_float() and not headless(frame, m):
+            bad = np.flatnonzero(np.isnan(frame[m.score].to_numpy().astype(np.float64)) & metric_rows(frame, m))
+            if bad.size:
+                raise DataError(f"{where}: {bad.size} NaN score(s)", file=str(path), column=m.score, rows=bad.tolist())
     return frame
 
 
