@@ -275,6 +275,16 @@ def taper_weights(s_all: Tensor, rank: int, taper: float, floor: float | Tensor 
     return s_all * w, w, (ramp > 0) & (ramp < 1), mid
 
 
+def _tapered_root(x: Tensor, rank: int, taper: float, tols: _Tolerances, gram_dtype: ResolvedGramDtype,
+                  lengths: list[int] | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """M = E diag(h(s)) E^T (B, D, D) float64, and (lam, E, s, h, w, ramp mask, m) for the backward."""
+    lam, e = top_eigh(gram_matrix(x, gram_dtype, lengths))  # (B, D), (B, D, D)
+    lam = lam.clamp_min(0)
+    s_all = lam.sqrt()  # (B, D)
+    h, w, in_ramp, mid = taper_weights(s_all, rank, taper, tols.rank)  # (B, D) x 3, (B, 1)
+    return (e * h[:, None, :]) @ e.mT, (lam, e, s_all, h, w, in_ramp, mid)  # (B, D, D)
+
+
 class _TaperedRoot(torch.autograd.Function):
     """X (B, L, D) -> M = E diag(h(s)) E^T (B, D, D) float64, compact's tokens.
 
@@ -288,13 +298,10 @@ class _TaperedRoot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, rank: int, taper: float, tols: _Tolerances, gram_dtype: str,  # type: ignore[override]
                 lengths: list[int] | None):
-        lam, e = top_eigh(gram_matrix(x, gram_dtype, lengths))  # (B, D), (B, D, D)
-        lam = lam.clamp_min(0)
-        s_all = lam.sqrt()  # (B, D)
-        h, w, in_ramp, mid = taper_weights(s_all, rank, taper, tols.rank)  # (B, D) x 3, (B, 1)
-        ctx.save_for_backward(x, lam, e, s_all, h, w, in_ramp, mid)
+        m, saved = _tapered_root(x, rank, taper, tols, gram_dtype, lengths)
+        ctx.save_for_backward(x, *saved)
         ctx.rank, ctx.taper, ctx.tols, ctx.lengths = rank, taper, tols, lengths
-        return (e * h[:, None, :]) @ e.mT  # (B, D, D)
+        return m
 
     @staticmethod
     def backward(ctx, g_m: Tensor):  # type: ignore[override]
@@ -349,6 +356,9 @@ def compact_tokens(x: Tensor, rank: int, taper: float, gram_dtype: ResolvedGramD
     (sum lengths, D) with `lengths` (`jagged_segments`); gram_dtype resolved.
     Differentiable in X."""
     tols = _tolerances(x.dtype, x.shape[-1], gram_dtype)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        # serving / evaluation: the same forward without the autograd Function's bookkeeping
+        return _tapered_root(x, rank, taper, tols, gram_dtype, lengths)[0]
     return _TaperedRoot.apply(x, rank, taper, tols, gram_dtype, lengths)
 
 

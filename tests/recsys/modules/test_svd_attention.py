@@ -647,6 +647,26 @@ def test_auto_gram_dtype_is_float64_with_autograd_and_input_without(monkeypatch)
         assert seen == ["float64"], mode
 
 
+def test_compact_without_autograd_skips_the_function_and_gives_the_same_tokens(monkeypatch):
+    """Serving (no_grad, or a history that needs no gradient) takes the plain
+    forward; it must give exactly the autograd Function's tokens."""
+    g = gen(11)
+    x = randn(g, 2, 40, 8, dtype=torch.float32)
+    with_grad = x.clone().requires_grad_(True)
+    for gram in ("float64", "input"):
+        ref = kernels.compact_tokens(with_grad, 3, 0.05, gram)
+        assert ref.grad_fn is not None
+        calls = []
+        real = kernels._TaperedRoot.apply
+        monkeypatch.setattr(kernels._TaperedRoot, "apply", lambda *a: calls.append(1) or real(*a))
+        with torch.no_grad():
+            served = kernels.compact_tokens(with_grad, 3, 0.05, gram)
+        plain = kernels.compact_tokens(x, 3, 0.05, gram)  # grad enabled, x needs none
+        monkeypatch.undo()
+        assert calls == [] and served.grad_fn is None and plain.grad_fn is None
+        assert torch.equal(served, ref.detach()) and torch.equal(plain, ref.detach())
+
+
 # --------------------------------------------------------------------------- the fused exact baseline
 
 
