@@ -9,6 +9,7 @@ errors can name the file. Nothing here downloads anything.
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,7 +209,7 @@ def _check_keys(frame: pl.LazyFrame, file: str, checks: list[tuple[pl.Expr, str,
     try:
         found = frame.with_row_index("__row").select(aggs).collect().row(0, named=True)
     except (pl.exceptions.ComputeError, OSError) as e:  # not UTF-8, ragged lines
-        raise DataError(f"cannot be read ({str(e).strip().splitlines()[0]}){quote_hint(e)}", file=file) from e
+        raise DataError(f"cannot be read ({str(e).strip().splitlines()[0]}){quote_hint(e, file)}", file=file) from e
     for i, (_, column, message) in enumerate(checks):
         n, rows = found[f"n{i}"], found[f"rows{i}"]
         if n:
@@ -225,10 +226,30 @@ QUOTE_HINT = ('; a common cause: a " inside a field that is not quoted (12" viny
               'not closed: quote the whole field and double the quotes inside ("12"" vinyl")')
 
 
-def quote_hint(e: Exception) -> str:
-    """QUOTE_HINT for a CSV parser error that looks like a quoting problem, else ""."""
-    text = str(e).lower()
-    return QUOTE_HINT if "malformed" in text or "quot" in text else ""
+def quote_hint(e: Exception, file: str | Path | None = None) -> str:
+    """QUOTE_HINT for a CSV parser error that looks like a quoting problem, else "".
+
+    polars names neither row nor line of a field that opens with a quote and
+    goes on after the closing one ("Weird" Al movie: "could not parse
+    `"Weird" Al movie` as dtype `str`"); with `file`, the first line holding
+    that field is named."""
+    text = str(e)
+    field = re.search(r"could not parse `(.*?)` as dtype", text, re.S)
+    stray = field is not None and '"' in field.group(1)
+    if not (stray or "malformed" in text.lower() or "quot" in text.lower()):
+        return ""
+    line = _first_line_with(file, field.group(1)) if stray and file is not None else None
+    return (f" (line {line} of the file)" if line else "") + QUOTE_HINT
+
+
+def _first_line_with(file: str | Path, value: str) -> int | None:
+    """1-based number of the first line of `file` that holds `value` (None if none). Error path only."""
+    needle = value.splitlines()[0] if value.strip() else value
+    try:
+        with open(file, encoding="utf-8", errors="replace") as f:
+            return next((n for n, line in enumerate(f, start=1) if needle in line), None)
+    except OSError:
+        return None
 
 
 def first_ragged_row(p: str | Path, shorter: bool) -> tuple[int, int, int, list[str]] | None:
@@ -374,6 +395,11 @@ def _scan(p: Path) -> tuple[pl.LazyFrame, bool, str | None]:
         sep = "\t" if suffix == ".tsv" else ","
         if p.stat().st_size == 0:
             raise DataError("the file is empty (no header, no rows)", file=str(p))
+        with open(p, "rb") as f:
+            start = f.read(_TAIL_BYTES)
+        if b"\r" in start and b"\n" not in start:  # polars would read it as one long header line
+            raise DataError("its lines end in a carriage return alone (an old Mac \"CSV (Macintosh)\" export): save "
+                            "it with LF or CRLF line ends (e.g. as \"CSV UTF-8\")", file=str(p))
         if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark (Excel's "Unicode text")
             raise DataError("the file is UTF-16 text, not UTF-8: save it as UTF-8", file=str(p))
         try:
@@ -393,7 +419,9 @@ def _scan(p: Path) -> tuple[pl.LazyFrame, bool, str | None]:
 
 
 def load_files(interactions: str | Path, items: str | Path | None = None, text_column: str = S.TEXT) -> RawSource:
-    inter_lf, _, inter_note = _scan(Path(interactions))
+    inter_lf, inter_csv, inter_note = _scan(Path(interactions))
+    if inter_csv:
+        check_short_rows(Path(interactions))
     inter = RawTable(inter_lf, str(interactions), file_fingerprint(interactions))
     notes = [inter_note]
     item_table = None

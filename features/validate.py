@@ -305,7 +305,7 @@ def collect_or_raise(lf: pl.LazyFrame, table: RawTable) -> pl.DataFrame:
             raise DataError(f"the file is not UTF-8 text{where}: save it as UTF-8", file=table.file) from e
         found = first_ragged_row(table.file, shorter=False) if "more fields" in msg.lower() else None
         line = found[1] if found else None
-        where = f" (line {line} of the file has more fields than the header)" if line else quote_hint(e)
+        where = f" (line {line} of the file has more fields than the header)" if line else quote_hint(e, table.file)
         raise DataError(f"cannot be read ({msg}){where}", file=table.file) from e
 
 
@@ -389,8 +389,9 @@ def validate_items(table: RawTable) -> pl.DataFrame:
         raise SchemaError(f"missing required column; {found_columns(schema.names())}",
                           file=table.file, column=S.ITEM_ID)
     if S.TEXT not in schema:
-        strings = text_candidates(lf)
+        strings, spaced = text_candidates(lf), any(n != n.strip() for n in schema.names())
         hint = f"; its text columns: {', '.join(strings)} (e.g. --text-column {strings[0]})" if strings else ""
+        hint = f"; {found_columns(schema.names())}" if spaced else hint  # ' text' is not 'text'
         raise SchemaError(
             f"missing the item text column (name it 'text' or pass --text-column){hint}",
             file=table.file,

@@ -356,3 +356,27 @@ def test_a_row_with_more_fields_than_the_header_names_its_line(tmp_path, capsys)
     rc, err, out = _run(tmp_path, capsys, GOOD.replace("\n2,10,150,4\n", "\n2,10,150,4,9\n"))
     assert rc == 1 and "line 4 of the file has more fields than the header" in err, err
     assert _nothing_written(out)
+
+
+def test_more_csv_shapes_a_user_gets_wrong_are_named(tmp_path, capsys):
+    """Found by a probe (2026-12-01, second round): an interactions row with a
+    middle field left out put its label into the rating column (a positive
+    read as a negative, exit 0); spaces around the items' text header, CR-only
+    line ends and a field that goes on after its closing quote were blamed on
+    something else, or named no line."""
+    inter = "user_id,item_id,timestamp,rating,label\n1,10,100,5,\n1,11,200,3,\n2,10,150,1\n2,12,300,1,\n3,11,400,5,\n"
+    rc, err, out = _run(tmp_path, capsys, inter)
+    assert rc == 1 and "column 'label', row 3: 4 fields (line 4 of the file), the header has 5" in err, err
+    assert _nothing_written(out)
+    items = tmp_path / "items.csv"
+    items.write_text("item_id, text, genre\n10,a,x\n11,b,y\n12,c,z\n")
+    rc, err, _ = _run(tmp_path, capsys, GOOD, extra=["--items", str(items)])
+    assert rc == 1 and "missing the item text column" in err and "(' text') do not match: remove the spaces" in err, err
+    rc, err, out = _run(tmp_path, capsys, GOOD.replace("\n", "\r"))
+    assert rc == 1 and "carriage return alone" in err and "events.csv" in err, err
+    assert _nothing_written(out)
+    items.write_text('item_id,text,genre\n10,a,x\n11,"Weird" Al movie,y\n12,c,z\n')
+    rc, err, _ = _run(tmp_path, capsys, GOOD, extra=["--items", str(items)])
+    assert rc == 1 and "(line 3 of the file)" in err and 'a " inside a field that is not quoted' in err, err
+    rc, err, _ = _run(tmp_path, capsys, GOOD.replace("\n", "\r\n"))  # CRLF stays fine
+    assert rc == 0, err
