@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
 from features import schemas as S
-from features.core.errors import DataError, UsageError
+from features.core.errors import DataError, SchemaError, UsageError
 from features.core.fingerprint import file_fingerprint
 from features.synthetic import SyntheticConfig, generate_interests, generate_synthetic  # re-exported
 
@@ -261,6 +262,9 @@ def first_ragged_row(p: str | Path, shorter: bool) -> tuple[int, int, int, list[
     import csv
 
     p = Path(p)
+    # the csv module refuses fields over 131,072 characters (a long description): the check then
+    # passed silently and a short row went through (a probe, 2026-12-01)
+    csv.field_size_limit(sys.maxsize)
     try:
         with open(p, newline="", encoding="utf-8", errors="replace") as f:
             reader = csv.reader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
@@ -318,6 +322,18 @@ def found_columns(names: list[str]) -> str:
     if spaced:
         return f"found columns: {shown}; names with spaces around them ({spaced[0]!r}) do not match: remove the spaces"
     return f"found columns: {shown}"
+
+
+def near_names(names: list[str], wanted: tuple[str, ...], file: str) -> None:
+    """SchemaError for a column whose name is one of `wanted` but for case or
+    spaces around it (' label', 'Label') while the exact name is absent: the
+    build reads exact names only, so such a column would be ignored silently
+    (labels then came from the ratings: a probe, 2026-12-01)."""
+    for n in names:
+        exact = next((w for w in wanted if n != w and n.strip().lower() == w and w not in names), None)
+        if exact is not None:
+            fix = "remove the spaces around it" if n != n.strip() else "write it in lower case"
+            raise SchemaError(f"column {n!r} would not be read as {exact!r} (names are exact): {fix}", file=file, column=n)
 
 
 # bytes read from a CSV's end to count its trailing blank lines
@@ -397,7 +413,8 @@ def _scan(p: Path) -> tuple[pl.LazyFrame, bool, str | None]:
             raise DataError("the file is empty (no header, no rows)", file=str(p))
         with open(p, "rb") as f:
             start = f.read(_TAIL_BYTES)
-        if b"\r" in start and b"\n" not in start:  # polars would read it as one long header line
+        lone_cr = start.count(b"\r") - start.count(b"\r\n")
+        if lone_cr > start.count(b"\n"):  # polars would read it as one long header line (a quoted LF aside)
             raise DataError("its lines end in a carriage return alone (an old Mac \"CSV (Macintosh)\" export): save "
                             "it with LF or CRLF line ends (e.g. as \"CSV UTF-8\")", file=str(p))
         if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark (Excel's "Unicode text")
@@ -447,6 +464,6 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
 
 
 __all__ = [
-    "RawSource", "RawTable", "SyntheticConfig", "check_short_rows", "first_ragged_row", "found_columns", "quote_hint", "text_candidates", "generate_interests", "generate_synthetic", "load_files",
+    "RawSource", "RawTable", "SyntheticConfig", "check_short_rows", "first_ragged_row", "found_columns", "near_names", "quote_hint", "text_candidates", "generate_interests", "generate_synthetic", "load_files",
     "load_movielens100k", "load_movielens1m", "movielens100k_dir", "movielens1m_dir", "ml1m_item_ids",
 ]

@@ -14,20 +14,12 @@ import polars as pl
 
 from features import schemas as S
 from features.core.errors import DataError, SchemaError
-from features.sources import RawTable, first_ragged_row, found_columns, quote_hint, text_candidates
+from features.sources import RawTable, first_ragged_row, found_columns, near_names, quote_hint, text_candidates
+from features.timeunits import UNIT_PER_S, check_timestamp_unit
 
 ROW = "__row"  # 0-based position in the input file; reported 1-based
 _SHOW = 5  # rows shown per problem
 
-# Timestamp units: multiples of one second, and the range a timestamp (in
-# seconds) may take. A value past 2200 is almost always a finer unit read as
-# seconds (milliseconds give year ~50000); the lower check below catches the
-# reverse, seconds read as a finer unit (everything within 1970-01).
-UNIT_PER_S = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
-UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
-MAX_TS_S = 7_258_118_400  # 2200-01-01 UTC
-YEAR_1980_S = 315_532_800  # no interaction log here starts earlier (MovieLens-100K: 1997)
-JANUARY_1970_S = 31 * 86_400
 _INT64_MAX = 2**63 - 1
 _EXACT_FLOAT = 2**53  # a float id above this may not be the integer that was written
 
@@ -145,6 +137,7 @@ def validate_interactions(
     """
     lf = table.frame
     schema = lf.collect_schema()
+    near_names(schema.names(), (S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.RATING, S.LABEL), table.file)
     for col in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP):
         if col not in schema:
             raise SchemaError(f"missing required column; {found_columns(schema.names())}",
@@ -236,7 +229,8 @@ def validate_interactions(
         if stats[f"{col}__n_text"] > stats[f"{col}__n_ids"]:
             _raise_merged_ids(frame, table, col)
     bounds = {c: (stats[f"{c}__min"], stats[f"{c}__max"]) for c in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP)}
-    _check_timestamp_unit(frame.lazy(), table, bounds[S.TIMESTAMP], timestamp_unit, isinstance(ts_dtype, (pl.Datetime, pl.Date)))
+    check_timestamp_unit(frame.lazy(), table, bounds[S.TIMESTAMP], timestamp_unit,
+                         isinstance(ts_dtype, (pl.Datetime, pl.Date)), ROW)
     per_s = UNIT_PER_S[timestamp_unit]
     if per_s > 1:
         _warn_merged_by_flooring(frame, table, per_s, timestamp_unit, log)
@@ -322,63 +316,6 @@ def first_non_utf8_line(path: str) -> int | None:
     except OSError:
         return None
     return None
-
-
-def _check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int, int], unit: str, dated: bool) -> None:
-    """Refuse timestamps that are implausible in `unit`: after 2200; all of
-    them before 1980 while a coarser unit puts the first percentile in 1980..2200;
-    or some within January 1970 beside others from 1980 on (a row in another
-    unit, or a 0 standing for a missing time). The message names the unit
-    they look like when there is one. (Relative times, all of them small,
-    pass: only the mix with calendar times is refused.) A `dated` column (a
-    parquet datetime or date) has its own unit: no other unit is suggested."""
-    lo, hi = bounds
-    per_s = UNIT_PER_S[unit]
-    guess: str | None = None
-    hint: str | None = None
-    if hi > MAX_TS_S * per_s:
-        # a finer unit only when it fits the earliest time too: else a few rows are wrong, not the unit
-        finer = [u for u, f in UNIT_PER_S.items() if f > per_s and hi <= MAX_TS_S * f and lo >= YEAR_1980_S * f]
-        guess = finer[0] if finer and not dated else None
-        bad = pl.col(S.TIMESTAMP) > MAX_TS_S * per_s
-        what = "dates after the year 2200" if dated else f"timestamps after the year 2200 when read as {UNIT_NAMES[unit]}"
-        hint = "fix or drop those rows (a placeholder such as 9999-12-31 for a missing date?)" if dated or (
-            lo >= YEAR_1980_S * per_s) else None
-    elif not dated and per_s > 1 and hi < YEAR_1980_S * per_s:
-        # all before 1980 while a coarser unit makes the first percentile a date from 1980 on (an outlier row,
-        # late or 0, let seconds read as milliseconds through: a probe, 2026-12-01; relative times start near 0)
-        ts = pl.col(S.TIMESTAMP)  # zeros left out: a block of 0 placeholders (2% of rows) let them through
-        low = typed.select(ts.filter(ts > 0).quantile(0.01, "lower")).collect().item() or 0
-        coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and YEAR_1980_S * f <= low <= MAX_TS_S * f]
-        if not coarser:
-            return
-        guess = coarser[-1]
-        bad = pl.lit(True)
-        what = (f"every timestamp falls {'in January 1970' if hi < JANUARY_1970_S * per_s else 'before 1980'} when "
-                f"read as {UNIT_NAMES[unit]}")
-    elif lo < JANUARY_1970_S * per_s and hi >= YEAR_1980_S * per_s:
-        bad = pl.col(S.TIMESTAMP) < JANUARY_1970_S * per_s
-        what = f"timestamps within January 1970 when read as {UNIT_NAMES[unit]}, beside others from 1980 on"
-        hint = "fix or drop those rows (a row in another unit, or 0 written for a missing time?)"
-        # most rows there, a coarser unit making them dates: the unit is wrong, not the few others
-        most = typed.select((bad.sum() * 2 > pl.len()).alias("most"),
-                            pl.col(S.TIMESTAMP).filter(bad).median().alias("mid")).collect().row(0)
-        coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and YEAR_1980_S * f <= (most[1] or 0) <= MAX_TS_S * f]
-        guess = coarser[-1] if most[0] and coarser and not dated else None
-    else:
-        return
-    found = typed.filter(bad).select(pl.len().alias("n"), pl.col(ROW).head(_SHOW).implode(), pl.col(
-        f"__raw_{S.TIMESTAMP}" if dated else S.TIMESTAMP).first().alias(S.TIMESTAMP)).collect().row(0, named=True)
-    rows = [r + table.row_offset for r in found[ROW]]
-    first = found[S.TIMESTAMP]
-    more = f" ({found['n']} rows in all)" if found["n"] > len(rows) else ""
-    if guess is not None:
-        hint = (
-            f"they look like {UNIT_NAMES[guess]}: use --timestamp-unit {guess} "
-            f"(config features.timestamp_unit: {guess})"
-        )
-    hint = hint or "no unit (s, ms, us, ns) makes them plausible dates: check the column"
-    raise DataError(f"{what} (e.g. {first}{'' if dated else f', unit {unit}'}){more}; {hint}", file=table.file, column=S.TIMESTAMP, rows=rows)
 
 
 def validate_items(table: RawTable) -> pl.DataFrame:

@@ -30,7 +30,7 @@ import polars as pl
 from features import schemas as S
 from features.core.errors import DataError
 from features.reader import existing_match_file
-from features.validate import MAX_TS_S
+from features.timeunits import MAX_TS_S
 from recsys.data.dense import recent_activity
 
 HISTORY = "history"

@@ -42,7 +42,7 @@ def _nothing_written(out):
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n1e3,11,200,4\n1000,12,300,4\n", "user_id", None, "rows 2, 3: different ids read as one: '1e3' and '1000'"),
         ("user_id,item_id,timestamp,rating\n123456789012345678.0,10,100,5\n123456789012345679.0,11,200,4\n", "user_id", None, "rows 1, 2: value is not an integer id"),
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,11,200,inf\n", "rating", 2, "infinite rating"),
-        ("user_id,item_id,timestamp,rating\n1,10,1600000000,5\n2,11,0,4\n", "timestamp", 2, "within January 1970"),
+        ("user_id,item_id,timestamp,rating\n1,10,1600000000,5\n2,11,0,4\n", "timestamp", 2, "before 1980"),
     ],
     ids=["missing-column", "wrong-dtype", "null-id", "negative-id", "nan-rating", "bad-timestamp", "label-range", "conflicting-duplicates",
          "no-rating-no-label", "ids-merged-by-leading-zero", "ids-merged-by-exponent", "float-id-past-2-53", "inf-rating",
@@ -380,3 +380,29 @@ def test_more_csv_shapes_a_user_gets_wrong_are_named(tmp_path, capsys):
     assert rc == 1 and "(line 3 of the file)" in err and 'a " inside a field that is not quoted' in err, err
     rc, err, _ = _run(tmp_path, capsys, GOOD.replace("\n", "\r\n"))  # CRLF stays fine
     assert rc == 0, err
+
+
+def test_third_round_of_export_shapes_is_refused(tmp_path, capsys):
+    """Found by a probe (2026-12-01, third round), each exit 0 before: a field
+    over 131,072 characters switched the short-row check off; ' label' or
+    'Label' was ignored (labels came from the ratings); dates written
+    20200913 among epoch seconds read as August 1970, and a whole column of
+    them as one day; CR-only line ends with a quoted line feed were blamed
+    on the header."""
+    long_text = "x" * 140_000
+    inter = f"user_id,item_id,timestamp,rating,label,note\n1,10,100,5,,\"{long_text}\"\n1,11,200,3,,\n2,10,150,1\n"
+    rc, err, out = _run(tmp_path, capsys, inter)
+    assert rc == 1 and "row 3: 4 fields (line 4 of the file), the header has 6" in err, err
+    assert _nothing_written(out)
+    for header, fix in ((" label", "remove the spaces around it"), ("Label", "write it in lower case")):
+        rc, err, out = _run(tmp_path, capsys, f"user_id,item_id,timestamp,rating,{header}\n1,10,100,1,1\n2,11,200,2,1\n")
+        assert rc == 1 and f"column {header!r} would not be read as 'label'" in err and fix in err, err
+    dates = "".join(f"{i},10,{1600000000 + 1000 * i},4\n" for i in range(1, 20))
+    rc, err, _ = _run(tmp_path, capsys, "user_id,item_id,timestamp,rating\n" + dates + "20,11,20200913,5\n")
+    assert rc == 1 and "row 20: timestamps before 1980" in err and "20200913" in err, err
+    rc, err, _ = _run(tmp_path, capsys, "user_id,item_id,timestamp,rating\n1,10,20200913,5\n2,11,20200914,4\n")
+    assert rc == 1 and "every timestamp reads as a date written YYYYMMDD" in err, err
+    rc, err, _ = _run(tmp_path, capsys, "user_id,item_id,timestamp,rating\n1,10,43000,5\n2,11,43001,4\n3,12,43100,2\n")
+    assert rc == 0, err  # relative times (Excel serial days, say) still pass
+    rc, err, out = _run(tmp_path, capsys, 'user_id,item_id,timestamp,rating,note\r1,10,100,5,"two\nlines"\r2,11,200,4,x\r')
+    assert rc == 1 and "carriage return alone" in err, err
