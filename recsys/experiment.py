@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +44,7 @@ def check_n_boot(n_boot: int, name: str = "--n-boot") -> None:
 
 def check_experiment_name(name: str, what: str = "experiment") -> str:
     """ConfigError unless `name` is letters, digits, '_', '.', '-' (not dots only)."""
-    if not isinstance(name, str) or not _NAME.match(name) or set(name) == {"."}:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or set(name) == {"."}:
         raise ConfigError(
             f"{what}: name {name!r} may only hold letters, digits, '_', '.' and '-' (and not dots only): "
             "it names a folder under paths.root"
@@ -211,11 +212,32 @@ def read_sections(model: str, cfg: PipelineConfig) -> set[str]:
     return read | {"paths", "tracking", "name"}
 
 
+def _svd(cfg: PipelineConfig) -> bool:
+    return cfg.ranker.history_encoder.startswith("svd")
+
+
+# keys read only under another setting of the same arm: {key: (unread when, why)}
+CONDITIONAL_KEYS: dict[str, tuple[Callable[[PipelineConfig], bool], str]] = {
+    "ranker.svd_rank": (lambda c: not _svd(c), "ranker.history_encoder is not an SVD encoder"),
+    "ranker.svd_gram_dtype": (lambda c: not _svd(c), "ranker.history_encoder is not an SVD encoder"),
+    "ranker.svd_normalize_tokens": (lambda c: c.ranker.history_encoder != "svd_compact",
+                                    "ranker.history_encoder is not svd_compact"),
+    "ranker.history_mean": (lambda c: c.ranker.history_encoder == "mean",
+                            "ranker.history_encoder is mean (the mean block is already there)"),
+    "ranker.dcn_layers": (lambda c: c.ranker.over_arch != "dcn", "ranker.over_arch is not dcn"),
+    "data.match_columns": (lambda c: not c.data.use_match_features, "data.use_match_features is false"),
+    "lightgbm.bagging_fraction": (lambda c: c.lightgbm.bagging_freq == 0, "lightgbm.bagging_freq is 0 (no bagging)"),
+}
+
+
 def unread_delta_keys(arm: ArmSpec, cfg: PipelineConfig) -> dict[str, str]:
     """{dotted delta key: why it changes nothing} for an arm: a section its
     model never reads (a ranker setting on a LightGBM arm, the distill
-    section of an arm without embeddings), or a seed, which the
-    experiment's `seeds` set for every seeded stage of every arm."""
+    section of an arm without embeddings), a key read only under another
+    setting the arm does not have (`CONDITIONAL_KEYS`: svd_rank on a mean
+    encoder), or a seed, which the experiment's `seeds` set for every seeded
+    stage of every arm. Such an arm would run, equal its comparison arm, and
+    read as a finding of no effect."""
     from features.core.config import flatten
 
     read = read_sections(arm.model, cfg)
@@ -226,4 +248,6 @@ def unread_delta_keys(arm: ArmSpec, cfg: PipelineConfig) -> dict[str, str]:
             out[key] = "the experiment's `seeds` set every seed of each arm (list the seeds there)"
         elif section not in read:
             out[key] = f"a {arm.model} arm with this config does not read the {section!r} section"
+        elif key in CONDITIONAL_KEYS and CONDITIONAL_KEYS[key][0](cfg):
+            out[key] = f"it is not read when {CONDITIONAL_KEYS[key][1]}"
     return out

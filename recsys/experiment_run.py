@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -134,6 +135,11 @@ def run_experiment(
             raise UsageError(f"{exp.path}: arm {arm!r} changes `paths.root`: every arm writes under the baseline's "
                              f"root ({base.paths.root}/experiments/{exp.name}); to give an arm other inputs set "
                              "paths.features or paths.embeddings")
+    for arm in exp.spec.arms:
+        try:
+            Pipeline.check_inputs(exp.arm_configs[arm.name], arm.model)
+        except UsageError as e:
+            raise UsageError(f"{exp.path}: arm {arm.name!r}: {e}") from e
     for first, same in identical_arms(exp):
         log(f"warning: {exp.path}: arm {same!r} is configured exactly like arm {first!r} (its delta changes nothing "
             "the baseline does not already set): their difference is zero by construction")
@@ -179,7 +185,15 @@ def run_experiment(
         arms = [exp.spec.control] + [a.name for a in exp.spec.arms if a.name != exp.spec.control]
         claim_champion(run, [arm_outputs[f"{a}/seed{exp.spec.seeds[0]}"] for a in arms])
     return ExperimentOutcome(name, exp.spec.control, rows, arm_outputs, time.perf_counter() - t0,
-                             f" --config {exp.baseline_path}" if tracking.uri else "")
+                             store_flag(tracking, exp.baseline_path))
+
+
+def store_flag(tracking: TrackingConfig, baseline: Path) -> str:
+    """" --config BASELINE" when the baseline's tracking section names another
+    store, MLflow experiment or artifact root than the defaults (without it,
+    `compare` would read another store, or an older run: a probe, 2026-12-01)."""
+    default = TrackingConfig(enabled=tracking.enabled, reuse=tracking.reuse)
+    return f" --config {shlex.quote(str(baseline))}" if tracking != default else ""
 
 
 def segments_fingerprint(features: Path | None) -> str | None:

@@ -53,6 +53,14 @@ class ArmOutput:
     features: Path
 
 
+def user_embeddings(cfg: PipelineConfig) -> Path:
+    """The user's own item embeddings file (`paths.embeddings`), checked to exist (UsageError)."""
+    emb = Path(cfg.paths.embeddings)
+    if not emb.is_file():
+        raise UsageError(f"paths.embeddings: {emb} does not exist")
+    return emb
+
+
 class Pipeline:
     """Runs the stages of arms inside one parent run."""
 
@@ -110,9 +118,7 @@ class Pipeline:
         """The item embeddings an arm reads: the user's own file
         (`paths.embeddings`), or the distill stage's."""
         if cfg.paths.embeddings:
-            emb = Path(cfg.paths.embeddings)
-            if not emb.is_file():
-                raise UsageError(f"paths.embeddings: {emb} does not exist")
+            emb = user_embeddings(cfg)
             return emb, file_fingerprint(emb)
         res = self.distill(cfg, features, seed)
         return res.out / "item_embeddings.parquet", file_fingerprint(res.out / "item_embeddings.parquet")
@@ -128,6 +134,16 @@ class Pipeline:
         return self.stage("match", job, out, entry, upstream={"features": features.fingerprint, "embeddings": emb_fp})
 
     # -- arms ---------------------------------------------------------------------------
+
+    @staticmethod
+    def check_inputs(cfg: PipelineConfig, model: str) -> None:
+        """UsageError when arm `model` would read the user's own embeddings
+        (paths.embeddings) and the file is missing: an experiment checks every
+        arm before any work (found late, earlier arms had run and overwritten a
+        finished run's predictions)."""
+        planned = plan_lightgbm(cfg) if model == "lightgbm" else plan_rank(cfg)
+        if cfg.paths.embeddings and (planned.match is not None or getattr(planned, "embeddings", None) is not None):
+            user_embeddings(cfg)
 
     def arm(self, cfg: PipelineConfig, model: str, seed: int, out: Path, tags: dict[str, Any]) -> ArmOutput:
         """Every stage arm `model` ("ranker" or "lightgbm") needs, then the model

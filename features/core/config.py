@@ -60,7 +60,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{where}: expected one of {list(allowed)}, got {value!r}")
+            # YAML 1.1 reads unquoted off/on/no/yes as booleans
+            words = [a for a in allowed if isinstance(value, bool) and str(a).lower() in ("off", "on", "no", "yes")]
+            hint = f" (YAML reads an unquoted {words[0]} as {str(value).lower()}: quote it, '{words[0]}')" if words else ""
+            raise ConfigError(f"{where}: expected one of {list(allowed)}, got {value!r}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):

@@ -62,6 +62,22 @@ GOOD = {
         (lambda s: s["arms"][1]["delta"].update(tracking={"reuse": False}), "arm 'b' changes `tracking`"),
         # before 2026-12-01 it rebuilt the arm's inputs under the new root but wrote its outputs under the old one
         (lambda s: s["arms"][1]["delta"].update(paths={"root": "elsewhere"}), "arm 'b' changes `paths.root`"),
+        # accepted before (a probe, 2026-12-01, second round): each arm equalled its control, read as "no effect"
+        (lambda s: s["arms"][1].update(delta={"ranker": {"history_mean": True}}),
+         "'ranker.history_mean' cannot take effect: it is not read when ranker.history_encoder is mean"),
+        (lambda s: s["arms"][1].update(delta={"ranker": {"svd_rank": 4}}), "'ranker.svd_rank' cannot take effect"),
+        (lambda s: s["arms"][1]["delta"].update(ranker={"history_encoder": "svd_truncated", "svd_normalize_tokens": False}),
+         "'ranker.svd_normalize_tokens' cannot take effect: it is not read when ranker.history_encoder is not svd_compact"),
+        (lambda s: s["arms"][1]["delta"].update(ranker={"history_encoder": "svd_compact", "dcn_layers": 5}),
+         "'ranker.dcn_layers' cannot take effect: it is not read when ranker.over_arch is not dcn"),
+        (lambda s: s["arms"][1]["delta"].update(data={"match_columns": ["mf_cos_mean"]}),
+         "'data.match_columns' cannot take effect: it is not read when data.use_match_features is false"),
+        (lambda s: s["arms"][1].update(model="lightgbm", delta={"lightgbm": {"bagging_fraction": 0.5, "bagging_freq": 0}}),
+         "'lightgbm.bagging_fraction' cannot take effect: it is not read when lightgbm.bagging_freq is 0"),
+        (lambda s: s.update(experiment="t\n"), "name 't\\n' may only hold"),
+        (lambda s: s["arms"][1]["delta"].update(ranker={"history_encoder": "svd_compact"}, paths={"embeddings": "nope.parquet"},
+                                                 data={"use_match_features": True}),
+         "arm 'b': paths.embeddings: nope.parquet does not exist"),
     ],
 )
 def test_bad_experiment_files_exit_2(tmp_path, capsys, mutate, needle):
@@ -257,3 +273,24 @@ def test_distill_keys_count_where_out_of_fold_match_features_train_students(tmp_
     path = _write(tmp_path, spec, baseline={"seed": 0, "paths": {"embeddings": "emb.parquet"}})
     with pytest.raises(ConfigError, match="'distill.epochs' cannot take effect"):
         load_experiment(path)
+
+
+def test_the_compare_again_hint_names_the_baseline_whenever_its_tracking_differs(tmp_path):
+    """A probe (2026-12-01): a baseline naming its own MLflow experiment got a
+    hint without --config, which compared an older run of the same name."""
+    from recsys.experiment_run import store_flag
+    from recsys.tracking.config import TrackingConfig
+
+    base = tmp_path / "my configs" / "base.yaml"
+    assert store_flag(TrackingConfig(), base) == ""
+    assert store_flag(TrackingConfig(reuse=False, enabled=True), base) == ""
+    for changed in (TrackingConfig(experiment="abtests"), TrackingConfig(uri="sqlite:///x.db"),
+                    TrackingConfig(artifact_root="/tmp/a")):
+        assert store_flag(changed, base) == f" --config '{base}'"
+
+
+def test_yaml_off_read_as_false_gets_a_hint(tmp_path, capsys):
+    path = _write(tmp_path, GOOD, baseline={"seed": 0})
+    (tmp_path / "configs" / "base.yaml").write_text("seed: 0\nranker:\n  use_distilled_embeddings: off\n")
+    assert main(["experiment", "run", str(path)]) == 2
+    assert "YAML reads an unquoted off as false: quote it, 'off'" in capsys.readouterr().err
