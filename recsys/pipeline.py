@@ -177,12 +177,24 @@ class Pipeline:
             def rank_entry(j: Any, st: Tracker, o: Path) -> StageResult:
                 st.log_dict(config_json, "config.json")
                 res = run_rank(j, st, o, force=self.force, log=self.log)
-                if not res.reused:
+                if not res.reused or _plots_stale(o, j):
                     _rank_plots(o, j, st)
                 return res
 
             result = self.stage("rank", rank_job, out, rank_entry, upstream=upstream, tags=tags)
         return ArmOutput(result.out, result.fingerprint, features.out)
+
+
+def _plots_stale(out: Path, job: Any) -> bool:
+    """Whether a reused rank folder's figures are missing or older than what
+    they show (a run killed after its manifest, before its plots, left an
+    earlier run's curves beside the new metrics: a probe, 2026-12-01)."""
+    def behind(png: Path, source: Path) -> bool:
+        return source.is_file() and (not png.is_file() or png.stat().st_mtime < source.stat().st_mtime)
+
+    svd = job.model.history_encoder.startswith("svd")
+    return behind(out / "training_curves.png", out / S.METRICS_FILE) or (
+        svd and behind(out / "history_spectrum.png", job.train.checkpoints(out) / "best.pt"))
 
 
 def _rank_plots(out: Path, job: Any, tracker: Tracker) -> None:

@@ -39,6 +39,7 @@ from features.core.manifest import (
     is_up_to_date,
     outputs_fingerprint,
     read_manifest,
+    run_lock,
 )
 from features.core.provenance import stage_key
 from features.core.tracker import NullTracker, Tracker
@@ -161,10 +162,20 @@ def rank_key(job: RankJob) -> dict[str, Any]:
 def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: bool = False,
              log: Log = _print) -> StageResult:
     """Train the ranker (`recsys.train.train_ranker`) into `out`, then write
-    its manifest (rank 0). Under torchrun every rank trains; rank 0 writes."""
+    its manifest (rank 0). Under torchrun every rank trains; rank 0 writes.
+    The run holds `out` (and a checkpoint_dir outside it) locked: training
+    writes its checkpoints in place, so a second run into the same folder
+    waits for the first (the processes of one torchrun share the lock)."""
+    out = Path(out)
+    ckpt = job.train.checkpoints(out)
+    folders = [out] + ([] if ckpt.resolve().is_relative_to(out.resolve()) else [ckpt])
+    with run_lock(folders, shared=_world_size() > 1, log=log):
+        return _run_rank(job, tracker, out, force=force, log=log)
+
+
+def _run_rank(job: RankJob, tracker: Tracker | None, out: Path, *, force: bool, log: Log) -> StageResult:
     from recsys.train import train_ranker
 
-    out = Path(out)
     key = rank_key(job)
     current = not force and is_up_to_date(out, key)
     if current and _checkpoint_intact(job, out, log):

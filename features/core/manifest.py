@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -182,6 +182,31 @@ def _folder_lock(final: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def run_lock(folders: list[Path], shared: bool = False, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold `.NAME.run.lock` beside each folder for a whole run that writes
+    into the folder in place (the ranker's checkpoints: two runs of different
+    configs into one --out read each other's best.pt and reported and
+    registered the other's model, exit 0: a probe, 2026-12-01). Exclusive,
+    or `shared` (the processes of one distributed run). A second run waits,
+    saying so, and then finds the first one's outputs."""
+    import fcntl
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for folder in sorted({Path(f).resolve() for f in folders}, key=str):  # one order: no deadlock
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            fh = stack.enter_context(open(folder.parent / f".{folder.name}.run.lock", "a"))
+            mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+            try:
+                fcntl.flock(fh, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if log is not None:
+                    log(f"waiting: another run is writing {folder}")
+                fcntl.flock(fh, mode)
+        yield
 
 
 @contextmanager

@@ -91,11 +91,26 @@ def _requirements() -> list[str]:
     return out
 
 
-def _find(client: Any, name: str, key: str) -> ModelRef | None:
+def _find(client: Any, name: str, key: str, current_run: str | None = None) -> ModelRef | None:
+    """The newest version of `name` registered for reuse key `key` by a
+    FINISHED run (or by `current_run`). A killed or failed run's version is
+    passed over: its rerun registers its own, so the model's lineage (and a
+    later `promote`) never points at a run that did not finish (a probe,
+    2026-12-01)."""
     try:
         found = client.search_model_versions(f"name = '{name}' and tag.reuse_key = '{key}'")
     except Exception:  # noqa: BLE001 - no registered model yet
         return None
+
+    def finished(v: Any) -> bool:
+        if v.run_id == current_run:
+            return True
+        try:
+            return client.get_run(v.run_id).info.status == "FINISHED"
+        except Exception:  # noqa: BLE001 - a deleted run
+            return False
+
+    found = [v for v in found if finished(v)]
     if not found:
         return None
     v = max(found, key=lambda m: int(m.version))
@@ -179,7 +194,7 @@ def log_ranker(tracker: Any, job: Any, out: Path, key: Mapping[str, Any], log: L
 
     tags, seeds, parent = _run_context(tr)
     h = key_hash(key)
-    ref = _find(tr.client, RANKER, h)
+    ref = _find(tr.client, RANKER, h, tr.run_id)
     if ref is None:
         with tempfile.TemporaryDirectory(prefix="recsys-ranker-") as tmp:
             bundle = export_ranker(job, out, Path(tmp) / "bundle")
@@ -248,7 +263,7 @@ def log_student(tracker: Any, features: Path, out: Path, key: Mapping[str, Any],
 
     tags, seeds, parent = _run_context(tr)
     h = key_hash(key)
-    ref = _find(tr.client, STUDENT, h)
+    ref = _find(tr.client, STUDENT, h, tr.run_id)
     if ref is None:
         with tempfile.TemporaryDirectory(prefix="recsys-student-") as tmp:
             bundle = export_student(out, features, Path(tmp) / "bundle")

@@ -476,3 +476,99 @@ def test_git_info_commit_dirty_and_diff_hash(tmp_path):
     (store / "config.yaml").write_text("a: 1\n")  # nor anything in the tracking store
     assert git_info(repo, ignore=(store,)) == d2
     assert git_info(repo / "mlflow", ignore=(store,)) == d2  # from a subfolder: the whole repo
+
+
+def test_a_second_run_into_a_locked_folder_waits_for_the_first(tmp_path):
+    """A probe (2026-12-01): two `rank train` runs of different configs into one
+    --out read each other's checkpoints and reported the other's model, exit 0.
+    The run lock makes the second wait, saying so."""
+    code = ("import sys; from pathlib import Path; from features.core.manifest import run_lock\n"
+            "with run_lock([Path(sys.argv[1])], log=lambda m: print(m, flush=True)): print('got', flush=True)\n")
+    folder = tmp_path / "out"
+    from features.core.manifest import run_lock
+
+    with run_lock([folder]):
+        child = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
+                                 cwd=Path(__file__).resolve().parents[2])
+        first = child.stdout.readline()
+        assert first.startswith("waiting: another run is writing") and str(folder.resolve()) in first, first
+        time.sleep(0.3)
+        assert child.poll() is None  # still waiting while the lock is held
+    assert child.stdout.readline().strip() == "got" and child.wait(30) == 0
+    with run_lock([folder], shared=True), run_lock([folder], shared=True):  # one torchrun's processes share it
+        pass
+
+
+def test_run_rank_holds_the_run_lock_while_it_trains(tmp_path, monkeypatch):
+    import fcntl
+    from types import SimpleNamespace
+
+    from recsys import stages
+
+    seen = []
+
+    def fake(job, tracker, out, *, force, log):
+        for name in (".out.run.lock", ".ckpt.run.lock"):
+            with open(tmp_path / name) as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    seen.append((name, "free"))
+                except BlockingIOError:
+                    seen.append((name, "held"))
+        return "done"
+
+    monkeypatch.setattr(stages, "_run_rank", fake)
+    job = SimpleNamespace(train=SimpleNamespace(checkpoints=lambda out: tmp_path / "ckpt"))  # a checkpoint_dir outside out
+    assert stages.run_rank(job, None, tmp_path / "out") == "done"
+    assert seen == [(".out.run.lock", "held"), (".ckpt.run.lock", "held")]
+
+
+def test_figures_older_than_what_they_show_are_redrawn_on_reuse(tmp_path):
+    """A probe (2026-12-01): a run killed after its rank manifest, before its
+    plots, left the earlier run's training curves beside the new metrics, and
+    every rerun reused the folder without redrawing them."""
+    from types import SimpleNamespace
+
+    from recsys.pipeline import _plots_stale
+
+    out = tmp_path / "arm"
+    (out / "checkpoints").mkdir(parents=True)
+    job = SimpleNamespace(model=SimpleNamespace(history_encoder="svd_compact"),
+                          train=SimpleNamespace(checkpoints=lambda o: o / "checkpoints"))
+    for name in ("metrics.json", "checkpoints/best.pt"):
+        (out / name).write_text("{}")
+        os.utime(out / name, (2_000, 2_000))
+    assert _plots_stale(out, job)  # no figures yet
+    for name in ("training_curves.png", "history_spectrum.png"):
+        (out / name).write_bytes(b"png")
+        os.utime(out / name, (1_000, 1_000))
+    assert _plots_stale(out, job)  # older than metrics.json and best.pt
+    os.utime(out / "training_curves.png", (3_000, 3_000))
+    assert _plots_stale(out, job)  # the spectrum is still older than best.pt
+    os.utime(out / "history_spectrum.png", (3_000, 3_000))
+    assert not _plots_stale(out, job)
+    assert not _plots_stale(out, SimpleNamespace(model=SimpleNamespace(history_encoder="mean"), train=job.train))
+
+
+def test_a_killed_runs_model_version_is_not_reused(store_uri, request):
+    """A probe (2026-12-01): a rerun after a kill reused the model version the
+    killed stage run had registered, so the finished experiment's model (and a
+    later promote) pointed at a KILLED run."""
+    from mlflow.tracking import MlflowClient
+
+    from recsys.tracking.models import _find
+
+    client = MlflowClient(tracking_uri=store_uri, registry_uri=store_uri)
+    exp = client.create_experiment(request.node.name)
+    name = f"m-{request.node.name}"
+    client.create_registered_model(name)
+    killed, done, current = (client.create_run(exp).info.run_id for _ in range(3))
+    client.set_terminated(killed, status="KILLED")
+    client.set_terminated(done, status="FINISHED")
+    client.create_model_version(name, "file:///x", run_id=killed, tags={"reuse_key": "k1"})
+    assert _find(client, name, "k1", current) is None
+    client.create_model_version(name, "file:///y", run_id=current, tags={"reuse_key": "k1"})
+    assert _find(client, name, "k1", current).version == "2"  # the running stage's own version counts
+    v3 = client.create_model_version(name, "file:///z", run_id=done, tags={"reuse_key": "k2"})
+    client.create_model_version(name, "file:///w", run_id=killed, tags={"reuse_key": "k2"})
+    assert _find(client, name, "k2", current).version == str(v3.version)
