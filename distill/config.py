@@ -56,7 +56,7 @@ class Seq2ItemConfig:
 
     def __post_init__(self) -> None:
         need(self, ("dim", "n_layers", "n_heads", "max_len", "num_negatives", "epochs", "batch_size"), lambda v: v >= 1, ">= 1")
-        if self.dim % self.n_heads:
+        if self.encoder == "transformer" and self.dim % self.n_heads:  # the mean encoder has no heads
             raise ValueError(f"seq2item: dim {self.dim} must be divisible by n_heads {self.n_heads}")
         need(self, ("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")
         need(self, ("lr", "init_std"), lambda v: v > 0, "> 0")

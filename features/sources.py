@@ -9,16 +9,15 @@ errors can name the file. Nothing here downloads anything.
 from __future__ import annotations
 
 import importlib.util
-import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
 from features import schemas as S
-from features.core.errors import DataError, SchemaError, UsageError
+from features.core.errors import DataError, UsageError
 from features.core.fingerprint import file_fingerprint
+from features.csvshape import SNIFF_BYTES, check_record_count, check_short_rows, drop_blank_tail, quote_hint, text_candidates
 from features.synthetic import SyntheticConfig, generate_interests, generate_synthetic  # re-exported
 
 @dataclass
@@ -222,152 +221,6 @@ def _check_keys(frame: pl.LazyFrame, file: str, checks: list[tuple[pl.Expr, str,
 # --- bring your own files ----------------------------------------------------
 
 
-# what most malformed CSVs hold; polars names neither the line nor the column
-QUOTE_HINT = ('; a common cause: a " inside a field that is not quoted (12" vinyl), or a quoted field '
-              'not closed: quote the whole field and double the quotes inside ("12"" vinyl")')
-
-
-def quote_hint(e: Exception, file: str | Path | None = None) -> str:
-    """QUOTE_HINT for a CSV parser error that looks like a quoting problem, else "".
-
-    polars names neither row nor line of a field that opens with a quote and
-    goes on after the closing one ("Weird" Al movie: "could not parse
-    `"Weird" Al movie` as dtype `str`"); with `file`, the first line holding
-    that field is named."""
-    text = str(e)
-    field = re.search(r"could not parse `(.*?)` as dtype", text, re.S)
-    stray = field is not None and '"' in field.group(1)
-    if not (stray or "malformed" in text.lower() or "quot" in text.lower()):
-        return ""
-    line = _first_line_with(file, field.group(1)) if stray and file is not None else None
-    return (f" (line {line} of the file)" if line else "") + QUOTE_HINT
-
-
-def _first_line_with(file: str | Path, value: str) -> int | None:
-    """1-based number of the first line of `file` that holds `value` (None if none). Error path only."""
-    needle = value.splitlines()[0] if value.strip() else value
-    try:
-        with open(file, encoding="utf-8", errors="replace") as f:
-            return next((n for n, line in enumerate(f, start=1) if needle in line), None)
-    except OSError:
-        return None
-
-
-def first_ragged_row(p: str | Path, shorter: bool) -> tuple[int, int, int, list[str]] | None:
-    """The first record of CSV `p` with fewer (`shorter`) or more fields than
-    its header, as (1-based data row, 1-based line of the file where it ends,
-    its field count, the header); None if none, or when Python's csv reader
-    cannot parse the file (then polars names the problem). Quotes and
-    embedded newlines are handled; blank lines are left to the other checks."""
-    import csv
-
-    p = Path(p)
-    # the csv module refuses fields over 131,072 characters (a long description): the check then
-    # passed silently and a short row went through (a probe, 2026-12-01)
-    csv.field_size_limit(sys.maxsize)
-    try:
-        with open(p, newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.reader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
-            header = next(reader, [])
-            for number, row in enumerate(reader, start=1):
-                if row and (len(row) < len(header) if shorter else len(row) > len(header)):
-                    return number, reader.line_num, len(row), header
-    except (OSError, csv.Error):
-        return None
-    return None
-
-
-def check_short_rows(p: Path) -> None:
-    """DataError naming the first record of CSV `p` with fewer fields than its
-    header. polars reads the missing trailing fields as null, so "88,c3"
-    under "item_id,text,category" gives item 88 the text "c3": the values
-    after a dropped field land in the wrong columns. One pass of Python's csv
-    reader (`first_ragged_row`)."""
-    found = first_ragged_row(p, shorter=True)
-    if found is not None:
-        number, line, fields, header = found
-        raise DataError(
-            f"{fields} fields (line {line} of the file), the header has {len(header)}: the values after a missing "
-            "field would land in the wrong columns; write an empty field for a missing value (88,,c3)",
-            file=str(p), column=header[fields], rows=[number])
-
-
-def text_candidates(lf: pl.LazyFrame) -> list[str]:
-    """The items' string columns that could be the text (`--text-column`),
-    most distinct values first (a title or description before a genre),
-    judged on the first 1,000 rows; columns of numbers only (every CSV column
-    arrives as a string) are left out."""
-    cols = S.text_columns(lf.collect_schema())
-    if not cols:
-        return []
-    sample = lf.select(cols).head(1_000).collect()
-
-    def numbers_only(c: str) -> bool:
-        v = sample[c].drop_nulls().str.strip_chars()
-        v = v.filter(v != "")
-        return v.len() > 0 and bool(v.cast(pl.Float64, strict=False).is_not_null().all())
-
-    return sorted((c for c in cols if not numbers_only(c)), key=lambda c: -sample[c].n_unique())
-
-
-def found_columns(names: list[str]) -> str:
-    """"found columns: ..." for a missing-column message, with a hint when the
-    header looks like another separator's or holds spaces around names."""
-    shown = ", ".join(repr(n) if n != n.strip() else n for n in names) or "(none)"
-    seps = [sep for sep in (";", "\t", "|") if any(sep in n for n in names)]
-    if len(names) == 1 and seps:
-        return (f"found one column {names[0]!r}: the file looks separated by {seps[0]!r}, not ','; save it "
-                "comma-separated (or tab-separated as .tsv)")
-    spaced = [n for n in names if n != n.strip()]
-    if spaced:
-        return f"found columns: {shown}; names with spaces around them ({spaced[0]!r}) do not match: remove the spaces"
-    return f"found columns: {shown}"
-
-
-def near_names(names: list[str], wanted: tuple[str, ...], file: str) -> None:
-    """SchemaError for a column whose name is one of `wanted` but for case or
-    spaces around it (' label', 'Label') while the exact name is absent: the
-    build reads exact names only, so such a column would be ignored silently
-    (labels then came from the ratings: a probe, 2026-12-01)."""
-    for n in names:
-        exact = next((w for w in wanted if n != w and n.strip().lower() == w and w not in names), None)
-        if exact is not None:
-            fix = "remove the spaces around it" if n != n.strip() else "write it in lower case"
-            raise SchemaError(f"column {n!r} would not be read as {exact!r} (names are exact): {fix}", file=file, column=n)
-
-
-# bytes read from a CSV's end to count its trailing blank lines
-_TAIL_BYTES = 1 << 16
-
-
-def trailing_blank_lines(p: Path) -> int:
-    """Empty lines ("" or a lone CR) at the end of CSV file `p`, after its
-    last record's line end. polars reads each as a row of nulls (pandas
-    skips them); editors and exports often leave a few. 0 when the file's
-    last 64 KiB hold nothing but blank lines (then the rows stay, and a
-    null-value error names them)."""
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        f.seek(max(0, size - _TAIL_BYTES))
-        tail = f.read()
-    lines = tail.split(b"\n")
-    if lines[-1] in (b"", b"\r"):  # the last line's end (or a final blank line without one)
-        lines.pop()
-    n = 0
-    while n < len(lines) and lines[-1 - n] in (b"", b"\r"):
-        n += 1
-    return 0 if n == len(lines) else n
-
-
-def _drop_blank_tail(lf: pl.LazyFrame, p: Path) -> tuple[pl.LazyFrame, str | None]:
-    """`lf` without the rows of `p`'s trailing blank lines, and a note saying so (None if none)."""
-    n = trailing_blank_lines(p)
-    if not n:
-        return lf, None
-    keep = pl.int_range(pl.len(), dtype=pl.Int64) < pl.len().cast(pl.Int64) - n
-    return lf.filter(keep), f"{p}: {n:,} blank line{'s' if n > 1 else ''} at the end of the file skipped (no values)"
-
-
 def pandas_categories(p: Path) -> tuple[str, ...]:
     """The columns of parquet file `p` that pandas wrote from a `category`
     dtype (its schema metadata says so). Polars reads a category of numbers
@@ -412,9 +265,9 @@ def _scan(p: Path) -> tuple[pl.LazyFrame, bool, str | None]:
         if p.stat().st_size == 0:
             raise DataError("the file is empty (no header, no rows)", file=str(p))
         with open(p, "rb") as f:
-            start = f.read(_TAIL_BYTES)
-        lone_cr = start.count(b"\r") - start.count(b"\r\n")
-        if lone_cr > start.count(b"\n"):  # polars would read it as one long header line (a quoted LF aside)
+            start = f.read(SNIFF_BYTES)
+        end = min((i for i in (start.find(b"\r"), start.find(b"\n")) if i >= 0), default=-1)  # the header's line end
+        if end >= 0 and start[end:end + 2] != b"\r\n" and start[end:end + 1] == b"\r":  # polars: one long header line
             raise DataError("its lines end in a carriage return alone (an old Mac \"CSV (Macintosh)\" export): save "
                             "it with LF or CRLF line ends (e.g. as \"CSV UTF-8\")", file=str(p))
         if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark (Excel's "Unicode text")
@@ -429,7 +282,7 @@ def _scan(p: Path) -> tuple[pl.LazyFrame, bool, str | None]:
         repeated = sorted({n.split("_duplicated_")[0] for n in names if "_duplicated_" in n} & set(names))
         if repeated:
             raise DataError(f"the header names a column more than once: {', '.join(repeated)}", file=str(p), column=repeated[0])
-        lf, note = _drop_blank_tail(lf, p)
+        lf, note = drop_blank_tail(lf, p)
         return lf, True, note
     raise UsageError(f"input file {p}: unsupported extension {suffix!r} (use .parquet, .csv or .txt "
                      "(comma-separated), or .tsv (tab-separated); a compressed file: decompress it first)")
@@ -439,6 +292,7 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
     inter_lf, inter_csv, inter_note = _scan(Path(interactions))
     if inter_csv:
         check_short_rows(Path(interactions))
+        check_record_count(inter_lf, Path(interactions))
     inter = RawTable(inter_lf, str(interactions), file_fingerprint(interactions))
     notes = [inter_note]
     item_table = None
@@ -456,6 +310,7 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
             lf = lf.rename({text_column: S.TEXT})
         if from_csv:
             check_short_rows(Path(items))
+            check_record_count(lf, Path(items))
         categories = () if from_csv else pandas_categories(Path(items))
         if text_column != S.TEXT:
             categories = tuple(c for c in categories if c not in (S.TEXT, text_column))
@@ -464,6 +319,6 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
 
 
 __all__ = [
-    "RawSource", "RawTable", "SyntheticConfig", "check_short_rows", "first_ragged_row", "found_columns", "near_names", "quote_hint", "text_candidates", "generate_interests", "generate_synthetic", "load_files",
+    "RawSource", "RawTable", "SyntheticConfig", "generate_interests", "generate_synthetic", "load_files",
     "load_movielens100k", "load_movielens1m", "movielens100k_dir", "movielens1m_dir", "ml1m_item_ids",
 ]

@@ -23,15 +23,25 @@ UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": 
 MAX_TS_S = 7_258_118_400  # 2200-01-01 UTC
 YEAR_1980_S = 315_532_800  # no interaction log here starts earlier (MovieLens-100K: 1997)
 JANUARY_1970_S = 31 * 86_400
+# epoch minutes of any date up to 2200 read as seconds fall before this (1974-01-01)
+EARLY_S = 126_230_400
 _SHOW = 5  # rows shown per problem
-# dates written as the integer YYYYMMDD, years 1900..2199
-_YMD_LO, _YMD_HI = 19_000_101, 21_991_231
 
 
 def _ymd(ts: pl.Expr) -> pl.Expr:
-    """True where an integer reads as a calendar date written YYYYMMDD."""
-    month, day = ts // 100 % 100, ts % 100
-    return ts.is_between(_YMD_LO, _YMD_HI) & month.is_between(1, 12) & day.is_between(1, 31)
+    """True where an integer reads as a calendar date written YYYYMMDD or
+    YYYYMMDDhh (years 1900..2199): 20200913 reads as August 1970 in seconds,
+    2020091303 as 2034."""
+    def date(v: pl.Expr) -> pl.Expr:
+        month, day = v // 100 % 100, v % 100
+        return v.is_between(19_000_101, 21_991_231) & month.is_between(1, 12) & day.is_between(1, 31)
+
+    return date(ts) | (date(ts // 100) & (ts % 100).is_between(0, 23))
+
+
+def _ymd_hi(hi: int) -> bool:
+    """Whether the latest time could be a YYYYMMDD or YYYYMMDDhh date (gates the per-row check)."""
+    return hi <= 2_199_123_123
 
 
 def check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int, int], unit: str, dated: bool,
@@ -48,9 +58,10 @@ def check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int
     ts = pl.col(S.TIMESTAMP)
     guess: str | None = None
     hint: str | None = None
-    if not dated and _YMD_LO <= lo and hi <= _YMD_HI and typed.select(_ymd(ts).all()).collect().item():
+    # every time (0 placeholders aside) a date written YYYYMMDD or YYYYMMDDhh: one 0 let a column through
+    if not dated and _ymd_hi(hi) and typed.select(_ymd(ts).filter(ts != 0).all() & (ts != 0).any()).collect().item():
         bad = pl.lit(True)
-        what = "every timestamp reads as a date written YYYYMMDD"
+        what = "every timestamp reads as a date written YYYYMMDD (or YYYYMMDDhh)"
         hint = "convert them to epoch times (seconds since 1970-01-01 UTC), or pass dates as a parquet date column"
     elif hi > MAX_TS_S * per_s:
         # a finer unit only when it fits the earliest time too: else a few rows are wrong, not the unit
@@ -64,8 +75,10 @@ def check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int
         # all before 1980 while a coarser unit makes the first percentile a date from 1980 on (an outlier row,
         # late or 0, let seconds read as milliseconds through: a probe, 2026-12-01; relative times start near 0)
         # zeros left out: a block of 0 placeholders (2% of rows) let them through
-        low = typed.select(ts.filter(ts > 0).quantile(0.01, "lower")).collect().item() or 0
-        coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and YEAR_1980_S * f <= low <= MAX_TS_S * f]
+        low, high = typed.select(ts.filter(ts > 0).quantile(q, "lower").alias(str(q)) for q in (0.01, 0.99)).collect().row(0)
+        # the 99th percentile must fit the coarser unit too: relative milliseconds over two years are no seconds
+        coarser = [u for u, f in UNIT_PER_S.items()
+                   if f < per_s and YEAR_1980_S * f <= (low or 0) <= MAX_TS_S * f and (high or 0) <= MAX_TS_S * f]
         if not coarser:
             return
         guess = coarser[-1]
@@ -73,15 +86,19 @@ def check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int
         what = (f"every timestamp falls {'in January 1970' if hi < JANUARY_1970_S * per_s else 'before 1980'} when "
                 f"read as {UNIT_NAMES[unit]}")
     elif lo < YEAR_1980_S * per_s <= hi:
-        # rows before 1980 beside calendar times: with most rows from 1980 on, every earlier row is suspect (a
-        # date written 20200913 reads as August 1970: a probe, 2026-12-01); with most before, only January 1970
+        # early rows beside calendar times (a probe, 2026-12-01): with most rows from 1980 on, rows before 1974
+        # (epoch minutes read as seconds end there); else only January 1970 (0 placeholders); and, unit s, rows
+        # that read as dates written 20200913 (August 1970), whatever their share. A date column has its own
+        # unit: January 1970 only (its 1975 dates are real)
         median = typed.select(ts.median()).collect().item()
-        cut = YEAR_1980_S if median >= YEAR_1980_S * per_s else JANUARY_1970_S
-        if lo >= cut * per_s:
-            return
+        cut = EARLY_S if median >= YEAR_1980_S * per_s and not dated else JANUARY_1970_S
         bad = ts < cut * per_s
-        when = "before 1980" if cut == YEAR_1980_S else "within January 1970"
-        what = f"timestamps {when} when read as {UNIT_NAMES[unit]}, beside others from 1980 on"
+        if per_s == 1 and not dated:
+            bad = bad | _ymd(ts)
+        if not typed.select(bad.any()).collect().item():
+            return
+        when = "before 1974" if cut == EARLY_S else "within January 1970"
+        what = f"timestamps {when}{' or written as dates' if per_s == 1 and not dated else ''} when read as {UNIT_NAMES[unit]}, beside others from 1980 on"
         hint = ("fix or drop those rows (a row in another unit or format, such as a date written 20200913, or 0 "
                 "written for a missing time?)")
         # most rows there, a coarser unit making them dates: the unit is wrong, not the few others
@@ -103,3 +120,6 @@ def check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int
     hint = hint or "no unit (s, ms, us, ns) makes them plausible dates: check the column"
     raise DataError(f"{what} (e.g. {first}{'' if dated else f', unit {unit}'}){more}; {hint}", file=table.file,
                     column=S.TIMESTAMP, rows=rows)
+
+
+__all__ = ["EARLY_S", "JANUARY_1970_S", "MAX_TS_S", "UNIT_NAMES", "UNIT_PER_S", "YEAR_1980_S", "check_timestamp_unit"]

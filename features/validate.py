@@ -14,7 +14,8 @@ import polars as pl
 
 from features import schemas as S
 from features.core.errors import DataError, SchemaError
-from features.sources import RawTable, first_ragged_row, found_columns, near_names, quote_hint, text_candidates
+from features.csvshape import first_ragged_row, found_columns, near_names, quote_hint, text_candidates
+from features.sources import RawTable
 from features.timeunits import UNIT_PER_S, check_timestamp_unit
 
 ROW = "__row"  # 0-based position in the input file; reported 1-based

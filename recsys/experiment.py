@@ -227,7 +227,25 @@ CONDITIONAL_KEYS: dict[str, tuple[Callable[[PipelineConfig], bool], str]] = {
     "ranker.dcn_layers": (lambda c: c.ranker.over_arch != "dcn", "ranker.over_arch is not dcn"),
     "data.match_columns": (lambda c: not c.data.use_match_features, "data.use_match_features is false"),
     "lightgbm.bagging_fraction": (lambda c: c.lightgbm.bagging_freq == 0, "lightgbm.bagging_freq is 0 (no bagging)"),
+    "lightgbm.bagging_freq": (lambda c: c.lightgbm.bagging_fraction == 1.0, "lightgbm.bagging_fraction is 1 (no bagging)"),
+    "distill.geo_temperature": (lambda c: c.distill.w_geo == 0, "distill.w_geo is 0"),
+    "distill.w_i2i": (lambda c: not c.distill.use_i2i, "distill.use_i2i is false"),
+    "distill.i2i_window": (lambda c: not c.distill.use_i2i, "distill.use_i2i is false"),
+    "distill.matryoshka_losses": (lambda c: not c.distill.matryoshka_dims, "distill.matryoshka_dims is empty"),
+    # the teachers reach the embeddings only through L_id2i
+    "teachers.id2item.*": (lambda c: not c.distill.use_id2i, "distill.use_id2i is false (no teacher reaches the student)"),
+    "teachers.seq2item.*": (lambda c: not c.distill.use_id2i, "distill.use_id2i is false (no teacher reaches the student)"),
+    "teachers.seq2item.n_layers": (lambda c: c.teachers.seq2item.encoder == "mean", "teachers.seq2item.encoder is mean"),
+    "teachers.seq2item.n_heads": (lambda c: c.teachers.seq2item.encoder == "mean", "teachers.seq2item.encoder is mean"),
 }
+
+
+def _unread_because(key: str, cfg: PipelineConfig) -> str | None:
+    """Why `key` is not read under `cfg` (`CONDITIONAL_KEYS`, "section.*" entries by prefix), else None."""
+    for pattern in (key, *(p for p in CONDITIONAL_KEYS if p.endswith(".*") and key.startswith(p[:-1]))):
+        if pattern in CONDITIONAL_KEYS and CONDITIONAL_KEYS[pattern][0](cfg):
+            return CONDITIONAL_KEYS[pattern][1]
+    return None
 
 
 def unread_delta_keys(arm: ArmSpec, cfg: PipelineConfig) -> dict[str, str]:
@@ -248,6 +266,6 @@ def unread_delta_keys(arm: ArmSpec, cfg: PipelineConfig) -> dict[str, str]:
             out[key] = "the experiment's `seeds` set every seed of each arm (list the seeds there)"
         elif section not in read:
             out[key] = f"a {arm.model} arm with this config does not read the {section!r} section"
-        elif key in CONDITIONAL_KEYS and CONDITIONAL_KEYS[key][0](cfg):
-            out[key] = f"it is not read when {CONDITIONAL_KEYS[key][1]}"
+        elif (why := _unread_because(key, cfg)) is not None:
+            out[key] = f"it is not read when {why}"
     return out

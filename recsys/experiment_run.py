@@ -51,7 +51,8 @@ class ExperimentOutcome:
     rows: list[CompareRow]
     arm_outputs: dict[str, Path]
     seconds: float
-    store_flag: str = ""  # " --config BASELINE" when the baseline names its own store (tracking.uri)
+    store_flag: str = ""  # " --config BASELINE" when the baseline's tracking differs from the defaults
+    tracked: bool = True  # tracking.enabled: false logs nothing, so `compare` cannot read the run
 
 
 def _log_default(msg: str) -> None:
@@ -185,7 +186,7 @@ def run_experiment(
         arms = [exp.spec.control] + [a.name for a in exp.spec.arms if a.name != exp.spec.control]
         claim_champion(run, [arm_outputs[f"{a}/seed{exp.spec.seeds[0]}"] for a in arms])
     return ExperimentOutcome(name, exp.spec.control, rows, arm_outputs, time.perf_counter() - t0,
-                             store_flag(tracking, exp.baseline_path))
+                             store_flag(tracking, exp.baseline_path), tracking.enabled)
 
 
 def store_flag(tracking: TrackingConfig, baseline: Path) -> str:

@@ -53,8 +53,12 @@ def _run(args: argparse.Namespace) -> int:
     print(f"experiment {outcome.name}: {len(outcome.arm_outputs)} arm runs in {outcome.seconds:.0f}s")
     print(format_rows(outcome.rows, "table", control=outcome.control))
     print(f"\noutputs: {', '.join(sorted({str(p.parent) for p in outcome.arm_outputs.values()}))}")
-    print(f"compare again: recsys experiment compare {outcome.name}{outcome.store_flag}    "
-          f"open the UI: recsys ui{outcome.store_flag}")
+    if not outcome.tracked:  # its compare would read another, tracked run (a probe, 2026-12-01)
+        print("tracking is off (tracking.enabled: false): nothing was logged, so `recsys experiment compare` "
+              "cannot read this run; the table above is its comparison")
+    else:
+        print(f"compare again: recsys experiment compare {outcome.name}{outcome.store_flag}    "
+              f"open the UI: recsys ui{outcome.store_flag}")
     return 0
 
 

@@ -130,7 +130,9 @@ class RankerConfig:
                 f"truncation of the history: exact only when the history's rank is <= svd_rank)"
             )
         _one_of("history_encoder", self.history_encoder, HISTORY_ENCODERS)
-        if not 1 <= self.svd_rank <= self.embedding_dim:
+        # checked against embedding_dim only where an SVD encoder reads it: a mean arm of a smaller
+        # embedding_dim must not need an svd_rank it never reads (a probe, 2026-12-01)
+        if self.svd_rank < 1 or (self.history_encoder.startswith("svd") and self.svd_rank > self.embedding_dim):
             raise ValueError(f"svd_rank must satisfy 1 <= svd_rank <= embedding_dim={self.embedding_dim}, "
                              f"got {self.svd_rank}")
         _one_of("svd_gram_dtype", self.svd_gram_dtype, SVD_GRAM_DTYPES)

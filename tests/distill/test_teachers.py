@@ -112,7 +112,9 @@ def test_teachers_config_loads_strictly():
     with pytest.raises(ConfigError, match="loss"):
         from_dict(TeachersConfig, {"id2item": {"loss": "mse"}})
     with pytest.raises(ConfigError, match="divisible"):
-        from_dict(TeachersConfig, {"seq2item": {"dim": 10, "n_heads": 3}})
+        from_dict(TeachersConfig, {"seq2item": {"dim": 10, "n_heads": 3, "encoder": "transformer"}})
+    # the mean encoder has no heads: its dim needs no divisor (an A/B of dim alone must be possible)
+    assert from_dict(TeachersConfig, {"seq2item": {"dim": 10, "n_heads": 3}}).seq2item.dim == 10
 
 
 def test_fit_teacher_loop_weights_losses_keeps_best_and_stops_on_divergence():

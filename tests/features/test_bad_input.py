@@ -42,7 +42,7 @@ def _nothing_written(out):
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n1e3,11,200,4\n1000,12,300,4\n", "user_id", None, "rows 2, 3: different ids read as one: '1e3' and '1000'"),
         ("user_id,item_id,timestamp,rating\n123456789012345678.0,10,100,5\n123456789012345679.0,11,200,4\n", "user_id", None, "rows 1, 2: value is not an integer id"),
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,11,200,inf\n", "rating", 2, "infinite rating"),
-        ("user_id,item_id,timestamp,rating\n1,10,1600000000,5\n2,11,0,4\n", "timestamp", 2, "before 1980"),
+        ("user_id,item_id,timestamp,rating\n1,10,1600000000,5\n2,11,0,4\n", "timestamp", 2, "before 1974"),
     ],
     ids=["missing-column", "wrong-dtype", "null-id", "negative-id", "nan-rating", "bad-timestamp", "label-range", "conflicting-duplicates",
          "no-rating-no-label", "ids-merged-by-leading-zero", "ids-merged-by-exponent", "float-id-past-2-53", "inf-rating",
@@ -399,10 +399,55 @@ def test_third_round_of_export_shapes_is_refused(tmp_path, capsys):
         assert rc == 1 and f"column {header!r} would not be read as 'label'" in err and fix in err, err
     dates = "".join(f"{i},10,{1600000000 + 1000 * i},4\n" for i in range(1, 20))
     rc, err, _ = _run(tmp_path, capsys, "user_id,item_id,timestamp,rating\n" + dates + "20,11,20200913,5\n")
-    assert rc == 1 and "row 20: timestamps before 1980" in err and "20200913" in err, err
+    assert rc == 1 and "row 20: timestamps before 1974 or written as dates" in err and "20200913" in err, err
     rc, err, _ = _run(tmp_path, capsys, "user_id,item_id,timestamp,rating\n1,10,20200913,5\n2,11,20200914,4\n")
     assert rc == 1 and "every timestamp reads as a date written YYYYMMDD" in err, err
     rc, err, _ = _run(tmp_path, capsys, "user_id,item_id,timestamp,rating\n1,10,43000,5\n2,11,43001,4\n3,12,43100,2\n")
     assert rc == 0, err  # relative times (Excel serial days, say) still pass
     rc, err, out = _run(tmp_path, capsys, 'user_id,item_id,timestamp,rating,note\r1,10,100,5,"two\nlines"\r2,11,200,4,x\r')
+    assert rc == 1 and "carriage return alone" in err, err
+
+
+def test_dates_written_as_integers_are_refused_whatever_their_share_and_real_early_dates_are_kept(tmp_path, capsys):
+    """A verification probe (2026-12-01): dates written YYYYMMDD as the
+    majority beside epoch seconds, a YYYYMMDD column with one 0, and
+    YYYYMMDDhh (2034 in seconds) were read, exit 0; real 1975 dates in a
+    parquet date column and relative milliseconds over two years were refused."""
+    head = "user_id,item_id,timestamp,rating\n"
+    ymd = "".join(f"{i},10,{19971001 + i},4\n" for i in range(1, 16)) + "".join(
+        f"{i},11,{880000000 + i},4\n" for i in range(16, 21))
+    rc, err, _ = _run(tmp_path, capsys, head + ymd)
+    assert rc == 1 and "written as dates" in err and "rows 1, 2, 3, 4, 5" in err and "(15 rows in all)" in err, err
+    rc, err, _ = _run(tmp_path, capsys, head + "1,10,19971001,4\n2,11,0,4\n3,12,19971003,4\n")
+    assert rc == 1 and "every timestamp reads as a date written YYYYMMDD" in err, err
+    rc, err, _ = _run(tmp_path, capsys, head + "1,10,1997100103,4\n2,11,1997100214,4\n")
+    assert rc == 1 and "YYYYMMDDhh" in err, err
+    rel_ms = "".join(f"{i},{10 + i % 3},{i * 3_000_000_000},4\n" for i in range(1, 22))  # two years of relative ms
+    rc, err, _ = _run(tmp_path, capsys, head + rel_ms, extra=["--timestamp-unit", "ms"])
+    assert rc == 0, err
+    dated = tmp_path / "dated.parquet"
+    import datetime as dt
+
+    pl.DataFrame({"user_id": [1, 2, 3, 1], "item_id": [10, 11, 12, 11], "rating": [4.0, 5.0, 3.0, 2.0],
+                  "timestamp": [dt.date(1975, 3, 1), dt.date(1999, 5, 1), dt.date(2004, 1, 2), dt.date(2004, 2, 2)]}
+                 ).write_parquet(dated)
+    rc, err, _ = _run(tmp_path, capsys, inter_path=dated)
+    assert rc == 0, err
+
+
+def test_quote_pairs_that_swallow_lines_and_line_ends_are_judged_on_the_whole_file(tmp_path, capsys):
+    """A verification probe (2026-12-01): two `12" vinyl` titles in an ignored
+    column made polars read the lines between them as one field: half the
+    events were lost, exit 0. An LF file with quoted CRs was called CR-only,
+    and a CR-only file with two quoted LFs per cell was not."""
+    vinyl = '12" vinyl'
+    rows = [f"{1 + i % 7},{10 + i % 5},{100 + i},4,{vinyl if i % 50 == 3 else 'plain'}" for i in range(300)]
+    rc, err, out = _run(tmp_path, capsys, "user_id,item_id,timestamp,rating,title\n" + "\n".join(rows) + "\n")
+    assert rc == 1 and "rows where the file holds 300 records: line 5 holds a \" inside an unquoted field" in err, err
+    assert _nothing_written(out)
+    lf_cr = "user_id,item_id,timestamp,rating,note\n" + "".join(f'{i},10,{100 + i},4,"a\rb\rc"\n' for i in range(1, 6))
+    rc, err, _ = _run(tmp_path, capsys, lf_cr)
+    assert rc == 0, err
+    cr_lf = "user_id,item_id,timestamp,rating,note\r" + "".join(f'{i},10,{100 + i},4,"a\nb\nc"\r' for i in range(1, 6))
+    rc, err, _ = _run(tmp_path, capsys, cr_lf)
     assert rc == 1 and "carriage return alone" in err, err

@@ -45,7 +45,7 @@ GOOD = {
         (lambda s: s.update(seeds="zero"), "seeds: expected a list"),
         (lambda s: s.update(control="ctrl"), "arm 'ctrl' is not among the arms"),
         (lambda s: s["arms"][1]["delta"].update(ranker={"history_encoder": "lstm"}), "history_encoder: expected one of"),
-        (lambda s: s["arms"][1]["delta"].update(ranker={"svd_rank": 64, "embedding_dim": 16}), "svd_rank must satisfy"),
+        (lambda s: s["arms"][1]["delta"].update(ranker={"history_encoder": "svd_compact", "svd_rank": 64, "embedding_dim": 16}), "svd_rank must satisfy"),
         (lambda s: s["arms"][1]["delta"].update(rankr={}), "unknown section 'rankr' (did you mean 'ranker'?)"),
         (lambda s: s["arms"][1].update(model="xgboost"), "expected one of ['ranker', 'lightgbm']"),
         (lambda s: s.update(metrics=["auc", "ndcg"]), "unknown metric(s) ['ndcg']"),
@@ -75,6 +75,15 @@ GOOD = {
         (lambda s: s["arms"][1].update(model="lightgbm", delta={"lightgbm": {"bagging_fraction": 0.5, "bagging_freq": 0}}),
          "'lightgbm.bagging_fraction' cannot take effect: it is not read when lightgbm.bagging_freq is 0"),
         (lambda s: s.update(experiment="t\n"), "name 't\\n' may only hold"),
+        (lambda s: s["arms"][1].update(model="lightgbm", delta={"lightgbm": {"bagging_fraction": 1.0, "bagging_freq": 3}}),
+         "'lightgbm.bagging_freq' cannot take effect: it is not read when lightgbm.bagging_fraction is 1"),
+        (lambda s: s["arms"][1]["delta"].update(distill={"geo_temperature": 0.5}, data={"use_match_features": True}),
+         "'distill.geo_temperature' cannot take effect: it is not read when distill.w_geo is 0"),
+        (lambda s: s["arms"][1]["delta"].update(distill={"use_id2i": False}, teachers={"id2item": {"lr": 0.1}},
+                                                 data={"use_match_features": True}),
+         "'teachers.id2item.lr' cannot take effect: it is not read when distill.use_id2i is false"),
+        (lambda s: s["arms"][1]["delta"].update(teachers={"seq2item": {"n_heads": 4}}, data={"use_match_features": True}),
+         "'teachers.seq2item.n_heads' cannot take effect: it is not read when teachers.seq2item.encoder is mean"),
         (lambda s: s["arms"][1]["delta"].update(ranker={"history_encoder": "svd_compact"}, paths={"embeddings": "nope.parquet"},
                                                  data={"use_match_features": True}),
          "arm 'b': paths.embeddings: nope.parquet does not exist"),
@@ -294,3 +303,30 @@ def test_yaml_off_read_as_false_gets_a_hint(tmp_path, capsys):
     (tmp_path / "configs" / "base.yaml").write_text("seed: 0\nranker:\n  use_distilled_embeddings: off\n")
     assert main(["experiment", "run", str(path)]) == 2
     assert "YAML reads an unquoted off as false: quote it, 'off'" in capsys.readouterr().err
+
+
+def test_a_setting_an_arm_never_reads_needs_no_change_when_another_key_does(tmp_path):
+    """A verification probe (2026-12-01): refusing svd_rank on a mean arm made
+    an embedding_dim below the baseline's svd_rank impossible to test (the
+    config check wanted svd_rank <= embedding_dim); the same held for the
+    mean sequence teacher's n_heads."""
+    from recsys.experiment import load_experiment
+
+    spec = json.loads(json.dumps(GOOD))
+    spec["arms"][1]["delta"] = {"ranker": {"embedding_dim": 4}}
+    spec["arms"].append({"name": "c", "delta": {"teachers": {"seq2item": {"dim": 63}}, "data": {"use_match_features": True}}})
+    exp = load_experiment(_write(tmp_path, spec, baseline={"seed": 0, "ranker": {"svd_rank": 8}}))
+    assert exp.arm_configs["b"].ranker.embedding_dim == 4 and exp.arm_configs["c"].teachers.seq2item.dim == 63
+
+
+def test_an_untracked_run_prints_no_compare_hint(tmp_path, capsys, monkeypatch):
+    """A verification probe (2026-12-01): with tracking.enabled false the run
+    printed `compare again: ...`, which then showed an older, tracked run."""
+    from recsys import experiment_run
+    from recsys.experiment_run import ExperimentOutcome
+
+    monkeypatch.setattr(experiment_run, "run_experiment",
+                        lambda *a, **k: ExperimentOutcome("t", "control", [], {}, 1.0, "", False))
+    assert main(["experiment", "run", str(tmp_path / "x.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "tracking is off" in out and "compare again" not in out
