@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -50,23 +53,32 @@ def _first_line_with(file: str | Path, value: str) -> int | None:
         return None
 
 
+@contextmanager
+def _records(p: Path) -> Iterator[tuple[list[str], Iterator[list[str]], Any]]:
+    """(header, the data records, the reader: its line_num is the line where
+    the last record ended) of CSV `p` by Python's csv reader, quotes and
+    embedded newlines handled. csv.Error/OSError propagate."""
+    import csv
+
+    # the csv module refuses fields over 131,072 characters (a long description): the checks then
+    # passed silently and a short row went through (a probe, 2026-12-01)
+    csv.field_size_limit(sys.maxsize)
+    with open(p, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+        yield next(reader, []), reader, reader
+
+
 def first_ragged_row(p: str | Path, shorter: bool) -> tuple[int, int, int, list[str]] | None:
     """The first record of CSV `p` with fewer (`shorter`) or more fields than
     its header, as (1-based data row, 1-based line of the file where it ends,
     its field count, the header); None if none, or when Python's csv reader
-    cannot parse the file (then polars names the problem). Quotes and
-    embedded newlines are handled; blank lines are left to the other checks."""
+    cannot parse the file (then polars names the problem). Blank lines are
+    left to the other checks."""
     import csv
 
-    p = Path(p)
-    # the csv module refuses fields over 131,072 characters (a long description): the check then
-    # passed silently and a short row went through (a probe, 2026-12-01)
-    csv.field_size_limit(sys.maxsize)
     try:
-        with open(p, newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.reader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
-            header = next(reader, [])
-            for number, row in enumerate(reader, start=1):
+        with _records(Path(p)) as (header, rows, reader):
+            for number, row in enumerate(rows, start=1):
                 if row and (len(row) < len(header) if shorter else len(row) > len(header)):
                     return number, reader.line_num, len(row), header
     except (OSError, csv.Error):
@@ -74,60 +86,50 @@ def first_ragged_row(p: str | Path, shorter: bool) -> tuple[int, int, int, list[
     return None
 
 
-def csv_records(p: str | Path) -> int | None:
-    """Records of CSV `p` (blank lines aside) as Python's csv reader counts
-    them; None when it cannot parse the file. Error path and checks only."""
-    import csv
-
-    p = Path(p)
-    csv.field_size_limit(sys.maxsize)
-    try:
-        with open(p, newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.reader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
-            next(reader, None)
-            return sum(1 for row in reader if row)
-    except (OSError, csv.Error):
-        return None
-
-
 # a " with a character other than a separator, a quote or a line end on both sides: 12" vinyl
 _STRAY_QUOTE = re.compile(r'(?<=[^,\t"\r\n])"(?=[^,\t"\r\n])')
 
 
-def check_record_count(lf: pl.LazyFrame, p: Path) -> None:
-    """DataError when polars reads fewer rows from CSV `p` than it holds
-    records: two `"` inside unquoted fields (12" vinyl) make polars read
-    everything between them as one quoted field, swallowing whole lines
-    (half of a file's rows were lost, exit 0: a probe, 2026-12-01). Names
-    the first line with such a quote."""
-    want = csv_records(p)
+def check_csv_shape(lf: pl.LazyFrame, p: Path) -> None:
+    """One pass of Python's csv reader over CSV `p` (`lf`: polars' scan of it):
+
+    - DataError naming the first record with fewer fields than the header.
+      polars reads the missing trailing fields as null, so "88,c3" under
+      "item_id,text,category" gives item 88 the text "c3": the values after a
+      dropped field land in the wrong columns.
+    - DataError when polars reads fewer rows than the file holds records: two
+      `"` inside unquoted fields (12" vinyl) make polars read everything
+      between them as one quoted field, swallowing whole lines (half of a
+      file's rows were lost, exit 0: a probe, 2026-12-01); names the first
+      line with such a quote.
+    """
+    import csv
+
+    records = 0
+    try:
+        with _records(p) as (header, rows, reader):
+            for number, row in enumerate(rows, start=1):
+                if not row:
+                    continue
+                records += 1
+                if len(row) < len(header):
+                    raise DataError(
+                        f"{len(row)} fields (line {reader.line_num} of the file), the header has {len(header)}: the "
+                        "values after a missing field would land in the wrong columns; write an empty field for a "
+                        "missing value (88,,c3)", file=str(p), column=header[len(row)], rows=[number])
+    except (OSError, csv.Error):
+        return  # polars names the problem
     try:
         got = lf.select(pl.len()).collect().item()
     except Exception:  # noqa: BLE001 - an unreadable file: the validation names it with its row
         return
-    if want is None or got >= want:
+    if got >= records:
         return
-    line = None
     with open(p, encoding="utf-8", errors="replace") as f:
         line = next((n for n, text in enumerate(f, start=1) if _STRAY_QUOTE.search(text)), None)
     where = f"line {line} holds a \" inside an unquoted field" if line else "a \" inside an unquoted field joins lines"
-    raise DataError(f"the CSV reader finds {got:,} rows where the file holds {want:,} records: {where}{QUOTE_HINT}",
+    raise DataError(f"the CSV reader finds {got:,} rows where the file holds {records:,} records: {where}{QUOTE_HINT}",
                     file=str(p))
-
-
-def check_short_rows(p: Path) -> None:
-    """DataError naming the first record of CSV `p` with fewer fields than its
-    header. polars reads the missing trailing fields as null, so "88,c3"
-    under "item_id,text,category" gives item 88 the text "c3": the values
-    after a dropped field land in the wrong columns. One pass of Python's csv
-    reader (`first_ragged_row`)."""
-    found = first_ragged_row(p, shorter=True)
-    if found is not None:
-        number, line, fields, header = found
-        raise DataError(
-            f"{fields} fields (line {line} of the file), the header has {len(header)}: the values after a missing "
-            "field would land in the wrong columns; write an empty field for a missing value (88,,c3)",
-            file=str(p), column=header[fields], rows=[number])
 
 
 def text_candidates(lf: pl.LazyFrame) -> list[str]:
@@ -207,6 +209,6 @@ def drop_blank_tail(lf: pl.LazyFrame, p: Path) -> tuple[pl.LazyFrame, str | None
 
 
 __all__ = [
-    "QUOTE_HINT", "SNIFF_BYTES", "check_record_count", "check_short_rows", "csv_records", "drop_blank_tail",
+    "QUOTE_HINT", "SNIFF_BYTES", "check_csv_shape", "drop_blank_tail",
     "first_ragged_row", "found_columns", "near_names", "quote_hint", "text_candidates", "trailing_blank_lines",
 ]

@@ -17,7 +17,7 @@ import polars as pl
 from features import schemas as S
 from features.core.errors import DataError, UsageError
 from features.core.fingerprint import file_fingerprint
-from features.csvshape import SNIFF_BYTES, check_record_count, check_short_rows, drop_blank_tail, quote_hint, text_candidates
+from features.csvshape import SNIFF_BYTES, check_csv_shape, drop_blank_tail, quote_hint, text_candidates
 from features.synthetic import SyntheticConfig, generate_interests, generate_synthetic  # re-exported
 
 @dataclass
@@ -291,8 +291,7 @@ def _scan(p: Path) -> tuple[pl.LazyFrame, bool, str | None]:
 def load_files(interactions: str | Path, items: str | Path | None = None, text_column: str = S.TEXT) -> RawSource:
     inter_lf, inter_csv, inter_note = _scan(Path(interactions))
     if inter_csv:
-        check_short_rows(Path(interactions))
-        check_record_count(inter_lf, Path(interactions))
+        check_csv_shape(inter_lf, Path(interactions))
     inter = RawTable(inter_lf, str(interactions), file_fingerprint(interactions))
     notes = [inter_note]
     item_table = None
@@ -309,8 +308,7 @@ def load_files(interactions: str | Path, items: str | Path | None = None, text_c
                 lf = lf.drop(S.TEXT)
             lf = lf.rename({text_column: S.TEXT})
         if from_csv:
-            check_short_rows(Path(items))
-            check_record_count(lf, Path(items))
+            check_csv_shape(lf, Path(items))
         categories = () if from_csv else pandas_categories(Path(items))
         if text_column != S.TEXT:
             categories = tuple(c for c in categories if c not in (S.TEXT, text_column))
