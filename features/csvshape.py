@@ -86,6 +86,15 @@ def first_ragged_row(p: str | Path, shorter: bool) -> tuple[int, int, int, list[
     return None
 
 
+def _lone_cr_note(p: Path) -> str:
+    """A note when CSV `p` holds a carriage return not followed by a line feed:
+    Python's csv reader ends a record there (so a field holding one reads as a
+    short row) while polars does not. Error path only."""
+    data = p.read_bytes()
+    return ("; or the file holds a carriage return inside a field (a lone CR ends a line for most CSV readers): "
+            "remove it or quote the field") if data.count(b"\r") > data.count(b"\r\n") else ""
+
+
 # a " with a character other than a separator, a quote or a line end on both sides: 12" vinyl
 _STRAY_QUOTE = re.compile(r'(?<=[^,\t"\r\n])"(?=[^,\t"\r\n])')
 
@@ -116,7 +125,7 @@ def check_csv_shape(lf: pl.LazyFrame, p: Path) -> None:
                     raise DataError(
                         f"{len(row)} fields (line {reader.line_num} of the file), the header has {len(header)}: the "
                         "values after a missing field would land in the wrong columns; write an empty field for a "
-                        "missing value (88,,c3)", file=str(p), column=header[len(row)], rows=[number])
+                        f"missing value (88,,c3){_lone_cr_note(p)}", file=str(p), column=header[len(row)], rows=[number])
     except (OSError, csv.Error):
         return  # polars names the problem
     try:

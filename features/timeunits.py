@@ -39,9 +39,18 @@ def _ymd(ts: pl.Expr) -> pl.Expr:
     return date(ts) | (date(ts // 100) & (ts % 100).is_between(0, 23))
 
 
-def _ymd_hi(hi: int) -> bool:
-    """Whether the latest time could be a YYYYMMDD or YYYYMMDDhh date (gates the per-row check)."""
-    return hi <= 2_199_123_123
+def _date_digits(ts: pl.Expr) -> pl.Expr:
+    """True where an integer reads as a date written YYYYMMDD, YYYYMMDDhh,
+    MMDDYYYY or DDMMYYYY (years 1900..2199)."""
+    year, head = ts % 10_000, ts // 10_000
+    end_year = year.is_between(1900, 2199) & head.is_between(101, 3112)
+    mdy = end_year & (head // 100).is_between(1, 12) & (head % 100).is_between(1, 31)
+    dmy = end_year & (head % 100).is_between(1, 12) & (head // 100).is_between(1, 31)
+    return _ymd(ts) | mdy | dmy
+
+
+# the earliest YYYYMMDDhh value, read as seconds: 2030-03-17 (no real log reaches it yet)
+_YMDH_LO = 1_900_010_100
 
 
 def check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int, int], unit: str, dated: bool,
@@ -58,10 +67,10 @@ def check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int
     ts = pl.col(S.TIMESTAMP)
     guess: str | None = None
     hint: str | None = None
-    # every time (0 placeholders aside) a date written YYYYMMDD or YYYYMMDDhh: one 0 let a column through
-    if not dated and _ymd_hi(hi) and typed.select(_ymd(ts).filter(ts != 0).all() & (ts != 0).any()).collect().item():
-        bad = pl.lit(True)
-        what = "every timestamp reads as a date written YYYYMMDD (or YYYYMMDDhh)"
+    # most times (0 placeholders aside) dates written as digits: one 0, or one 99999999, let a column through
+    if not dated and hi <= 2_199_123_123 and typed.select(_date_digits(ts).filter(ts != 0).mean() > 0.5).collect().item():
+        bad = _date_digits(ts)
+        what = "most timestamps read as dates written as digits (YYYYMMDD, YYYYMMDDhh, MMDDYYYY or DDMMYYYY)"
         hint = "convert them to epoch times (seconds since 1970-01-01 UTC), or pass dates as a parquet date column"
     elif hi > MAX_TS_S * per_s:
         # a finer unit only when it fits the earliest time too: else a few rows are wrong, not the unit
@@ -105,6 +114,11 @@ def check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int
         most = typed.select((bad.sum() * 2 > pl.len()).alias("most"), ts.filter(bad).median().alias("mid")).collect().row(0)
         coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and YEAR_1980_S * f <= (most[1] or 0) <= MAX_TS_S * f]
         guess = coarser[-1] if most[0] and coarser and not dated else None
+    elif per_s == 1 and not dated and hi >= _YMDH_LO and typed.select((_ymd(ts) & (ts >= _YMDH_LO)).any()).collect().item():
+        # dates written YYYYMMDDhh among epoch seconds read as the 2030s, inside the plausible range (a probe)
+        bad = _ymd(ts) & (ts >= _YMDH_LO)
+        what = "timestamps that read as dates written YYYYMMDDhh (the 2030s when read as seconds)"
+        hint = "convert them to epoch times (seconds since 1970-01-01 UTC)"
     else:
         return
     found = typed.filter(bad).select(pl.len().alias("n"), pl.col(row).head(_SHOW).implode(), pl.col(

@@ -401,7 +401,7 @@ def test_third_round_of_export_shapes_is_refused(tmp_path, capsys):
     rc, err, _ = _run(tmp_path, capsys, "user_id,item_id,timestamp,rating\n" + dates + "20,11,20200913,5\n")
     assert rc == 1 and "row 20: timestamps before 1974 or written as dates" in err and "20200913" in err, err
     rc, err, _ = _run(tmp_path, capsys, "user_id,item_id,timestamp,rating\n1,10,20200913,5\n2,11,20200914,4\n")
-    assert rc == 1 and "every timestamp reads as a date written YYYYMMDD" in err, err
+    assert rc == 1 and "most timestamps read as dates written as digits" in err, err
     rc, err, _ = _run(tmp_path, capsys, "user_id,item_id,timestamp,rating\n1,10,43000,5\n2,11,43001,4\n3,12,43100,2\n")
     assert rc == 0, err  # relative times (Excel serial days, say) still pass
     rc, err, out = _run(tmp_path, capsys, 'user_id,item_id,timestamp,rating,note\r1,10,100,5,"two\nlines"\r2,11,200,4,x\r')
@@ -417,11 +417,17 @@ def test_dates_written_as_integers_are_refused_whatever_their_share_and_real_ear
     ymd = "".join(f"{i},10,{19971001 + i},4\n" for i in range(1, 16)) + "".join(
         f"{i},11,{880000000 + i},4\n" for i in range(16, 21))
     rc, err, _ = _run(tmp_path, capsys, head + ymd)
-    assert rc == 1 and "written as dates" in err and "rows 1, 2, 3, 4, 5" in err and "(15 rows in all)" in err, err
+    assert rc == 1 and "dates written as digits" in err and "rows 1, 2, 3, 4, 5" in err and "(15 rows in all)" in err, err
     rc, err, _ = _run(tmp_path, capsys, head + "1,10,19971001,4\n2,11,0,4\n3,12,19971003,4\n")
-    assert rc == 1 and "every timestamp reads as a date written YYYYMMDD" in err, err
+    assert rc == 1 and "most timestamps read as dates written as digits" in err, err
     rc, err, _ = _run(tmp_path, capsys, head + "1,10,1997100103,4\n2,11,1997100214,4\n")
     assert rc == 1 and "YYYYMMDDhh" in err, err
+    # ... a column with one 99999999 placeholder, MMDDYYYY, and YYYYMMDDhh rows among epoch seconds (2030s)
+    for text in ("1,10,19971001,4\n2,11,99999999,4\n3,12,19971003,4\n", "1,10,12051997,4\n2,11,1011998,4\n3,12,12311997,4\n"):
+        rc, err, _ = _run(tmp_path, capsys, head + text)
+        assert rc == 1 and "most timestamps read as dates written as digits" in err, err
+    rc, err, _ = _run(tmp_path, capsys, head + "1,10,880000000,4\n2,11,1998042223,4\n3,12,880000300,4\n")
+    assert rc == 1 and "row 2: timestamps that read as dates written YYYYMMDDhh" in err, err
     rel_ms = "".join(f"{i},{10 + i % 3},{i * 3_000_000_000},4\n" for i in range(1, 22))  # two years of relative ms
     rc, err, _ = _run(tmp_path, capsys, head + rel_ms, extra=["--timestamp-unit", "ms"])
     assert rc == 0, err
@@ -451,3 +457,12 @@ def test_quote_pairs_that_swallow_lines_and_line_ends_are_judged_on_the_whole_fi
     cr_lf = "user_id,item_id,timestamp,rating,note\r" + "".join(f'{i},10,{100 + i},4,"a\nb\nc"\r' for i in range(1, 6))
     rc, err, _ = _run(tmp_path, capsys, cr_lf)
     assert rc == 1 and "carriage return alone" in err, err
+
+
+def test_a_lone_carriage_return_inside_a_field_is_named(tmp_path, capsys):
+    """A verification probe (2026-12-01): `Copy\\rcat` in an LF file read as a
+    short row, and the message blamed a missing field only."""
+    items = tmp_path / "items.csv"
+    items.write_bytes(b"item_id,text,genre\n10,a,x\n11,Copy\rcat,y\n12,c,z\n")
+    rc, err, _ = _run(tmp_path, capsys, GOOD, extra=["--items", str(items)])
+    assert rc == 1 and "carriage return inside a field" in err, err
