@@ -15,7 +15,9 @@ names: `recsys.tracking.models`.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from features.core.errors import RecsysError, UsageError
 from recsys.compare import ALL, CompareRow, regressions
@@ -37,9 +39,22 @@ class Promotion:
     guard_row: CompareRow | None  # the arm's row of the guarded metric (segment "all"); None for the control
 
 
-def promote_arm(tracking: TrackingConfig, experiment: str, arm: str, guard: str | None = "gauc") -> Promotion:
-    """Set `champion` on `arm`'s models of `experiment` unless `guard` regresses."""
+def promote_arm(tracking: TrackingConfig | Mapping[str, Any] | str, experiment: str, arm: str,
+                guard: str | None = "gauc") -> Promotion:
+    """Set `champion` on `arm`'s models of `experiment` unless `guard` regresses.
+
+    `tracking`: the config's `tracking` section (a TrackingConfig, or a
+    mapping of its keys), or a store URI."""
     from recsys.eval.metrics import METRICS
+
+    if isinstance(tracking, str):
+        tracking = TrackingConfig(uri=tracking)
+    elif isinstance(tracking, Mapping):
+        from features.core.config import from_dict
+
+        tracking = from_dict(TrackingConfig, dict(tracking), where="tracking")
+    elif not isinstance(tracking, TrackingConfig):
+        raise TypeError(f"tracking: a TrackingConfig, a mapping of its keys or a store URI, got {type(tracking).__name__}")
     from recsys.experiment import check_experiment_name
     from recsys.experiment_run import compare_experiment, newest_run
     from recsys.tracking import connect

@@ -49,10 +49,11 @@ def export_student(distill_out: str | Path, features_dir: str | Path, dest: str 
     distill_out, features_dir, dest = Path(distill_out), Path(features_dir), Path(dest)
     ckpt = distill_out / "student" / STUDENT_FILE
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    manifest = read_manifest(distill_out / "student") or {}
+    _check_trained_on(manifest, features_dir, distill_out)
     items = pl.read_parquet(features_dir / S.FILES["items"]).sort(S.ITEM_ID)
     kinds = _kinds(features_dir, items)
     student_cfg = state["config"]
-    manifest = read_manifest(distill_out / "student") or {}
     n_buckets = int((manifest.get("config") or {}).get("n_buckets", 10))
     fields = FieldEncoder.fit(items, kinds if student_cfg.get("use_fields", True) else {}, n_buckets)
     inputs = ([S.TEXT] if student_cfg.get("use_text", True) else []) + fields.columns()
@@ -61,6 +62,25 @@ def export_student(distill_out: str | Path, features_dir: str | Path, dest: str 
     shutil.copyfile(ckpt, dest / STUDENT_FILE)
     (dest / CONTENT_FILE).write_text(json.dumps(content, indent=2) + "\n")
     return dest
+
+
+def _check_trained_on(manifest: dict, features_dir: Path, distill_out: Path) -> None:
+    """UsageError unless `features_dir`'s items.parquet is the one the student
+    trained on (its manifest's upstream fingerprint). The field vocabularies
+    and numeric buckets are fitted on that catalog: refitted on a grown one,
+    every vector changed (mean cosine 0.55 to the trained ones) without a word,
+    and a new category value crashed (a probe, 2026-12-01)."""
+    from features.core.errors import UsageError
+    from features.core.fingerprint import file_fingerprint
+
+    want = ((manifest.get("key") or {}).get("upstream") or {}).get(S.FILES["items"])
+    items = features_dir / S.FILES["items"]
+    if want is not None and items.is_file() and file_fingerprint(items) != want:
+        raise UsageError(
+            f"{items} is not the items file the student in {distill_out} trained on (another catalog, or the "
+            "features were rebuilt): its field vocabularies and numeric buckets would be refitted and every vector "
+            "would change; pass the features folder it trained on (new items go in the frame you embed: unseen "
+            "field values read as missing)")
 
 
 class StudentEncoder:

@@ -194,6 +194,16 @@ def test_encode_items_matches_the_published_embeddings(in_experiment):
         encode_items(a / "nope", a / "features", items)
     with pytest.raises(UsageError, match="holds no student/student.pt"):
         encode_items(a / "features", a / "features", items)
+    # a probe (2026-12-01): features rebuilt on a grown catalog refitted the field vocabularies, and every
+    # vector changed (mean cosine 0.55) without a word
+    import shutil
+
+    other = in_experiment.artifacts.parent / "grown_features"
+    shutil.copytree(a / "features", other, dirs_exist_ok=True)
+    extra = items.tail(1).with_columns(pl.col("item_id") + 100_000)
+    pl.concat([items, extra]).write_parquet(other / "items.parquet")
+    with pytest.raises(UsageError, match="is not the items file the student in .* trained on"):
+        encode_items(a / "distill", other, items)
 
 
 def test_rerun_reuses_the_registered_versions(in_experiment):

@@ -59,3 +59,17 @@ def test_exported_functions_carry_an_example():
     ranker_module = importlib.import_module(recsys.Ranker.__module__)
     result, n = _run(ranker_module, vars(ranker_module), ranker_module.__name__)
     assert n == 1 and result.attempted > 0 and result.failed == 0, result
+
+
+def test_promote_arm_takes_a_mapping_or_a_uri_as_the_other_entry_points_do(tmp_path):
+    """A probe (2026-12-01): promote_arm took only a TrackingConfig, a class of
+    a private module; a mapping or a URI failed with a bare AttributeError."""
+    from features.core.errors import UsageError
+    from recsys import promote_arm
+
+    uri = f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"
+    for tracking in ({"uri": uri}, uri):
+        with pytest.raises(UsageError, match="tracking store .* does not exist"):
+            promote_arm(tracking, "debug_ab", "match")
+    with pytest.raises(TypeError, match="a TrackingConfig, a mapping of its keys or a store URI"):
+        promote_arm(3, "debug_ab", "match")
