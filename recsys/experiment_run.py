@@ -167,8 +167,10 @@ def run_experiment(
                 arm_outputs[key], fingerprints[key] = done.out, done.fingerprint
                 f = arm_outputs[key] / PREDICTIONS
                 frame = read_predictions(f, arm.name, seed, exp.spec.metrics)
-                arm_runs.append({"arm": arm.name, "seed": seed, "outputs": str(arm_outputs[key]),
-                                 "rows": frame.height, "fingerprint": file_fingerprint(f), "features": str(done.features),
+                # absolute: `compare` reads them back from any working directory (paths.root may be relative)
+                arm_runs.append({"arm": arm.name, "seed": seed, "outputs": str(arm_outputs[key].resolve()),
+                                 "rows": frame.height, "fingerprint": file_fingerprint(f),
+                                 "features": str(Path(done.features).resolve()),
                                  "features_fingerprint": segments_fingerprint(done.features)})
                 predictions.append(ArmPredictions(arm.name, seed, with_segments(frame, done.features, segment_tables)))
         run.log_dict(arm_runs, ARM_RUNS)

@@ -165,11 +165,11 @@ def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: b
     its manifest (rank 0). Under torchrun every rank trains; rank 0 writes.
     The run holds `out` (and a checkpoint_dir outside it) locked: training
     writes its checkpoints in place, so a second run into the same folder
-    waits for the first (the processes of one torchrun share the lock)."""
+    waits for the first (a torchrun job's processes lock rank by rank)."""
     out = Path(out)
     ckpt = job.train.checkpoints(out)
     folders = [out] + ([] if ckpt.resolve().is_relative_to(out.resolve()) else [ckpt])
-    with run_lock(folders, shared=_world_size() > 1, log=log):
+    with run_lock(folders, rank=int(os.environ.get("RANK", "0")) if _world_size() > 1 else 0, log=log):
         return _run_rank(job, tracker, out, force=force, log=log)
 
 

@@ -185,27 +185,36 @@ def _folder_lock(final: Path) -> Iterator[None]:
 
 
 @contextmanager
-def run_lock(folders: list[Path], shared: bool = False, log: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Hold `.NAME.run.lock` beside each folder for a whole run that writes
-    into the folder in place (the ranker's checkpoints: two runs of different
-    configs into one --out read each other's best.pt and reported and
-    registered the other's model, exit 0: a probe, 2026-12-01). Exclusive,
-    or `shared` (the processes of one distributed run). A second run waits,
-    saying so, and then finds the first one's outputs."""
+def run_lock(folders: list[Path], rank: int = 0, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold `.NAME.run.lock` beside each folder, exclusively, for a whole run
+    that writes into the folder in place (the ranker's checkpoints: two runs
+    of different configs into one --out read each other's best.pt and
+    reported and registered the other's model, exit 0: a probe, 2026-12-01).
+    A second run waits, saying so, and then finds the first one's outputs.
+
+    `rank`: a distributed run's process; rank r > 0 holds `.NAME.run.rankR.lock`,
+    so two torchrun jobs exclude each other rank by rank (a shared lock let
+    them train together), and a single-process run excludes a job's rank 0
+    (its other ranks then wait for it at their first collective). Polls, so
+    Ctrl-C interrupts the wait."""
     import fcntl
     from contextlib import ExitStack
 
+    suffix = f".rank{rank}" if rank else ""
     with ExitStack() as stack:
         for folder in sorted({Path(f).resolve() for f in folders}, key=str):  # one order: no deadlock
             folder.parent.mkdir(parents=True, exist_ok=True)
-            fh = stack.enter_context(open(folder.parent / f".{folder.name}.run.lock", "a"))
-            mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-            try:
-                fcntl.flock(fh, mode | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if log is not None:
-                    log(f"waiting: another run is writing {folder}")
-                fcntl.flock(fh, mode)
+            fh = stack.enter_context(open(folder.parent / f".{folder.name}.run{suffix}.lock", "a"))
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if log is not None and not told:
+                        log(f"waiting: another run is writing {folder}")
+                    told = True
+                    time.sleep(0.2)  # a blocking flock would not return to Python for Ctrl-C
         yield
 
 

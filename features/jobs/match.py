@@ -411,7 +411,8 @@ def _write_final(out: Path, key: dict[str, Any], frame: pl.DataFrame, total: dic
                 "config": cfg.relevant(),
                 "columns": cfg.columns(),
                 "shards": shards,
-                "upstream_files": {"features": str(feats_dir), "embeddings": str(emb_path)},
+                # absolute: the ranker's sampled negatives read the embeddings back from here, from any cwd
+                "upstream_files": {"features": str(feats_dir.resolve()), "embeddings": str(emb_path.resolve())},
                 "stats": total,
             },
         )

@@ -98,7 +98,7 @@ def _fit_teachers(args: argparse.Namespace) -> int:
     cfg, job = _plan(args)
     with tracked_command(cfg.tracking, "teachers", _params(job, args), outputs=args.out, upstream=_upstream(job)) as st:
         res = fit_teachers(job.features, args.out, job.teachers, st, distill=job.distill, seed=job.distill.seed,
-                           force=args.force)
+                           force=args.force or not cfg.tracking.reuse)
         st.record_key(res.manifest.get("key", {}), reused=res.skipped)
     print(f"output: {res.out_dir}")
     return 0
@@ -111,7 +111,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg, job = _plan(args)
     with tracked_command(cfg.tracking, "distill", _params(job, args), outputs=args.out, upstream=_upstream(job)) as st:
         res = train_student(job.features, args.out, job.distill, st, teachers=job.teachers, seed=job.distill.seed,
-                            force=args.force)
+                            force=args.force or not cfg.tracking.reuse)
         st.record_key(res.manifest.get("key", {}), reused=res.skipped)
         st.log_artifact(res.out_dir / "item_embeddings.parquet")
     print(f"output: {res.out_dir / 'item_embeddings.parquet'}")
@@ -141,7 +141,7 @@ def _eval(args: argparse.Namespace) -> int:
                              outputs=args.out) as st:
             report = evaluate_seeds(
                 job.features, args.out, job.distill, st, teachers=job.teachers, seeds=args.seeds,
-                ablations=job.ablations, force=args.force,
+                ablations=job.ablations, force=args.force or not cfg.tracking.reuse,
             )
         if not args.quiet:
             print(format_seeds(report))
@@ -151,7 +151,8 @@ def _eval(args: argparse.Namespace) -> int:
                          upstream=_upstream(job)) as st:
         # its progress and warnings (empty texts, a valid split with nothing to select on) reach the user;
         # the metrics table is printed below (not with --quiet)
-        res = run_distill(job, st, args.out, force=args.force, log=warnings_only if args.quiet else log_default,
+        res = run_distill(job, st, args.out, force=args.force or not cfg.tracking.reuse,
+                          log=warnings_only if args.quiet else log_default,
                           show_metrics=False)
         st.record_key(res.key, reused=res.reused)
         st.log_artifact(res.out / "metrics.json")

@@ -67,7 +67,7 @@ def _run_match(args: argparse.Namespace, cfg: Any, shard: Any) -> int:
     out, feats, emb = (local_path(getattr(args, k), f"--{k}") for k in ("out", "features", "embeddings"))
     check_output(out, {"--features": feats, "--embeddings": emb, "--config": args.config})
     job = plan_match(cfg, features=feats, embeddings=emb)
-    result = run_match(job, None, out, shard=shard, force=args.force, progress=not args.quiet,
+    result = run_match(job, None, out, shard=shard, force=args.force or not cfg.tracking.reuse, progress=not args.quiet,
                        log=warnings_only if args.quiet else print)
     if not args.quiet:
         shown = args.out if str(args.out) != str(out) else result.out

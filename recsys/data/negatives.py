@@ -28,6 +28,7 @@ import polars as pl
 from features import schemas as S
 from features.core.config import from_dict
 from features.core.errors import DataError
+from features.core.fingerprint import file_fingerprint
 from features.core.manifest import read_manifest
 
 if TYPE_CHECKING:
@@ -54,10 +55,19 @@ def match_pool(data: RankingData, features_dir: Path, match_file: Path) -> tuple
 
     manifest = read_manifest(match_file.parent) or {}
     emb = (manifest.get("upstream_files") or {}).get("embeddings")
+    if emb and not Path(emb).is_absolute():  # recorded as given before 2026-12-01: relative to that run's cwd
+        emb = None
     if "config" not in manifest or not emb or not Path(emb).is_file():
         raise DataError("sampled negatives need match features computed like the real rows', but this match file's "
-                        "manifest names no config or embeddings file that still exists; rebuild it with "
-                        "`recsys features match`, or set data.negatives_per_request: 0", file=str(match_file))
+                        "manifest names no config or embeddings file that still exists (at an absolute path); rebuild "
+                        "it with `recsys features match`, or set data.negatives_per_request: 0", file=str(match_file))
+    want = ((manifest.get("key") or {}).get("upstream") or {}).get("embeddings")
+    if want is not None and file_fingerprint(emb) != want:
+        # replaced since (another distill run): the negatives would be scored with other vectors than the real
+        # rows' match features, silently (a probe, 2026-12-01)
+        raise DataError(f"the embeddings the match features were computed from, {emb}, have changed since: sampled "
+                        "negatives would be scored with other vectors than the real rows; rerun `recsys features "
+                        "match` on the current embeddings", file=str(match_file))
     cfg = from_dict(MatchConfig, {k: v for k, v in manifest["config"].items() if k != "folds"}, where=str(match_file))
     reqs = data.requests("train")
     items = existing_items(data, reqs, np.random.default_rng(POOL_SEED), POOL)  # (R, P)

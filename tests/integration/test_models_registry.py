@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -264,3 +265,17 @@ def test_promote_takes_the_compared_runs_models_not_aliases_a_later_run_moved(in
         assert c.get_registered_model("recsys-ranker").aliases["champion"] == want
     finally:
         c.set_registered_model_alias("recsys-ranker", "debug_ab-match_svd", want)
+
+
+def test_compare_reads_the_run_back_from_another_working_directory(in_experiment, monkeypatch, tmp_path, capsys):
+    """A probe (2026-12-01): with a relative paths.root the run recorded its
+    arms' folders as given, and `compare` from another directory said the
+    predictions were missing."""
+    from recsys.cli import main
+    from recsys.experiment_run import newest_run
+    from recsys.tracking.config import TrackingConfig
+
+    _, arms = newest_run(TrackingConfig(uri=in_experiment.uri), "debug_ab")
+    assert arms and all(Path(a["outputs"]).is_absolute() and Path(a["features"]).is_absolute() for a in arms)
+    monkeypatch.chdir(tmp_path)
+    assert main(["experiment", "compare", "debug_ab", "--format", "json"]) == 0, capsys.readouterr().err

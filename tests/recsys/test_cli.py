@@ -53,3 +53,35 @@ def test_bare_group_prints_help_and_exits_2(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "recsys.cli", "--help"], capture_output=True, text=True, check=True)
     assert "features" in out.stdout
+
+
+def test_tracking_reuse_false_recomputes_in_the_distill_and_match_commands(tmp_path, monkeypatch):
+    """A probe (2026-12-01): `tracking.reuse: false` ("always recompute, like
+    --force") was honoured by `experiment run` and `rank train` only; teachers
+    fit, distill train / eval and features match skipped as up to date."""
+    import distill.jobs
+    import recsys.stages
+
+    (tmp_path / "features").mkdir()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tracking:\n  reuse: false\n  enabled: false\n")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(*_a, force, **_k):
+        seen.append(force)
+        raise Stop
+
+    for name in ("fit_teachers", "train_student", "evaluate_seeds"):
+        monkeypatch.setattr(distill.jobs, name, spy)
+    monkeypatch.setattr(recsys.stages, "run_distill", spy)
+    feats = str(tmp_path / "features")
+    for argv in (["teachers", "fit"], ["distill", "train"], ["distill", "eval"], ["distill", "eval", "--seeds", "0,1"]):
+        main([*argv, "--config", str(cfg), "--features", feats, "--out", str(tmp_path / "out")])  # stopped by the spy
+    monkeypatch.setattr(recsys.stages, "run_match", spy)
+    (tmp_path / "emb.parquet").write_bytes(b"")
+    main(["features", "match", "--config", str(cfg), "--features", feats, "--embeddings", str(tmp_path / "emb.parquet"),
+          "--out", str(tmp_path / "match")])
+    assert seen == [True, True, True, True, True]

@@ -112,3 +112,32 @@ def test_sampled_rows_get_negative_history_features_by_the_same_rule(matched_neg
     assert 0 < flags[~sampled, neg].mean() < 1  # some real rows have a negative history, some not
     assert not flags[:, data.match_columns.index("mf_neg_hist_len")].any()
     np.testing.assert_allclose(flags[sampled].mean(0), flags[~sampled].mean(0), atol=0.1)
+
+
+def test_sampled_negatives_read_the_embeddings_the_match_features_were_computed_from(matched, tmp_path, monkeypatch):
+    """A probe (2026-12-01): the match manifest recorded the embeddings path as
+    given (relative), so from another cwd another file there was read, and an
+    embeddings file replaced in place (a later distill run) was read too:
+    sampled negatives got other vectors than the real rows, exit 0."""
+    import json
+    import shutil
+
+    from features.core.errors import DataError
+
+    feats, match = matched
+    manifest = json.loads((match / "manifest.json").read_text())
+    emb = Path(manifest["upstream_files"]["embeddings"])
+    assert emb.is_absolute() and Path(manifest["upstream_files"]["features"]).is_absolute()
+    monkeypatch.chdir(tmp_path)  # another working directory: same file, same pool
+    RankingData.load(feats, DataConfig(use_match_features=True, negatives_per_request=2), match)
+    copy = tmp_path / "match"
+    shutil.copytree(match, copy)
+    swapped = tmp_path / "emb.parquet"
+    import polars as pl
+
+    frame = pl.read_parquet(emb)
+    frame.with_columns(pl.col("embedding").shuffle(seed=1)).write_parquet(swapped)
+    manifest["upstream_files"]["embeddings"] = str(swapped)  # as if replaced in place
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="have changed since: sampled negatives would be scored with other vectors"):
+        RankingData.load(feats, DataConfig(use_match_features=True, negatives_per_request=2), copy)

@@ -495,7 +495,7 @@ def test_a_second_run_into_a_locked_folder_waits_for_the_first(tmp_path):
         time.sleep(0.3)
         assert child.poll() is None  # still waiting while the lock is held
     assert child.stdout.readline().strip() == "got" and child.wait(30) == 0
-    with run_lock([folder], shared=True), run_lock([folder], shared=True):  # one torchrun's processes share it
+    with run_lock([folder], rank=0), run_lock([folder], rank=1):  # a torchrun job's ranks lock rank by rank
         pass
 
 
@@ -572,3 +572,27 @@ def test_a_killed_runs_model_version_is_not_reused(store_uri, request):
     v3 = client.create_model_version(name, "file:///z", run_id=done, tags={"reuse_key": "k2"})
     client.create_model_version(name, "file:///w", run_id=killed, tags={"reuse_key": "k2"})
     assert _find(client, name, "k2", current).version == str(v3.version)
+
+
+def test_a_run_waiting_for_the_lock_stops_on_ctrl_c_and_torchrun_jobs_exclude_each_other(tmp_path):
+    """A verification probe (2026-12-01): a waiting run ignored Ctrl-C until the
+    other run ended (a blocking flock), and two torchrun jobs into one --out
+    trained together (their ranks shared the lock)."""
+    import signal
+
+    from features.core.manifest import run_lock
+
+    folder = tmp_path / "out"
+    code = ("import sys; from pathlib import Path; from features.core.manifest import run_lock\n"
+            "with run_lock([Path(sys.argv[1])], rank=int(sys.argv[2]), log=lambda m: print(m, flush=True)):\n"
+            "    print('got', flush=True)\n")
+    repo = Path(__file__).resolve().parents[2]
+    with run_lock([folder], rank=1):  # rank 1 of a running job
+        child = subprocess.Popen([sys.executable, "-c", code, str(folder), "1"], stdout=subprocess.PIPE, text=True, cwd=repo)
+        assert child.stdout.readline().startswith("waiting: another run is writing")  # rank 1 of a second job
+        t0 = time.perf_counter()
+        child.send_signal(signal.SIGINT)
+        assert child.wait(10) != 0 and time.perf_counter() - t0 < 5
+        other_rank = subprocess.run([sys.executable, "-c", code, str(folder), "2"], capture_output=True, text=True,
+                                    cwd=repo, timeout=30)
+        assert other_rank.stdout.strip() == "got"  # another rank's lock is free
