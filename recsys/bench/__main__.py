@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     out = next((a.split("=", 1)[1] for a in rest if a.startswith("--out=")), None) or next(
         (rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--out"), None)
-    if out is not None and Path(out).exists() and not Path(out).is_dir():  # found before the run, not after it
-        print(f"error: --out {out} is an existing file; expected a folder for the results JSON", file=sys.stderr)
+    # found before the run, not after it: --out itself, or a folder above it, an existing file
+    blocked = next((p for p in (Path(out), *Path(out).parents) if p.exists() and not p.is_dir()), None) if out else None
+    if blocked is not None:
+        what = "is an existing file" if blocked == Path(out) else f"lies under {blocked}, an existing file"
+        print(f"error: --out {out} {what}; expected a folder for the results JSON", file=sys.stderr)
         return 2
     names = list(BENCHMARKS) if name == "all" else [name]
     for n in names:

@@ -277,6 +277,20 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1)
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (nan and inf are refused: nan > x is always false)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
 def nonnegative_int(text: str) -> int:
     """argparse type: an int >= 0."""
     return _int_at_least(text, 0)
@@ -311,9 +325,12 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 
 def write_json(name: str, payload: Any, results_dir: Path = RESULTS_DIR) -> Path:
     """Write `results_dir/NAME.json` atomically and return its path."""
+    from features.core.numeric import json_safe
+
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    # strict JSON: a NaN or inf is written as null (json's default writes the non-standard NaN)
+    tmp.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
     return path

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import threading
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         millions = [float(e) for e in args.events.split(",")]
     except ValueError:
         p.error(f"--events {args.events!r}: comma-separated numbers of millions of events, e.g. 1,10,50")
-    if any(not m > 0 for m in millions) or (args.users is not None and args.users < 1):
+    if any(not (m > 0 and math.isfinite(m)) for m in millions) or (args.users is not None and args.users < 1):
         p.error("--events and --users must be positive: a run of another size would be reported as this one")
     sizes = [args.users] if args.users else [max(1, round(m * 1e6 / EVENTS_PER_USER)) for m in millions]
     if args.quick:

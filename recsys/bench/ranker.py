@@ -43,6 +43,7 @@ from recsys.bench.common import (
     apply_quick,
     machine_info,
     nonnegative_int,
+    positive_float,
     positive_int,
     print_table,
     write_json,
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recsys.bench ranker", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds), for tests")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for ranker.json (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data and weights (default: %(default)s)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for data and weights (default: %(default)s)")
     p.add_argument("--lengths", type=positive_int, nargs="+", default=[1_000, 10_000, 50_000],
                    help="history lengths L (default: %(default)s)")
     p.add_argument("--candidates", type=positive_int, nargs="+", default=[1, 100, 1_000],
@@ -161,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=positive_int, default=32, help="SVD rank R, at most --dim (default: %(default)s)")
     p.add_argument("--items", type=positive_int, default=20_000, help="item table rows")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed steps per row; the median is reported")
-    p.add_argument("--slow-s", type=float, default=5.0, help="rows whose warm-up step exceeds this get 1 timed step")
-    p.add_argument("--mem-budget-gb", type=float, default=16.0, help="skip rows estimated above this")
+    p.add_argument("--slow-s", type=positive_float, default=5.0, help="rows whose warm-up step exceeds this get 1 timed step")
+    p.add_argument("--mem-budget-gb", type=positive_float, default=16.0, help="skip rows estimated above this")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0 = torch default; --quick uses 1)")
     args = p.parse_args(argv)
     if args.quick:

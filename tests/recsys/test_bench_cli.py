@@ -35,7 +35,10 @@ def test_sizes_and_counts_below_one_and_missing_paths_are_usage_errors(tmp_path,
            ["ranker", "--threads", "-1"], ["match", "--items", "-5"], ["match", "--cands", "0"],
            ["distill", "--repeats", "0"], ["distill", "--encode-items", "-1"], ["features", "--items", "0"],
            ["attention", "--checkpoint", str(tmp_path / "none.pt"), "--features", str(tmp_path)],
-           ["attention", "--threads", "0"], ["attention", "--trained-epochs", "0"]]
+           ["attention", "--threads", "0"], ["attention", "--trained-epochs", "0"],
+           # a probe (2026-12-01, second round): tracebacks, or nan written into the JSON with the guard off
+           ["ranker", "--seed", "-5"], ["attention", "--seed", "-1"], ["features", "--events", "inf"],
+           ["ranker", "--mem-budget-gb", "nan"], ["ranker", "--slow-s", "inf"]]
     for argv in bad:
         try:
             rc = main([*argv, "--out", str(tmp_path)])
@@ -43,6 +46,8 @@ def test_sizes_and_counts_below_one_and_missing_paths_are_usage_errors(tmp_path,
             rc = e.code
         assert rc == 2, argv
     assert not list(tmp_path.glob("*.json"))
+    (tmp_path / "f").write_text("")  # a file above --out: found before the run, not after it
+    assert main(["match", "--quick", "--out", str(tmp_path / "f" / "x")]) == 2
 
 
 def test_a_quick_run_without_out_writes_beside_not_over_the_committed_results():
@@ -77,3 +82,14 @@ def test_ranker_quick_runs_on_one_thread(tmp_path, monkeypatch):
     except SystemExit:
         pass
     assert seen == {"threads": 1}
+
+
+def test_results_json_is_strict(tmp_path):
+    """A NaN reaching a payload was written as the non-standard NaN token."""
+    import json
+
+    from recsys.bench.common import write_json
+
+    path = write_json("x", {"a": float("nan"), "b": [1.0, float("inf")]}, tmp_path)
+    assert json.loads(path.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c))) == {
+        "a": None, "b": [1.0, None]}
