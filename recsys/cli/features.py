@@ -91,7 +91,11 @@ def resolve_features_config(args: argparse.Namespace):
     data: dict = load_mapping(args.config) if args.config else {}
     where = args.config or "flags"
     if "features" not in data:
-        data, where = {"features": data}, (f"{args.config} (feature keys)" if args.config else "flags")
+        top = {f.name for f in dataclasses.fields(PipelineConfig)}
+        if data and set(data) <= top:  # a pipeline config without a features section: its defaults (a probe)
+            data = {"features": {}}
+        else:
+            data, where = {"features": data}, (f"{args.config} (feature keys)" if args.config else "flags")
     base = PipelineConfig.from_mapping({"features": data["features"]}, where=where).features
     over = {
         "source": args.source,

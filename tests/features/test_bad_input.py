@@ -466,3 +466,16 @@ def test_a_lone_carriage_return_inside_a_field_is_named(tmp_path, capsys):
     items.write_bytes(b"item_id,text,genre\n10,a,x\n11,Copy\rcat,y\n12,c,z\n")
     rc, err, _ = _run(tmp_path, capsys, GOOD, extra=["--items", str(items)])
     assert rc == 1 and "carriage return inside a field" in err, err
+
+
+def test_a_pipeline_config_without_a_features_section_builds_with_its_defaults(tmp_path, capsys):
+    """A probe (2026-12-01): `features build --config` read a pipeline config
+    with no `features:` section as a file of feature keys and refused its
+    `name` as an unknown feature key."""
+    cfg = tmp_path / "pipe.yaml"
+    cfg.write_text("name: x\nseed: 3\ndata:\n  history_cap: 50\n")
+    rc, err, out = _run(tmp_path, capsys, GOOD, extra=["--config", str(cfg)])
+    assert rc == 0 and (out / "interactions.parquet").is_file(), err
+    cfg.write_text("history_cap: 30\nseed: 2\n")  # feature keys beside a pipeline key: still refused, named
+    rc, err, _ = _run(tmp_path, capsys, GOOD, extra=["--config", str(cfg)])
+    assert rc == 2 and "unknown key 'seed'" in err, err
