@@ -49,7 +49,21 @@ def _date_digits(ts: pl.Expr) -> pl.Expr:
     return _ymd(ts) | mdy | dmy
 
 
-# the earliest YYYYMMDDhh value, read as seconds: 2030-03-17 (no real log reaches it yet)
+def _ymd_long(ts: pl.Expr) -> pl.Expr:
+    """True where an integer reads as YYYYMMDD followed by 0..3 two-digit
+    fields (hh, mm, ss), each in range: a date written as digits, at any of
+    the lengths a finer unit can mistake for an epoch time."""
+    def time_of_day(v: pl.Expr, fields: int) -> pl.Expr:
+        ok = pl.lit(True)
+        for limit in (59, 59, 23)[3 - fields:]:
+            ok, v = ok & (v % 100).is_between(0, limit), v // 100
+        return ok
+
+    return pl.any_horizontal(
+        _ymd(ts // 100**k) & time_of_day(ts, k) if k else _ymd(ts) for k in range(4))
+
+
+# the earliest YYYYMMDDhh value, read as seconds: 2030-03-17
 _YMDH_LO = 1_900_010_100
 
 
@@ -102,20 +116,25 @@ def check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int
         median = typed.select(ts.median()).collect().item()
         cut = EARLY_S if median >= YEAR_1980_S * per_s and not dated else JANUARY_1970_S
         bad = ts < cut * per_s
-        if per_s == 1 and not dated:
-            bad = bad | _ymd(ts)
+        if not dated:  # dates written as digits that read as before 1980 in this unit (199712041555 ms: 1976)
+            bad = bad | (_ymd_long(ts) & (ts < YEAR_1980_S * per_s))
         if not typed.select(bad.any()).collect().item():
             return
         when = "before 1974" if cut == EARLY_S else "within January 1970"
-        what = f"timestamps {when}{' or written as dates' if per_s == 1 and not dated else ''} when read as {UNIT_NAMES[unit]}, beside others from 1980 on"
-        hint = ("fix or drop those rows (a row in another unit or format, such as a date written 20200913, or 0 "
-                "written for a missing time?)")
+        if dated:
+            what, hint = f"dates {when}, beside others from 1980 on", "fix or drop those rows (a placeholder date?)"
+        else:
+            what = f"timestamps {when} or written as dates when read as {UNIT_NAMES[unit]}, beside others from 1980 on"
+            hint = ("fix or drop those rows (a row in another unit or format, such as a date written 20200913, or 0 "
+                    "written for a missing time?)")
         # most rows there, a coarser unit making them dates: the unit is wrong, not the few others
         most = typed.select((bad.sum() * 2 > pl.len()).alias("most"), ts.filter(bad).median().alias("mid")).collect().row(0)
         coarser = [u for u, f in UNIT_PER_S.items() if f < per_s and YEAR_1980_S * f <= (most[1] or 0) <= MAX_TS_S * f]
         guess = coarser[-1] if most[0] and coarser and not dated else None
-    elif per_s == 1 and not dated and hi >= _YMDH_LO and typed.select((_ymd(ts) & (ts >= _YMDH_LO)).any()).collect().item():
-        # dates written YYYYMMDDhh among epoch seconds read as the 2030s, inside the plausible range (a probe)
+    elif per_s == 1 and not dated and hi >= _YMDH_LO and typed.select(
+            _ymd(ts).filter(ts >= _YMDH_LO).mean() > 0.5).collect().item():
+        # dates written YYYYMMDDhh among epoch seconds read as the 2030s, inside the plausible range (a probe);
+        # judged on their share of the rows from 2030-03-17 on: ~0.9% of real 2030s seconds parse so
         bad = _ymd(ts) & (ts >= _YMDH_LO)
         what = "timestamps that read as dates written YYYYMMDDhh (the 2030s when read as seconds)"
         hint = "convert them to epoch times (seconds since 1970-01-01 UTC)"

@@ -479,3 +479,25 @@ def test_a_pipeline_config_without_a_features_section_builds_with_its_defaults(t
     cfg.write_text("history_cap: 30\nseed: 2\n")  # feature keys beside a pipeline key: still refused, named
     rc, err, _ = _run(tmp_path, capsys, GOOD, extra=["--config", str(cfg)])
     assert rc == 2 and "unknown key 'seed'" in err, err
+
+
+def test_real_2030s_seconds_are_read_and_digit_dates_among_milliseconds_are_refused(tmp_path, capsys):
+    """A verification probe (2026-12-01): real epoch seconds of 2030-2039 were
+    refused because ~0.9% of them parse as YYYYMMDDhh; 199712041555 among
+    epoch milliseconds read as 1976, exit 0; a datetime column's refusal
+    spoke of seconds and of 20200913."""
+    import datetime as dt
+
+    head = "user_id,item_id,timestamp,rating\n"
+    real = "".join(f"{1 + i % 9},{10 + i % 7},{1_926_120_603 + 3_607 * i},4\n" for i in range(200))  # 2031
+    rc, err, _ = _run(tmp_path, capsys, head + real)
+    assert rc == 0, err
+    ms = "".join(f"{1 + i % 9},{10 + i % 7},{880_000_000_000 + 60_000 * i},4\n" for i in range(40))
+    rc, err, _ = _run(tmp_path, capsys, head + ms + "50,11,199712041555,4\n", extra=["--timestamp-unit", "ms"])
+    assert rc == 1 and "row 41: timestamps before 1974 or written as dates when read as milliseconds" in err, err
+    dated = tmp_path / "dated.parquet"
+    pl.DataFrame({"user_id": [1, 2, 3], "item_id": [10, 11, 12], "rating": [4.0, 5.0, 3.0],
+                  "timestamp": [dt.datetime(1970, 1, 1, 7), dt.datetime(1999, 5, 1), dt.datetime(2004, 1, 2)]}
+                 ).write_parquet(dated)
+    rc, err, _ = _run(tmp_path, capsys, inter_path=dated)
+    assert rc == 1 and "row 1: dates within January 1970, beside others from 1980 on" in err and "20200913" not in err, err
