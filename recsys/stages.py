@@ -174,8 +174,12 @@ def run_rank(job: RankJob, tracker: Tracker | None, out: str | Path, *, force: b
 
 
 def _run_rank(job: RankJob, tracker: Tracker | None, out: Path, *, force: bool, log: Log) -> StageResult:
+    import dataclasses
+
     from recsys.train import train_ranker
 
+    if force:  # recompute means train afresh: resuming a finished last.pt trains 0 epochs (a probe, 2026-12-01)
+        job = dataclasses.replace(job, train=dataclasses.replace(job.train, resume=False))
     key = rank_key(job)
     current = not force and is_up_to_date(out, key)
     if current and _checkpoint_intact(job, out, log):

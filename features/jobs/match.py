@@ -7,6 +7,7 @@ users. The computation itself is `features.match`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -22,7 +23,15 @@ from features import schemas as S
 from features.core.errors import DataError, UsageError
 from features.core.fingerprint import file_fingerprint
 from features.core.provenance import stage_key
-from features.core.manifest import atomic_outputs, is_up_to_date, read_manifest, write_manifest, write_parquet
+from features.core.manifest import (
+    MANIFEST,
+    atomic_outputs,
+    atomic_write_text,
+    is_up_to_date,
+    read_manifest,
+    write_manifest,
+    write_parquet,
+)
 from features.core.paths import check_output
 from features.jobs.uri import local_path, shown
 from features.match import ItemSpace, MatchConfig
@@ -89,6 +98,20 @@ def _match_key(features_dir: Path, embeddings: Path, cfg: MatchConfig) -> dict[s
         "embeddings": file_fingerprint(embeddings),
     }
     return stage_key(MATCH_JOB, {"version": MATCH_JOB_VERSION, "config": cfg.relevant()}, upstream)
+
+
+def _record_inputs(out: Path, feats_dir: Path, emb_path: Path) -> dict[str, Any]:
+    """The reused output's manifest, its `upstream_files` pointed at the inputs
+    of this run (same bytes: the key matched). The ranker's sampled negatives
+    read the embeddings back from there: a reuse with the embeddings at a new
+    path (the old one moved or deleted) left them refused, and the advice to
+    rerun `features match` skipped again (a probe, 2026-12-01)."""
+    manifest = read_manifest(out) or {}
+    files = {"features": str(feats_dir.resolve()), "embeddings": str(emb_path.resolve())}
+    if manifest and manifest.get("upstream_files") != files:
+        manifest["upstream_files"] = files
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
 
 
 def _check_inputs_unchanged(features_dir: Path, embeddings: Path, key: dict[str, Any]) -> None:
@@ -302,7 +325,7 @@ def build_match_features(
     n = _shard_count(feats_dir, shard, cfg.shards, log)
     if not force and is_up_to_date(out, key):
         log(f"match: {shown(out)} is up to date (same config, features and embeddings); skipping")
-        return MatchResult(out, True, True, read_manifest(out) or {}, [], time.perf_counter() - t0)
+        return MatchResult(out, True, True, _record_inputs(out, feats_dir, emb_path), [], time.perf_counter() - t0)
     if cfg.engine == "spark":
         return _match_spark(feats_dir, emb_path, out, key, cfg, log, t0)
     todo = [shard[0]] if shard else list(range(n))

@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: bench all takes --quick and --out DIR only (got {' '.join(extra)}); "
                   "run a benchmark by name for its options", file=sys.stderr)
             return 2
-    out = next((a.split("=", 1)[1] for a in rest if a.startswith("--out=")), None) or next(
-        (rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--out"), None)
+    def is_out(flag: str) -> bool:  # --out, or an abbreviation argparse would take for it (--ou)
+        return len(flag) > 3 and "--out".startswith(flag)
+
+    out = next((a.split("=", 1)[1] for a in rest if "=" in a and is_out(a.split("=", 1)[0])), None) or next(
+        (rest[i + 1] for i, a in enumerate(rest[:-1]) if is_out(a)), None)
     # found before the run, not after it: --out itself, or a folder above it, an existing file
     blocked = next((p for p in (Path(out), *Path(out).parents) if p.exists() and not p.is_dir()), None) if out else None
     if blocked is not None:

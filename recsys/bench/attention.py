@@ -122,10 +122,10 @@ from recsys.bench.common import (
     machine_info,
     malloc_keep,
     matmul_gflops,
-    nonnegative_int,
     peak_mb,
     positive_int,
     print_table,
+    seed_int,
     quick_out,
     timed_quietly,
     write_json,
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds), for tests")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for attention.json (default: %(default)s)")
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed for data and weights (default: %(default)s)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed for data and weights (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="truncation_trained: a ranker checkpoint (best.pt) instead of training one on ML-100K")

@@ -296,6 +296,16 @@ def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a seed, 0 <= seed < 2**32 (numpy's and torch's generators take no more)."""
+    import argparse
+
+    value = _int_at_least(text, 0)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be < 2**32, got {value}")
+    return value
+
+
 def _int_at_least(text: str, low: int) -> int:
     import argparse
 

@@ -46,6 +46,7 @@ from recsys.bench.common import (
     positive_float,
     positive_int,
     print_table,
+    seed_int,
     write_json,
 )
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recsys.bench ranker", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds), for tests")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for ranker.json (default: %(default)s)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for data and weights (default: %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for data and weights (default: %(default)s)")
     p.add_argument("--lengths", type=positive_int, nargs="+", default=[1_000, 10_000, 50_000],
                    help="history lengths L (default: %(default)s)")
     p.add_argument("--candidates", type=positive_int, nargs="+", default=[1, 100, 1_000],

@@ -93,9 +93,12 @@ def resolve_features_config(args: argparse.Namespace):
     if "features" not in data:
         top = {f.name for f in dataclasses.fields(PipelineConfig)}
         if data and set(data) <= top:  # a pipeline config without a features section: its defaults (a probe)
+            PipelineConfig.from_mapping(data, where=where)
             data = {"features": {}}
         else:
             data, where = {"features": data}, (f"{args.config} (feature keys)" if args.config else "flags")
+    else:  # a pipeline config: every section checked (a misplaced `source:` at the top was ignored: a probe)
+        PipelineConfig.from_mapping(data, where=where)
     base = PipelineConfig.from_mapping({"features": data["features"]}, where=where).features
     over = {
         "source": args.source,
@@ -148,6 +151,14 @@ def _build(args: argparse.Namespace) -> int:
                   lambda: _run_build(args, job))
 
 
+def _reuse(config: str | None) -> bool:
+    """The pipeline config's `tracking.reuse` (true without one): false recomputes, as in the other commands."""
+    from features.core.config import load_mapping
+
+    tracking = load_mapping(config).get("tracking") if config else None
+    return not (isinstance(tracking, dict) and tracking.get("reuse") is False)
+
+
 def _run_build(args: argparse.Namespace, job: Any) -> int:
     from features.core.paths import check_output
     from features.jobs.uri import local_path
@@ -157,7 +168,8 @@ def _run_build(args: argparse.Namespace, job: Any) -> int:
     args.out = local_path(args.out, "--out")
     check_output(args.out, {"--interactions": local_path(job.config.interactions, "--interactions"),
                             "--items": local_path(job.config.items, "--items"), "--config": args.config})
-    result = run_features(job, None, args.out, force=args.force, log=warnings_only if args.quiet else print)
+    result = run_features(job, None, args.out, force=args.force or not _reuse(args.config),
+                          log=warnings_only if args.quiet else print)
     if not args.quiet:
         print(f"output: {uri if uri != args.out else result.out}")
     return 0

@@ -54,6 +54,10 @@ def match_pool(data: RankingData, features_dir: Path, match_file: Path) -> tuple
     from features.match.config import MatchConfig
 
     manifest = read_manifest(match_file.parent) or {}
+    if manifest.get("job") == "features.match.oof":  # `recsys.oof.JOB`: train rows from fold students
+        raise DataError("sampled negatives need one set of embeddings to score them with, but these are out-of-fold "
+                        "match features (train rows from per-fold students): set data.negatives_per_request: 0, or "
+                        "use match features without folds (match.folds: 0)", file=str(match_file))
     emb = (manifest.get("upstream_files") or {}).get("embeddings")
     if emb and not Path(emb).is_absolute():  # recorded as given before 2026-12-01: relative to that run's cwd
         emb = None

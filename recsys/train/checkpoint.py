@@ -41,8 +41,13 @@ def resume_key(ranker: RankerConfig, train: TrainConfig, seed: int, data: Rankin
     # the input files' bytes too: a finished checkpoint of the same config trained
     # on other match features or embeddings must not be taken for this run's model
     inputs = {k: file_fingerprint(p) for k, p in sorted(data.input_files.items())}
+    # and the code: after a code change the stage reruns, and resuming a finished checkpoint of the old
+    # code trained 0 epochs and reported the old model under the new key (a probe, 2026-12-01)
+    from features.core.provenance import plugin_code
+
     return config_hash({"ranker": to_dict(ranker), "train": t, "data": to_dict(data.config), "seed": seed,
-                        "spec": to_dict(data.spec), "world": world, "inputs": inputs})
+                        "spec": to_dict(data.spec), "world": world, "inputs": inputs,
+                        "code": plugin_code().source_hash})
 
 
 def checkpoint_name(stem: str, ctx: WorkerContext) -> str:

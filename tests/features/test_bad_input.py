@@ -501,3 +501,23 @@ def test_real_2030s_seconds_are_read_and_digit_dates_among_milliseconds_are_refu
                  ).write_parquet(dated)
     rc, err, _ = _run(tmp_path, capsys, inter_path=dated)
     assert rc == 1 and "row 1: dates within January 1970, beside others from 1980 on" in err and "20200913" not in err, err
+
+
+def test_features_build_checks_the_whole_pipeline_config_and_honours_reuse_false(tmp_path, capsys):
+    """A verification probe (2026-12-01): a misplaced top-level `source:` was
+    ignored (another source was built, exit 0), and `tracking.reuse: false`
+    did not recompute, unlike every other command."""
+    cfg = tmp_path / "pipe.yaml"
+    cfg.write_text("features:\n  history_cap: 50\nsource: synthetic\n")
+    rc, err, _ = _run(tmp_path, capsys, GOOD, extra=["--config", str(cfg)])
+    assert rc == 2 and "unknown section 'source'" in err, err
+    cfg.write_text("features:\n  history_cap: 50\ntracking:\n  reuse: false\n  enabled: false\n")
+    (tmp_path / "events.csv").write_text(GOOD)
+    argv = ["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
+            "--out", str(tmp_path / "out"), "--config", str(cfg)]
+    for _ in range(2):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "features: wrote" in out and "up to date" not in out, out
+    cfg.write_text("features:\n  history_cap: 50\n")  # reuse on (the default): the rerun skips
+    assert main(argv) == 0 and "up to date" in capsys.readouterr().out

@@ -38,7 +38,7 @@ def test_sizes_and_counts_below_one_and_missing_paths_are_usage_errors(tmp_path,
            ["attention", "--threads", "0"], ["attention", "--trained-epochs", "0"],
            # a probe (2026-12-01, second round): tracebacks, or nan written into the JSON with the guard off
            ["ranker", "--seed", "-5"], ["attention", "--seed", "-1"], ["features", "--events", "inf"],
-           ["ranker", "--mem-budget-gb", "nan"], ["ranker", "--slow-s", "inf"]]
+           ["ranker", "--mem-budget-gb", "nan"], ["ranker", "--slow-s", "inf"], ["ranker", "--seed", str(2**64)]]
     for argv in bad:
         try:
             rc = main([*argv, "--out", str(tmp_path)])
@@ -48,6 +48,7 @@ def test_sizes_and_counts_below_one_and_missing_paths_are_usage_errors(tmp_path,
     assert not list(tmp_path.glob("*.json"))
     (tmp_path / "f").write_text("")  # a file above --out: found before the run, not after it
     assert main(["match", "--quick", "--out", str(tmp_path / "f" / "x")]) == 2
+    assert main(["match", "--quick", "--ou", str(tmp_path / "f" / "x")]) == 2  # argparse's abbreviation of --out
 
 
 def test_a_quick_run_without_out_writes_beside_not_over_the_committed_results():

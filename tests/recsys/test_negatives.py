@@ -141,3 +141,31 @@ def test_sampled_negatives_read_the_embeddings_the_match_features_were_computed_
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="have changed since: sampled negatives would be scored with other vectors"):
         RankingData.load(feats, DataConfig(use_match_features=True, negatives_per_request=2), copy)
+
+
+def test_a_reused_match_points_at_the_embeddings_it_was_given_and_oof_features_are_named(matched, tmp_path):
+    """A verification probe (2026-12-01): embeddings moved to a new path (same
+    bytes) left the match reused with the old path recorded, so negatives were
+    refused and the advice to rerun `features match` skipped again; out-of-fold
+    match features got the same advice, which could not work."""
+    import json
+    import shutil
+
+    from features.core.errors import DataError
+
+    feats, match = matched
+    copy = tmp_path / "match"
+    shutil.copytree(match, copy)
+    old = Path(json.loads((copy / "manifest.json").read_text())["upstream_files"]["embeddings"])
+    moved = tmp_path / "emb" / "item_embeddings.parquet"
+    moved.parent.mkdir()
+    shutil.copyfile(old, moved)
+    cfg = load_pipeline_config(DEBUG, {"tracking": {"enabled": False}})
+    res = run_match(plan_match(cfg, features=feats, embeddings=moved), None, copy, log=lambda _m: None, progress=False)
+    assert res.reused
+    assert json.loads((copy / "manifest.json").read_text())["upstream_files"]["embeddings"] == str(moved.resolve())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["job"] = "features.match.oof"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="these are out-of-fold match features"):
+        RankingData.load(feats, DataConfig(use_match_features=True, negatives_per_request=2), copy)

@@ -596,3 +596,38 @@ def test_a_run_waiting_for_the_lock_stops_on_ctrl_c_and_torchrun_jobs_exclude_ea
         other_rank = subprocess.run([sys.executable, "-c", code, str(folder), "2"], capture_output=True, text=True,
                                     cwd=repo, timeout=30)
         assert other_rank.stdout.strip() == "got"  # another rank's lock is free
+
+
+def test_a_recomputed_rank_stage_trains_afresh_and_old_code_checkpoints_do_not_resume(monkeypatch):
+    """A verification probe (2026-12-01): after a code change (or with
+    tracking.reuse false in an experiment) the rank stage reran but resumed
+    the finished last.pt: 0 epochs trained, the old model reported under the
+    new key, exit 0."""
+    from types import SimpleNamespace
+
+    from recsys import stages
+    from recsys.config.sections import TrainConfig
+    from recsys.train import checkpoint
+
+    seen = []
+    monkeypatch.setattr(stages, "rank_key", lambda job: seen.append(job.train.resume) or (_ for _ in ()).throw(KeyError))
+    from recsys.config import PipelineConfig
+    from recsys.plan import plan_rank
+
+    job = plan_rank(PipelineConfig())
+    assert job.train.resume
+    for force in (True, False):
+        with pytest.raises(KeyError):
+            stages._run_rank(job, None, Path("unused"), force=force, log=lambda _m: None)
+    assert seen == [False, True]
+
+    class Code:
+        version, source_hash = "0", "a"
+
+    data = SimpleNamespace(input_files={}, config=TrainConfig(), spec=TrainConfig())  # any dataclasses serve here
+    from recsys.config.sections import RankerConfig
+
+    monkeypatch.setattr("features.core.provenance.plugin_code", lambda: Code)
+    before = checkpoint.resume_key(RankerConfig(), TrainConfig(), 0, data, 1)
+    Code.source_hash = "b"
+    assert checkpoint.resume_key(RankerConfig(), TrainConfig(), 0, data, 1) != before
