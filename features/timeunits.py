@@ -5,9 +5,11 @@ Units are multiples of one second; a timestamp (in seconds) may lie between
 seconds (milliseconds give year ~50000); the lower checks catch the reverse,
 seconds read as a finer unit (everything within 1970-01), rows in another
 unit or format beside calendar times (a 0 for a missing time, a date written
-20200913, which reads as August 1970), and a whole column of dates written
-YYYYMMDD. Relative times (all of them small, e.g. seconds since the start of
-a log) pass: only their mix with calendar times is refused.
+20200913, which reads as August 1970), and a column mostly of dates written
+as digits (YYYYMMDD, YYYYMMDDhh, MMDDYYYY, DDMMYYYY). Relative times (all of
+them small, e.g. seconds since the start of a log) pass: only their mix with
+calendar times is refused. Six-digit dates (MMDDYY) cannot be told from
+relative seconds and pass.
 """
 
 from __future__ import annotations
@@ -69,10 +71,12 @@ _YMDH_LO = 1_900_010_100
 
 def check_timestamp_unit(typed: pl.LazyFrame, table: RawTable, bounds: tuple[int, int], unit: str, dated: bool,
                          row: str) -> None:
-    """Refuse timestamps that are implausible in `unit`: after 2200; every one
-    a date written YYYYMMDD; all of them before 1980 while a coarser unit puts
-    the first percentile in 1980..2200; or some before 1980 beside a majority
-    from 1980 on (some within January 1970 beside a minority from 1980 on). The
+    """Refuse timestamps that are implausible in `unit`: most of them dates
+    written as digits; after 2200; all of them before 1980 while a coarser
+    unit puts the 1st and 99th percentiles in 1980..2200; some before 1974,
+    or dates written as digits, beside a majority from 1980 on (some within
+    January 1970 beside a minority from 1980 on); YYYYMMDDhh rows making most
+    of the rows from 2030-03-17 on. The
     message names the unit they look like when there is one. A `dated` column
     (a parquet datetime or date) has its own unit: no other unit is suggested.
     `typed` holds the parsed column and the 0-based input row in `row`."""
