@@ -23,15 +23,8 @@ from features import schemas as S
 from features.core.errors import DataError, UsageError
 from features.core.fingerprint import file_fingerprint
 from features.core.provenance import stage_key
-from features.core.manifest import (
-    MANIFEST,
-    atomic_outputs,
-    atomic_write_text,
-    is_up_to_date,
-    read_manifest,
-    write_manifest,
-    write_parquet,
-)
+from features.core.manifest import (MANIFEST, atomic_outputs, atomic_write_text, is_up_to_date, read_manifest,
+                                    write_manifest, write_parquet)
 from features.core.paths import check_output
 from features.jobs.uri import local_path, shown
 from features.match import ItemSpace, MatchConfig
@@ -101,11 +94,8 @@ def _match_key(features_dir: Path, embeddings: Path, cfg: MatchConfig) -> dict[s
 
 
 def _record_inputs(out: Path, feats_dir: Path, emb_path: Path) -> dict[str, Any]:
-    """The reused output's manifest, its `upstream_files` pointed at the inputs
-    of this run (same bytes: the key matched). The ranker's sampled negatives
-    read the embeddings back from there: a reuse with the embeddings at a new
-    path (the old one moved or deleted) left them refused, and the advice to
-    rerun `features match` skipped again (a probe, 2026-12-01)."""
+    """The reused output's manifest, `upstream_files` pointed at this run's inputs (same bytes: the key
+    matched). Negatives read the embeddings back from there: moved, they were refused (a probe, 2026-12-01)."""
     manifest = read_manifest(out) or {}
     files = {"features": str(feats_dir.resolve()), "embeddings": str(emb_path.resolve())}
     if manifest and manifest.get("upstream_files") != files:

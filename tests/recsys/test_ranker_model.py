@@ -248,7 +248,7 @@ def test_use_user_id_off_drops_the_user_table():
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"svd_rank": 9, "embedding_dim": 8}, "svd_rank"),
+        ({"svd_rank": 9, "embedding_dim": 8, "history_encoder": "svd_compact"}, "svd_rank"),
         ({"embedding_dim": 0}, "embedding_dim"),
         ({"embedding_dim": -4}, "embedding_dim"),
         ({"history_encoder": "lstm"}, "history_encoder"),

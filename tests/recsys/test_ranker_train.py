@@ -177,7 +177,7 @@ def test_cli_rank_train_and_exit_codes(synthetic_features, tmp_path):
     assert args.handler(args) == 0
     assert (tmp_path / "o1" / "predictions.parquet").stat().st_mtime_ns == before
     # main(): exit 2 on an impossible config, 1 on missing data
-    bad = dict(cfg, ranker={"embedding_dim": 8, "svd_rank": 16})
+    bad = dict(cfg, ranker={"embedding_dim": 8, "svd_rank": 16, "history_encoder": "svd_compact"})
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     assert rank.main(["train", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o2")]) == 2
     missing = dict(cfg, paths={"features": str(tmp_path / "nowhere")})
