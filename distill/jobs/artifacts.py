@@ -27,6 +27,7 @@ EMBEDDINGS = "item_embeddings.parquet"
 METRICS = "metrics.json"
 TEST_HITS = "test_hits.parquet"  # evaluate: per test impression, hit@k of the models the seed report compares
 REASONS = "reasons"  # metrics.json: {metric: why it is null}
+NESTED = ("teachers", "student")  # the stage folders inside a distill output that its reuse serves from
 
 
 @dataclass

@@ -16,7 +16,8 @@ import numpy as np
 import polars as pl
 
 from distill import evaluate as E
-from distill.jobs.artifacts import EMBEDDINGS, JOB_EVAL, METRICS, REASONS, TEST_HITS, VERSION, JobResult, log_default, publish
+from distill.jobs.artifacts import (EMBEDDINGS, JOB_EVAL, METRICS, NESTED, REASONS, TEST_HITS, VERSION, JobResult,
+                                    log_default, publish)
 from distill.jobs.inputs import DistillInputs, load_inputs, with_seed
 from distill.jobs.student import ensure_student, teacher_fingerprints
 from distill.jobs.teachers import ensure_teachers
@@ -189,9 +190,6 @@ def _compare(
             metrics.update({f"nmi_{name}_vs_{ref_name}": math.nan for name in models})
     metrics.update({k: float(v) for k, v in data.counts.items()})
     return metrics, hits
-
-
-NESTED = ("teachers", "student")  # the stage folders inside a distill output that its reuse serves from
 
 
 def evaluate(

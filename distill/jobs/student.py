@@ -19,6 +19,7 @@ from distill.jobs.artifacts import (
     EMBEDDINGS,
     JOB_STUDENT,
     JOB_TRAIN,
+    NESTED,
     VERSION,
     JobResult,
     embedding_frame,
@@ -166,7 +167,7 @@ def train_student(
     params = {"version": VERSION, "config_hash": config_hash(ctx.distill.training_key()),
               "teachers_hash": config_hash(tcfg), "protocol": ctx.protocol}
     key = stage_key(JOB_TRAIN, params, ctx.upstream)
-    if not force and is_up_to_date(out, key) and nested_intact(out, ("teachers", "student")):
+    if not force and is_up_to_date(out, key) and nested_intact(out, NESTED):
         log(f"distill train: {out} is up to date; skipping")
         return JobResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0)
     tracker.log_params({f"distill.{k}": v for k, v in flatten(to_dict(ctx.distill)).items()})
@@ -174,7 +175,7 @@ def train_student(
     sres, _, _ = ensure_student(ctx, out / "student", ctx.distill, tobjs, teacher_fingerprints(tres), tracker, force, log)
     manifest = publish(
         out, key, JOB_TRAIN, out / "student" / EMBEDDINGS, None, {"student": str(out / "student"), "seconds": time.perf_counter() - t0,
-                                                                  "nested": nested_fingerprints(out, ("teachers", "student"))}
+                                                                  "nested": nested_fingerprints(out, NESTED)}
     )
     return JobResult(out, False, manifest, time.perf_counter() - t0)
 

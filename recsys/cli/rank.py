@@ -50,8 +50,6 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = {"train": {"resume": False}} if args.no_resume else None
     cfg = load_pipeline_config(args.config, overrides)
-    if not cfg.tracking.reuse:  # recompute means train afresh, not resume a finished run's last.pt (0 epochs)
-        cfg = load_pipeline_config(args.config, {"train": {"resume": False}})
     check_launch_env()
     job = plan_rank(cfg)
     inputs = {**check_inputs(job), "--config": args.config}

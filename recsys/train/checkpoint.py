@@ -28,6 +28,7 @@ from features.core.config import config_hash, to_dict
 from features.core.errors import DataError
 from features.core.fingerprint import file_fingerprint
 from features.core.manifest import atomic_file
+from features.core.provenance import plugin_code
 from recsys.data import RankingData
 from recsys.config.sections import RankerConfig, TrainConfig
 from recsys.train.distributed import Trainable, WorkerContext
@@ -43,8 +44,6 @@ def resume_key(ranker: RankerConfig, train: TrainConfig, seed: int, data: Rankin
     inputs = {k: file_fingerprint(p) for k, p in sorted(data.input_files.items())}
     # and the code: after a code change the stage reruns, and resuming a finished checkpoint of the old
     # code trained 0 epochs and reported the old model under the new key (a probe, 2026-12-01)
-    from features.core.provenance import plugin_code
-
     return config_hash({"ranker": to_dict(ranker), "train": t, "data": to_dict(data.config), "seed": seed,
                         "spec": to_dict(data.spec), "world": world, "inputs": inputs,
                         "code": plugin_code().source_hash})

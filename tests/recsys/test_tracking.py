@@ -627,7 +627,7 @@ def test_a_recomputed_rank_stage_trains_afresh_and_old_code_checkpoints_do_not_r
     data = SimpleNamespace(input_files={}, config=TrainConfig(), spec=TrainConfig())  # any dataclasses serve here
     from recsys.config.sections import RankerConfig
 
-    monkeypatch.setattr("features.core.provenance.plugin_code", lambda: Code)
+    monkeypatch.setattr(checkpoint, "plugin_code", lambda: Code)
     before = checkpoint.resume_key(RankerConfig(), TrainConfig(), 0, data, 1)
     Code.source_hash = "b"
     assert checkpoint.resume_key(RankerConfig(), TrainConfig(), 0, data, 1) != before
