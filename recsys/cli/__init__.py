@@ -13,6 +13,7 @@ import errno
 import importlib
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -163,6 +164,11 @@ def describe_exception(e: BaseException) -> str:
         return f"{e.strerror}{where}"
     if isinstance(e, MemoryError):
         return "out of memory: try a smaller batch size, history cap or shard"
+    if isinstance(e, RuntimeError) and "can't allocate memory" in str(e):  # torch's CPU allocator
+        asked = re.search(r"allocate (\d+) bytes", str(e))
+        size = f" (one tensor of {int(asked.group(1)) / 2**30:.1f} GiB)" if asked else ""
+        return (f"out of memory{size}: try a smaller train.batch_size or train.eval_batch_size, "
+                "a shorter data.history_cap, or shard")
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"unexpected {type(e).__name__}" + (f": {msg}" if msg else "")
 

@@ -115,6 +115,30 @@ def _in_order(pooled: KeyedTensor, keys: list[str]) -> Tensor:
 JAGGED_MIN_MEAN_LENGTH = 256
 
 
+# Elements of the (rows, C, L) logits that the encoders with per-event logits
+# (reference, svd_truncated) materialise at once: a batch above it runs in row
+# chunks, each padded to its own longest history and request, so memory stays
+# bounded (a default evaluation batch of 2,048 requests over 10k-event histories
+# with 50-candidate requests asked for 3.2 GB per temporary, several at once;
+# at 2^22, 16 MiB, such an evaluation peaked at 2.2 GB RSS, at 2^25 at 4.4 GB).
+# The rows are independent, so the chunks compute the same numbers.
+LOGITS_BUDGET = 1 << 22  # 16 MiB per float32 temporary
+
+
+def row_chunks(hist_lengths: list[int], cand_lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges [s, e) whose padded logits, rows x max C x max L,
+    stay within `budget` elements (a row alone may exceed it)."""
+    chunks, start, max_l, max_c = [], 0, 0, 0
+    for i, (hl, cl) in enumerate(zip(hist_lengths, cand_lengths)):
+        new_l, new_c = max(max_l, hl), max(max_c, cl)
+        if i > start and (i + 1 - start) * new_l * new_c > budget:
+            chunks.append((start, i))
+            start, new_l, new_c = i, hl, cl
+        max_l, max_c = new_l, new_c
+    chunks.append((start, len(hist_lengths)))
+    return chunks
+
+
 def make_history_encoder(config: RankerConfig) -> nn.Module | None:
     """The attention encoder, (history (B, L, D), lengths (B,), queries (B, C, D))
     -> (B, C, D); None for "mean", which the ranker computes as a segment mean
@@ -251,11 +275,25 @@ class Ranker(nn.Module):
         frozen = self.distilled_projection(self.distilled[uniq])  # (U, D)
         return self.learned_projection(learned) + frozen[inverse]  # (n, D)
 
+    @property
+    def _logits_per_event(self) -> bool:
+        """Whether the history encoder materialises (B, C, L) logits (reference, svd_truncated)."""
+        enc = self.history_encoder
+        return isinstance(enc, TargetAttention) or (isinstance(enc, SVDAttention) and enc.config.mode == "truncated")
+
     def _jagged_history(self, n_hist: int, b: int) -> bool:
         """Whether the history encoder reads the jagged history (compact SVD-attention on long histories)."""
         enc = self.history_encoder
         return (isinstance(enc, SVDAttention) and enc.config.mode == "compact" and b > 0
                 and n_hist >= JAGGED_MIN_MEAN_LENGTH * b)
+
+    def _attend_padded(self, hist: Tensor, hist_lengths: Tensor, cand: Tensor, cand_lengths: Tensor) -> Tensor:
+        """The history encoder on zero-padded (B, L, D) histories and (B, C, D)
+        queries -> the summary per candidate (N, D), jagged order."""
+        b = cand_lengths.shape[0]
+        queries, cmask = _pad(cand, cand_lengths, int(cand_lengths.max()) if b else 0)  # (B, C, D)
+        history, _ = _pad(hist, hist_lengths, int(hist_lengths.max()) if b else 0)  # (B, L, D), padding zero
+        return self.history_encoder(history, hist_lengths, queries)[cmask]  # (N, D)
 
     def forward(self, batch: RankBatch) -> RankerOutput:
         seq = batch.sequence_features
@@ -270,8 +308,6 @@ class Ranker(nn.Module):
         else:  # the lookups as they are: no copy of a long history
             hist, cand = hist_jt.values(), cand_jt.values()  # (sum L, D), (N, D)
         b, n = cand_lengths.shape[0], cand.shape[0]
-        max_l = int(hist_lengths.max()) if b else 0
-        max_c = int(cand_lengths.max()) if b else 0
 
         mean = None
         if self.with_mean:
@@ -282,14 +318,20 @@ class Ranker(nn.Module):
                                            cand_lengths, dim=0)  # (N, D)
         if self.history_encoder is None:
             summary = mean  # (N, D)
-        else:
-            queries, cmask = _pad(cand, cand_lengths, max_c)  # (B, C, D)
-            if self._jagged_history(n_hist, b):
-                out = self.history_encoder.forward_jagged(hist, hist_lengths, queries)  # (B, C, D)
-            else:
-                history, _ = _pad(hist, hist_lengths, max_l)  # (B, L, D), padding zero
-                out = self.history_encoder(history, hist_lengths, queries)  # (B, C, D)
-            summary = out.reshape(b * max_c, -1)[cmask.reshape(-1)]  # (N, D) jagged order
+        elif self._jagged_history(n_hist, b):
+            queries, cmask = _pad(cand, cand_lengths, int(cand_lengths.max()))  # (B, C, D)
+            out = self.history_encoder.forward_jagged(hist, hist_lengths, queries)  # (B, C, D)
+            summary = out[cmask]  # (N, D) jagged order
+        elif not (self._logits_per_event and b > 0
+                  and b * int(hist_lengths.max()) * int(cand_lengths.max()) > LOGITS_BUDGET):
+            summary = self._attend_padded(hist, hist_lengths, cand, cand_lengths)  # (N, D)
+        else:  # (rows, C, L) logits over the budget: row chunks, each padded to its own maxima
+            ho = [0, *torch.cumsum(hist_lengths, 0).tolist()]
+            co = [0, *torch.cumsum(cand_lengths, 0).tolist()]
+            summary = torch.cat([
+                self._attend_padded(hist[ho[s]:ho[e]], hist_lengths[s:e], cand[co[s]:co[e]], cand_lengths[s:e])
+                for s, e in row_chunks(hist_lengths.tolist(), cand_lengths.tolist(), LOGITS_BUDGET)
+            ])  # (N, D)
 
         parts = [cand, summary, cand * summary]  # 3 x (N, D)
         if mean is not None and summary is not mean:

@@ -14,9 +14,11 @@ only through its Gram matrix G = X^T X, a sum over events. `IncrementalSVDState`
 keeps G over the last W events: an event costs O(D^2) (one rank-1 update and,
 once the window is full, one rank-1 down-date of the event it pushes out), and
 a request costs O(D^3 + C D^2) whatever the history length. With W equal to
-the ranker's `data.history_cap` (the data keeps the last history_cap events of each
-history), a request served from the state sees the same events the ranker's
-batch forward sees, and the two agree to float tolerance (tested).
+the number of events the ranker reads, min(`data.history_cap`,
+`features.history_cap`) (the exported model's `serving_window` in ranker.json;
+the data keeps the last of each history), a request served from the state sees
+the same events the ranker's batch forward sees, and the two agree to float
+tolerance (tested).
 
 Numerics: the state has a fixed event dtype (events are cast to it) and a
 fixed accumulator: gram_dtype "float64" sums in float64; "input" (what "auto"
@@ -144,7 +146,7 @@ class IncrementalSVDState:
     """Gram matrix G = X^T X (D, D) of one user's last `window` events, with down-dates.
 
     dim: D. window: W >= 1, the number of most recent events kept (use the
-    ranker's data.history_cap). gram_dtype: "float64" or "input" ("auto" = "input",
+    ranker's min(data.history_cap, features.history_cap): ranker.json's serving_window). gram_dtype: "float64" or "input" ("auto" = "input",
     as the batch path under no_grad); dtype: the event dtype (fixed; events are
     cast to it). Holds no gradient (serving state). `count` is the number of
     events ever appended (a version number for caches); `length` the number in
@@ -157,7 +159,7 @@ class IncrementalSVDState:
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive int (the ranker's data.history_cap), got {window!r}")
+            raise ValueError(f"window must be a positive int (ranker.json's serving_window), got {window!r}")
         if gram_dtype not in STATE_GRAM_DTYPES:
             raise ValueError(f"gram_dtype must be one of {STATE_GRAM_DTYPES}, got {gram_dtype!r}")
         if not dtype.is_floating_point:

@@ -84,12 +84,15 @@ def export_ranker(job: RankJob, run_dir: str | Path, dest: str | Path) -> Path:
     }
     if data.item_embeddings is not None:
         tables["distilled"] = data.item_embeddings
+    features_cap = (read_manifest(job.features) or {}).get("config", {}).get("history_cap")
     config = {
         "ranker": to_dict(job.model),
         "spec": dataclasses.asdict(data.spec),
         "history_cap": job.data.history_cap,
         # the features build's cap on hist_len/pos_hist_len (the encoders read min(hist_len, history_cap) events)
-        "features_history_cap": (read_manifest(job.features) or {}).get("config", {}).get("history_cap"),
+        "features_history_cap": features_cap,
+        # the events a request's history encoder reads: the window of an IncrementalSVDState serving it
+        "serving_window": min(job.data.history_cap, features_cap or job.data.history_cap),
         "match_columns": list(data.match_columns),
         "stats": {name: _stats(data.dense_stats.get(name)) for name in ("count", "activity", "match")},
         "request_columns": {c: str(t) for c, t in request_schema(data.match_columns).items()},

@@ -85,3 +85,14 @@ def test_tracking_reuse_false_recomputes_in_the_distill_and_match_commands(tmp_p
     main(["features", "match", "--config", str(cfg), "--features", feats, "--embeddings", str(tmp_path / "emb.parquet"),
           "--out", str(tmp_path / "match")])
     assert seen == [True, True, True, True, True]
+
+
+def test_torch_allocator_failure_reads_as_out_of_memory_with_the_keys_to_lower():
+    from recsys.cli import describe_exception
+
+    e = RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                     "you tried to allocate 3208000000 bytes. Error code 12 (Cannot allocate memory)")
+    msg = describe_exception(e)
+    assert msg.startswith("out of memory (one tensor of 3.0 GiB)")
+    assert "train.eval_batch_size" in msg and "data.history_cap" in msg
+    assert describe_exception(RuntimeError("boom")) == "unexpected RuntimeError: boom"

@@ -306,3 +306,50 @@ def test_compact_reads_long_histories_jagged_with_the_padded_numbers(monkeypatch
     assert padded_grads.keys() == jagged_grads.keys()
     for name, grad in padded_grads.items():
         torch.testing.assert_close(jagged_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_row_chunks_stay_within_the_budget_and_cover_every_row():
+    from recsys.models.ranker import row_chunks
+
+    rng = np.random.default_rng(3)
+    hist, cand = rng.integers(0, 200, 300).tolist(), rng.integers(1, 9, 300).tolist()
+    chunks = row_chunks(hist, cand, 5000)
+    assert chunks[0][0] == 0 and chunks[-1][1] == 300
+    assert all(e == s2 for (_, e), (s2, _) in zip(chunks, chunks[1:]))
+    for s, e in chunks:
+        assert e - s == 1 or (e - s) * max(hist[s:e]) * max(cand[s:e]) <= 5000
+    assert row_chunks([10**6], [50], 10) == [(0, 1)]  # a row alone may exceed it
+    assert row_chunks([], [], 10) == [(0, 0)]
+
+
+@pytest.mark.parametrize("encoder", ["reference", "svd_truncated"])
+def test_encoders_with_per_event_logits_run_large_batches_in_chunks(monkeypatch, encoder):
+    """A batch whose (B, C, L) logits exceed the budget runs in row chunks (the
+    default eval batch over 10k-event histories asked for GBs at once); logits
+    and gradients equal the one-piece forward's."""
+    from recsys.models import ranker as ranker_mod
+
+    rng = np.random.default_rng(7)
+    requests = [(list(rng.integers(0, 60, n)), list(rng.integers(0, 60, c)), u)
+                for u, (n, c) in enumerate([(40, 3), (0, 2), (25, 5), (33, 1), (7, 4), (12, 6)])]
+    batch = batch_of(requests)
+    shapes = []
+    attend = ranker_mod.Ranker._attend_padded
+    monkeypatch.setattr(ranker_mod.Ranker, "_attend_padded",
+                        lambda self, h, hl, c, cl: shapes.append(len(hl)) or attend(self, h, hl, c, cl))
+
+    def run(budget):
+        monkeypatch.setattr(ranker_mod, "LOGITS_BUDGET", budget)
+        shapes.clear()
+        model = model_for(small(history_encoder=encoder, svd_rank=3))
+        loss, parts = RankerTrain(model)(batch)
+        loss.backward()
+        return parts.logits.click, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole_logits, whole_grads = run(10**9)
+    assert shapes == [6]
+    chunked_logits, chunked_grads = run(200)
+    assert len(shapes) > 2 and sum(shapes) == 6
+    torch.testing.assert_close(chunked_logits, whole_logits, rtol=1e-5, atol=1e-6)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -353,7 +353,10 @@ def test_a_ranker_on_capped_histories_serves_its_own_predictions(tmp_path):
                    feats, log=lambda _m: None)
     job = pipeline(feats, train={"epochs": 1})
     train_ranker(job, tmp_path / "r")
-    scorer = RankerScorer.load(export_ranker(job, tmp_path / "r", tmp_path / "bundle"))
+    bundle = export_ranker(job, tmp_path / "r", tmp_path / "bundle")
+    # the window a serving state needs: the events the encoders read (a probe: the data cap alone was recorded)
+    assert json.loads((bundle / "ranker.json").read_text())["serving_window"] == 5 < job.data.history_cap
+    scorer = RankerScorer.load(bundle)
     req = requests_from_features(feats, "test")
     assert (req["history"].list.len() > req["hist_len"]).any()  # the cap bites
     got = scorer.score(req)
