@@ -9,6 +9,7 @@ All checks of a table run as one aggregation over its rows, read once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import polars as pl
 
@@ -368,9 +369,36 @@ def validate_items(table: RawTable) -> pl.DataFrame:
             rows = (bad[ROW] + table.row_offset).head(_SHOW).to_list()
             more = f" ({bad.height} rows in all)" if bad.height > len(rows) else ""
             raise DataError(msg + more, file=table.file, column=S.ITEM_ID, rows=rows)
+    if S.IMAGE_PATH in df.columns:
+        df = df.with_columns(_image_paths(df, table))
     out = df.drop(ROW, S.ITEM_ID).rename({"__id": S.ITEM_ID})
     out = out.with_columns(pl.col(S.TEXT).cast(pl.String))
     return out.select(S.ITEM_ID, pl.exclude(S.ITEM_ID))
+
+
+def _image_paths(df: pl.DataFrame, table: RawTable) -> pl.Series:
+    """`image_path` made absolute, a relative path read from the items file's
+    folder (not from wherever `distill` later runs), blank as null (no image);
+    every named file must exist: found here, not after the teachers trained."""
+    base = Path(table.file).resolve().parent
+    resolved: list[str | None] = []
+    missing: list[int] = []
+    for i, raw in enumerate(df[S.IMAGE_PATH].cast(pl.String).to_list()):
+        if raw is None or not raw.strip():
+            resolved.append(None)
+            continue
+        path = Path(raw).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            missing.append(i)
+        resolved.append(str(path))
+    if missing:
+        more = f" ({len(missing)} rows in all)" if len(missing) > 1 else ""
+        raise DataError(f"image file not found: {resolved[missing[0]]}{more} (a relative path is read from the items "
+                        f"file's folder, {base}): fix the path or leave the cell empty for an item without an image",
+                        file=table.file, column=S.IMAGE_PATH,
+                        rows=[int(df[ROW][i]) + table.row_offset for i in missing[:_SHOW]])
+    return pl.Series(S.IMAGE_PATH, resolved, pl.String)
 
 
 def validate_users(table: RawTable) -> pl.DataFrame:

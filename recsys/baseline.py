@@ -167,7 +167,8 @@ def run_lightgbm(
     if tr[S.LABEL].n_unique() < 2:
         raise DataError(
             f"every train row has {S.LABEL} = {tr[S.LABEL][0]} ({tr.height} rows): nothing to learn "
-            "(check the label threshold of `recsys features build`)",
+            "(ratings: check features.label_threshold of `recsys features build`; implicit data: add the "
+            "impressions that were not clicked, label 0)",
             file=inter_file, column=S.LABEL,
         )
 

@@ -76,7 +76,7 @@ class FieldEncoder:
             vals = x[np.isfinite(x)]
             if len(vals):
                 edges = np.unique(np.quantile(vals, np.linspace(0, 1, n_buckets + 1)[1:-1]))
-                out.numeric[name] = [edges.tolist(), float(vals.mean()), float(vals.std()) or 1.0]
+                out.numeric[name] = [edges.tolist(), *_mean_std(vals)]
             else:
                 out.numeric[name] = [[], 0.0, 1.0]
         return out
@@ -134,10 +134,27 @@ class FieldEncoder:
             # |z| <= sqrt(n - 1) on the catalog the stats came from, so the clip
             # never touches a training value (under 10^8 items); it keeps a new
             # item's absurd value (1e25) from overflowing the MLP into NaN
-            z = np.clip(np.where(null, 0.0, (x - mean) / std), -Z_CLIP, Z_CLIP)
+            with np.errstate(over="ignore", invalid="ignore"):  # a huge value: +-inf, clipped below
+                z = np.where(null, 0.0, (x - mean) / std)
+            z = np.clip(np.nan_to_num(z, nan=0.0, posinf=Z_CLIP, neginf=-Z_CLIP), -Z_CLIP, Z_CLIP)
             numeric_cols += [z, null.astype(np.float64)]
         numeric = np.stack(numeric_cols, 1).astype(np.float32) if numeric_cols else np.zeros((n, 0), np.float32)
         return FieldFeatures(names, tokens, numeric, next_id, vocab)
+
+
+def _mean_std(vals: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation (1.0 when 0) of finite values, without overflow:
+    a field holding 1e308 summed to inf, so every item's standardised value was
+    NaN (or 0 with an infinite std), and training stopped as "diverged"."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = float(vals.mean()), float(vals.std())
+    if np.isfinite(mean) and np.isfinite(std):
+        return mean, std or 1.0
+    scale = float(np.abs(vals).max())
+    unit = vals / scale
+    with np.errstate(over="ignore"):
+        std = min(float(unit.std()) * scale, float(np.finfo(np.float64).max))  # 2 x 1e308 would be inf
+    return float(unit.mean()) * scale, std or 1.0
 
 
 def encode_fields(items: pl.DataFrame, kinds: dict[str, list[str]], n_buckets: int = 10) -> FieldFeatures:

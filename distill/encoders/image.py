@@ -8,6 +8,7 @@ Shape legend:
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,20 +32,74 @@ def _efficientnet():
     return net.eval()
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """RGB image resized to IMAGE_SIZE^2, scaled to [-1, 1] as Lite models expect
-    (they were trained with mean 127, std 128), as a (3, H, W) float32 array."""
+def _open(source, path: str | Path):
+    """PIL's image (lazy: header read) of a path or a file object; DataError naming the file otherwise."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+        return Image.open(source)
     except FileNotFoundError as e:
         raise DataError("image file does not exist", file=str(path), column=S.IMAGE_PATH) from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image too large to decode safely ({e}): resize it", file=str(path), column=S.IMAGE_PATH) from e
     except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"not a readable image ({e})", file=str(path), column=S.IMAGE_PATH) from e
+
+
+def _to_8bit(img, path: str | Path):
+    """16-bit and 32-bit single-channel images as 8-bit grey: PIL's convert("RGB")
+    clips them at 255, so a 16-bit PNG read as an almost white picture."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).round().astype(np.uint8))
+    if img.mode in ("I", "F"):
+        x = np.asarray(img, dtype=np.float64)
+        top = float(x.max()) if x.size else 0.0
+        if not np.isfinite(x).all() or x.min() < 0 or top > 65535:
+            raise DataError(f"a {img.mode!r}-mode image with values outside 0..65535: save it as 8-bit",
+                            file=str(path), column=S.IMAGE_PATH)
+        scale = 255.0 if img.mode == "F" and top <= 1.0 else 1.0 if top <= 255 else 1 / 257.0
+        return Image.fromarray((x * scale).round().astype(np.uint8))
+    return img
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """RGB image resized to IMAGE_SIZE^2, scaled to [-1, 1] as Lite models expect
+    (they were trained with mean 127, std 128), as a (3, H, W) float32 array."""
+    from PIL import Image
+
+    img = _open(path, path)
+    try:
+        with img:
+            rgb = _to_8bit(img, path).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    except OSError as e:  # truncated or corrupt pixel data
         raise DataError(f"not a readable image ({e})", file=str(path), column=S.IMAGE_PATH) from e
     x = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1)  # (3, H, W)
     return (x - 127.0) / 128.0
+
+
+def image_fingerprint(paths: Sequence[str | None]) -> str:
+    """Fingerprint of the images' bytes, each file checked to open as an image.
+
+    items.parquet holds paths, not pixels: an image replaced in place changed
+    no input the distill stages keyed on, and a rerun reused embeddings of the
+    old pictures. This goes into their keys, and runs before any training, so
+    a missing, unreadable or oversized image stops the job at once."""
+    import io
+
+    h = hashlib.blake2b(digest_size=16)
+    for p in paths:
+        if p is None or str(p) == "":
+            h.update(b"-")
+            continue
+        try:
+            data = Path(p).read_bytes()
+        except OSError as e:
+            raise DataError(f"image file cannot be read ({e.strerror})", file=str(p), column=S.IMAGE_PATH) from e
+        _open(io.BytesIO(data), p).close()
+        h.update(content_key(IMAGE_MODEL, data).encode())
+    return h.hexdigest()
 
 
 def efficientnet_encoder() -> EncodeFn:
@@ -100,4 +155,4 @@ def encode_images(
     return out, has, stats
 
 
-__all__ = ["IMAGE_MODEL", "IMAGE_SIZE", "efficientnet_encoder", "encode_images", "load_image"]
+__all__ = ["IMAGE_MODEL", "IMAGE_SIZE", "efficientnet_encoder", "encode_images", "image_fingerprint", "load_image"]

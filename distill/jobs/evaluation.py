@@ -215,7 +215,7 @@ def evaluate(
     cfg, tcfg = ctx.distill, with_seed(teachers, seed)
     params = {"version": VERSION, "config_hash": config_hash(cfg), "teachers_hash": config_hash(tcfg),
               "ablations": ablations, "protocol": ctx.protocol}
-    key = stage_key(JOB_EVAL, params, ctx.upstream)
+    key = stage_key(JOB_EVAL, params, ctx.content_upstream)
     # the nested teachers/ and student/ too: registration serves student/student.pt (a probe, 2026-12-01: a
     # replaced one was registered, a deleted one never rebuilt)
     if not force and is_up_to_date(out, key) and (out / METRICS).is_file() and nested_intact(out, NESTED):

@@ -14,6 +14,7 @@ import polars as pl
 
 from distill import evaluate as E
 from distill.encoders import ContentFeatures, build_content, default_cache_dir, empty_texts
+from distill.encoders.image import image_fingerprint
 from distill.jobs.artifacts import FEATURES_JOB
 from distill.config import DistillConfig
 from features import schemas as S
@@ -41,6 +42,12 @@ class DistillInputs:
     data: E.ColdStartData
     _content: ContentFeatures | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    images: str | None = None  # fingerprint of the image files' bytes, when the student reads images
+
+    @property
+    def content_upstream(self) -> dict[str, str]:
+        """`upstream` and the image bytes: the key of every stage that encodes content."""
+        return self.upstream if self.images is None else {**self.upstream, "images": self.images}
 
     @property
     def protocol(self) -> dict[str, Any]:
@@ -84,7 +91,10 @@ def _check_text(items: pl.DataFrame, file: Path, max_share: float, log: Callable
     null, blank = empty_texts(items[S.TEXT].to_list())
     n, empty = items.height, null + blank
     counts = f"{empty} of {n} items ({empty / max(n, 1):.0%}) have no text ({null} null, {blank} blank)"
-    if empty == n or empty / max(n, 1) > max_share:
+    if empty == n:
+        raise DataError(f"{counts}: every item's text is empty, so a text student would learn from nothing; {hint}",
+                        file=str(file), column=S.TEXT)
+    if empty / max(n, 1) > max_share:
         raise DataError(
             f"{counts}, more than distill.max_empty_text_share {max_share:g} allows: a text student would learn from "
             f"nothing; {hint}, or raise distill.max_empty_text_share",
@@ -153,7 +163,9 @@ def load_inputs(features_dir: str | Path, cfg: DistillConfig, seed: int, log: Ca
             f"{st.use_fields}, fields {sum(len(kinds.get(k) or []) for k in ('categorical', 'multi', 'numeric'))}; use_image "
             f"{st.use_image}, image columns {len(kinds.get('image') or [])}): switch on distill.student.use_text"
         )
-    return DistillInputs(folder, upstream, items.sort(S.ITEM_ID), kinds, cfg, data)
+    items = items.sort(S.ITEM_ID)
+    images = image_fingerprint(items[kinds["image"][0]].to_list()) if has["use_image"] else None
+    return DistillInputs(folder, upstream, items, kinds, cfg, data, images=images)
 
 
 def with_seed(cfg: Any, seed: int) -> Any:

@@ -84,7 +84,7 @@ def ensure_student(
     t0 = time.perf_counter()
     params = {"version": VERSION, "config_hash": config_hash(cfg.training_key()), "protocol": ctx.protocol,
               "teachers": dict(teacher_fps), "encoders": [TEXT_MODEL, IMAGE_MODEL]}
-    key = stage_key(JOB_STUDENT, params, ctx.upstream)
+    key = stage_key(JOB_STUDENT, params, ctx.content_upstream)
     if not force and is_up_to_date(folder, key) and (folder / "student.pt").is_file():
         with foreign_checkpoint(folder / "student.pt"):
             student = _build_student(load_pt(folder / "student.pt"))
@@ -166,7 +166,7 @@ def train_student(
     tcfg = with_seed(teachers, seed)
     params = {"version": VERSION, "config_hash": config_hash(ctx.distill.training_key()),
               "teachers_hash": config_hash(tcfg), "protocol": ctx.protocol}
-    key = stage_key(JOB_TRAIN, params, ctx.upstream)
+    key = stage_key(JOB_TRAIN, params, ctx.content_upstream)
     if not force and is_up_to_date(out, key) and nested_intact(out, NESTED):
         log(f"distill train: {out} is up to date; skipping")
         return JobResult(out, True, read_manifest(out) or {}, time.perf_counter() - t0)

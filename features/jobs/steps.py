@@ -79,7 +79,8 @@ def check_known_items(event_items: pl.Series, items: pl.DataFrame | None, inter_
         rows = None if event_rows is None else (event_rows.filter(unknown).sort().head(5) + 1).to_list()
         raise DataError(
             f"{len(ids)} item ids of the interactions are missing from the items file "
-            f"{items_file}: {ids[:10]}{' ...' if len(ids) > 10 else ''}",
+            f"{items_file}: {ids[:10]}{' ...' if len(ids) > 10 else ''}: add them to the items file, or drop "
+            "their events",
             file=inter_file,
             column=S.ITEM_ID,
             rows=rows,

@@ -126,6 +126,8 @@ class StudentEncoder:
         if spec.image_dim:
             col = self.fields.kinds["image"][0]
             image, mask, _ = encode_images(frame[col].to_list(), cache_dir=cache_dir, progress=False)
+            if not mask.any():  # no row has an image: zero rows of the trained width, as in training
+                image = np.zeros((frame.height, spec.image_dim), np.float32)
         # the item id is no content input (any id, a string SKU too, gives the same vector): positions stand in for it
         cf = ContentFeatures(np.arange(frame.height, dtype=np.int64), text, self.fields.transform(frame), image, mask)
         return self.student.embed(ContentTensors.from_features(cf, cfg))

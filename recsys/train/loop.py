@@ -135,7 +135,8 @@ def _check_splits(data: RankingData) -> None:
     labels = data.imp_label[data.impressions(data.requests("train"))]
     if labels.min() == labels.max():
         raise DataError(f"every train row has {S.LABEL} = {int(labels[0])} ({len(labels)} rows): nothing to learn "
-                        "(check the label threshold of `recsys features build`)", file=file, column=S.LABEL)
+                        "(ratings: check features.label_threshold of `recsys features build`; implicit data: add the "
+                        "impressions that were not clicked, label 0)", file=file, column=S.LABEL)
 
 
 def _better(new: float, best: float | None, min_delta: float, metric: str = EARLY_STOP_METRIC) -> bool:

@@ -186,3 +186,90 @@ def test_a_numeric_value_far_outside_the_catalog_stays_finite():
     assert np.abs(train).max() < Z_CLIP  # the clip leaves the catalog's own values alone
     new = enc.transform(pl.DataFrame({"item_id": [9], "rank": [1e25]})).numeric
     assert np.isfinite(new).all() and new[0, 0] == np.float32(Z_CLIP)
+
+
+def test_a_16_bit_image_reads_as_the_same_picture_as_its_8_bit_copy(tmp_path):
+    """A probe (2026-12-01): PIL's convert("RGB") clips 16-bit grey at 255, so
+    a 16-bit PNG read as an almost white image (cosine 0.33 to its 8-bit copy)."""
+    from PIL import Image
+
+    from distill.encoders import load_image
+
+    grey = (np.add.outer(np.arange(40), np.arange(60)) * 2).astype(np.uint8)  # (40, 60)
+    Image.fromarray(grey).save(tmp_path / "g8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I;16")
+    np.testing.assert_allclose(load_image(tmp_path / "g16.png"), load_image(tmp_path / "g8.png"), atol=1e-6)
+    Image.fromarray(grey.astype(np.float32) / 255.0, mode="F").save(tmp_path / "f.tiff")  # floats in [0, 1]
+    np.testing.assert_allclose(load_image(tmp_path / "f.tiff"), load_image(tmp_path / "g8.png"), atol=1e-6)
+
+
+def test_an_oversized_image_is_a_data_error_naming_the_file(tmp_path, monkeypatch):
+    """PIL's decompression-bomb guard raised past the DataError handling."""
+    from PIL import Image
+
+    from distill.encoders import load_image
+    from distill.encoders.image import image_fingerprint
+
+    path = _png(tmp_path / "big.png", (1, 2, 3))  # 40 x 60 = 2,400 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: PIL refuses
+    for read in (load_image, lambda p: image_fingerprint([None, p])):
+        with pytest.raises(DataError, match=r"big\.png.*too large"):
+            read(path)
+
+
+def test_image_fingerprint_follows_the_bytes_not_the_path(tmp_path):
+    from distill.encoders.image import image_fingerprint
+
+    a, b = _png(tmp_path / "a.png", (200, 0, 0)), _png(tmp_path / "b.png", (200, 0, 0))
+    assert image_fingerprint([a, None]) == image_fingerprint([b, None])  # same pixels
+    assert image_fingerprint([a, None]) != image_fingerprint([None, a])  # another item has it
+    before = image_fingerprint([a])
+    _png(tmp_path / "a.png", (0, 200, 0))
+    assert image_fingerprint([a]) != before
+    (tmp_path / "c.png").write_text("not an image")
+    with pytest.raises(DataError, match="c.png"):
+        image_fingerprint([str(tmp_path / "c.png")])
+
+
+def test_a_numeric_field_of_huge_values_standardises_without_overflow():
+    """A probe (2026-12-01): a price column with two values of 1e308 (a sentinel)
+    summed to inf: every item's standardised value was NaN and training
+    stopped as "diverged; lower distill.lr". One of 1e155 made the std inf and
+    every value 0, silently."""
+    from distill.encoders.fields import FieldEncoder
+
+    for huge in (1e308, 1e155):
+        price = np.arange(100) + 0.5
+        price[:2] = huge
+        catalog = pl.DataFrame({"item_id": np.arange(100), "price": price})
+        enc = FieldEncoder.fit(catalog, {"numeric": ["price"]})
+        z = enc.transform(catalog).numeric[:, 0]
+        assert np.isfinite(z).all()
+        assert z[0] > 1 and z[2] < 0  # the outliers stand out (the rest keep their order in the bucket tokens)
+    ordinary = pl.DataFrame({"item_id": [1, 2, 3], "price": [1.0, 2.0, 3.0]})
+    assert FieldEncoder.fit(ordinary, {"numeric": ["price"]}).numeric["price"][1:] == [2.0, float(np.std([1.0, 2, 3]))]
+
+
+def test_the_exported_student_embeds_items_without_images(tmp_path):
+    """A probe (2026-12-01): a student trained with images failed on a frame in
+    which no item had one (`mat1 and mat2 shapes cannot be multiplied (1x0 and 1280x32)`)."""
+    import torch
+
+    from distill.encoders.fields import FieldEncoder
+    from distill.student import ContentSpec, ContentTensors, Student, StudentConfig
+    from recsys.serving.student import StudentEncoder
+
+    paths = [_png(tmp_path / f"{i}.png", (20 * i, 100, 50)) for i in range(3)]
+    items = pl.DataFrame({"item_id": [1, 2, 3], "genre": ["x", "y", "x"], "image_path": [paths[0], paths[1], None]})
+    kinds = {"categorical": ["genre"], "image": ["image_path"]}
+    cf = build_content(items, kinds, cache_dir=tmp_path / "cache", progress=False, use_text=False)
+    cfg = StudentConfig(dim=8, hidden_dim=8)
+    x = ContentTensors.from_features(cf, cfg)
+    torch.manual_seed(0)
+    student = Student(cfg, ContentSpec.of(x, cf.fields.vocab_size))
+    encoder = StudentEncoder(student, FieldEncoder.fit(items, kinds), ["genre", "image_path"])
+    full = encoder.embed(items, cache_dir=tmp_path / "cache")
+    alone = encoder.embed(items.filter(pl.col("item_id") == 3), cache_dir=tmp_path / "cache")
+    assert alone.shape == (1, 8) and np.isfinite(alone).all()
+    np.testing.assert_allclose(alone[0], full[2], rtol=1e-5, atol=1e-6)  # as in a frame with images

@@ -269,7 +269,7 @@ def test_all_negative_labels_exit_1_naming_label_column(cli, features_copy, tmp_
     set_labels(features_copy, pl.lit(0))
     interactions = str(features_copy / S.FILES["interactions"])
     rc, _, err = cli("rank", "train", "--config", rank_config(tmp_path, features_copy), "--out", tmp_path / "out")
-    assert rc == 1 and interactions in err and "'label'" in err and "nothing to learn" in err
+    assert rc == 1 and interactions in err and "'label'" in err and "nothing to learn" in err and "not clicked, label 0" in err
     assert not (tmp_path / "out").exists()
     rc, _, err = cli("baseline", "lightgbm", "--features", features_copy, "--no-match", "--out", tmp_path / "lgb")
     assert rc == 1 and interactions in err and "'label'" in err and "train" in err

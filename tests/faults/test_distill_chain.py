@@ -122,20 +122,22 @@ def _blank_text(share: float, value):
 
 
 @pytest.mark.parametrize(
-    "share, value, counts",
+    "share, value, counts, why",
     [
-        (1.0, "", "30 of 30 items (100%) have no text (0 null, 30 blank)"),
-        (0.6, None, "18 of 30 items (60%) have no text (18 null, 0 blank)"),
+        # a probe (2026-12-01): "100% ... more than max_empty_text_share 1 allows ... or raise it" at share 1.0
+        (1.0, "", "30 of 30 items (100%) have no text (0 null, 30 blank)", "every item's text is empty"),
+        (0.6, None, "18 of 30 items (60%) have no text (18 null, 0 blank)", "max_empty_text_share 0.5"),
     ],
     ids=["all-blank", "60%-null"],
 )
-def test_mostly_empty_text_is_refused(cli, tmp_path, share, value, counts):
+def test_mostly_empty_text_is_refused(cli, tmp_path, share, value, counts, why):
     feats = _features_with(tmp_path, edit_items=_blank_text(share, value))
     out = tmp_path / "distill"
-    rc, _, err = cli("distill", "train", "--features", feats, "--out", out, "--config", _config(tmp_path))
+    cfg = _config(tmp_path, distill={"max_empty_text_share": 1.0} if share == 1.0 else {})
+    rc, _, err = cli("distill", "train", "--features", feats, "--out", out, "--config", cfg)
     assert rc == 1
     assert f"file {feats / 'items.parquet'}, column 'text'" in err and counts in err
-    assert "max_empty_text_share 0.5" in err
+    assert why in err and ("raise distill.max_empty_text_share" in err) == (share < 1)
     assert not (out / "item_embeddings.parquet").exists() and not (out / "teachers").exists()
 
 
@@ -586,3 +588,53 @@ def test_the_api_refuses_an_output_that_overlaps_the_features_folder(tmp_path, f
     with pytest.raises(UsageError, match="features_dir"):
         train_student(folder, out, DistillConfig(epochs=1), log=lambda _m: None)
     assert (folder / "manifest.json").read_bytes() == before and not (folder / "distill").exists()
+
+
+# --- item images -------------------------------------------------------------------
+
+
+def _png(path: Path, colour: tuple[int, int, int]) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+
+
+def test_image_paths_are_read_from_the_items_folder_and_image_bytes_key_the_content_stages(cli, tmp_path, monkeypatch):
+    """A probe (2026-12-01): image files replaced in place (same paths) left
+    every distill stage "up to date": the stale embeddings and metrics were
+    reused, exit 0. Relative paths were read from wherever `distill` ran, and
+    a missing file was found only after the teachers had trained."""
+    import dataclasses
+
+    from distill.config import DistillConfig
+    from distill.jobs.inputs import load_inputs
+    from features.core.errors import DataError
+
+    data = tmp_path / "data"
+    for i in range(1, 16):
+        _png(data / "img" / f"{i}.png", (10 * i, 0, 0))
+    with_images = lambda df: df.with_columns(  # noqa: E731 - half the items have a relative image path
+        image_path=pl.when(pl.col("item_id") <= 15).then(pl.format("img/{}.png", pl.col("item_id"))))
+    feats = _features_with(tmp_path, edit_items=with_images)
+    paths = pl.read_parquet(feats / "items.parquet")["image_path"]
+    assert paths.drop_nulls().to_list() == [str((data / "img" / f"{i}.png").resolve()) for i in range(1, 16)]
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # no img/ here: the absolute paths still find the files
+    first = load_inputs(feats, DistillConfig(), 0, log=lambda _m: None)
+    _png(data / "img" / "3.png", (0, 0, 200))  # the same path, another picture
+    second = load_inputs(feats, DistillConfig(), 0, log=lambda _m: None)
+    assert second.upstream == first.upstream  # the teachers read no images: their key stays
+    assert second.content_upstream != first.content_upstream
+    cfg = DistillConfig()
+    no_image = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, use_image=False))
+    assert load_inputs(feats, no_image, 0, log=lambda _m: None).content_upstream == first.upstream
+    (data / "img" / "3.png").unlink()
+    with pytest.raises(DataError, match="3.png"):
+        load_inputs(feats, DistillConfig(), 0, log=lambda _m: None)
+
+    rc, _, err = cli("features", "build", "--source", "files", "--interactions", data / "interactions.parquet",
+                     "--items", data / "items.parquet", "--out", tmp_path / "f2")
+    assert rc == 1 and "image file not found" in err and "3.png" in err and "column 'image_path'" in err
+    assert not (tmp_path / "f2").exists()

@@ -129,7 +129,7 @@ def test_items_file_problems(tmp_path, capsys):
     items = tmp_path / "items.csv"
     items.write_text("item_id,text\n10,a\n11,b\n")  # 12 missing
     rc, err, out = _run(tmp_path, capsys, GOOD, extra=["--items", str(items)])
-    assert rc == 1 and "missing from the items file" in err and "[12]" in err and "row 4:" in err
+    assert rc == 1 and "missing from the items file" in err and "[12]" in err and "row 4:" in err and "add them to the items file" in err
     items.write_text("item_id,text\n10,a\n11,b\n12,c\n11,d\n")
     rc, err, out = _run(tmp_path, capsys, GOOD, extra=["--items", str(items)])
     assert rc == 1 and "duplicate item id" in err and "rows 2, 4" in err and "items.csv" in err
