@@ -394,7 +394,7 @@ def split_multi_valued(items: pl.DataFrame, sep: str) -> tuple[pl.DataFrame, dic
 MISSING_TEXT = ("na", "n/a", "none", "null", "nan")  # spellings of a missing number (R, pandas, SQL), any case
 
 
-def parse_numeric_strings(items: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
+def parse_numeric_strings(items: pl.DataFrame) -> tuple[pl.DataFrame, list[str], dict[str, str]]:
     """Items with every String field that holds numbers only as Int64/Float64.
 
     CSV columns arrive as String (`sources._scan`), so a year or price column
@@ -403,15 +403,19 @@ def parse_numeric_strings(items: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]
     value). A column converts when every non-empty value parses as a number
     and none is a code with a leading zero ("02134" stays a string); empty
     strings become null; integral values give Int64. The item id, text,
-    title and image path are never converted. Returns the items and the
-    converted columns.
+    title and image path are never converted. Returns the items, the
+    converted columns, and the columns of numbers kept as text, with why.
     """
-    converted, cols = [], []
+    converted, cols, kept = [], [], {}
     for name in _string_fields(items):
         raw = items[name].str.strip_chars()
         raw = raw.set(raw.str.to_lowercase().is_in(MISSING_TEXT).fill_null(False), None)  # "NA": a missing number
         present = raw.is_not_null() & (raw != "")
-        if not present.any() or raw.filter(present).str.contains(r"^[+-]?0\d").any():
+        if not present.any():
+            continue
+        if raw.filter(present).str.contains(r"^[+-]?0\d").any():
+            if raw.filter(present).cast(pl.Float64, strict=False).is_not_null().all():
+                kept[name] = "codes with a leading zero, such as zip codes"
             continue
         whole = raw.cast(pl.Int64, strict=False)  # exact: 17-digit codes stay distinct (a float would merge them)
         if not (whole.is_null() & present).any():
@@ -422,12 +426,14 @@ def parse_numeric_strings(items: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]
                 continue
             finite = num.filter(num.is_finite())
             if (finite == finite.round(0)).all() and (finite.abs().max() or 0) >= 2**53:
-                continue  # whole numbers past 2^53 with decimals: no exact reading (a float merges them), so a category each
+                # whole numbers past 2^53 with decimals: no exact reading (a float merges them), so a category each
+                kept[name] = "whole numbers beyond 2^53, which no number type here holds exactly"
+                continue
             if finite.len() == num.drop_nulls().len() and (finite == finite.round(0)).all():  # "3.0": a whole number
                 num = num.cast(pl.Int64)
         converted.append(name)
         cols.append(num)
-    return (items.with_columns(cols) if cols else items), converted
+    return (items.with_columns(cols) if cols else items), converted, kept
 
 
 def build_items(items: pl.LazyFrame | None, stats: pl.LazyFrame) -> pl.LazyFrame:

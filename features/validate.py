@@ -187,6 +187,14 @@ def validate_interactions(
         unparsed = raw.is_not_null() & pl.col(col).is_null()
         if schema[col].is_float() and col == S.RATING:
             unparsed = pl.lit(False)  # NaN ratings get their own message
+        if col == S.TIMESTAMP and (schema[col] == pl.String or schema[col].is_float()):
+            # a number that no Int64 or exact float holds: too large, not "not a time"
+            as_num = raw.str.strip_chars().cast(pl.Float64, strict=False) if schema[col] == pl.String else raw
+            huge = unparsed & as_num.is_finite().fill_null(False)
+            aggs += _first_rows(huge, f"{col}_huge")
+            checks.append((f"{col}_huge", col, f"value is a number beyond 2^53 = {_EXACT_FLOAT}, larger than any "
+                                               "epoch time in any unit this project reads: is the column a time?"))
+            unparsed = unparsed & ~huge
         message = (_not_time_message(schema[col]) if col == S.TIMESTAMP else _not_int_message(schema[col])
                    if col in (S.USER_ID, S.ITEM_ID) else "value is not a number")
         aggs += _first_rows(unparsed, f"{col}_parse")

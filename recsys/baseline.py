@@ -242,7 +242,7 @@ def run_lightgbm(
 
     shown = " ".join(
         f"{m} {format_metric(metrics[m])}" + (f" ({reasons[m]})" if m in reasons else "")
-        for m in ("auc", "gauc", "logloss", "lt_auc")
+        for m in ("auc", "gauc", "logloss", "lt_auc", "lt_spearman")
     )
     log(f"lightgbm: test {shown} ({len(features)} features, {click.best_iteration_} trees) -> {out} "
         f"in {time.perf_counter() - t0:.1f}s")

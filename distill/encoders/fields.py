@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from features.core.errors import DataError
+from features.core.numeric import Z_CLIP, finite_mean_std
 
 
 @dataclass
@@ -48,7 +49,6 @@ class FieldFeatures:
         return out
 
 
-Z_CLIP = 1e4  # standardised numeric field values are clipped to +-Z_CLIP
 
 
 @dataclass
@@ -76,7 +76,8 @@ class FieldEncoder:
             vals = x[np.isfinite(x)]
             if len(vals):
                 edges = np.unique(np.quantile(vals, np.linspace(0, 1, n_buckets + 1)[1:-1]))
-                out.numeric[name] = [edges.tolist(), *_mean_std(vals)]
+                mean, std = finite_mean_std(vals)
+                out.numeric[name] = [edges.tolist(), mean, std or 1.0]
             else:
                 out.numeric[name] = [[], 0.0, 1.0]
         return out
@@ -140,21 +141,6 @@ class FieldEncoder:
             numeric_cols += [z, null.astype(np.float64)]
         numeric = np.stack(numeric_cols, 1).astype(np.float32) if numeric_cols else np.zeros((n, 0), np.float32)
         return FieldFeatures(names, tokens, numeric, next_id, vocab)
-
-
-def _mean_std(vals: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation (1.0 when 0) of finite values, without overflow:
-    a field holding 1e308 summed to inf, so every item's standardised value was
-    NaN (or 0 with an infinite std), and training stopped as "diverged"."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        mean, std = float(vals.mean()), float(vals.std())
-    if np.isfinite(mean) and np.isfinite(std):
-        return mean, std or 1.0
-    scale = float(np.abs(vals).max())
-    unit = vals / scale
-    with np.errstate(over="ignore"):
-        std = min(float(unit.std()) * scale, float(np.finfo(np.float64).max))  # 2 x 1e308 would be inf
-    return float(unit.mean()) * scale, std or 1.0
 
 
 def encode_fields(items: pl.DataFrame, kinds: dict[str, list[str]], n_buckets: int = 10) -> FieldFeatures:

@@ -1,5 +1,6 @@
 """Small numeric helpers every package shares (one of each):
 `json_safe` (NaN/inf -> null for JSON), `l2_normalise` (unit rows),
+`finite_mean_std` (standardisation statistics that do not overflow),
 `torch_threads` (thread limits for a block, restored after).
 
 >>> json_safe({"auc": float("nan"), "k": [1.0, float("inf")]})
@@ -31,6 +32,25 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(obj) else None
     return obj
+
+
+Z_CLIP = 1e4  # standardised values are clipped to +-Z_CLIP (|z| <= sqrt(n - 1) on the rows the stats came from)
+
+
+def finite_mean_std(vals: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of finite float values (one or more), without
+    overflow: the plain formulas square or sum values such as 1e155 or 1e308 into
+    inf, and (x - mean) / inf read a whole column as 0 (or NaN). Falls back to the
+    values scaled by their largest magnitude; the std is capped at float64's max."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = float(vals.mean()), float(vals.std())
+    if math.isfinite(mean) and math.isfinite(std):
+        return mean, std
+    scale = float(np.abs(vals).max())
+    unit = vals / scale
+    with np.errstate(over="ignore"):
+        std = min(float(unit.std()) * scale, float(np.finfo(np.float64).max))  # 2 x 1e308 would be inf
+    return float(unit.mean()) * scale, std
 
 
 def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:

@@ -102,9 +102,12 @@ def _typed_item_fields(items: pl.DataFrame, table: RawTable, cfg: FeaturesConfig
     for name, what in casts.items():
         log(f"features: items column {name!r} read as a field of another type ({what})")
     if table.from_csv:
-        items, numeric = T.parse_numeric_strings(items)
+        items, numeric, kept = T.parse_numeric_strings(items)
         for name in numeric:
             log(f"features: items column {name!r} holds numbers only: read as a numeric field")
+        for name, why in kept.items():
+            log(f"features: items column {name!r} holds numbers only but stays a categorical field, one category "
+                f"per value ({why})")
     if cfg.multi_value_sep is not None:
         items, split = T.split_multi_valued(items, cfg.multi_value_sep)
         for name, n in split.items():

@@ -70,7 +70,7 @@ def _train(args: argparse.Namespace) -> int:
         from features import schemas as S
 
         metrics = json.loads((result.out / S.METRICS_FILE).read_text())
-        print(f"test {metrics_line(metrics, ('auc', 'gauc', 'logloss', 'lt_auc'))}", file=sys.stderr)
+        print(f"test {metrics_line(metrics, ('auc', 'gauc', 'logloss', 'lt_auc', 'lt_spearman'))}", file=sys.stderr)
         print(f"output: {args.out}")
     return 0
 

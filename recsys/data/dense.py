@@ -26,6 +26,7 @@ import polars as pl
 
 from features import schemas as S
 from features.core.errors import DataError, SchemaError
+from features.core.numeric import Z_CLIP, finite_mean_std
 from features.reader import check_columns, parquet_schema, read_parquet
 
 COUNT_FEATURES = ("log1p_hist_len", "log1p_item_pop", "log1p_pos_hist_len")
@@ -41,11 +42,11 @@ def standardize(values: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
     out = np.zeros_like(values, dtype=np.float32)
     for j in range(values.shape[1]):  # loop over columns, not rows
         ok = ~np.isnan(fit[:, j])
-        mean = float(fit[ok, j].mean()) if ok.any() else 0.0
-        std = float(fit[ok, j].std()) if ok.sum() > 1 else 1.0
-        std = std if std > 1e-12 else 1.0
-        col = (values[:, j] - mean) / std
-        out[:, j] = np.where(np.isnan(col), 0.0, col)
+        mean, std = finite_mean_std(fit[ok, j]) if ok.any() else (0.0, 1.0)
+        std = std if ok.sum() > 1 and std > 1e-12 else 1.0
+        with np.errstate(over="ignore", invalid="ignore"):  # a value beyond float range: clipped below
+            col = (values[:, j] - mean) / std
+        out[:, j] = np.clip(np.nan_to_num(col, nan=0.0, posinf=Z_CLIP, neginf=-Z_CLIP), -Z_CLIP, Z_CLIP)
     return out
 
 
@@ -57,6 +58,9 @@ def standardize_stats(values: np.ndarray, fit_rows: np.ndarray) -> tuple[np.ndar
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(fit, axis=0) if fit.size else np.zeros(values.shape[1])
         std = np.nanstd(fit, axis=0) if fit.size else np.ones(values.shape[1])
+    for j in np.flatnonzero(~(np.isfinite(mean) & np.isfinite(std))):  # overflowed (1e155 squared), or no value
+        vals = fit[:, j][~np.isnan(fit[:, j])]
+        mean[j], std[j] = finite_mean_std(vals) if len(vals) else (0.0, 1.0)
     mean = np.where(np.isnan(mean), 0.0, mean)
     std = np.where(np.isnan(std) | (std < 1e-12), 1.0, std)
     return mean, std

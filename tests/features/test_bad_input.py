@@ -43,10 +43,14 @@ def _nothing_written(out):
         ("user_id,item_id,timestamp,rating\n123456789012345678.0,10,100,5\n123456789012345679.0,11,200,4\n", "user_id", None, "rows 1, 2: value is not an integer id"),
         ("user_id,item_id,timestamp,rating\n1,10,100,5\n2,11,200,inf\n", "rating", 2, "infinite rating"),
         ("user_id,item_id,timestamp,rating\n1,10,1600000000,5\n2,11,0,4\n", "timestamp", 2, "before 1974"),
+        # a probe (2026-12-01): these were told to convert "date-time text"
+        ("user_id,item_id,timestamp,rating\n1,10,1600000000,5\n2,11,9e18,4\n", "timestamp", 2, "number beyond 2^53"),
+        ("user_id,item_id,timestamp,rating\n1,10,1600000000,5\n2,11,9223372036854775808,4\n", "timestamp", 2,
+         "number beyond 2^53"),
     ],
     ids=["missing-column", "wrong-dtype", "null-id", "negative-id", "nan-rating", "bad-timestamp", "label-range", "conflicting-duplicates",
          "no-rating-no-label", "ids-merged-by-leading-zero", "ids-merged-by-exponent", "float-id-past-2-53", "inf-rating",
-         "zero-timestamp-among-dates"],
+         "zero-timestamp-among-dates", "timestamp-9e18", "timestamp-past-int64"],
 )
 def test_data_errors_name_file_column_row(tmp_path, capsys, text, column, row, needle):
     rc, err, out = _run(tmp_path, capsys, text)

@@ -363,3 +363,21 @@ def test_synthetic_batch_shapes():
     assert b.sequence_features[HIST_KEY].lengths().tolist() == [7, 7, 7]
     assert b.sequence_features[CAND_KEY].lengths().tolist() == [4, 4, 4]
     assert b.dense.shape == (12, 2) and b.item_features.stride() == 12 and b.user_features.stride() == 3
+
+
+@pytest.mark.parametrize("huge", [1e155, 1e308, -1e308])
+def test_a_numeric_field_with_a_huge_value_keeps_its_column(huge):
+    """A probe (2026-12-01): one item's 1e155 overflowed the std to inf and the
+    ranker's whole numeric item field became 0 for every item, exit 0 (the
+    student's own scaling had just been fixed for the same values)."""
+    from recsys.data.content import entity_numeric
+    from recsys.data.dense import standardize_stats
+
+    price = np.arange(1.0, 201.0)
+    price[0] = huge
+    z = entity_numeric(pl.DataFrame({"price": price, "n": np.arange(200.0)}), ("price", "n"), 200)
+    assert np.isfinite(z).all() and len(np.unique(z[:, 0])) > 1
+    assert np.sign(z[0, 0]) == np.sign(huge) and abs(z[0, 0]) > 10  # the outlier stands out
+    np.testing.assert_allclose(z[:, 1], (np.arange(200.0) - 99.5) / np.arange(200.0).std(), rtol=1e-6)
+    mean, std = standardize_stats(price[:, None], np.arange(200))
+    assert np.isfinite(mean).all() and np.isfinite(std).all() and std[0] > 1
