@@ -395,15 +395,20 @@ def _image_paths(df: pl.DataFrame, table: RawTable) -> pl.Series:
         if raw is None or not raw.strip():
             resolved.append(None)
             continue
-        path = Path(raw).expanduser()
+        if "://" in raw:
+            raise DataError(f"{raw.strip()!r} is a URL: images are read from files; download them and name the files",
+                            file=table.file, column=S.IMAGE_PATH, rows=[int(df[ROW][i]) + table.row_offset])
+        path = Path(raw.strip()).expanduser()
         path = path if path.is_absolute() else base / path
         if not path.is_file():
             missing.append(i)
         resolved.append(str(path))
     if missing:
+        first = Path(resolved[missing[0]] or "")
+        what = "is a folder, not an image file" if first.is_dir() else "not found"
         more = f" ({len(missing)} rows in all)" if len(missing) > 1 else ""
-        raise DataError(f"image file not found: {resolved[missing[0]]}{more} (a relative path is read from the items "
-                        f"file's folder, {base}): fix the path or leave the cell empty for an item without an image",
+        raise DataError(f"image file {what}: {first}{more} (a relative path is read from the items file's folder, "
+                        f"{base}): fix the path or leave the cell empty for an item without an image",
                         file=table.file, column=S.IMAGE_PATH,
                         rows=[int(df[ROW][i]) + table.row_offset for i in missing[:_SHOW]])
     return pl.Series(S.IMAGE_PATH, resolved, pl.String)

@@ -19,6 +19,9 @@ from features import schemas as S
 from features.core.errors import DataError
 
 IMAGE_MODEL = "efficientnet-lite0"
+# the pixels the model sees, part of every cached vector's key: bump it when load_image
+# changes (v2: 16/32-bit grey scaled to 8 bits; the cache served v1's white-clipped vectors)
+PREPROCESSING = "rgb8-224-bilinear-v2"
 IMAGE_DIM = 1280  # its output length (a cached vector of another length is encoded again)
 IMAGE_SIZE = 224
 
@@ -135,7 +138,7 @@ def encode_images(
     keys = []
     for p in present:
         try:
-            keys.append(content_key(model, Path(p).read_bytes()))
+            keys.append(content_key(f"{model}/{PREPROCESSING}", Path(p).read_bytes()))
         except OSError as e:
             raise DataError(f"image file cannot be read ({e.strerror})", file=p, column=S.IMAGE_PATH) from e
     cache = EmbeddingCache(cache_dir or default_cache_dir(), model)

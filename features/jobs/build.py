@@ -162,6 +162,9 @@ def build_features(
     # the input files enter the key by content (their fingerprints), not by
     # path: the same file named relatively, absolutely or after a move skips
     keyed = {k: v for k, v in cfg.relevant().items() if k not in ("interactions", "items")}
+    if source.items is not None and S.IMAGE_PATH in source.items.frame.collect_schema().names():
+        # except the items file's folder where images are named: relative paths are resolved against it
+        keyed["image_base"] = str(Path(source.items.file).resolve().parent)
     key = stage_key(JOB, {"version": JOB_VERSION, "config": keyed},
                     {k: t.fingerprint for k, t in tables.items() if t is not None})
     if not force and is_up_to_date(out, key):

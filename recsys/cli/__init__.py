@@ -167,8 +167,8 @@ def describe_exception(e: BaseException) -> str:
     if isinstance(e, RuntimeError) and "can't allocate memory" in str(e):  # torch's CPU allocator
         asked = re.search(r"allocate (\d+) bytes", str(e))
         size = f" (one tensor of {int(asked.group(1)) / 2**30:.1f} GiB)" if asked else ""
-        return (f"out of memory{size}: try a smaller train.batch_size or train.eval_batch_size, "
-                "a shorter data.history_cap, or shard")
+        return (f"out of memory{size}: try smaller batches (the ranker's train.batch_size or train.eval_batch_size, "
+                "distill.batch_size, the teachers' batch_size), a shorter data.history_cap, or shard")
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"unexpected {type(e).__name__}" + (f": {msg}" if msg else "")
 

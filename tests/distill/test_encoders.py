@@ -273,3 +273,18 @@ def test_the_exported_student_embeds_items_without_images(tmp_path):
     alone = encoder.embed(items.filter(pl.col("item_id") == 3), cache_dir=tmp_path / "cache")
     assert alone.shape == (1, 8) and np.isfinite(alone).all()
     np.testing.assert_allclose(alone[0], full[2], rtol=1e-5, atol=1e-6)  # as in a frame with images
+
+
+def test_the_image_cache_key_holds_the_preprocessing_version(tmp_path, monkeypatch):
+    """A probe (2026-12-01): after the 16-bit fix the cache still served the old,
+    white-clipped vectors (keyed by model and bytes only)."""
+    import distill.encoders.image as image
+
+    path = _png(tmp_path / "a.png", (5, 6, 7))
+    fake = lambda paths: np.ones((len(paths), 4), np.float32)  # noqa: E731
+    _, _, first = encode_images([path], cache_dir=tmp_path / "c", encoder=fake, progress=False)
+    _, _, again = encode_images([path], cache_dir=tmp_path / "c", encoder=fake, progress=False)
+    assert first.n_encoded == 1 and again.n_encoded == 0
+    monkeypatch.setattr(image, "PREPROCESSING", image.PREPROCESSING + "-next")
+    _, _, bumped = encode_images([path], cache_dir=tmp_path / "c", encoder=fake, progress=False)
+    assert bumped.n_encoded == 1

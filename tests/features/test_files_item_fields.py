@@ -227,3 +227,55 @@ def test_a_text_column_of_lists_is_a_schema_error_naming_file_and_column(tmp_pat
     assert "items.parquet" in log and "column 'text'" in log and "is not text: join the values into one string" in log
     assert "unexpected" not in log and not out.exists()
 
+
+
+def _image_items(folder, cell: str) -> str:
+    from PIL import Image
+
+    (folder / "img").mkdir(exist_ok=True)
+    for i in (10, 11, 12):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(folder / "img" / f"{i}.png")
+    return f"item_id,text,image_path\n10,Heat,img/10.png\n11,Toy Story,{cell}\n12,Up,\n"
+
+
+def test_image_paths_that_name_no_file_say_what_they_are(tmp_path, capsys):
+    """A probe (2026-12-01): a folder and a URL were both "not found" (the URL
+    as a mangled local path), and a cell padded with spaces was not found."""
+    (tmp_path / "img").mkdir()
+    for cell, needle in (("img", "is a folder, not an image file"), ("http://example.com/x.png", "is a URL"),
+                         ("img/none.png", "not found")):
+        rc, log, out = _build(tmp_path, capsys, items=_image_items(tmp_path, cell), out="o")
+        assert rc == 1 and needle in log and "row 2" in log and "column 'image_path'" in log and not out.exists(), log
+    rc, log, out = _build(tmp_path, capsys, items=_image_items(tmp_path, "  img/11.png  "), out="padded")
+    assert rc == 0, log
+    assert pl.read_parquet(out / "items.parquet")["image_path"].to_list()[1] == str(tmp_path.resolve() / "img" / "11.png")
+
+
+def test_the_same_items_file_in_another_folder_rebuilds_when_it_names_images(tmp_path, capsys):
+    """A probe (2026-12-01): relative image paths are resolved against the items
+    file's folder, but the build's key held the file's bytes only: the same file
+    beside other pictures was "up to date", and the features kept the first folder's paths."""
+    import shutil
+
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "items.csv").write_text(_image_items(folder, "img/11.png"))
+        (folder / "events.csv").write_text(EVENTS)
+
+    def build(name: str) -> tuple[int, str]:
+        rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / name / "events.csv"),
+                   "--items", str(tmp_path / name / "items.csv"), "--out", str(tmp_path / "out")])
+        said = capsys.readouterr()
+        return rc, said.out + said.err
+
+    assert build("a")[0] == 0
+    rc, log = build("b")
+    assert rc == 0 and "up to date" not in log
+    assert pl.read_parquet(tmp_path / "out" / "items.parquet")["image_path"][0].startswith(str((tmp_path / "b").resolve()))
+    shutil.copytree(tmp_path / "b", tmp_path / "c")  # no images named: still keyed by content alone
+    (tmp_path / "c" / "items.csv").write_text(ITEMS)
+    (tmp_path / "b" / "items.csv").write_text(ITEMS)
+    assert build("b")[0] == 0
+    rc, log = build("c")
+    assert rc == 0 and "up to date" in log
