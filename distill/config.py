@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from features.core.config import need
+from features.core.config import expand_home, need
 
 LOSSES = ("s2i", "id2i", "i2i")  # the student's losses, each with a use_* switch
 TEACHER_NAMES = ("id2item", "seq2item")
@@ -169,6 +169,7 @@ class DistillConfig:
     seed: int | None = None  # None: the pipeline's `seed` (0 when called as a library)
 
     def __post_init__(self) -> None:
+        expand_home(self, ("cache_dir",))
         if not (self.use_s2i or self.use_id2i or self.use_i2i):
             raise ValueError("distill: switch on at least one loss (use_s2i, use_id2i, use_i2i)")
         if min(self.w_s2i, self.w_id2i, self.w_i2i, self.w_geo) < 0:

@@ -411,10 +411,8 @@ def parse_numeric_strings(items: pl.DataFrame) -> tuple[pl.DataFrame, list[str],
         raw = items[name].str.strip_chars()
         raw = raw.set(raw.str.to_lowercase().is_in(MISSING_TEXT).fill_null(False), None)  # "NA": a missing number
         present = raw.is_not_null() & (raw != "")
-        if not present.any():
-            continue
-        if raw.filter(present).str.contains(r"^[+-]?0\d").any():
-            if raw.filter(present).cast(pl.Float64, strict=False).is_not_null().all():
+        if not present.any() or raw.filter(present).str.contains(r"^[+-]?0\d").any():
+            if present.any() and raw.filter(present).cast(pl.Float64, strict=False).is_not_null().all():
                 kept[name] = "codes with a leading zero, such as zip codes"
             continue
         whole = raw.cast(pl.Int64, strict=False)  # exact: 17-digit codes stay distinct (a float would merge them)

@@ -159,6 +159,20 @@ def need(section: Any, names: tuple[str, ...], ok: Callable[[Any], bool], what: 
             raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
+def expand_home(section: Any, names: tuple[str, ...]) -> None:
+    """Path keys of a (frozen) config section with a leading `~` expanded, as a
+    shell would (a config is no shell: `~/runs` made a folder named `~` in the
+    working directory); `${VAR}` / `$VAR` is refused, not expanded."""
+    for name in names:
+        value = getattr(section, name)
+        if not isinstance(value, str) or not value:
+            continue
+        if re.search(r"\$\{?[A-Za-z_]", value):
+            raise ValueError(f"{name} {value!r}: environment variables are not expanded in configs; write the path out")
+        if value.startswith("~"):
+            object.__setattr__(section, name, str(Path(value).expanduser()))
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """Plain nested dict of a config dataclass (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(obj), default=str))

@@ -108,7 +108,10 @@ def _typed_item_fields(items: pl.DataFrame, table: RawTable, cfg: FeaturesConfig
         for name, why in kept.items():
             log(f"features: items column {name!r} holds numbers only but stays a categorical field, one category "
                 f"per value ({why})")
-    if cfg.multi_value_sep is not None:
+    if cfg.multi_value_sep is None:
+        log("features: features.multi_value_sep is null: no items column is split into values (in YAML an "
+            "unquoted ~ or # reads as null: quote it to split on it)")
+    else:
         items, split = T.split_multi_valued(items, cfg.multi_value_sep)
         for name, n in split.items():
             log(f"features: items column {name!r} holds {cfg.multi_value_sep!r}-separated values ({n:,} of "

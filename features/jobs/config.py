@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from features import schemas as S
-from features.core.config import need, to_dict
+from features.core.config import expand_home, need, to_dict
 from features.sources import SyntheticConfig
 from features.spark.config import Engine, SparkConfig
 
 JOB = "features.build"
 JOB_VERSION = 3  # bump when the output of the same inputs and config changes
+_INT32_MAX = 2**31 - 1  # hist_len and pos_hist_len are Int32 columns
 
 
 SourceName = Literal["movielens100k", "movielens1m", "files", "synthetic"]
@@ -65,7 +66,8 @@ class FeaturesConfig:
         if self.split == "global_time" and self.test_frac == 0:
             # with no test share the later rows would still be called "test"
             raise ValueError("test_frac must be > 0 for split global_time (there is no split without a test part)")
-        need(self, ("history_cap",), lambda v: v >= 1, ">= 1")
+        need(self, ("history_cap",), lambda v: 1 <= v <= _INT32_MAX, f"in 1..{_INT32_MAX}")  # hist_len is Int32
+        expand_home(self, ("interactions", "items"))
         if self.day_offset_s is not None and not -86_400 < self.day_offset_s < 86_400:
             raise ValueError(f"day_offset_s must be within one day (-86400, 86400), got {self.day_offset_s}")
         if self.source == "files" and not self.interactions:

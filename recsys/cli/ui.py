@@ -25,13 +25,13 @@ Pipelines can log through it: MLFLOW_TRACKING_URI=http://127.0.0.1:PORT.
 def _tracking_config(args: argparse.Namespace):
     import dataclasses
 
-    from features.core.config import from_dict, load_mapping
+    from features.core.config import load_mapping
+    from recsys.config import PipelineConfig
     from recsys.tracking.config import TrackingConfig
 
     cfg = TrackingConfig()
-    if args.config:
-        data = load_mapping(args.config)
-        cfg = from_dict(TrackingConfig, data.get("tracking") or {}, where=f"{args.config}.tracking")
+    if args.config:  # checked whole, as every command does: a misspelt `trackng:` served ./mlflow (a probe)
+        cfg = PipelineConfig.from_mapping(load_mapping(args.config), where=str(args.config)).tracking
     over = {"uri": args.store, "artifact_root": args.artifact_root}
     return dataclasses.replace(cfg, **{k: v for k, v in over.items() if v})
 

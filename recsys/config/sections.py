@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from features import schemas as S
-from features.core.config import need
+from features.core.config import expand_home, need
 
 HistoryEncoder = Literal["mean", "reference", "svd_truncated", "svd_compact"]
 DistilledMode = Literal["off", "init", "concat"]
@@ -51,6 +51,7 @@ class PathsConfig:
     embeddings: str = ""  # item embeddings parquet; default: {root}/distill/item_embeddings.parquet (a given file skips distillation)
 
     def __post_init__(self) -> None:
+        expand_home(self, ("root", "features", "match_features", "embeddings"))
         if self.match_features.strip().lower() == "none":
             raise ValueError('match_features "none" is no longer a switch: set data.use_match_features: false')
 
@@ -183,6 +184,7 @@ class TrainConfig:
         return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(out) / "checkpoints"
 
     def __post_init__(self) -> None:
+        expand_home(self, ("checkpoint_dir",))
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         need(self, ("batch_size", "eval_batch_size"), lambda v: v >= 1, ">= 1")

@@ -279,3 +279,17 @@ def test_the_same_items_file_in_another_folder_rebuilds_when_it_names_images(tmp
     assert build("b")[0] == 0
     rc, log = build("c")
     assert rc == 0 and "up to date" in log
+
+
+def test_a_null_separator_is_said_in_the_log(tmp_path):
+    """A probe (2026-12-01): YAML reads an unquoted `multi_value_sep: ~` (or `#`)
+    as null, which silently kept 'Horror~Comedy' one category."""
+    from features.jobs import FeaturesConfig, build_features
+
+    (tmp_path / "events.csv").write_text(EVENTS)
+    (tmp_path / "items.csv").write_text(ITEMS)
+    said: list[str] = []
+    build_features(FeaturesConfig(source="files", interactions=str(tmp_path / "events.csv"),
+                                  items=str(tmp_path / "items.csv"), multi_value_sep=None), tmp_path / "out", log=said.append)
+    assert any("multi_value_sep is null" in m and "quote it" in m for m in said)
+    assert pl.read_parquet(tmp_path / "out" / "items.parquet")["genres"].dtype == pl.String

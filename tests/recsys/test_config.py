@@ -210,3 +210,34 @@ def test_distill_configs_refuse_nan_and_name_the_key():
     for cls, key in ((DistillConfig, "lr"), (ID2ItemConfig, "lr"), (Seq2ItemConfig, "init_std")):
         with pytest.raises(ValueError, match=f"^{key} must be > 0, got nan$"):
             cls(**{key: float("nan")})
+
+
+def test_config_paths_expand_home_and_refuse_environment_variables(monkeypatch, tmp_path):
+    """A probe (2026-12-01): `train.checkpoint_dir: ~/ckpt` wrote into a folder
+    named `~` in the working directory, `features.interactions: ~/x.csv` was
+    "missing", and `${HOME}/runs` was taken literally."""
+    from features.core.errors import ConfigError
+    from recsys.config import PipelineConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = PipelineConfig.from_mapping({
+        "features": {"source": "files", "interactions": "~/x.csv", "items": "~/items.csv"},
+        "train": {"checkpoint_dir": "~/ck"}, "paths": {"root": "~/runs", "embeddings": "none"},
+        "distill": {"cache_dir": "~/cache"},
+    })
+    assert cfg.features.interactions == str(tmp_path / "x.csv") and cfg.features.items == str(tmp_path / "items.csv")
+    assert cfg.train.checkpoint_dir == str(tmp_path / "ck") and cfg.paths.root == str(tmp_path / "runs")
+    assert cfg.distill.cache_dir == str(tmp_path / "cache") and cfg.paths.embeddings == "none"
+    for key, section in (("root", "paths"), ("checkpoint_dir", "train")):
+        with pytest.raises(ConfigError, match="environment variables are not expanded"):
+            PipelineConfig.from_mapping({section: {key: "${HOME}/runs"}})
+
+
+def test_history_cap_beyond_int32_is_a_config_error():
+    """A probe (2026-12-01): 2**31 passed and the build crashed converting hist_len to Int32."""
+    from features.core.errors import ConfigError
+    from recsys.config import PipelineConfig
+
+    with pytest.raises(ConfigError, match="history_cap must be in 1..2147483647"):
+        PipelineConfig.from_mapping({"features": {"history_cap": 2**31}})
+    assert PipelineConfig.from_mapping({"features": {"history_cap": 2**31 - 1}}).features.history_cap == 2**31 - 1

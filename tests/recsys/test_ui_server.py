@@ -44,6 +44,20 @@ def test_register_defaults_and_flags():
     assert ui._tracking_config(args) == TrackingConfig(uri="sqlite:///x/mlflow.db")
 
 
+def test_ui_checks_its_config_whole(tmp_path):
+    """A probe (2026-12-01): `trackng:` (a typo) or an A/B experiment file was
+    ignored, and the UI served (and created) ./mlflow."""
+    from features.core.errors import ConfigError
+
+    good = tmp_path / "good.yaml"
+    good.write_text(f"name: x\ntracking: {{uri: 'sqlite:///{tmp_path}/m.db'}}\n")
+    assert ui._tracking_config(_parser().parse_args(["ui", "--config", str(good)])).uri == f"sqlite:///{tmp_path}/m.db"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"trackng: {{uri: 'sqlite:///{tmp_path}/m.db'}}\n")
+    with pytest.raises(ConfigError, match="did you mean 'tracking'"):
+        ui._tracking_config(_parser().parse_args(["ui", "--config", str(bad)]))
+
+
 def test_ui_refuses_a_server_uri(capsys):
     from features.core.errors import UsageError
 
