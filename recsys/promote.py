@@ -63,11 +63,15 @@ def promote_arm(tracking: TrackingConfig | Mapping[str, Any] | str, experiment: 
     check_experiment_name(experiment, "experiment promote")
     if guard is not None and guard not in METRICS:
         raise UsageError(f"--guard: unknown metric {guard!r}; known: {', '.join(METRICS)}")
-    # the experiment's own metrics, so the guard sees exactly what `compare` shows
-    rows, control = compare_experiment(tracking, experiment, log_to_store=False)
-    if guard and not any(r.metric == guard for r in rows):
-        rows, control = compare_experiment(tracking, experiment, metrics=(guard,), log_to_store=False)
-    arms = sorted({r.arm for r in rows} | {control})
+    parent, entries = newest_run(tracking, experiment)
+    if guard is None:  # nothing to judge: no comparison (its bootstrap, its warnings about --n-boot)
+        rows, control = [], parent["tags"].get("control", "control")
+        arms = sorted({e["arm"] for e in entries} | {control})
+    else:  # the experiment's own metrics, so the guard sees exactly what `compare` shows
+        rows, control = compare_experiment(tracking, experiment, log_to_store=False)
+        if not any(r.metric == guard for r in rows):
+            rows, control = compare_experiment(tracking, experiment, metrics=(guard,), log_to_store=False)
+        arms = sorted({r.arm for r in rows} | {control})
     if arm not in arms:
         raise UsageError(f"--arm {arm!r}: not an arm of experiment {experiment!r}; its arms: {', '.join(arms)}")
     row = next((r for r in rows if guard and r.arm == arm and r.metric == guard and r.segment == ALL), None)
@@ -78,7 +82,6 @@ def promote_arm(tracking: TrackingConfig | Mapping[str, Any] | str, experiment: 
             raise Regression(f"not promoted: arm {arm!r} regresses on {guard} vs {control!r}: "
                              f"{r.delta:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]: the 95% interval lies on the worse side of zero")
     # the arm's models of the run the guard judged (its first seed), not whatever its aliases point at now
-    parent, entries = newest_run(tracking, experiment)
     first = next((int(x) for x in json.loads((parent.get("params") or {}).get("seeds", "[]"))), None)
     mine = [e for e in entries if e["arm"] == arm]
     entry = next((e for e in mine if int(e["seed"]) == first), mine[0] if mine else None)

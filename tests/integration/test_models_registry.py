@@ -222,7 +222,9 @@ def test_promote_exit_statuses_and_champion(in_experiment, capsys):
     assert "its arms: control, lightgbm, match, match_svd" in capsys.readouterr().err
     assert main(["experiment", "promote", "debug_ab", "--arm", "match", "--guard", "bogus"]) == 2
     assert main(["experiment", "promote", "debug_ab", "--arm", "lightgbm", "--no-guard"]) == 2
+    capsys.readouterr()
     assert main(["experiment", "promote", "debug_ab", "--arm", "match", "--no-guard"]) == 0
+    assert "--n-boot" not in capsys.readouterr().err  # no comparison without a guard (a probe: its warnings were shown)
     ranker = c.get_registered_model("recsys-ranker")
     assert ranker.aliases["champion"] == ranker.aliases["debug_ab-match"]
     assert ranker.tags["champion_set_by"] == "promote:debug_ab/match"
