@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from features.core.config import expand_home
 
 
 @dataclass(frozen=True)
@@ -17,5 +20,8 @@ class TrackingConfig:
     reuse: bool = True  # false -> always recompute stages (like --force)
 
     def __post_init__(self) -> None:
+        expand_home(self, ("artifact_root",))  # a leading ~ as a shell would (it made a folder named ~)
+        if self.uri.startswith("sqlite:///~"):
+            object.__setattr__(self, "uri", "sqlite:///" + str(Path(self.uri[len("sqlite:///"):]).expanduser()))
         if not self.experiment.strip():
             raise ValueError("experiment must be a non-empty name")

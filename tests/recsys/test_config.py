@@ -241,3 +241,12 @@ def test_history_cap_beyond_int32_is_a_config_error():
     with pytest.raises(ConfigError, match="history_cap must be in 1..2147483647"):
         PipelineConfig.from_mapping({"features": {"history_cap": 2**31}})
     assert PipelineConfig.from_mapping({"features": {"history_cap": 2**31 - 1}}).features.history_cap == 2**31 - 1
+
+
+def test_tracking_store_paths_expand_home(monkeypatch, tmp_path):
+    """A probe (2026-12-01): `sqlite:///~/s/mlflow.db` and `artifact_root: ~/a` made a folder named `~`."""
+    from recsys.tracking.config import TrackingConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = TrackingConfig(uri="sqlite:///~/s/mlflow.db", artifact_root="~/a")
+    assert cfg.uri == f"sqlite:///{tmp_path}/s/mlflow.db" and cfg.artifact_root == str(tmp_path / "a")
