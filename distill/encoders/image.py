@@ -82,6 +82,14 @@ def load_image(path: str | Path) -> np.ndarray:
     return (x - 127.0) / 128.0
 
 
+def _read_bytes(path: str | Path) -> bytes:
+    """An image file's bytes; DataError naming it when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"image file cannot be read ({e.strerror})", file=str(path), column=S.IMAGE_PATH) from e
+
+
 def image_fingerprint(paths: Sequence[str | None]) -> str:
     """Fingerprint of the images' bytes, each file checked to open as an image.
 
@@ -96,10 +104,7 @@ def image_fingerprint(paths: Sequence[str | None]) -> str:
         if p is None or str(p) == "":
             h.update(b"-")
             continue
-        try:
-            data = Path(p).read_bytes()
-        except OSError as e:
-            raise DataError(f"image file cannot be read ({e.strerror})", file=str(p), column=S.IMAGE_PATH) from e
+        data = _read_bytes(p)
         _open(io.BytesIO(data), p).close()
         h.update(content_key(IMAGE_MODEL, data).encode())
     return h.hexdigest()
@@ -137,10 +142,7 @@ def encode_images(
     present = [str(p) for p, h in zip(paths, has) if h]
     keys = []
     for p in present:
-        try:
-            keys.append(content_key(f"{model}/{PREPROCESSING}", Path(p).read_bytes()))
-        except OSError as e:
-            raise DataError(f"image file cannot be read ({e.strerror})", file=p, column=S.IMAGE_PATH) from e
+        keys.append(content_key(f"{model}/{PREPROCESSING}", _read_bytes(p)))
     cache = EmbeddingCache(cache_dir or default_cache_dir(), model)
     lazy: dict[str, EncodeFn] = {}
 
