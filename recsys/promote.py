@@ -65,7 +65,7 @@ def promote_arm(tracking: TrackingConfig | Mapping[str, Any] | str, experiment: 
         raise UsageError(f"--guard: unknown metric {guard!r}; known: {', '.join(METRICS)}")
     parent, entries = newest_run(tracking, experiment)
     if guard is None:  # nothing to judge: no comparison (its bootstrap, its warnings about --n-boot)
-        rows, control = [], parent["tags"].get("control", "control")
+        rows, control = [], (parent.get("tags") or {}).get("control", "control")
         arms = sorted({e["arm"] for e in entries} | {control})
     else:  # the experiment's own metrics, so the guard sees exactly what `compare` shows
         rows, control = compare_experiment(tracking, experiment, log_to_store=False)
