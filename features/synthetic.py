@@ -38,6 +38,8 @@ _WORDS = (
 
 # SyntheticConfig keys of kind "uniform": its fingerprint hashes only these,
 # so data made before `kind` existed keeps its fingerprint.
+T0 = 883_612_800  # 1998-01-01 UTC: the first timestamp
+MAX_DAYS = 73_000  # T0 + 73_000 days is in 2197 (timeunits.MAX_TS_S: 2200-01-01)
 _UNIFORM_KEYS = ("users", "items", "max_events", "min_events", "rank", "days", "popularity_exponent",
                  "preference_strength", "seed")
 
@@ -73,7 +75,8 @@ class SyntheticConfig:
             raise ValueError(f"need 0 <= min_events <= max_events, got min_events {self.min_events}, "
                              f"max_events {self.max_events}")
         need(self, ("rank",), lambda v: 1 <= v <= len(_WORDS) // 2, f"in 1..{len(_WORDS) // 2}")
-        need(self, ("days",), lambda v: v >= 2, ">= 2")
+        # the data starts on 1998-01-01 and must end before 2200, the latest date the build reads
+        need(self, ("days",), lambda v: 2 <= v <= MAX_DAYS, f"in 2..{MAX_DAYS} (the data starts in 1998 and must end before 2200)")
         need(self, ("popularity_exponent", "preference_strength"), lambda v: v >= 0, ">= 0")
         if self.kind == "interests":
             self._check_interests()
@@ -115,7 +118,7 @@ def generate_synthetic(cfg: SyntheticConfig) -> tuple[RawSource, pl.DataFrame]:
     lengths = np.clip(lengths, lo, cfg.max_events)
 
     users_col, items_col, ts_col, rating_col = [], [], [], []
-    t0 = 883_612_800  # 1998-01-01 UTC
+    t0 = T0
     span = cfg.days * 86400
     for u in range(cfg.users):
         n = int(lengths[u])
@@ -222,7 +225,7 @@ def generate_interests(cfg: SyntheticConfig) -> tuple[RawSource, pl.DataFrame]:
     lo = cfg.min_events or cfg.max_events
     lengths = rng.integers(lo, cfg.max_events + 1, cfg.users)  # (U,)
     span = cfg.days * 86400
-    t0 = 883_612_800  # 1998-01-01 UTC
+    t0 = T0
     users_col, items_col, ts_col, label_col, interests = [], [], [], [], []
     for u in range(cfg.users):
         n = int(lengths[u])

@@ -153,7 +153,7 @@ def load_experiment(path: str | Path, seeds: tuple[int, ...] | None = None) -> L
     spec = from_dict(ExperimentSpec, data, where=str(path))
     if seeds:
         spec = dataclasses.replace(spec, seeds=check_seeds(tuple(seeds), "--seeds"))
-    baseline_path = (path.parent / spec.baseline).resolve()
+    baseline_path = (path.parent / Path(spec.baseline).expanduser()).resolve()  # `~/b.yaml` is the home folder's
     if not baseline_path.is_file():
         raise ConfigError(f"{path}: baseline {spec.baseline!r} not found (looked for {baseline_path})")
     baseline = load_mapping(baseline_path)

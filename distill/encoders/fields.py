@@ -19,6 +19,18 @@ from features.core.errors import DataError
 from features.core.numeric import Z_CLIP, finite_mean_std
 
 
+def _quantiles(values: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """np.quantile's interpolated edges; where interpolating between values
+    near the float limits overflows (+-1e308 gave edges of +-inf), the value
+    below instead (a probe, 2026-12-01)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        edges = np.quantile(values, probs)
+    bad = ~np.isfinite(edges)
+    if bad.any():
+        edges[bad] = np.quantile(values, probs[bad], method="lower")
+    return edges
+
+
 @dataclass
 class FieldFeatures:
     """Item fields as tokens of one shared vocabulary (id 0 = padding).
@@ -75,7 +87,7 @@ class FieldEncoder:
             x = items[name].cast(pl.Float64).to_numpy()
             vals = x[np.isfinite(x)]
             if len(vals):
-                edges = np.unique(np.quantile(vals, np.linspace(0, 1, n_buckets + 1)[1:-1]))
+                edges = np.unique(_quantiles(vals, np.linspace(0, 1, n_buckets + 1)[1:-1]))
                 mean, std = finite_mean_std(vals)
                 out.numeric[name] = [edges.tolist(), mean, std or 1.0]
             else:

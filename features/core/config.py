@@ -162,12 +162,13 @@ def need(section: Any, names: tuple[str, ...], ok: Callable[[Any], bool], what: 
 def expand_home(section: Any, names: tuple[str, ...]) -> None:
     """Path keys of a (frozen) config section with a leading `~` expanded, as a
     shell would (a config is no shell: `~/runs` made a folder named `~` in the
-    working directory); `${VAR}` / `$VAR` is refused, not expanded."""
+    working directory); `${VAR}` / a leading `$VAR` is refused, not expanded."""
     for name in names:
         value = getattr(section, name)
         if not isinstance(value, str) or not value:
             continue
-        if re.search(r"\$\{?[A-Za-z_]", value):
+        # `${VAR}` anywhere, or `$VAR` opening a path component; `a$bc` is a legal name
+        if re.search(r"\$\{|(?:^|/)\$[A-Za-z_]", value):
             raise ValueError(f"{name} {value!r}: environment variables are not expanded in configs; write the path out")
         if value.startswith("~"):
             object.__setattr__(section, name, str(Path(value).expanduser()))

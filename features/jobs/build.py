@@ -168,6 +168,9 @@ def build_features(
     if source.items is not None and S.IMAGE_PATH in source.items.frame.collect_schema().names():
         # except the items file's folder where images are named: relative paths are resolved against it
         keyed["image_base"] = str(Path(source.items.file).resolve().parent)
+        tilde = pl.col(S.IMAGE_PATH).cast(pl.String).str.strip_chars().str.starts_with("~").any()
+        if source.items.frame.select(tilde).collect().item():  # and the home folder `~/...` cells are read from
+            keyed["image_home"] = str(Path.home())
     key = stage_key(JOB, {"version": JOB_VERSION, "config": keyed},
                     {k: t.fingerprint for k, t in tables.items() if t is not None})
     if not force and is_up_to_date(out, key):

@@ -9,6 +9,8 @@ refused with a clear message rather than half supported.
 
 from __future__ import annotations
 
+import os
+
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -50,13 +52,14 @@ def _staged_copy(uri: str) -> Path | None:
 
 
 def local_path(location: str | None, what: str = "path") -> str | None:
-    """`file:///x` -> `/x`; a plain path unchanged; None stays None; a
+    """`file:///x` -> `/x`; a plain path unchanged but for a leading `~/`
+    (expanded, as polars does when it reads or writes one); None stays None; a
     remote URI -> its local copy while a Spark job stages it, else an error."""
     if location is None:
         return None
     text = str(location)
     if "://" not in text and not text.startswith("file:"):
-        return text
+        return os.path.expanduser(text) if text == "~" or text.startswith("~/") else text
     parsed = urlparse(text)
     if parsed.scheme != "file":
         copy = _staged_copy(text)

@@ -104,7 +104,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = args.debug or debug
+    expand_quoted_home(args)
     return dispatch(parser, args)
+
+
+def expand_quoted_home(args: argparse.Namespace) -> None:
+    """A quoted `"~/x"` reaches us unexpanded: expand it as the shell would
+    (polars expanded it when writing, our temp folder did not: exit 1)."""
+    for name, value in vars(args).items():
+        if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+            setattr(args, name, os.path.expanduser(value))
 
 
 def pop_debug(argv: Sequence[str]) -> tuple[list[str], bool]:

@@ -17,6 +17,8 @@ from typing import Literal, get_args
 from features import schemas as S
 from features.core.config import expand_home, need
 
+_INT32_MAX = 2**31 - 1
+
 HistoryEncoder = Literal["mean", "reference", "svd_truncated", "svd_compact"]
 DistilledMode = Literal["off", "init", "concat"]
 OverArch = Literal["mlp", "dcn"]
@@ -72,8 +74,8 @@ class DataConfig:
     negatives_per_request: int = 0  # uniformly sampled negatives per training request
 
     def __post_init__(self) -> None:
-        if self.history_cap < 1:
-            raise ValueError(f"history_cap must be >= 1, got {self.history_cap}")
+        if not 1 <= self.history_cap <= _INT32_MAX:  # 2**63 crashed numpy's minimum with the lengths
+            raise ValueError(f"history_cap must be in 1..{_INT32_MAX}, got {self.history_cap}")
         if self.negatives_per_request < 0:
             raise ValueError(f"negatives_per_request must be >= 0, got {self.negatives_per_request}")
         bad = [c for c in self.match_columns if not c.startswith(S.MATCH_PREFIX)]
@@ -238,6 +240,9 @@ class LightGBMConfig:
         need(self, ("learning_rate", "feature_fraction", "bagging_fraction"), lambda v: 0 < v <= 1, "in (0, 1]")
         need(self, ("n_estimators", "early_stopping_rounds", "min_child_samples"), lambda v: v >= 1, ">= 1")
         need(self, ("bagging_freq", "lambda_l2", "num_threads"), lambda v: v >= 0, ">= 0")
+        # LightGBM reads these as C ints: 2**32 + 5 rows per leaf became 5, 2**31 leaves "not > 1"
+        need(self, ("num_leaves", "n_estimators", "early_stopping_rounds", "min_child_samples", "bagging_freq",
+                    "num_threads"), lambda v: v <= _INT32_MAX, f"<= {_INT32_MAX}")
 
     def base_features(self) -> list[str]:
         """The interactions columns this config uses."""

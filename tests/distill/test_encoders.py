@@ -249,6 +249,13 @@ def test_a_numeric_field_of_huge_values_standardises_without_overflow():
         assert z[0] > 1 and z[2] < 0  # the outliers stand out (the rest keep their order in the bucket tokens)
     ordinary = pl.DataFrame({"item_id": [1, 2, 3], "price": [1.0, 2.0, 3.0]})
     assert FieldEncoder.fit(ordinary, {"numeric": ["price"]}).numeric["price"][1:] == [2.0, float(np.std([1.0, 2, 3]))]
+    # bucket edges between -1e308 and 1e308 interpolated to +-inf (a probe, 2026-12-01)
+    extremes = pl.DataFrame({"item_id": [1, 2, 3, 4], "price": [-1e308, -1e308, 1e308, 1e308]})
+    edges = FieldEncoder.fit(extremes, {"numeric": ["price"]}).numeric["price"][0]
+    assert edges and np.isfinite(edges).all() and set(edges) <= {-1e308, 1e308}, edges
+    wide = pl.DataFrame({"item_id": np.arange(100), "price": np.arange(100.0) + 0.5})  # ordinary data: interpolated as before
+    assert FieldEncoder.fit(wide, {"numeric": ["price"]}).numeric["price"][0] == np.quantile(
+        np.arange(100.0) + 0.5, np.linspace(0, 1, 11)[1:-1]).tolist()
 
 
 def test_the_exported_student_embeds_items_without_images(tmp_path):

@@ -281,6 +281,35 @@ def test_the_same_items_file_in_another_folder_rebuilds_when_it_names_images(tmp
     assert rc == 0 and "up to date" in log
 
 
+def test_a_home_relative_image_cell_and_a_quoted_home_out_follow_the_home_folder(tmp_path, capsys, monkeypatch):
+    """A probe (2026-12-01): an image cell `~/img/11.png` was expanded with
+    $HOME, which the build's key left out (another home: "up to date" with the
+    first home's pictures); a quoted `--out "~/out"` died (polars expanded the
+    `~`, the temp folder did not)."""
+    monkeypatch.chdir(tmp_path)  # where a literal `~` folder would appear
+    for home in ("h1", "h2"):
+        (tmp_path / home).mkdir()
+        _image_items(tmp_path / home, "img/11.png")
+    (tmp_path / "items.csv").write_text(_image_items(tmp_path, "~/img/11.png"))
+    (tmp_path / "events.csv").write_text(EVENTS)
+
+    def build(home: str, out: str) -> tuple[int, str]:
+        monkeypatch.setenv("HOME", str(tmp_path / home))
+        rc = main(["features", "build", "--source", "files", "--interactions", str(tmp_path / "events.csv"),
+                   "--items", str(tmp_path / "items.csv"), "--out", out])
+        said = capsys.readouterr()
+        return rc, said.out + said.err
+
+    rc, log = build("h1", "~/out")
+    assert rc == 0, log
+    assert pl.read_parquet(tmp_path / "h1" / "out" / "items.parquet")["image_path"][1] == str(tmp_path / "h1" / "img" / "11.png")
+    assert not (tmp_path / "~").exists()
+    assert build("h1", str(tmp_path / "o"))[0] == 0
+    rc, log = build("h2", str(tmp_path / "o"))
+    assert rc == 0 and "up to date" not in log, log
+    assert pl.read_parquet(tmp_path / "o" / "items.parquet")["image_path"][1] == str(tmp_path / "h2" / "img" / "11.png")
+
+
 def test_a_null_separator_is_said_in_the_log(tmp_path):
     """A probe (2026-12-01): YAML reads an unquoted `multi_value_sep: ~` (or `#`)
     as null, which silently kept 'Horror~Comedy' one category."""

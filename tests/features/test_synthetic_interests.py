@@ -153,3 +153,17 @@ def test_events_dropped_as_repeats_within_a_session_are_announced(tmp_path, caps
     log = cap.out + cap.err
     assert "warning: synthetic interests:" in log and "repeated an item within its session and were dropped" in log
     assert "kept events per user 4-4 (drawn: 100-100)" in log
+
+
+@pytest.mark.parametrize("kind", ["uniform", "interests"])
+def test_a_time_span_past_2200_is_refused_at_the_config(kind, tmp_path, capsys):
+    """A probe (2026-12-01): `days` was unbounded; a huge span overflowed, or the
+    build said the generated timestamps were "after 2200" (a unit problem)."""
+    with pytest.raises(ConfigError, match="days must be in 2..73000"):
+        from_dict(SyntheticConfig, {"kind": kind, "items": 400, "days": 73_001}, where="features.synthetic")
+    from recsys.cli import main
+
+    (tmp_path / "c.yaml").write_text(f"features:\n  source: synthetic\n  synthetic:\n    kind: {kind}\n    users: 20\n"
+                                     "    items: 40\n    topics: 4\n    interests: 2\n    days: 73000\n")
+    rc = main(["features", "build", "--out", str(tmp_path / "f"), "--config", str(tmp_path / "c.yaml"), "--quiet"])
+    assert rc == 0, capsys.readouterr().err

@@ -231,6 +231,11 @@ def test_config_paths_expand_home_and_refuse_environment_variables(monkeypatch, 
     for key, section in (("root", "paths"), ("checkpoint_dir", "train")):
         with pytest.raises(ConfigError, match="environment variables are not expanded"):
             PipelineConfig.from_mapping({section: {key: "${HOME}/runs"}})
+    for value in ("$HOME/runs", "/data/$USER/runs", "runs/${X}"):
+        with pytest.raises(ConfigError, match="environment variables are not expanded"):
+            PipelineConfig.from_mapping({"paths": {"root": value}})
+    # a `$` inside a name is no variable (a probe: `a$bc` was refused)
+    assert PipelineConfig.from_mapping({"paths": {"root": "runs/a$bc"}}).paths.root == "runs/a$bc"
 
 
 def test_history_cap_beyond_int32_is_a_config_error():
@@ -241,6 +246,12 @@ def test_history_cap_beyond_int32_is_a_config_error():
     with pytest.raises(ConfigError, match="history_cap must be in 1..2147483647"):
         PipelineConfig.from_mapping({"features": {"history_cap": 2**31}})
     assert PipelineConfig.from_mapping({"features": {"history_cap": 2**31 - 1}}).features.history_cap == 2**31 - 1
+    # a probe (2026-12-01): data.history_cap 2**63 crashed the ranker's data path; LightGBM
+    # reads its integer keys as C ints (2**32 + 5 rows per leaf silently became 5)
+    for section, key in (("data", "history_cap"), ("lightgbm", "min_child_samples"), ("lightgbm", "num_leaves")):
+        with pytest.raises(ConfigError, match=f"{key} must be"):
+            PipelineConfig.from_mapping({section: {key: 2**32 + 5}})
+    assert PipelineConfig.from_mapping({"lightgbm": {"min_child_samples": 2**31 - 1}}).lightgbm.min_child_samples == 2**31 - 1
 
 
 def test_tracking_store_paths_expand_home(monkeypatch, tmp_path):

@@ -133,6 +133,17 @@ def test_an_empty_section_in_a_delta_keeps_the_baseline(tmp_path):
     assert cfg.train.epochs == 1 and cfg.features.source == "synthetic" and cfg.ranker.history_encoder == "svd_compact"
 
 
+def test_a_home_relative_baseline_is_read_from_the_home_folder(tmp_path, monkeypatch):
+    """A probe (2026-12-01): `baseline: ~/b.yaml` was looked for in a folder
+    named `~` beside the experiment file."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "b.yaml").write_text(yaml.safe_dump({"train": {"epochs": 1}}))
+    path = _write(tmp_path, {**GOOD, "baseline": "~/b.yaml"})
+    loaded = load_experiment(path)
+    assert loaded.baseline_path == tmp_path / "home" / "b.yaml" and loaded.arm_configs["b"].train.epochs == 1
+
+
 def test_shipped_experiments_validate():
     for name in ("ab_match_features.yaml", "debug_ab.yaml", "ab_match_features_ml1m.yaml"):
         exp = load_experiment(EXPERIMENTS / name)
