@@ -66,6 +66,10 @@ def test_id2i_cosine_distill_and_stopgrad():
     want = (0 + 1 - 1 / math.sqrt(2)) / 2
     assert cosine_distill(pred, target).item() == pytest.approx(want)
     assert cosine_distill(pred, target, torch.tensor([True, False])).item() == pytest.approx(0.0)
+    # the mean runs over the set rows only (a mutation audit: dividing by all rows passed)
+    assert cosine_distill(pred, target, torch.tensor([False, True])).item() == pytest.approx(1 - 1 / math.sqrt(2))
+    none = cosine_distill(pred, target, torch.tensor([False, False]))
+    assert none.item() == 0.0 and none.requires_grad
     loss = id2i_loss([pred, pred], [target, target], [None, None])  # sum over two teachers
     assert loss.item() == pytest.approx(2 * want)
     loss.backward()

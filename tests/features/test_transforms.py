@@ -56,6 +56,12 @@ def test_history_offsets_exclude_same_second_ties():
     assert out[S.HIST_END].to_list() == [0, 0, 2, 3, 0]
     assert out[S.HIST_LEN].to_list() == [0, 0, 2, 2, 0]  # capped at 2
     assert out[S.POS_HIST_END].to_list() == [0, 0, 1, 2, 0]
+    # user 2's first event in the same second as user 1's last: a new user starts a new group
+    # (a mutation audit: dropping `new_user |` passed; it gives user 2 a negative history)
+    ev = _events([(1, 5, 10, 1), (1, 6, 30, 1), (2, 5, 30, 1), (2, 6, 30, 0), (2, 7, 40, 0)])
+    out = ev.lazy().pipe(T.sort_events).pipe(T.add_history_offsets, 5).collect()
+    assert out[S.HIST_END].to_list() == [0, 1, 0, 0, 2]
+    assert out[S.POS_HIST_END].to_list() == [0, 1, 0, 0, 1]
 
 
 def test_item_popularity_counts_strictly_earlier_events():
@@ -185,3 +191,14 @@ def test_to_sequences_sorted_offsets_equal_the_group_by_of_any_order():
     interleaved = ordered.with_columns(pl.int_range(pl.len()).over(S.USER_ID).alias("k")).sort("k", maintain_order=True)
     assert not interleaved[S.USER_ID].is_sorted()
     assert_frame_equal(interleaved.drop("k").lazy().pipe(T.to_sequences).collect().sort(S.USER_ID), expected)
+
+
+def test_next_day_return_rate_counts_events_whose_next_day_is_fully_observed():
+    """User a active on days 0, 1, 3; user b on days 2, 3 (the last day, cut by
+    the end of the data): only day 0 and day 1 events have a fully observed
+    next day; a returns after day 0, not after day 1 (a mutation audit: the
+    last day's events counted passed)."""
+    user = np.array([1, 1, 1, 2, 2])
+    ts = np.array([0, 1, 3, 2, 3]) * DAY + 50
+    assert T.next_day_return_rate(user, ts, 0) == 0.5
+    assert T.next_day_return_rate(np.array([1]), np.array([5]), 0) is None

@@ -40,6 +40,9 @@ def test_gauc_golden():
 def test_logloss_golden():
     # -(ln 0.8 + ln 0.75)/2
     assert logloss([1, 0], [0.8, 0.25]) == pytest.approx(-(math.log(0.8) + math.log(0.75)) / 2)
+    # weighted: the weights' mean, as repeated rows would give
+    assert logloss([1, 0], [0.8, 0.25], [3, 1]) == pytest.approx(-(3 * math.log(0.8) + math.log(0.75)) / 4)
+    assert logloss([1, 0], [0.8, 0.25], [3, 1]) == pytest.approx(logloss([1, 1, 1, 0], [0.8, 0.8, 0.8, 0.25]))
     with pytest.raises(ValueError):
         logloss([1], [1.5])
 
