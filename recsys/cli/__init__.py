@@ -108,10 +108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return dispatch(parser, args)
 
 
+# the flags (and positional) that name files or folders; never a value such as --multi-value-sep "~"
+PATH_ARGS = ("out", "config", "features", "interactions", "items", "embeddings", "match_features",
+             "artifact_root", "store", "file")
+
+
 def expand_quoted_home(args: argparse.Namespace) -> None:
-    """A quoted `"~/x"` reaches us unexpanded: expand it as the shell would
+    """A quoted `"~/x"` path reaches us unexpanded: expand it as the shell would
     (polars expanded it when writing, our temp folder did not: exit 1)."""
-    for name, value in vars(args).items():
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
         if isinstance(value, str) and (value == "~" or value.startswith("~/")):
             setattr(args, name, os.path.expanduser(value))
 

@@ -5,6 +5,8 @@ category per value."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 
 from features import schemas as S
@@ -308,6 +310,19 @@ def test_a_home_relative_image_cell_and_a_quoted_home_out_follow_the_home_folder
     rc, log = build("h2", str(tmp_path / "o"))
     assert rc == 0 and "up to date" not in log, log
     assert pl.read_parquet(tmp_path / "o" / "items.parquet")["image_path"][1] == str(tmp_path / "h2" / "img" / "11.png")
+
+
+def test_only_path_flags_expand_a_quoted_home():
+    """`--multi-value-sep "~"` is a separator, not the home folder."""
+    import argparse
+
+    from recsys.cli import expand_quoted_home
+
+    args = argparse.Namespace(out="~/o", config="~", multi_value_sep="~", text_column="~/t", items="a/~/b")
+    expand_quoted_home(args)
+    home = str(Path.home())
+    assert (args.out, args.config) == (home + "/o", home)
+    assert (args.multi_value_sep, args.text_column, args.items) == ("~", "~/t", "a/~/b")
 
 
 def test_a_null_separator_is_said_in_the_log(tmp_path):
